@@ -1,0 +1,86 @@
+//! The typed event inside conv: a validated CloudEvents 1.0 envelope.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+
+use crate::id::ConversationId;
+use crate::payload::Payload;
+use crate::types::{EventType, Priority};
+
+pub const SPEC_VERSION: &str = "1.0";
+pub const CAUSATION_ID: &str = "causationid";
+pub const CORRELATION_ID: &str = "correlationid";
+/// `datacontenttype` of every event conv writes.
+pub const JSON: &str = "application/json";
+/// Content type of structured-mode events.
+pub const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
+
+/// A validated event. Construct one with [`Envelope::new`] or by decoding (see
+/// [`crate::binding`]); every instance satisfies the contract.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    /// CloudEvents `id`; also the `Nats-Msg-Id` used for dedupe.
+    pub id: String,
+    /// CloudEvents `source` (a URI-reference naming the producer).
+    pub source: String,
+    /// CloudEvents `subject`: the conversation this event belongs to.
+    pub conversation_id: ConversationId,
+    pub time: Option<DateTime<Utc>>,
+    pub dataschema: Option<String>,
+    /// `id` of the event that caused this one.
+    pub causation_id: Option<String>,
+    /// Id shared by every event of one causal chain (the root's id).
+    pub correlation_id: Option<String>,
+    /// Other CloudEvents extensions, kept verbatim (as strings) so nothing a
+    /// producer sent is lost when an event is re-published.
+    pub extensions: BTreeMap<String, String>,
+    pub data: Payload,
+}
+
+impl Envelope {
+    pub fn new(
+        id: impl Into<String>,
+        source: impl Into<String>,
+        conversation_id: ConversationId,
+        data: impl Into<Payload>,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            source: source.into(),
+            conversation_id,
+            time: None,
+            dataschema: None,
+            causation_id: None,
+            correlation_id: None,
+            extensions: BTreeMap::new(),
+            data: data.into(),
+        }
+    }
+
+    /// Marks this event as caused by `cause`: `causationid` is the cause's id
+    /// and `correlationid` is inherited (or starts at the cause).
+    pub fn caused_by(mut self, cause: &Envelope) -> Self {
+        self.causation_id = Some(cause.id.clone());
+        self.correlation_id = Some(cause.correlation_id.clone().unwrap_or_else(|| cause.id.clone()));
+        self
+    }
+
+    pub fn with_time(mut self, time: DateTime<Utc>) -> Self {
+        self.time = Some(time);
+        self
+    }
+
+    pub fn event_type(&self) -> EventType {
+        self.data.event_type()
+    }
+
+    pub fn priority(&self) -> Priority {
+        self.event_type().priority()
+    }
+
+    /// The NATS subject to publish this event to.
+    pub fn nats_subject(&self) -> String {
+        crate::subject::for_event(self.event_type(), &self.conversation_id)
+    }
+}

@@ -1,0 +1,100 @@
+//! Identifiers that cross the wire: conversation ids and event ids.
+
+use std::fmt;
+
+/// Longest conversation id accepted (characters; ids are ASCII).
+pub const MAX_CONVERSATION_ID_LEN: usize = 128;
+/// Longest event id accepted. Event ids become `Nats-Msg-Id` headers and KV keys.
+pub const MAX_EVENT_ID_LEN: usize = 256;
+
+/// Why an identifier was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("must not be empty")]
+    Empty,
+    #[error("is {len} characters long; the limit is {max}")]
+    TooLong { len: usize, max: usize },
+    #[error("contains {found:?}; only [A-Za-z0-9_-] is allowed")]
+    BadChar { found: char },
+}
+
+/// A conversation id: 1–128 characters of `[A-Za-z0-9_-]`.
+///
+/// It is the CloudEvents `subject` of every event and the last token of every
+/// NATS subject of the conversation, which is why `.`, `*`, `>` and whitespace
+/// can never appear in it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConversationId(String);
+
+impl ConversationId {
+    /// Checks and wraps a conversation id.
+    pub fn parse(raw: &str) -> Result<Self, IdError> {
+        if raw.is_empty() {
+            return Err(IdError::Empty);
+        }
+        if raw.len() > MAX_CONVERSATION_ID_LEN {
+            return Err(IdError::TooLong { len: raw.len(), max: MAX_CONVERSATION_ID_LEN });
+        }
+        if let Some(found) = raw.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-')) {
+            return Err(IdError::BadChar { found });
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ConversationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl AsRef<str> for ConversationId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Checks a CloudEvents `id`: non-empty, at most 256 characters, printable
+/// ASCII without spaces (it travels as the `Nats-Msg-Id` header).
+pub fn check_event_id(raw: &str) -> Result<(), IdError> {
+    if raw.is_empty() {
+        return Err(IdError::Empty);
+    }
+    if raw.len() > MAX_EVENT_ID_LEN {
+        return Err(IdError::TooLong { len: raw.len(), max: MAX_EVENT_ID_LEN });
+    }
+    if let Some(found) = raw.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(IdError::BadChar { found });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conversation_ids() {
+        assert!(ConversationId::parse("demo").is_ok());
+        assert!(ConversationId::parse("a-B_9").is_ok());
+        assert_eq!(ConversationId::parse(""), Err(IdError::Empty));
+        assert_eq!(ConversationId::parse("a.b"), Err(IdError::BadChar { found: '.' }));
+        assert_eq!(ConversationId::parse("a b"), Err(IdError::BadChar { found: ' ' }));
+        assert!(ConversationId::parse(&"x".repeat(128)).is_ok());
+        assert_eq!(
+            ConversationId::parse(&"x".repeat(129)),
+            Err(IdError::TooLong { len: 129, max: 128 })
+        );
+    }
+
+    #[test]
+    fn event_ids() {
+        assert!(check_event_id("01J0-abc").is_ok());
+        assert_eq!(check_event_id(""), Err(IdError::Empty));
+        assert_eq!(check_event_id("a b"), Err(IdError::BadChar { found: ' ' }));
+    }
+}

@@ -1,0 +1,444 @@
+//! Payload (`data`) types, one per event type.
+//!
+//! Readers ignore fields they do not know, so adding an optional field is a
+//! compatible change (see [`crate::version`]). Required fields are checked by
+//! serde (presence, JSON type) and by [`Payload::check`] (non-empty strings and
+//! similar rules serde cannot express).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::types::EventType;
+
+/// Who wrote a user-side message. The contract admits only `user` today.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageRole {
+    User,
+}
+
+/// Role of a timeline entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryRole {
+    User,
+    Assistant,
+    Tool,
+    System,
+}
+
+/// Final status of a timeline entry (`streaming` is the state before it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryStatus {
+    Streaming,
+    Completed,
+    Stopped,
+    Aborted,
+    Failed,
+}
+
+/// Status of a conversation's current run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    Idle,
+    Running,
+    Stopped,
+    Aborted,
+    Failed,
+}
+
+/// How in-flight effects are canceled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CancelMode {
+    /// Cancel everything; the run ends `aborted`.
+    Abort,
+    /// Stop generation; the partial answer is kept and the run ends `stopped`.
+    Stop,
+}
+
+/// Outcome of a tool call as shown to clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ToolOutcome {
+    Completed,
+    Failed,
+    Canceled,
+}
+
+/// A tool call requested by the model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub args: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MessageReceived {
+    pub text: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<MessageRole>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct AbortRequested {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct StopRequested {}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct RetryRequested {}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolStarted {
+    pub tool_call_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolProgress {
+    pub tool_call_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolCompleted {
+    pub tool_call_id: String,
+    #[serde(default)]
+    pub result: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolFailed {
+    pub tool_call_id: String,
+    pub error: String,
+    #[serde(default)]
+    pub retryable: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolCanceled {
+    pub tool_call_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlmStarted {
+    pub step_id: String,
+    #[serde(default = "one")]
+    pub attempt: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlmDelta {
+    pub step_id: String,
+    /// Position of this delta within the step, from 0; lets readers drop repeats.
+    pub seq: u64,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlmCompleted {
+    pub step_id: String,
+    /// The whole answer text of the step (deltas are a preview of it).
+    #[serde(default)]
+    pub text: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlmFailed {
+    pub step_id: String,
+    pub error: String,
+    #[serde(default)]
+    pub retryable: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlmCanceled {
+    pub step_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TimerFired {
+    pub timer_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlmRequested {
+    pub run_id: String,
+    pub step_id: String,
+    #[serde(default = "one")]
+    pub attempt: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolRequested {
+    pub run_id: String,
+    pub step_id: String,
+    pub tool_call_id: String,
+    pub name: String,
+    #[serde(default)]
+    pub args: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TimerScheduled {
+    pub timer_id: String,
+    /// Delay from the moment the directive is executed; the reducer has no clock.
+    pub delay_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TimerCancelRequested {
+    pub timer_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CancelRequested {
+    pub mode: CancelMode,
+    /// Ids of the effects to cancel (LLM step ids, tool call ids).
+    pub effect_ids: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Applied {
+    /// `id` of the applied input (also this marker's `causationid`).
+    pub input_id: String,
+    pub input_type: String,
+    /// Stream sequence of the input in `CONV_IN`.
+    pub input_seq: u64,
+    /// Position of this input in the conversation's applied order, from 1.
+    pub applied_index: u64,
+    pub state_version: u64,
+    pub state_hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutMessageAppended {
+    pub entry_id: String,
+    pub role: EntryRole,
+    #[serde(default)]
+    pub text: String,
+    pub status: EntryStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutMessageDelta {
+    pub entry_id: String,
+    pub seq: u64,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutMessageFinished {
+    pub entry_id: String,
+    pub status: EntryStatus,
+    /// The entry's final text.
+    #[serde(default)]
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutRunStatus {
+    pub run_id: String,
+    pub status: RunStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutToolCalled {
+    pub tool_call_id: String,
+    pub name: String,
+    #[serde(default)]
+    pub args: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutToolResult {
+    pub tool_call_id: String,
+    pub outcome: ToolOutcome,
+    #[serde(default)]
+    pub result: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DlqRedriven {
+    /// Sequence of the dead letter in `CONV_DLQ`.
+    pub dlq_seq: u64,
+    pub original_stream: String,
+    pub original_seq: u64,
+    pub original_subject: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_event_id: Option<String>,
+    pub new_event_id: String,
+}
+
+macro_rules! payloads {
+    ($($variant:ident),+ $(,)?) => {
+        /// Typed `data` of an event; the variant determines the event type, so
+        /// type and data can never disagree.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum Payload {
+            $($variant($variant),)+
+        }
+
+        impl Payload {
+            pub fn event_type(&self) -> EventType {
+                match self { $(Payload::$variant(_) => EventType::$variant,)+ }
+            }
+
+            /// Decodes the JSON `data` of an event of type `ty`.
+            pub fn from_json(ty: EventType, data: Value) -> Result<Payload, String> {
+                let payload = match ty {
+                    $(EventType::$variant => Payload::$variant(
+                        serde_json::from_value(data).map_err(|e| e.to_string())?,
+                    ),)+
+                };
+                payload.check()?;
+                Ok(payload)
+            }
+
+            /// The JSON `data` of this payload.
+            pub fn to_json(&self) -> Value {
+                let encoded = match self {
+                    $(Payload::$variant(p) => serde_json::to_value(p),)+
+                };
+                // Serializing these plain structs (string keys, no floats) cannot fail.
+                encoded.unwrap_or(Value::Null)
+            }
+        }
+
+        $(impl From<$variant> for Payload {
+            fn from(p: $variant) -> Payload { Payload::$variant(p) }
+        })+
+    };
+}
+
+payloads! {
+    MessageReceived, AbortRequested, StopRequested, RetryRequested,
+    ToolStarted, ToolProgress, ToolCompleted, ToolFailed, ToolCanceled,
+    LlmStarted, LlmDelta, LlmCompleted, LlmFailed, LlmCanceled, TimerFired,
+    LlmRequested, ToolRequested, TimerScheduled, TimerCancelRequested, CancelRequested,
+    Applied,
+    OutMessageAppended, OutMessageDelta, OutMessageFinished, OutRunStatus, OutToolCalled, OutToolResult,
+    DlqRedriven,
+}
+
+fn non_empty(field: &str, value: &str) -> Result<(), String> {
+    if value.trim().is_empty() {
+        Err(format!("field `{field}` must not be empty"))
+    } else {
+        Ok(())
+    }
+}
+
+impl Payload {
+    /// Rules serde cannot express. Returns a message naming the field.
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            Payload::MessageReceived(p) => non_empty("text", &p.text),
+            Payload::AbortRequested(_) | Payload::StopRequested(_) | Payload::RetryRequested(_) => Ok(()),
+            Payload::ToolStarted(ToolStarted { tool_call_id })
+            | Payload::ToolProgress(ToolProgress { tool_call_id, .. })
+            | Payload::ToolCompleted(ToolCompleted { tool_call_id, .. })
+            | Payload::ToolCanceled(ToolCanceled { tool_call_id, .. })
+            | Payload::OutToolResult(OutToolResult { tool_call_id, .. }) => non_empty("tool_call_id", tool_call_id),
+            Payload::ToolFailed(p) => non_empty("tool_call_id", &p.tool_call_id).and(non_empty("error", &p.error)),
+            Payload::LlmStarted(LlmStarted { step_id, .. })
+            | Payload::LlmCanceled(LlmCanceled { step_id, .. })
+            | Payload::LlmDelta(LlmDelta { step_id, .. }) => non_empty("step_id", step_id),
+            Payload::LlmCompleted(p) => {
+                non_empty("step_id", &p.step_id)?;
+                for call in &p.tool_calls {
+                    non_empty("tool_calls[].id", &call.id)?;
+                    non_empty("tool_calls[].name", &call.name)?;
+                }
+                Ok(())
+            }
+            Payload::LlmFailed(p) => non_empty("step_id", &p.step_id).and(non_empty("error", &p.error)),
+            Payload::TimerFired(TimerFired { timer_id })
+            | Payload::TimerScheduled(TimerScheduled { timer_id, .. })
+            | Payload::TimerCancelRequested(TimerCancelRequested { timer_id }) => non_empty("timer_id", timer_id),
+            Payload::LlmRequested(p) => non_empty("run_id", &p.run_id).and(non_empty("step_id", &p.step_id)),
+            Payload::ToolRequested(p) => non_empty("run_id", &p.run_id)
+                .and(non_empty("step_id", &p.step_id))
+                .and(non_empty("tool_call_id", &p.tool_call_id))
+                .and(non_empty("name", &p.name)),
+            Payload::CancelRequested(_) => Ok(()),
+            Payload::Applied(p) => non_empty("input_id", &p.input_id)
+                .and(non_empty("input_type", &p.input_type))
+                .and(non_empty("state_hash", &p.state_hash)),
+            Payload::OutMessageAppended(OutMessageAppended { entry_id, .. })
+            | Payload::OutMessageDelta(OutMessageDelta { entry_id, .. })
+            | Payload::OutMessageFinished(OutMessageFinished { entry_id, .. }) => non_empty("entry_id", entry_id),
+            Payload::OutRunStatus(p) => non_empty("run_id", &p.run_id),
+            Payload::OutToolCalled(p) => non_empty("tool_call_id", &p.tool_call_id).and(non_empty("name", &p.name)),
+            Payload::DlqRedriven(p) => non_empty("original_stream", &p.original_stream)
+                .and(non_empty("original_subject", &p.original_subject))
+                .and(non_empty("new_event_id", &p.new_event_id)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn message_needs_text() {
+        let err = Payload::from_json(EventType::MessageReceived, json!({})).unwrap_err();
+        assert!(err.contains("text"), "{err}");
+        let err = Payload::from_json(EventType::MessageReceived, json!({"text": "  "})).unwrap_err();
+        assert!(err.contains("text"), "{err}");
+        let err = Payload::from_json(EventType::MessageReceived, json!({"text": 5})).unwrap_err();
+        assert!(err.contains("invalid type"), "{err}");
+        let err = Payload::from_json(EventType::MessageReceived, json!({"text": "hi", "role": "assistant"}))
+            .unwrap_err();
+        assert!(err.contains("assistant"), "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_for_forward_compatibility() {
+        let p = Payload::from_json(EventType::MessageReceived, json!({"text": "hi", "v2_field": [1, 2]}));
+        assert_eq!(
+            p,
+            Ok(Payload::MessageReceived(MessageReceived {
+                text: "hi".into(),
+                role: None,
+                channel: None,
+                sender: None
+            }))
+        );
+    }
+
+    #[test]
+    fn empty_control_payloads() {
+        assert!(Payload::from_json(EventType::StopRequested, json!({})).is_ok());
+        assert!(Payload::from_json(EventType::AbortRequested, json!({"reason": "user"})).is_ok());
+        assert_eq!(Payload::from(StopRequested {}).to_json(), json!({}));
+    }
+}

@@ -1,0 +1,152 @@
+//! NATS subjects and stream names of the contract.
+//!
+//! Publish subject of an event: `conv.<kind>.<family>.<conversation_id>`, where
+//! `<kind>.<family>` are the second and third tokens of its type. `CONV_IN`
+//! rewrites incoming subjects with a server-side transform to
+//! `conv.in.<partition>.<family>.<conversation_id>`, so publishers never need to
+//! know the partition count; [`parse`] accepts both shapes.
+
+use crate::id::{ConversationId, IdError};
+use crate::types::{EventType, Kind};
+
+pub const STREAM_IN: &str = "CONV_IN";
+pub const STREAM_EFFECT: &str = "CONV_EFFECT";
+pub const STREAM_APPLIED: &str = "CONV_APPLIED";
+pub const STREAM_OUT: &str = "CONV_OUT";
+pub const STREAM_AUDIT: &str = "CONV_AUDIT";
+pub const STREAM_DLQ: &str = "CONV_DLQ";
+
+/// Every pinned stream name.
+pub const STREAMS: [&str; 6] = [STREAM_IN, STREAM_EFFECT, STREAM_APPLIED, STREAM_OUT, STREAM_AUDIT, STREAM_DLQ];
+
+/// Subjects under which conv writes its own dead-letter records into `CONV_DLQ`.
+pub const DLQ_SUBJECT_PREFIX: &str = "conv.dlq";
+
+/// Default number of `CONV_IN` partitions.
+pub const DEFAULT_PARTITIONS: u16 = 16;
+
+/// The subject an event is published to.
+pub fn for_event(ty: EventType, conversation: &ConversationId) -> String {
+    format!("conv.{}.{}.{}", ty.kind().token(), ty.family(), conversation)
+}
+
+/// Wildcard subject of every event of one kind (`conv.in.>`).
+pub fn kind_wildcard(kind: Kind) -> String {
+    format!("conv.{}.>", kind.token())
+}
+
+/// Source and destination of the `CONV_IN` subject transform that adds the
+/// partition token: `conv.in.<family>.<id>` → `conv.in.<p>.<family>.<id>`.
+pub fn in_partition_transform(partitions: u16) -> (String, String) {
+    (
+        "conv.in.*.*".to_owned(),
+        format!("conv.in.{{{{partition({partitions},2)}}}}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}"),
+    )
+}
+
+/// Filter subject of one `CONV_IN` partition.
+pub fn in_partition_filter(partition: u16) -> String {
+    format!("conv.in.{partition}.>")
+}
+
+/// The partition of a conversation, computed exactly like the server's
+/// `partition(n, …)` transform (FNV-1a 32 of the token, modulo `n`).
+pub fn partition_of(conversation: &ConversationId, partitions: u16) -> u16 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in conversation.as_str().bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    // The remainder is below `partitions`, so it fits in u16.
+    u16::try_from(hash % u32::from(partitions.max(1))).unwrap_or(0)
+}
+
+/// A parsed conv subject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parsed {
+    pub kind: Kind,
+    /// Present on `CONV_IN` subjects after the partition transform.
+    pub partition: Option<u16>,
+    pub family: String,
+    pub conversation: ConversationId,
+}
+
+impl Parsed {
+    /// The subject without the partition token, as a publisher wrote it.
+    pub fn unpartitioned(&self) -> String {
+        format!("conv.{}.{}.{}", self.kind.token(), self.family, self.conversation)
+    }
+}
+
+/// Why a subject is not a conv event subject.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubjectError {
+    #[error("subject {0:?} does not have the shape conv.<kind>.[<partition>.]<family>.<conversation_id>")]
+    Shape(String),
+    #[error("subject {subject:?} has an unknown kind token {kind:?}")]
+    UnknownKind { subject: String, kind: String },
+    #[error("subject {subject:?}: conversation id {reason}")]
+    Conversation { subject: String, reason: IdError },
+}
+
+/// Parses `conv.<kind>.<family>.<id>` or `conv.in.<p>.<family>.<id>`.
+pub fn parse(subject: &str) -> Result<Parsed, SubjectError> {
+    let tokens: Vec<&str> = subject.split('.').collect();
+    let shape = || SubjectError::Shape(subject.to_owned());
+    if tokens.first() != Some(&"conv") || tokens.iter().any(|t| t.is_empty()) {
+        return Err(shape());
+    }
+    let kind_token = tokens.get(1).ok_or_else(shape)?;
+    let kind = Kind::from_token(kind_token).ok_or_else(|| SubjectError::UnknownKind {
+        subject: subject.to_owned(),
+        kind: (*kind_token).to_owned(),
+    })?;
+    let (partition, family, id) = match (kind, tokens.len()) {
+        (_, 4) => (None, tokens[2], tokens[3]),
+        (Kind::In, 5) => (Some(tokens[2].parse::<u16>().map_err(|_| shape())?), tokens[3], tokens[4]),
+        _ => return Err(shape()),
+    };
+    let conversation = ConversationId::parse(id).map_err(|reason| SubjectError::Conversation {
+        subject: subject.to_owned(),
+        reason,
+    })?;
+    Ok(Parsed { kind, partition, family: family.to_owned(), conversation })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_and_parses() {
+        let c = ConversationId::parse("demo").unwrap();
+        let s = for_event(EventType::AbortRequested, &c);
+        assert_eq!(s, "conv.in.control.demo");
+        let p = parse(&s).unwrap();
+        assert_eq!((p.kind, p.partition, p.family.as_str()), (Kind::In, None, "control"));
+        let p = parse("conv.in.7.message.demo").unwrap();
+        assert_eq!(p.partition, Some(7));
+        assert_eq!(p.unpartitioned(), "conv.in.message.demo");
+        assert!(parse("conv.out.7.message.demo").is_err());
+        assert!(parse("conv.nope.message.demo").is_err());
+        assert!(parse("conv.in.message").is_err());
+        assert!(parse("other.in.message.demo").is_err());
+    }
+
+    #[test]
+    fn transform_string() {
+        let (src, dest) = in_partition_transform(16);
+        assert_eq!(src, "conv.in.*.*");
+        assert_eq!(dest, "conv.in.{{partition(16,2)}}.{{wildcard(1)}}.{{wildcard(2)}}");
+    }
+
+    #[test]
+    fn partition_is_stable_and_in_range() {
+        let c = ConversationId::parse("demo").unwrap();
+        assert_eq!(partition_of(&c, 16), partition_of(&c, 16));
+        for i in 0..200 {
+            let c = ConversationId::parse(&format!("c{i}")).unwrap();
+            assert!(partition_of(&c, 16) < 16);
+        }
+    }
+}
