@@ -21,7 +21,9 @@ pub mod subject;
 pub mod types;
 pub mod version;
 
-pub use binding::{decode_binary, decode_nats, decode_structured, encode_binary, encode_structured};
+pub use binding::{
+    decode_binary, decode_nats, decode_structured, encode_binary, encode_structured,
+};
 pub use envelope::Envelope;
 pub use id::ConversationId;
 pub use payload::Payload;

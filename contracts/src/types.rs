@@ -58,7 +58,13 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [Kind::In, Kind::Effect, Kind::Applied, Kind::Out, Kind::Audit];
+    pub const ALL: [Kind; 5] = [
+        Kind::In,
+        Kind::Effect,
+        Kind::Applied,
+        Kind::Out,
+        Kind::Audit,
+    ];
 
     pub fn token(self) -> &'static str {
         match self {

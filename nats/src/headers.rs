@@ -32,7 +32,12 @@ pub fn pairs(headers: Option<&HeaderMap>) -> Vec<(&str, &str)> {
 }
 
 /// Decodes and validates a NATS message (either content mode) received on `subject`.
-pub fn decode(subject: &str, headers: Option<&HeaderMap>, payload: &[u8], limits: Limits) -> Result<Envelope, Rejection> {
+pub fn decode(
+    subject: &str,
+    headers: Option<&HeaderMap>,
+    payload: &[u8],
+    limits: Limits,
+) -> Result<Envelope, Rejection> {
     conv_contracts::decode_nats(subject, pairs(headers), payload, limits)
 }
 
@@ -43,5 +48,6 @@ pub async fn publish(
     event: &Envelope,
 ) -> Result<PublishAckFuture, PublishError> {
     let (headers, body) = encode(event);
-    js.publish_with_headers(event.nats_subject(), headers, body).await
+    js.publish_with_headers(event.nats_subject(), headers, body)
+        .await
 }

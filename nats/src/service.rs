@@ -1,6 +1,7 @@
 //! What every conv service process shares: layered configuration, logging,
 //! signals, and the `/healthz` `/readyz` `/metrics` endpoints.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::str::FromStr;
@@ -27,11 +28,18 @@ pub const CONFIG_FILE_ENV: &str = "CONV_CONFIG";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("config file {path} is invalid: {detail}")]
     Parse { path: String, detail: String },
     #[error("environment variable {var}={value:?} is invalid: {detail}")]
-    Env { var: String, value: String, detail: String },
+    Env {
+        var: String,
+        value: String,
+        detail: String,
+    },
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
@@ -81,32 +89,119 @@ where
 }
 
 /// Settings every service has. TOML section `[service]`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ServiceConfig {
-    /// Where `/healthz`, `/readyz`, `/metrics` (and for HTTP services the API) listen.
-    pub http_addr: SocketAddr,
-    #[serde(default)]
+    /// Where `/healthz`, `/readyz`, `/metrics` (and for HTTP services the API)
+    /// listen. Unset means the service's pinned default address.
+    pub http_addr: Option<SocketAddr>,
     pub log_format: LogFormat,
-    /// Seconds to wait for in-flight work on shutdown.
-    #[serde(default = "default_grace")]
-    pub shutdown_grace_secs: u64,
 }
 
-fn default_grace() -> u64 {
-    10
+/// The sections every service's configuration file has:
+/// `[service]`, `[nats]` and `[topology]`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub service: ServiceConfig,
+    pub nats: NatsConfig,
+    pub topology: TopologyConfig,
 }
 
-impl ServiceConfig {
-    pub fn new(http_addr: SocketAddr) -> Self {
-        Self { http_addr, log_format: LogFormat::default(), shutdown_grace_secs: default_grace() }
+/// What distinguishes one service binary from another at start.
+#[derive(Debug, Clone, Copy)]
+pub struct Identity {
+    /// Binary name, e.g. `conv-runtime`.
+    pub name: &'static str,
+    /// One line on what the service does (for `--help`).
+    pub about: &'static str,
+    /// The pinned env var of its address, e.g. `CONV_RUNTIME_ADDR`.
+    pub addr_env: &'static str,
+    /// The pinned default address.
+    pub default_addr: SocketAddr,
+}
+
+impl Settings {
+    /// Defaults → TOML file (`CONV_CONFIG`) → env → validate.
+    pub fn load(id: &Identity, env: Env<'_>) -> Result<Self, ConfigError> {
+        let mut settings: Settings = load_file(env, Settings::default())?;
+        let mut addr = settings.service.http_addr.unwrap_or(id.default_addr);
+        env_override(env, id.addr_env, &mut addr)?;
+        settings.service.http_addr = Some(addr);
+        env_override(env, "CONV_LOG_FORMAT", &mut settings.service.log_format)?;
+        settings.nats.apply_env(env)?;
+        settings.topology.apply_env(env)?;
+        settings.validate()?;
+        Ok(settings)
     }
 
-    /// Applies `addr_var` (the service's pinned address variable) and `CONV_LOG_FORMAT`.
-    pub fn apply_env(&mut self, env: Env<'_>, addr_var: &str) -> Result<(), ConfigError> {
-        env_override(env, addr_var, &mut self.http_addr)?;
-        env_override(env, "CONV_LOG_FORMAT", &mut self.log_format)
+    /// Settings for a test: the given NATS and a free-port address.
+    pub fn for_test(nats: NatsConfig, http_addr: SocketAddr) -> Self {
+        Settings {
+            service: ServiceConfig {
+                http_addr: Some(http_addr),
+                ..Default::default()
+            },
+            nats,
+            topology: TopologyConfig::default(),
+        }
     }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.nats.validate().map_err(ConfigError::Invalid)?;
+        self.topology.validate().map_err(ConfigError::Invalid)?;
+        if self.service.http_addr.is_none() {
+            return Err(ConfigError::Invalid("service.http_addr is not set".into()));
+        }
+        Ok(())
+    }
+
+    /// The listen address (always set after [`Settings::load`]).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.service
+            .http_addr
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+}
+
+/// Handles `--help` and `--version` of a service binary (services are
+/// configured by env and file, not flags). Returns `true` when the process
+/// should exit.
+pub fn handle_args(id: &Identity, args: impl IntoIterator<Item = String>) -> Result<bool, String> {
+    for arg in args.into_iter().skip(1) {
+        match arg.as_str() {
+            "-h" | "--help" => {
+                println!(
+                    "{name} {version}\n{about}\n\nUsage: {name}\n\nConfigured by environment (and an optional TOML file):\n  \
+                     {addr_env:<22} listen address for /healthz /readyz /metrics (default {addr})\n  \
+                     NATS_URL               NATS server (default {nats})\n  \
+                     CONV_CONFIG            TOML file with [service], [nats], [topology] sections\n  \
+                     CONV_LOG_FORMAT        pretty | json (default pretty)\n  \
+                     CONV_PARTITIONS        CONV_IN partitions (default 16)\n  \
+                     CONV_REPLICAS          stream replicas (default 1)\n  \
+                     RUST_LOG               log filter (default info)\n\nStops gracefully on SIGINT or SIGTERM.",
+                    name = id.name,
+                    version = env!("CARGO_PKG_VERSION"),
+                    about = id.about,
+                    addr_env = id.addr_env,
+                    addr = id.default_addr,
+                    nats = crate::connect::DEFAULT_URL,
+                );
+                return Ok(true);
+            }
+            "-V" | "--version" => {
+                println!("{} {}", id.name, env!("CARGO_PKG_VERSION"));
+                return Ok(true);
+            }
+            other => {
+                return Err(format!(
+                    "unexpected argument {other:?}; see `{} --help`",
+                    id.name
+                ));
+            }
+        }
+    }
+    Ok(false)
 }
 
 impl NatsConfig {
@@ -136,18 +231,30 @@ pub fn load_file<T: DeserializeOwned>(env: Env<'_>, defaults: T) -> Result<T, Co
 /// Parses a TOML config file; unknown keys are errors.
 pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse { path: shown, detail: e.to_string() })
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: shown,
+        detail: e.to_string(),
+    })
 }
 
 /// Installs the global tracing subscriber (`RUST_LOG` filter, default `info`).
 pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // A second init (tests) keeps the first subscriber.
     let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init(),
         LogFormat::Pretty => builder.try_init(),
     };
 }
@@ -167,7 +274,10 @@ pub fn shutdown_on_signals() -> CancellationToken {
 #[cfg(unix)]
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
         (Ok(mut int), Ok(mut term)) => {
             tokio::select! {
                 _ = int.recv() => {}
@@ -225,12 +335,16 @@ impl Health {
         topology: &TopologyConfig,
         registry: Registry,
     ) -> Result<Self, prometheus::Error> {
-        let nats_connected = IntGauge::new("conv_nats_connected", "1 while the NATS connection is up")?;
+        let nats_connected =
+            IntGauge::new("conv_nats_connected", "1 while the NATS connection is up")?;
         let ready = IntGauge::new("conv_ready", "1 while the service reports ready")?;
         let info = IntGauge::with_opts(
-            prometheus::Opts::new("conv_service_info", "constant 1, labelled with the service and version")
-                .const_label("service", service)
-                .const_label("version", env!("CARGO_PKG_VERSION")),
+            prometheus::Opts::new(
+                "conv_service_info",
+                "constant 1, labelled with the service and version",
+            )
+            .const_label("service", service)
+            .const_label("version", env!("CARGO_PKG_VERSION")),
         )?;
         info.set(1);
         registry.register(Box::new(nats_connected.clone()))?;
@@ -260,7 +374,11 @@ impl Health {
         let state = inner.client.connection_state();
         let connected = state == async_nats::connection::State::Connected;
         inner.nats_connected.set(i64::from(connected));
-        let mut checks = vec![Check { name: "nats", ok: connected, detail: format!("{state:?}").to_lowercase() }];
+        let mut checks = vec![Check {
+            name: "nats",
+            ok: connected,
+            detail: format!("{state:?}").to_lowercase(),
+        }];
         if connected {
             let probe = tokio::time::timeout(
                 Duration::from_secs(3),
@@ -268,18 +386,37 @@ impl Health {
             )
             .await;
             let check = match probe {
-                Ok(Ok(missing)) if missing.is_empty() => Check { name: "topology", ok: true, detail: "all streams present".into() },
+                Ok(Ok(missing)) if missing.is_empty() => Check {
+                    name: "topology",
+                    ok: true,
+                    detail: "all streams present".into(),
+                },
                 Ok(Ok(missing)) => Check {
                     name: "topology",
                     ok: false,
-                    detail: format!("missing streams: {} (run `convctl setup`)", missing.join(", ")),
+                    detail: format!(
+                        "missing streams: {} (run `convctl setup`)",
+                        missing.join(", ")
+                    ),
                 },
-                Ok(Err(e)) => Check { name: "topology", ok: false, detail: e.to_string() },
-                Err(_) => Check { name: "topology", ok: false, detail: "JetStream did not answer within 3s".into() },
+                Ok(Err(e)) => Check {
+                    name: "topology",
+                    ok: false,
+                    detail: e.to_string(),
+                },
+                Err(_) => Check {
+                    name: "topology",
+                    ok: false,
+                    detail: "JetStream did not answer within 3s".into(),
+                },
             };
             checks.push(check);
         } else {
-            checks.push(Check { name: "topology", ok: false, detail: "unknown while NATS is disconnected".into() });
+            checks.push(Check {
+                name: "topology",
+                ok: false,
+                detail: "unknown while NATS is disconnected".into(),
+            });
         }
         let ready = checks.iter().all(|c| c.ok);
         inner.ready.set(i64::from(ready));
@@ -302,13 +439,18 @@ async fn healthz(State(health): State<Health>) -> impl IntoResponse {
 
 async fn readyz(State(health): State<Health>) -> impl IntoResponse {
     let readiness = health.readiness().await;
-    let status = if readiness.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if readiness.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, axum::Json(readiness))
 }
 
 async fn metrics(State(health): State<Health>) -> impl IntoResponse {
     // Refresh the connection gauge on scrape.
-    let connected = health.inner.client.connection_state() == async_nats::connection::State::Connected;
+    let connected =
+        health.inner.client.connection_state() == async_nats::connection::State::Connected;
     health.inner.nats_connected.set(i64::from(connected));
     let mut buf = Vec::new();
     match TextEncoder::new().encode(&health.inner.registry.gather(), &mut buf) {
@@ -317,11 +459,51 @@ async fn metrics(State(health): State<Health>) -> impl IntoResponse {
     }
 }
 
+/// A service's NATS connection and health, ready to serve.
+#[derive(Debug, Clone)]
+pub struct Booted {
+    pub client: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    pub health: Health,
+}
+
+/// Why a service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error(transparent)]
+    Connect(#[from] crate::connect::ConnectError),
+    #[error("metrics registry: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Connects to NATS (in the background: a service boots while NATS is down
+/// and reports not-ready until it answers) and sets up health and metrics.
+pub async fn boot(
+    id: &Identity,
+    settings: &Settings,
+    registry: Registry,
+) -> Result<Booted, BootError> {
+    let client = crate::connect::connect_lazy(&settings.nats, id.name).await?;
+    let js = crate::connect::jetstream(client.clone(), &settings.nats);
+    let health = Health::new(
+        id.name,
+        client.clone(),
+        &settings.nats,
+        &settings.topology,
+        registry,
+    )?;
+    tracing::info!(message = "Booted.", service = id.name, nats = %settings.nats.url, addr = %settings.http_addr());
+    Ok(Booted { client, js, health })
+}
+
 /// Why an HTTP listener stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
 }
@@ -334,8 +516,12 @@ pub async fn serve(
     shutdown: CancellationToken,
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> Result<(), ServeError> {
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })?;
-    let local = listener.local_addr().map_err(|source| ServeError::Bind { addr, source })?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind { addr, source })?;
     tracing::info!(message = "Listening.", addr = %local);
     if let Some(tx) = bound {
         let _ = tx.send(local);
@@ -346,27 +532,149 @@ pub async fn serve(
         .map_err(ServeError::Serve)
 }
 
+/// Why a health-only service stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+/// Boots and serves only `/healthz`, `/readyz` and `/metrics` until shutdown.
+pub async fn serve_health(
+    id: &Identity,
+    settings: &Settings,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let booted = boot(id, settings, Registry::new()).await?;
+    serve(settings.http_addr(), booted.health.router(), shutdown, None).await?;
+    booted.client.drain().await.ok();
+    tracing::info!(message = "Stopped.", service = id.name);
+    Ok(())
+}
+
+/// The whole `main` of a service binary: `--help`/`--version`, layered
+/// config, logging, a multi-threaded runtime, SIGINT/SIGTERM → shutdown
+/// token, then `run(settings, shutdown)`. Errors print one line and exit 1
+/// (2 for bad configuration or arguments).
+pub fn main<F, Fut, E>(id: &Identity, run: F) -> std::process::ExitCode
+where
+    F: FnOnce(Settings, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    use std::process::ExitCode;
+    match handle_args(id, std::env::args()) {
+        Ok(true) => return ExitCode::SUCCESS,
+        Ok(false) => {}
+        Err(e) => {
+            eprintln!("{}: {e}", id.name);
+            return ExitCode::from(2);
+        }
+    }
+    let settings = match Settings::load(id, &process_env) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{}: {e}", id.name);
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(settings.service.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{}: cannot start the async runtime: {e}", id.name);
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let shutdown = shutdown_on_signals();
+        run(settings, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(message = "Service failed.", error = %e);
+            eprintln!("{}: {e}", id.name);
+            ExitCode::FAILURE
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashMap;
 
     #[test]
-    fn env_overrides_are_typed() {
-        let vars: HashMap<&str, &str> =
-            [("CONV_X_ADDR", "127.0.0.1:9999"), ("CONV_LOG_FORMAT", "json"), ("NATS_URL", "nats://h:1")].into();
+    fn layered_settings() {
+        let id = Identity {
+            name: "conv-x",
+            about: "test",
+            addr_env: "CONV_X_ADDR",
+            default_addr: "127.0.0.1:9100".parse().expect("addr"),
+        };
+        let none = |_: &str| None;
+        let s = Settings::load(&id, &none).expect("defaults are valid");
+        assert_eq!(s.http_addr().port(), 9100);
+        assert_eq!(s.nats.url, crate::connect::DEFAULT_URL);
+
+        let vars: HashMap<&str, &str> = [
+            ("CONV_X_ADDR", "127.0.0.1:9999"),
+            ("CONV_LOG_FORMAT", "json"),
+            ("NATS_URL", "nats://h:1"),
+            ("CONV_PARTITIONS", "4"),
+        ]
+        .into();
         let env = |k: &str| vars.get(k).map(|v| v.to_string());
-        let mut cfg = ServiceConfig::new("127.0.0.1:1".parse().expect("addr"));
-        cfg.apply_env(&env, "CONV_X_ADDR").expect("valid");
-        assert_eq!(cfg.http_addr.port(), 9999);
-        assert_eq!(cfg.log_format, LogFormat::Json);
-        let mut nats = NatsConfig::default();
-        nats.apply_env(&env).expect("valid");
-        assert_eq!(nats.url, "nats://h:1");
+        let s = Settings::load(&id, &env).expect("valid");
+        assert_eq!(s.http_addr().port(), 9999);
+        assert_eq!(s.service.log_format, LogFormat::Json);
+        assert_eq!(s.nats.url, "nats://h:1");
+        assert_eq!(s.topology.partitions, 4);
 
         let bad: HashMap<&str, &str> = [("CONV_X_ADDR", "not-an-addr")].into();
         let env = |k: &str| bad.get(k).map(|v| v.to_string());
-        let err = cfg.apply_env(&env, "CONV_X_ADDR").expect_err("refused");
+        let err = Settings::load(&id, &env).expect_err("refused");
         assert!(matches!(err, ConfigError::Env { ref var, .. } if var == "CONV_X_ADDR"));
+
+        let bad: HashMap<&str, &str> = [("CONV_PARTITIONS", "0")].into();
+        let env = |k: &str| bad.get(k).map(|v| v.to_string());
+        assert!(matches!(
+            Settings::load(&id, &env),
+            Err(ConfigError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn config_file_layer() {
+        let dir = std::env::temp_dir().join(format!("conv-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("conv.toml");
+        std::fs::write(
+            &path,
+            "[service]\nhttp_addr = \"127.0.0.1:7000\"\n[topology]\npartitions = 8\n",
+        )
+        .expect("write");
+        let id = Identity {
+            name: "x",
+            about: "",
+            addr_env: "CONV_X_ADDR",
+            default_addr: "127.0.0.1:1".parse().expect("addr"),
+        };
+        let p = path.display().to_string();
+        let env = |k: &str| (k == CONFIG_FILE_ENV).then(|| p.clone());
+        let s = Settings::load(&id, &env).expect("valid");
+        assert_eq!((s.http_addr().port(), s.topology.partitions), (7000, 8));
+        std::fs::write(&path, "[service]\nhttp_adr = \"127.0.0.1:7000\"\n").expect("write");
+        assert!(
+            matches!(Settings::load(&id, &env), Err(ConfigError::Parse { .. })),
+            "typos are refused"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
