@@ -148,6 +148,10 @@ fn one() -> u32 {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlmDelta {
     pub step_id: String,
+    /// Which attempt of the step produced this (retries start a new attempt);
+    /// lets the reducer drop output of an attempt it already gave up on.
+    #[serde(default = "one")]
+    pub attempt: u32,
     /// Position of this delta within the step, from 0; lets readers drop repeats.
     pub seq: u64,
     pub text: String,
@@ -156,6 +160,10 @@ pub struct LlmDelta {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlmCompleted {
     pub step_id: String,
+    /// Which attempt of the step produced this (retries start a new attempt);
+    /// lets the reducer drop output of an attempt it already gave up on.
+    #[serde(default = "one")]
+    pub attempt: u32,
     /// The whole answer text of the step (deltas are a preview of it).
     #[serde(default)]
     pub text: String,
@@ -168,6 +176,10 @@ pub struct LlmCompleted {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlmFailed {
     pub step_id: String,
+    /// Which attempt of the step produced this (retries start a new attempt);
+    /// lets the reducer drop output of an attempt it already gave up on.
+    #[serde(default = "one")]
+    pub attempt: u32,
     pub error: String,
     #[serde(default)]
     pub retryable: bool,
@@ -176,6 +188,10 @@ pub struct LlmFailed {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlmCanceled {
     pub step_id: String,
+    /// Which attempt of the step produced this (retries start a new attempt);
+    /// lets the reducer drop output of an attempt it already gave up on.
+    #[serde(default = "one")]
+    pub attempt: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }

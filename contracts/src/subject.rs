@@ -29,6 +29,15 @@ pub const STREAMS: [&str; 6] = [
 /// Subjects under which conv writes its own dead-letter records into `CONV_DLQ`.
 pub const DLQ_SUBJECT_PREFIX: &str = "conv.dlq";
 
+/// What `CONV_IN` captures: exactly the well-shaped input subjects
+/// `conv.in.<family>.<conversation_id>`.
+pub const IN_SUBJECTS: &str = "conv.in.*.*";
+
+/// Every other shape under `conv.in.>` (3 tokens, 5 tokens, 6 or more).
+/// `CONV_DLQ` captures these, so together the two streams cover `conv.in.>`:
+/// a stray publish is journaled as a dead letter, never lost and never applied.
+pub const IN_STRAY_SUBJECTS: [&str; 3] = ["conv.in.*", "conv.in.*.*.*", "conv.in.*.*.*.>"];
+
 /// Default number of `CONV_IN` partitions.
 pub const DEFAULT_PARTITIONS: u16 = 16;
 

@@ -73,8 +73,14 @@ fn payload() -> impl Strategy<Value = Payload> {
                 retryable
             }
         )),
-        (text(), any::<u64>(), "\\PC{0,40}")
-            .prop_map(|(step_id, seq, text)| Payload::from(LlmDelta { step_id, seq, text })),
+        (text(), any::<u64>(), "\\PC{0,40}").prop_map(|(step_id, seq, text)| Payload::from(
+            LlmDelta {
+                step_id,
+                attempt: (seq % 3) as u32 + 1,
+                seq,
+                text
+            }
+        )),
         (
             text(),
             "\\PC{0,40}",
@@ -82,6 +88,7 @@ fn payload() -> impl Strategy<Value = Payload> {
         )
             .prop_map(|(step_id, text, calls)| Payload::from(LlmCompleted {
                 step_id,
+                attempt: 1,
                 text,
                 tool_calls: calls
                     .into_iter()

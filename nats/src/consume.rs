@@ -1,6 +1,6 @@
 //! The shared consume loop with conv's ack discipline.
 //!
-//! * `Ok(())` from the handler → **ack** (the handler returns only after its
+//! * `Ok(())` from the handler → **ack**, confirmed by the server (the handler returns only after its
 //!   effect is durable, so the ack is the checkpoint);
 //! * [`HandlerError::Transient`] → **nak** with a jittered exponential delay
 //!   that grows with the delivery count; after `max_deliver` deliveries the
@@ -43,6 +43,9 @@ pub struct Options {
     pub nak_max: Duration,
     /// Interval of progress acks while a handler runs (keep it well below the consumer's ack wait).
     pub progress_every: Duration,
+    /// Wait for the server to confirm each ack (one round trip per message),
+    /// so a counted ack is a stored checkpoint.
+    pub confirm_acks: bool,
 }
 
 impl Default for Options {
@@ -51,6 +54,7 @@ impl Default for Options {
             nak_min: Duration::from_millis(200),
             nak_max: Duration::from_secs(30),
             progress_every: Duration::from_secs(10),
+            confirm_acks: true,
         }
     }
 }
@@ -154,10 +158,8 @@ where
             }
         };
         let sent = match outcome {
-            Ok(()) => {
-                stats.acked += 1;
-                message.ack().await
-            }
+            Ok(()) if options.confirm_acks => message.double_ack().await.map(|()| stats.acked += 1),
+            Ok(()) => message.ack().await.map(|()| stats.acked += 1),
             Err(HandlerError::Transient(reason)) => {
                 stats.naked += 1;
                 let delay = options.nak_delay(delivered);

@@ -168,7 +168,7 @@ impl Settings {
 /// configured by env and file, not flags). Returns `true` when the process
 /// should exit.
 pub fn handle_args(id: &Identity, args: impl IntoIterator<Item = String>) -> Result<bool, String> {
-    for arg in args.into_iter().skip(1) {
+    if let Some(arg) = args.into_iter().nth(1) {
         match arg.as_str() {
             "-h" | "--help" => {
                 println!(

@@ -56,7 +56,7 @@ pub enum Backend {
 
 enum Server {
     Container {
-        container: ContainerAsync<Nats>,
+        container: Box<ContainerAsync<Nats>>,
     },
     Process {
         child: Option<Child>,
@@ -146,7 +146,9 @@ impl TestNats {
             })?;
         let nats = Self {
             port,
-            server: Server::Container { container },
+            server: Server::Container {
+                container: Box::new(container),
+            },
         };
         nats.wait_ready().await?;
         Ok(nats)
@@ -222,6 +224,14 @@ impl TestNats {
         match self.server {
             Server::Container { .. } => Backend::Container,
             Server::Process { .. } => Backend::Process,
+        }
+    }
+
+    /// The storage directory of a process backend (containers keep theirs inside).
+    pub fn store_dir(&self) -> Option<PathBuf> {
+        match &self.server {
+            Server::Process { dir, .. } => Some(dir.path().to_path_buf()),
+            Server::Container { .. } => None,
         }
     }
 

@@ -155,6 +155,7 @@ impl Topology {
             Kind::In,
             "conv inputs; subjects carry their partition",
         );
+        conv_in.subjects = vec![subject::IN_SUBJECTS.to_owned()];
         conv_in.subject_transform = Some(SubjectTransform {
             source: src,
             destination: dest,
@@ -178,10 +179,11 @@ impl Topology {
             ));
         }
         dlq_subjects.push(format!("{}.>", subject::DLQ_SUBJECT_PREFIX));
+        dlq_subjects.extend(subject::IN_STRAY_SUBJECTS.iter().map(|s| (*s).to_owned()));
         let dlq = stream::Config {
             name: STREAM_DLQ.to_owned(),
             description: Some(
-                "dead letters: max-deliveries and terminated advisories of every CONV_* consumer"
+                "dead letters: max-deliveries and terminated advisories of every CONV_* consumer; stray conv.in subjects"
                     .into(),
             ),
             subjects: dlq_subjects,
@@ -539,7 +541,8 @@ async fn consumer_config(
     }
 }
 
-fn consumer_not_found(kind: &jetstream::context::ConsumerInfoErrorKind) -> bool {
+/// True when a consumer-info error means the consumer does not exist.
+pub fn consumer_not_found(kind: &jetstream::context::ConsumerInfoErrorKind) -> bool {
     use jetstream::context::ConsumerInfoErrorKind as K;
     match kind {
         K::NotFound => true,

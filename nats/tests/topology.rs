@@ -182,3 +182,32 @@ async fn duplicate_event_ids_are_stored_once() {
     assert_eq!(stream.info().await.expect("info").state.messages, 1);
     let _: jetstream::stream::Stream = stream;
 }
+
+#[tokio::test]
+async fn stray_input_subjects_land_in_the_dlq() {
+    let nats = nats().await;
+    nats.setup().await.expect("setup");
+    let js = nats.jetstream().await;
+    // Every shape under conv.in.> other than conv.in.<family>.<id> is
+    // journaled in CONV_DLQ: never lost, never read by a partition worker.
+    for stray in [
+        "conv.in.nofamily",
+        "conv.in.3.message.c1",
+        "conv.in.message.c1.extra.tokens",
+    ] {
+        let ack = js
+            .publish(stray, "x".into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+        assert_eq!(ack.stream, subject::STREAM_DLQ, "{stray}");
+    }
+    let ack = js
+        .publish("conv.in.message.c1", "x".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    assert_eq!(ack.stream, subject::STREAM_IN);
+}

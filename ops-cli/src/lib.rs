@@ -1,1 +1,90 @@
+//! # convctl
+//!
+//! The operator CLI of conv. `main.rs` parses arguments and calls [`run`];
+//! every command lives in its own module under [`cmd`] and returns
+//! [`Outcome`] (what to print, and the exit code).
 
+pub mod cli;
+pub mod cmd;
+
+use cli::{Cli, Command};
+
+/// What a command produced.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Human-readable text (or JSON with `--json`).
+    pub output: String,
+    /// Process exit code.
+    pub code: u8,
+}
+
+impl Outcome {
+    pub fn ok(output: impl Into<String>) -> Self {
+        Self {
+            output: output.into(),
+            code: 0,
+        }
+    }
+}
+
+/// Why a command failed (printed as one line, exit 1).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Connect(#[from] conv_nats::connect::ConnectError),
+    #[error(transparent)]
+    Topology(#[from] conv_nats::topology::Error),
+    #[error("invalid option: {0}")]
+    Invalid(String),
+    #[error("JetStream: {0}")]
+    JetStream(String),
+    #[error(
+        "`convctl {command}` is not available in this build yet (it arrives with issue {issue})"
+    )]
+    NotYet { command: &'static str, issue: u8 },
+}
+
+/// Runs one parsed command line.
+pub async fn run(cli: Cli) -> Result<Outcome, Error> {
+    let g = &cli.global;
+    match cli.command {
+        Command::Setup(args) => cmd::setup::run(g, &args).await,
+        Command::Checkpoints => cmd::checkpoints::run(g).await,
+        Command::Readiness(args) => Ok(cmd::readiness::run(g, &args).await),
+        Command::Up => Err(Error::NotYet {
+            command: "up",
+            issue: 6,
+        }),
+        Command::Send { .. } => Err(Error::NotYet {
+            command: "send",
+            issue: 6,
+        }),
+        Command::Dlq(_) => Err(Error::NotYet {
+            command: "dlq",
+            issue: 3,
+        }),
+        Command::Replay { .. } => Err(Error::NotYet {
+            command: "replay",
+            issue: 4,
+        }),
+        Command::Trace { .. } => Err(Error::NotYet {
+            command: "trace",
+            issue: 4,
+        }),
+    }
+}
+
+/// Connects for a command: fails fast with the URL in the message.
+pub async fn connect(g: &cli::Global) -> Result<async_nats::jetstream::Context, Error> {
+    let config = conv_nats::NatsConfig {
+        url: g.nats_url.clone(),
+        ..Default::default()
+    };
+    let client = conv_nats::connect(&config, "convctl").await?;
+    Ok(conv_nats::jetstream(client, &config))
+}
+
+/// Serializes `value` for `--json` output.
+pub fn to_json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}

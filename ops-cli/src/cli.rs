@@ -1,0 +1,119 @@
+//! Command-line interface of `convctl`.
+
+use clap::{Args, Parser, Subcommand};
+
+/// convctl — operate a conv deployment: set up JetStream, run the local stack,
+/// talk to conversations, inspect and re-drive dead letters, replay and trace.
+#[derive(Debug, Parser)]
+#[command(name = "convctl", version, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, Clone, Args)]
+pub struct Global {
+    /// NATS server URL.
+    #[arg(long, global = true, env = "NATS_URL", default_value = conv_nats::connect::DEFAULT_URL)]
+    pub nats_url: String,
+    /// Print data as JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Number of CONV_IN partitions of the deployment.
+    #[arg(long, global = true, env = "CONV_PARTITIONS", default_value_t = conv_contracts::subject::DEFAULT_PARTITIONS)]
+    pub partitions: u16,
+    /// Replicas of every stream and bucket (3 on the 3-node cluster).
+    #[arg(long, global = true, env = "CONV_REPLICAS", default_value_t = 1)]
+    pub replicas: usize,
+}
+
+impl Global {
+    /// The topology these options describe, validated.
+    pub fn topology(&self) -> Result<conv_nats::TopologyConfig, crate::Error> {
+        let cfg = conv_nats::TopologyConfig {
+            partitions: self.partitions,
+            replicas: self.replicas,
+            ..Default::default()
+        };
+        cfg.validate().map_err(crate::Error::Invalid)?;
+        Ok(cfg)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or update the whole JetStream topology (streams, consumers, KV buckets). Idempotent.
+    Setup(SetupArgs),
+    /// Each consumer's ack floor, pending and redelivered counts.
+    Checkpoints,
+    /// One launch-readiness report: ready / warning / not_ready (exit 0 / 1 / 2).
+    Readiness(ReadinessArgs),
+    /// Run the local stack: NATS (started if none answers), setup, every service; Ctrl-C stops all. [issue 6]
+    Up,
+    /// Post a message and print the streamed reply as it arrives. [issue 6]
+    Send {
+        /// Conversation id (1–128 chars of [A-Za-z0-9_-]).
+        conversation: String,
+        /// Message text.
+        text: String,
+    },
+    /// Inspect and re-drive dead letters in CONV_DLQ. [issue 3]
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Rebuild a conversation's state from the journal and compare with the live state; exit 1 on mismatch. [issue 4]
+    Replay {
+        /// Conversation id.
+        conversation: String,
+    },
+    /// Walk the cause/effect chain of an event, both directions. [issue 4]
+    Trace {
+        /// CloudEvents id of the event.
+        event_id: String,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SetupArgs {
+    /// Report what would change (missing or drifted objects) without changing anything; exit 1 if anything would.
+    #[arg(long)]
+    pub check: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReadinessArgs {
+    /// Consumer backlog (pending + unacked) above which the report warns.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_backlog: u64,
+    /// Dead letters above which the report is not_ready (any dead letter warns).
+    #[arg(long, default_value_t = 1_000)]
+    pub max_dead_letters: u64,
+    /// Skip probing the services' /readyz endpoints (CONV_*_ADDR).
+    #[arg(long)]
+    pub no_services: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters.
+    List,
+    /// Show one dead letter with the original event.
+    Show {
+        /// Dead-letter id (its CONV_DLQ sequence).
+        id: u64,
+    },
+    /// Re-publish dead letters through the normal validated path.
+    Redrive {
+        /// Dead-letter id to re-drive.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<u64>,
+        /// Re-drive every dead letter.
+        #[arg(long)]
+        all: bool,
+        /// Show what would be re-driven; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}

