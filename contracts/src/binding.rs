@@ -254,6 +254,23 @@ pub fn decode_nats<'a>(
     Ok(event)
 }
 
+/// Validates an event built in code (ids, attributes, payload rules, size)
+/// exactly as if it had arrived on the wire.
+pub fn check(event: &Envelope, limits: Limits) -> Result<(), Rejection> {
+    decode_structured(&encode_structured(event), limits).map(drop)
+}
+
+/// Passes `conv.in.*` events (what a conversation takes from outside) and
+/// refuses every other kind with [`Rejection::NotAnInput`].
+pub fn require_input(event: Envelope) -> Result<Envelope, Rejection> {
+    let ty = event.event_type();
+    if ty.kind() == crate::types::Kind::In {
+        Ok(event)
+    } else {
+        Err(Rejection::NotAnInput { event_type: ty })
+    }
+}
+
 /// Checks that a NATS subject belongs to this event's type and conversation.
 pub fn check_subject(event: &Envelope, subject: &str) -> Result<(), Rejection> {
     let ty = event.event_type();

@@ -309,7 +309,8 @@ pub struct DlqRedriven {
     pub original_subject: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub original_event_id: Option<String>,
-    pub new_event_id: String,
+    /// The fresh `Nats-Msg-Id` the original was republished with.
+    pub redrive_msg_id: String,
 }
 
 macro_rules! payloads {
@@ -430,8 +431,31 @@ impl Payload {
             }
             Payload::DlqRedriven(p) => non_empty("original_stream", &p.original_stream)
                 .and(non_empty("original_subject", &p.original_subject))
-                .and(non_empty("new_event_id", &p.new_event_id)),
+                .and(non_empty("redrive_msg_id", &p.redrive_msg_id)),
         }
+    }
+}
+
+impl Payload {
+    /// A key that names this event uniquely within its conversation when the
+    /// payload itself identifies it (a tool call's completion, a delta's
+    /// position in a step attempt, a timer firing), so producers that retry
+    /// derive the same event id and JetStream dedupes the repeat. `None` for
+    /// events that are distinct each time they are sent (messages, progress).
+    pub fn natural_key(&self) -> Option<String> {
+        Some(match self {
+            Payload::ToolStarted(p) => format!("tool.{}.started", p.tool_call_id),
+            Payload::ToolCompleted(p) => format!("tool.{}.completed", p.tool_call_id),
+            Payload::ToolFailed(p) => format!("tool.{}.failed", p.tool_call_id),
+            Payload::ToolCanceled(p) => format!("tool.{}.canceled", p.tool_call_id),
+            Payload::LlmStarted(p) => format!("llm.{}.{}.started", p.step_id, p.attempt),
+            Payload::LlmDelta(p) => format!("llm.{}.{}.delta.{}", p.step_id, p.attempt, p.seq),
+            Payload::LlmCompleted(p) => format!("llm.{}.{}.completed", p.step_id, p.attempt),
+            Payload::LlmFailed(p) => format!("llm.{}.{}.failed", p.step_id, p.attempt),
+            Payload::LlmCanceled(p) => format!("llm.{}.{}.canceled", p.step_id, p.attempt),
+            Payload::TimerFired(p) => format!("timer.{}.fired", p.timer_id),
+            _ => return None,
+        })
     }
 }
 

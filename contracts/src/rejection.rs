@@ -48,6 +48,9 @@ pub enum Rejection {
         version: u32,
         supported: u32,
     },
+    /// A valid event of a kind the receiver does not take (ingress takes `conv.in.*` only).
+    #[error("{event_type} is not an input; only conv.in.* events can be sent to a conversation")]
+    NotAnInput { event_type: EventType },
 }
 
 impl Rejection {
@@ -65,11 +68,12 @@ impl Rejection {
             Rejection::Oversize { .. } => "oversize",
             Rejection::UnsupportedContentType { .. } => "unsupported_content_type",
             Rejection::UnsupportedVersion { .. } => "unsupported_version",
+            Rejection::NotAnInput { .. } => "not_an_input",
         }
     }
 
     /// All codes, for metrics pre-registration and docs.
-    pub const CODES: [&'static str; 11] = [
+    pub const CODES: [&'static str; 12] = [
         "malformed",
         "missing_field",
         "bad_specversion",
@@ -81,6 +85,7 @@ impl Rejection {
         "oversize",
         "unsupported_content_type",
         "unsupported_version",
+        "not_an_input",
     ];
 
     /// The HTTP status an edge answers with.

@@ -374,6 +374,15 @@ fn every_rejection_kind_has_a_distinct_code() {
             "dataschema",
             json!("urn:conv:schema:conv.in.timer.fired:v9"),
         ),
+        conv_contracts::binding::require_input(Envelope::new(
+            "e2",
+            "/t",
+            ConversationId::parse("c1").expect("valid"),
+            conv_contracts::payload::OutRunStatus {
+                run_id: "r".into(),
+                status: RunStatus::Idle,
+            },
+        )),
     ];
     let codes: Vec<&str> = cases
         .iter()
@@ -386,7 +395,7 @@ fn every_rejection_kind_has_a_distinct_code() {
         .collect();
     assert_eq!(
         statuses,
-        vec![400, 422, 422, 422, 422, 422, 422, 422, 413, 415, 422]
+        vec![400, 422, 422, 422, 422, 422, 422, 422, 413, 415, 422, 422]
     );
 }
 

@@ -20,6 +20,7 @@ pub const IDENTITY: Identity = Identity {
     about: "Effect workers of conv: LLM streaming, tools and timers, with cancellation, retry and timeouts.",
     addr_env: "CONV_EFFECTS_ADDR",
     default_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9102),
+    options_help: "",
 };
 
 /// Configuration: defaults → `CONV_CONFIG` TOML file → env, validated at start.

@@ -1,18 +1,31 @@
 //! # conv-ingress
 //!
-//! HTTP and NATS entry of conv: normalize, validate, journal to CONV_IN with dedupe, answer.
+//! The entry of conv. Every request goes the same way — normalize → validate
+//! → append to `CONV_IN` with the event id as `Nats-Msg-Id` → answer 202 with
+//! the stream sequence, only after the JetStream ack ([`core`]). Adapters turn
+//! transports into that path: [`http`] (the pinned HTTP API plus tool, LLM
+//! and timer callbacks) and [`nats_api`] (the same over NATS requests, in
+//! `$SRV` discovery).
 //!
-//! Its HTTP API (`POST /v1/conversations/{id}/messages`, `/abort`, `/stop`, `/retry`, `POST /v1/events`) shares the port with the health endpoints.
-//!
-//! This build boots the process — layered configuration, logging, a NATS
-//! connection that reports readiness, `/healthz` `/readyz` `/metrics` on
-//! `CONV_INGRESS_ADDR` (default 127.0.0.1:8080) and graceful shutdown. Its event
-//! handling arrives with issue 3 (see ARCHITECTURE.md).
+//! Nothing malformed is journaled: bad input gets 400/413/415/422 with
+//! `{"error": {"code", "message"}}`; while JetStream is unavailable the
+//! answer is 503 with `Retry-After`, never a 202.
+
+pub mod core;
+pub mod http;
+pub mod metrics;
+pub mod nats_api;
+pub mod options;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
 
-use conv_nats::service::{self, Identity, RunError, Settings};
+use conv_nats::service::{self, BootError, Identity, ServeError, Settings};
+use prometheus::Registry;
 use tokio_util::sync::CancellationToken;
+
+pub use crate::core::{Accepted, IngestError, Ingress};
+pub use crate::options::IngressOptions;
 
 /// Name, address variable and default address of this service.
 pub const IDENTITY: Identity = Identity {
@@ -20,15 +33,62 @@ pub const IDENTITY: Identity = Identity {
     about: "HTTP and NATS entry of conv: normalize, validate, journal to CONV_IN with dedupe, answer.",
     addr_env: "CONV_INGRESS_ADDR",
     default_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080),
+    options_help: options::HELP,
 };
 
 /// Configuration: defaults → `CONV_CONFIG` TOML file → env, validated at start.
-pub type Config = Settings;
+pub type Config = Settings<IngressOptions>;
 
 /// Why the service stopped with an error.
-pub type Error = RunError;
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    #[error(transparent)]
+    NatsApi(#[from] nats_api::Error),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
 
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    service::serve_health(&IDENTITY, &config, shutdown).await
+    let registry = Registry::new();
+    let metrics = metrics::Metrics::new(&registry)?;
+    let booted = service::boot(&IDENTITY, &config, registry).await?;
+    let ingress = Ingress {
+        js: booted.js.clone(),
+        metrics: metrics.clone(),
+        options: config.options.clone(),
+    };
+
+    let dlq = tokio::spawn(metrics::watch_dlq(
+        booted.js.clone(),
+        metrics,
+        Duration::from_secs(config.options.dlq_poll_secs),
+        shutdown.clone(),
+    ));
+    let nats = config.options.nats_api.then(|| {
+        tokio::spawn(nats_api::serve(
+            booted.client.clone(),
+            ingress.clone(),
+            shutdown.clone(),
+        ))
+    });
+
+    let router = http::router(ingress).merge(booted.health.router());
+    let served = service::serve(config.http_addr(), router, shutdown.clone(), None).await;
+    shutdown.cancel();
+    let _ = dlq.await;
+    if let Some(nats) = nats {
+        match nats.await {
+            Ok(result) => result?,
+            Err(join) => tracing::error!(message = "NATS API task failed.", error = %join),
+        }
+    }
+    booted.client.flush().await.ok();
+    served?;
+    tracing::info!(message = "Stopped.", service = IDENTITY.name);
+    Ok(())
 }

@@ -180,6 +180,50 @@ where
     stats
 }
 
+/// Like [`run`], but every message is first decoded and validated as a conv
+/// event on the subject it arrived on (either content mode). An invalid one
+/// never reaches `handler`: it is terminated with `<code>: <reason>` and so
+/// dead-lettered, and the loop goes on with the next message. This is how
+/// events published straight to NATS by third parties are checked again.
+pub async fn run_validated<S, E, H, Fut>(
+    messages: S,
+    mut handler: H,
+    options: Options,
+    limits: conv_contracts::Limits,
+    shutdown: CancellationToken,
+) -> Stats
+where
+    S: Stream<Item = Result<Message, E>> + Unpin,
+    E: std::fmt::Display,
+    H: FnMut(conv_contracts::Envelope, Message) -> Fut,
+    Fut: Future<Output = Result<(), HandlerError>>,
+{
+    run(
+        messages,
+        move |message: Message| {
+            let decoded = crate::headers::decode(
+                message.subject.as_str(),
+                message.headers.as_ref(),
+                &message.payload,
+                limits,
+            );
+            let work = decoded.map(|event| handler(event, message));
+            async move {
+                match work {
+                    Ok(work) => work.await,
+                    Err(rejection) => Err(HandlerError::Poison(format!(
+                        "{}: {rejection}",
+                        rejection.code()
+                    ))),
+                }
+            }
+        },
+        options,
+        shutdown,
+    )
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,9 @@
 
 pub mod connect;
 pub mod consume;
+pub mod dlq;
 pub mod headers;
+pub mod journal;
 pub mod service;
 pub mod topology;
 

@@ -98,14 +98,32 @@ pub struct ServiceConfig {
     pub log_format: LogFormat,
 }
 
-/// The sections every service's configuration file has:
-/// `[service]`, `[nats]` and `[topology]`.
+/// Service-specific settings: the `[options]` section of a service's
+/// config file, with its own env overrides and validation.
+pub trait Options: DeserializeOwned + Default + Clone + std::fmt::Debug + Send + 'static {
+    /// Applies the service's own environment variables.
+    fn apply_env(&mut self, env: Env<'_>) -> Result<(), ConfigError> {
+        let _ = env;
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// No service-specific settings.
+impl Options for () {}
+
+/// The sections every service's configuration file has: `[service]`,
+/// `[nats]`, `[topology]`, plus the service's own `[options]`.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Settings {
+#[serde(deny_unknown_fields, default, bound(deserialize = "O: Options"))]
+pub struct Settings<O = ()> {
     pub service: ServiceConfig,
     pub nats: NatsConfig,
     pub topology: TopologyConfig,
+    pub options: O,
 }
 
 /// What distinguishes one service binary from another at start.
@@ -119,18 +137,21 @@ pub struct Identity {
     pub addr_env: &'static str,
     /// The pinned default address.
     pub default_addr: SocketAddr,
+    /// Help lines for the service's own env variables (`  VAR   what`), or "".
+    pub options_help: &'static str,
 }
 
-impl Settings {
+impl<O: Options> Settings<O> {
     /// Defaults → TOML file (`CONV_CONFIG`) → env → validate.
     pub fn load(id: &Identity, env: Env<'_>) -> Result<Self, ConfigError> {
-        let mut settings: Settings = load_file(env, Settings::default())?;
+        let mut settings: Settings<O> = load_file(env, Settings::default())?;
         let mut addr = settings.service.http_addr.unwrap_or(id.default_addr);
         env_override(env, id.addr_env, &mut addr)?;
         settings.service.http_addr = Some(addr);
         env_override(env, "CONV_LOG_FORMAT", &mut settings.service.log_format)?;
         settings.nats.apply_env(env)?;
         settings.topology.apply_env(env)?;
+        settings.options.apply_env(env)?;
         settings.validate()?;
         Ok(settings)
     }
@@ -144,12 +165,14 @@ impl Settings {
             },
             nats,
             topology: TopologyConfig::default(),
+            options: O::default(),
         }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.nats.validate().map_err(ConfigError::Invalid)?;
         self.topology.validate().map_err(ConfigError::Invalid)?;
+        self.options.validate().map_err(ConfigError::Invalid)?;
         if self.service.http_addr.is_none() {
             return Err(ConfigError::Invalid("service.http_addr is not set".into()));
         }
@@ -175,11 +198,12 @@ pub fn handle_args(id: &Identity, args: impl IntoIterator<Item = String>) -> Res
                     "{name} {version}\n{about}\n\nUsage: {name}\n\nConfigured by environment (and an optional TOML file):\n  \
                      {addr_env:<22} listen address for /healthz /readyz /metrics (default {addr})\n  \
                      NATS_URL               NATS server (default {nats})\n  \
-                     CONV_CONFIG            TOML file with [service], [nats], [topology] sections\n  \
+                     CONV_CONFIG            TOML file with [service], [nats], [topology], [options] sections\n  \
                      CONV_LOG_FORMAT        pretty | json (default pretty)\n  \
                      CONV_PARTITIONS        CONV_IN partitions (default 16)\n  \
                      CONV_REPLICAS          stream replicas (default 1)\n  \
-                     RUST_LOG               log filter (default info)\n\nStops gracefully on SIGINT or SIGTERM.",
+                     RUST_LOG               log filter (default info)\n{options}\nStops gracefully on SIGINT or SIGTERM.",
+                    options = id.options_help,
                     name = id.name,
                     version = env!("CARGO_PKG_VERSION"),
                     about = id.about,
@@ -478,9 +502,9 @@ pub enum BootError {
 
 /// Connects to NATS (in the background: a service boots while NATS is down
 /// and reports not-ready until it answers) and sets up health and metrics.
-pub async fn boot(
+pub async fn boot<O: Options>(
     id: &Identity,
-    settings: &Settings,
+    settings: &Settings<O>,
     registry: Registry,
 ) -> Result<Booted, BootError> {
     let client = crate::connect::connect_lazy(&settings.nats, id.name).await?;
@@ -558,9 +582,10 @@ pub async fn serve_health(
 /// config, logging, a multi-threaded runtime, SIGINT/SIGTERM → shutdown
 /// token, then `run(settings, shutdown)`. Errors print one line and exit 1
 /// (2 for bad configuration or arguments).
-pub fn main<F, Fut, E>(id: &Identity, run: F) -> std::process::ExitCode
+pub fn main<O, F, Fut, E>(id: &Identity, run: F) -> std::process::ExitCode
 where
-    F: FnOnce(Settings, CancellationToken) -> Fut,
+    O: Options,
+    F: FnOnce(Settings<O>, CancellationToken) -> Fut,
     Fut: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
@@ -573,7 +598,7 @@ where
             return ExitCode::from(2);
         }
     }
-    let settings = match Settings::load(id, &process_env) {
+    let settings = match Settings::<O>::load(id, &process_env) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("{}: {e}", id.name);
@@ -617,9 +642,10 @@ mod tests {
             about: "test",
             addr_env: "CONV_X_ADDR",
             default_addr: "127.0.0.1:9100".parse().expect("addr"),
+            options_help: "",
         };
         let none = |_: &str| None;
-        let s = Settings::load(&id, &none).expect("defaults are valid");
+        let s = Settings::<()>::load(&id, &none).expect("defaults are valid");
         assert_eq!(s.http_addr().port(), 9100);
         assert_eq!(s.nats.url, crate::connect::DEFAULT_URL);
 
@@ -631,7 +657,7 @@ mod tests {
         ]
         .into();
         let env = |k: &str| vars.get(k).map(|v| v.to_string());
-        let s = Settings::load(&id, &env).expect("valid");
+        let s = Settings::<()>::load(&id, &env).expect("valid");
         assert_eq!(s.http_addr().port(), 9999);
         assert_eq!(s.service.log_format, LogFormat::Json);
         assert_eq!(s.nats.url, "nats://h:1");
@@ -639,13 +665,13 @@ mod tests {
 
         let bad: HashMap<&str, &str> = [("CONV_X_ADDR", "not-an-addr")].into();
         let env = |k: &str| bad.get(k).map(|v| v.to_string());
-        let err = Settings::load(&id, &env).expect_err("refused");
+        let err = Settings::<()>::load(&id, &env).expect_err("refused");
         assert!(matches!(err, ConfigError::Env { ref var, .. } if var == "CONV_X_ADDR"));
 
         let bad: HashMap<&str, &str> = [("CONV_PARTITIONS", "0")].into();
         let env = |k: &str| bad.get(k).map(|v| v.to_string());
         assert!(matches!(
-            Settings::load(&id, &env),
+            Settings::<()>::load(&id, &env),
             Err(ConfigError::Invalid(_))
         ));
     }
@@ -665,14 +691,18 @@ mod tests {
             about: "",
             addr_env: "CONV_X_ADDR",
             default_addr: "127.0.0.1:1".parse().expect("addr"),
+            options_help: "",
         };
         let p = path.display().to_string();
         let env = |k: &str| (k == CONFIG_FILE_ENV).then(|| p.clone());
-        let s = Settings::load(&id, &env).expect("valid");
+        let s = Settings::<()>::load(&id, &env).expect("valid");
         assert_eq!((s.http_addr().port(), s.topology.partitions), (7000, 8));
         std::fs::write(&path, "[service]\nhttp_adr = \"127.0.0.1:7000\"\n").expect("write");
         assert!(
-            matches!(Settings::load(&id, &env), Err(ConfigError::Parse { .. })),
+            matches!(
+                Settings::<()>::load(&id, &env),
+                Err(ConfigError::Parse { .. })
+            ),
             "typos are refused"
         );
         let _ = std::fs::remove_dir_all(&dir);

@@ -60,7 +60,7 @@ pub enum Command {
         /// Message text.
         text: String,
     },
-    /// Inspect and re-drive dead letters in CONV_DLQ. [issue 3]
+    /// Inspect and re-drive dead letters in CONV_DLQ (re-drive is audited in CONV_AUDIT).
     #[command(subcommand)]
     Dlq(DlqCommand),
     /// Rebuild a conversation's state from the journal and compare with the live state; exit 1 on mismatch. [issue 4]
@@ -104,12 +104,12 @@ pub enum DlqCommand {
         /// Dead-letter id (its CONV_DLQ sequence).
         id: u64,
     },
-    /// Re-publish dead letters through the normal validated path.
+    /// Re-publish dead letters through the normal validated path (fresh message id, audited); exit 1 if any is skipped.
     Redrive {
         /// Dead-letter id to re-drive.
         #[arg(required_unless_present = "all", conflicts_with = "all")]
         id: Option<u64>,
-        /// Re-drive every dead letter.
+        /// Re-drive every dead letter (progress on stderr).
         #[arg(long)]
         all: bool,
         /// Show what would be re-driven; change nothing.

@@ -20,6 +20,7 @@ pub const IDENTITY: Identity = Identity {
     about: "Projections of conv: timeline, LLM context and the resumable client stream.",
     addr_env: "CONV_PROJECTIONS_ADDR",
     default_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8081),
+    options_help: "",
 };
 
 /// Configuration: defaults → `CONV_CONFIG` TOML file → env, validated at start.

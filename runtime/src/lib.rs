@@ -20,6 +20,7 @@ pub const IDENTITY: Identity = Identity {
     about: "Partitioned conversation runtime of conv: scheduler, pure reducer, snapshots, applied markers.",
     addr_env: "CONV_RUNTIME_ADDR",
     default_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9101),
+    options_help: "",
 };
 
 /// Configuration: defaults → `CONV_CONFIG` TOML file → env, validated at start.

@@ -1,0 +1,404 @@
+//! The ingest path every adapter shares: normalize → validate → append to
+//! `CONV_IN` (with the event id as `Nats-Msg-Id`) → answer. Transport code
+//! (HTTP, NATS) only turns requests into [`Meta`] + body and answers with
+//! [`Accepted`] or [`IngestError`].
+
+use std::time::Instant;
+
+use chrono::Utc;
+use conv_contracts::id::check_event_id;
+use conv_contracts::{ConversationId, Envelope, EventType, Limits, Payload, Rejection, binding};
+use conv_nats::journal::{self, AppendError};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::metrics::{self, Metrics};
+use crate::options::IngressOptions;
+
+/// CloudEvents `source` of events that ingress builds from plain requests.
+pub const SOURCE_HTTP: &str = "/conv/ingress/http";
+pub const SOURCE_NATS: &str = "/conv/ingress/nats";
+
+/// The 202 answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Accepted {
+    pub event_id: String,
+    pub conversation_id: String,
+    pub stream_seq: u64,
+    pub duplicate: bool,
+}
+
+/// Why a request was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+    /// NATS/JetStream unavailable: retry later (503 with `Retry-After`).
+    #[error("{0}")]
+    Unavailable(String),
+    /// JetStream refused the message for good.
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    NotFound(String),
+}
+
+impl IngestError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            IngestError::Rejected(r) => r.code(),
+            IngestError::Unavailable(_) => metrics::UNAVAILABLE,
+            IngestError::Refused(_) => "journal_refused",
+            IngestError::NotFound(_) => "not_found",
+        }
+    }
+
+    pub fn http_status(&self) -> u16 {
+        match self {
+            IngestError::Rejected(r) => r.http_status(),
+            IngestError::Unavailable(_) => 503,
+            IngestError::Refused(_) => 500,
+            IngestError::NotFound(_) => 404,
+        }
+    }
+}
+
+/// Request metadata that adapters turn into envelope attributes.
+#[derive(Debug, Clone, Default)]
+pub struct Meta {
+    /// `Idempotency-Key`: repeats with the same key (same conversation and
+    /// event type) get the same event id, so JetStream stores one.
+    pub idempotency_key: Option<String>,
+    /// Optional `causationid` / `correlationid` for events caused by others.
+    pub causation_id: Option<String>,
+    pub correlation_id: Option<String>,
+    /// `Content-Type` of the body, if any.
+    pub content_type: Option<String>,
+    /// CloudEvents `source` to stamp.
+    pub source: &'static str,
+}
+
+/// Longest accepted `Idempotency-Key`.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 100;
+
+/// The ingest service state, cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Ingress {
+    pub js: async_nats::jetstream::Context,
+    pub metrics: Metrics,
+    pub options: IngressOptions,
+}
+
+impl Ingress {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_event_bytes: self.options.max_body_bytes,
+        }
+    }
+
+    /// Validates a complete event and journals it.
+    pub async fn accept(&self, event: Envelope) -> Result<Accepted, IngestError> {
+        let family = event.event_type().family();
+        let result = self.accept_inner(event).await;
+        match &result {
+            Ok(a) if a.duplicate => self.metrics.duplicates.inc(),
+            Ok(_) => self.metrics.accepted.with_label_values(&[family]).inc(),
+            Err(e) => self.metrics.reject(e.code()),
+        }
+        result
+    }
+
+    async fn accept_inner(&self, event: Envelope) -> Result<Accepted, IngestError> {
+        let event = binding::require_input(event)?;
+        let ty = event.event_type();
+        binding::check(&event, self.limits())?;
+        let started = Instant::now();
+        let appended = journal::append(
+            &self.js,
+            &event,
+            &event.id,
+            &[],
+            self.options.publish_timeout(),
+        )
+        .await;
+        self.metrics
+            .publish_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let appended = appended.map_err(|e| match e {
+            AppendError::Unavailable(m) => IngestError::Unavailable(m),
+            AppendError::Refused(m) => IngestError::Refused(m),
+        })?;
+        tracing::debug!(
+            message = "Journaled.",
+            event_id = %event.id,
+            conversation_id = %event.conversation_id,
+            event_type = %ty,
+            stream_seq = appended.seq,
+            duplicate = appended.duplicate,
+        );
+        Ok(Accepted {
+            event_id: event.id.clone(),
+            conversation_id: event.conversation_id.to_string(),
+            stream_seq: appended.seq,
+            duplicate: appended.duplicate,
+        })
+    }
+
+    /// Counts a request refused before an event could be built.
+    pub fn refuse(&self, error: IngestError) -> IngestError {
+        self.metrics.reject(error.code());
+        error
+    }
+}
+
+/// Builds an input event of type `ty` from a family-specific JSON body.
+///
+/// `path_fields` are values the URL carries (`tool_call_id`, `step_id`,
+/// `timer_id`); they are merged into the body, which must not disagree.
+pub fn build(
+    ty: EventType,
+    conversation: &str,
+    path_fields: &[(&str, &str)],
+    body: &[u8],
+    meta: &Meta,
+) -> Result<Envelope, Rejection> {
+    let conversation_id =
+        ConversationId::parse(conversation).map_err(|e| Rejection::BadConversationId {
+            found: conversation.to_owned(),
+            detail: e.to_string(),
+        })?;
+    let mut object = json_object(body, meta.content_type.as_deref(), ty)?;
+    for (field, value) in path_fields {
+        match object.get(*field) {
+            Some(Value::String(v)) if v != value => {
+                return Err(Rejection::PayloadSchema {
+                    event_type: ty,
+                    detail: format!("`{field}` is {v:?} in the body but {value:?} in the URL"),
+                });
+            }
+            _ => {
+                object.insert((*field).to_owned(), Value::String((*value).to_owned()));
+            }
+        }
+    }
+    let data = Payload::from_json(ty, Value::Object(object)).map_err(|detail| {
+        Rejection::PayloadSchema {
+            event_type: ty,
+            detail,
+        }
+    })?;
+    let id = event_id(ty, &conversation_id, &data, meta.idempotency_key.as_deref())?;
+    let mut event = Envelope::new(id, meta.source, conversation_id, data).with_time(Utc::now());
+    event.causation_id = meta.causation_id.clone();
+    event.correlation_id = meta.correlation_id.clone();
+    Ok(event)
+}
+
+/// The body as a JSON object (`{}` when empty).
+fn json_object(
+    body: &[u8],
+    content_type: Option<&str>,
+    ty: EventType,
+) -> Result<Map<String, Value>, Rejection> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Map::new());
+    }
+    if let Some(ct) = content_type {
+        let media = ct
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        if media != "application/json"
+            && !(media.starts_with("application/") && media.ends_with("+json"))
+        {
+            return Err(Rejection::UnsupportedContentType {
+                found: ct.to_owned(),
+            });
+        }
+    }
+    match serde_json::from_slice(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(Rejection::PayloadSchema {
+            event_type: ty,
+            detail: "the body must be a JSON object".into(),
+        }),
+        Err(e) => Err(Rejection::Malformed {
+            detail: format!("the body is not JSON: {e}"),
+        }),
+    }
+}
+
+/// The event id: from the `Idempotency-Key`, else from the payload's
+/// natural key (so callbacks that retry dedupe by themselves), else a fresh
+/// time-ordered UUID.
+pub fn event_id(
+    ty: EventType,
+    conversation: &ConversationId,
+    data: &Payload,
+    idempotency_key: Option<&str>,
+) -> Result<String, Rejection> {
+    let short = ty.as_str().rsplit('.').next().unwrap_or_default();
+    if let Some(key) = idempotency_key {
+        let bad = |detail: String| Rejection::BadAttribute {
+            name: "Idempotency-Key".into(),
+            detail,
+        };
+        if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+            return Err(bad(format!(
+                "must be 1-{MAX_IDEMPOTENCY_KEY_LEN} characters"
+            )));
+        }
+        if let Some(c) = key.chars().find(|c| !c.is_ascii_graphic()) {
+            return Err(bad(format!(
+                "contains {c:?}; use printable ASCII without spaces"
+            )));
+        }
+        return Ok(format!("{conversation}.{}.{short}.key.{key}", ty.family()));
+    }
+    if let Some(natural) = data.natural_key() {
+        let id = format!("{conversation}.{natural}");
+        check_event_id(&id).map_err(|e| Rejection::BadAttribute {
+            name: "id".into(),
+            detail: format!("{e} (it is derived from the ids in the URL or body: {natural:?})"),
+        })?;
+        return Ok(id);
+    }
+    Ok(uuid::Uuid::now_v7().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> Meta {
+        Meta {
+            source: SOURCE_HTTP,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn builds_a_message() {
+        let e = build(
+            EventType::MessageReceived,
+            "c1",
+            &[],
+            br#"{"text":"hi"}"#,
+            &meta(),
+        )
+        .unwrap();
+        assert_eq!(e.event_type(), EventType::MessageReceived);
+        assert_eq!(e.conversation_id.as_str(), "c1");
+        assert!(e.time.is_some());
+        assert!(binding::check(&e, Limits::default()).is_ok());
+    }
+
+    #[test]
+    fn idempotency_keys_give_stable_ids() {
+        let m = Meta {
+            idempotency_key: Some("k-1".into()),
+            ..meta()
+        };
+        let a = build(
+            EventType::MessageReceived,
+            "c1",
+            &[],
+            br#"{"text":"hi"}"#,
+            &m,
+        )
+        .unwrap();
+        let b = build(
+            EventType::MessageReceived,
+            "c1",
+            &[],
+            br#"{"text":"hi"}"#,
+            &m,
+        )
+        .unwrap();
+        assert_eq!(a.id, b.id);
+        let other = build(EventType::AbortRequested, "c1", &[], b"", &m).unwrap();
+        assert_ne!(a.id, other.id, "keys are scoped by event type");
+        let bad = Meta {
+            idempotency_key: Some("has space".into()),
+            ..meta()
+        };
+        let err = build(
+            EventType::MessageReceived,
+            "c1",
+            &[],
+            br#"{"text":"hi"}"#,
+            &bad,
+        )
+        .unwrap_err();
+        assert_eq!(err.code(), "bad_attribute");
+    }
+
+    #[test]
+    fn callbacks_get_natural_ids_and_path_fields() {
+        let a = build(
+            EventType::ToolCompleted,
+            "c1",
+            &[("tool_call_id", "call_1")],
+            br#"{"result":{"ok":true}}"#,
+            &meta(),
+        )
+        .unwrap();
+        assert_eq!(a.id, "c1.tool.call_1.completed");
+        let err = build(
+            EventType::ToolCompleted,
+            "c1",
+            &[("tool_call_id", "call_1")],
+            br#"{"tool_call_id":"call_2"}"#,
+            &meta(),
+        )
+        .unwrap_err();
+        assert_eq!(err.code(), "payload_schema");
+    }
+
+    #[test]
+    fn body_errors() {
+        let m = Meta {
+            content_type: Some("text/plain".into()),
+            ..meta()
+        };
+        assert_eq!(
+            build(EventType::MessageReceived, "c1", &[], b"hi", &m)
+                .unwrap_err()
+                .code(),
+            "unsupported_content_type"
+        );
+        assert_eq!(
+            build(EventType::MessageReceived, "c1", &[], b"{nope", &meta())
+                .unwrap_err()
+                .code(),
+            "malformed"
+        );
+        assert_eq!(
+            build(EventType::MessageReceived, "c1", &[], b"[1]", &meta())
+                .unwrap_err()
+                .code(),
+            "payload_schema"
+        );
+        assert_eq!(
+            build(EventType::MessageReceived, "c1", &[], b"{}", &meta())
+                .unwrap_err()
+                .code(),
+            "payload_schema"
+        );
+        assert_eq!(
+            build(
+                EventType::MessageReceived,
+                "c.1",
+                &[],
+                br#"{"text":"x"}"#,
+                &meta()
+            )
+            .unwrap_err()
+            .code(),
+            "bad_conversation_id"
+        );
+        assert!(build(EventType::StopRequested, "c1", &[], b"", &meta()).is_ok());
+    }
+}

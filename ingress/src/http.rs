@@ -1,0 +1,295 @@
+//! The HTTP adapter: pinned routes of the ingress API, mapped onto
+//! [`crate::core`]. Every error is `{"error": {"code", "message"}}`.
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use bytes::{Bytes, BytesMut};
+use conv_contracts::{EventType, Rejection, binding};
+use futures::StreamExt;
+use serde_json::json;
+
+use crate::core::{Accepted, IngestError, Ingress, Meta, SOURCE_HTTP, build};
+
+/// How many bytes past the limit are still counted to report the real size.
+const COUNT_PAST_LIMIT: usize = 64 * 1024 * 1024;
+
+pub fn router(ingress: Ingress) -> Router {
+    Router::new()
+        .route("/v1/conversations/{id}/messages", post(message))
+        .route("/v1/conversations/{id}/abort", post(abort))
+        .route("/v1/conversations/{id}/stop", post(stop))
+        .route("/v1/conversations/{id}/retry", post(retry))
+        .route(
+            "/v1/conversations/{id}/tools/{tool_call_id}/{outcome}",
+            post(tool),
+        )
+        .route("/v1/conversations/{id}/llm/{step_id}/{outcome}", post(llm))
+        .route(
+            "/v1/conversations/{id}/timers/{timer_id}/fired",
+            post(timer),
+        )
+        .route("/v1/events", post(event))
+        .fallback(not_found)
+        .with_state(ingress)
+}
+
+/// The 202 or the error answer.
+fn respond(result: Result<Accepted, IngestError>) -> Response {
+    match result {
+        Ok(accepted) => (StatusCode::ACCEPTED, axum::Json(accepted)).into_response(),
+        Err(error) => error_response(&error),
+    }
+}
+
+pub fn error_response(error: &IngestError) -> Response {
+    let status =
+        StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = axum::Json(json!({"error": {"code": error.code(), "message": error.to_string()}}));
+    let mut response = (status, body).into_response();
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}
+
+fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+fn meta(headers: &HeaderMap) -> Meta {
+    Meta {
+        idempotency_key: header_str(headers, "idempotency-key"),
+        causation_id: header_str(headers, "causation-id"),
+        correlation_id: header_str(headers, "correlation-id"),
+        content_type: header_str(headers, "content-type"),
+        source: SOURCE_HTTP,
+    }
+}
+
+/// Reads the body up to the limit; past it, keeps counting (to a point) so
+/// the 413 names the real size.
+async fn read_body(
+    ingress: &Ingress,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Bytes, IngestError> {
+    let limit = ingress.options.max_body_bytes;
+    let declared = header_str(headers, "content-length").and_then(|v| v.parse::<usize>().ok());
+    if let Some(size) = declared.filter(|size| *size > limit) {
+        return Err(Rejection::Oversize { size, limit }.into());
+    }
+    let mut stream = body.into_data_stream();
+    let mut buf = BytesMut::new();
+    let mut size = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| Rejection::Malformed {
+            detail: format!("cannot read the body: {e}"),
+        })?;
+        size += chunk.len();
+        if size <= limit {
+            buf.extend_from_slice(&chunk);
+        } else if size > limit + COUNT_PAST_LIMIT {
+            break;
+        }
+    }
+    if size > limit {
+        return Err(Rejection::Oversize { size, limit }.into());
+    }
+    Ok(buf.freeze())
+}
+
+async fn ingest(
+    ingress: Ingress,
+    ty: EventType,
+    conversation: &str,
+    path_fields: &[(&str, &str)],
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let bytes = read_body(&ingress, &headers, body).await?;
+        let event = build(ty, conversation, path_fields, &bytes, &meta(&headers))?;
+        Ok::<_, IngestError>(event)
+    }
+    .await;
+    match result {
+        Ok(event) => respond(ingress.accept(event).await),
+        Err(e) => respond(Err(ingress.refuse(e))),
+    }
+}
+
+async fn message(
+    State(ing): State<Ingress>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    ingest(ing, EventType::MessageReceived, &id, &[], headers, body).await
+}
+
+async fn abort(
+    State(ing): State<Ingress>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    ingest(ing, EventType::AbortRequested, &id, &[], headers, body).await
+}
+
+async fn stop(
+    State(ing): State<Ingress>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    ingest(ing, EventType::StopRequested, &id, &[], headers, body).await
+}
+
+async fn retry(
+    State(ing): State<Ingress>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    ingest(ing, EventType::RetryRequested, &id, &[], headers, body).await
+}
+
+/// The event type of a tool or LLM lifecycle callback, by URL outcome.
+pub fn callback_type(family: &str, outcome: &str) -> Option<EventType> {
+    Some(match (family, outcome) {
+        ("tool", "started") => EventType::ToolStarted,
+        ("tool", "progress") => EventType::ToolProgress,
+        ("tool", "completed") => EventType::ToolCompleted,
+        ("tool", "failed") => EventType::ToolFailed,
+        ("tool", "canceled") => EventType::ToolCanceled,
+        ("llm", "started") => EventType::LlmStarted,
+        ("llm", "delta") => EventType::LlmDelta,
+        ("llm", "completed") => EventType::LlmCompleted,
+        ("llm", "failed") => EventType::LlmFailed,
+        ("llm", "canceled") => EventType::LlmCanceled,
+        _ => return None,
+    })
+}
+
+fn unknown_outcome(ing: &Ingress, family: &str, outcome: &str) -> Response {
+    let allowed = if family == "tool" {
+        "started, progress, completed, failed, canceled"
+    } else {
+        "started, delta, completed, failed, canceled"
+    };
+    respond(Err(ing.refuse(IngestError::NotFound(format!(
+        "unknown {family} outcome {outcome:?}; one of: {allowed}"
+    )))))
+}
+
+async fn tool(
+    State(ing): State<Ingress>,
+    Path((id, tool_call_id, outcome)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match callback_type("tool", &outcome) {
+        Some(ty) => {
+            ingest(
+                ing,
+                ty,
+                &id,
+                &[("tool_call_id", &tool_call_id)],
+                headers,
+                body,
+            )
+            .await
+        }
+        None => unknown_outcome(&ing, "tool", &outcome),
+    }
+}
+
+async fn llm(
+    State(ing): State<Ingress>,
+    Path((id, step_id, outcome)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match callback_type("llm", &outcome) {
+        Some(ty) => ingest(ing, ty, &id, &[("step_id", &step_id)], headers, body).await,
+        None => unknown_outcome(&ing, "llm", &outcome),
+    }
+}
+
+async fn timer(
+    State(ing): State<Ingress>,
+    Path((id, timer_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    ingest(
+        ing,
+        EventType::TimerFired,
+        &id,
+        &[("timer_id", &timer_id)],
+        headers,
+        body,
+    )
+    .await
+}
+
+/// Decodes a CloudEvent from an HTTP request in either content mode.
+pub fn decode_cloudevent(
+    ing: &Ingress,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<conv_contracts::Envelope, IngestError> {
+    let content_type = header_str(headers, "content-type").unwrap_or_default();
+    let media = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    if media == "application/cloudevents+json" {
+        return Ok(binding::decode_structured(body, ing.limits())?);
+    }
+    if headers.contains_key("ce-specversion") {
+        let mut pairs = Vec::with_capacity(headers.len());
+        for (name, value) in headers {
+            let value = value.to_str().map_err(|_| Rejection::Malformed {
+                detail: format!("header {name} is not visible ASCII"),
+            })?;
+            pairs.push((name.as_str(), value));
+        }
+        return Ok(binding::decode_binary(pairs, body, ing.limits())?);
+    }
+    let found = if content_type.is_empty() {
+        "none".to_owned()
+    } else {
+        content_type
+    };
+    Err(Rejection::UnsupportedContentType { found }.into())
+}
+
+async fn event(State(ing): State<Ingress>, headers: HeaderMap, body: Body) -> Response {
+    let decoded = async {
+        let bytes = read_body(&ing, &headers, body).await?;
+        decode_cloudevent(&ing, &headers, &bytes)
+    }
+    .await;
+    match decoded {
+        Ok(event) => respond(ing.accept(event).await),
+        Err(e) => respond(Err(ing.refuse(e))),
+    }
+}
+
+async fn not_found(State(ing): State<Ingress>) -> Response {
+    respond(Err(ing.refuse(IngestError::NotFound(
+        "no such endpoint; see POST /v1/conversations/{id}/messages|abort|stop|retry and POST /v1/events".into(),
+    ))))
+}

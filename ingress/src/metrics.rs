@@ -1,0 +1,102 @@
+//! Ingress metrics. Labels are low-cardinality: input family and rejection code.
+
+use std::time::Duration;
+
+use conv_contracts::Rejection;
+use conv_contracts::subject::STREAM_DLQ;
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use tokio_util::sync::CancellationToken;
+
+/// Code used for "journal unavailable" in `conv_ingress_rejected_total`.
+pub const UNAVAILABLE: &str = "unavailable";
+
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub accepted: IntCounterVec,
+    pub rejected: IntCounterVec,
+    pub duplicates: IntCounter,
+    pub publish_seconds: Histogram,
+    pub dlq_messages: IntGauge,
+}
+
+impl Metrics {
+    pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let accepted = IntCounterVec::new(
+            Opts::new(
+                "conv_ingress_accepted_total",
+                "events journaled, by input family",
+            ),
+            &["family"],
+        )?;
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "conv_ingress_rejected_total",
+                "requests refused, by reason code",
+            ),
+            &["reason"],
+        )?;
+        let duplicates = IntCounter::new(
+            "conv_ingress_duplicates_total",
+            "repeats answered from the dedupe window",
+        )?;
+        let publish_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "conv_ingress_publish_seconds",
+                "publish until JetStream ack",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+        )?;
+        let dlq_messages = IntGauge::new("conv_dlq_messages", "messages in CONV_DLQ")?;
+        registry.register(Box::new(accepted.clone()))?;
+        registry.register(Box::new(rejected.clone()))?;
+        registry.register(Box::new(duplicates.clone()))?;
+        registry.register(Box::new(publish_seconds.clone()))?;
+        registry.register(Box::new(dlq_messages.clone()))?;
+        // Pre-create every series so dashboards see zeros, not gaps.
+        for family in ["message", "control", "tool", "llm", "timer"] {
+            accepted.with_label_values(&[family]);
+        }
+        for code in Rejection::CODES
+            .iter()
+            .chain([&UNAVAILABLE, &"journal_refused", &"not_found"])
+        {
+            rejected.with_label_values(&[code]);
+        }
+        Ok(Self {
+            accepted,
+            rejected,
+            duplicates,
+            publish_seconds,
+            dlq_messages,
+        })
+    }
+
+    pub fn reject(&self, code: &str) {
+        self.rejected.with_label_values(&[code]).inc();
+    }
+}
+
+/// Keeps `conv_dlq_messages` current until shutdown.
+pub async fn watch_dlq(
+    js: async_nats::jetstream::Context,
+    metrics: Metrics,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Ok(mut dlq) = js.get_stream(STREAM_DLQ).await
+            && let Ok(info) = dlq.info().await
+        {
+            metrics
+                .dlq_messages
+                .set(i64::try_from(info.state.messages).unwrap_or(i64::MAX));
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! Ingress-specific settings: the `[options]` section and its env variables.
+
+use std::time::Duration;
+
+use conv_nats::service::{ConfigError, Env, Options, env_override};
+use serde::Deserialize;
+
+/// Settings of conv-ingress beyond the common ones.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngressOptions {
+    /// Largest accepted request body, in bytes (`CONV_INGRESS_MAX_BODY_BYTES`, default 1 MiB).
+    pub max_body_bytes: usize,
+    /// How long to wait for the JetStream ack before answering 503 (`CONV_INGRESS_PUBLISH_TIMEOUT_MS`).
+    pub publish_timeout_ms: u64,
+    /// Serve the NATS request API (`conv.ingress.*`, `$SRV` discovery) too (`CONV_INGRESS_NATS_API`).
+    pub nats_api: bool,
+    /// How often the `conv_dlq_messages` gauge is refreshed, in seconds.
+    pub dlq_poll_secs: u64,
+}
+
+impl Default for IngressOptions {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: conv_contracts::rejection::DEFAULT_MAX_EVENT_BYTES,
+            publish_timeout_ms: 5_000,
+            nats_api: true,
+            dlq_poll_secs: 15,
+        }
+    }
+}
+
+impl IngressOptions {
+    pub fn publish_timeout(&self) -> Duration {
+        Duration::from_millis(self.publish_timeout_ms)
+    }
+}
+
+impl Options for IngressOptions {
+    fn apply_env(&mut self, env: Env<'_>) -> Result<(), ConfigError> {
+        env_override(env, "CONV_INGRESS_MAX_BODY_BYTES", &mut self.max_body_bytes)?;
+        env_override(
+            env,
+            "CONV_INGRESS_PUBLISH_TIMEOUT_MS",
+            &mut self.publish_timeout_ms,
+        )?;
+        env_override(env, "CONV_INGRESS_NATS_API", &mut self.nats_api)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.max_body_bytes == 0 || self.max_body_bytes > 8 * 1024 * 1024 {
+            return Err(format!(
+                "options.max_body_bytes must be 1..=8 MiB, got {}",
+                self.max_body_bytes
+            ));
+        }
+        if self.publish_timeout_ms == 0 || self.dlq_poll_secs == 0 {
+            return Err(
+                "options.publish_timeout_ms and options.dlq_poll_secs must be positive".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `--help` lines for these variables.
+pub const HELP: &str = "  CONV_INGRESS_MAX_BODY_BYTES      largest request body (default 1048576)\n  \
+CONV_INGRESS_PUBLISH_TIMEOUT_MS  JetStream ack timeout before 503 (default 5000)\n  \
+CONV_INGRESS_NATS_API            serve conv.ingress.* over NATS too (default true)\n";
