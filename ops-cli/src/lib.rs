@@ -59,10 +59,7 @@ pub async fn run(cli: Cli) -> Result<Outcome, Error> {
             command: "send",
             issue: 6,
         }),
-        Command::Dlq(_) => Err(Error::NotYet {
-            command: "dlq",
-            issue: 3,
-        }),
+        Command::Dlq(dlq) => cmd::dlq::run(g, &dlq).await,
         Command::Replay { .. } => Err(Error::NotYet {
             command: "replay",
             issue: 4,
