@@ -16,9 +16,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
 use serde_json::{Map, Value};
 
-use crate::envelope::{
-    CAUSATION_ID, CLOUDEVENTS_JSON, CORRELATION_ID, Envelope, JSON, SPEC_VERSION,
-};
+use crate::envelope::{CAUSATION_ID, CLOUDEVENTS_JSON, CORRELATION_ID, Envelope, JSON, SPEC_VERSION};
 use crate::id::{ConversationId, check_event_id};
 use crate::payload::Payload;
 use crate::rejection::{Limits, Rejection};
@@ -33,16 +31,8 @@ pub const CONTENT_TYPE: &str = "content-type";
 /// and (implicitly) everything outside ASCII.
 const HEADER_VALUE: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b'%');
 
-const CONTEXT_ATTRIBUTES: [&str; 8] = [
-    "specversion",
-    "id",
-    "source",
-    "type",
-    "subject",
-    "time",
-    "datacontenttype",
-    "dataschema",
-];
+const CONTEXT_ATTRIBUTES: [&str; 8] =
+    ["specversion", "id", "source", "type", "subject", "time", "datacontenttype", "dataschema"];
 
 /// Percent-encodes a header value.
 pub fn encode_header_value(value: &str) -> String {
@@ -54,9 +44,7 @@ pub fn decode_header_value(name: &str, value: &str) -> Result<String, Rejection>
     percent_decode_str(value)
         .decode_utf8()
         .map(|v| v.into_owned())
-        .map_err(|_| Rejection::Malformed {
-            detail: format!("header {name} is not valid percent-encoded UTF-8"),
-        })
+        .map_err(|_| Rejection::Malformed { detail: format!("header {name} is not valid percent-encoded UTF-8") })
 }
 
 /// How an event was encoded on the wire.
@@ -70,10 +58,7 @@ pub enum Mode {
 /// anything else is read as structured (the original NATS binding sent
 /// structured JSON without headers).
 pub fn detect_mode<'a>(headers: impl IntoIterator<Item = (&'a str, &'a str)>) -> Mode {
-    if headers
-        .into_iter()
-        .any(|(n, _)| n.eq_ignore_ascii_case("ce-specversion"))
-    {
+    if headers.into_iter().any(|(n, _)| n.eq_ignore_ascii_case("ce-specversion")) {
         Mode::Binary
     } else {
         Mode::Structured
@@ -102,15 +87,9 @@ pub fn encode_structured(event: &Envelope) -> Vec<u8> {
 
 /// Binary mode: `ce-` headers plus `content-type`, and the JSON `data` as body.
 pub fn encode_binary(event: &Envelope) -> (Vec<(String, String)>, Vec<u8>) {
-    let mut headers = vec![(
-        format!("{HEADER_PREFIX}specversion"),
-        SPEC_VERSION.to_owned(),
-    )];
+    let mut headers = vec![(format!("{HEADER_PREFIX}specversion"), SPEC_VERSION.to_owned())];
     for (name, value) in attributes(event) {
-        headers.push((
-            format!("{HEADER_PREFIX}{name}"),
-            encode_header_value(&value),
-        ));
+        headers.push((format!("{HEADER_PREFIX}{name}"), encode_header_value(&value)));
     }
     headers.push((CONTENT_TYPE.to_owned(), JSON.to_owned()));
     let body = serde_json::to_vec(&event.data.to_json()).unwrap_or_default();
@@ -160,24 +139,16 @@ pub(crate) struct RawEvent {
 /// Decodes and validates a structured-mode event.
 pub fn decode_structured(bytes: &[u8], limits: Limits) -> Result<Envelope, Rejection> {
     check_size(bytes.len(), limits)?;
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| Rejection::Malformed {
-        detail: format!("body is not JSON: {e}"),
-    })?;
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|e| Rejection::Malformed { detail: format!("body is not JSON: {e}") })?;
     let Value::Object(mut obj) = value else {
-        return Err(Rejection::Malformed {
-            detail: "a structured event must be a JSON object".into(),
-        });
+        return Err(Rejection::Malformed { detail: "a structured event must be a JSON object".into() });
     };
     if obj.contains_key("data_base64") {
-        return Err(Rejection::UnsupportedContentType {
-            found: "data_base64 (binary data)".into(),
-        });
+        return Err(Rejection::UnsupportedContentType { found: "data_base64 (binary data)".into() });
     }
     let data = obj.remove("data");
-    validate(RawEvent {
-        attrs: obj.into_iter().collect(),
-        data,
-    })
+    validate(RawEvent { attrs: obj.into_iter().collect(), data })
 }
 
 /// Decodes and validates a binary-mode event from `(name, value)` headers and a body.
@@ -206,8 +177,7 @@ pub fn decode_binary<'a>(
     }
     check_size(size, limits)?;
     if let Some(ct) = content_type {
-        raw.attrs
-            .insert("datacontenttype".into(), Value::String(ct));
+        raw.attrs.insert("datacontenttype".into(), Value::String(ct));
     }
     if !body.is_empty() {
         // The media type is checked before the body is parsed, so a non-JSON
@@ -235,16 +205,11 @@ pub fn decode_nats<'a>(
     let event = match detect_mode(headers.clone()) {
         Mode::Binary => decode_binary(headers, body, limits)?,
         Mode::Structured => {
-            let ct = headers
-                .into_iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(CONTENT_TYPE))
-                .map(|(_, v)| v);
+            let ct = headers.into_iter().find(|(n, _)| n.eq_ignore_ascii_case(CONTENT_TYPE)).map(|(_, v)| v);
             if let Some(ct) = ct {
                 let media = media_type(ct);
                 if media != CLOUDEVENTS_JSON && media != JSON {
-                    return Err(Rejection::UnsupportedContentType {
-                        found: ct.to_owned(),
-                    });
+                    return Err(Rejection::UnsupportedContentType { found: ct.to_owned() });
                 }
             }
             decode_structured(body, limits)?
@@ -264,11 +229,7 @@ pub fn check(event: &Envelope, limits: Limits) -> Result<(), Rejection> {
 /// refuses every other kind with [`Rejection::NotAnInput`].
 pub fn require_input(event: Envelope) -> Result<Envelope, Rejection> {
     let ty = event.event_type();
-    if ty.kind() == crate::types::Kind::In {
-        Ok(event)
-    } else {
-        Err(Rejection::NotAnInput { event_type: ty })
-    }
+    if ty.kind() == crate::types::Kind::In { Ok(event) } else { Err(Rejection::NotAnInput { event_type: ty }) }
 }
 
 /// Checks that a NATS subject belongs to this event's type and conversation.
@@ -280,10 +241,7 @@ pub fn check_subject(event: &Envelope, subject: &str) -> Result<(), Rejection> {
         conversation: event.conversation_id.as_str().to_owned(),
     };
     let parsed = crate::subject::parse(subject).map_err(|_| mismatch())?;
-    if parsed.kind != ty.kind()
-        || parsed.family != ty.family()
-        || parsed.conversation != event.conversation_id
-    {
+    if parsed.kind != ty.kind() || parsed.family != ty.family() || parsed.conversation != event.conversation_id {
         return Err(mismatch());
     }
     Ok(())
@@ -291,48 +249,29 @@ pub fn check_subject(event: &Envelope, subject: &str) -> Result<(), Rejection> {
 
 fn check_size(size: usize, limits: Limits) -> Result<(), Rejection> {
     if size > limits.max_event_bytes {
-        return Err(Rejection::Oversize {
-            size,
-            limit: limits.max_event_bytes,
-        });
+        return Err(Rejection::Oversize { size, limit: limits.max_event_bytes });
     }
     Ok(())
 }
 
 fn raw_type(raw: &RawEvent) -> Option<EventType> {
-    raw.attrs
-        .get("type")
-        .and_then(Value::as_str)
-        .and_then(|t| t.parse().ok())
+    raw.attrs.get("type").and_then(Value::as_str).and_then(|t| t.parse().ok())
 }
 
 fn media_type(content_type: &str) -> String {
-    content_type
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase()
+    content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase()
 }
 
 fn check_content_type(ct: &str) -> Result<(), Rejection> {
     let media = media_type(ct);
-    if media == JSON
-        || media == "text/json"
-        || (media.starts_with("application/") && media.ends_with("+json"))
-    {
+    if media == JSON || media == "text/json" || (media.starts_with("application/") && media.ends_with("+json")) {
         Ok(())
     } else {
-        Err(Rejection::UnsupportedContentType {
-            found: ct.to_owned(),
-        })
+        Err(Rejection::UnsupportedContentType { found: ct.to_owned() })
     }
 }
 
-fn take_string(
-    attrs: &mut BTreeMap<String, Value>,
-    name: &'static str,
-) -> Result<Option<String>, Rejection> {
+fn take_string(attrs: &mut BTreeMap<String, Value>, name: &'static str) -> Result<Option<String>, Rejection> {
     match attrs.remove(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
@@ -359,11 +298,7 @@ fn json_kind(v: &Value) -> &'static str {
 }
 
 fn is_extension_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 20
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    !name.is_empty() && name.len() <= 20 && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
 /// The one validation routine behind every decoder.
@@ -378,32 +313,19 @@ pub(crate) fn validate(mut raw: RawEvent) -> Result<Envelope, Rejection> {
     let ty = require(attrs, "type")?;
     let subject = require(attrs, "subject")?;
 
-    let ty: EventType = ty
-        .parse()
-        .map_err(|_| Rejection::UnknownType { found: ty.clone() })?;
-    let conversation_id =
-        ConversationId::parse(&subject).map_err(|e| Rejection::BadConversationId {
-            found: subject.clone(),
-            detail: e.to_string(),
-        })?;
-    check_event_id(&id).map_err(|e| Rejection::BadAttribute {
-        name: "id".into(),
-        detail: e.to_string(),
-    })?;
+    let ty: EventType = ty.parse().map_err(|_| Rejection::UnknownType { found: ty.clone() })?;
+    let conversation_id = ConversationId::parse(&subject)
+        .map_err(|e| Rejection::BadConversationId { found: subject.clone(), detail: e.to_string() })?;
+    check_event_id(&id).map_err(|e| Rejection::BadAttribute { name: "id".into(), detail: e.to_string() })?;
     if source.trim().is_empty() {
-        return Err(Rejection::BadAttribute {
-            name: "source".into(),
-            detail: "must not be empty".into(),
-        });
+        return Err(Rejection::BadAttribute { name: "source".into(), detail: "must not be empty".into() });
     }
     let time = take_string(attrs, "time")?
         .map(|t| {
-            DateTime::parse_from_rfc3339(&t)
-                .map(|t| t.with_timezone(&Utc))
-                .map_err(|e| Rejection::BadAttribute {
-                    name: "time".into(),
-                    detail: format!("{t:?} is not an RFC 3339 timestamp: {e}"),
-                })
+            DateTime::parse_from_rfc3339(&t).map(|t| t.with_timezone(&Utc)).map_err(|e| Rejection::BadAttribute {
+                name: "time".into(),
+                detail: format!("{t:?} is not an RFC 3339 timestamp: {e}"),
+            })
         })
         .transpose()?;
     if let Some(ct) = take_string(attrs, "datacontenttype")? {
@@ -422,10 +344,7 @@ pub(crate) fn validate(mut raw: RawEvent) -> Result<Envelope, Rejection> {
             }
             Ok(SchemaVersion::Conv(_)) => {}
             Err(detail) => {
-                return Err(Rejection::BadAttribute {
-                    name: "dataschema".into(),
-                    detail,
-                });
+                return Err(Rejection::BadAttribute { name: "dataschema".into(), detail });
             }
         }
     }
@@ -450,10 +369,7 @@ pub(crate) fn validate(mut raw: RawEvent) -> Result<Envelope, Rejection> {
             other => {
                 return Err(Rejection::BadAttribute {
                     name,
-                    detail: format!(
-                        "extension values are strings, numbers or booleans, got {}",
-                        json_kind(&other)
-                    ),
+                    detail: format!("extension values are strings, numbers or booleans, got {}", json_kind(&other)),
                 });
             }
         };
@@ -464,33 +380,14 @@ pub(crate) fn validate(mut raw: RawEvent) -> Result<Envelope, Rejection> {
         None | Some(Value::Null) => Value::Object(Map::new()),
         Some(d) => d,
     };
-    let data = Payload::from_json(ty, data).map_err(|detail| Rejection::PayloadSchema {
-        event_type: ty,
-        detail,
-    })?;
-    Ok(Envelope {
-        id,
-        source,
-        conversation_id,
-        time,
-        dataschema,
-        causation_id,
-        correlation_id,
-        extensions,
-        data,
-    })
+    let data = Payload::from_json(ty, data).map_err(|detail| Rejection::PayloadSchema { event_type: ty, detail })?;
+    Ok(Envelope { id, source, conversation_id, time, dataschema, causation_id, correlation_id, extensions, data })
 }
 
-fn take_id(
-    attrs: &mut BTreeMap<String, Value>,
-    name: &'static str,
-) -> Result<Option<String>, Rejection> {
+fn take_id(attrs: &mut BTreeMap<String, Value>, name: &'static str) -> Result<Option<String>, Rejection> {
     let value = take_string(attrs, name)?;
     if let Some(v) = &value {
-        check_event_id(v).map_err(|e| Rejection::BadAttribute {
-            name: name.to_owned(),
-            detail: e.to_string(),
-        })?;
+        check_event_id(v).map_err(|e| Rejection::BadAttribute { name: name.to_owned(), detail: e.to_string() })?;
     }
     Ok(value)
 }

@@ -11,16 +11,14 @@ use crate::rejection::{Limits, Rejection};
 
 /// The event as a `cloudevents-sdk` event.
 pub fn to_event(envelope: &Envelope) -> Result<Event, Rejection> {
-    serde_json::from_value(to_structured_json(envelope)).map_err(|e| Rejection::Malformed {
-        detail: format!("cloudevents-sdk refused the event: {e}"),
-    })
+    serde_json::from_value(to_structured_json(envelope))
+        .map_err(|e| Rejection::Malformed { detail: format!("cloudevents-sdk refused the event: {e}") })
 }
 
 /// Validates a `cloudevents-sdk` event into an [`Envelope`].
 pub fn from_event(event: &Event, limits: Limits) -> Result<Envelope, Rejection> {
-    let bytes = serde_json::to_vec(event).map_err(|e| Rejection::Malformed {
-        detail: format!("cannot encode the event: {e}"),
-    })?;
+    let bytes = serde_json::to_vec(event)
+        .map_err(|e| Rejection::Malformed { detail: format!("cannot encode the event: {e}") })?;
     decode_structured(&bytes, limits)
 }
 
@@ -54,12 +52,7 @@ mod tests {
             "e1",
             "/test",
             conv,
-            MessageReceived {
-                text: "hi".into(),
-                role: None,
-                channel: None,
-                sender: None,
-            },
+            MessageReceived { text: "hi".into(), role: None, channel: None, sender: None },
         );
         let event = to_event(&env).unwrap();
         assert_eq!(event.ty(), "conv.in.message.received");
@@ -88,9 +81,6 @@ mod tests {
             .data("application/json", serde_json::json!({"timer_id": "t1"}))
             .build()
             .unwrap();
-        assert_eq!(
-            Envelope::try_from(&bad).unwrap_err().code(),
-            "bad_conversation_id"
-        );
+        assert_eq!(Envelope::try_from(&bad).unwrap_err().code(), "bad_conversation_id");
     }
 }

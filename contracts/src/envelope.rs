@@ -62,12 +62,7 @@ impl Envelope {
     /// and `correlationid` is inherited (or starts at the cause).
     pub fn caused_by(mut self, cause: &Envelope) -> Self {
         self.causation_id = Some(cause.id.clone());
-        self.correlation_id = Some(
-            cause
-                .correlation_id
-                .clone()
-                .unwrap_or_else(|| cause.id.clone()),
-        );
+        self.correlation_id = Some(cause.correlation_id.clone().unwrap_or_else(|| cause.id.clone()));
         self
     }
 

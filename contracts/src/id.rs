@@ -33,15 +33,9 @@ impl ConversationId {
             return Err(IdError::Empty);
         }
         if raw.len() > MAX_CONVERSATION_ID_LEN {
-            return Err(IdError::TooLong {
-                len: raw.len(),
-                max: MAX_CONVERSATION_ID_LEN,
-            });
+            return Err(IdError::TooLong { len: raw.len(), max: MAX_CONVERSATION_ID_LEN });
         }
-        if let Some(found) = raw
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
-        {
+        if let Some(found) = raw.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-')) {
             return Err(IdError::BadChar { found });
         }
         Ok(Self(raw.to_owned()))
@@ -71,10 +65,7 @@ pub fn check_event_id(raw: &str) -> Result<(), IdError> {
         return Err(IdError::Empty);
     }
     if raw.len() > MAX_EVENT_ID_LEN {
-        return Err(IdError::TooLong {
-            len: raw.len(),
-            max: MAX_EVENT_ID_LEN,
-        });
+        return Err(IdError::TooLong { len: raw.len(), max: MAX_EVENT_ID_LEN });
     }
     if let Some(found) = raw.chars().find(|c| !c.is_ascii_graphic()) {
         return Err(IdError::BadChar { found });
@@ -91,19 +82,10 @@ mod tests {
         assert!(ConversationId::parse("demo").is_ok());
         assert!(ConversationId::parse("a-B_9").is_ok());
         assert_eq!(ConversationId::parse(""), Err(IdError::Empty));
-        assert_eq!(
-            ConversationId::parse("a.b"),
-            Err(IdError::BadChar { found: '.' })
-        );
-        assert_eq!(
-            ConversationId::parse("a b"),
-            Err(IdError::BadChar { found: ' ' })
-        );
+        assert_eq!(ConversationId::parse("a.b"), Err(IdError::BadChar { found: '.' }));
+        assert_eq!(ConversationId::parse("a b"), Err(IdError::BadChar { found: ' ' }));
         assert!(ConversationId::parse(&"x".repeat(128)).is_ok());
-        assert_eq!(
-            ConversationId::parse(&"x".repeat(129)),
-            Err(IdError::TooLong { len: 129, max: 128 })
-        );
+        assert_eq!(ConversationId::parse(&"x".repeat(129)), Err(IdError::TooLong { len: 129, max: 128 }));
     }
 
     #[test]

@@ -21,9 +21,7 @@ pub mod subject;
 pub mod types;
 pub mod version;
 
-pub use binding::{
-    decode_binary, decode_nats, decode_structured, encode_binary, encode_structured,
-};
+pub use binding::{decode_binary, decode_nats, decode_structured, encode_binary, encode_structured};
 pub use envelope::Envelope;
 pub use id::ConversationId;
 pub use payload::Payload;

@@ -365,11 +365,7 @@ payloads! {
 }
 
 fn non_empty(field: &str, value: &str) -> Result<(), String> {
-    if value.trim().is_empty() {
-        Err(format!("field `{field}` must not be empty"))
-    } else {
-        Ok(())
-    }
+    if value.trim().is_empty() { Err(format!("field `{field}` must not be empty")) } else { Ok(()) }
 }
 
 impl Payload {
@@ -377,19 +373,13 @@ impl Payload {
     pub fn check(&self) -> Result<(), String> {
         match self {
             Payload::MessageReceived(p) => non_empty("text", &p.text),
-            Payload::AbortRequested(_) | Payload::StopRequested(_) | Payload::RetryRequested(_) => {
-                Ok(())
-            }
+            Payload::AbortRequested(_) | Payload::StopRequested(_) | Payload::RetryRequested(_) => Ok(()),
             Payload::ToolStarted(ToolStarted { tool_call_id })
             | Payload::ToolProgress(ToolProgress { tool_call_id, .. })
             | Payload::ToolCompleted(ToolCompleted { tool_call_id, .. })
             | Payload::ToolCanceled(ToolCanceled { tool_call_id, .. })
-            | Payload::OutToolResult(OutToolResult { tool_call_id, .. }) => {
-                non_empty("tool_call_id", tool_call_id)
-            }
-            Payload::ToolFailed(p) => {
-                non_empty("tool_call_id", &p.tool_call_id).and(non_empty("error", &p.error))
-            }
+            | Payload::OutToolResult(OutToolResult { tool_call_id, .. }) => non_empty("tool_call_id", tool_call_id),
+            Payload::ToolFailed(p) => non_empty("tool_call_id", &p.tool_call_id).and(non_empty("error", &p.error)),
             Payload::LlmStarted(LlmStarted { step_id, .. })
             | Payload::LlmCanceled(LlmCanceled { step_id, .. })
             | Payload::LlmDelta(LlmDelta { step_id, .. }) => non_empty("step_id", step_id),
@@ -401,17 +391,11 @@ impl Payload {
                 }
                 Ok(())
             }
-            Payload::LlmFailed(p) => {
-                non_empty("step_id", &p.step_id).and(non_empty("error", &p.error))
-            }
+            Payload::LlmFailed(p) => non_empty("step_id", &p.step_id).and(non_empty("error", &p.error)),
             Payload::TimerFired(TimerFired { timer_id })
             | Payload::TimerScheduled(TimerScheduled { timer_id, .. })
-            | Payload::TimerCancelRequested(TimerCancelRequested { timer_id }) => {
-                non_empty("timer_id", timer_id)
-            }
-            Payload::LlmRequested(p) => {
-                non_empty("run_id", &p.run_id).and(non_empty("step_id", &p.step_id))
-            }
+            | Payload::TimerCancelRequested(TimerCancelRequested { timer_id }) => non_empty("timer_id", timer_id),
+            Payload::LlmRequested(p) => non_empty("run_id", &p.run_id).and(non_empty("step_id", &p.step_id)),
             Payload::ToolRequested(p) => non_empty("run_id", &p.run_id)
                 .and(non_empty("step_id", &p.step_id))
                 .and(non_empty("tool_call_id", &p.tool_call_id))
@@ -422,13 +406,9 @@ impl Payload {
                 .and(non_empty("state_hash", &p.state_hash)),
             Payload::OutMessageAppended(OutMessageAppended { entry_id, .. })
             | Payload::OutMessageDelta(OutMessageDelta { entry_id, .. })
-            | Payload::OutMessageFinished(OutMessageFinished { entry_id, .. }) => {
-                non_empty("entry_id", entry_id)
-            }
+            | Payload::OutMessageFinished(OutMessageFinished { entry_id, .. }) => non_empty("entry_id", entry_id),
             Payload::OutRunStatus(p) => non_empty("run_id", &p.run_id),
-            Payload::OutToolCalled(p) => {
-                non_empty("tool_call_id", &p.tool_call_id).and(non_empty("name", &p.name))
-            }
+            Payload::OutToolCalled(p) => non_empty("tool_call_id", &p.tool_call_id).and(non_empty("name", &p.name)),
             Payload::DlqRedriven(p) => non_empty("original_stream", &p.original_stream)
                 .and(non_empty("original_subject", &p.original_subject))
                 .and(non_empty("redrive_msg_id", &p.redrive_msg_id)),
@@ -468,25 +448,18 @@ mod tests {
     fn message_needs_text() {
         let err = Payload::from_json(EventType::MessageReceived, json!({})).unwrap_err();
         assert!(err.contains("text"), "{err}");
-        let err =
-            Payload::from_json(EventType::MessageReceived, json!({"text": "  "})).unwrap_err();
+        let err = Payload::from_json(EventType::MessageReceived, json!({"text": "  "})).unwrap_err();
         assert!(err.contains("text"), "{err}");
         let err = Payload::from_json(EventType::MessageReceived, json!({"text": 5})).unwrap_err();
         assert!(err.contains("invalid type"), "{err}");
-        let err = Payload::from_json(
-            EventType::MessageReceived,
-            json!({"text": "hi", "role": "assistant"}),
-        )
-        .unwrap_err();
+        let err =
+            Payload::from_json(EventType::MessageReceived, json!({"text": "hi", "role": "assistant"})).unwrap_err();
         assert!(err.contains("assistant"), "{err}");
     }
 
     #[test]
     fn unknown_fields_are_ignored_for_forward_compatibility() {
-        let p = Payload::from_json(
-            EventType::MessageReceived,
-            json!({"text": "hi", "v2_field": [1, 2]}),
-        );
+        let p = Payload::from_json(EventType::MessageReceived, json!({"text": "hi", "v2_field": [1, 2]}));
         assert_eq!(
             p,
             Ok(Payload::MessageReceived(MessageReceived {

@@ -23,31 +23,16 @@ pub enum Rejection {
     #[error("bad conversation id {found:?}: {detail}")]
     BadConversationId { found: String, detail: String },
     /// The NATS subject (or URL) does not agree with the event's type or subject.
-    #[error(
-        "subject {subject:?} does not match event type {event_type} / conversation {conversation:?}"
-    )]
-    SubjectTypeMismatch {
-        subject: String,
-        event_type: String,
-        conversation: String,
-    },
+    #[error("subject {subject:?} does not match event type {event_type} / conversation {conversation:?}")]
+    SubjectTypeMismatch { subject: String, event_type: String, conversation: String },
     #[error("data of {event_type} does not match its schema: {detail}")]
-    PayloadSchema {
-        event_type: EventType,
-        detail: String,
-    },
+    PayloadSchema { event_type: EventType, detail: String },
     #[error("event is {size} bytes; the limit is {limit}")]
     Oversize { size: usize, limit: usize },
-    #[error(
-        "content type {found:?} is not supported; send application/json data or application/cloudevents+json"
-    )]
+    #[error("content type {found:?} is not supported; send application/json data or application/cloudevents+json")]
     UnsupportedContentType { found: String },
     #[error("{event_type} version {version} is newer than this reader supports (v{supported})")]
-    UnsupportedVersion {
-        event_type: EventType,
-        version: u32,
-        supported: u32,
-    },
+    UnsupportedVersion { event_type: EventType, version: u32, supported: u32 },
     /// A valid event of a kind the receiver does not take (ingress takes `conv.in.*` only).
     #[error("{event_type} is not an input; only conv.in.* events can be sent to a conversation")]
     NotAnInput { event_type: EventType },
@@ -111,8 +96,6 @@ pub const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
-        }
+        Self { max_event_bytes: DEFAULT_MAX_EVENT_BYTES }
     }
 }

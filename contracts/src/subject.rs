@@ -17,14 +17,7 @@ pub const STREAM_AUDIT: &str = "CONV_AUDIT";
 pub const STREAM_DLQ: &str = "CONV_DLQ";
 
 /// Every pinned stream name.
-pub const STREAMS: [&str; 6] = [
-    STREAM_IN,
-    STREAM_EFFECT,
-    STREAM_APPLIED,
-    STREAM_OUT,
-    STREAM_AUDIT,
-    STREAM_DLQ,
-];
+pub const STREAMS: [&str; 6] = [STREAM_IN, STREAM_EFFECT, STREAM_APPLIED, STREAM_OUT, STREAM_AUDIT, STREAM_DLQ];
 
 /// Subjects under which conv writes its own dead-letter records into `CONV_DLQ`.
 pub const DLQ_SUBJECT_PREFIX: &str = "conv.dlq";
@@ -43,12 +36,7 @@ pub const DEFAULT_PARTITIONS: u16 = 16;
 
 /// The subject an event is published to.
 pub fn for_event(ty: EventType, conversation: &ConversationId) -> String {
-    format!(
-        "conv.{}.{}.{}",
-        ty.kind().token(),
-        ty.family(),
-        conversation
-    )
+    format!("conv.{}.{}.{}", ty.kind().token(), ty.family(), conversation)
 }
 
 /// Wildcard subject of every event of one kind (`conv.in.>`).
@@ -61,9 +49,7 @@ pub fn kind_wildcard(kind: Kind) -> String {
 pub fn in_partition_transform(partitions: u16) -> (String, String) {
     (
         "conv.in.*.*".to_owned(),
-        format!(
-            "conv.in.{{{{partition({partitions},2)}}}}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}"
-        ),
+        format!("conv.in.{{{{partition({partitions},2)}}}}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}"),
     )
 }
 
@@ -97,21 +83,14 @@ pub struct Parsed {
 impl Parsed {
     /// The subject without the partition token, as a publisher wrote it.
     pub fn unpartitioned(&self) -> String {
-        format!(
-            "conv.{}.{}.{}",
-            self.kind.token(),
-            self.family,
-            self.conversation
-        )
+        format!("conv.{}.{}.{}", self.kind.token(), self.family, self.conversation)
     }
 }
 
 /// Why a subject is not a conv event subject.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubjectError {
-    #[error(
-        "subject {0:?} does not have the shape conv.<kind>.[<partition>.]<family>.<conversation_id>"
-    )]
+    #[error("subject {0:?} does not have the shape conv.<kind>.[<partition>.]<family>.<conversation_id>")]
     Shape(String),
     #[error("subject {subject:?} has an unknown kind token {kind:?}")]
     UnknownKind { subject: String, kind: String },
@@ -127,29 +106,16 @@ pub fn parse(subject: &str) -> Result<Parsed, SubjectError> {
         return Err(shape());
     }
     let kind_token = tokens.get(1).ok_or_else(shape)?;
-    let kind = Kind::from_token(kind_token).ok_or_else(|| SubjectError::UnknownKind {
-        subject: subject.to_owned(),
-        kind: (*kind_token).to_owned(),
-    })?;
+    let kind = Kind::from_token(kind_token)
+        .ok_or_else(|| SubjectError::UnknownKind { subject: subject.to_owned(), kind: (*kind_token).to_owned() })?;
     let (partition, family, id) = match (kind, tokens.len()) {
         (_, 4) => (None, tokens[2], tokens[3]),
-        (Kind::In, 5) => (
-            Some(tokens[2].parse::<u16>().map_err(|_| shape())?),
-            tokens[3],
-            tokens[4],
-        ),
+        (Kind::In, 5) => (Some(tokens[2].parse::<u16>().map_err(|_| shape())?), tokens[3], tokens[4]),
         _ => return Err(shape()),
     };
-    let conversation = ConversationId::parse(id).map_err(|reason| SubjectError::Conversation {
-        subject: subject.to_owned(),
-        reason,
-    })?;
-    Ok(Parsed {
-        kind,
-        partition,
-        family: family.to_owned(),
-        conversation,
-    })
+    let conversation = ConversationId::parse(id)
+        .map_err(|reason| SubjectError::Conversation { subject: subject.to_owned(), reason })?;
+    Ok(Parsed { kind, partition, family: family.to_owned(), conversation })
 }
 
 #[cfg(test)]
@@ -162,10 +128,7 @@ mod tests {
         let s = for_event(EventType::AbortRequested, &c);
         assert_eq!(s, "conv.in.control.demo");
         let p = parse(&s).unwrap();
-        assert_eq!(
-            (p.kind, p.partition, p.family.as_str()),
-            (Kind::In, None, "control")
-        );
+        assert_eq!((p.kind, p.partition, p.family.as_str()), (Kind::In, None, "control"));
         let p = parse("conv.in.7.message.demo").unwrap();
         assert_eq!(p.partition, Some(7));
         assert_eq!(p.unpartitioned(), "conv.in.message.demo");
@@ -179,10 +142,7 @@ mod tests {
     fn transform_string() {
         let (src, dest) = in_partition_transform(16);
         assert_eq!(src, "conv.in.*.*");
-        assert_eq!(
-            dest,
-            "conv.in.{{partition(16,2)}}.{{wildcard(1)}}.{{wildcard(2)}}"
-        );
+        assert_eq!(dest, "conv.in.{{partition(16,2)}}.{{wildcard(1)}}.{{wildcard(2)}}");
     }
 
     #[test]

@@ -58,13 +58,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
-        Kind::In,
-        Kind::Effect,
-        Kind::Applied,
-        Kind::Out,
-        Kind::Audit,
-    ];
+    pub const ALL: [Kind; 5] = [Kind::In, Kind::Effect, Kind::Applied, Kind::Out, Kind::Audit];
 
     pub fn token(self) -> &'static str {
         match self {
@@ -180,11 +174,7 @@ impl FromStr for EventType {
     type Err = UnknownType;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        EventType::ALL
-            .iter()
-            .copied()
-            .find(|t| t.as_str() == s)
-            .ok_or_else(|| UnknownType(s.to_owned()))
+        EventType::ALL.iter().copied().find(|t| t.as_str() == s).ok_or_else(|| UnknownType(s.to_owned()))
     }
 }
 
@@ -225,9 +215,6 @@ mod tests {
 
     #[test]
     fn unknown_types_are_refused() {
-        assert_eq!(
-            "conv.in.message.nope".parse::<EventType>(),
-            Err(UnknownType("conv.in.message.nope".into()))
-        );
+        assert_eq!("conv.in.message.nope".parse::<EventType>(), Err(UnknownType("conv.in.message.nope".into())));
     }
 }

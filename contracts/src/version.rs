@@ -47,17 +47,12 @@ pub fn parse_schema(ty: EventType, dataschema: &str) -> Result<SchemaVersion, St
     let Some(rest) = dataschema.strip_prefix(SCHEMA_PREFIX) else {
         return Ok(SchemaVersion::Foreign);
     };
-    let (named_type, version) = rest
-        .rsplit_once(":v")
-        .ok_or_else(|| format!("dataschema {dataschema:?} is not {SCHEMA_PREFIX}<type>:v<N>"))?;
+    let (named_type, version) =
+        rest.rsplit_once(":v").ok_or_else(|| format!("dataschema {dataschema:?} is not {SCHEMA_PREFIX}<type>:v<N>"))?;
     if named_type != ty.as_str() {
-        return Err(format!(
-            "dataschema {dataschema:?} names type {named_type:?}, the event is {ty}"
-        ));
+        return Err(format!("dataschema {dataschema:?} names type {named_type:?}, the event is {ty}"));
     }
-    let version: u32 = version
-        .parse()
-        .map_err(|_| format!("dataschema {dataschema:?} has no numeric version"))?;
+    let version: u32 = version.parse().map_err(|_| format!("dataschema {dataschema:?} has no numeric version"))?;
     if version == 0 {
         return Err(format!("dataschema {dataschema:?}: versions start at 1"));
     }
@@ -74,10 +69,7 @@ mod tests {
         let uri = schema_uri(ty, 1);
         assert_eq!(uri, "urn:conv:schema:conv.in.message.received:v1");
         assert_eq!(parse_schema(ty, &uri), Ok(SchemaVersion::Conv(1)));
-        assert_eq!(
-            parse_schema(ty, "https://example.com/x.json"),
-            Ok(SchemaVersion::Foreign)
-        );
+        assert_eq!(parse_schema(ty, "https://example.com/x.json"), Ok(SchemaVersion::Foreign));
         assert!(parse_schema(ty, "urn:conv:schema:conv.in.timer.fired:v1").is_err());
         assert!(parse_schema(ty, "urn:conv:schema:conv.in.message.received:vx").is_err());
     }

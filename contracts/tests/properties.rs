@@ -4,9 +4,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use conv_contracts::binding::{
-    decode_binary, decode_nats, decode_structured, encode_binary, encode_structured,
-};
+use conv_contracts::binding::{decode_binary, decode_nats, decode_structured, encode_binary, encode_structured};
 use conv_contracts::cloudevent::{from_event, to_event};
 use conv_contracts::payload::*;
 use conv_contracts::{ConversationId, Envelope, EventType, Limits, Rejection};
@@ -14,8 +12,7 @@ use proptest::prelude::*;
 use serde_json::{Value, json};
 
 fn conversation_id() -> impl Strategy<Value = ConversationId> {
-    "[A-Za-z0-9_-]{1,128}"
-        .prop_map(|s| ConversationId::parse(&s).expect("strategy yields valid ids"))
+    "[A-Za-z0-9_-]{1,128}".prop_map(|s| ConversationId::parse(&s).expect("strategy yields valid ids"))
 }
 
 fn event_id() -> impl Strategy<Value = String> {
@@ -37,89 +34,63 @@ fn json_value() -> impl Strategy<Value = Value> {
     leaf.prop_recursive(3, 16, 4, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
-            prop::collection::btree_map("[a-z]{1,6}", inner, 0..4)
-                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            prop::collection::btree_map("[a-z]{1,6}", inner, 0..4).prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })
 }
 
 fn payload() -> impl Strategy<Value = Payload> {
     prop_oneof![
-        (
-            text(),
-            any::<bool>(),
-            proptest::option::of(text()),
-            proptest::option::of(text())
-        )
-            .prop_map(
-                |(text, role, channel, sender)| Payload::from(MessageReceived {
-                    text,
-                    role: role.then_some(MessageRole::User),
-                    channel,
-                    sender
-                })
-            ),
+        (text(), any::<bool>(), proptest::option::of(text()), proptest::option::of(text())).prop_map(
+            |(text, role, channel, sender)| Payload::from(MessageReceived {
+                text,
+                role: role.then_some(MessageRole::User),
+                channel,
+                sender
+            })
+        ),
         proptest::option::of(text()).prop_map(|reason| Payload::from(AbortRequested { reason })),
         Just(Payload::from(StopRequested {})),
         Just(Payload::from(RetryRequested {})),
-        (text(), json_value()).prop_map(|(tool_call_id, result)| Payload::from(ToolCompleted {
+        (text(), json_value()).prop_map(|(tool_call_id, result)| Payload::from(ToolCompleted { tool_call_id, result })),
+        (text(), text(), any::<bool>()).prop_map(|(tool_call_id, error, retryable)| Payload::from(ToolFailed {
             tool_call_id,
-            result
+            error,
+            retryable
         })),
-        (text(), text(), any::<bool>()).prop_map(|(tool_call_id, error, retryable)| Payload::from(
-            ToolFailed {
-                tool_call_id,
-                error,
-                retryable
-            }
-        )),
-        (text(), any::<u64>(), "\\PC{0,40}").prop_map(|(step_id, seq, text)| Payload::from(
-            LlmDelta {
-                step_id,
-                attempt: (seq % 3) as u32 + 1,
-                seq,
-                text
-            }
-        )),
-        (
-            text(),
-            "\\PC{0,40}",
-            prop::collection::vec((text(), text(), json_value()), 0..3)
-        )
-            .prop_map(|(step_id, text, calls)| Payload::from(LlmCompleted {
+        (text(), any::<u64>(), "\\PC{0,40}").prop_map(|(step_id, seq, text)| Payload::from(LlmDelta {
+            step_id,
+            attempt: (seq % 3) as u32 + 1,
+            seq,
+            text
+        })),
+        (text(), "\\PC{0,40}", prop::collection::vec((text(), text(), json_value()), 0..3)).prop_map(
+            |(step_id, text, calls)| Payload::from(LlmCompleted {
                 step_id,
                 attempt: 1,
                 text,
-                tool_calls: calls
-                    .into_iter()
-                    .map(|(id, name, args)| ToolCall { id, name, args })
-                    .collect(),
+                tool_calls: calls.into_iter().map(|(id, name, args)| ToolCall { id, name, args }).collect(),
                 finish_reason: None,
-            })),
+            })
+        ),
         text().prop_map(|timer_id| Payload::from(TimerFired { timer_id })),
         (any::<bool>(), prop::collection::vec(text(), 0..4)).prop_map(|(abort, effect_ids)| {
             Payload::from(CancelRequested {
-                mode: if abort {
-                    CancelMode::Abort
-                } else {
-                    CancelMode::Stop
-                },
+                mode: if abort { CancelMode::Abort } else { CancelMode::Stop },
                 effect_ids,
                 reason: None,
             })
         }),
-        (event_id(), any::<u32>(), any::<u64>(), "[0-9a-f]{64}").prop_map(
-            |(input_id, seq, version, hash)| {
-                Payload::from(Applied {
-                    input_id,
-                    input_type: "conv.in.message.received".into(),
-                    input_seq: u64::from(seq),
-                    applied_index: u64::from(seq) + 1,
-                    state_version: version,
-                    state_hash: hash,
-                })
-            }
-        ),
+        (event_id(), any::<u32>(), any::<u64>(), "[0-9a-f]{64}").prop_map(|(input_id, seq, version, hash)| {
+            Payload::from(Applied {
+                input_id,
+                input_type: "conv.in.message.received".into(),
+                input_seq: u64::from(seq),
+                applied_index: u64::from(seq) + 1,
+                state_version: version,
+                state_hash: hash,
+            })
+        }),
         (text(), "\\PC{0,40}").prop_map(|(entry_id, text)| Payload::from(OutMessageFinished {
             entry_id,
             status: EntryStatus::Stopped,
@@ -154,28 +125,19 @@ fn envelope() -> impl Strategy<Value = Envelope> {
         proptest::option::of(event_id()),
         prop::collection::btree_map("[a-z][a-z0-9]{0,10}", "\\PC{0,20}", 0..3),
     )
-        .prop_map(
-            |(id, source, conv, data, secs, causation, correlation, ext)| {
-                let mut env = Envelope::new(id, source, conv, data);
-                env.time = secs.and_then(|s| {
-                    DateTime::<Utc>::from_timestamp(s, (s % 1000) as u32 * 1_000_000)
-                });
-                env.causation_id = causation;
-                env.correlation_id = correlation;
-                env.extensions = ext
-                    .into_iter()
-                    .filter(|(k, _)| !RESERVED.contains(&k.as_str()))
-                    .collect::<BTreeMap<_, _>>();
-                env
-            },
-        )
+        .prop_map(|(id, source, conv, data, secs, causation, correlation, ext)| {
+            let mut env = Envelope::new(id, source, conv, data);
+            env.time = secs.and_then(|s| DateTime::<Utc>::from_timestamp(s, (s % 1000) as u32 * 1_000_000));
+            env.causation_id = causation;
+            env.correlation_id = correlation;
+            env.extensions =
+                ext.into_iter().filter(|(k, _)| !RESERVED.contains(&k.as_str())).collect::<BTreeMap<_, _>>();
+            env
+        })
 }
 
 fn headers_ref(headers: &[(String, String)]) -> Vec<(&str, &str)> {
-    headers
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.as_str()))
-        .collect()
+    headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect()
 }
 
 fn structured_value(env: &Envelope) -> serde_json::Map<String, Value> {
@@ -186,10 +148,7 @@ fn structured_value(env: &Envelope) -> serde_json::Map<String, Value> {
 }
 
 fn decode_value(map: serde_json::Map<String, Value>) -> Result<Envelope, Rejection> {
-    decode_structured(
-        &serde_json::to_vec(&Value::Object(map)).expect("json"),
-        Limits::default(),
-    )
+    decode_structured(&serde_json::to_vec(&Value::Object(map)).expect("json"), Limits::default())
 }
 
 proptest! {
@@ -311,12 +270,7 @@ fn payload_schema_errors_name_the_problem() {
         "e1",
         "/t",
         ConversationId::parse("c1").expect("valid"),
-        MessageReceived {
-            text: "hi".into(),
-            role: None,
-            channel: None,
-            sender: None,
-        },
+        MessageReceived { text: "hi".into(), role: None, channel: None, sender: None },
     );
     let mut map = structured_value(&env);
     map.insert("data".into(), json!({"text": ""}));
@@ -324,23 +278,13 @@ fn payload_schema_errors_name_the_problem() {
     assert_eq!(err.code(), "payload_schema");
     assert!(err.to_string().contains("text"), "{err}");
     map.insert("data".into(), json!("just a string"));
-    assert_eq!(
-        decode_value(map).expect_err("refused").code(),
-        "payload_schema"
-    );
+    assert_eq!(decode_value(map).expect_err("refused").code(), "payload_schema");
 }
 
 #[test]
 fn every_rejection_kind_has_a_distinct_code() {
     let conv = ConversationId::parse("c1").expect("valid");
-    let good = Envelope::new(
-        "e1",
-        "/t",
-        conv,
-        TimerFired {
-            timer_id: "t".into(),
-        },
-    );
+    let good = Envelope::new("e1", "/t", conv, TimerFired { timer_id: "t".into() });
     let base = structured_value(&good);
     let with = |k: &str, v: Value| {
         let mut m = base.clone();
@@ -356,87 +300,38 @@ fn every_rejection_kind_has_a_distinct_code() {
         with("time", json!("yesterday")),
         with("type", json!("conv.in.timer.exploded")),
         with("subject", json!("a.b")),
-        decode_nats(
-            "conv.in.message.c1",
-            [],
-            &encode_structured(&good),
-            Limits::default(),
-        ),
+        decode_nats("conv.in.message.c1", [], &encode_structured(&good), Limits::default()),
         with("data", json!({})),
-        decode_structured(
-            &encode_structured(&good),
-            Limits {
-                max_event_bytes: 10,
-            },
-        ),
+        decode_structured(&encode_structured(&good), Limits { max_event_bytes: 10 }),
         with("datacontenttype", json!("text/plain")),
-        with(
-            "dataschema",
-            json!("urn:conv:schema:conv.in.timer.fired:v9"),
-        ),
+        with("dataschema", json!("urn:conv:schema:conv.in.timer.fired:v9")),
         conv_contracts::binding::require_input(Envelope::new(
             "e2",
             "/t",
             ConversationId::parse("c1").expect("valid"),
-            conv_contracts::payload::OutRunStatus {
-                run_id: "r".into(),
-                status: RunStatus::Idle,
-            },
+            conv_contracts::payload::OutRunStatus { run_id: "r".into(), status: RunStatus::Idle },
         )),
     ];
-    let codes: Vec<&str> = cases
-        .iter()
-        .map(|r| r.as_ref().expect_err("refused").code())
-        .collect();
+    let codes: Vec<&str> = cases.iter().map(|r| r.as_ref().expect_err("refused").code()).collect();
     assert_eq!(codes, Rejection::CODES.to_vec());
-    let statuses: Vec<u16> = cases
-        .iter()
-        .map(|r| r.as_ref().expect_err("refused").http_status())
-        .collect();
-    assert_eq!(
-        statuses,
-        vec![400, 422, 422, 422, 422, 422, 422, 422, 413, 415, 422, 422]
-    );
+    let statuses: Vec<u16> = cases.iter().map(|r| r.as_ref().expect_err("refused").http_status()).collect();
+    assert_eq!(statuses, vec![400, 422, 422, 422, 422, 422, 422, 422, 413, 415, 422, 422]);
 }
 
 #[test]
 fn percent_encoding_of_headers() {
     let conv = ConversationId::parse("c1").expect("valid");
-    let mut env = Envelope::new(
-        "e1",
-        "/a b\"%ü",
-        conv,
-        TimerFired {
-            timer_id: "t".into(),
-        },
-    );
+    let mut env = Envelope::new("e1", "/a b\"%ü", conv, TimerFired { timer_id: "t".into() });
     env.extensions.insert("note".into(), "line\nbreak".into());
     let (headers, body) = encode_binary(&env);
-    let source = headers
-        .iter()
-        .find(|(n, _)| n == "ce-source")
-        .map(|(_, v)| v.as_str());
+    let source = headers.iter().find(|(n, _)| n == "ce-source").map(|(_, v)| v.as_str());
     assert_eq!(source, Some("/a%20b%22%25%C3%BC"));
-    let note = headers
-        .iter()
-        .find(|(n, _)| n == "ce-note")
-        .map(|(_, v)| v.as_str());
+    let note = headers.iter().find(|(n, _)| n == "ce-note").map(|(_, v)| v.as_str());
     assert_eq!(note, Some("line%0Abreak"));
-    assert_eq!(
-        decode_binary(headers_ref(&headers), &body, Limits::default()),
-        Ok(env)
-    );
+    assert_eq!(decode_binary(headers_ref(&headers), &body, Limits::default()), Ok(env));
     // Header names are case-insensitive, as on HTTP.
-    let upper: Vec<(String, String)> = headers
-        .iter()
-        .map(|(n, v)| (n.to_uppercase(), v.clone()))
-        .collect();
+    let upper: Vec<(String, String)> = headers.iter().map(|(n, v)| (n.to_uppercase(), v.clone())).collect();
     assert!(decode_binary(headers_ref(&upper), &body, Limits::default()).is_ok());
     let bad = [("ce-specversion", "1.0"), ("ce-id", "%FF%FE")];
-    assert_eq!(
-        decode_binary(bad, b"", Limits::default())
-            .expect_err("refused")
-            .code(),
-        "malformed"
-    );
+    assert_eq!(decode_binary(bad, b"", Limits::default()).expect_err("refused").code(), "malformed");
 }

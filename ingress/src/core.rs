@@ -91,9 +91,7 @@ pub struct Ingress {
 
 impl Ingress {
     pub fn limits(&self) -> Limits {
-        Limits {
-            max_event_bytes: self.options.max_body_bytes,
-        }
+        Limits { max_event_bytes: self.options.max_body_bytes }
     }
 
     /// Validates a complete event and journals it.
@@ -113,17 +111,8 @@ impl Ingress {
         let ty = event.event_type();
         binding::check(&event, self.limits())?;
         let started = Instant::now();
-        let appended = journal::append(
-            &self.js,
-            &event,
-            &event.id,
-            &[],
-            self.options.publish_timeout(),
-        )
-        .await;
-        self.metrics
-            .publish_seconds
-            .observe(started.elapsed().as_secs_f64());
+        let appended = journal::append(&self.js, &event, &event.id, &[], self.options.publish_timeout()).await;
+        self.metrics.publish_seconds.observe(started.elapsed().as_secs_f64());
         let appended = appended.map_err(|e| match e {
             AppendError::Unavailable(m) => IngestError::Unavailable(m),
             AppendError::Refused(m) => IngestError::Refused(m),
@@ -162,11 +151,8 @@ pub fn build(
     body: &[u8],
     meta: &Meta,
 ) -> Result<Envelope, Rejection> {
-    let conversation_id =
-        ConversationId::parse(conversation).map_err(|e| Rejection::BadConversationId {
-            found: conversation.to_owned(),
-            detail: e.to_string(),
-        })?;
+    let conversation_id = ConversationId::parse(conversation)
+        .map_err(|e| Rejection::BadConversationId { found: conversation.to_owned(), detail: e.to_string() })?;
     let mut object = json_object(body, meta.content_type.as_deref(), ty)?;
     for (field, value) in path_fields {
         match object.get(*field) {
@@ -181,12 +167,8 @@ pub fn build(
             }
         }
     }
-    let data = Payload::from_json(ty, Value::Object(object)).map_err(|detail| {
-        Rejection::PayloadSchema {
-            event_type: ty,
-            detail,
-        }
-    })?;
+    let data = Payload::from_json(ty, Value::Object(object))
+        .map_err(|detail| Rejection::PayloadSchema { event_type: ty, detail })?;
     let id = event_id(ty, &conversation_id, &data, meta.idempotency_key.as_deref())?;
     let mut event = Envelope::new(id, meta.source, conversation_id, data).with_time(Utc::now());
     event.causation_id = meta.causation_id.clone();
@@ -195,38 +177,20 @@ pub fn build(
 }
 
 /// The body as a JSON object (`{}` when empty).
-fn json_object(
-    body: &[u8],
-    content_type: Option<&str>,
-    ty: EventType,
-) -> Result<Map<String, Value>, Rejection> {
+fn json_object(body: &[u8], content_type: Option<&str>, ty: EventType) -> Result<Map<String, Value>, Rejection> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Map::new());
     }
     if let Some(ct) = content_type {
-        let media = ct
-            .split(';')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase();
-        if media != "application/json"
-            && !(media.starts_with("application/") && media.ends_with("+json"))
-        {
-            return Err(Rejection::UnsupportedContentType {
-                found: ct.to_owned(),
-            });
+        let media = ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+        if media != "application/json" && !(media.starts_with("application/") && media.ends_with("+json")) {
+            return Err(Rejection::UnsupportedContentType { found: ct.to_owned() });
         }
     }
     match serde_json::from_slice(body) {
         Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(Rejection::PayloadSchema {
-            event_type: ty,
-            detail: "the body must be a JSON object".into(),
-        }),
-        Err(e) => Err(Rejection::Malformed {
-            detail: format!("the body is not JSON: {e}"),
-        }),
+        Ok(_) => Err(Rejection::PayloadSchema { event_type: ty, detail: "the body must be a JSON object".into() }),
+        Err(e) => Err(Rejection::Malformed { detail: format!("the body is not JSON: {e}") }),
     }
 }
 
@@ -241,19 +205,12 @@ pub fn event_id(
 ) -> Result<String, Rejection> {
     let short = ty.as_str().rsplit('.').next().unwrap_or_default();
     if let Some(key) = idempotency_key {
-        let bad = |detail: String| Rejection::BadAttribute {
-            name: "Idempotency-Key".into(),
-            detail,
-        };
+        let bad = |detail: String| Rejection::BadAttribute { name: "Idempotency-Key".into(), detail };
         if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN {
-            return Err(bad(format!(
-                "must be 1-{MAX_IDEMPOTENCY_KEY_LEN} characters"
-            )));
+            return Err(bad(format!("must be 1-{MAX_IDEMPOTENCY_KEY_LEN} characters")));
         }
         if let Some(c) = key.chars().find(|c| !c.is_ascii_graphic()) {
-            return Err(bad(format!(
-                "contains {c:?}; use printable ASCII without spaces"
-            )));
+            return Err(bad(format!("contains {c:?}; use printable ASCII without spaces")));
         }
         return Ok(format!("{conversation}.{}.{short}.key.{key}", ty.family()));
     }
@@ -273,22 +230,12 @@ mod tests {
     use super::*;
 
     fn meta() -> Meta {
-        Meta {
-            source: SOURCE_HTTP,
-            ..Default::default()
-        }
+        Meta { source: SOURCE_HTTP, ..Default::default() }
     }
 
     #[test]
     fn builds_a_message() {
-        let e = build(
-            EventType::MessageReceived,
-            "c1",
-            &[],
-            br#"{"text":"hi"}"#,
-            &meta(),
-        )
-        .unwrap();
+        let e = build(EventType::MessageReceived, "c1", &[], br#"{"text":"hi"}"#, &meta()).unwrap();
         assert_eq!(e.event_type(), EventType::MessageReceived);
         assert_eq!(e.conversation_id.as_str(), "c1");
         assert!(e.time.is_some());
@@ -297,54 +244,22 @@ mod tests {
 
     #[test]
     fn idempotency_keys_give_stable_ids() {
-        let m = Meta {
-            idempotency_key: Some("k-1".into()),
-            ..meta()
-        };
-        let a = build(
-            EventType::MessageReceived,
-            "c1",
-            &[],
-            br#"{"text":"hi"}"#,
-            &m,
-        )
-        .unwrap();
-        let b = build(
-            EventType::MessageReceived,
-            "c1",
-            &[],
-            br#"{"text":"hi"}"#,
-            &m,
-        )
-        .unwrap();
+        let m = Meta { idempotency_key: Some("k-1".into()), ..meta() };
+        let a = build(EventType::MessageReceived, "c1", &[], br#"{"text":"hi"}"#, &m).unwrap();
+        let b = build(EventType::MessageReceived, "c1", &[], br#"{"text":"hi"}"#, &m).unwrap();
         assert_eq!(a.id, b.id);
         let other = build(EventType::AbortRequested, "c1", &[], b"", &m).unwrap();
         assert_ne!(a.id, other.id, "keys are scoped by event type");
-        let bad = Meta {
-            idempotency_key: Some("has space".into()),
-            ..meta()
-        };
-        let err = build(
-            EventType::MessageReceived,
-            "c1",
-            &[],
-            br#"{"text":"hi"}"#,
-            &bad,
-        )
-        .unwrap_err();
+        let bad = Meta { idempotency_key: Some("has space".into()), ..meta() };
+        let err = build(EventType::MessageReceived, "c1", &[], br#"{"text":"hi"}"#, &bad).unwrap_err();
         assert_eq!(err.code(), "bad_attribute");
     }
 
     #[test]
     fn callbacks_get_natural_ids_and_path_fields() {
-        let a = build(
-            EventType::ToolCompleted,
-            "c1",
-            &[("tool_call_id", "call_1")],
-            br#"{"result":{"ok":true}}"#,
-            &meta(),
-        )
-        .unwrap();
+        let a =
+            build(EventType::ToolCompleted, "c1", &[("tool_call_id", "call_1")], br#"{"result":{"ok":true}}"#, &meta())
+                .unwrap();
         assert_eq!(a.id, "c1.tool.call_1.completed");
         let err = build(
             EventType::ToolCompleted,
@@ -359,44 +274,16 @@ mod tests {
 
     #[test]
     fn body_errors() {
-        let m = Meta {
-            content_type: Some("text/plain".into()),
-            ..meta()
-        };
+        let m = Meta { content_type: Some("text/plain".into()), ..meta() };
         assert_eq!(
-            build(EventType::MessageReceived, "c1", &[], b"hi", &m)
-                .unwrap_err()
-                .code(),
+            build(EventType::MessageReceived, "c1", &[], b"hi", &m).unwrap_err().code(),
             "unsupported_content_type"
         );
+        assert_eq!(build(EventType::MessageReceived, "c1", &[], b"{nope", &meta()).unwrap_err().code(), "malformed");
+        assert_eq!(build(EventType::MessageReceived, "c1", &[], b"[1]", &meta()).unwrap_err().code(), "payload_schema");
+        assert_eq!(build(EventType::MessageReceived, "c1", &[], b"{}", &meta()).unwrap_err().code(), "payload_schema");
         assert_eq!(
-            build(EventType::MessageReceived, "c1", &[], b"{nope", &meta())
-                .unwrap_err()
-                .code(),
-            "malformed"
-        );
-        assert_eq!(
-            build(EventType::MessageReceived, "c1", &[], b"[1]", &meta())
-                .unwrap_err()
-                .code(),
-            "payload_schema"
-        );
-        assert_eq!(
-            build(EventType::MessageReceived, "c1", &[], b"{}", &meta())
-                .unwrap_err()
-                .code(),
-            "payload_schema"
-        );
-        assert_eq!(
-            build(
-                EventType::MessageReceived,
-                "c.1",
-                &[],
-                br#"{"text":"x"}"#,
-                &meta()
-            )
-            .unwrap_err()
-            .code(),
+            build(EventType::MessageReceived, "c.1", &[], br#"{"text":"x"}"#, &meta()).unwrap_err().code(),
             "bad_conversation_id"
         );
         assert!(build(EventType::StopRequested, "c1", &[], b"", &meta()).is_ok());

@@ -23,15 +23,9 @@ pub fn router(ingress: Ingress) -> Router {
         .route("/v1/conversations/{id}/abort", post(abort))
         .route("/v1/conversations/{id}/stop", post(stop))
         .route("/v1/conversations/{id}/retry", post(retry))
-        .route(
-            "/v1/conversations/{id}/tools/{tool_call_id}/{outcome}",
-            post(tool),
-        )
+        .route("/v1/conversations/{id}/tools/{tool_call_id}/{outcome}", post(tool))
         .route("/v1/conversations/{id}/llm/{step_id}/{outcome}", post(llm))
-        .route(
-            "/v1/conversations/{id}/timers/{timer_id}/fired",
-            post(timer),
-        )
+        .route("/v1/conversations/{id}/timers/{timer_id}/fired", post(timer))
         .route("/v1/events", post(event))
         .fallback(not_found)
         .with_state(ingress)
@@ -46,23 +40,17 @@ fn respond(result: Result<Accepted, IngestError>) -> Response {
 }
 
 pub fn error_response(error: &IngestError) -> Response {
-    let status =
-        StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let status = StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let body = axum::Json(json!({"error": {"code": error.code(), "message": error.to_string()}}));
     let mut response = (status, body).into_response();
     if status == StatusCode::SERVICE_UNAVAILABLE {
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     response
 }
 
 fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
 }
 
 fn meta(headers: &HeaderMap) -> Meta {
@@ -77,11 +65,7 @@ fn meta(headers: &HeaderMap) -> Meta {
 
 /// Reads the body up to the limit; past it, keeps counting (to a point) so
 /// the 413 names the real size.
-async fn read_body(
-    ingress: &Ingress,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<Bytes, IngestError> {
+async fn read_body(ingress: &Ingress, headers: &HeaderMap, body: Body) -> Result<Bytes, IngestError> {
     let limit = ingress.options.max_body_bytes;
     let declared = header_str(headers, "content-length").and_then(|v| v.parse::<usize>().ok());
     if let Some(size) = declared.filter(|size| *size > limit) {
@@ -91,9 +75,7 @@ async fn read_body(
     let mut buf = BytesMut::new();
     let mut size = 0usize;
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| Rejection::Malformed {
-            detail: format!("cannot read the body: {e}"),
-        })?;
+        let chunk = chunk.map_err(|e| Rejection::Malformed { detail: format!("cannot read the body: {e}") })?;
         size += chunk.len();
         if size <= limit {
             buf.extend_from_slice(&chunk);
@@ -127,39 +109,19 @@ async fn ingest(
     }
 }
 
-async fn message(
-    State(ing): State<Ingress>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+async fn message(State(ing): State<Ingress>, Path(id): Path<String>, headers: HeaderMap, body: Body) -> Response {
     ingest(ing, EventType::MessageReceived, &id, &[], headers, body).await
 }
 
-async fn abort(
-    State(ing): State<Ingress>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+async fn abort(State(ing): State<Ingress>, Path(id): Path<String>, headers: HeaderMap, body: Body) -> Response {
     ingest(ing, EventType::AbortRequested, &id, &[], headers, body).await
 }
 
-async fn stop(
-    State(ing): State<Ingress>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+async fn stop(State(ing): State<Ingress>, Path(id): Path<String>, headers: HeaderMap, body: Body) -> Response {
     ingest(ing, EventType::StopRequested, &id, &[], headers, body).await
 }
 
-async fn retry(
-    State(ing): State<Ingress>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+async fn retry(State(ing): State<Ingress>, Path(id): Path<String>, headers: HeaderMap, body: Body) -> Response {
     ingest(ing, EventType::RetryRequested, &id, &[], headers, body).await
 }
 
@@ -186,9 +148,7 @@ fn unknown_outcome(ing: &Ingress, family: &str, outcome: &str) -> Response {
     } else {
         "started, delta, completed, failed, canceled"
     };
-    respond(Err(ing.refuse(IngestError::NotFound(format!(
-        "unknown {family} outcome {outcome:?}; one of: {allowed}"
-    )))))
+    respond(Err(ing.refuse(IngestError::NotFound(format!("unknown {family} outcome {outcome:?}; one of: {allowed}")))))
 }
 
 async fn tool(
@@ -198,17 +158,7 @@ async fn tool(
     body: Body,
 ) -> Response {
     match callback_type("tool", &outcome) {
-        Some(ty) => {
-            ingest(
-                ing,
-                ty,
-                &id,
-                &[("tool_call_id", &tool_call_id)],
-                headers,
-                body,
-            )
-            .await
-        }
+        Some(ty) => ingest(ing, ty, &id, &[("tool_call_id", &tool_call_id)], headers, body).await,
         None => unknown_outcome(&ing, "tool", &outcome),
     }
 }
@@ -231,15 +181,7 @@ async fn timer(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    ingest(
-        ing,
-        EventType::TimerFired,
-        &id,
-        &[("timer_id", &timer_id)],
-        headers,
-        body,
-    )
-    .await
+    ingest(ing, EventType::TimerFired, &id, &[("timer_id", &timer_id)], headers, body).await
 }
 
 /// Decodes a CloudEvent from an HTTP request in either content mode.
@@ -249,30 +191,21 @@ pub fn decode_cloudevent(
     body: &[u8],
 ) -> Result<conv_contracts::Envelope, IngestError> {
     let content_type = header_str(headers, "content-type").unwrap_or_default();
-    let media = content_type
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
+    let media = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
     if media == "application/cloudevents+json" {
         return Ok(binding::decode_structured(body, ing.limits())?);
     }
     if headers.contains_key("ce-specversion") {
         let mut pairs = Vec::with_capacity(headers.len());
         for (name, value) in headers {
-            let value = value.to_str().map_err(|_| Rejection::Malformed {
-                detail: format!("header {name} is not visible ASCII"),
-            })?;
+            let value = value
+                .to_str()
+                .map_err(|_| Rejection::Malformed { detail: format!("header {name} is not visible ASCII") })?;
             pairs.push((name.as_str(), value));
         }
         return Ok(binding::decode_binary(pairs, body, ing.limits())?);
     }
-    let found = if content_type.is_empty() {
-        "none".to_owned()
-    } else {
-        content_type
-    };
+    let found = if content_type.is_empty() { "none".to_owned() } else { content_type };
     Err(Rejection::UnsupportedContentType { found }.into())
 }
 

@@ -57,11 +57,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let registry = Registry::new();
     let metrics = metrics::Metrics::new(&registry)?;
     let booted = service::boot(&IDENTITY, &config, registry).await?;
-    let ingress = Ingress {
-        js: booted.js.clone(),
-        metrics: metrics.clone(),
-        options: config.options.clone(),
-    };
+    let ingress = Ingress { js: booted.js.clone(), metrics: metrics.clone(), options: config.options.clone() };
 
     let dlq = tokio::spawn(metrics::watch_dlq(
         booted.js.clone(),
@@ -69,13 +65,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         Duration::from_secs(config.options.dlq_poll_secs),
         shutdown.clone(),
     ));
-    let nats = config.options.nats_api.then(|| {
-        tokio::spawn(nats_api::serve(
-            booted.client.clone(),
-            ingress.clone(),
-            shutdown.clone(),
-        ))
-    });
+    let nats = config
+        .options
+        .nats_api
+        .then(|| tokio::spawn(nats_api::serve(booted.client.clone(), ingress.clone(), shutdown.clone())));
 
     let router = http::router(ingress).merge(booted.health.router());
     let served = service::serve(config.http_addr(), router, shutdown.clone(), None).await;

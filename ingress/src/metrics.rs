@@ -22,31 +22,17 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
         let accepted = IntCounterVec::new(
-            Opts::new(
-                "conv_ingress_accepted_total",
-                "events journaled, by input family",
-            ),
+            Opts::new("conv_ingress_accepted_total", "events journaled, by input family"),
             &["family"],
         )?;
         let rejected = IntCounterVec::new(
-            Opts::new(
-                "conv_ingress_rejected_total",
-                "requests refused, by reason code",
-            ),
+            Opts::new("conv_ingress_rejected_total", "requests refused, by reason code"),
             &["reason"],
         )?;
-        let duplicates = IntCounter::new(
-            "conv_ingress_duplicates_total",
-            "repeats answered from the dedupe window",
-        )?;
+        let duplicates = IntCounter::new("conv_ingress_duplicates_total", "repeats answered from the dedupe window")?;
         let publish_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "conv_ingress_publish_seconds",
-                "publish until JetStream ack",
-            )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-            ]),
+            HistogramOpts::new("conv_ingress_publish_seconds", "publish until JetStream ack")
+                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
         )?;
         let dlq_messages = IntGauge::new("conv_dlq_messages", "messages in CONV_DLQ")?;
         registry.register(Box::new(accepted.clone()))?;
@@ -58,19 +44,10 @@ impl Metrics {
         for family in ["message", "control", "tool", "llm", "timer"] {
             accepted.with_label_values(&[family]);
         }
-        for code in Rejection::CODES
-            .iter()
-            .chain([&UNAVAILABLE, &"journal_refused", &"not_found"])
-        {
+        for code in Rejection::CODES.iter().chain([&UNAVAILABLE, &"journal_refused", &"not_found"]) {
             rejected.with_label_values(&[code]);
         }
-        Ok(Self {
-            accepted,
-            rejected,
-            duplicates,
-            publish_seconds,
-            dlq_messages,
-        })
+        Ok(Self { accepted, rejected, duplicates, publish_seconds, dlq_messages })
     }
 
     pub fn reject(&self, code: &str) {
@@ -94,9 +71,7 @@ pub async fn watch_dlq(
         if let Ok(mut dlq) = js.get_stream(STREAM_DLQ).await
             && let Ok(info) = dlq.info().await
         {
-            metrics
-                .dlq_messages
-                .set(i64::try_from(info.state.messages).unwrap_or(i64::MAX));
+            metrics.dlq_messages.set(i64::try_from(info.state.messages).unwrap_or(i64::MAX));
         }
     }
 }

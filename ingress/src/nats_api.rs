@@ -28,11 +28,7 @@ pub const GROUP: &str = "conv.ingress";
 pub struct Error(String);
 
 /// Serves the endpoints until `shutdown`.
-pub async fn serve(
-    client: async_nats::Client,
-    ingress: Ingress,
-    shutdown: CancellationToken,
-) -> Result<(), Error> {
+pub async fn serve(client: async_nats::Client, ingress: Ingress, shutdown: CancellationToken) -> Result<(), Error> {
     let service = client
         .service_builder()
         .description("conv ingress: validate and append events to CONV_IN")
@@ -40,18 +36,9 @@ pub async fn serve(
         .await
         .map_err(|e| Error(e.to_string()))?;
     let group = service.group_with_queue_group(GROUP, "conv-ingress");
-    let mut event = group
-        .endpoint("event")
-        .await
-        .map_err(|e| Error(e.to_string()))?;
-    let mut message = group
-        .endpoint("message")
-        .await
-        .map_err(|e| Error(e.to_string()))?;
-    let mut control = group
-        .endpoint("control")
-        .await
-        .map_err(|e| Error(e.to_string()))?;
+    let mut event = group.endpoint("event").await.map_err(|e| Error(e.to_string()))?;
+    let mut message = group.endpoint("message").await.map_err(|e| Error(e.to_string()))?;
+    let mut control = group.endpoint("control").await.map_err(|e| Error(e.to_string()))?;
     loop {
         let (kind, request) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -67,9 +54,7 @@ pub async fn serve(
                 Err(e) => Err(ingress.refuse(e)),
             };
             let reply = match result {
-                Ok(accepted) => Ok(Bytes::from(
-                    serde_json::to_vec(&accepted).unwrap_or_default(),
-                )),
+                Ok(accepted) => Ok(Bytes::from(serde_json::to_vec(&accepted).unwrap_or_default())),
                 Err(e) => Err(service::error::Error {
                     status: format!("{}: {e}", e.code()),
                     code: usize::from(e.http_status()),
@@ -91,11 +76,7 @@ enum Endpoint {
 }
 
 fn header(message: &async_nats::Message, name: &str) -> Option<String> {
-    message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(name))
-        .map(|v| v.as_str().to_owned())
+    message.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_owned())
 }
 
 async fn handle(
@@ -105,11 +86,7 @@ async fn handle(
 ) -> Result<conv_contracts::Envelope, IngestError> {
     let limits = ing.limits();
     if message.payload.len() > limits.max_event_bytes {
-        return Err(Rejection::Oversize {
-            size: message.payload.len(),
-            limit: limits.max_event_bytes,
-        }
-        .into());
+        return Err(Rejection::Oversize { size: message.payload.len(), limit: limits.max_event_bytes }.into());
     }
     match kind {
         Endpoint::Event => {
@@ -121,29 +98,19 @@ async fn handle(
             Ok(event)
         }
         Endpoint::Message | Endpoint::Control => {
-            let mut body: serde_json::Map<String, Value> =
-                match serde_json::from_slice(&message.payload) {
-                    Ok(Value::Object(map)) => map,
-                    Ok(_) => {
-                        return Err(Rejection::Malformed {
-                            detail: "the request must be a JSON object".into(),
-                        }
-                        .into());
-                    }
-                    Err(e) => {
-                        return Err(Rejection::Malformed {
-                            detail: format!("the request is not JSON: {e}"),
-                        }
-                        .into());
-                    }
-                };
+            let mut body: serde_json::Map<String, Value> = match serde_json::from_slice(&message.payload) {
+                Ok(Value::Object(map)) => map,
+                Ok(_) => {
+                    return Err(Rejection::Malformed { detail: "the request must be a JSON object".into() }.into());
+                }
+                Err(e) => {
+                    return Err(Rejection::Malformed { detail: format!("the request is not JSON: {e}") }.into());
+                }
+            };
             let conversation = match body.remove("conversation_id") {
                 Some(Value::String(c)) => c,
                 _ => {
-                    return Err(Rejection::MissingField {
-                        field: "conversation_id",
-                    }
-                    .into());
+                    return Err(Rejection::MissingField { field: "conversation_id" }.into());
                 }
             };
             let ty = match kind {

@@ -39,25 +39,16 @@ impl IngressOptions {
 impl Options for IngressOptions {
     fn apply_env(&mut self, env: Env<'_>) -> Result<(), ConfigError> {
         env_override(env, "CONV_INGRESS_MAX_BODY_BYTES", &mut self.max_body_bytes)?;
-        env_override(
-            env,
-            "CONV_INGRESS_PUBLISH_TIMEOUT_MS",
-            &mut self.publish_timeout_ms,
-        )?;
+        env_override(env, "CONV_INGRESS_PUBLISH_TIMEOUT_MS", &mut self.publish_timeout_ms)?;
         env_override(env, "CONV_INGRESS_NATS_API", &mut self.nats_api)
     }
 
     fn validate(&self) -> Result<(), String> {
         if self.max_body_bytes == 0 || self.max_body_bytes > 8 * 1024 * 1024 {
-            return Err(format!(
-                "options.max_body_bytes must be 1..=8 MiB, got {}",
-                self.max_body_bytes
-            ));
+            return Err(format!("options.max_body_bytes must be 1..=8 MiB, got {}", self.max_body_bytes));
         }
         if self.publish_timeout_ms == 0 || self.dlq_poll_secs == 0 {
-            return Err(
-                "options.publish_timeout_ms and options.dlq_poll_secs must be positive".into(),
-            );
+            return Err("options.publish_timeout_ms and options.dlq_poll_secs must be positive".into());
         }
         Ok(())
     }

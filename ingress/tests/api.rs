@@ -28,19 +28,9 @@ async fn start_with(options: IngressOptions) -> Stack {
     let addr = free_addr();
     let mut config: Config = Settings::for_test(nats.config(), addr);
     config.options = options;
-    let ingress = conv_nats::test_util::spawn_service("conv-ingress", |token| {
-        conv_ingress::run(config, token)
-    });
-    assert_eq!(
-        wait_http_ok(&format!("http://{addr}/readyz"), Duration::from_secs(15)).await,
-        Some(200)
-    );
-    Stack {
-        nats,
-        addr,
-        http: reqwest::Client::new(),
-        _ingress: ingress,
-    }
+    let ingress = conv_nats::test_util::spawn_service("conv-ingress", |token| conv_ingress::run(config, token));
+    assert_eq!(wait_http_ok(&format!("http://{addr}/readyz"), Duration::from_secs(15)).await, Some(200));
+    Stack { nats, addr, http: reqwest::Client::new(), _ingress: ingress }
 }
 
 impl Stack {
@@ -61,24 +51,13 @@ impl Stack {
     }
 
     async fn in_count(&self) -> u64 {
-        let mut s = self
-            .nats
-            .jetstream()
-            .await
-            .get_stream(STREAM_IN)
-            .await
-            .expect("stream");
+        let mut s = self.nats.jetstream().await.get_stream(STREAM_IN).await.expect("stream");
         s.info().await.expect("info").state.messages
     }
 
     async fn stored(&self, seq: u64) -> jetstream::message::StreamMessage {
         let js = self.nats.jetstream().await;
-        js.get_stream(STREAM_IN)
-            .await
-            .expect("stream")
-            .get_raw_message(seq)
-            .await
-            .expect("stored")
+        js.get_stream(STREAM_IN).await.expect("stream").get_raw_message(seq).await.expect("stored")
     }
 }
 
@@ -89,12 +68,7 @@ fn header<'a>(m: &'a jetstream::message::StreamMessage, name: &str) -> Option<&'
 #[tokio::test]
 async fn a_message_is_journaled_with_the_right_headers() {
     let s = start().await;
-    let (status, body, _) = s
-        .post(
-            "/v1/conversations/demo/messages",
-            json!({"text": "hello", "channel": "web"}),
-        )
-        .await;
+    let (status, body, _) = s.post("/v1/conversations/demo/messages", json!({"text": "hello", "channel": "web"})).await;
     assert_eq!(status, 202, "{body}");
     assert_eq!(body["conversation_id"], "demo");
     assert_eq!(body["duplicate"], false);
@@ -116,8 +90,7 @@ async fn a_message_is_journaled_with_the_right_headers() {
     assert_eq!(data, json!({"text": "hello", "channel": "web"}));
     // It decodes as a valid event on its stored subject.
     let event =
-        conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Default::default())
-            .expect("valid");
+        conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Default::default()).expect("valid");
     assert_eq!(event.id, event_id);
 
     for (path, ty) in [
@@ -125,22 +98,12 @@ async fn a_message_is_journaled_with_the_right_headers() {
         ("stop", "conv.in.control.stop_requested"),
         ("retry", "conv.in.control.retry_requested"),
     ] {
-        let (status, body, _) = s
-            .send(
-                s.http
-                    .post(s.url(&format!("/v1/conversations/demo/{path}"))),
-            )
-            .await;
+        let (status, body, _) = s.send(s.http.post(s.url(&format!("/v1/conversations/demo/{path}")))).await;
         assert_eq!(status, 202, "{path}: {body}");
         let m = s.stored(body["stream_seq"].as_u64().expect("seq")).await;
         assert_eq!(header(&m, "ce-type"), Some(ty));
     }
-    let (status, body, _) = s
-        .post(
-            "/v1/conversations/demo/abort",
-            json!({"reason": "user left"}),
-        )
-        .await;
+    let (status, body, _) = s.post("/v1/conversations/demo/abort", json!({"reason": "user left"})).await;
     assert_eq!(status, 202, "{body}");
 }
 
@@ -165,29 +128,18 @@ async fn a_repeated_idempotency_key_writes_nothing() {
     // The same for a CloudEvent id on /v1/events.
     let ce = json!({"specversion": "1.0", "id": "ce-1", "source": "/ext", "type": "conv.in.message.received",
                     "subject": "c1", "data": {"text": "hi"}});
-    let post = || {
-        s.http
-            .post(s.url("/v1/events"))
-            .header("content-type", "application/cloudevents+json")
-            .body(ce.to_string())
-    };
+    let post =
+        || s.http.post(s.url("/v1/events")).header("content-type", "application/cloudevents+json").body(ce.to_string());
     let (_, a, _) = s.send(post()).await;
     let (_, b, _) = s.send(post()).await;
-    assert_eq!(
-        (a["duplicate"].clone(), b["duplicate"].clone()),
-        (json!(false), json!(true))
-    );
+    assert_eq!((a["duplicate"].clone(), b["duplicate"].clone()), (json!(false), json!(true)));
     assert_eq!(a["stream_seq"], b["stream_seq"]);
     assert_eq!(s.in_count().await, 2);
 }
 
 #[tokio::test]
 async fn every_malformed_kind_is_refused_and_nothing_is_journaled() {
-    let s = start_with(IngressOptions {
-        max_body_bytes: 4096,
-        ..Default::default()
-    })
-    .await;
+    let s = start_with(IngressOptions { max_body_bytes: 4096, ..Default::default() }).await;
     let ce = |patch: Value| {
         let mut base = json!({"specversion": "1.0", "id": "e1", "source": "/ext", "type": "conv.in.message.received",
                               "subject": "c1", "data": {"text": "hi"}});
@@ -200,90 +152,29 @@ async fn every_malformed_kind_is_refused_and_nothing_is_journaled() {
                 }
             }
         }
-        s.http
-            .post(s.url("/v1/events"))
-            .header("content-type", "application/cloudevents+json")
-            .body(base.to_string())
+        s.http.post(s.url("/v1/events")).header("content-type", "application/cloudevents+json").body(base.to_string())
     };
     let msg = |body: &'static str, ct: &'static str| {
-        s.http
-            .post(s.url("/v1/conversations/c1/messages"))
-            .header("content-type", ct)
-            .body(body)
+        s.http.post(s.url("/v1/conversations/c1/messages")).header("content-type", ct).body(body)
     };
     let cases: Vec<(&str, reqwest::RequestBuilder, u16, &str)> = vec![
-        (
-            "not json",
-            msg("{nope", "application/json"),
-            400,
-            "malformed",
-        ),
-        (
-            "no text",
-            msg("{}", "application/json"),
-            422,
-            "payload_schema",
-        ),
-        (
-            "text not a string",
-            msg(r#"{"text": 5}"#, "application/json"),
-            422,
-            "payload_schema",
-        ),
-        (
-            "form body",
-            msg("text=hi", "application/x-www-form-urlencoded"),
-            415,
-            "unsupported_content_type",
-        ),
+        ("not json", msg("{nope", "application/json"), 400, "malformed"),
+        ("no text", msg("{}", "application/json"), 422, "payload_schema"),
+        ("text not a string", msg(r#"{"text": 5}"#, "application/json"), 422, "payload_schema"),
+        ("form body", msg("text=hi", "application/x-www-form-urlencoded"), 415, "unsupported_content_type"),
         (
             "bad id",
-            s.http
-                .post(s.url("/v1/conversations/a.b/messages"))
-                .json(&json!({"text": "x"})),
+            s.http.post(s.url("/v1/conversations/a.b/messages")).json(&json!({"text": "x"})),
             422,
             "bad_conversation_id",
         ),
-        (
-            "oversize",
-            msg(
-                Box::leak("x".repeat(5000).into_boxed_str()),
-                "application/json",
-            ),
-            413,
-            "oversize",
-        ),
+        ("oversize", msg(Box::leak("x".repeat(5000).into_boxed_str()), "application/json"), 413, "oversize"),
         ("missing id", ce(json!({"id": null})), 422, "missing_field"),
-        (
-            "specversion",
-            ce(json!({"specversion": "0.3"})),
-            422,
-            "bad_specversion",
-        ),
-        (
-            "unknown type",
-            ce(json!({"type": "conv.in.message.exploded"})),
-            422,
-            "unknown_type",
-        ),
-        (
-            "bad subject",
-            ce(json!({"subject": "has space"})),
-            422,
-            "bad_conversation_id",
-        ),
-        (
-            "bad time",
-            ce(json!({"time": "yesterday"})),
-            422,
-            "bad_attribute",
-        ),
-        (
-            "schema",
-            ce(json!({"data": {"text": ""}})),
-            422,
-            "payload_schema",
-        ),
+        ("specversion", ce(json!({"specversion": "0.3"})), 422, "bad_specversion"),
+        ("unknown type", ce(json!({"type": "conv.in.message.exploded"})), 422, "unknown_type"),
+        ("bad subject", ce(json!({"subject": "has space"})), 422, "bad_conversation_id"),
+        ("bad time", ce(json!({"time": "yesterday"})), 422, "bad_attribute"),
+        ("schema", ce(json!({"data": {"text": ""}})), 422, "payload_schema"),
         (
             "version",
             ce(json!({"dataschema": "urn:conv:schema:conv.in.message.received:v2"})),
@@ -292,29 +183,17 @@ async fn every_malformed_kind_is_refused_and_nothing_is_journaled() {
         ),
         (
             "output type",
-            ce(
-                json!({"type": "conv.out.run.status_changed", "data": {"run_id": "r", "status": "idle"}}),
-            ),
+            ce(json!({"type": "conv.out.run.status_changed", "data": {"run_id": "r", "status": "idle"}})),
             422,
             "not_an_input",
         ),
         (
             "batch",
-            s.http
-                .post(s.url("/v1/events"))
-                .header("content-type", "application/cloudevents-batch+json")
-                .body("[]"),
+            s.http.post(s.url("/v1/events")).header("content-type", "application/cloudevents-batch+json").body("[]"),
             415,
             "unsupported_content_type",
         ),
-        (
-            "plain json",
-            s.http
-                .post(s.url("/v1/events"))
-                .json(&json!({"text": "hi"})),
-            415,
-            "unsupported_content_type",
-        ),
+        ("plain json", s.http.post(s.url("/v1/events")).json(&json!({"text": "hi"})), 415, "unsupported_content_type"),
         (
             "binary bad header",
             s.http
@@ -328,46 +207,20 @@ async fn every_malformed_kind_is_refused_and_nothing_is_journaled() {
             422,
             "missing_field",
         ),
-        (
-            "unknown route",
-            s.http.post(s.url("/v1/nope")),
-            404,
-            "not_found",
-        ),
-        (
-            "unknown outcome",
-            s.http.post(s.url("/v1/conversations/c1/tools/t1/exploded")),
-            404,
-            "not_found",
-        ),
+        ("unknown route", s.http.post(s.url("/v1/nope")), 404, "not_found"),
+        ("unknown outcome", s.http.post(s.url("/v1/conversations/c1/tools/t1/exploded")), 404, "not_found"),
     ];
     for (name, req, status, code) in cases {
         let (got, body, _) = s.send(req).await;
         assert_eq!(got, status, "{name}: {body}");
         assert_eq!(body["error"]["code"], code, "{name}: {body}");
-        assert!(
-            body["error"]["message"]
-                .as_str()
-                .is_some_and(|m| !m.is_empty()),
-            "{name}: {body}"
-        );
+        assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{name}: {body}");
     }
     assert_eq!(s.in_count().await, 0, "nothing malformed was journaled");
 
-    let metrics = reqwest::get(s.url("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    assert!(
-        metrics.contains(r#"conv_ingress_rejected_total{reason="payload_schema"} 3"#),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains(r#"conv_ingress_rejected_total{reason="oversize"} 1"#),
-        "{metrics}"
-    );
+    let metrics = reqwest::get(s.url("/metrics")).await.expect("metrics").text().await.expect("text");
+    assert!(metrics.contains(r#"conv_ingress_rejected_total{reason="payload_schema"} 3"#), "{metrics}");
+    assert!(metrics.contains(r#"conv_ingress_rejected_total{reason="oversize"} 1"#), "{metrics}");
 }
 
 #[tokio::test]
@@ -387,35 +240,20 @@ async fn binary_mode_events_and_callbacks_are_accepted() {
     let (status, body, _) = s.send(binary).await;
     assert_eq!(status, 202, "{body}");
     let m = s.stored(body["stream_seq"].as_u64().expect("seq")).await;
-    assert_eq!(
-        header(&m, "ce-source"),
-        Some("/ext%20producer"),
-        "percent-encoding kept on the wire"
-    );
+    assert_eq!(header(&m, "ce-source"), Some("/ext%20producer"), "percent-encoding kept on the wire");
     assert_eq!(header(&m, "ce-causationid"), Some("tool-req-1"));
 
     // A webhook answering later: natural id, so its retries dedupe.
-    let cb = || {
-        s.http
-            .post(s.url("/v1/conversations/c2/tools/call_9/completed"))
-            .json(&json!({"result": 42}))
-    };
+    let cb = || s.http.post(s.url("/v1/conversations/c2/tools/call_9/completed")).json(&json!({"result": 42}));
     let (status, a, _) = s.send(cb()).await;
     assert_eq!(status, 202, "{a}");
     assert_eq!(a["event_id"], "c2.tool.call_9.completed");
     let (_, b, _) = s.send(cb()).await;
     assert_eq!(b["duplicate"], true);
-    let (status, body, _) = s
-        .post(
-            "/v1/conversations/c2/llm/step-1/delta",
-            json!({"seq": 0, "text": "Hel"}),
-        )
-        .await;
+    let (status, body, _) = s.post("/v1/conversations/c2/llm/step-1/delta", json!({"seq": 0, "text": "Hel"})).await;
     assert_eq!(status, 202, "{body}");
     assert_eq!(body["event_id"], "c2.llm.step-1.1.delta.0");
-    let (status, body, _) = s
-        .post("/v1/conversations/c2/timers/t-1/fired", json!({}))
-        .await;
+    let (status, body, _) = s.post("/v1/conversations/c2/timers/t-1/fired", json!({})).await;
     assert_eq!(status, 202, "{body}");
     let m = s.stored(body["stream_seq"].as_u64().expect("seq")).await;
     assert_eq!(header(&m, "ce-type"), Some(EventType::TimerFired.as_str()));
@@ -423,28 +261,15 @@ async fn binary_mode_events_and_callbacks_are_accepted() {
 
 #[tokio::test]
 async fn nats_down_gives_503_and_recovery_accepts_again() {
-    let mut s = start_with(IngressOptions {
-        publish_timeout_ms: 1_000,
-        ..Default::default()
-    })
-    .await;
-    let (status, _, _) = s
-        .post("/v1/conversations/c3/messages", json!({"text": "before"}))
-        .await;
+    let mut s = start_with(IngressOptions { publish_timeout_ms: 1_000, ..Default::default() }).await;
+    let (status, _, _) = s.post("/v1/conversations/c3/messages", json!({"text": "before"})).await;
     assert_eq!(status, 202);
 
     s.nats.stop().await.expect("stop NATS");
-    let (status, body, headers) = s
-        .post("/v1/conversations/c3/messages", json!({"text": "during"}))
-        .await;
+    let (status, body, headers) = s.post("/v1/conversations/c3/messages", json!({"text": "during"})).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "unavailable");
-    assert_eq!(
-        headers
-            .get("retry-after")
-            .map(|v| v.to_str().unwrap_or_default()),
-        Some("1")
-    );
+    assert_eq!(headers.get("retry-after").map(|v| v.to_str().unwrap_or_default()), Some("1"));
 
     s.nats.restart().await.expect("restart NATS");
     let mut last = (0, Value::Null);
@@ -464,11 +289,7 @@ async fn nats_down_gives_503_and_recovery_accepts_again() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(last.0, 202, "accepted again after NATS is back: {}", last.1);
-    assert_eq!(
-        s.in_count().await,
-        2,
-        "the 503 wrote nothing; storage survived the restart"
-    );
+    assert_eq!(s.in_count().await, 2, "the 503 wrote nothing; storage survived the restart");
 }
 
 #[tokio::test]
@@ -476,10 +297,7 @@ async fn nats_request_api_with_service_discovery() {
     let s = start().await;
     let client = s.nats.client().await;
     let reply = client
-        .request(
-            "conv.ingress.message",
-            r#"{"conversation_id": "n1", "text": "over nats"}"#.into(),
-        )
+        .request("conv.ingress.message", r#"{"conversation_id": "n1", "text": "over nats"}"#.into())
         .await
         .expect("reply");
     let accepted: Value = serde_json::from_slice(&reply.payload).expect("json");
@@ -487,54 +305,30 @@ async fn nats_request_api_with_service_discovery() {
     assert_eq!(accepted["duplicate"], false);
 
     let reply = client
-        .request(
-            "conv.ingress.control",
-            r#"{"conversation_id": "n1", "action": "abort"}"#.into(),
-        )
+        .request("conv.ingress.control", r#"{"conversation_id": "n1", "action": "abort"}"#.into())
         .await
         .expect("reply");
     let accepted: Value = serde_json::from_slice(&reply.payload).expect("json");
-    let m = s
-        .stored(accepted["stream_seq"].as_u64().expect("seq"))
-        .await;
-    assert_eq!(
-        header(&m, "ce-type"),
-        Some("conv.in.control.abort_requested")
-    );
+    let m = s.stored(accepted["stream_seq"].as_u64().expect("seq")).await;
+    assert_eq!(header(&m, "ce-type"), Some("conv.in.control.abort_requested"));
 
     let reply = client
-        .request(
-            "conv.ingress.message",
-            r#"{"conversation_id": "n 1", "text": "x"}"#.into(),
-        )
+        .request("conv.ingress.message", r#"{"conversation_id": "n 1", "text": "x"}"#.into())
         .await
         .expect("reply");
     let headers = reply.headers.expect("error headers");
-    assert_eq!(
-        headers.get("Nats-Service-Error-Code").map(|v| v.as_str()),
-        Some("422")
-    );
-    assert!(
-        headers
-            .get("Nats-Service-Error")
-            .is_some_and(|v| v.as_str().starts_with("bad_conversation_id:"))
-    );
+    assert_eq!(headers.get("Nats-Service-Error-Code").map(|v| v.as_str()), Some("422"));
+    assert!(headers.get("Nats-Service-Error").is_some_and(|v| v.as_str().starts_with("bad_conversation_id:")));
 
     // A structured CloudEvent on the generic endpoint.
     let ce = json!({"specversion": "1.0", "id": "n-ce", "source": "/ext", "type": "conv.in.timer.fired",
                     "subject": "n1", "data": {"timer_id": "t9"}});
-    let reply = client
-        .request("conv.ingress.event", ce.to_string().into())
-        .await
-        .expect("reply");
+    let reply = client.request("conv.ingress.event", ce.to_string().into()).await.expect("reply");
     let accepted: Value = serde_json::from_slice(&reply.payload).expect("json");
     assert_eq!(accepted["event_id"], "n-ce");
 
     // $SRV discovery.
-    let ping = client
-        .request("$SRV.PING.conv-ingress", "".into())
-        .await
-        .expect("discovery");
+    let ping = client.request("$SRV.PING.conv-ingress", "".into()).await.expect("discovery");
     let info: Value = serde_json::from_slice(&ping.payload).expect("json");
     assert_eq!(info["name"], "conv-ingress");
 }

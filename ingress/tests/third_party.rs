@@ -25,10 +25,7 @@ async fn python_cloudevents_binary_mode_is_consumed_like_ingress_events() {
     let addr = free_addr();
     let config: Config = Settings::for_test(nats.config(), addr);
     let _ingress = spawn_service("conv-ingress", |token| conv_ingress::run(config, token));
-    assert_eq!(
-        wait_http_ok(&format!("http://{addr}/readyz"), Duration::from_secs(15)).await,
-        Some(200)
-    );
+    assert_eq!(wait_http_ok(&format!("http://{addr}/readyz"), Duration::from_secs(15)).await, Some(200));
 
     // The same event through ingress (structured mode), under another id.
     let via_ingress = json!({
@@ -45,10 +42,7 @@ async fn python_cloudevents_binary_mode_is_consumed_like_ingress_events() {
         .expect("post");
     assert_eq!(resp.status().as_u16(), 202);
 
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/python/publish_cloudevents.py"
-    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/publish_cloudevents.py");
     let out = tokio::process::Command::new("python3")
         .args([script, &nats.url(), "py-1"])
         .output()
@@ -59,15 +53,10 @@ async fn python_cloudevents_binary_mode_is_consumed_like_ingress_events() {
         "the Python producer failed (scripts/test.sh installs cloudevents and nats-py): {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let published: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json line"))
-        .collect();
+    let published: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
     assert_eq!(published.len(), 3);
-    assert!(
-        published.iter().all(|p| p["stream"] == STREAM_IN),
-        "{published:?}"
-    );
+    assert!(published.iter().all(|p| p["stream"] == STREAM_IN), "{published:?}");
 
     // The consumer side: the partition worker's validated consume loop.
     let conv = ConversationId::parse("py-1").expect("id");
@@ -75,18 +64,10 @@ async fn python_cloudevents_binary_mode_is_consumed_like_ingress_events() {
         .get_stream(STREAM_IN)
         .await
         .expect("stream")
-        .get_consumer(&runtime_consumer(subject::partition_of(
-            &conv,
-            subject::DEFAULT_PARTITIONS,
-        )))
+        .get_consumer(&runtime_consumer(subject::partition_of(&conv, subject::DEFAULT_PARTITIONS)))
         .await
         .expect("consumer");
-    let messages = consumer
-        .stream()
-        .group(RUNTIME_GROUP)
-        .messages()
-        .await
-        .expect("messages");
+    let messages = consumer.stream().group(RUNTIME_GROUP).messages().await.expect("messages");
     let seen: Arc<Mutex<Vec<Envelope>>> = Arc::default();
     let shutdown = CancellationToken::new();
     let (s, stop) = (seen.clone(), shutdown.clone());
@@ -107,25 +88,15 @@ async fn python_cloudevents_binary_mode_is_consumed_like_ingress_events() {
         Limits::default(),
         shutdown.clone(),
     ));
-    let stats = tokio::time::timeout(Duration::from_secs(20), worker)
-        .await
-        .expect("in time")
-        .expect("no panic");
+    let stats = tokio::time::timeout(Duration::from_secs(20), worker).await.expect("in time").expect("no panic");
     assert_eq!((stats.acked, stats.termed), (3, 1), "{stats:?}");
 
     let seen = seen.lock().expect("lock").clone();
     let ids: Vec<&str> = seen.iter().map(|e| e.id.as_str()).collect();
-    assert_eq!(
-        ids,
-        ["via-ingress", "py-valid", "py-valid-2"],
-        "per-conversation order, the invalid one skipped"
-    );
+    assert_eq!(ids, ["via-ingress", "py-valid", "py-valid-2"], "per-conversation order, the invalid one skipped");
     let mut from_python = seen[1].clone();
     from_python.id = "via-ingress".into();
-    assert_eq!(
-        from_python, seen[0],
-        "decoded exactly like the event that came through ingress"
-    );
+    assert_eq!(from_python, seen[0], "decoded exactly like the event that came through ingress");
 
     // The invalid one is in the DLQ with its reason.
     let mut dlq = js.get_stream(STREAM_DLQ).await.expect("dlq");
@@ -138,19 +109,6 @@ async fn python_cloudevents_binary_mode_is_consumed_like_ingress_events() {
     let letters = conv_nats::dlq::list(&js).await.expect("list");
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].cause, conv_nats::dlq::Cause::Terminated);
-    assert!(
-        letters[0]
-            .reason
-            .as_deref()
-            .is_some_and(|r| r.starts_with("bad_conversation_id")),
-        "{:?}",
-        letters[0]
-    );
-    assert_eq!(
-        letters[0]
-            .original
-            .as_ref()
-            .and_then(|o| o.event_id.as_deref()),
-        Some("py-invalid")
-    );
+    assert!(letters[0].reason.as_deref().is_some_and(|r| r.starts_with("bad_conversation_id")), "{:?}", letters[0]);
+    assert_eq!(letters[0].original.as_ref().and_then(|o| o.event_id.as_deref()), Some("py-invalid"));
 }

@@ -20,11 +20,7 @@ pub struct NatsConfig {
 
 impl Default for NatsConfig {
     fn default() -> Self {
-        Self {
-            url: DEFAULT_URL.to_owned(),
-            connect_timeout_ms: 2_000,
-            request_timeout_ms: 5_000,
-        }
+        Self { url: DEFAULT_URL.to_owned(), connect_timeout_ms: 2_000, request_timeout_ms: 5_000 }
     }
 }
 
@@ -63,39 +59,21 @@ pub struct ConnectError {
 
 /// Connects once and fails if NATS does not answer (for CLIs and tests).
 pub async fn connect(config: &NatsConfig, name: &str) -> Result<async_nats::Client, ConnectError> {
-    config
-        .options(name)
-        .connect(&config.url)
-        .await
-        .map_err(|source| ConnectError {
-            url: config.url.clone(),
-            source,
-        })
+    config.options(name).connect(&config.url).await.map_err(|source| ConnectError { url: config.url.clone(), source })
 }
 
 /// Returns at once and keeps trying in the background (for services: they
 /// boot while NATS is down and report not-ready until it answers).
-pub async fn connect_lazy(
-    config: &NatsConfig,
-    name: &str,
-) -> Result<async_nats::Client, ConnectError> {
+pub async fn connect_lazy(config: &NatsConfig, name: &str) -> Result<async_nats::Client, ConnectError> {
     config
         .options(name)
         .retry_on_initial_connect()
         .connect(&config.url)
         .await
-        .map_err(|source| ConnectError {
-            url: config.url.clone(),
-            source,
-        })
+        .map_err(|source| ConnectError { url: config.url.clone(), source })
 }
 
 /// A JetStream context with the configured request timeout.
-pub fn jetstream(
-    client: async_nats::Client,
-    config: &NatsConfig,
-) -> async_nats::jetstream::Context {
-    async_nats::jetstream::ContextBuilder::new()
-        .timeout(config.request_timeout())
-        .build(client)
+pub fn jetstream(client: async_nats::Client, config: &NatsConfig) -> async_nats::jetstream::Context {
+    async_nats::jetstream::ContextBuilder::new().timeout(config.request_timeout()).build(client)
 }

@@ -88,32 +88,17 @@ pub struct Stats {
 /// Terminates a message with a reason (`+TERM <reason>`, nats-server ≥ 2.10.4).
 pub async fn term_with_reason(message: &Message, reason: &str) -> Result<(), async_nats::Error> {
     let Some(reply) = message.reply.clone() else {
-        return Err(
-            "message has no reply subject; it was not delivered by a JetStream consumer".into(),
-        );
+        return Err("message has no reply subject; it was not delivered by a JetStream consumer".into());
     };
     // The reason travels on one line; keep it short and printable.
-    let reason: String = reason
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(256)
-        .collect();
-    message
-        .context
-        .client()
-        .publish(reply, Bytes::from(format!("+TERM {reason}")))
-        .await?;
+    let reason: String = reason.chars().map(|c| if c.is_control() { ' ' } else { c }).take(256).collect();
+    message.context.client().publish(reply, Bytes::from(format!("+TERM {reason}"))).await?;
     Ok(())
 }
 
 /// Runs `handler` over `messages` until the stream ends or `shutdown` fires.
 /// The message being handled when shutdown fires is finished first.
-pub async fn run<S, E, H, Fut>(
-    mut messages: S,
-    mut handler: H,
-    options: Options,
-    shutdown: CancellationToken,
-) -> Stats
+pub async fn run<S, E, H, Fut>(mut messages: S, mut handler: H, options: Options, shutdown: CancellationToken) -> Stats
 where
     S: Stream<Item = Result<Message, E>> + Unpin,
     E: std::fmt::Display,
@@ -136,10 +121,7 @@ where
             }
             Some(Ok(message)) => message,
         };
-        let (stream_seq, delivered) = message
-            .info()
-            .map(|i| (i.stream_sequence, i.delivered))
-            .unwrap_or((0, 1));
+        let (stream_seq, delivered) = message.info().map(|i| (i.stream_sequence, i.delivered)).unwrap_or((0, 1));
         let outcome = {
             let work = handler(message.clone());
             tokio::pin!(work);
@@ -201,20 +183,13 @@ where
     run(
         messages,
         move |message: Message| {
-            let decoded = crate::headers::decode(
-                message.subject.as_str(),
-                message.headers.as_ref(),
-                &message.payload,
-                limits,
-            );
+            let decoded =
+                crate::headers::decode(message.subject.as_str(), message.headers.as_ref(), &message.payload, limits);
             let work = decoded.map(|event| handler(event, message));
             async move {
                 match work {
                     Ok(work) => work.await,
-                    Err(rejection) => Err(HandlerError::Poison(format!(
-                        "{}: {rejection}",
-                        rejection.code()
-                    ))),
+                    Err(rejection) => Err(HandlerError::Poison(format!("{}: {rejection}", rejection.code()))),
                 }
             }
         },
@@ -230,21 +205,11 @@ mod tests {
 
     #[test]
     fn nak_delay_grows_and_is_capped() {
-        let o = Options {
-            nak_min: Duration::from_millis(100),
-            nak_max: Duration::from_secs(2),
-            ..Default::default()
-        };
+        let o = Options { nak_min: Duration::from_millis(100), nak_max: Duration::from_secs(2), ..Default::default() };
         let first = o.nak_delay(1);
-        assert!(
-            first >= Duration::from_millis(100) && first <= Duration::from_millis(200),
-            "{first:?}"
-        );
+        assert!(first >= Duration::from_millis(100) && first <= Duration::from_millis(200), "{first:?}");
         let later = o.nak_delay(4);
         assert!(later >= Duration::from_millis(800), "{later:?}");
-        assert!(
-            o.nak_delay(1000) <= Duration::from_secs(4),
-            "jitter stays bounded"
-        );
+        assert!(o.nak_delay(1000) <= Duration::from_secs(4), "jitter stays bounded");
     }
 }

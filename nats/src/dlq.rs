@@ -122,20 +122,12 @@ fn rfc3339(msg: &StreamMessage) -> String {
 }
 
 fn headers_map(h: &async_nats::HeaderMap) -> BTreeMap<String, String> {
-    crate::headers::pairs(Some(h))
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
+    crate::headers::pairs(Some(h)).into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
 }
 
 fn original_of(stream: &str, msg: &StreamMessage) -> Original {
     let headers = headers_map(&msg.headers);
-    let find = |name: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
-    };
+    let find = |name: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone());
     let mut original = Original {
         stream: stream.to_owned(),
         seq: msg.sequence,
@@ -148,8 +140,7 @@ fn original_of(stream: &str, msg: &StreamMessage) -> Original {
     };
     // Structured mode: the attributes are in the body.
     if original.event_id.is_none()
-        && let Ok(serde_json::Value::Object(obj)) =
-            serde_json::from_slice::<serde_json::Value>(&msg.payload)
+        && let Ok(serde_json::Value::Object(obj)) = serde_json::from_slice::<serde_json::Value>(&msg.payload)
     {
         let get = |k: &str| obj.get(k).and_then(|v| v.as_str()).map(str::to_owned);
         original.event_id = get("id");
@@ -162,27 +153,17 @@ fn original_of(stream: &str, msg: &StreamMessage) -> Original {
 /// Reads one dead letter (and its original) by id.
 pub async fn get(js: &jetstream::Context, id: u64) -> Result<DeadLetter, Error> {
     let dlq = js.get_stream_no_info(STREAM_DLQ).await.map_err(js_err)?;
-    let msg = dlq
-        .get_raw_message(id)
-        .await
-        .map_err(|_| Error::NotFound(id))?;
+    let msg = dlq.get_raw_message(id).await.map_err(|_| Error::NotFound(id))?;
     let time = rfc3339(&msg);
     let subject = msg.subject.to_string();
     if subject.starts_with("$JS.EVENT.ADVISORY.") {
         let advisory: Advisory = serde_json::from_slice(&msg.payload)
             .map_err(|e| Error::JetStream(format!("advisory {id} is not readable: {e}")))?;
-        let cause = if advisory.kind.ends_with(".max_deliver") {
-            Cause::MaxDeliveries
-        } else {
-            Cause::Terminated
-        };
+        let cause = if advisory.kind.ends_with(".max_deliver") { Cause::MaxDeliveries } else { Cause::Terminated };
         let (original, original_error) = match js.get_stream_no_info(&advisory.stream).await {
             Ok(stream) => match stream.get_raw_message(advisory.stream_seq).await {
                 Ok(m) => (Some(original_of(&advisory.stream, &m)), None),
-                Err(e) => (
-                    None,
-                    Some(format!("{}#{}: {e}", advisory.stream, advisory.stream_seq)),
-                ),
+                Err(e) => (None, Some(format!("{}#{}: {e}", advisory.stream, advisory.stream_seq))),
             },
             Err(e) => (None, Some(e.to_string())),
         };
@@ -202,16 +183,11 @@ pub async fn get(js: &jetstream::Context, id: u64) -> Result<DeadLetter, Error> 
     Ok(DeadLetter {
         id,
         time,
-        cause: if stray {
-            Cause::StraySubject
-        } else {
-            Cause::Other
-        },
+        cause: if stray { Cause::StraySubject } else { Cause::Other },
         stream: None,
         consumer: None,
         deliveries: None,
-        reason: stray
-            .then(|| format!("subject {subject:?} is not conv.in.<family>.<conversation_id>")),
+        reason: stray.then(|| format!("subject {subject:?} is not conv.in.<family>.<conversation_id>")),
         original: Some(original_of(STREAM_DLQ, &msg)),
         original_error: None,
     })
@@ -255,29 +231,16 @@ pub struct Redriven {
 pub fn validate_original(dead: &DeadLetter, limits: Limits) -> Result<Envelope, Error> {
     let id = dead.id;
     let Some(original) = &dead.original else {
-        return Err(Error::OriginalGone {
-            id,
-            detail: dead.original_error.clone().unwrap_or_default(),
-        });
+        return Err(Error::OriginalGone { id, detail: dead.original_error.clone().unwrap_or_default() });
     };
-    let pairs: Vec<(&str, &str)> = original
-        .headers
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
+    let pairs: Vec<(&str, &str)> = original.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let event = match binding::detect_mode(pairs.iter().copied()) {
         binding::Mode::Binary => binding::decode_binary(pairs, original.payload.as_bytes(), limits),
-        binding::Mode::Structured => {
-            binding::decode_structured(original.payload.as_bytes(), limits)
-        }
+        binding::Mode::Structured => binding::decode_structured(original.payload.as_bytes(), limits),
     }
     .map_err(|rejection| Error::Invalid { id, rejection })?;
     // An advisory's original must belong to the stream it came from.
-    let expected = if dead.cause == Cause::StraySubject {
-        subject::STREAM_IN
-    } else {
-        original.stream.as_str()
-    };
+    let expected = if dead.cause == Cause::StraySubject { subject::STREAM_IN } else { original.stream.as_str() };
     if event.event_type().kind().stream() != expected {
         let rejection = Rejection::SubjectTypeMismatch {
             subject: original.subject.clone(),
@@ -291,12 +254,7 @@ pub fn validate_original(dead: &DeadLetter, limits: Limits) -> Result<Envelope, 
 
 /// Re-drives one dead letter (see the module docs). A dry run validates and
 /// reports, changing nothing.
-pub async fn redrive(
-    js: &jetstream::Context,
-    id: u64,
-    dry_run: bool,
-    timeout: Duration,
-) -> Result<Redriven, Error> {
+pub async fn redrive(js: &jetstream::Context, id: u64, dry_run: bool, timeout: Duration) -> Result<Redriven, Error> {
     let dead = get(js, id).await?;
     let event = validate_original(&dead, Limits::default())?;
     let mut done = Redriven {
@@ -311,30 +269,17 @@ pub async fn redrive(
     if dry_run {
         return Ok(done);
     }
-    let original = dead
-        .original
-        .as_ref()
-        .map(|o| format!("{}:{}", o.stream, o.seq))
-        .unwrap_or_default();
+    let original = dead.original.as_ref().map(|o| format!("{}:{}", o.stream, o.seq)).unwrap_or_default();
     let redrive_of = format!("{STREAM_DLQ}:{id}");
     let msg_id = format!("{}~redrive~{id}", event.id);
-    let appended = journal::append(
-        js,
-        &event,
-        &msg_id,
-        &[(REDRIVE_OF, &redrive_of), (ORIGINAL, &original)],
-        timeout,
-    )
-    .await
-    .map_err(|source| Error::Append { id, source })?;
+    let appended = journal::append(js, &event, &msg_id, &[(REDRIVE_OF, &redrive_of), (ORIGINAL, &original)], timeout)
+        .await
+        .map_err(|source| Error::Append { id, source })?;
     done.stream_seq = Some(appended.seq);
     done.duplicate = appended.duplicate;
 
-    let (original_stream, original_seq, original_subject) = dead
-        .original
-        .as_ref()
-        .map(|o| (o.stream.clone(), o.seq, o.subject.clone()))
-        .unwrap_or_default();
+    let (original_stream, original_seq, original_subject) =
+        dead.original.as_ref().map(|o| (o.stream.clone(), o.seq, o.subject.clone())).unwrap_or_default();
     let audit = Envelope::new(
         format!("{}.audit.dlq.{id}.redriven", event.conversation_id),
         AUDIT_SOURCE,
@@ -349,9 +294,7 @@ pub async fn redrive(
         },
     )
     .with_time(Utc::now());
-    journal::append(js, &audit, &audit.id, &[], timeout)
-        .await
-        .map_err(|source| Error::Append { id, source })?;
+    journal::append(js, &audit, &audit.id, &[], timeout).await.map_err(|source| Error::Append { id, source })?;
 
     let dlq = js.get_stream_no_info(STREAM_DLQ).await.map_err(js_err)?;
     dlq.delete_message(id).await.map_err(js_err)?;

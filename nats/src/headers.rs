@@ -23,11 +23,7 @@ pub fn encode(event: &Envelope) -> (HeaderMap, Bytes) {
 /// Header pairs of a message, first value of each name.
 pub fn pairs(headers: Option<&HeaderMap>) -> Vec<(&str, &str)> {
     headers
-        .map(|h| {
-            h.iter()
-                .filter_map(|(name, values)| values.first().map(|v| (name.as_ref(), v.as_str())))
-                .collect()
-        })
+        .map(|h| h.iter().filter_map(|(name, values)| values.first().map(|v| (name.as_ref(), v.as_str()))).collect())
         .unwrap_or_default()
 }
 
@@ -43,11 +39,7 @@ pub fn decode(
 
 /// Publishes an event to its subject; await the returned future for the
 /// JetStream ack (the event is durable only then).
-pub async fn publish(
-    js: &async_nats::jetstream::Context,
-    event: &Envelope,
-) -> Result<PublishAckFuture, PublishError> {
+pub async fn publish(js: &async_nats::jetstream::Context, event: &Envelope) -> Result<PublishAckFuture, PublishError> {
     let (headers, body) = encode(event);
-    js.publish_with_headers(event.nats_subject(), headers, body)
-        .await
+    js.publish_with_headers(event.nats_subject(), headers, body).await
 }

@@ -55,27 +55,20 @@ pub async fn append(
     }
     let subject = event.nats_subject();
     let publish = async {
-        let ack = js
-            .publish_with_headers(subject, hdrs, body)
-            .await
-            .map_err(|e| classify(e.kind(), e.to_string()))?;
+        let ack = js.publish_with_headers(subject, hdrs, body).await.map_err(|e| classify(e.kind(), e.to_string()))?;
         ack.await.map_err(|e| classify(e.kind(), e.to_string()))
     };
-    let ack = tokio::time::timeout(timeout, publish).await.map_err(|_| {
-        AppendError::Unavailable(format!("no JetStream ack within {}ms", timeout.as_millis()))
-    })??;
-    Ok(Appended {
-        stream: ack.stream,
-        seq: ack.sequence,
-        duplicate: ack.duplicate,
-    })
+    let ack = tokio::time::timeout(timeout, publish)
+        .await
+        .map_err(|_| AppendError::Unavailable(format!("no JetStream ack within {}ms", timeout.as_millis())))??;
+    Ok(Appended { stream: ack.stream, seq: ack.sequence, duplicate: ack.duplicate })
 }
 
 fn classify(kind: PublishErrorKind, detail: String) -> AppendError {
     match kind {
-        PublishErrorKind::TimedOut
-        | PublishErrorKind::BrokenPipe
-        | PublishErrorKind::StreamNotFound => AppendError::Unavailable(detail),
+        PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe | PublishErrorKind::StreamNotFound => {
+            AppendError::Unavailable(detail)
+        }
         _ => AppendError::Refused(detail),
     }
 }

@@ -28,18 +28,11 @@ pub const CONFIG_FILE_ENV: &str = "CONV_CONFIG";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("config file {path} is invalid: {detail}")]
     Parse { path: String, detail: String },
     #[error("environment variable {var}={value:?} is invalid: {detail}")]
-    Env {
-        var: String,
-        value: String,
-        detail: String,
-    },
+    Env { var: String, value: String, detail: String },
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
@@ -159,10 +152,7 @@ impl<O: Options> Settings<O> {
     /// Settings for a test: the given NATS and a free-port address.
     pub fn for_test(nats: NatsConfig, http_addr: SocketAddr) -> Self {
         Settings {
-            service: ServiceConfig {
-                http_addr: Some(http_addr),
-                ..Default::default()
-            },
+            service: ServiceConfig { http_addr: Some(http_addr), ..Default::default() },
             nats,
             topology: TopologyConfig::default(),
             options: O::default(),
@@ -181,9 +171,7 @@ impl<O: Options> Settings<O> {
 
     /// The listen address (always set after [`Settings::load`]).
     pub fn http_addr(&self) -> SocketAddr {
-        self.service
-            .http_addr
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)))
+        self.service.http_addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)))
     }
 }
 
@@ -218,10 +206,7 @@ pub fn handle_args(id: &Identity, args: impl IntoIterator<Item = String>) -> Res
                 return Ok(true);
             }
             other => {
-                return Err(format!(
-                    "unexpected argument {other:?}; see `{} --help`",
-                    id.name
-                ));
+                return Err(format!("unexpected argument {other:?}; see `{} --help`", id.name));
             }
         }
     }
@@ -255,30 +240,18 @@ pub fn load_file<T: DeserializeOwned>(env: Env<'_>, defaults: T) -> Result<T, Co
 /// Parses a TOML config file; unknown keys are errors.
 pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: shown.clone(),
-        source,
-    })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
-        path: shown,
-        detail: e.to_string(),
-    })
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse { path: shown, detail: e.to_string() })
 }
 
 /// Installs the global tracing subscriber (`RUST_LOG` filter, default `info`).
 pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     // A second init (tests) keeps the first subscriber.
     let _ = match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
         LogFormat::Pretty => builder.try_init(),
     };
 }
@@ -298,10 +271,7 @@ pub fn shutdown_on_signals() -> CancellationToken {
 #[cfg(unix)]
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
         (Ok(mut int), Ok(mut term)) => {
             tokio::select! {
                 _ = int.recv() => {}
@@ -359,16 +329,12 @@ impl Health {
         topology: &TopologyConfig,
         registry: Registry,
     ) -> Result<Self, prometheus::Error> {
-        let nats_connected =
-            IntGauge::new("conv_nats_connected", "1 while the NATS connection is up")?;
+        let nats_connected = IntGauge::new("conv_nats_connected", "1 while the NATS connection is up")?;
         let ready = IntGauge::new("conv_ready", "1 while the service reports ready")?;
         let info = IntGauge::with_opts(
-            prometheus::Opts::new(
-                "conv_service_info",
-                "constant 1, labelled with the service and version",
-            )
-            .const_label("service", service)
-            .const_label("version", env!("CARGO_PKG_VERSION")),
+            prometheus::Opts::new("conv_service_info", "constant 1, labelled with the service and version")
+                .const_label("service", service)
+                .const_label("version", env!("CARGO_PKG_VERSION")),
         )?;
         info.set(1);
         registry.register(Box::new(nats_connected.clone()))?;
@@ -398,49 +364,26 @@ impl Health {
         let state = inner.client.connection_state();
         let connected = state == async_nats::connection::State::Connected;
         inner.nats_connected.set(i64::from(connected));
-        let mut checks = vec![Check {
-            name: "nats",
-            ok: connected,
-            detail: format!("{state:?}").to_lowercase(),
-        }];
+        let mut checks = vec![Check { name: "nats", ok: connected, detail: format!("{state:?}").to_lowercase() }];
         if connected {
-            let probe = tokio::time::timeout(
-                Duration::from_secs(3),
-                topology::missing_streams(&inner.js, &inner.topology),
-            )
-            .await;
+            let probe =
+                tokio::time::timeout(Duration::from_secs(3), topology::missing_streams(&inner.js, &inner.topology))
+                    .await;
             let check = match probe {
-                Ok(Ok(missing)) if missing.is_empty() => Check {
-                    name: "topology",
-                    ok: true,
-                    detail: "all streams present".into(),
-                },
+                Ok(Ok(missing)) if missing.is_empty() => {
+                    Check { name: "topology", ok: true, detail: "all streams present".into() }
+                }
                 Ok(Ok(missing)) => Check {
                     name: "topology",
                     ok: false,
-                    detail: format!(
-                        "missing streams: {} (run `convctl setup`)",
-                        missing.join(", ")
-                    ),
+                    detail: format!("missing streams: {} (run `convctl setup`)", missing.join(", ")),
                 },
-                Ok(Err(e)) => Check {
-                    name: "topology",
-                    ok: false,
-                    detail: e.to_string(),
-                },
-                Err(_) => Check {
-                    name: "topology",
-                    ok: false,
-                    detail: "JetStream did not answer within 3s".into(),
-                },
+                Ok(Err(e)) => Check { name: "topology", ok: false, detail: e.to_string() },
+                Err(_) => Check { name: "topology", ok: false, detail: "JetStream did not answer within 3s".into() },
             };
             checks.push(check);
         } else {
-            checks.push(Check {
-                name: "topology",
-                ok: false,
-                detail: "unknown while NATS is disconnected".into(),
-            });
+            checks.push(Check { name: "topology", ok: false, detail: "unknown while NATS is disconnected".into() });
         }
         let ready = checks.iter().all(|c| c.ok);
         inner.ready.set(i64::from(ready));
@@ -463,18 +406,13 @@ async fn healthz(State(health): State<Health>) -> impl IntoResponse {
 
 async fn readyz(State(health): State<Health>) -> impl IntoResponse {
     let readiness = health.readiness().await;
-    let status = if readiness.ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let status = if readiness.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, axum::Json(readiness))
 }
 
 async fn metrics(State(health): State<Health>) -> impl IntoResponse {
     // Refresh the connection gauge on scrape.
-    let connected =
-        health.inner.client.connection_state() == async_nats::connection::State::Connected;
+    let connected = health.inner.client.connection_state() == async_nats::connection::State::Connected;
     health.inner.nats_connected.set(i64::from(connected));
     let mut buf = Vec::new();
     match TextEncoder::new().encode(&health.inner.registry.gather(), &mut buf) {
@@ -502,20 +440,10 @@ pub enum BootError {
 
 /// Connects to NATS (in the background: a service boots while NATS is down
 /// and reports not-ready until it answers) and sets up health and metrics.
-pub async fn boot<O: Options>(
-    id: &Identity,
-    settings: &Settings<O>,
-    registry: Registry,
-) -> Result<Booted, BootError> {
+pub async fn boot<O: Options>(id: &Identity, settings: &Settings<O>, registry: Registry) -> Result<Booted, BootError> {
     let client = crate::connect::connect_lazy(&settings.nats, id.name).await?;
     let js = crate::connect::jetstream(client.clone(), &settings.nats);
-    let health = Health::new(
-        id.name,
-        client.clone(),
-        &settings.nats,
-        &settings.topology,
-        registry,
-    )?;
+    let health = Health::new(id.name, client.clone(), &settings.nats, &settings.topology, registry)?;
     tracing::info!(message = "Booted.", service = id.name, nats = %settings.nats.url, addr = %settings.http_addr());
     Ok(Booted { client, js, health })
 }
@@ -524,10 +452,7 @@ pub async fn boot<O: Options>(
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
 }
@@ -540,12 +465,8 @@ pub async fn serve(
     shutdown: CancellationToken,
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> Result<(), ServeError> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Bind { addr, source })?;
-    let local = listener
-        .local_addr()
-        .map_err(|source| ServeError::Bind { addr, source })?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })?;
+    let local = listener.local_addr().map_err(|source| ServeError::Bind { addr, source })?;
     tracing::info!(message = "Listening.", addr = %local);
     if let Some(tx) = bound {
         let _ = tx.send(local);
@@ -566,11 +487,7 @@ pub enum RunError {
 }
 
 /// Boots and serves only `/healthz`, `/readyz` and `/metrics` until shutdown.
-pub async fn serve_health(
-    id: &Identity,
-    settings: &Settings,
-    shutdown: CancellationToken,
-) -> Result<(), RunError> {
+pub async fn serve_health(id: &Identity, settings: &Settings, shutdown: CancellationToken) -> Result<(), RunError> {
     let booted = boot(id, settings, Registry::new()).await?;
     serve(settings.http_addr(), booted.health.router(), shutdown, None).await?;
     booted.client.drain().await.ok();
@@ -606,10 +523,7 @@ where
         }
     };
     init_tracing(settings.service.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("{}: cannot start the async runtime: {e}", id.name);
@@ -670,10 +584,7 @@ mod tests {
 
         let bad: HashMap<&str, &str> = [("CONV_PARTITIONS", "0")].into();
         let env = |k: &str| bad.get(k).map(|v| v.to_string());
-        assert!(matches!(
-            Settings::<()>::load(&id, &env),
-            Err(ConfigError::Invalid(_))
-        ));
+        assert!(matches!(Settings::<()>::load(&id, &env), Err(ConfigError::Invalid(_))));
     }
 
     #[test]
@@ -681,11 +592,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("conv-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("conv.toml");
-        std::fs::write(
-            &path,
-            "[service]\nhttp_addr = \"127.0.0.1:7000\"\n[topology]\npartitions = 8\n",
-        )
-        .expect("write");
+        std::fs::write(&path, "[service]\nhttp_addr = \"127.0.0.1:7000\"\n[topology]\npartitions = 8\n")
+            .expect("write");
         let id = Identity {
             name: "x",
             about: "",
@@ -698,13 +606,7 @@ mod tests {
         let s = Settings::<()>::load(&id, &env).expect("valid");
         assert_eq!((s.http_addr().port(), s.topology.partitions), (7000, 8));
         std::fs::write(&path, "[service]\nhttp_adr = \"127.0.0.1:7000\"\n").expect("write");
-        assert!(
-            matches!(
-                Settings::<()>::load(&id, &env),
-                Err(ConfigError::Parse { .. })
-            ),
-            "typos are refused"
-        );
+        assert!(matches!(Settings::<()>::load(&id, &env), Err(ConfigError::Parse { .. })), "typos are refused");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -55,14 +55,8 @@ pub enum Backend {
 }
 
 enum Server {
-    Container {
-        container: Box<ContainerAsync<Nats>>,
-    },
-    Process {
-        child: Option<Child>,
-        dir: tempfile::TempDir,
-        bin: PathBuf,
-    },
+    Container { container: Box<ContainerAsync<Nats>> },
+    Process { child: Option<Child>, dir: tempfile::TempDir, bin: PathBuf },
 }
 
 /// A JetStream server for one test.
@@ -73,10 +67,7 @@ pub struct TestNats {
 
 impl std::fmt::Debug for TestNats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TestNats")
-            .field("url", &self.url())
-            .field("backend", &self.backend())
-            .finish()
+        f.debug_struct("TestNats").field("url", &self.url()).field("backend", &self.backend()).finish()
     }
 }
 
@@ -103,9 +94,7 @@ pub fn free_addr() -> SocketAddr {
 }
 
 fn server_bin() -> PathBuf {
-    std::env::var_os("CONV_NATS_SERVER_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("nats-server"))
+    std::env::var_os("CONV_NATS_SERVER_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("nats-server"))
 }
 
 impl TestNats {
@@ -125,8 +114,7 @@ impl TestNats {
     /// Starts a container from `CONV_TEST_NATS_IMAGE`, with its client port
     /// mapped to a fixed free host port (so a restart keeps the URL).
     pub async fn start_container() -> Result<Self, Error> {
-        let image =
-            std::env::var("CONV_TEST_NATS_IMAGE").unwrap_or_else(|_| DEFAULT_IMAGE.to_owned());
+        let image = std::env::var("CONV_TEST_NATS_IMAGE").unwrap_or_else(|_| DEFAULT_IMAGE.to_owned());
         let (name, tag) = match image.rsplit_once(':') {
             Some((n, t)) if !t.contains('/') => (n.to_owned(), t.to_owned()),
             _ => (image.clone(), "latest".to_owned()),
@@ -140,35 +128,18 @@ impl TestNats {
             .with_startup_timeout(Duration::from_secs(30))
             .start()
             .await
-            .map_err(|e| Error::Container {
-                image: image.clone(),
-                detail: e.to_string(),
-            })?;
-        let nats = Self {
-            port,
-            server: Server::Container {
-                container: Box::new(container),
-            },
-        };
+            .map_err(|e| Error::Container { image: image.clone(), detail: e.to_string() })?;
+        let nats = Self { port, server: Server::Container { container: Box::new(container) } };
         nats.wait_ready().await?;
         Ok(nats)
     }
 
     /// Starts a `nats-server` process with JetStream in a fresh temp dir.
     pub async fn start_process() -> Result<Self, Error> {
-        let dir = tempfile::Builder::new()
-            .prefix("conv-test-nats")
-            .tempdir()?;
+        let dir = tempfile::Builder::new().prefix("conv-test-nats").tempdir()?;
         let port = free_port()?;
         let bin = server_bin();
-        let mut nats = Self {
-            port,
-            server: Server::Process {
-                child: None,
-                dir,
-                bin,
-            },
-        };
+        let mut nats = Self { port, server: Server::Process { child: None, dir, bin } };
         nats.spawn_process()?;
         nats.wait_ready().await?;
         Ok(nats)
@@ -178,23 +149,13 @@ impl TestNats {
         let port = self.port;
         if let Server::Process { child, dir, bin } = &mut self.server {
             let spawned = Command::new(&*bin)
-                .args([
-                    "--jetstream",
-                    "--addr",
-                    "127.0.0.1",
-                    "--port",
-                    &port.to_string(),
-                    "--store_dir",
-                ])
+                .args(["--jetstream", "--addr", "127.0.0.1", "--port", &port.to_string(), "--store_dir"])
                 .arg(dir.path())
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
-                .map_err(|source| Error::Spawn {
-                    bin: bin.display().to_string(),
-                    source,
-                })?;
+                .map_err(|source| Error::Spawn { bin: bin.display().to_string(), source })?;
             *child = Some(spawned);
         }
         Ok(())
@@ -211,10 +172,7 @@ impl TestNats {
                 }
             }
             if Instant::now() > deadline {
-                return Err(Error::NotReady {
-                    port: self.port,
-                    secs: 20,
-                });
+                return Err(Error::NotReady { port: self.port, secs: 20 });
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -242,10 +200,7 @@ impl TestNats {
 
     /// A [`crate::NatsConfig`] pointing at this server.
     pub fn config(&self) -> crate::NatsConfig {
-        crate::NatsConfig {
-            url: self.url(),
-            ..Default::default()
-        }
+        crate::NatsConfig { url: self.url(), ..Default::default() }
     }
 
     pub async fn client(&self) -> async_nats::Client {
@@ -272,10 +227,7 @@ impl TestNats {
     pub async fn stop(&mut self) -> Result<(), Error> {
         match &mut self.server {
             Server::Container { container } => {
-                container.stop().await.map_err(|e| Error::Container {
-                    image: String::new(),
-                    detail: e.to_string(),
-                })
+                container.stop().await.map_err(|e| Error::Container { image: String::new(), detail: e.to_string() })
             }
             Server::Process { child, .. } => {
                 if let Some(mut c) = child.take() {
@@ -291,10 +243,7 @@ impl TestNats {
     pub async fn restart(&mut self) -> Result<(), Error> {
         match &mut self.server {
             Server::Container { container } => {
-                container.start().await.map_err(|e| Error::Container {
-                    image: String::new(),
-                    detail: e.to_string(),
-                })?
+                container.start().await.map_err(|e| Error::Container { image: String::new(), detail: e.to_string() })?
             }
             Server::Process { .. } => self.spawn_process()?,
         }
@@ -321,9 +270,7 @@ pub struct ServiceHandle<E> {
 
 impl<E> std::fmt::Debug for ServiceHandle<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServiceHandle")
-            .field("name", &self.name)
-            .finish()
+        f.debug_struct("ServiceHandle").field("name", &self.name).finish()
     }
 }
 
@@ -336,11 +283,7 @@ where
 {
     let token = CancellationToken::new();
     let task = tokio::spawn(run(token.clone()));
-    ServiceHandle {
-        name: name.to_owned(),
-        token,
-        task: Some(task),
-    }
+    ServiceHandle { name: name.to_owned(), token, task: Some(task) }
 }
 
 impl<E: std::fmt::Display> ServiceHandle<E> {
@@ -403,10 +346,7 @@ pub async fn wait_http_ok(url: &str, within: Duration) -> Option<u16> {
 pub async fn http_get_status(url: &str) -> Option<u16> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://")?;
-    let (host, path) = rest
-        .split_once('/')
-        .map(|(h, p)| (h, format!("/{p}")))
-        .unwrap_or((rest, "/".into()));
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
     let mut stream = tokio::net::TcpStream::connect(host).await.ok()?;
     let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
     stream.write_all(req.as_bytes()).await.ok()?;
@@ -423,11 +363,7 @@ pub fn default_topology() -> Topology {
 
 /// Starts a service binary with `envs`, waits for `/healthz` on `addr`,
 /// sends SIGTERM and asserts a clean exit within 15 s. Returns the binary's stderr.
-pub async fn assert_binary_boots_and_stops(
-    bin: &str,
-    addr: SocketAddr,
-    envs: &[(&str, String)],
-) -> String {
+pub async fn assert_binary_boots_and_stops(bin: &str, addr: SocketAddr, envs: &[(&str, String)]) -> String {
     let mut child = tokio::process::Command::new(bin)
         .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
         .env("RUST_LOG", "info")
@@ -440,10 +376,7 @@ pub async fn assert_binary_boots_and_stops(
     let status = wait_http_ok(&format!("http://{addr}/healthz"), Duration::from_secs(20)).await;
     assert_eq!(status, Some(200), "{bin} serves /healthz on {addr}");
     let pid = child.id().map(|p| p.to_string()).unwrap_or_default();
-    let killed = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await;
+    let killed = tokio::process::Command::new("kill").args(["-TERM", &pid]).status().await;
     assert!(killed.is_ok_and(|s| s.success()), "SIGTERM sent");
     let exit = tokio::time::timeout(Duration::from_secs(15), child.wait())
         .await
@@ -454,9 +387,6 @@ pub async fn assert_binary_boots_and_stops(
         use tokio::io::AsyncReadExt;
         let _ = err.read_to_string(&mut stderr).await;
     }
-    assert!(
-        exit.success(),
-        "{bin} exits 0 after SIGTERM, got {exit}; stderr:\n{stderr}"
-    );
+    assert!(exit.success(), "{bin} exits 0 after SIGTERM, got {exit}; stderr:\n{stderr}");
     stderr
 }

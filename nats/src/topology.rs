@@ -9,16 +9,10 @@
 use std::fmt;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{
-    AckPolicy, DeliverPolicy, IntoConsumerConfig, PriorityPolicy, pull,
-};
-use async_nats::jetstream::stream::{
-    self, DiscardPolicy, RetentionPolicy, StorageType, SubjectTransform,
-};
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, IntoConsumerConfig, PriorityPolicy, pull};
+use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType, SubjectTransform};
 use async_nats::jetstream::{self, kv};
-use conv_contracts::subject::{
-    self, STREAM_APPLIED, STREAM_AUDIT, STREAM_DLQ, STREAM_EFFECT, STREAM_IN, STREAM_OUT,
-};
+use conv_contracts::subject::{self, STREAM_APPLIED, STREAM_AUDIT, STREAM_DLQ, STREAM_EFFECT, STREAM_IN, STREAM_OUT};
 use conv_contracts::types::Kind;
 use serde::{Deserialize, Serialize};
 
@@ -88,10 +82,7 @@ impl Default for TopologyConfig {
 impl TopologyConfig {
     pub fn validate(&self) -> Result<(), String> {
         if !(1..=1024).contains(&self.partitions) {
-            return Err(format!(
-                "partitions must be 1..=1024, got {}",
-                self.partitions
-            ));
+            return Err(format!("partitions must be 1..=1024, got {}", self.partitions));
         }
         if !(1..=5).contains(&self.replicas) {
             return Err(format!("replicas must be 1..=5, got {}", self.replicas));
@@ -100,14 +91,10 @@ impl TopologyConfig {
             return Err("max_deliver must be at least 1".into());
         }
         if self.ack_wait_secs == 0 || self.duplicate_window_secs == 0 || self.owner_ttl_secs == 0 {
-            return Err(
-                "ack_wait_secs, duplicate_window_secs and owner_ttl_secs must be positive".into(),
-            );
+            return Err("ack_wait_secs, duplicate_window_secs and owner_ttl_secs must be positive".into());
         }
         if self.journal_max_age_hours * 3600 < self.duplicate_window_secs {
-            return Err(
-                "the journal must keep events at least as long as the dedupe window".into(),
-            );
+            return Err("the journal must keep events at least as long as the dedupe window".into());
         }
         Ok(())
     }
@@ -150,33 +137,16 @@ impl Topology {
             ..Default::default()
         };
         let (src, dest) = subject::in_partition_transform(cfg.partitions);
-        let mut conv_in = journal(
-            STREAM_IN,
-            Kind::In,
-            "conv inputs; subjects carry their partition",
-        );
+        let mut conv_in = journal(STREAM_IN, Kind::In, "conv inputs; subjects carry their partition");
         conv_in.subjects = vec![subject::IN_SUBJECTS.to_owned()];
-        conv_in.subject_transform = Some(SubjectTransform {
-            source: src,
-            destination: dest,
-        });
+        conv_in.subject_transform = Some(SubjectTransform { source: src, destination: dest });
         let mut audit = journal(STREAM_AUDIT, Kind::Audit, "conv operator actions");
         audit.max_age = hours(cfg.audit_max_age_hours);
 
         let mut dlq_subjects = Vec::new();
-        for stream in [
-            STREAM_IN,
-            STREAM_EFFECT,
-            STREAM_APPLIED,
-            STREAM_OUT,
-            STREAM_AUDIT,
-        ] {
-            dlq_subjects.push(format!(
-                "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.*"
-            ));
-            dlq_subjects.push(format!(
-                "$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.{stream}.*"
-            ));
+        for stream in [STREAM_IN, STREAM_EFFECT, STREAM_APPLIED, STREAM_OUT, STREAM_AUDIT] {
+            dlq_subjects.push(format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.*"));
+            dlq_subjects.push(format!("$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.{stream}.*"));
         }
         dlq_subjects.push(format!("{}.>", subject::DLQ_SUBJECT_PREFIX));
         dlq_subjects.extend(subject::IN_STRAY_SUBJECTS.iter().map(|s| (*s).to_owned()));
@@ -201,11 +171,7 @@ impl Topology {
         let streams = vec![
             conv_in,
             journal(STREAM_EFFECT, Kind::Effect, "conv effect directives"),
-            journal(
-                STREAM_APPLIED,
-                Kind::Applied,
-                "conv applied markers, in applied order",
-            ),
+            journal(STREAM_APPLIED, Kind::Applied, "conv applied markers, in applied order"),
             journal(STREAM_OUT, Kind::Out, "conv client-facing output"),
             audit,
             dlq,
@@ -225,42 +191,21 @@ impl Topology {
         };
         let mut consumers = Vec::new();
         for p in 0..cfg.partitions {
-            let mut c = base(
-                runtime_consumer(p),
-                subject::in_partition_filter(p),
-                "conv-runtime partition worker",
-            );
+            let mut c = base(runtime_consumer(p), subject::in_partition_filter(p), "conv-runtime partition worker");
             c.priority_policy = PriorityPolicy::PinnedClient;
             c.priority_groups = vec![RUNTIME_GROUP.to_owned()];
             c.priority_timeout = Duration::from_secs(cfg.pinned_ttl_secs);
             // The scheduler reads ahead of a P3 backlog to find P0 events, so
             // many messages of a partition may be in hand at once.
             c.max_ack_pending = 20_000;
-            consumers.push(ConsumerSpec {
-                stream: STREAM_IN.to_owned(),
-                config: c,
-            });
+            consumers.push(ConsumerSpec { stream: STREAM_IN.to_owned(), config: c });
         }
-        let mut effects = base(
-            EFFECTS_CONSUMER.to_owned(),
-            String::new(),
-            "conv-effects shared work queue",
-        );
+        let mut effects = base(EFFECTS_CONSUMER.to_owned(), String::new(), "conv-effects shared work queue");
         effects.max_ack_pending = 4096;
-        consumers.push(ConsumerSpec {
-            stream: STREAM_EFFECT.to_owned(),
-            config: effects,
-        });
-        let mut projections = base(
-            PROJECTIONS_CONSUMER.to_owned(),
-            String::new(),
-            "conv-projections views",
-        );
+        consumers.push(ConsumerSpec { stream: STREAM_EFFECT.to_owned(), config: effects });
+        let mut projections = base(PROJECTIONS_CONSUMER.to_owned(), String::new(), "conv-projections views");
         projections.max_ack_pending = 1000;
-        consumers.push(ConsumerSpec {
-            stream: STREAM_OUT.to_owned(),
-            config: projections,
-        });
+        consumers.push(ConsumerSpec { stream: STREAM_OUT.to_owned(), config: projections });
 
         let bucket = |name: &str, description: &str, history: i64, max_age: Duration| kv::Config {
             bucket: name.to_owned(),
@@ -272,26 +217,12 @@ impl Topology {
             ..Default::default()
         };
         let kv = vec![
-            bucket(
-                KV_SNAPSHOTS,
-                "conv runtime snapshots (revision-checked writes)",
-                1,
-                Duration::ZERO,
-            ),
-            bucket(
-                KV_OWNERS,
-                "conv partition ownership leases",
-                1,
-                Duration::from_secs(cfg.owner_ttl_secs),
-            ),
+            bucket(KV_SNAPSHOTS, "conv runtime snapshots (revision-checked writes)", 1, Duration::ZERO),
+            bucket(KV_OWNERS, "conv partition ownership leases", 1, Duration::from_secs(cfg.owner_ttl_secs)),
             bucket(KV_TIMERS, "conv durable timers", 1, Duration::ZERO),
             bucket(KV_PROJECTIONS, "conv projection views", 1, Duration::ZERO),
         ];
-        Topology {
-            streams,
-            consumers,
-            kv,
-        }
+        Topology { streams, consumers, kv }
     }
 
     /// Names of the pinned streams (what readiness requires).
@@ -352,24 +283,10 @@ impl Report {
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for c in self
-            .changes
-            .iter()
-            .filter(|c| c.action != Action::Unchanged)
-        {
-            let action = serde_json::to_value(c.action)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned));
-            let kind = serde_json::to_value(c.kind)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned));
-            write!(
-                f,
-                "{:<9} {:<8} {}",
-                action.unwrap_or_default(),
-                kind.unwrap_or_default(),
-                c.name
-            )?;
+        for c in self.changes.iter().filter(|c| c.action != Action::Unchanged) {
+            let action = serde_json::to_value(c.action).ok().and_then(|v| v.as_str().map(str::to_owned));
+            let kind = serde_json::to_value(c.kind).ok().and_then(|v| v.as_str().map(str::to_owned));
+            write!(f, "{:<9} {:<8} {}", action.unwrap_or_default(), kind.unwrap_or_default(), c.name)?;
             if !c.fields.is_empty() {
                 write!(f, " ({})", c.fields.join("; "))?;
             }
@@ -397,18 +314,11 @@ pub enum Error {
     #[error("JetStream request for {object} failed: {detail}")]
     Request { object: String, detail: String },
     #[error("{object} cannot be changed in place ({fields}); {detail}")]
-    Immutable {
-        object: String,
-        fields: String,
-        detail: String,
-    },
+    Immutable { object: String, fields: String, detail: String },
 }
 
 fn request_err(object: &str, e: impl fmt::Display) -> Error {
-    Error::Request {
-        object: object.to_owned(),
-        detail: e.to_string(),
-    }
+    Error::Request { object: object.to_owned(), detail: e.to_string() }
 }
 
 macro_rules! diff_fields {
@@ -468,12 +378,8 @@ pub fn consumer_diff(have: &jetstream::consumer::Config, want: &pull::Config) ->
         ]
     );
     // Replicas of 0 on the server mean "inherit from the stream".
-    if have.num_replicas != want.num_replicas && !(have.num_replicas == 0 && want.num_replicas == 1)
-    {
-        out.push(format!(
-            "num_replicas: {:?} → {:?}",
-            have.num_replicas, want.num_replicas
-        ));
+    if have.num_replicas != want.num_replicas && !(have.num_replicas == 0 && want.num_replicas == 1) {
+        out.push(format!("num_replicas: {:?} → {:?}", have.num_replicas, want.num_replicas));
     }
     out
 }
@@ -481,19 +387,13 @@ pub fn consumer_diff(have: &jetstream::consumer::Config, want: &pull::Config) ->
 fn kv_diff(have: &stream::Config, want: &kv::Config) -> Vec<String> {
     let mut out = Vec::new();
     if have.max_messages_per_subject != want.history {
-        out.push(format!(
-            "history: {} → {}",
-            have.max_messages_per_subject, want.history
-        ));
+        out.push(format!("history: {} → {}", have.max_messages_per_subject, want.history));
     }
     if have.max_age != want.max_age {
         out.push(format!("max_age: {:?} → {:?}", have.max_age, want.max_age));
     }
     if have.num_replicas != want.num_replicas {
-        out.push(format!(
-            "num_replicas: {} → {}",
-            have.num_replicas, want.num_replicas
-        ));
+        out.push(format!("num_replicas: {} → {}", have.num_replicas, want.num_replicas));
     }
     if have.storage != want.storage {
         out.push(format!("storage: {:?} → {:?}", have.storage, want.storage));
@@ -502,18 +402,9 @@ fn kv_diff(have: &stream::Config, want: &kv::Config) -> Vec<String> {
 }
 
 /// Reads one stream's config; `None` when it does not exist.
-async fn stream_config(
-    js: &jetstream::Context,
-    name: &str,
-) -> Result<Option<stream::Config>, Error> {
+async fn stream_config(js: &jetstream::Context, name: &str) -> Result<Option<stream::Config>, Error> {
     match js.get_stream(name).await {
-        Ok(mut s) => Ok(Some(
-            s.info()
-                .await
-                .map_err(|e| request_err(name, e))?
-                .config
-                .clone(),
-        )),
+        Ok(mut s) => Ok(Some(s.info().await.map_err(|e| request_err(name, e))?.config.clone())),
         Err(e)
             if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref je)
             if je.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
@@ -530,10 +421,7 @@ async fn consumer_config(
     name: &str,
 ) -> Result<Option<jetstream::consumer::Config>, Error> {
     let object = format!("{stream}/{name}");
-    let s = js
-        .get_stream_no_info(stream)
-        .await
-        .map_err(|e| request_err(&object, e))?;
+    let s = js.get_stream_no_info(stream).await.map_err(|e| request_err(&object, e))?;
     match s.consumer_info(name).await {
         Ok(info) => Ok(Some(info.config.clone())),
         Err(e) if consumer_not_found(&e.kind()) => Ok(None),
@@ -574,34 +462,22 @@ async fn run(js: &jetstream::Context, topology: &Topology, write: bool) -> Resul
 
     for want in &topology.streams {
         let have = stream_config(js, &want.name).await?;
-        let fields = have
-            .as_ref()
-            .map(|h| stream_diff(h, want))
-            .unwrap_or_default();
+        let fields = have.as_ref().map(|h| stream_diff(h, want)).unwrap_or_default();
         let action = verdict(have.is_some(), &fields);
         match action {
             Action::Created => {
-                js.create_stream(want.clone())
-                    .await
-                    .map_err(|e| request_err(&want.name, e))?;
+                js.create_stream(want.clone()).await.map_err(|e| request_err(&want.name, e))?;
             }
             Action::Updated => {
-                js.update_stream(want.clone())
-                    .await
-                    .map_err(|e| Error::Immutable {
-                        object: want.name.clone(),
-                        fields: fields.join("; "),
-                        detail: e.to_string(),
-                    })?;
+                js.update_stream(want.clone()).await.map_err(|e| Error::Immutable {
+                    object: want.name.clone(),
+                    fields: fields.join("; "),
+                    detail: e.to_string(),
+                })?;
             }
             _ => {}
         }
-        report.changes.push(Change {
-            kind: ObjectKind::Stream,
-            name: want.name.clone(),
-            action,
-            fields,
-        });
+        report.changes.push(Change { kind: ObjectKind::Stream, name: want.name.clone(), action, fields });
     }
 
     for spec in &topology.consumers {
@@ -612,41 +488,18 @@ async fn run(js: &jetstream::Context, topology: &Topology, write: bool) -> Resul
         } else {
             None
         };
-        let fields = have
-            .as_ref()
-            .map(|h| consumer_diff(h, &spec.config))
-            .unwrap_or_default();
+        let fields = have.as_ref().map(|h| consumer_diff(h, &spec.config)).unwrap_or_default();
         let action = verdict(have.is_some(), &fields);
         if matches!(action, Action::Created | Action::Updated) {
-            let stream = js
-                .get_stream_no_info(&spec.stream)
-                .await
-                .map_err(|e| request_err(&object, e))?;
+            let stream = js.get_stream_no_info(&spec.stream).await.map_err(|e| request_err(&object, e))?;
             let result = if action == Action::Created {
-                stream
-                    .create_consumer(spec.config.clone())
-                    .await
-                    .map(drop)
-                    .map_err(|e| e.to_string())
+                stream.create_consumer(spec.config.clone()).await.map(drop).map_err(|e| e.to_string())
             } else {
-                stream
-                    .update_consumer(spec.config.clone())
-                    .await
-                    .map(drop)
-                    .map_err(|e| e.to_string())
+                stream.update_consumer(spec.config.clone()).await.map(drop).map_err(|e| e.to_string())
             };
-            result.map_err(|detail| Error::Immutable {
-                object: object.clone(),
-                fields: fields.join("; "),
-                detail,
-            })?;
+            result.map_err(|detail| Error::Immutable { object: object.clone(), fields: fields.join("; "), detail })?;
         }
-        report.changes.push(Change {
-            kind: ObjectKind::Consumer,
-            name: object,
-            action,
-            fields,
-        });
+        report.changes.push(Change { kind: ObjectKind::Consumer, name: object, action, fields });
     }
 
     for want in &topology.kv {
@@ -655,29 +508,19 @@ async fn run(js: &jetstream::Context, topology: &Topology, write: bool) -> Resul
         let fields = have.as_ref().map(|h| kv_diff(h, want)).unwrap_or_default();
         let action = verdict(have.is_some(), &fields);
         if matches!(action, Action::Created | Action::Updated) {
-            js.create_or_update_key_value(want.clone())
-                .await
-                .map_err(|e| Error::Immutable {
-                    object: want.bucket.clone(),
-                    fields: fields.join("; "),
-                    detail: e.to_string(),
-                })?;
+            js.create_or_update_key_value(want.clone()).await.map_err(|e| Error::Immutable {
+                object: want.bucket.clone(),
+                fields: fields.join("; "),
+                detail: e.to_string(),
+            })?;
         }
-        report.changes.push(Change {
-            kind: ObjectKind::Kv,
-            name: want.bucket.clone(),
-            action,
-            fields,
-        });
+        report.changes.push(Change { kind: ObjectKind::Kv, name: want.bucket.clone(), action, fields });
     }
     Ok(report)
 }
 
 /// Which pinned streams are missing (readiness uses this).
-pub async fn missing_streams(
-    js: &jetstream::Context,
-    topology: &Topology,
-) -> Result<Vec<String>, Error> {
+pub async fn missing_streams(js: &jetstream::Context, topology: &Topology) -> Result<Vec<String>, Error> {
     let mut missing = Vec::new();
     for name in topology.stream_names() {
         if stream_config(js, name).await?.is_none() {
@@ -705,15 +548,9 @@ mod tests {
     #[test]
     fn config_validation() {
         assert!(TopologyConfig::default().validate().is_ok());
-        let bad = TopologyConfig {
-            partitions: 0,
-            ..Default::default()
-        };
+        let bad = TopologyConfig { partitions: 0, ..Default::default() };
         assert!(bad.validate().is_err());
-        let bad = TopologyConfig {
-            replicas: 7,
-            ..Default::default()
-        };
+        let bad = TopologyConfig { replicas: 7, ..Default::default() };
         assert!(bad.validate().is_err());
     }
 }

@@ -17,11 +17,7 @@ const STREAM: &str = "CONV_EFFECT";
 async fn setup(
     max_deliver: i64,
     ack_wait: Duration,
-) -> (
-    TestNats,
-    jetstream::Context,
-    jetstream::consumer::PullConsumer,
-) {
+) -> (TestNats, jetstream::Context, jetstream::consumer::PullConsumer) {
     let nats = TestNats::start().await.expect("test NATS");
     nats.setup().await.expect("topology");
     let js = nats.jetstream().await;
@@ -41,11 +37,7 @@ async fn setup(
 
 async fn publish(js: &jetstream::Context, n: usize) {
     for i in 0..n {
-        js.publish(format!("conv.effect.llm.c{i}"), format!("{i}").into())
-            .await
-            .expect("publish")
-            .await
-            .expect("ack");
+        js.publish(format!("conv.effect.llm.c{i}"), format!("{i}").into()).await.expect("publish").await.expect("ack");
     }
 }
 
@@ -96,19 +88,11 @@ async fn ok_acks_and_poison_terms_into_the_dlq() {
         Options::default(),
         shutdown.clone(),
     ));
-    let stats = tokio::time::timeout(Duration::from_secs(20), run)
-        .await
-        .expect("finishes")
-        .expect("no panic");
+    let stats = tokio::time::timeout(Duration::from_secs(20), run).await.expect("finishes").expect("no panic");
     assert_eq!((stats.acked, stats.termed, stats.naked), (2, 1, 0));
 
     let subjects = dlq_subjects(&js, 1).await;
-    assert_eq!(
-        subjects,
-        vec![format!(
-            "$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.{STREAM}.test-worker"
-        )]
-    );
+    assert_eq!(subjects, vec![format!("$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.{STREAM}.test-worker")]);
     let mut consumer = consumer;
     let info = consumer.info().await.expect("info");
     assert_eq!(info.ack_floor.stream_sequence, 3, "everything settled");
@@ -123,11 +107,8 @@ async fn transient_failures_retry_until_max_deliver_then_dead_letter() {
     let attempts = Arc::new(AtomicU32::new(0));
     let a = attempts.clone();
     let messages = consumer.messages().await.expect("messages");
-    let opts = Options {
-        nak_min: Duration::from_millis(20),
-        nak_max: Duration::from_millis(100),
-        ..Default::default()
-    };
+    let opts =
+        Options { nak_min: Duration::from_millis(20), nak_max: Duration::from_millis(100), ..Default::default() };
     let run = tokio::spawn(consume::run(
         messages,
         move |_m| {
@@ -141,12 +122,7 @@ async fn transient_failures_retry_until_max_deliver_then_dead_letter() {
         shutdown.clone(),
     ));
     let subjects = dlq_subjects(&js, 1).await;
-    assert_eq!(
-        subjects,
-        vec![format!(
-            "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM}.test-worker"
-        )]
-    );
+    assert_eq!(subjects, vec![format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM}.test-worker")]);
     // Nothing is delivered after max_deliver.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(attempts.load(Ordering::SeqCst), 3);
@@ -165,10 +141,7 @@ async fn progress_keeps_long_work_from_being_redelivered() {
     let d = deliveries.clone();
     let stop = shutdown.clone();
     let messages = consumer.messages().await.expect("messages");
-    let opts = Options {
-        progress_every: Duration::from_millis(250),
-        ..Default::default()
-    };
+    let opts = Options { progress_every: Duration::from_millis(250), ..Default::default() };
     let run = tokio::spawn(consume::run(
         messages,
         move |_m| {
@@ -185,10 +158,7 @@ async fn progress_keeps_long_work_from_being_redelivered() {
         opts,
         shutdown.clone(),
     ));
-    let stats = tokio::time::timeout(Duration::from_secs(20), run)
-        .await
-        .expect("finishes")
-        .expect("no panic");
+    let stats = tokio::time::timeout(Duration::from_secs(20), run).await.expect("finishes").expect("no panic");
     assert_eq!(stats.acked, 1);
     assert_eq!(deliveries.load(Ordering::SeqCst), 1);
     let mut consumer = consumer;
@@ -196,13 +166,8 @@ async fn progress_keeps_long_work_from_being_redelivered() {
     assert_eq!(info.num_redelivered, 0, "never redelivered");
     assert_eq!(info.num_ack_pending, 0);
     // The message was seen exactly once by a fresh reader too.
-    let mut again = consumer
-        .fetch()
-        .max_messages(1)
-        .expires(Duration::from_millis(300))
-        .messages()
-        .await
-        .expect("fetch");
+    let mut again =
+        consumer.fetch().max_messages(1).expires(Duration::from_millis(300)).messages().await.expect("fetch");
     assert!(again.next().await.is_none());
     let _: Option<stream::Config> = None;
 }

@@ -21,35 +21,21 @@ async fn backend_follows_conv_test_nats() {
 
 #[tokio::test]
 async fn process_backend_removes_its_storage_on_drop() {
-    let nats = TestNats::start_process()
-        .await
-        .expect("nats-server process");
+    let nats = TestNats::start_process().await.expect("nats-server process");
     nats.setup().await.expect("setup");
     let dir = nats.store_dir().expect("a process has a store dir");
-    assert!(
-        dir.join("jetstream").exists(),
-        "JetStream stores under {}",
-        dir.display()
-    );
+    assert!(dir.join("jetstream").exists(), "JetStream stores under {}", dir.display());
     let addr = nats.url().trim_start_matches("nats://").to_owned();
     drop(nats);
     assert!(!dir.exists(), "storage removed on drop");
-    assert!(
-        std::net::TcpStream::connect(&addr).is_err(),
-        "server stopped on drop"
-    );
+    assert!(std::net::TcpStream::connect(&addr).is_err(), "server stopped on drop");
 }
 
 #[test]
 fn server_configs_are_valid() {
     let bin = std::env::var("CONV_NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
-    for name in [
-        "single.conf",
-        "cluster-1.conf",
-        "cluster-2.conf",
-        "cluster-3.conf",
-    ] {
+    for name in ["single.conf", "cluster-1.conf", "cluster-2.conf", "cluster-3.conf"] {
         let path = dir.join(name);
         let out = std::process::Command::new(&bin)
             .arg("-t")
@@ -57,10 +43,6 @@ fn server_configs_are_valid() {
             .arg(&path)
             .output()
             .unwrap_or_else(|e| panic!("run {bin} (install with scripts/ensure-nats.sh): {e}"));
-        assert!(
-            out.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }

@@ -23,42 +23,21 @@ async fn apply_creates_everything_then_reports_no_changes() {
     let topo = Topology::declare(&TopologyConfig::default());
 
     let before = topology::check(&js, &topo).await.expect("check");
-    assert_eq!(
-        before.count(Action::Missing),
-        before.changes.len(),
-        "fresh server has nothing: {before}"
-    );
+    assert_eq!(before.count(Action::Missing), before.changes.len(), "fresh server has nothing: {before}");
 
     let first = topology::apply(&js, &topo).await.expect("apply");
     assert_eq!(first.count(Action::Created), first.changes.len(), "{first}");
     for name in STREAMS {
-        js.get_stream(name)
-            .await
-            .unwrap_or_else(|e| panic!("{name} exists: {e}"));
+        js.get_stream(name).await.unwrap_or_else(|e| panic!("{name} exists: {e}"));
     }
-    for bucket in [
-        topology::KV_SNAPSHOTS,
-        topology::KV_OWNERS,
-        topology::KV_TIMERS,
-        topology::KV_PROJECTIONS,
-    ] {
-        js.get_key_value(bucket)
-            .await
-            .unwrap_or_else(|e| panic!("{bucket} exists: {e}"));
+    for bucket in [topology::KV_SNAPSHOTS, topology::KV_OWNERS, topology::KV_TIMERS, topology::KV_PROJECTIONS] {
+        js.get_key_value(bucket).await.unwrap_or_else(|e| panic!("{bucket} exists: {e}"));
     }
 
     let second = topology::apply(&js, &topo).await.expect("apply again");
-    assert!(
-        second.is_unchanged(),
-        "second run changes nothing: {second}"
-    );
+    assert!(second.is_unchanged(), "second run changes nothing: {second}");
     assert!(second.to_string().starts_with("no changes"), "{second}");
-    assert!(
-        topology::check(&js, &topo)
-            .await
-            .expect("check")
-            .is_unchanged()
-    );
+    assert!(topology::check(&js, &topo).await.expect("check").is_unchanged());
 }
 
 #[tokio::test]
@@ -69,37 +48,19 @@ async fn drift_is_reported_and_repaired() {
     topology::apply(&js, &topo).await.expect("apply");
 
     // Someone shortens CONV_OUT's retention by hand.
-    let mut out = topo
-        .streams
-        .iter()
-        .find(|s| s.name == subject::STREAM_OUT)
-        .expect("declared")
-        .clone();
+    let mut out = topo.streams.iter().find(|s| s.name == subject::STREAM_OUT).expect("declared").clone();
     out.max_age = Duration::from_secs(3600);
     js.update_stream(out).await.expect("manual update");
 
     let drift = topology::check(&js, &topo).await.expect("check");
-    let drifted: Vec<_> = drift
-        .changes
-        .iter()
-        .filter(|c| c.action == Action::Drifted)
-        .collect();
+    let drifted: Vec<_> = drift.changes.iter().filter(|c| c.action == Action::Drifted).collect();
     assert_eq!(drifted.len(), 1, "{drift}");
     assert_eq!(drifted[0].name, subject::STREAM_OUT);
-    assert!(
-        drifted[0].fields[0].starts_with("max_age"),
-        "{:?}",
-        drifted[0].fields
-    );
+    assert!(drifted[0].fields[0].starts_with("max_age"), "{:?}", drifted[0].fields);
 
     let repaired = topology::apply(&js, &topo).await.expect("apply");
     assert_eq!(repaired.count(Action::Updated), 1, "{repaired}");
-    assert!(
-        topology::check(&js, &topo)
-            .await
-            .expect("check")
-            .is_unchanged()
-    );
+    assert!(topology::check(&js, &topo).await.expect("check").is_unchanged());
 }
 
 #[tokio::test]
@@ -113,18 +74,9 @@ async fn partition_transform_matches_the_client_side_hash() {
             format!("e-{i}"),
             "/test",
             conv.clone(),
-            MessageReceived {
-                text: "hi".into(),
-                role: None,
-                channel: None,
-                sender: None,
-            },
+            MessageReceived { text: "hi".into(), role: None, channel: None, sender: None },
         );
-        let ack = conv_nats::headers::publish(&js, &event)
-            .await
-            .expect("publish")
-            .await
-            .expect("ack");
+        let ack = conv_nats::headers::publish(&js, &event).await.expect("publish").await.expect("ack");
         let stored = js
             .get_stream(subject::STREAM_IN)
             .await
@@ -133,18 +85,11 @@ async fn partition_transform_matches_the_client_side_hash() {
             .await
             .expect("stored");
         let p = subject::partition_of(&conv, subject::DEFAULT_PARTITIONS);
-        assert_eq!(
-            stored.subject.as_str(),
-            format!("conv.in.{p}.message.{conv}")
-        );
+        assert_eq!(stored.subject.as_str(), format!("conv.in.{p}.message.{conv}"));
         // The stored message still decodes on its stored (partitioned) subject.
-        let decoded = conv_nats::headers::decode(
-            &stored.subject,
-            Some(&stored.headers),
-            &stored.payload,
-            Default::default(),
-        )
-        .expect("valid");
+        let decoded =
+            conv_nats::headers::decode(&stored.subject, Some(&stored.headers), &stored.payload, Default::default())
+                .expect("valid");
         assert_eq!(decoded, event);
     }
 }
@@ -158,23 +103,10 @@ async fn duplicate_event_ids_are_stored_once() {
         "same-id",
         "/test",
         ConversationId::parse("c1").expect("id"),
-        MessageReceived {
-            text: "hi".into(),
-            role: None,
-            channel: None,
-            sender: None,
-        },
+        MessageReceived { text: "hi".into(), role: None, channel: None, sender: None },
     );
-    let first = conv_nats::headers::publish(&js, &event)
-        .await
-        .expect("publish")
-        .await
-        .expect("ack");
-    let second = conv_nats::headers::publish(&js, &event)
-        .await
-        .expect("publish")
-        .await
-        .expect("ack");
+    let first = conv_nats::headers::publish(&js, &event).await.expect("publish").await.expect("ack");
+    let second = conv_nats::headers::publish(&js, &event).await.expect("publish").await.expect("ack");
     assert!(!first.duplicate);
     assert!(second.duplicate);
     assert_eq!(first.sequence, second.sequence);
@@ -190,24 +122,10 @@ async fn stray_input_subjects_land_in_the_dlq() {
     let js = nats.jetstream().await;
     // Every shape under conv.in.> other than conv.in.<family>.<id> is
     // journaled in CONV_DLQ: never lost, never read by a partition worker.
-    for stray in [
-        "conv.in.nofamily",
-        "conv.in.3.message.c1",
-        "conv.in.message.c1.extra.tokens",
-    ] {
-        let ack = js
-            .publish(stray, "x".into())
-            .await
-            .expect("publish")
-            .await
-            .expect("stored");
+    for stray in ["conv.in.nofamily", "conv.in.3.message.c1", "conv.in.message.c1.extra.tokens"] {
+        let ack = js.publish(stray, "x".into()).await.expect("publish").await.expect("stored");
         assert_eq!(ack.stream, subject::STREAM_DLQ, "{stray}");
     }
-    let ack = js
-        .publish("conv.in.message.c1", "x".into())
-        .await
-        .expect("publish")
-        .await
-        .expect("stored");
+    let ack = js.publish("conv.in.message.c1", "x".into()).await.expect("publish").await.expect("stored");
     assert_eq!(ack.stream, subject::STREAM_IN);
 }

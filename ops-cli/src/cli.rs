@@ -33,11 +33,8 @@ pub struct Global {
 impl Global {
     /// The topology these options describe, validated.
     pub fn topology(&self) -> Result<conv_nats::TopologyConfig, crate::Error> {
-        let cfg = conv_nats::TopologyConfig {
-            partitions: self.partitions,
-            replicas: self.replicas,
-            ..Default::default()
-        };
+        let cfg =
+            conv_nats::TopologyConfig { partitions: self.partitions, replicas: self.replicas, ..Default::default() };
         cfg.validate().map_err(crate::Error::Invalid)?;
         Ok(cfg)
     }

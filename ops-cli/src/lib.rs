@@ -20,10 +20,7 @@ pub struct Outcome {
 
 impl Outcome {
     pub fn ok(output: impl Into<String>) -> Self {
-        Self {
-            output: output.into(),
-            code: 0,
-        }
+        Self { output: output.into(), code: 0 }
     }
 }
 
@@ -38,9 +35,7 @@ pub enum Error {
     Invalid(String),
     #[error("JetStream: {0}")]
     JetStream(String),
-    #[error(
-        "`convctl {command}` is not available in this build yet (it arrives with issue {issue})"
-    )]
+    #[error("`convctl {command}` is not available in this build yet (it arrives with issue {issue})")]
     NotYet { command: &'static str, issue: u8 },
 }
 
@@ -51,32 +46,17 @@ pub async fn run(cli: Cli) -> Result<Outcome, Error> {
         Command::Setup(args) => cmd::setup::run(g, &args).await,
         Command::Checkpoints => cmd::checkpoints::run(g).await,
         Command::Readiness(args) => Ok(cmd::readiness::run(g, &args).await),
-        Command::Up => Err(Error::NotYet {
-            command: "up",
-            issue: 6,
-        }),
-        Command::Send { .. } => Err(Error::NotYet {
-            command: "send",
-            issue: 6,
-        }),
+        Command::Up => Err(Error::NotYet { command: "up", issue: 6 }),
+        Command::Send { .. } => Err(Error::NotYet { command: "send", issue: 6 }),
         Command::Dlq(dlq) => cmd::dlq::run(g, &dlq).await,
-        Command::Replay { .. } => Err(Error::NotYet {
-            command: "replay",
-            issue: 4,
-        }),
-        Command::Trace { .. } => Err(Error::NotYet {
-            command: "trace",
-            issue: 4,
-        }),
+        Command::Replay { .. } => Err(Error::NotYet { command: "replay", issue: 4 }),
+        Command::Trace { .. } => Err(Error::NotYet { command: "trace", issue: 4 }),
     }
 }
 
 /// Connects for a command: fails fast with the URL in the message.
 pub async fn connect(g: &cli::Global) -> Result<async_nats::jetstream::Context, Error> {
-    let config = conv_nats::NatsConfig {
-        url: g.nats_url.clone(),
-        ..Default::default()
-    };
+    let config = conv_nats::NatsConfig { url: g.nats_url.clone(), ..Default::default() };
     let client = conv_nats::connect(&config, "convctl").await?;
     Ok(conv_nats::jetstream(client, &config))
 }

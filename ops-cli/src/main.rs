@@ -6,10 +6,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = conv_ops::cli::Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("convctl: cannot start the async runtime: {e}");

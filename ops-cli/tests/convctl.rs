@@ -33,12 +33,7 @@ async fn setup_creates_all_streams_and_is_idempotent() {
     let url = nats.url();
 
     let check = convctl(&url, &["setup", "--check"]).await;
-    assert_eq!(
-        check.status.code(),
-        Some(1),
-        "a fresh server has drift: {}",
-        stdout(&check)
-    );
+    assert_eq!(check.status.code(), Some(1), "a fresh server has drift: {}", stdout(&check));
     assert!(stdout(&check).contains("missing"), "{}", stdout(&check));
 
     let first = convctl(&url, &["setup"]).await;
@@ -51,19 +46,12 @@ async fn setup_creates_all_streams_and_is_idempotent() {
 
     let second = convctl(&url, &["setup"]).await;
     assert!(second.status.success(), "{second:?}");
-    assert!(
-        stdout(&second).starts_with("no changes"),
-        "{}",
-        stdout(&second)
-    );
+    assert!(stdout(&second).starts_with("no changes"), "{}", stdout(&second));
 
     let again = convctl(&url, &["setup", "--json"]).await;
     let report = json(&again);
     let changes = report["changes"].as_array().expect("changes");
-    assert!(
-        changes.iter().all(|c| c["action"] == "unchanged"),
-        "{report}"
-    );
+    assert!(changes.iter().all(|c| c["action"] == "unchanged"), "{report}");
     assert!(convctl(&url, &["setup", "--check"]).await.status.success());
 }
 
@@ -79,40 +67,23 @@ async fn readiness_and_checkpoints() {
     nats.setup().await.expect("setup");
     let ready = convctl(&url, &["readiness", "--no-services"]).await;
     assert_eq!(ready.status.code(), Some(0), "{}", stdout(&ready));
-    assert!(
-        stdout(&ready).trim_end().ends_with("ready"),
-        "{}",
-        stdout(&ready)
-    );
+    assert!(stdout(&ready).trim_end().ends_with("ready"), "{}", stdout(&ready));
 
     // A dead letter makes it a warning.
     let js = nats.jetstream().await;
-    js.publish("conv.dlq.test", "x".into())
-        .await
-        .expect("publish")
-        .await
-        .expect("ack");
+    js.publish("conv.dlq.test", "x".into()).await.expect("publish").await.expect("ack");
     let warn = convctl(&url, &["readiness", "--no-services", "--json"]).await;
     assert_eq!(warn.status.code(), Some(1), "{}", stdout(&warn));
     let report = json(&warn);
     assert_eq!(report["status"], "warning");
-    let dlq = report["checks"]
-        .as_array()
-        .expect("checks")
-        .iter()
-        .find(|c| c["name"] == "dlq")
-        .cloned();
+    let dlq = report["checks"].as_array().expect("checks").iter().find(|c| c["name"] == "dlq").cloned();
     assert_eq!(dlq.expect("dlq check")["status"], "warning");
 
     let points = convctl(&url, &["checkpoints", "--json"]).await;
     assert!(points.status.success());
     let points = json(&points);
     let points = points.as_array().expect("list");
-    assert_eq!(
-        points.len(),
-        18,
-        "16 runtime partitions + effects + projections"
-    );
+    assert_eq!(points.len(), 18, "16 runtime partitions + effects + projections");
     assert!(points.iter().all(|p| p["exists"] == true));
     let text = convctl(&url, &["checkpoints"]).await;
     assert!(stdout(&text).contains("runtime-p15"), "{}", stdout(&text));
@@ -120,10 +91,7 @@ async fn readiness_and_checkpoints() {
 
 #[tokio::test]
 async fn errors_are_one_line_and_non_zero() {
-    let nowhere = format!(
-        "nats://127.0.0.1:{}",
-        conv_nats::test_util::free_port().expect("port")
-    );
+    let nowhere = format!("nats://127.0.0.1:{}", conv_nats::test_util::free_port().expect("port"));
     let out = convctl(&nowhere, &["setup"]).await;
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -139,26 +107,12 @@ async fn errors_are_one_line_and_non_zero() {
 async fn a_non_default_topology_is_checked_as_configured() {
     let nats = TestNats::start().await.expect("test NATS");
     let url = nats.url();
-    assert!(
-        convctl(&url, &["setup", "--partitions", "4"])
-            .await
-            .status
-            .success()
-    );
-    assert!(
-        convctl(&url, &["setup", "--check", "--partitions", "4"])
-            .await
-            .status
-            .success()
-    );
+    assert!(convctl(&url, &["setup", "--partitions", "4"]).await.status.success());
+    assert!(convctl(&url, &["setup", "--check", "--partitions", "4"]).await.status.success());
     let ready = convctl(&url, &["readiness", "--no-services", "--partitions", "4"]).await;
     assert_eq!(ready.status.code(), Some(0), "{}", stdout(&ready));
     let points = json(&convctl(&url, &["checkpoints", "--json", "--partitions", "4"]).await);
-    assert_eq!(
-        points.as_array().map(Vec::len),
-        Some(6),
-        "4 partitions + effects + projections"
-    );
+    assert_eq!(points.as_array().map(Vec::len), Some(6), "4 partitions + effects + projections");
     // The default topology does not match what is deployed.
     let drift = convctl(&url, &["setup", "--check"]).await;
     assert_eq!(drift.status.code(), Some(1), "{}", stdout(&drift));
@@ -169,16 +123,7 @@ async fn help_lists_every_command() {
     let out = convctl("nats://127.0.0.1:1", &["--help"]).await;
     assert!(out.status.success());
     let help = stdout(&out);
-    for cmd in [
-        "setup",
-        "up",
-        "send",
-        "dlq",
-        "replay",
-        "trace",
-        "checkpoints",
-        "readiness",
-    ] {
+    for cmd in ["setup", "up", "send", "dlq", "replay", "trace", "checkpoints", "readiness"] {
         assert!(help.contains(cmd), "--help mentions {cmd}: {help}");
     }
     let out = convctl("nats://127.0.0.1:1", &["dlq", "--help"]).await;

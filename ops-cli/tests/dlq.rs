@@ -33,22 +33,11 @@ async fn convctl(url: &str, args: &[&str]) -> Output {
 }
 
 fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
 async fn count(js: &async_nats::jetstream::Context, stream: &str) -> u64 {
-    js.get_stream(stream)
-        .await
-        .expect("stream")
-        .info()
-        .await
-        .expect("info")
-        .state
-        .messages
+    js.get_stream(stream).await.expect("stream").info().await.expect("info").state.messages
 }
 
 async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
@@ -66,12 +55,7 @@ fn message(id: &str, conv: &ConversationId, text: &str) -> Envelope {
         id,
         "/test",
         conv.clone(),
-        MessageReceived {
-            text: text.into(),
-            role: None,
-            channel: None,
-            sender: None,
-        },
+        MessageReceived { text: text.into(), role: None, channel: None, sender: None },
     )
 }
 
@@ -92,13 +76,8 @@ async fn dead_letters_are_listed_shown_and_redriven() {
         .get_consumer(&runtime_consumer(partition))
         .await
         .expect("consumer");
-    let messages = consumer
-        .stream()
-        .group(RUNTIME_GROUP)
-        .expires(Duration::from_secs(1))
-        .messages()
-        .await
-        .expect("messages");
+    let messages =
+        consumer.stream().group(RUNTIME_GROUP).expires(Duration::from_secs(1)).messages().await.expect("messages");
     let healthy = Arc::new(AtomicBool::new(false));
     let processed: Processed = Arc::default();
     let shutdown = CancellationToken::new();
@@ -111,31 +90,19 @@ async fn dead_letters_are_listed_shown_and_redriven() {
                 if !h.load(Ordering::SeqCst) {
                     return Err(HandlerError::Transient("dependency down".into()));
                 }
-                let redrive = message
-                    .headers
-                    .as_ref()
-                    .and_then(|m| m.get("Conv-Redrive-Of"))
-                    .map(|v| v.to_string());
+                let redrive = message.headers.as_ref().and_then(|m| m.get("Conv-Redrive-Of")).map(|v| v.to_string());
                 p.lock().expect("lock").push((event.id, redrive));
                 Ok(())
             }
         },
-        Options {
-            nak_min: Duration::from_millis(20),
-            nak_max: Duration::from_millis(50),
-            ..Default::default()
-        },
+        Options { nak_min: Duration::from_millis(20), nak_max: Duration::from_millis(50), ..Default::default() },
         Limits::default(),
         shutdown.clone(),
     ));
 
     // 1. A good event the worker keeps failing.
     let failing = message("evt-failing", &conv, "hello");
-    conv_nats::headers::publish(&js, &failing)
-        .await
-        .expect("publish")
-        .await
-        .expect("ack");
+    conv_nats::headers::publish(&js, &failing).await.expect("publish").await.expect("ack");
     // 2. A third-party event without `source`: invalid, terminated at consumption.
     let mut headers = async_nats::HeaderMap::new();
     for (k, v) in [
@@ -147,15 +114,11 @@ async fn dead_letters_are_listed_shown_and_redriven() {
     ] {
         headers.insert(k, v);
     }
-    js.publish_with_headers(
-        "conv.in.message.dlq-1",
-        headers,
-        r#"{"text":"no source"}"#.into(),
-    )
-    .await
-    .expect("publish")
-    .await
-    .expect("ack");
+    js.publish_with_headers("conv.in.message.dlq-1", headers, r#"{"text":"no source"}"#.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
     // 3. A valid event published on a subject that is not conv.in.<family>.<id>.
     let stray = message("evt-stray", &conv, "wrong door");
     let (h, body) = conv_nats::headers::encode(&stray);
@@ -167,21 +130,14 @@ async fn dead_letters_are_listed_shown_and_redriven() {
         .expect("ack");
     assert_eq!(ack.stream, STREAM_DLQ);
 
-    wait_for("three dead letters", async || {
-        count(&js, STREAM_DLQ).await == 3
-    })
-    .await;
+    wait_for("three dead letters", async || count(&js, STREAM_DLQ).await == 3).await;
     let in_before = count(&js, STREAM_IN).await;
 
     let list = convctl(&url, &["dlq", "list", "--json"]).await;
     assert!(list.status.success(), "{}", text(&list));
     let letters: Vec<Value> = serde_json::from_slice(&list.stdout).expect("json");
     let by_cause = |cause: &str| {
-        letters
-            .iter()
-            .find(|l| l["cause"] == cause)
-            .cloned()
-            .unwrap_or_else(|| panic!("{cause} in {letters:?}"))
+        letters.iter().find(|l| l["cause"] == cause).cloned().unwrap_or_else(|| panic!("{cause} in {letters:?}"))
     };
     let maxed = by_cause("max_deliveries");
     let termed = by_cause("terminated");
@@ -191,27 +147,15 @@ async fn dead_letters_are_listed_shown_and_redriven() {
     assert_eq!(maxed["deliveries"], 5);
     assert_eq!(maxed["original"]["event_id"], "evt-failing");
     assert_eq!(maxed["original"]["conversation_id"], "dlq-1");
-    assert!(
-        termed["reason"]
-            .as_str()
-            .is_some_and(|r| r.starts_with("missing_field")),
-        "{termed}"
-    );
+    assert!(termed["reason"].as_str().is_some_and(|r| r.starts_with("missing_field")), "{termed}");
     assert_eq!(strayed["original"]["event_id"], "evt-stray");
-    let (max_id, term_id) = (
-        maxed["id"].as_u64().expect("id"),
-        termed["id"].as_u64().expect("id"),
-    );
+    let (max_id, term_id) = (maxed["id"].as_u64().expect("id"), termed["id"].as_u64().expect("id"));
 
     let human = convctl(&url, &["dlq", "list"]).await;
     assert!(text(&human).contains("3 dead letters"), "{}", text(&human));
     let show = convctl(&url, &["dlq", "show", &term_id.to_string()]).await;
     assert!(show.status.success());
-    assert!(
-        text(&show).contains("not possible") && text(&show).contains("source"),
-        "{}",
-        text(&show)
-    );
+    assert!(text(&show).contains("not possible") && text(&show).contains("source"), "{}", text(&show));
 
     // A dry run changes nothing.
     let dry = convctl(&url, &["dlq", "redrive", &max_id.to_string(), "--dry-run"]).await;
@@ -225,33 +169,12 @@ async fn dead_letters_are_listed_shown_and_redriven() {
     healthy.store(true, Ordering::SeqCst);
     let redrive = convctl(&url, &["dlq", "redrive", &max_id.to_string()]).await;
     assert!(redrive.status.success(), "{}", text(&redrive));
-    wait_for("the re-driven event to be processed", async || {
-        !processed.lock().expect("lock").is_empty()
-    })
-    .await;
-    assert_eq!(
-        processed.lock().expect("lock")[0],
-        ("evt-failing".to_owned(), Some(format!("CONV_DLQ:{max_id}")))
-    );
-    assert_eq!(
-        count(&js, STREAM_DLQ).await,
-        2,
-        "the re-driven entry left the DLQ"
-    );
-    let audit = js
-        .get_stream(STREAM_AUDIT)
-        .await
-        .expect("audit")
-        .get_raw_message(1)
-        .await
-        .expect("audit record");
-    let record = conv_nats::headers::decode(
-        &audit.subject,
-        Some(&audit.headers),
-        &audit.payload,
-        Limits::default(),
-    )
-    .expect("valid");
+    wait_for("the re-driven event to be processed", async || !processed.lock().expect("lock").is_empty()).await;
+    assert_eq!(processed.lock().expect("lock")[0], ("evt-failing".to_owned(), Some(format!("CONV_DLQ:{max_id}"))));
+    assert_eq!(count(&js, STREAM_DLQ).await, 2, "the re-driven entry left the DLQ");
+    let audit = js.get_stream(STREAM_AUDIT).await.expect("audit").get_raw_message(1).await.expect("audit record");
+    let record = conv_nats::headers::decode(&audit.subject, Some(&audit.headers), &audit.payload, Limits::default())
+        .expect("valid");
     match record.data {
         Payload::DlqRedriven(r) => {
             assert_eq!((r.dlq_seq, r.original_stream.as_str()), (max_id, STREAM_IN));
@@ -263,11 +186,7 @@ async fn dead_letters_are_listed_shown_and_redriven() {
     // The invalid one cannot be re-driven; it stays.
     let refused = convctl(&url, &["dlq", "redrive", &term_id.to_string()]).await;
     assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
-    assert!(
-        text(&refused).contains("not re-drivable"),
-        "{}",
-        text(&refused)
-    );
+    assert!(text(&refused).contains("not re-drivable"), "{}", text(&refused));
 
     // --all re-drives what it can (the stray, to its proper subject) and reports the rest.
     let all = convctl(&url, &["dlq", "redrive", "--all", "--json"]).await;
@@ -276,10 +195,7 @@ async fn dead_letters_are_listed_shown_and_redriven() {
     assert_eq!(summary["redriven"].as_array().map(Vec::len), Some(1));
     assert_eq!(summary["redriven"][0]["subject"], "conv.in.message.dlq-1");
     assert_eq!(summary["failed"][0]["id"], term_id);
-    wait_for("the stray to be processed", async || {
-        processed.lock().expect("lock").len() == 2
-    })
-    .await;
+    wait_for("the stray to be processed", async || processed.lock().expect("lock").len() == 2).await;
     assert_eq!(processed.lock().expect("lock")[1].0, "evt-stray");
     assert_eq!(count(&js, STREAM_DLQ).await, 1);
     assert_eq!(count(&js, STREAM_AUDIT).await, 2);

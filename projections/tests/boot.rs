@@ -9,10 +9,7 @@ async fn binary_boots_and_stops_on_sigterm() {
     conv_nats::test_util::assert_binary_boots_and_stops(
         env!("CARGO_BIN_EXE_conv-projections"),
         addr,
-        &[
-            ("NATS_URL", nats.url()),
-            ("CONV_PROJECTIONS_ADDR", addr.to_string()),
-        ],
+        &[("NATS_URL", nats.url()), ("CONV_PROJECTIONS_ADDR", addr.to_string())],
     )
     .await;
 }

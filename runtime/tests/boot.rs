@@ -17,14 +17,10 @@ async fn body(url: &str) -> String {
 async fn readiness_follows_nats_and_topology() {
     let mut nats = TestNats::start().await.expect("test NATS");
     let addr = free_addr();
-    let service = spawn_service("conv-runtime", |token| {
-        conv_runtime::run(Settings::for_test(nats.config(), addr), token)
-    });
+    let service =
+        spawn_service("conv-runtime", |token| conv_runtime::run(Settings::for_test(nats.config(), addr), token));
     let base = format!("http://{addr}");
-    assert_eq!(
-        wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(10)).await,
-        Some(200)
-    );
+    assert_eq!(wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(10)).await, Some(200));
 
     // Connected, but no topology yet.
     let ready = body(&format!("{base}/readyz")).await;
@@ -32,17 +28,11 @@ async fn readiness_follows_nats_and_topology() {
     assert_eq!(http_get_status(&format!("{base}/readyz")).await, Some(503));
 
     nats.setup().await.expect("topology");
-    assert_eq!(
-        wait_http_ok(&format!("{base}/readyz"), Duration::from_secs(10)).await,
-        Some(200)
-    );
+    assert_eq!(wait_http_ok(&format!("{base}/readyz"), Duration::from_secs(10)).await, Some(200));
     let metrics = body(&format!("{base}/metrics")).await;
     assert!(metrics.contains("conv_ready 1"), "{metrics}");
     assert!(metrics.contains("conv_nats_connected 1"), "{metrics}");
-    assert!(
-        metrics.contains(r#"conv_service_info{service="conv-runtime""#),
-        "{metrics}"
-    );
+    assert!(metrics.contains(r#"conv_service_info{service="conv-runtime""#), "{metrics}");
 
     // NATS goes away: still alive, no longer ready.
     nats.stop().await.expect("stop NATS");
@@ -59,28 +49,18 @@ async fn readiness_follows_nats_and_topology() {
 
     // ...and ready again once it is back.
     nats.restart().await.expect("restart NATS");
-    assert_eq!(
-        wait_http_ok(&format!("{base}/readyz"), Duration::from_secs(20)).await,
-        Some(200)
-    );
+    assert_eq!(wait_http_ok(&format!("{base}/readyz"), Duration::from_secs(20)).await, Some(200));
     service.shutdown().await.expect("clean shutdown");
 }
 
 #[tokio::test]
 async fn boots_without_nats_and_reports_not_ready() {
     let addr = free_addr();
-    let nowhere = conv_nats::NatsConfig {
-        url: format!("nats://127.0.0.1:{}", free_addr().port()),
-        ..Default::default()
-    };
-    let service = spawn_service("conv-runtime", |token| {
-        conv_runtime::run(Settings::for_test(nowhere, addr), token)
-    });
+    let nowhere =
+        conv_nats::NatsConfig { url: format!("nats://127.0.0.1:{}", free_addr().port()), ..Default::default() };
+    let service = spawn_service("conv-runtime", |token| conv_runtime::run(Settings::for_test(nowhere, addr), token));
     let base = format!("http://{addr}");
-    assert_eq!(
-        wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(10)).await,
-        Some(200)
-    );
+    assert_eq!(wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(10)).await, Some(200));
     assert_eq!(http_get_status(&format!("{base}/readyz")).await, Some(503));
     let ready = body(&format!("{base}/readyz")).await;
     assert!(ready.contains(r#""name":"nats","ok":false"#), "{ready}");
@@ -94,15 +74,8 @@ async fn binary_boots_and_stops_on_sigterm() {
     let stderr = conv_nats::test_util::assert_binary_boots_and_stops(
         env!("CARGO_BIN_EXE_conv-runtime"),
         addr,
-        &[
-            ("NATS_URL", nats.url()),
-            ("CONV_RUNTIME_ADDR", addr.to_string()),
-            ("CONV_LOG_FORMAT", "json".into()),
-        ],
+        &[("NATS_URL", nats.url()), ("CONV_RUNTIME_ADDR", addr.to_string()), ("CONV_LOG_FORMAT", "json".into())],
     )
     .await;
-    assert!(
-        stderr.contains(r#""message":"Shutdown signal received.""#),
-        "json logs: {stderr}"
-    );
+    assert!(stderr.contains(r#""message":"Shutdown signal received.""#), "json logs: {stderr}");
 }

@@ -26,10 +26,7 @@ pub struct Checkpoint {
 }
 
 /// Reads every declared consumer's state.
-pub async fn collect(
-    js: &async_nats::jetstream::Context,
-    topo: &Topology,
-) -> Result<Vec<Checkpoint>, Error> {
+pub async fn collect(js: &async_nats::jetstream::Context, topo: &Topology) -> Result<Vec<Checkpoint>, Error> {
     let mut out = Vec::new();
     for spec in &topo.consumers {
         let name = spec.config.durable_name.clone().unwrap_or_default();
@@ -79,19 +76,10 @@ pub async fn run(g: &Global) -> Result<Outcome, Error> {
         if c.exists {
             text.push_str(&format!(
                 "{:<12} {:<14} {:>10} {:>10} {:>10} {:>11} {:>11}\n",
-                c.stream,
-                c.consumer,
-                c.ack_floor,
-                c.delivered,
-                c.pending,
-                c.ack_pending,
-                c.redelivered
+                c.stream, c.consumer, c.ack_floor, c.delivered, c.pending, c.ack_pending, c.redelivered
             ));
         } else {
-            text.push_str(&format!(
-                "{:<12} {:<14} missing (run `convctl setup`)\n",
-                c.stream, c.consumer
-            ));
+            text.push_str(&format!("{:<12} {:<14} missing (run `convctl setup`)\n", c.stream, c.consumer));
         }
     }
     Ok(Outcome::ok(text.trim_end()))

@@ -21,14 +21,8 @@ pub async fn run(g: &Global, command: &DlqCommand) -> Result<Outcome, Error> {
     match command {
         DlqCommand::List => list(g, &js).await,
         DlqCommand::Show { id } => show(g, &js, *id).await,
-        DlqCommand::Redrive {
-            id: Some(id),
-            dry_run,
-            ..
-        } => redrive_one(g, &js, *id, *dry_run).await,
-        DlqCommand::Redrive {
-            id: None, dry_run, ..
-        } => redrive_all(g, &js, *dry_run).await,
+        DlqCommand::Redrive { id: Some(id), dry_run, .. } => redrive_one(g, &js, *id, *dry_run).await,
+        DlqCommand::Redrive { id: None, dry_run, .. } => redrive_all(g, &js, *dry_run).await,
     }
 }
 
@@ -42,15 +36,8 @@ fn cause_label(d: &DeadLetter) -> &'static str {
 }
 
 fn one_line(text: &str, max: usize) -> String {
-    let flat: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    if flat.chars().count() > max {
-        format!("{}…", flat.chars().take(max - 1).collect::<String>())
-    } else {
-        flat
-    }
+    let flat: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    if flat.chars().count() > max { format!("{}…", flat.chars().take(max - 1).collect::<String>()) } else { flat }
 }
 
 async fn list(g: &Global, js: &async_nats::jetstream::Context) -> Result<Outcome, Error> {
@@ -73,29 +60,15 @@ async fn list(g: &Global, js: &async_nats::jetstream::Context) -> Result<Outcome
             _ => "-".into(),
         };
         let original = d.original.as_ref();
-        let reason = d.reason.clone().or_else(|| {
-            d.original_error
-                .clone()
-                .map(|e| format!("original gone: {e}"))
-        });
+        let reason = d.reason.clone().or_else(|| d.original_error.clone().map(|e| format!("original gone: {e}")));
         text.push_str(&format!(
             "{:>6}  {:<24}  {:<14}  {:<28}  {:<30}  {:<16}  {}\n",
             d.id,
             d.time,
             cause_label(d),
             one_line(&from, 28),
-            one_line(
-                original
-                    .and_then(|o| o.event_type.as_deref())
-                    .unwrap_or("-"),
-                30
-            ),
-            one_line(
-                original
-                    .and_then(|o| o.conversation_id.as_deref())
-                    .unwrap_or("-"),
-                16
-            ),
+            one_line(original.and_then(|o| o.event_type.as_deref()).unwrap_or("-"), 30),
+            one_line(original.and_then(|o| o.conversation_id.as_deref()).unwrap_or("-"), 16),
             one_line(reason.as_deref().unwrap_or("-"), 80),
         ));
     }
@@ -122,12 +95,7 @@ async fn show(g: &Global, js: &async_nats::jetstream::Context, id: u64) -> Resul
         };
         return Ok(Outcome::ok(crate::to_json(&shown)));
     }
-    let mut text = format!(
-        "dead letter {}\n  time:        {}\n  cause:       {}\n",
-        d.id,
-        d.time,
-        cause_label(&d)
-    );
+    let mut text = format!("dead letter {}\n  time:        {}\n  cause:       {}\n", d.id, d.time, cause_label(&d));
     if let (Some(s), Some(c)) = (&d.stream, &d.consumer) {
         text.push_str(&format!("  consumer:    {s}/{c}\n"));
     }
@@ -139,10 +107,7 @@ async fn show(g: &Global, js: &async_nats::jetstream::Context, id: u64) -> Resul
     }
     match &d.original {
         Some(o) => {
-            text.push_str(&format!(
-                "  original:    {}#{} on {}\n",
-                o.stream, o.seq, o.subject
-            ));
+            text.push_str(&format!("  original:    {}#{} on {}\n", o.stream, o.seq, o.subject));
             for (k, v) in &o.headers {
                 text.push_str(&format!("    {k}: {v}\n"));
             }
@@ -154,11 +119,7 @@ async fn show(g: &Global, js: &async_nats::jetstream::Context, id: u64) -> Resul
         )),
     }
     match verdict {
-        Ok(e) => text.push_str(&format!(
-            "  redrive:     would republish {} to {}",
-            e.id,
-            e.nats_subject()
-        )),
+        Ok(e) => text.push_str(&format!("  redrive:     would republish {} to {}", e.id, e.nats_subject())),
         Err(e) => text.push_str(&format!("  redrive:     not possible: {e}")),
     }
     Ok(Outcome::ok(text))
@@ -167,14 +128,8 @@ async fn show(g: &Global, js: &async_nats::jetstream::Context, id: u64) -> Resul
 fn describe(r: &Redriven) -> String {
     match (r.dry_run, r.stream_seq, r.duplicate) {
         (true, _, _) => format!("would re-drive {} ({}) to {}", r.id, r.event_id, r.subject),
-        (false, Some(seq), false) => format!(
-            "re-drove {} ({}) to {} as #{seq}",
-            r.id, r.event_id, r.subject
-        ),
-        (false, Some(seq), true) => format!(
-            "re-drove {} ({}): already republished as #{seq}",
-            r.id, r.event_id
-        ),
+        (false, Some(seq), false) => format!("re-drove {} ({}) to {} as #{seq}", r.id, r.event_id, r.subject),
+        (false, Some(seq), true) => format!("re-drove {} ({}): already republished as #{seq}", r.id, r.event_id),
         (false, None, _) => format!("re-drove {} ({})", r.id, r.event_id),
     }
 }
@@ -185,14 +140,8 @@ async fn redrive_one(
     id: u64,
     dry_run: bool,
 ) -> Result<Outcome, Error> {
-    let r = dlq::redrive(js, id, dry_run, APPEND_TIMEOUT)
-        .await
-        .map_err(dlq_err)?;
-    Ok(Outcome::ok(if g.json {
-        crate::to_json(&r)
-    } else {
-        describe(&r)
-    }))
+    let r = dlq::redrive(js, id, dry_run, APPEND_TIMEOUT).await.map_err(dlq_err)?;
+    Ok(Outcome::ok(if g.json { crate::to_json(&r) } else { describe(&r) }))
 }
 
 /// Draws `[#####     ] n/total` on stderr when it is a terminal.
@@ -203,10 +152,7 @@ struct Progress {
 
 impl Progress {
     fn new(total: usize) -> Self {
-        Self {
-            total,
-            on: std::io::stderr().is_terminal() && total > 0,
-        }
+        Self { total, on: std::io::stderr().is_terminal() && total > 0 }
     }
 
     fn draw(&self, done: usize, label: &str) {
@@ -216,13 +162,8 @@ impl Progress {
         let width = 30;
         let filled = done * width / self.total.max(1);
         let mut err = std::io::stderr();
-        let _ = write!(
-            err,
-            "\r[{}{}] {done}/{} {label}   ",
-            "#".repeat(filled),
-            " ".repeat(width - filled),
-            self.total
-        );
+        let _ =
+            write!(err, "\r[{}{}] {done}/{} {label}   ", "#".repeat(filled), " ".repeat(width - filled), self.total);
         let _ = err.flush();
     }
 
@@ -246,36 +187,22 @@ struct Failure {
     error: String,
 }
 
-async fn redrive_all(
-    g: &Global,
-    js: &async_nats::jetstream::Context,
-    dry_run: bool,
-) -> Result<Outcome, Error> {
+async fn redrive_all(g: &Global, js: &async_nats::jetstream::Context, dry_run: bool) -> Result<Outcome, Error> {
     let letters = dlq::list(js).await.map_err(dlq_err)?;
     let progress = Progress::new(letters.len());
-    let mut summary = Summary {
-        redriven: Vec::new(),
-        failed: Vec::new(),
-        dry_run,
-    };
+    let mut summary = Summary { redriven: Vec::new(), failed: Vec::new(), dry_run };
     for (i, d) in letters.iter().enumerate() {
         progress.draw(i, if dry_run { "checking" } else { "re-driving" });
         match dlq::redrive(js, d.id, dry_run, APPEND_TIMEOUT).await {
             Ok(r) => summary.redriven.push(r),
-            Err(e) => summary.failed.push(Failure {
-                id: d.id,
-                error: e.to_string(),
-            }),
+            Err(e) => summary.failed.push(Failure { id: d.id, error: e.to_string() }),
         }
     }
     progress.draw(letters.len(), "done");
     progress.finish();
     let code = u8::from(!summary.failed.is_empty());
     if g.json {
-        return Ok(Outcome {
-            output: crate::to_json(&summary),
-            code,
-        });
+        return Ok(Outcome { output: crate::to_json(&summary), code });
     }
     let mut text = String::new();
     for r in &summary.redriven {
@@ -285,15 +212,7 @@ async fn redrive_all(
     for f in &summary.failed {
         text.push_str(&format!("skipped {}: {}\n", f.id, f.error));
     }
-    let verb = if dry_run {
-        "would re-drive"
-    } else {
-        "re-drove"
-    };
-    text.push_str(&format!(
-        "{verb} {}, skipped {}",
-        summary.redriven.len(),
-        summary.failed.len()
-    ));
+    let verb = if dry_run { "would re-drive" } else { "re-drove" };
+    text.push_str(&format!("{verb} {}, skipped {}", summary.redriven.len(), summary.failed.len()));
     Ok(Outcome { output: text, code })
 }

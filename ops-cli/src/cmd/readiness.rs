@@ -52,11 +52,7 @@ pub struct Report {
 }
 
 fn check(name: impl Into<String>, status: Status, detail: impl Into<String>) -> Check {
-    Check {
-        name: name.into(),
-        status,
-        detail: detail.into(),
-    }
+    Check { name: name.into(), status, detail: detail.into() }
 }
 
 /// The services probed, with their pinned address variables and defaults.
@@ -64,11 +60,7 @@ const SERVICES: [(&str, &str, &str); 4] = [
     ("conv-ingress", "CONV_INGRESS_ADDR", "127.0.0.1:8080"),
     ("conv-runtime", "CONV_RUNTIME_ADDR", "127.0.0.1:9101"),
     ("conv-effects", "CONV_EFFECTS_ADDR", "127.0.0.1:9102"),
-    (
-        "conv-projections",
-        "CONV_PROJECTIONS_ADDR",
-        "127.0.0.1:8081",
-    ),
+    ("conv-projections", "CONV_PROJECTIONS_ADDR", "127.0.0.1:8081"),
 ];
 
 /// Builds the report. Never fails: an unreachable part is a failed check.
@@ -78,22 +70,14 @@ pub async fn report(g: &Global, args: &ReadinessArgs) -> Report {
         (Err(e), _) => checks.push(check("options", Status::NotReady, e.to_string())),
         (_, Err(e)) => checks.push(check("nats", Status::NotReady, e.to_string())),
         (Ok(cfg), Ok(js)) => {
-            checks.push(check(
-                "nats",
-                Status::Ready,
-                format!("connected to {}", g.nats_url),
-            ));
+            checks.push(check("nats", Status::Ready, format!("connected to {}", g.nats_url)));
             nats_checks(&js, &Topology::declare(&cfg), args, &mut checks).await;
         }
     }
     if !args.no_services {
         service_checks(&mut checks).await;
     }
-    let status = checks
-        .iter()
-        .map(|c| c.status)
-        .max()
-        .unwrap_or(Status::Ready);
+    let status = checks.iter().map(|c| c.status).max().unwrap_or(Status::Ready);
     Report { status, checks }
 }
 
@@ -107,10 +91,7 @@ async fn nats_checks(
         Ok(account) => checks.push(check(
             "jetstream",
             Status::Ready,
-            format!(
-                "{} streams, {} consumers",
-                account.streams, account.consumers
-            ),
+            format!("{} streams, {} consumers", account.streams, account.consumers),
         )),
         Err(e) => {
             checks.push(check("jetstream", Status::NotReady, e.to_string()));
@@ -120,12 +101,8 @@ async fn nats_checks(
     match topology::check(js, topo).await {
         Ok(r) if r.is_unchanged() => checks.push(check("topology", Status::Ready, r.to_string())),
         Ok(r) if r.count(Action::Missing) > 0 => {
-            let missing: Vec<&str> = r
-                .changes
-                .iter()
-                .filter(|c| c.action == Action::Missing)
-                .map(|c| c.name.as_str())
-                .collect();
+            let missing: Vec<&str> =
+                r.changes.iter().filter(|c| c.action == Action::Missing).map(|c| c.name.as_str()).collect();
             checks.push(check(
                 "topology",
                 Status::NotReady,
@@ -133,19 +110,12 @@ async fn nats_checks(
             ));
         }
         Ok(r) => {
-            let drifted: Vec<&str> = r
-                .changes
-                .iter()
-                .filter(|c| c.action == Action::Drifted)
-                .map(|c| c.name.as_str())
-                .collect();
+            let drifted: Vec<&str> =
+                r.changes.iter().filter(|c| c.action == Action::Drifted).map(|c| c.name.as_str()).collect();
             checks.push(check(
                 "topology",
                 Status::Warning,
-                format!(
-                    "drifted: {} (see `convctl setup --check`)",
-                    drifted.join(", ")
-                ),
+                format!("drifted: {} (see `convctl setup --check`)", drifted.join(", ")),
             ));
         }
         Err(e) => checks.push(check("topology", Status::NotReady, e.to_string())),
@@ -173,14 +143,8 @@ async fn nats_checks(
     if let Ok(points) = super::checkpoints::collect(js, topo).await {
         let mut busiest: Vec<_> = points.iter().filter(|c| c.exists).collect();
         busiest.sort_by_key(|c| std::cmp::Reverse(c.pending + c.ack_pending as u64));
-        let backlog: u64 = points
-            .iter()
-            .map(|c| c.pending + c.ack_pending as u64)
-            .sum();
-        let status = if busiest
-            .iter()
-            .any(|c| c.pending + c.ack_pending as u64 > args.max_backlog)
-        {
+        let backlog: u64 = points.iter().map(|c| c.pending + c.ack_pending as u64).sum();
+        let status = if busiest.iter().any(|c| c.pending + c.ack_pending as u64 > args.max_backlog) {
             Status::Warning
         } else {
             Status::Ready
@@ -197,17 +161,10 @@ async fn nats_checks(
 }
 
 async fn service_checks(checks: &mut Vec<Check>) {
-    let client = match reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()
-    {
+    let client = match reqwest::Client::builder().timeout(Duration::from_secs(2)).build() {
         Ok(c) => c,
         Err(e) => {
-            checks.push(check(
-                "services",
-                Status::Warning,
-                format!("cannot build an HTTP client: {e}"),
-            ));
+            checks.push(check("services", Status::Warning, format!("cannot build an HTTP client: {e}")));
             return;
         }
     };
@@ -215,23 +172,13 @@ async fn service_checks(checks: &mut Vec<Check>) {
         let addr = std::env::var(var).unwrap_or_else(|_| default.to_owned());
         let url = format!("http://{addr}/readyz");
         let c = match client.get(&url).send().await {
-            Ok(r) if r.status().is_success() => {
-                check(name, Status::Ready, format!("ready at {addr}"))
-            }
+            Ok(r) if r.status().is_success() => check(name, Status::Ready, format!("ready at {addr}")),
             Ok(r) => {
                 let status = r.status();
                 let body = r.text().await.unwrap_or_default();
-                check(
-                    name,
-                    Status::Warning,
-                    format!("not ready at {addr} ({status}): {body}"),
-                )
+                check(name, Status::Warning, format!("not ready at {addr} ({status}): {body}"))
             }
-            Err(_) => check(
-                name,
-                Status::Warning,
-                format!("not answering at {addr} (set {var} if it runs elsewhere)"),
-            ),
+            Err(_) => check(name, Status::Warning, format!("not answering at {addr} (set {var} if it runs elsewhere)")),
         };
         checks.push(c);
     }
@@ -244,18 +191,10 @@ pub async fn run(g: &Global, args: &ReadinessArgs) -> Outcome {
     } else {
         let mut text = String::new();
         for c in &report.checks {
-            text.push_str(&format!(
-                "{:<9} {:<17} {}\n",
-                c.status.label(),
-                c.name,
-                c.detail
-            ));
+            text.push_str(&format!("{:<9} {:<17} {}\n", c.status.label(), c.name, c.detail));
         }
         text.push_str(report.status.label());
         text
     };
-    Outcome {
-        output,
-        code: report.status.code(),
-    }
+    Outcome { output, code: report.status.code() }
 }
