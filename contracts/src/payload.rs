@@ -100,6 +100,24 @@ pub struct StopRequested {}
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct RetryRequested {}
 
+/// What a new message does while a run is active.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BusyPolicy {
+    /// Queue it; a new run starts when the current one ends (default).
+    #[default]
+    Enqueue,
+    /// Stop the current run (partial answer kept) and start a new one.
+    Interrupt,
+    /// Refuse it: it is recorded as a failed entry.
+    Reject,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicySet {
+    pub on_message_while_running: BusyPolicy,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ToolStarted {
     pub tool_call_id: String,
@@ -355,7 +373,7 @@ macro_rules! payloads {
 }
 
 payloads! {
-    MessageReceived, AbortRequested, StopRequested, RetryRequested,
+    MessageReceived, AbortRequested, StopRequested, RetryRequested, PolicySet,
     ToolStarted, ToolProgress, ToolCompleted, ToolFailed, ToolCanceled,
     LlmStarted, LlmDelta, LlmCompleted, LlmFailed, LlmCanceled, TimerFired,
     LlmRequested, ToolRequested, TimerScheduled, TimerCancelRequested, CancelRequested,
@@ -373,7 +391,10 @@ impl Payload {
     pub fn check(&self) -> Result<(), String> {
         match self {
             Payload::MessageReceived(p) => non_empty("text", &p.text),
-            Payload::AbortRequested(_) | Payload::StopRequested(_) | Payload::RetryRequested(_) => Ok(()),
+            Payload::AbortRequested(_)
+            | Payload::StopRequested(_)
+            | Payload::RetryRequested(_)
+            | Payload::PolicySet(_) => Ok(()),
             Payload::ToolStarted(ToolStarted { tool_call_id })
             | Payload::ToolProgress(ToolProgress { tool_call_id, .. })
             | Payload::ToolCompleted(ToolCompleted { tool_call_id, .. })

@@ -129,6 +129,8 @@ event_types! {
     StopRequested => ("conv.in.control.stop_requested", In, "control", P0),
     /// Re-run the last failed or stopped step.
     RetryRequested => ("conv.in.control.retry_requested", In, "control", P1),
+    /// Sets what a new message does while a run is active.
+    PolicySet => ("conv.in.control.policy_set", In, "control", P1),
     ToolStarted => ("conv.in.tool.started", In, "tool", P2),
     ToolProgress => ("conv.in.tool.progress", In, "tool", P3),
     ToolCompleted => ("conv.in.tool.completed", In, "tool", P1),

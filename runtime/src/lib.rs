@@ -9,6 +9,9 @@
 //! `CONV_RUNTIME_ADDR` (default 127.0.0.1:9101) and graceful shutdown. Its event
 //! handling arrives with issue 4 (see ARCHITECTURE.md).
 
+pub mod reducer;
+pub mod state;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use conv_nats::service::{self, Identity, RunError, Settings};

@@ -1,0 +1,382 @@
+//! The pure reducer: `apply(state, event) -> (state, emitted)`.
+//!
+//! No clock, no randomness, no I/O. Every id it makes comes from its input:
+//! run ids from a counter in the state, emitted event ids from the input id
+//! and the position in the output ([`derived_id`]), emitted `time` is the
+//! input's. The same journal in the same applied order therefore always
+//! gives the same states, the same hashes and the same emitted events.
+//!
+//! Semantics:
+//! * a message starts a run (an LLM step) when idle; while a run is active it
+//!   is queued (`enqueue`, default), interrupts the run (`interrupt`) or is
+//!   recorded as failed (`reject`), per `conv.in.control.policy_set`;
+//! * LLM deltas stream into the step's assistant entry; `completed` carries the
+//!   whole text and may ask for tools; when every tool of the step has a
+//!   result the next step starts;
+//! * **abort** cancels every in-flight effect (LLM steps, tools, timers), marks
+//!   the streaming entry `aborted` with its partial text, gives every open tool
+//!   call a canceled result (the transcript never has a dangling call) and the
+//!   run ends `aborted`;
+//! * **stop** does the same for generation but the run ends `stopped` and can be
+//!   retried; **retry** re-runs the last failed or stopped step as a new attempt.
+//! * Output of a step or tool that is no longer in flight (a late delta after
+//!   an abort, an old attempt) is ignored.
+
+use conv_contracts::payload::*;
+use conv_contracts::{Envelope, Payload};
+use serde_json::{Value, json};
+
+use crate::state::{Entry, LlmStep, RetryPoint, Run, State, ToolInFlight};
+
+/// CloudEvents `source` of everything the runtime emits.
+pub const SOURCE: &str = "/conv/runtime";
+
+/// The result of applying one input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    pub state: State,
+    /// Directives (`conv.effect.*`) and output (`conv.out.*`), in order.
+    pub emitted: Vec<Envelope>,
+    /// The input was applied before (same id): nothing changed.
+    pub duplicate: bool,
+}
+
+/// Id of the `n`-th event derived from `input_id`. Short inputs give
+/// readable ids (`<input>~<n>`); very long ones are hashed to stay within the
+/// 256-character limit.
+pub fn derived_id(input_id: &str, n: usize) -> String {
+    if input_id.len() <= 200 {
+        format!("{input_id}~{n}")
+    } else {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in input_id.bytes() {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        format!("h{hash:016x}~{n}")
+    }
+}
+
+struct Ctx<'a> {
+    input: &'a Envelope,
+    out: Vec<Envelope>,
+}
+
+impl Ctx<'_> {
+    fn emit(&mut self, state: &mut State, data: impl Into<Payload>) {
+        let data = data.into();
+        match data.event_type().kind() {
+            conv_contracts::Kind::Out => state.pointers.outputs += 1,
+            _ => state.pointers.directives += 1,
+        }
+        let mut event =
+            Envelope::new(derived_id(&self.input.id, self.out.len()), SOURCE, self.input.conversation_id.clone(), data)
+                .caused_by(self.input);
+        event.time = self.input.time;
+        self.out.push(event);
+    }
+}
+
+/// Applies one input event to the state.
+pub fn apply(state: &State, input: &Envelope) -> Applied {
+    if state.has_applied(&input.id) {
+        return Applied { state: state.clone(), emitted: Vec::new(), duplicate: true };
+    }
+    let mut s = state.clone();
+    s.version += 1;
+    s.remember(&input.id);
+    let mut cx = Ctx { input, out: Vec::new() };
+    match &input.data {
+        Payload::MessageReceived(m) => message(&mut s, &mut cx, m),
+        Payload::AbortRequested(a) => end_run(&mut s, &mut cx, CancelMode::Abort, a.reason.clone()),
+        Payload::StopRequested(_) => end_run(&mut s, &mut cx, CancelMode::Stop, None),
+        Payload::RetryRequested(_) => retry(&mut s, &mut cx),
+        Payload::PolicySet(p) => s.policy = p.on_message_while_running,
+        Payload::LlmDelta(d) => delta(&mut s, &mut cx, d),
+        Payload::LlmCompleted(c) => completed(&mut s, &mut cx, c),
+        Payload::LlmFailed(f) => step_failed(&mut s, &mut cx, &f.step_id, f.attempt, &f.error),
+        Payload::LlmCanceled(c) => step_failed(&mut s, &mut cx, &c.step_id, c.attempt, "canceled by the provider side"),
+        Payload::ToolCompleted(t) => {
+            tool_result(&mut s, &mut cx, &t.tool_call_id, ToolOutcome::Completed, t.result.clone())
+        }
+        Payload::ToolFailed(t) => {
+            tool_result(&mut s, &mut cx, &t.tool_call_id, ToolOutcome::Failed, json!({"error": t.error}))
+        }
+        Payload::ToolCanceled(t) => tool_result(
+            &mut s,
+            &mut cx,
+            &t.tool_call_id,
+            ToolOutcome::Canceled,
+            json!({"canceled": true, "reason": t.reason}),
+        ),
+        Payload::TimerFired(t) => {
+            s.timers.remove(&t.timer_id);
+        }
+        // Informative inputs: recorded (version, dedupe) but change nothing else.
+        Payload::LlmStarted(_) | Payload::ToolStarted(_) | Payload::ToolProgress(_) => {}
+        // Not inputs: ingress and validation keep these out of CONV_IN.
+        _ => {}
+    }
+    Applied { state: s, emitted: cx.out, duplicate: false }
+}
+
+fn message(s: &mut State, cx: &mut Ctx<'_>, m: &MessageReceived) {
+    let entry_id = format!("u{}", s.version);
+    s.entries.push(Entry {
+        id: entry_id.clone(),
+        role: EntryRole::User,
+        text: m.text.clone(),
+        status: EntryStatus::Completed,
+        tool_call_id: None,
+        tool_calls: Vec::new(),
+    });
+    if s.run_status != RunStatus::Running {
+        cx.emit(s, appended(&entry_id, EntryRole::User, &m.text, EntryStatus::Completed));
+        start_run(s, cx);
+        return;
+    }
+    match s.policy {
+        BusyPolicy::Enqueue => {
+            cx.emit(s, appended(&entry_id, EntryRole::User, &m.text, EntryStatus::Completed));
+            s.queued.push(entry_id);
+        }
+        BusyPolicy::Interrupt => {
+            cx.emit(s, appended(&entry_id, EntryRole::User, &m.text, EntryStatus::Completed));
+            end_run(s, cx, CancelMode::Stop, Some("interrupted by a new message".into()));
+            s.retry = None;
+            start_run(s, cx);
+        }
+        BusyPolicy::Reject => {
+            if let Some(e) = s.entry_mut(&entry_id) {
+                e.status = EntryStatus::Failed;
+            }
+            cx.emit(s, appended(&entry_id, EntryRole::User, &m.text, EntryStatus::Failed));
+        }
+    }
+}
+
+fn appended(entry_id: &str, role: EntryRole, text: &str, status: EntryStatus) -> OutMessageAppended {
+    OutMessageAppended { entry_id: entry_id.to_owned(), role, text: text.to_owned(), status }
+}
+
+fn start_run(s: &mut State, cx: &mut Ctx<'_>) {
+    s.runs += 1;
+    let run_id = format!("r{}", s.runs);
+    s.run = Some(Run { run_id: run_id.clone(), step_no: 0 });
+    s.run_status = RunStatus::Running;
+    s.queued.clear();
+    s.retry = None;
+    cx.emit(s, OutRunStatus { run_id, status: RunStatus::Running });
+    start_step(s, cx, 1);
+}
+
+/// Starts step `step_no + 1` (attempt 1) or, for a retry, the same step again.
+fn start_step(s: &mut State, cx: &mut Ctx<'_>, attempt: u32) {
+    let Some(run) = s.run.as_mut() else { return };
+    if attempt == 1 {
+        run.step_no += 1;
+    }
+    let run_id = run.run_id.clone();
+    let step_id = format!("{run_id}.s{}", run.step_no);
+    let entry_id = format!("{step_id}.a{attempt}");
+    s.entries.push(Entry {
+        id: entry_id.clone(),
+        role: EntryRole::Assistant,
+        text: String::new(),
+        status: EntryStatus::Streaming,
+        tool_call_id: None,
+        tool_calls: Vec::new(),
+    });
+    s.llm.insert(step_id.clone(), LlmStep { run_id: run_id.clone(), attempt, entry_id: entry_id.clone(), next_seq: 0 });
+    cx.emit(s, LlmRequested { run_id, step_id, attempt });
+    cx.emit(s, appended(&entry_id, EntryRole::Assistant, "", EntryStatus::Streaming));
+}
+
+fn in_flight(s: &State, step_id: &str, attempt: u32) -> Option<LlmStep> {
+    s.llm.get(step_id).filter(|st| st.attempt == attempt).cloned()
+}
+
+fn delta(s: &mut State, cx: &mut Ctx<'_>, d: &LlmDelta) {
+    let Some(step) = in_flight(s, &d.step_id, d.attempt) else { return };
+    if d.seq < step.next_seq {
+        return; // a repeat
+    }
+    if let Some(st) = s.llm.get_mut(&d.step_id) {
+        st.next_seq = d.seq + 1;
+    }
+    if let Some(e) = s.entry_mut(&step.entry_id) {
+        e.text.push_str(&d.text);
+    }
+    cx.emit(s, OutMessageDelta { entry_id: step.entry_id, seq: d.seq, text: d.text.clone() });
+}
+
+fn completed(s: &mut State, cx: &mut Ctx<'_>, c: &LlmCompleted) {
+    let Some(step) = in_flight(s, &c.step_id, c.attempt) else { return };
+    s.llm.remove(&c.step_id);
+    let text = match s.entry_mut(&step.entry_id) {
+        Some(e) => {
+            if !c.text.is_empty() {
+                e.text = c.text.clone();
+            }
+            e.status = EntryStatus::Completed;
+            e.tool_calls = c.tool_calls.clone();
+            e.text.clone()
+        }
+        None => c.text.clone(),
+    };
+    cx.emit(s, OutMessageFinished { entry_id: step.entry_id.clone(), status: EntryStatus::Completed, text });
+    if c.tool_calls.is_empty() {
+        s.run_status = RunStatus::Idle;
+        if let Some(run) = &s.run {
+            let run_id = run.run_id.clone();
+            cx.emit(s, OutRunStatus { run_id, status: RunStatus::Idle });
+        }
+        if !s.queued.is_empty() {
+            start_run(s, cx);
+        }
+        return;
+    }
+    for call in &c.tool_calls {
+        s.tools.insert(
+            call.id.clone(),
+            ToolInFlight {
+                run_id: step.run_id.clone(),
+                step_id: c.step_id.clone(),
+                name: call.name.clone(),
+                args: call.args.clone(),
+            },
+        );
+        cx.emit(
+            s,
+            ToolRequested {
+                run_id: step.run_id.clone(),
+                step_id: c.step_id.clone(),
+                tool_call_id: call.id.clone(),
+                name: call.name.clone(),
+                args: call.args.clone(),
+            },
+        );
+        cx.emit(s, OutToolCalled { tool_call_id: call.id.clone(), name: call.name.clone(), args: call.args.clone() });
+    }
+}
+
+fn step_failed(s: &mut State, cx: &mut Ctx<'_>, step_id: &str, attempt: u32, error: &str) {
+    let Some(step) = in_flight(s, step_id, attempt) else { return };
+    s.llm.remove(step_id);
+    let text = match s.entry_mut(&step.entry_id) {
+        Some(e) => {
+            e.status = EntryStatus::Failed;
+            e.text.clone()
+        }
+        None => String::new(),
+    };
+    cx.emit(s, OutMessageFinished { entry_id: step.entry_id.clone(), status: EntryStatus::Failed, text });
+    cancel_tools(s, cx, "the step failed");
+    let step_no = s.run.as_ref().map(|r| r.step_no).unwrap_or(1);
+    s.retry = Some(RetryPoint { run_id: step.run_id.clone(), step_no, attempt });
+    s.run_status = RunStatus::Failed;
+    s.queued.clear();
+    cx.emit(
+        s,
+        OutMessageAppended {
+            entry_id: format!("{}.error", step.entry_id),
+            role: EntryRole::System,
+            text: format!("the model call failed: {error}"),
+            status: EntryStatus::Failed,
+        },
+    );
+    cx.emit(s, OutRunStatus { run_id: step.run_id, status: RunStatus::Failed });
+}
+
+fn tool_result(s: &mut State, cx: &mut Ctx<'_>, tool_call_id: &str, outcome: ToolOutcome, result: Value) {
+    let Some(tool) = s.tools.remove(tool_call_id) else { return };
+    record_tool_result(s, cx, tool_call_id, outcome, result);
+    let step_done = !s.tools.values().any(|t| t.step_id == tool.step_id);
+    if step_done && s.run_status == RunStatus::Running {
+        start_step(s, cx, 1);
+    }
+}
+
+fn record_tool_result(s: &mut State, cx: &mut Ctx<'_>, tool_call_id: &str, outcome: ToolOutcome, result: Value) {
+    let status = match outcome {
+        ToolOutcome::Completed => EntryStatus::Completed,
+        ToolOutcome::Failed => EntryStatus::Failed,
+        ToolOutcome::Canceled => EntryStatus::Aborted,
+    };
+    s.entries.push(Entry {
+        id: format!("tool.{tool_call_id}"),
+        role: EntryRole::Tool,
+        text: result.to_string(),
+        status,
+        tool_call_id: Some(tool_call_id.to_owned()),
+        tool_calls: Vec::new(),
+    });
+    cx.emit(s, OutToolResult { tool_call_id: tool_call_id.to_owned(), outcome, result });
+}
+
+/// Every open tool call gets a canceled result, so none is left dangling.
+fn cancel_tools(s: &mut State, cx: &mut Ctx<'_>, reason: &str) -> Vec<String> {
+    let ids: Vec<String> = s.tools.keys().cloned().collect();
+    for id in &ids {
+        s.tools.remove(id);
+        record_tool_result(s, cx, id, ToolOutcome::Canceled, json!({"canceled": true, "reason": reason}));
+    }
+    ids
+}
+
+/// Abort or stop: cancel what is in flight and end the run.
+fn end_run(s: &mut State, cx: &mut Ctx<'_>, mode: CancelMode, reason: Option<String>) {
+    if s.run_status != RunStatus::Running {
+        return;
+    }
+    let (entry_status, run_status, why) = match mode {
+        CancelMode::Abort => (EntryStatus::Aborted, RunStatus::Aborted, "aborted"),
+        CancelMode::Stop => (EntryStatus::Stopped, RunStatus::Stopped, "stopped"),
+    };
+    let mut effect_ids: Vec<String> = s.llm.keys().cloned().collect();
+    effect_ids.extend(s.tools.keys().cloned());
+    if !effect_ids.is_empty() {
+        cx.emit(s, CancelRequested { mode, effect_ids, reason: reason.clone() });
+    }
+    if mode == CancelMode::Abort {
+        let timers: Vec<String> = s.timers.keys().cloned().collect();
+        for timer_id in timers {
+            s.timers.remove(&timer_id);
+            cx.emit(s, TimerCancelRequested { timer_id });
+        }
+    }
+    let steps: Vec<(String, LlmStep)> = std::mem::take(&mut s.llm).into_iter().collect();
+    let mut retry = None;
+    for (_, step) in steps {
+        let text = match s.entry_mut(&step.entry_id) {
+            Some(e) => {
+                e.status = entry_status;
+                e.text.clone()
+            }
+            None => String::new(),
+        };
+        cx.emit(s, OutMessageFinished { entry_id: step.entry_id.clone(), status: entry_status, text });
+        let step_no = s.run.as_ref().map(|r| r.step_no).unwrap_or(1);
+        retry = Some(RetryPoint { run_id: step.run_id, step_no, attempt: step.attempt });
+    }
+    cancel_tools(s, cx, reason.as_deref().unwrap_or(why));
+    s.queued.clear();
+    s.run_status = run_status;
+    // A stopped run can be retried; an aborted one cannot.
+    s.retry = if mode == CancelMode::Stop { retry } else { None };
+    if let Some(run) = &s.run {
+        let run_id = run.run_id.clone();
+        cx.emit(s, OutRunStatus { run_id, status: run_status });
+    }
+}
+
+fn retry(s: &mut State, cx: &mut Ctx<'_>) {
+    if !matches!(s.run_status, RunStatus::Failed | RunStatus::Stopped) {
+        return;
+    }
+    let Some(point) = s.retry.take() else { return };
+    s.run = Some(Run { run_id: point.run_id.clone(), step_no: point.step_no });
+    s.run_status = RunStatus::Running;
+    cx.emit(s, OutRunStatus { run_id: point.run_id, status: RunStatus::Running });
+    start_step(s, cx, point.attempt + 1);
+}
