@@ -80,7 +80,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             Err(join) => tracing::error!(message = "NATS API task failed.", error = %join),
         }
     }
-    booted.client.flush().await.ok();
+    service::flush(&booted.client).await;
     served?;
     tracing::info!(message = "Stopped.", service = IDENTITY.name);
     Ok(())

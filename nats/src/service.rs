@@ -486,11 +486,17 @@ pub enum RunError {
     Serve(#[from] ServeError),
 }
 
+/// Flushes what the client still buffers, for at most 2 s (a disconnected
+/// client would wait forever).
+pub async fn flush(client: &async_nats::Client) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+}
+
 /// Boots and serves only `/healthz`, `/readyz` and `/metrics` until shutdown.
 pub async fn serve_health(id: &Identity, settings: &Settings, shutdown: CancellationToken) -> Result<(), RunError> {
     let booted = boot(id, settings, Registry::new()).await?;
     serve(settings.http_addr(), booted.health.router(), shutdown, None).await?;
-    booted.client.drain().await.ok();
+    flush(&booted.client).await;
     tracing::info!(message = "Stopped.", service = id.name);
     Ok(())
 }

@@ -36,6 +36,14 @@ pub fn runtime_consumer(partition: u16) -> String {
     format!("runtime-p{partition}")
 }
 
+/// Name of the control-plane consumer of one `CONV_IN` partition: only
+/// `conv.in.<p>.control.>`, so abort/stop never queue behind a backlog of
+/// deltas in the partition's main consumer (which sees them too; the second
+/// copy is a duplicate by event id).
+pub fn runtime_control_consumer(partition: u16) -> String {
+    format!("runtime-p{partition}-ctl")
+}
+
 /// Knobs of the topology. Every field has a default that works on one machine.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -54,6 +62,8 @@ pub struct TopologyConfig {
     pub max_deliver: i64,
     /// Ack wait of every consumer, in seconds.
     pub ack_wait_secs: u64,
+    /// Ack wait of the runtime's partition consumers, in seconds.
+    pub runtime_ack_wait_secs: u64,
     /// How long a runtime instance stays pinned to a partition without pulling, in seconds.
     pub pinned_ttl_secs: u64,
     /// Lease time-to-live in `conv_owners`, in seconds.
@@ -72,6 +82,7 @@ impl Default for TopologyConfig {
             duplicate_window_secs: 120,
             max_deliver: 5,
             ack_wait_secs: 30,
+            runtime_ack_wait_secs: 10,
             pinned_ttl_secs: 10,
             owner_ttl_secs: 10,
             max_msg_bytes: 2 * 1024 * 1024,
@@ -90,7 +101,11 @@ impl TopologyConfig {
         if self.max_deliver < 1 {
             return Err("max_deliver must be at least 1".into());
         }
-        if self.ack_wait_secs == 0 || self.duplicate_window_secs == 0 || self.owner_ttl_secs == 0 {
+        if self.ack_wait_secs == 0
+            || self.runtime_ack_wait_secs == 0
+            || self.duplicate_window_secs == 0
+            || self.owner_ttl_secs == 0
+        {
             return Err("ack_wait_secs, duplicate_window_secs and owner_ttl_secs must be positive".into());
         }
         if self.journal_max_age_hours * 3600 < self.duplicate_window_secs {
@@ -191,14 +206,27 @@ impl Topology {
         };
         let mut consumers = Vec::new();
         for p in 0..cfg.partitions {
-            let mut c = base(runtime_consumer(p), subject::in_partition_filter(p), "conv-runtime partition worker");
-            c.priority_policy = PriorityPolicy::PinnedClient;
-            c.priority_groups = vec![RUNTIME_GROUP.to_owned()];
-            c.priority_timeout = Duration::from_secs(cfg.pinned_ttl_secs);
-            // The scheduler reads ahead of a P3 backlog to find P0 events, so
-            // many messages of a partition may be in hand at once.
-            c.max_ack_pending = 20_000;
-            consumers.push(ConsumerSpec { stream: STREAM_IN.to_owned(), config: c });
+            let pinned = |mut c: pull::Config| {
+                c.priority_policy = PriorityPolicy::PinnedClient;
+                c.priority_groups = vec![RUNTIME_GROUP.to_owned()];
+                c.priority_timeout = Duration::from_secs(cfg.pinned_ttl_secs);
+                // Short, so a dead owner's in-flight inputs come back quickly;
+                // the worker sends progress for everything it holds.
+                c.ack_wait = Duration::from_secs(cfg.runtime_ack_wait_secs);
+                c
+            };
+            let mut main =
+                pinned(base(runtime_consumer(p), subject::in_partition_filter(p), "conv-runtime partition worker"));
+            // The scheduler looks ahead this far to order by priority.
+            main.max_ack_pending = 1000;
+            consumers.push(ConsumerSpec { stream: STREAM_IN.to_owned(), config: main });
+            let mut control = pinned(base(
+                runtime_control_consumer(p),
+                format!("conv.in.{p}.control.>"),
+                "conv-runtime partition control plane (abort, stop, retry)",
+            ));
+            control.max_ack_pending = 100;
+            consumers.push(ConsumerSpec { stream: STREAM_IN.to_owned(), config: control });
         }
         let mut effects = base(EFFECTS_CONSUMER.to_owned(), String::new(), "conv-effects shared work queue");
         effects.max_ack_pending = 4096;
@@ -540,7 +568,7 @@ mod tests {
         let names: Vec<&str> = t.stream_names().collect();
         assert_eq!(names, conv_contracts::subject::STREAMS.to_vec());
         let runtime = t.consumers.iter().filter(|c| c.stream == STREAM_IN).count();
-        assert_eq!(runtime, 16);
+        assert_eq!(runtime, 32, "a main and a control consumer per partition");
         assert_eq!(t.kv.len(), 4);
         assert!(stream_diff(&t.streams[0], &t.streams[0]).is_empty());
     }

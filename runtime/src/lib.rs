@@ -1,20 +1,29 @@
 //! # conv-runtime
 //!
-//! Partitioned conversation runtime of conv: scheduler, pure reducer, snapshots, applied markers.
-//!
-//! Each instance owns a share of the CONV_IN partitions and applies their events in priority order.
-//!
-//! This build boots the process — layered configuration, logging, a NATS
-//! connection that reports readiness, `/healthz` `/readyz` `/metrics` on
-//! `CONV_RUNTIME_ADDR` (default 127.0.0.1:9101) and graceful shutdown. Its event
-//! handling arrives with issue 4 (see ARCHITECTURE.md).
-
+//! The conversation runtime. Instances share the `CONV_IN` partitions, one
+//! owner each ([`ownership`]); a partition worker ([`worker`]) pulls its inputs
+//! (control plane first), orders them with the [`scheduler`] (priority,
+//! causality, fairness), applies them with the pure [`reducer`], publishes the
+//! directives, outputs and one applied marker per input, and acks only after
+//! those are durable. State is snapshotted with optimistic concurrency
+//! ([`snapshot`]) and restored from snapshot + journal tail ([`journal`]).
+pub mod journal;
+pub mod metrics;
+pub mod ownership;
 pub mod reducer;
+pub mod scheduler;
+pub mod snapshot;
 pub mod state;
+pub mod worker;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
 
-use conv_nats::service::{self, Identity, RunError, Settings};
+use conv_nats::service::{self, BootError, ConfigError, Env, Identity, Options, ServeError, Settings, env_override};
+use conv_nats::topology::KV_OWNERS;
+use prometheus::Registry;
+use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 /// Name, address variable and default address of this service.
@@ -23,16 +32,118 @@ pub const IDENTITY: Identity = Identity {
     about: "Partitioned conversation runtime of conv: scheduler, pure reducer, snapshots, applied markers.",
     addr_env: "CONV_RUNTIME_ADDR",
     default_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9101),
-    options_help: "",
+    options_help: "  CONV_RUNTIME_INSTANCE           instance id (default: a fresh UUID)\n  \
+CONV_RUNTIME_SNAPSHOT_EVERY     applies between snapshots of a conversation (default 32)\n  \
+CONV_RUNTIME_HEARTBEAT_MS       membership and lease refresh (default 1000)\n",
 };
 
+/// Runtime settings beyond the common ones (`[options]`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeOptions {
+    /// Instance id in the ownership bucket; empty means a fresh UUID per start.
+    pub instance: String,
+    pub snapshot_every: u64,
+    pub heartbeat_ms: u64,
+    pub idle_snapshot_ms: u64,
+    pub evict_after_secs: u64,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        Self {
+            instance: String::new(),
+            snapshot_every: 32,
+            heartbeat_ms: 1000,
+            idle_snapshot_ms: 1000,
+            evict_after_secs: 60,
+        }
+    }
+}
+
+impl Options for RuntimeOptions {
+    fn apply_env(&mut self, env: Env<'_>) -> Result<(), ConfigError> {
+        env_override(env, "CONV_RUNTIME_INSTANCE", &mut self.instance)?;
+        env_override(env, "CONV_RUNTIME_SNAPSHOT_EVERY", &mut self.snapshot_every)?;
+        env_override(env, "CONV_RUNTIME_HEARTBEAT_MS", &mut self.heartbeat_ms)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.snapshot_every == 0 || self.heartbeat_ms == 0 {
+            return Err("options.snapshot_every and options.heartbeat_ms must be positive".into());
+        }
+        if self.instance.contains(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_')) {
+            return Err(format!("options.instance {:?} must be [A-Za-z0-9_-]", self.instance));
+        }
+        Ok(())
+    }
+}
+
 /// Configuration: defaults → `CONV_CONFIG` TOML file → env, validated at start.
-pub type Config = Settings;
+pub type Config = Settings<RuntimeOptions>;
 
 /// Why the service stopped with an error.
-pub type Error = RunError;
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
 
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    service::serve_health(&IDENTITY, &config, shutdown).await
+    let registry = Registry::new();
+    let metrics = metrics::Metrics::new(&registry)?;
+    let booted = service::boot(&IDENTITY, &config, registry).await?;
+    let server = tokio::spawn(service::serve(config.http_addr(), booted.health.router(), shutdown.clone(), None));
+
+    // The buckets exist once `convctl setup` ran; until then, wait (not ready).
+    let ready = loop {
+        let found = async {
+            let owners = booted.js.get_key_value(KV_OWNERS).await.ok()?;
+            let snapshots = snapshot::Snapshots::open(&booted.js).await.ok()?;
+            Some((owners, snapshots))
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => break None,
+            found = found => if let Some(found) = found { break Some(found) },
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break None,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    };
+    if let Some((owners, snapshots)) = ready {
+        let o = &config.options;
+        let instance =
+            if o.instance.is_empty() { uuid::Uuid::now_v7().simple().to_string() } else { o.instance.clone() };
+        tracing::info!(message = "Runtime instance up.", instance = %instance, partitions = config.topology.partitions);
+        let shared = Arc::new(worker::Shared {
+            js: booted.js.clone(),
+            snapshots,
+            metrics,
+            config: worker::WorkerConfig {
+                snapshot_every: o.snapshot_every,
+                idle_snapshot: Duration::from_millis(o.idle_snapshot_ms),
+                evict_after: Duration::from_secs(o.evict_after_secs),
+                ..Default::default()
+            },
+        });
+        let ownership = ownership::OwnershipConfig {
+            partitions: config.topology.partitions,
+            heartbeat: Duration::from_millis(o.heartbeat_ms),
+        };
+        ownership::run(instance, owners, shared, ownership, shutdown.clone()).await;
+    }
+    shutdown.cancel();
+    match server.await {
+        Ok(result) => result?,
+        Err(join) => tracing::error!(message = "HTTP task failed.", error = %join),
+    }
+    service::flush(&booted.client).await;
+    tracing::info!(message = "Stopped.", service = IDENTITY.name);
+    Ok(())
 }

@@ -1,0 +1,133 @@
+//! Reading a conversation back from the journal: its applied markers in
+//! `CONV_APPLIED` (the order the runtime actually applied inputs in) and the
+//! inputs they name in `CONV_IN`. Restore after eviction or failover and
+//! `convctl replay` both use this; neither calls a model or a tool again —
+//! their results are inputs in the journal.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream::{self};
+use conv_contracts::payload::Applied as Marker;
+use conv_contracts::subject::{STREAM_APPLIED, STREAM_IN};
+use conv_contracts::{ConversationId, Envelope, EventType, Limits, Payload};
+use futures::StreamExt;
+
+use crate::reducer;
+use crate::snapshot::Snapshot;
+use crate::state::State;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("journal: {0}")]
+    JetStream(String),
+    #[error("applied marker #{seq} is not readable: {detail}")]
+    BadMarker { seq: u64, detail: String },
+    #[error("input CONV_IN #{seq} named by an applied marker is not readable: {detail}")]
+    MissingInput { seq: u64, detail: String },
+}
+
+fn js_err(e: impl std::fmt::Display) -> Error {
+    Error::JetStream(e.to_string())
+}
+
+/// Subject of a conversation's applied markers.
+pub fn marker_subject(conversation: &ConversationId) -> String {
+    conv_contracts::subject::for_event(EventType::Applied, conversation)
+}
+
+/// The conversation's markers after `after_seq` (a `CONV_APPLIED` sequence),
+/// in order, with their sequences.
+pub async fn markers_after(
+    js: &jetstream::Context,
+    conversation: &ConversationId,
+    after_seq: u64,
+) -> Result<Vec<(u64, Marker)>, Error> {
+    let subject = marker_subject(conversation);
+    let stream = js.get_stream_no_info(STREAM_APPLIED).await.map_err(js_err)?;
+    let last = match stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(m) => m.sequence,
+        Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => return Ok(Vec::new()),
+        Err(e) => return Err(js_err(e)),
+    };
+    if last <= after_seq {
+        return Ok(Vec::new());
+    }
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: subject,
+            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: after_seq + 1 },
+            ..Default::default()
+        })
+        .await
+        .map_err(js_err)?;
+    let mut messages = consumer.messages().await.map_err(js_err)?;
+    let mut out = Vec::new();
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .map_err(|_| Error::JetStream("reading applied markers timed out".into()))?;
+        let Some(message) = next else { break };
+        let message = message.map_err(js_err)?;
+        let seq = message.info().map(|i| i.stream_sequence).map_err(js_err)?;
+        let event =
+            conv_nats::headers::decode(&message.subject, message.headers.as_ref(), &message.payload, Limits::default())
+                .map_err(|e| Error::BadMarker { seq, detail: e.to_string() })?;
+        match event.data {
+            Payload::Applied(m) => out.push((seq, m)),
+            other => return Err(Error::BadMarker { seq, detail: format!("not a marker: {:?}", other.event_type()) }),
+        }
+        if seq >= last {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// The input a marker names.
+pub async fn input(js: &jetstream::Context, seq: u64) -> Result<Envelope, Error> {
+    let stream = js.get_stream_no_info(STREAM_IN).await.map_err(js_err)?;
+    let m = stream.get_raw_message(seq).await.map_err(|e| Error::MissingInput { seq, detail: e.to_string() })?;
+    conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Limits::default())
+        .map_err(|e| Error::MissingInput { seq, detail: e.to_string() })
+}
+
+/// The outcome of a rebuild.
+#[derive(Debug, Clone)]
+pub struct Rebuilt {
+    pub snapshot: Snapshot,
+    /// Markers read and applied.
+    pub applied: u64,
+    /// The last marker's recorded state hash (what the live runtime had), if any.
+    pub recorded_hash: Option<String>,
+    /// Markers whose recorded hash differs from the rebuilt state's.
+    pub mismatches: Vec<u64>,
+}
+
+/// Rebuilds a conversation: from `from` (a snapshot) or from scratch, applying
+/// every later marker's input in applied order and checking each recorded hash.
+pub async fn rebuild(
+    js: &jetstream::Context,
+    conversation: &ConversationId,
+    from: Option<Snapshot>,
+) -> Result<Rebuilt, Error> {
+    let mut snapshot = from.unwrap_or_else(|| Snapshot { applied_seq: 0, state: State::new(conversation.as_str()) });
+    let markers = markers_after(js, conversation, snapshot.applied_seq).await?;
+    let mut rebuilt = Rebuilt { snapshot: snapshot.clone(), applied: 0, recorded_hash: None, mismatches: Vec::new() };
+    for (seq, marker) in markers {
+        if marker.applied_index <= snapshot.state.version {
+            snapshot.applied_seq = seq; // already in the snapshot
+            continue;
+        }
+        let event = input(js, marker.input_seq).await?;
+        snapshot.state = reducer::apply(&snapshot.state, &event).state;
+        snapshot.applied_seq = seq;
+        rebuilt.applied += 1;
+        if snapshot.state.hash() != marker.state_hash {
+            rebuilt.mismatches.push(seq);
+        }
+        rebuilt.recorded_hash = Some(marker.state_hash);
+    }
+    rebuilt.snapshot = snapshot;
+    Ok(rebuilt)
+}

@@ -1,0 +1,198 @@
+//! Partition ownership: every partition has one owner at a time.
+//!
+//! Instances announce themselves in the `conv_owners` bucket
+//! (`members.<instance>`, refreshed every heartbeat, expiring with the
+//! bucket's TTL when an instance dies). Each instance computes the same
+//! assignment from the sorted member list (partition `p` belongs to member
+//! `p mod n`), takes a lease on each of its partitions (`p.<p>`, created only
+//! if absent, renewed with the expected revision) and starts a worker; it
+//! stops the workers of partitions that are no longer its own and releases
+//! their leases. Leases expire with the bucket TTL too, so the partitions of
+//! a killed instance are taken over within seconds.
+//!
+//! Leases and the pinned-client consumers are not exclusivity on their own:
+//! the snapshot's optimistic concurrency ([`crate::snapshot`]) is the last
+//! guard, and a worker that loses it gives its partition up.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::worker::{self, Shared, Stopped};
+
+/// How ownership is coordinated.
+#[derive(Debug, Clone)]
+pub struct OwnershipConfig {
+    pub partitions: u16,
+    /// Membership and lease refresh interval (well below the bucket TTL).
+    pub heartbeat: Duration,
+}
+
+struct Running {
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), Stopped>>,
+    lease_revision: u64,
+}
+
+/// The partitions `me` should own among `members`.
+pub fn assignment(partitions: u16, members: &[String], me: &str) -> Vec<u16> {
+    let mut sorted: Vec<&String> = members.iter().collect();
+    sorted.sort();
+    sorted.dedup();
+    if sorted.is_empty() {
+        return Vec::new();
+    }
+    (0..partitions).filter(|p| sorted[usize::from(*p) % sorted.len()] == me).collect()
+}
+
+fn lease_key(p: u16) -> String {
+    format!("p.{p}")
+}
+
+/// Runs the ownership loop until `shutdown`, then stops every worker and
+/// releases every lease.
+pub async fn run(
+    instance: String,
+    owners: kv::Store,
+    shared: Arc<Shared>,
+    config: OwnershipConfig,
+    shutdown: CancellationToken,
+) {
+    let mut running: BTreeMap<u16, Running> = BTreeMap::new();
+    let mut tick = tokio::time::interval(config.heartbeat);
+    let member_key = format!("members.{instance}");
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        if let Err(error) = owners.put(&member_key, Bytes::from(instance.clone())).await {
+            tracing::warn!(message = "Membership heartbeat failed.", %error);
+            continue;
+        }
+        let members = match live_members(&owners).await {
+            Ok(m) => m,
+            Err(error) => {
+                tracing::warn!(message = "Cannot list members.", %error);
+                continue;
+            }
+        };
+        let target = assignment(config.partitions, &members, &instance);
+
+        // Workers that ended by themselves (stale owner, failure).
+        let finished: Vec<u16> = running.iter().filter(|(_, r)| r.task.is_finished()).map(|(p, _)| *p).collect();
+        for p in finished {
+            if let Some(r) = running.remove(&p) {
+                match r.task.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(stopped)) => {
+                        tracing::warn!(message = "Partition worker stopped.", partition = p, reason = %stopped)
+                    }
+                    Err(join) => tracing::error!(message = "Partition worker panicked.", partition = p, error = %join),
+                }
+                release(&owners, p, r.lease_revision).await;
+                shared.metrics.rebalances.inc();
+            }
+        }
+        // Give up what is no longer ours.
+        let leaving: Vec<u16> = running.keys().copied().filter(|p| !target.contains(p)).collect();
+        for p in leaving {
+            if let Some(r) = running.remove(&p) {
+                stop(p, r, &owners).await;
+                shared.metrics.rebalances.inc();
+            }
+        }
+        // Renew what we keep.
+        let mut lost = Vec::new();
+        for (p, r) in running.iter_mut() {
+            match owners.update(lease_key(*p), Bytes::from(instance.clone()), r.lease_revision).await {
+                Ok(rev) => r.lease_revision = rev,
+                Err(error) => {
+                    tracing::warn!(message = "Lease lost.", partition = *p, %error);
+                    lost.push(*p);
+                }
+            }
+        }
+        for p in lost {
+            if let Some(r) = running.remove(&p) {
+                r.stop.cancel();
+                let _ = r.task.await;
+                shared.metrics.rebalances.inc();
+            }
+        }
+        // Take what is ours and free.
+        for p in target {
+            if running.contains_key(&p) {
+                continue;
+            }
+            match owners.create(lease_key(p), Bytes::from(instance.clone())).await {
+                Ok(lease_revision) => {
+                    let stop = shutdown.child_token();
+                    let task = tokio::spawn(worker::run(p, shared.clone(), stop.clone()));
+                    running.insert(p, Running { stop, task, lease_revision });
+                    shared.metrics.rebalances.inc();
+                    tracing::info!(message = "Partition taken.", partition = p, instance = %instance);
+                }
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {} // its owner lets go soon
+                Err(error) => tracing::warn!(message = "Cannot take a lease.", partition = p, %error),
+            }
+        }
+        shared.metrics.partitions_owned.set(i64::try_from(running.len()).unwrap_or_default());
+    }
+    for (p, r) in std::mem::take(&mut running) {
+        stop(p, r, &owners).await;
+    }
+    let _ = owners.delete(&member_key).await;
+    shared.metrics.partitions_owned.set(0);
+}
+
+async fn stop(p: u16, r: Running, owners: &kv::Store) {
+    r.stop.cancel();
+    match r.task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(stopped)) => tracing::warn!(message = "Partition worker stopped.", partition = p, reason = %stopped),
+        Err(join) => tracing::error!(message = "Partition worker panicked.", partition = p, error = %join),
+    }
+    release(owners, p, r.lease_revision).await;
+}
+
+/// Deletes our lease if it is still ours (same revision).
+async fn release(owners: &kv::Store, p: u16, revision: u64) {
+    let _ = owners.delete_expect_revision(lease_key(p), Some(revision)).await;
+}
+
+async fn live_members(owners: &kv::Store) -> Result<Vec<String>, String> {
+    let mut keys = owners.keys().await.map_err(|e| e.to_string())?;
+    let mut members = Vec::new();
+    while let Some(key) = keys.next().await {
+        let key = key.map_err(|e| e.to_string())?;
+        if let Some(id) = key.strip_prefix("members.") {
+            members.push(id.to_owned());
+        }
+    }
+    Ok(members)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assignment_splits_evenly_and_covers_everything() {
+        let members = vec!["b".to_owned(), "a".to_owned()];
+        let a = assignment(16, &members, "a");
+        let b = assignment(16, &members, "b");
+        assert_eq!((a.len(), b.len()), (8, 8));
+        let mut all: Vec<u16> = a.iter().chain(b.iter()).copied().collect();
+        all.sort();
+        assert_eq!(all, (0..16).collect::<Vec<_>>());
+        assert_eq!(assignment(16, &["a".to_owned()], "a").len(), 16);
+        assert!(assignment(16, &members, "c").is_empty());
+    }
+}

@@ -1,0 +1,388 @@
+//! A partition worker: pulls the partition's inputs (control plane first),
+//! schedules them, applies them with the pure reducer, makes the result
+//! durable and only then acks.
+//!
+//! Per input: `reducer::apply` → publish the emitted directives and outputs
+//! and one applied marker (all with deterministic ids, so a redelivered input
+//! produces no duplicates) → await their acks → ack the input. The state is
+//! snapshotted every `snapshot_every` applies and when the conversation goes
+//! idle, with the expected revision; idle conversations are evicted and later
+//! restored from snapshot + journal tail.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::{self, AckKind, Message};
+use conv_contracts::payload::Applied as Marker;
+use conv_contracts::subject::STREAM_IN;
+use conv_contracts::{ConversationId, Envelope, Limits};
+use conv_nats::topology::{RUNTIME_GROUP, runtime_consumer, runtime_control_consumer};
+use futures::{FutureExt, Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::metrics::Metrics;
+use crate::reducer::{self, derived_id};
+use crate::scheduler::{Pending, Scheduler};
+use crate::snapshot::{self, Snapshot, Snapshots};
+use crate::{journal, state::State};
+
+/// Tuning of a partition worker.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Applies between snapshot writes of a conversation.
+    pub snapshot_every: u64,
+    /// A conversation with unsnapshotted applies is snapshotted after this much quiet.
+    pub idle_snapshot: Duration,
+    /// A snapshotted conversation is dropped from memory after this much quiet.
+    pub evict_after: Duration,
+    /// Progress is sent for held inputs this often (well below the ack wait).
+    pub progress_every: Duration,
+    /// Wait for the acks of emitted events.
+    pub publish_timeout: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            snapshot_every: 32,
+            idle_snapshot: Duration::from_secs(1),
+            evict_after: Duration::from_secs(60),
+            progress_every: Duration::from_secs(3),
+            publish_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What a worker shares with its siblings.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    pub js: jetstream::Context,
+    pub snapshots: Snapshots,
+    pub metrics: Metrics,
+    pub config: WorkerConfig,
+}
+
+/// Why a worker stopped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Stopped {
+    #[error("stale owner of partition {partition}: {detail}")]
+    Stale { partition: u16, detail: String },
+    #[error("partition {partition}: {detail}")]
+    Failed { partition: u16, detail: String },
+}
+
+struct Loaded {
+    snap: Snapshot,
+    revision: Option<u64>,
+    /// Applies since the last snapshot write.
+    dirty: u64,
+    touched: Instant,
+}
+
+/// Id of the applied marker of an input.
+pub fn marker_id(input_id: &str) -> String {
+    derived_id(input_id, usize::MAX)
+}
+
+struct Worker {
+    partition: u16,
+    shared: Arc<Shared>,
+    scheduler: Scheduler<Message>,
+    states: HashMap<ConversationId, Loaded>,
+    depths: [usize; 4],
+}
+
+/// Runs partition `partition` until `stop` fires (then hands its held inputs
+/// back and snapshots what is dirty) or it finds it is a stale owner.
+pub async fn run(partition: u16, shared: Arc<Shared>, stop: CancellationToken) -> Result<(), Stopped> {
+    let failed = |detail: String| Stopped::Failed { partition, detail };
+    let stream = shared.js.get_stream_no_info(STREAM_IN).await.map_err(|e| failed(e.to_string()))?;
+    let main: PullConsumer =
+        stream.get_consumer(&runtime_consumer(partition)).await.map_err(|e| failed(e.to_string()))?;
+    let control: PullConsumer =
+        stream.get_consumer(&runtime_control_consumer(partition)).await.map_err(|e| failed(e.to_string()))?;
+    // A new owner takes the pin at once instead of waiting for the old one's to expire.
+    let _ = stream.unpin_consumer(&runtime_consumer(partition), RUNTIME_GROUP).await;
+    let _ = stream.unpin_consumer(&runtime_control_consumer(partition), RUNTIME_GROUP).await;
+    let mut main_msgs = pull(&main, 500).await.map_err(|e| failed(e.to_string()))?;
+    let mut control_msgs = pull(&control, 50).await.map_err(|e| failed(e.to_string()))?;
+    tracing::info!(message = "Partition started.", partition);
+
+    let mut w = Worker {
+        partition,
+        shared: shared.clone(),
+        scheduler: Scheduler::new(),
+        states: HashMap::new(),
+        depths: [0; 4],
+    };
+    let mut housekeeping = tokio::time::interval(Duration::from_millis(500));
+    let mut last_progress = Instant::now();
+    let result = loop {
+        if stop.is_cancelled() {
+            break Ok(());
+        }
+        // Take what has already arrived, control plane first, without waiting.
+        w.drain(&mut control_msgs, 100).await;
+        w.drain(&mut main_msgs, 1000).await;
+        if last_progress.elapsed() >= shared.config.progress_every {
+            w.progress().await;
+            last_progress = Instant::now();
+        }
+        if let Some(pending) = w.scheduler.pop() {
+            let span = tracing::debug_span!(
+                "apply",
+                partition,
+                conversation_id = %pending.event.conversation_id,
+                event_id = %pending.event.id,
+                seq = pending.seq,
+            );
+            if let Err(stopped) = w.apply(pending).instrument(span).await {
+                break Err(stopped);
+            }
+            w.update_depths();
+            continue;
+        }
+        w.update_depths();
+        tokio::select! {
+            _ = stop.cancelled() => break Ok(()),
+            m = control_msgs.next() => w.accept(m).await,
+            m = main_msgs.next() => w.accept(m).await,
+            _ = housekeeping.tick() => {
+                if let Err(stopped) = w.housekeeping(false).await {
+                    break Err(stopped);
+                }
+            }
+        }
+    };
+    // Hand held inputs back at once, for the next owner.
+    for pending in w.scheduler.drain() {
+        let _ = pending.token.ack_with(AckKind::Nak(None)).await;
+    }
+    w.update_depths();
+    if result.is_ok() {
+        let _ = w.housekeeping(true).await;
+    }
+    tracing::info!(message = "Partition stopped.", partition, ok = result.is_ok());
+    result
+}
+
+async fn pull(
+    consumer: &PullConsumer,
+    batch: usize,
+) -> Result<jetstream::consumer::pull::Stream, jetstream::consumer::StreamError> {
+    consumer
+        .stream()
+        .group(RUNTIME_GROUP)
+        .max_messages_per_batch(batch)
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await
+}
+
+impl Worker {
+    async fn drain<S, E>(&mut self, messages: &mut S, max: usize)
+    where
+        S: Stream<Item = Result<Message, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        for _ in 0..max {
+            match messages.next().now_or_never() {
+                Some(m) => self.accept(m).await,
+                None => return,
+            }
+        }
+    }
+
+    /// Validates a delivered message and queues it (or terminates it).
+    async fn accept<E: std::fmt::Display>(&mut self, next: Option<Result<Message, E>>) {
+        let message = match next {
+            Some(Ok(m)) => m,
+            Some(Err(error)) => {
+                tracing::warn!(message = "Consumer stream error.", partition = self.partition, %error);
+                return;
+            }
+            None => return,
+        };
+        let seq = message.info().map(|i| i.stream_sequence).unwrap_or_default();
+        match conv_nats::headers::decode(
+            &message.subject,
+            message.headers.as_ref(),
+            &message.payload,
+            Limits::default(),
+        ) {
+            Err(rejection) => {
+                self.shared.metrics.terminated.inc();
+                tracing::warn!(message = "Invalid input terminated.", partition = self.partition, seq, reason = %rejection);
+                let reason = format!("{}: {rejection}", rejection.code());
+                let _ = conv_nats::consume::term_with_reason(&message, &reason).await;
+            }
+            Ok(event) if self.scheduler.contains(&event.id) => {
+                // The same control event through the control and the main consumer.
+                let _ = message.double_ack().await;
+            }
+            Ok(event) => self.scheduler.push(Pending { seq, event, token: message }),
+        }
+    }
+
+    async fn progress(&self) {
+        for message in self.scheduler.tokens() {
+            let _ = message.ack_with(AckKind::Progress).await;
+        }
+    }
+
+    fn update_depths(&mut self) {
+        let now = self.scheduler.depths();
+        for (i, p) in conv_contracts::Priority::ALL.iter().enumerate() {
+            let delta = i64::try_from(now[i]).unwrap_or(0) - i64::try_from(self.depths[i]).unwrap_or(0);
+            if delta != 0 {
+                self.shared.metrics.queue_depth.with_label_values(&[p.as_str()]).add(delta);
+            }
+        }
+        self.depths = now;
+    }
+
+    /// The conversation's state: cached, or restored from snapshot + journal.
+    async fn load(&mut self, conv: &ConversationId) -> Result<&mut Loaded, String> {
+        if !self.states.contains_key(conv) {
+            let stored = self.shared.snapshots.load(conv.as_str()).await.map_err(|e| e.to_string())?;
+            let (from, revision) = match stored {
+                Some((s, rev)) => (Some(s), Some(rev)),
+                None => (None, None),
+            };
+            let rebuilt = journal::rebuild(&self.shared.js, conv, from).await.map_err(|e| e.to_string())?;
+            if !rebuilt.mismatches.is_empty() {
+                tracing::error!(message = "Restored state differs from recorded hashes.", conversation_id = %conv, markers = ?rebuilt.mismatches);
+            }
+            self.shared.metrics.restores.inc();
+            self.states.insert(
+                conv.clone(),
+                Loaded { snap: rebuilt.snapshot, revision, dirty: rebuilt.applied, touched: Instant::now() },
+            );
+        }
+        self.states.get_mut(conv).ok_or_else(|| "state vanished".to_owned())
+    }
+
+    async fn apply(&mut self, pending: Pending<Message>) -> Result<(), Stopped> {
+        let started = Instant::now();
+        let Pending { seq, event, token } = pending;
+        let conv = event.conversation_id.clone();
+        let state = match self.load(&conv).await {
+            Ok(l) => l.snap.state.clone(),
+            Err(error) => {
+                tracing::warn!(message = "Cannot load state; will retry.", conversation_id = %conv, %error);
+                let _ = token.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
+                return Ok(());
+            }
+        };
+        let applied = reducer::apply(&state, &event);
+        if applied.duplicate {
+            self.shared.metrics.duplicates.inc();
+            let _ = token.double_ack().await;
+            return Ok(());
+        }
+        match self.publish(&event, seq, &applied.state, &applied.emitted).await {
+            Ok(marker_seq) => {
+                let loaded = self
+                    .states
+                    .get_mut(&conv)
+                    .ok_or_else(|| Stopped::Failed { partition: self.partition, detail: "state vanished".into() })?;
+                loaded.snap = Snapshot { applied_seq: marker_seq, state: applied.state };
+                loaded.dirty += 1;
+                loaded.touched = Instant::now();
+                if loaded.dirty >= self.shared.config.snapshot_every {
+                    self.save(&conv).await?;
+                }
+                if let Err(error) = token.double_ack().await {
+                    tracing::warn!(message = "Failed to ack an applied input.", %error, seq);
+                }
+                self.shared.metrics.applied.inc();
+                self.shared.metrics.apply_seconds.observe(started.elapsed().as_secs_f64());
+            }
+            Err(error) => {
+                // Whether or not some of it was stored, a retry republishes the
+                // same ids (deduped) after restoring from the journal.
+                tracing::warn!(message = "Publishing the result failed; will retry.", conversation_id = %conv, %error);
+                self.states.remove(&conv);
+                let _ = token.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes emitted events and the applied marker; returns the marker's sequence.
+    async fn publish(&self, input: &Envelope, seq: u64, state: &State, emitted: &[Envelope]) -> Result<u64, String> {
+        let mut marker = Envelope::new(
+            marker_id(&input.id),
+            reducer::SOURCE,
+            input.conversation_id.clone(),
+            Marker {
+                input_id: input.id.clone(),
+                input_type: input.event_type().as_str().to_owned(),
+                input_seq: seq,
+                applied_index: state.version,
+                state_version: state.version,
+                state_hash: state.hash(),
+            },
+        )
+        .caused_by(input);
+        marker.time = input.time;
+        let js = &self.shared.js;
+        let work = async {
+            let mut acks = Vec::with_capacity(emitted.len() + 1);
+            for event in emitted.iter().chain(std::iter::once(&marker)) {
+                acks.push(conv_nats::headers::publish(js, event).await.map_err(|e| e.to_string())?);
+            }
+            let mut last = 0;
+            for ack in acks {
+                last = ack.await.map_err(|e| e.to_string())?.sequence;
+            }
+            Ok::<u64, String>(last)
+        };
+        tokio::time::timeout(self.shared.config.publish_timeout, work)
+            .await
+            .map_err(|_| "publish acks timed out".to_owned())?
+    }
+
+    async fn save(&mut self, conv: &ConversationId) -> Result<(), Stopped> {
+        let Some(loaded) = self.states.get_mut(conv) else { return Ok(()) };
+        match self.shared.snapshots.save(conv.as_str(), &loaded.snap, loaded.revision).await {
+            Ok(revision) => {
+                loaded.revision = Some(revision);
+                loaded.dirty = 0;
+                self.shared.metrics.snapshot_writes.inc();
+                Ok(())
+            }
+            Err(snapshot::Error::Conflict { .. }) => {
+                self.shared.metrics.snapshot_conflicts.inc();
+                self.states.clear();
+                Err(Stopped::Stale {
+                    partition: self.partition,
+                    detail: format!("the snapshot of {conv} was written by someone else"),
+                })
+            }
+            Err(error) => {
+                tracing::warn!(message = "Snapshot write failed; will retry.", conversation_id = %conv, %error);
+                Ok(())
+            }
+        }
+    }
+
+    /// Snapshots quiet conversations and evicts idle ones (`all`: snapshot everything dirty).
+    async fn housekeeping(&mut self, all: bool) -> Result<(), Stopped> {
+        let cfg = self.shared.config.clone();
+        let dirty: Vec<ConversationId> = self
+            .states
+            .iter()
+            .filter(|(_, l)| l.dirty > 0 && (all || l.touched.elapsed() >= cfg.idle_snapshot))
+            .map(|(c, _)| c.clone())
+            .collect();
+        for conv in dirty {
+            self.save(&conv).await?;
+        }
+        self.states.retain(|_, l| l.dirty > 0 || l.touched.elapsed() < cfg.evict_after);
+        Ok(())
+    }
+}

@@ -1,0 +1,259 @@
+//! The runtime against a real JetStream server: order, preemption, ownership,
+//! failover, snapshots.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use conv_contracts::payload::*;
+use conv_contracts::subject::STREAM_APPLIED;
+use conv_contracts::{ConversationId, Envelope, Limits, Payload};
+use conv_nats::TopologyConfig;
+use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, spawn_service};
+use conv_runtime::snapshot::{self, Snapshot, Snapshots};
+use conv_runtime::state::State;
+use conv_runtime::{Config, RuntimeOptions};
+use futures::StreamExt;
+
+/// Short TTLs so takeover happens within seconds in tests.
+fn fast_topology() -> TopologyConfig {
+    TopologyConfig { owner_ttl_secs: 3, runtime_ack_wait_secs: 4, pinned_ttl_secs: 3, ..Default::default() }
+}
+
+async fn nats() -> TestNats {
+    let nats = TestNats::start().await.expect("test NATS");
+    nats.setup_with(&fast_topology()).await.expect("topology");
+    nats
+}
+
+fn runtime(nats: &TestNats, instance: &str) -> ServiceHandle<conv_runtime::Error> {
+    let mut config: Config = conv_nats::service::Settings::for_test(nats.config(), free_addr());
+    config.topology = fast_topology();
+    config.options =
+        RuntimeOptions { instance: instance.into(), heartbeat_ms: 250, snapshot_every: 4, ..Default::default() };
+    spawn_service(instance, |token| conv_runtime::run(config, token))
+}
+
+fn conv(id: &str) -> ConversationId {
+    ConversationId::parse(id).expect("id")
+}
+
+fn message(id: &str, c: &str, text: &str) -> Envelope {
+    Envelope::new(id, "/test", conv(c), MessageReceived { text: text.into(), role: None, channel: None, sender: None })
+}
+
+fn delta(id: &str, c: &str, seq: u64) -> Envelope {
+    Envelope::new(id, "/test", conv(c), LlmDelta { step_id: "r1.s1".into(), attempt: 1, seq, text: format!("t{seq} ") })
+}
+
+async fn publish_all(js: &async_nats::jetstream::Context, events: &[Envelope]) {
+    let mut acks = Vec::new();
+    for e in events {
+        acks.push(conv_nats::headers::publish(js, e).await.expect("publish"));
+        if acks.len() >= 512 {
+            for a in acks.drain(..) {
+                a.await.expect("ack");
+            }
+        }
+    }
+    for a in acks {
+        a.await.expect("ack");
+    }
+}
+
+/// Every applied marker in the journal, in applied order.
+async fn all_markers(js: &async_nats::jetstream::Context) -> Vec<Applied> {
+    let mut stream = js.get_stream(STREAM_APPLIED).await.expect("stream");
+    let last = stream.info().await.expect("info").state.last_sequence;
+    if last == 0 {
+        return Vec::new();
+    }
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig { deliver_policy: DeliverPolicy::All, ..Default::default() })
+        .await
+        .expect("consumer");
+    let mut messages = consumer.messages().await.expect("messages");
+    let mut out = Vec::new();
+    while let Some(Ok(m)) = tokio::time::timeout(Duration::from_secs(5), messages.next()).await.ok().flatten() {
+        let seq = m.info().expect("info").stream_sequence;
+        let e =
+            conv_nats::headers::decode(&m.subject, m.headers.as_ref(), &m.payload, Limits::default()).expect("valid");
+        if let Payload::Applied(a) = e.data {
+            out.push(a);
+        }
+        if seq >= last {
+            break;
+        }
+    }
+    out
+}
+
+async fn wait_markers(js: &async_nats::jetstream::Context, at_least: usize, within: Duration) -> Vec<Applied> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let markers = all_markers(js).await;
+        if markers.len() >= at_least || tokio::time::Instant::now() > deadline {
+            return markers;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn per_input(markers: &[Applied]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for m in markers {
+        *counts.entry(m.input_id.clone()).or_insert(0) += 1;
+    }
+    counts
+}
+
+#[tokio::test]
+async fn inputs_are_applied_once_in_order_with_their_effects() {
+    let nats = nats().await;
+    let js = nats.jetstream().await;
+    let rt = runtime(&nats, "a");
+    let mut events = Vec::new();
+    for c in ["ord-1", "ord-2", "ord-3"] {
+        events.push(message(&format!("{c}-m"), c, "hello"));
+        for i in 0..20 {
+            events.push(delta(&format!("{c}-d{i}"), c, i));
+        }
+    }
+    publish_all(&js, &events).await;
+    // Redelivered or republished inputs are not applied twice.
+    publish_all(&js, &events[..5]).await;
+    let markers = wait_markers(&js, events.len(), Duration::from_secs(30)).await;
+    let counts = per_input(&markers);
+    assert_eq!(counts.len(), events.len(), "every input has a marker");
+    assert!(counts.values().all(|n| *n == 1), "exactly one marker per input");
+    for c in ["ord-1", "ord-2", "ord-3"] {
+        let order: Vec<&str> =
+            markers.iter().filter(|m| m.input_id.starts_with(c)).map(|m| m.input_id.as_str()).collect();
+        let expected: Vec<String> =
+            std::iter::once(format!("{c}-m")).chain((0..20).map(|i| format!("{c}-d{i}"))).collect();
+        assert_eq!(order, expected, "per-conversation order of {c}");
+        let indexes: Vec<u64> = markers.iter().filter(|m| m.input_id.starts_with(c)).map(|m| m.applied_index).collect();
+        assert_eq!(indexes, (1..=21).collect::<Vec<u64>>());
+    }
+    // The run of each conversation asked for an LLM step.
+    let mut effect = js.get_stream("CONV_EFFECT").await.expect("stream");
+    assert_eq!(effect.info().await.expect("info").state.messages, 3);
+    rt.shutdown().await.expect("clean shutdown");
+
+    // The state survives the restart: snapshot + journal tail give the same hash.
+    let snapshots = Snapshots::open(&js).await.expect("bucket");
+    let (snap, _) = snapshots.load("ord-1").await.expect("load").expect("a snapshot was written");
+    let rebuilt = conv_runtime::journal::rebuild(&js, &conv("ord-1"), None).await.expect("rebuild");
+    assert!(rebuilt.mismatches.is_empty());
+    assert_eq!(rebuilt.snapshot.state.hash(), snap.state.hash());
+    let streamed: String = (0..20).map(|i| format!("t{i} ")).collect();
+    assert_eq!(snap.state.entries.last().map(|e| e.text.as_str()), Some(streamed.as_str()));
+}
+
+#[tokio::test]
+async fn an_abort_behind_ten_thousand_deltas_is_applied_first() {
+    let nats = nats().await;
+    let js = nats.jetstream().await;
+    let rt = runtime(&nats, "a");
+    publish_all(&js, &[message("m", "busy", "tell me a long story")]).await;
+    assert_eq!(wait_markers(&js, 1, Duration::from_secs(20)).await.len(), 1);
+    rt.shutdown().await.expect("stop");
+
+    // While no runtime runs: 10,000 token deltas, then an abort.
+    let mut backlog: Vec<Envelope> = (0..10_000).map(|i| delta(&format!("d{i}"), "busy", i)).collect();
+    backlog.push(Envelope::new("abort", "/test", conv("busy"), AbortRequested { reason: Some("enough".into()) }));
+    publish_all(&js, &backlog).await;
+
+    let rt = runtime(&nats, "a");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let markers = loop {
+        let markers = all_markers(&js).await;
+        if markers.iter().any(|m| m.input_id == "abort") || tokio::time::Instant::now() > deadline {
+            break markers;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let abort = markers.iter().find(|m| m.input_id == "abort").expect("the abort was applied");
+    assert_eq!(abort.applied_index, 2, "right after the message, before any of the 10,000 deltas");
+    assert!(markers.iter().filter(|m| m.input_id.starts_with('d')).all(|m| m.applied_index > 2));
+    rt.shutdown().await.expect("stop");
+}
+
+#[tokio::test]
+async fn two_instances_split_the_partitions_and_a_third_joins() {
+    let nats = nats().await;
+    let js = nats.jetstream().await;
+    let owners = js.get_key_value(conv_nats::topology::KV_OWNERS).await.expect("bucket");
+    let leases = || async {
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for p in 0..16 {
+            if let Ok(Some(v)) = owners.get(format!("p.{p}")).await {
+                *counts.entry(String::from_utf8_lossy(&v).into_owned()).or_default() += 1;
+            }
+        }
+        counts
+    };
+    let wait_split = |want: Vec<(&'static str, usize)>| {
+        let leases = &leases;
+        async move {
+            for _ in 0..120 {
+                let got = leases().await;
+                if want.iter().all(|(k, n)| got.get(*k) == Some(n)) {
+                    return got;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            leases().await
+        }
+    };
+    let a = runtime(&nats, "a");
+    let b = runtime(&nats, "b");
+    let got = wait_split(vec![("a", 8), ("b", 8)]).await;
+    assert_eq!((got.get("a"), got.get("b")), (Some(&8), Some(&8)), "{got:?}");
+
+    // Inputs flow while a third instance joins and partitions move.
+    let events: Vec<Envelope> =
+        (0..400).map(|i| message(&format!("j{i}"), &format!("join-{}", i % 40), "hi")).collect();
+    let publisher = {
+        let js = js.clone();
+        let events = events.clone();
+        tokio::spawn(async move {
+            for chunk in events.chunks(20) {
+                publish_all(&js, chunk).await;
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        })
+    };
+    let c = runtime(&nats, "c");
+    let got = wait_split(vec![("a", 6), ("b", 5), ("c", 5)]).await;
+    assert_eq!(got.values().sum::<usize>(), 16, "{got:?}");
+    assert_eq!((got.get("a"), got.get("b"), got.get("c")), (Some(&6), Some(&5), Some(&5)), "{got:?}");
+    publisher.await.expect("published");
+    let markers = wait_markers(&js, events.len(), Duration::from_secs(60)).await;
+    let counts = per_input(&markers);
+    assert_eq!(counts.len(), events.len(), "nothing skipped");
+    assert!(counts.values().all(|n| *n == 1), "nothing applied twice");
+    for h in [a, b, c] {
+        h.shutdown().await.expect("stop");
+    }
+}
+
+#[tokio::test]
+async fn a_stale_owner_cannot_overwrite_the_snapshot() {
+    let nats = nats().await;
+    let js = nats.jetstream().await;
+    let snapshots = Snapshots::open(&js).await.expect("bucket");
+    let snap = |v: u64| {
+        let mut state = State::new("s1");
+        state.version = v;
+        Snapshot { applied_seq: v, state }
+    };
+    let r1 = snapshots.save("s1", &snap(1), None).await.expect("first write");
+    let r2 = snapshots.save("s1", &snap(2), Some(r1)).await.expect("owner writes on");
+    // The old owner still believes revision r1 is current.
+    let stale = snapshots.save("s1", &snap(3), Some(r1)).await;
+    assert!(matches!(stale, Err(snapshot::Error::Conflict { .. })), "{stale:?}");
+    assert!(matches!(snapshots.save("s1", &snap(3), None).await, Err(snapshot::Error::Conflict { .. })));
+    let (kept, rev) = snapshots.load("s1").await.expect("load").expect("exists");
+    assert_eq!((kept.state.version, rev), (2, r2));
+}
