@@ -60,12 +60,12 @@ pub enum Command {
     /// Inspect and re-drive dead letters in CONV_DLQ (re-drive is audited in CONV_AUDIT).
     #[command(subcommand)]
     Dlq(DlqCommand),
-    /// Rebuild a conversation's state from the journal and compare with the live state; exit 1 on mismatch. [issue 4]
+    /// Rebuild a conversation's state from the journal and compare with the live state; exit 1 on mismatch.
     Replay {
         /// Conversation id.
         conversation: String,
     },
-    /// Walk the cause/effect chain of an event, both directions. [issue 4]
+    /// Walk the cause/effect chain of an event, both directions.
     Trace {
         /// CloudEvents id of the event.
         event_id: String,

@@ -49,8 +49,8 @@ pub async fn run(cli: Cli) -> Result<Outcome, Error> {
         Command::Up => Err(Error::NotYet { command: "up", issue: 6 }),
         Command::Send { .. } => Err(Error::NotYet { command: "send", issue: 6 }),
         Command::Dlq(dlq) => cmd::dlq::run(g, &dlq).await,
-        Command::Replay { .. } => Err(Error::NotYet { command: "replay", issue: 4 }),
-        Command::Trace { .. } => Err(Error::NotYet { command: "trace", issue: 4 }),
+        Command::Replay { conversation } => cmd::replay::run(g, &conversation).await,
+        Command::Trace { event_id } => cmd::trace::run(g, &event_id).await,
     }
 }
 

@@ -107,10 +107,8 @@ pub async fn run(partition: u16, shared: Arc<Shared>, stop: CancellationToken) -
     // A new owner takes the pin at once instead of waiting for the old one's to expire.
     let _ = stream.unpin_consumer(&runtime_consumer(partition), RUNTIME_GROUP).await;
     let _ = stream.unpin_consumer(&runtime_control_consumer(partition), RUNTIME_GROUP).await;
-    let mut main_msgs = pull(&main, 500).await.map_err(|e| failed(e.to_string()))?;
+    let control_backlog = control.cached_info().num_pending;
     let mut control_msgs = pull(&control, 50).await.map_err(|e| failed(e.to_string()))?;
-    tracing::info!(message = "Partition started.", partition);
-
     let mut w = Worker {
         partition,
         shared: shared.clone(),
@@ -118,6 +116,18 @@ pub async fn run(partition: u16, shared: Arc<Shared>, stop: CancellationToken) -
         states: HashMap::new(),
         depths: [0; 4],
     };
+    // Taking over a backlog: hold every waiting control event before the
+    // first input of the main consumer can be applied, so an abort recorded
+    // behind thousands of deltas still goes first.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while (w.scheduler.len() as u64) < control_backlog && Instant::now() < deadline && !stop.is_cancelled() {
+        if let Ok(m) = tokio::time::timeout(Duration::from_millis(200), control_msgs.next()).await {
+            w.accept(m).await;
+        }
+    }
+    let mut main_msgs = pull(&main, 500).await.map_err(|e| failed(e.to_string()))?;
+    tracing::info!(message = "Partition started.", partition, control_backlog);
+
     let mut housekeeping = tokio::time::interval(Duration::from_millis(500));
     let mut last_progress = Instant::now();
     let result = loop {

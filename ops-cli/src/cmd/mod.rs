@@ -3,4 +3,6 @@
 pub mod checkpoints;
 pub mod dlq;
 pub mod readiness;
+pub mod replay;
 pub mod setup;
+pub mod trace;

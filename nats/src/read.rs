@@ -1,0 +1,74 @@
+//! Reading stored messages back in stream order (for replay, trace and
+//! operator tools), with an ordered consumer that ends at the last match.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream::{self};
+use bytes::Bytes;
+use futures::StreamExt;
+
+/// One stored message.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub stream: String,
+    pub seq: u64,
+    pub subject: String,
+    pub headers: HeaderMap,
+    /// Empty when read with `headers_only`.
+    pub payload: Bytes,
+}
+
+impl Stored {
+    /// First value of a header, case-insensitively.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        crate::headers::pairs(Some(&self.headers))
+            .into_iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+}
+
+/// Every message of `stream` matching `filter` (empty: all), oldest first.
+pub async fn all(
+    js: &jetstream::Context,
+    stream: &str,
+    filter: &str,
+    headers_only: bool,
+) -> Result<Vec<Stored>, String> {
+    let s = js.get_stream_no_info(stream).await.map_err(|e| e.to_string())?;
+    let consumer = s
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: filter.to_owned(),
+            deliver_policy: DeliverPolicy::All,
+            headers_only,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut remaining = consumer.cached_info().num_pending;
+    let mut out = Vec::with_capacity(usize::try_from(remaining).unwrap_or(0));
+    if remaining == 0 {
+        return Ok(out);
+    }
+    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    while remaining > 0 {
+        let next = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .map_err(|_| format!("reading {stream} timed out"))?;
+        let Some(m) = next else { break };
+        let m = m.map_err(|e| e.to_string())?;
+        let info = m.info().map_err(|e| e.to_string())?;
+        remaining = info.pending;
+        let seq = info.stream_sequence;
+        out.push(Stored {
+            stream: stream.to_owned(),
+            seq,
+            subject: m.subject.to_string(),
+            headers: m.headers.clone().unwrap_or_default(),
+            payload: m.payload.clone(),
+        });
+    }
+    Ok(out)
+}
