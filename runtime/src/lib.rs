@@ -34,7 +34,8 @@ pub const IDENTITY: Identity = Identity {
     default_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9101),
     options_help: "  CONV_RUNTIME_INSTANCE           instance id (default: a fresh UUID)\n  \
 CONV_RUNTIME_SNAPSHOT_EVERY     applies between snapshots of a conversation (default 32)\n  \
-CONV_RUNTIME_HEARTBEAT_MS       membership and lease refresh (default 1000)\n",
+CONV_RUNTIME_HEARTBEAT_MS       membership and lease refresh (default 1000)\n  \
+CONV_RUNTIME_CAUSALITY_WAIT_MS  wait for a missing cause before the DLQ (default 5000)\n",
 };
 
 /// Runtime settings beyond the common ones (`[options]`).
@@ -47,6 +48,8 @@ pub struct RuntimeOptions {
     pub heartbeat_ms: u64,
     pub idle_snapshot_ms: u64,
     pub evict_after_secs: u64,
+    /// How long an input waits for its runtime-derived cause before the DLQ.
+    pub causality_wait_ms: u64,
 }
 
 impl Default for RuntimeOptions {
@@ -57,6 +60,7 @@ impl Default for RuntimeOptions {
             heartbeat_ms: 1000,
             idle_snapshot_ms: 1000,
             evict_after_secs: 60,
+            causality_wait_ms: 5000,
         }
     }
 }
@@ -65,7 +69,8 @@ impl Options for RuntimeOptions {
     fn apply_env(&mut self, env: Env<'_>) -> Result<(), ConfigError> {
         env_override(env, "CONV_RUNTIME_INSTANCE", &mut self.instance)?;
         env_override(env, "CONV_RUNTIME_SNAPSHOT_EVERY", &mut self.snapshot_every)?;
-        env_override(env, "CONV_RUNTIME_HEARTBEAT_MS", &mut self.heartbeat_ms)
+        env_override(env, "CONV_RUNTIME_HEARTBEAT_MS", &mut self.heartbeat_ms)?;
+        env_override(env, "CONV_RUNTIME_CAUSALITY_WAIT_MS", &mut self.causality_wait_ms)
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -129,6 +134,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                 snapshot_every: o.snapshot_every,
                 idle_snapshot: Duration::from_millis(o.idle_snapshot_ms),
                 evict_after: Duration::from_secs(o.evict_after_secs),
+                causality_wait: Duration::from_millis(o.causality_wait_ms),
                 ..Default::default()
             },
         });

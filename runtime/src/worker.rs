@@ -42,6 +42,8 @@ pub struct WorkerConfig {
     pub progress_every: Duration,
     /// Wait for the acks of emitted events.
     pub publish_timeout: Duration,
+    /// How long an input waits for a runtime-derived cause before it is dead-lettered.
+    pub causality_wait: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -52,6 +54,7 @@ impl Default for WorkerConfig {
             evict_after: Duration::from_secs(60),
             progress_every: Duration::from_secs(3),
             publish_timeout: Duration::from_secs(5),
+            causality_wait: Duration::from_secs(5),
         }
     }
 }
@@ -93,6 +96,8 @@ struct Worker {
     scheduler: Scheduler<Message>,
     states: HashMap<ConversationId, Loaded>,
     depths: [usize; 4],
+    /// Inputs waiting for their cause, with the time they started waiting.
+    parked: Vec<(Instant, Pending<Message>)>,
 }
 
 /// Runs partition `partition` until `stop` fires (then hands its held inputs
@@ -115,6 +120,7 @@ pub async fn run(partition: u16, shared: Arc<Shared>, stop: CancellationToken) -
         scheduler: Scheduler::new(),
         states: HashMap::new(),
         depths: [0; 4],
+        parked: Vec::new(),
     };
     // Taking over a backlog: hold every waiting control event before the
     // first input of the main consumer can be applied, so an abort recorded
@@ -141,6 +147,7 @@ pub async fn run(partition: u16, shared: Arc<Shared>, stop: CancellationToken) -
             w.progress().await;
             last_progress = Instant::now();
         }
+        w.unpark().await;
         if let Some(pending) = w.scheduler.pop() {
             let span = tracing::debug_span!(
                 "apply",
@@ -168,7 +175,8 @@ pub async fn run(partition: u16, shared: Arc<Shared>, stop: CancellationToken) -
         }
     };
     // Hand held inputs back at once, for the next owner.
-    for pending in w.scheduler.drain() {
+    let parked: Vec<Pending<Message>> = std::mem::take(&mut w.parked).into_iter().map(|(_, p)| p).collect();
+    for pending in w.scheduler.drain().into_iter().chain(parked) {
         let _ = pending.token.ack_with(AckKind::Nak(None)).await;
     }
     w.update_depths();
@@ -238,8 +246,51 @@ impl Worker {
     }
 
     async fn progress(&self) {
-        for message in self.scheduler.tokens() {
+        for message in self.scheduler.tokens().chain(self.parked.iter().map(|(_, p)| &p.token)) {
             let _ = message.ack_with(AckKind::Progress).await;
+        }
+    }
+
+    /// The runtime-derived cause (`<input id>~<n>`) this input waits for, if
+    /// that input is neither applied nor pending here. Only causes the
+    /// conversation's dedupe window can vouch for are checked; ids from other
+    /// systems are recorded but not waited for.
+    fn missing_cause(&self, state: &State, event: &Envelope) -> Option<String> {
+        let cause = event.causation_id.as_deref()?;
+        let (input, _) = cause.rsplit_once('~')?;
+        let window_complete = state.version < crate::state::RECENT_IDS as u64;
+        (window_complete && !state.has_applied(input) && !self.scheduler.contains(input)).then(|| input.to_owned())
+    }
+
+    /// Requeues parked inputs whose cause got applied; dead-letters those
+    /// that waited longer than the bound.
+    async fn unpark(&mut self) {
+        if self.parked.is_empty() {
+            return;
+        }
+        let wait = self.shared.config.causality_wait;
+        for (since, pending) in std::mem::take(&mut self.parked) {
+            let conv = pending.event.conversation_id.clone();
+            // An evicted conversation is restored only by applying; until the
+            // cause comes, keep waiting (and keep the clock running).
+            let missing = match self.states.get(&conv) {
+                Some(l) => self.missing_cause(&l.snap.state, &pending.event),
+                None => pending.event.causation_id.clone(),
+            };
+            match missing {
+                None => self.scheduler.push(pending),
+                Some(cause) if since.elapsed() >= wait => {
+                    let reason = format!(
+                        "causality_timeout: cause {cause} of {} was not applied within {}ms",
+                        pending.event.id,
+                        wait.as_millis()
+                    );
+                    tracing::warn!(message = "Input dead-lettered: its cause never came.", conversation_id = %conv, %reason);
+                    self.shared.metrics.terminated.inc();
+                    let _ = conv_nats::consume::term_with_reason(&pending.token, &reason).await;
+                }
+                Some(_) => self.parked.push((since, pending)),
+            }
         }
     }
 
@@ -287,6 +338,11 @@ impl Worker {
                 return Ok(());
             }
         };
+        if let Some(cause) = self.missing_cause(&state, &event) {
+            tracing::debug!(message = "Input waits for its cause.", conversation_id = %conv, event_id = %event.id, %cause);
+            self.parked.push((Instant::now(), Pending { seq, event, token }));
+            return Ok(());
+        }
         let applied = reducer::apply(&state, &event);
         if applied.duplicate {
             self.shared.metrics.duplicates.inc();

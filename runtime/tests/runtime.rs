@@ -14,6 +14,7 @@ use conv_runtime::snapshot::{self, Snapshot, Snapshots};
 use conv_runtime::state::State;
 use conv_runtime::{Config, RuntimeOptions};
 use futures::StreamExt;
+use serde_json::json;
 
 /// Short TTLs so takeover happens within seconds in tests.
 fn fast_topology() -> TopologyConfig {
@@ -256,4 +257,69 @@ async fn a_stale_owner_cannot_overwrite_the_snapshot() {
     assert!(matches!(snapshots.save("s1", &snap(3), None).await, Err(snapshot::Error::Conflict { .. })));
     let (kept, rev) = snapshots.load("s1").await.expect("load").expect("exists");
     assert_eq!((kept.state.version, rev), (2, r2));
+}
+
+#[tokio::test]
+async fn an_input_waits_for_its_cause_and_a_missing_cause_is_dead_lettered() {
+    let nats = nats().await;
+    let js = nats.jetstream().await;
+    let mut config: Config = conv_nats::service::Settings::for_test(nats.config(), free_addr());
+    config.topology = fast_topology();
+    config.options = RuntimeOptions {
+        instance: "a".into(),
+        heartbeat_ms: 250,
+        causality_wait_ms: 1500,
+        evict_after_secs: 1,
+        idle_snapshot_ms: 100,
+        ..Default::default()
+    };
+    let rt = spawn_service("a", |token| conv_runtime::run(config, token));
+
+    // The reply's completion arrives before the message that caused its step.
+    let mut early = Envelope::new(
+        "early",
+        "/test",
+        conv("cause-1"),
+        LlmCompleted {
+            step_id: "r1.s1".into(),
+            attempt: 1,
+            text: "answer".into(),
+            tool_calls: vec![],
+            finish_reason: None,
+        },
+    );
+    early.causation_id = Some("late-msg~2".into());
+    let mut ghost = Envelope::new(
+        "ghost-effect",
+        "/test",
+        conv("cause-1"),
+        ToolCompleted { tool_call_id: "x".into(), result: json!(1) },
+    );
+    ghost.causation_id = Some("never-sent~1".into());
+    publish_all(&js, &[early, ghost]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    publish_all(&js, &[message("late-msg", "cause-1", "question")]).await;
+
+    let markers = wait_markers(&js, 2, Duration::from_secs(20)).await;
+    let order: Vec<&str> = markers.iter().map(|m| m.input_id.as_str()).collect();
+    assert_eq!(order, ["late-msg", "early"], "the cause first, then what it caused");
+    let mut dlq = js.get_stream("CONV_DLQ").await.expect("dlq");
+    for _ in 0..100 {
+        if dlq.info().await.expect("info").state.messages == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let letters = conv_nats::dlq::list(&js).await.expect("list");
+    assert_eq!(letters.len(), 1);
+    assert!(letters[0].reason.as_deref().is_some_and(|r| r.starts_with("causality_timeout")), "{:?}", letters[0]);
+    assert_eq!(letters[0].original.as_ref().and_then(|o| o.event_id.as_deref()), Some("ghost-effect"));
+
+    // Evicted after a quiet second, the conversation is restored for the next input.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    publish_all(&js, &[message("again", "cause-1", "more")]).await;
+    let markers = wait_markers(&js, 3, Duration::from_secs(20)).await;
+    let again = markers.iter().find(|m| m.input_id == "again").expect("applied");
+    assert_eq!(again.applied_index, 3, "state restored from snapshot + journal");
+    rt.shutdown().await.expect("stop");
 }
