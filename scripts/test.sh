@@ -31,6 +31,9 @@ if [ "${CONV_TEST_NATS:-auto}" != "process" ] && docker info >/dev/null 2>&1; th
   export CONV_TEST_NATS_IMAGE
   export CONV_TEST_NATS=container
   echo "tests run NATS in containers from $CONV_TEST_NATS_IMAGE" >&2
+elif [ "${CONV_TEST_NATS:-auto}" = "container" ]; then
+  echo "CONV_TEST_NATS=container, but Docker does not answer" >&2
+  exit 1
 else
   export CONV_TEST_NATS=process
   echo "Docker does not answer (or CONV_TEST_NATS=process): tests start nats-server processes" >&2

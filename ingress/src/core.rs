@@ -36,6 +36,9 @@ pub enum IngestError {
     /// NATS/JetStream unavailable: retry later (503 with `Retry-After`).
     #[error("{0}")]
     Unavailable(String),
+    /// Larger than the NATS server takes (`max_payload`), headers included.
+    #[error("{0}")]
+    TooLarge(String),
     /// JetStream refused the message for good.
     #[error("{0}")]
     Refused(String),
@@ -48,6 +51,7 @@ impl IngestError {
         match self {
             IngestError::Rejected(r) => r.code(),
             IngestError::Unavailable(_) => metrics::UNAVAILABLE,
+            IngestError::TooLarge(_) => "oversize",
             IngestError::Refused(_) => "journal_refused",
             IngestError::NotFound(_) => "not_found",
         }
@@ -57,6 +61,7 @@ impl IngestError {
         match self {
             IngestError::Rejected(r) => r.http_status(),
             IngestError::Unavailable(_) => 503,
+            IngestError::TooLarge(_) => 413,
             IngestError::Refused(_) => 500,
             IngestError::NotFound(_) => 404,
         }
@@ -115,6 +120,7 @@ impl Ingress {
         self.metrics.publish_seconds.observe(started.elapsed().as_secs_f64());
         let appended = appended.map_err(|e| match e {
             AppendError::Unavailable(m) => IngestError::Unavailable(m),
+            AppendError::TooLarge(m) => IngestError::TooLarge(m),
             AppendError::Refused(m) => IngestError::Refused(m),
         })?;
         tracing::debug!(

@@ -28,6 +28,7 @@ pub fn router(ingress: Ingress) -> Router {
         .route("/v1/conversations/{id}/timers/{timer_id}/fired", post(timer))
         .route("/v1/events", post(event))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(ingress)
 }
 
@@ -225,4 +226,9 @@ async fn not_found(State(ing): State<Ingress>) -> Response {
     respond(Err(ing.refuse(IngestError::NotFound(
         "no such endpoint; see POST /v1/conversations/{id}/messages|abort|stop|retry and POST /v1/events".into(),
     ))))
+}
+
+async fn method_not_allowed() -> Response {
+    let body = axum::Json(json!({"error": {"code": "method_not_allowed", "message": "this endpoint takes POST"}}));
+    (StatusCode::METHOD_NOT_ALLOWED, body).into_response()
 }

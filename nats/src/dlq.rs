@@ -153,7 +153,13 @@ fn original_of(stream: &str, msg: &StreamMessage) -> Original {
 /// Reads one dead letter (and its original) by id.
 pub async fn get(js: &jetstream::Context, id: u64) -> Result<DeadLetter, Error> {
     let dlq = js.get_stream_no_info(STREAM_DLQ).await.map_err(js_err)?;
-    let msg = dlq.get_raw_message(id).await.map_err(|_| Error::NotFound(id))?;
+    let msg = dlq.get_raw_message(id).await.map_err(|e| {
+        if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound {
+            Error::NotFound(id)
+        } else {
+            js_err(e)
+        }
+    })?;
     let time = rfc3339(&msg);
     let subject = msg.subject.to_string();
     if subject.starts_with("$JS.EVENT.ADVISORY.") {
@@ -293,6 +299,7 @@ pub async fn redrive(js: &jetstream::Context, id: u64, dry_run: bool, timeout: D
             redrive_msg_id: msg_id,
         },
     )
+    .caused_by(&event)
     .with_time(Utc::now());
     journal::append(js, &audit, &audit.id, &[], timeout).await.map_err(|source| Error::Append { id, source })?;
 

@@ -28,7 +28,10 @@ pub enum AppendError {
     /// stream): the event may be retried later with the same message id.
     #[error("journal unavailable: {0}")]
     Unavailable(String),
-    /// JetStream refused the message for good (too large, …).
+    /// The message is larger than the server takes (`max_payload`).
+    #[error("the event is larger than the journal takes: {0}")]
+    TooLarge(String),
+    /// JetStream refused the message for good.
     #[error("journal refused the event: {0}")]
     Refused(String),
 }
@@ -66,9 +69,12 @@ pub async fn append(
 
 fn classify(kind: PublishErrorKind, detail: String) -> AppendError {
     match kind {
-        PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe | PublishErrorKind::StreamNotFound => {
-            AppendError::Unavailable(detail)
+        PublishErrorKind::MaxPayloadExceeded => AppendError::TooLarge(detail),
+        PublishErrorKind::WrongLastMessageId | PublishErrorKind::WrongLastSequence => AppendError::Refused(detail),
+        PublishErrorKind::StreamNotFound => {
+            AppendError::Unavailable(format!("{detail}: no stream takes this subject (run `convctl setup`)"))
         }
-        _ => AppendError::Refused(detail),
+        // Timeouts, a broken connection, JetStream busy or out of resources: retry later.
+        _ => AppendError::Unavailable(detail),
     }
 }

@@ -213,6 +213,9 @@ impl Topology {
                 // Short, so a dead owner's in-flight inputs come back quickly;
                 // the worker sends progress for everything it holds.
                 c.ack_wait = Duration::from_secs(cfg.runtime_ack_wait_secs);
+                // A hand-over gives held inputs back (a nak counts as a
+                // delivery), so allow more deliveries than elsewhere.
+                c.max_deliver = cfg.max_deliver.max(1) * 4;
                 c
             };
             let mut main =

@@ -106,7 +106,8 @@ async fn replay_matches_live_state_and_trace_walks_both_ways() {
 
     // A live state that disagrees with the journal is reported, exit 1.
     let snapshots = Snapshots::open(&js).await.expect("bucket");
-    let (mut snap, rev) = snapshots.load("rp1").await.expect("load").expect("snapshot");
+    let (snap, rev) = snapshots.load("rp1").await.expect("load");
+    let (mut snap, rev) = (snap.expect("snapshot"), rev.expect("revision"));
     snap.state.entries[0].text = "tampered".into();
     snapshots.save("rp1", &snap, Some(rev)).await.expect("overwrite");
     let bad = convctl(&url, &["replay", "rp1", "--json"]).await;

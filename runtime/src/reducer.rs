@@ -42,8 +42,9 @@ pub struct Applied {
 }
 
 /// Id of the `n`-th event derived from `input_id`. Short inputs give
-/// readable ids (`<input>~<n>`); very long ones are hashed to stay within the
-/// 256-character limit.
+/// readable ids (`<input>~<n>`, which the scheduler reads to find a cause);
+/// very long ones are hashed to stay within the 256-character limit
+/// (`h<hash>.<n>`, not read back).
 pub fn derived_id(input_id: &str, n: usize) -> String {
     if input_id.len() <= 200 {
         format!("{input_id}~{n}")
@@ -53,7 +54,7 @@ pub fn derived_id(input_id: &str, n: usize) -> String {
             hash ^= u64::from(b);
             hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
         }
-        format!("h{hash:016x}~{n}")
+        format!("h{hash:016x}.{n}")
     }
 }
 

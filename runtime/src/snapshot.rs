@@ -39,17 +39,26 @@ impl Snapshots {
         Ok(Self { kv })
     }
 
-    /// The snapshot and its revision, if any (an unreadable one counts as none:
-    /// the state is then rebuilt from the journal).
-    pub async fn load(&self, conversation: &str) -> Result<Option<(Snapshot, u64)>, Error> {
+    /// The stored snapshot (`None` when absent or unreadable — the state is
+    /// then rebuilt from the journal) and the key's revision (`Some` whenever
+    /// the key exists, so an unreadable snapshot is overwritten, not fought over).
+    pub async fn load(&self, conversation: &str) -> Result<(Option<Snapshot>, Option<u64>), Error> {
         let entry = self.kv.entry(conversation).await.map_err(|e| Error::Store(e.to_string()))?;
-        Ok(entry.and_then(|e| {
-            let revision = e.revision;
-            match serde_json::from_slice::<Snapshot>(&e.value) {
-                Ok(s) if s.state.format == crate::state::SNAPSHOT_FORMAT => Some((s, revision)),
-                _ => None,
+        Ok(match entry {
+            None => (None, None),
+            Some(e) => {
+                let snapshot = serde_json::from_slice::<Snapshot>(&e.value)
+                    .ok()
+                    .filter(|s| s.state.format == crate::state::SNAPSHOT_FORMAT);
+                if snapshot.is_none() {
+                    tracing::warn!(
+                        message = "Unreadable snapshot; rebuilding from the journal.",
+                        conversation_id = conversation
+                    );
+                }
+                (snapshot, Some(e.revision))
             }
-        }))
+        })
     }
 
     /// Writes `snapshot` if the stored revision is still `expected` (`None`:

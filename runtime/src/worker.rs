@@ -308,11 +308,7 @@ impl Worker {
     /// The conversation's state: cached, or restored from snapshot + journal.
     async fn load(&mut self, conv: &ConversationId) -> Result<&mut Loaded, String> {
         if !self.states.contains_key(conv) {
-            let stored = self.shared.snapshots.load(conv.as_str()).await.map_err(|e| e.to_string())?;
-            let (from, revision) = match stored {
-                Some((s, rev)) => (Some(s), Some(rev)),
-                None => (None, None),
-            };
+            let (from, revision) = self.shared.snapshots.load(conv.as_str()).await.map_err(|e| e.to_string())?;
             let rebuilt = journal::rebuild(&self.shared.js, conv, from).await.map_err(|e| e.to_string())?;
             if !rebuilt.mismatches.is_empty() {
                 tracing::error!(message = "Restored state differs from recorded hashes.", conversation_id = %conv, markers = ?rebuilt.mismatches);
@@ -358,8 +354,12 @@ impl Worker {
                 loaded.snap = Snapshot { applied_seq: marker_seq, state: applied.state };
                 loaded.dirty += 1;
                 loaded.touched = Instant::now();
-                if loaded.dirty >= self.shared.config.snapshot_every {
-                    self.save(&conv).await?;
+                if loaded.dirty >= self.shared.config.snapshot_every
+                    && let Err(stale) = self.save(&conv).await
+                {
+                    // Hand the input back at once: the rightful owner applies it.
+                    let _ = token.ack_with(AckKind::Nak(None)).await;
+                    return Err(stale);
                 }
                 if let Err(error) = token.double_ack().await {
                     tracing::warn!(message = "Failed to ack an applied input.", %error, seq);

@@ -143,7 +143,7 @@ async fn inputs_are_applied_once_in_order_with_their_effects() {
 
     // The state survives the restart: snapshot + journal tail give the same hash.
     let snapshots = Snapshots::open(&js).await.expect("bucket");
-    let (snap, _) = snapshots.load("ord-1").await.expect("load").expect("a snapshot was written");
+    let snap = snapshots.load("ord-1").await.expect("load").0.expect("a snapshot was written");
     let rebuilt = conv_runtime::journal::rebuild(&js, &conv("ord-1"), None).await.expect("rebuild");
     assert!(rebuilt.mismatches.is_empty());
     assert_eq!(rebuilt.snapshot.state.hash(), snap.state.hash());
@@ -255,8 +255,17 @@ async fn a_stale_owner_cannot_overwrite_the_snapshot() {
     let stale = snapshots.save("s1", &snap(3), Some(r1)).await;
     assert!(matches!(stale, Err(snapshot::Error::Conflict { .. })), "{stale:?}");
     assert!(matches!(snapshots.save("s1", &snap(3), None).await, Err(snapshot::Error::Conflict { .. })));
-    let (kept, rev) = snapshots.load("s1").await.expect("load").expect("exists");
+    let (kept, rev) = snapshots.load("s1").await.expect("load");
+    let (kept, rev) = (kept.expect("exists"), rev.expect("a revision"));
     assert_eq!((kept.state.version, rev), (2, r2));
+
+    // An unreadable snapshot is rebuilt from the journal and overwritten, not fought over.
+    let bucket = js.get_key_value(conv_nats::topology::KV_SNAPSHOTS).await.expect("bucket");
+    let r3 = bucket.put("s1", "garbage".into()).await.expect("put");
+    let (none, rev) = snapshots.load("s1").await.expect("load");
+    assert!(none.is_none());
+    assert_eq!(rev, Some(r3));
+    assert!(snapshots.save("s1", &snap(4), rev).await.is_ok());
 }
 
 #[tokio::test]

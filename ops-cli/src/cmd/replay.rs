@@ -40,10 +40,10 @@ pub async fn report(g: &Global, conversation: &str) -> Result<Report, Error> {
     }
     let replay_hash = replayed.snapshot.state.hash();
     let snapshots = Snapshots::open(&js).await.map_err(|e| Error::JetStream(e.to_string()))?;
-    let stored = snapshots.load(conv.as_str()).await.map_err(|e| Error::JetStream(e.to_string()))?;
-    let snapshot_version = stored.as_ref().map(|(s, _)| s.state.version);
+    let (stored, _) = snapshots.load(conv.as_str()).await.map_err(|e| Error::JetStream(e.to_string()))?;
+    let snapshot_version = stored.as_ref().map(|s| s.state.version);
     let live_hash = match stored {
-        Some((snapshot, _)) => journal::rebuild(&js, &conv, Some(snapshot))
+        Some(snapshot) => journal::rebuild(&js, &conv, Some(snapshot))
             .await
             .map_err(|e| Error::JetStream(e.to_string()))?
             .snapshot

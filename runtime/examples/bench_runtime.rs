@@ -1,0 +1,200 @@
+//! Benchmark (not a test) of the runtime:
+//! 1. reducer applies per second on one core (pure, in memory);
+//! 2. end-to-end applied inputs per second (partition workers over a real
+//!    nats-server: pull, schedule, apply, publish effects + marker, ack) next
+//!    to raw JetStream consume+ack of the same number of messages, same run;
+//! 3. memory per idle conversation held in memory.
+//!
+//! cargo run --release -p conv-runtime --example bench_runtime -- [inputs=20000]
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::{AckPolicy, pull};
+use async_nats::jetstream::stream;
+use bytes::Bytes;
+use conv_contracts::payload::{LlmCompleted, LlmDelta, MessageReceived};
+use conv_contracts::{ConversationId, Envelope};
+use conv_nats::test_util::{TestNats, free_addr, spawn_service};
+use conv_runtime::reducer::apply;
+use conv_runtime::state::State;
+use futures::StreamExt;
+
+fn conversation(c: usize, deltas: u64) -> Vec<Envelope> {
+    let conv = ConversationId::parse(&format!("bench-{c}")).expect("id");
+    let mut out = vec![Envelope::new(
+        format!("c{c}-m"),
+        "/bench",
+        conv.clone(),
+        MessageReceived { text: "tell me something".into(), role: None, channel: None, sender: None },
+    )];
+    for i in 0..deltas {
+        out.push(Envelope::new(
+            format!("c{c}-d{i}"),
+            "/bench",
+            conv.clone(),
+            LlmDelta { step_id: "r1.s1".into(), attempt: 1, seq: i, text: "some tokens ".into() },
+        ));
+    }
+    out.push(Envelope::new(
+        format!("c{c}-done"),
+        "/bench",
+        conv,
+        LlmCompleted {
+            step_id: "r1.s1".into(),
+            attempt: 1,
+            text: "the answer".into(),
+            tool_calls: vec![],
+            finish_reason: None,
+        },
+    ));
+    out
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_owned))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+async fn applied_count(js: &async_nats::jetstream::Context) -> u64 {
+    js.get_stream("CONV_APPLIED").await.expect("stream").info().await.expect("info").state.messages
+}
+
+#[tokio::main]
+async fn main() {
+    let inputs: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(20_000);
+
+    // 1. The reducer alone.
+    let events: Vec<Envelope> = (0..200).flat_map(|c| conversation(c, 98)).collect();
+    let mut states: HashMap<ConversationId, State> = HashMap::new();
+    let started = Instant::now();
+    let mut applied = 0u64;
+    for _ in 0..5 {
+        states.clear();
+        for e in &events {
+            let s = states.entry(e.conversation_id.clone()).or_insert_with(|| State::new(e.conversation_id.as_str()));
+            *s = apply(s, e).state;
+            applied += 1;
+        }
+    }
+    let reducer_rate = applied as f64 / started.elapsed().as_secs_f64();
+
+    // 3. Memory per idle conversation: 10,000 finished conversations in memory.
+    let before = rss_kib();
+    let mut idle: HashMap<ConversationId, State> = HashMap::new();
+    for c in 0..10_000 {
+        let mut s = State::new(&format!("idle-{c}"));
+        for e in conversation(c, 5) {
+            s = apply(&s, &e).state;
+        }
+        idle.insert(ConversationId::parse(&format!("idle-{c}")).expect("id"), s);
+    }
+    let per_conv_kib = (rss_kib().saturating_sub(before)) as f64 / 10_000.0;
+    let snapshot_bytes = idle.values().map(|s| s.to_bytes().len()).sum::<usize>() / idle.len();
+    drop(idle);
+
+    // 2. End to end against raw consume+ack.
+    let nats = TestNats::start_process().await.expect("nats-server (scripts/ensure-nats.sh)");
+    nats.setup().await.expect("topology");
+    let js = nats.jetstream().await;
+    let convs = inputs / 100;
+    let e2e: Vec<Envelope> = (0..convs).flat_map(|c| conversation(c, 98)).collect();
+    let mut acks = Vec::new();
+    for e in &e2e {
+        acks.push(conv_nats::headers::publish(&js, e).await.expect("publish"));
+        if acks.len() > 1000 {
+            for a in acks.drain(..) {
+                a.await.expect("ack");
+            }
+        }
+    }
+    for a in acks {
+        a.await.expect("ack");
+    }
+
+    // Raw baseline: the same count of messages, one consumer, consume + ack each.
+    js.create_stream(stream::Config { name: "RAW".into(), subjects: vec!["raw.>".into()], ..Default::default() })
+        .await
+        .expect("raw stream");
+    let body = Bytes::from(vec![b'x'; 120]);
+    let mut acks = Vec::new();
+    for i in 0..e2e.len() {
+        acks.push(js.publish(format!("raw.{}", i % 16), body.clone()).await.expect("publish"));
+        if acks.len() >= 1000 {
+            for a in acks.drain(..) {
+                a.await.expect("ack");
+            }
+        }
+    }
+    for a in acks {
+        a.await.expect("ack");
+    }
+    let raw = js
+        .get_stream("RAW")
+        .await
+        .expect("raw")
+        .create_consumer(pull::Config {
+            durable_name: Some("raw".into()),
+            ack_policy: AckPolicy::Explicit,
+            max_ack_pending: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    let started = Instant::now();
+    let mut messages = raw.messages().await.expect("messages");
+    for _ in 0..e2e.len() {
+        let m = messages.next().await.expect("message").expect("ok");
+        m.double_ack().await.expect("ack");
+    }
+    let raw_rate = e2e.len() as f64 / started.elapsed().as_secs_f64();
+    // ... and with fire-and-forget acks (the fastest a single consumer goes).
+    let raw_fast = js
+        .get_stream("RAW")
+        .await
+        .expect("raw")
+        .create_consumer(pull::Config {
+            durable_name: Some("raw-fast".into()),
+            ack_policy: AckPolicy::Explicit,
+            max_ack_pending: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    let started = Instant::now();
+    let mut messages = raw_fast.messages().await.expect("messages");
+    for _ in 0..e2e.len() {
+        let m = messages.next().await.expect("message").expect("ok");
+        m.ack().await.expect("ack");
+    }
+    let raw_fast_rate = e2e.len() as f64 / started.elapsed().as_secs_f64();
+
+    let mut config: conv_runtime::Config = conv_nats::service::Settings::for_test(nats.config(), free_addr());
+    config.options.instance = "bench".into();
+    let started = Instant::now();
+    let rt = spawn_service("conv-runtime", |t| conv_runtime::run(config, t));
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while applied_count(&js).await < e2e.len() as u64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let e2e_elapsed = started.elapsed();
+    let e2e_rate = e2e.len() as f64 / e2e_elapsed.as_secs_f64();
+    let _ = rt.shutdown().await;
+
+    println!("conv-runtime benchmark ({} inputs end to end, {} conversations)", e2e.len(), convs);
+    println!("reducer (pure, one core)            {reducer_rate:>12.0} applies/s");
+    println!(
+        "raw JetStream consume + confirmed ack {raw_rate:>10.0} msgs/s  (one consumer, like each partition worker)"
+    );
+    println!("raw JetStream consume + ack (no wait) {raw_fast_rate:>10.0} msgs/s");
+    println!(
+        "runtime end to end (1 instance)     {e2e_rate:>12.0} inputs/s  ({:.1} s, includes start-up)",
+        e2e_elapsed.as_secs_f64()
+    );
+    println!("runtime / raw consume+confirmed ack {:>12.2}", e2e_rate / raw_rate);
+    println!("runtime / raw consume+ack (no wait) {:>12.2}", e2e_rate / raw_fast_rate);
+    println!("memory per idle conversation        {per_conv_kib:>12.1} KiB resident  ({snapshot_bytes} B snapshot)");
+}
