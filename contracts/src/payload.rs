@@ -225,6 +225,25 @@ pub struct LlmRequested {
     pub step_id: String,
     #[serde(default = "one")]
     pub attempt: u32,
+    /// The conversation as the model sees it at this step (the LLM-context
+    /// projection at the moment of the directive), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub context: Vec<ContextMessage>,
+}
+
+/// One message of the model's context, in the provider's role/content form.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContextMessage {
+    /// `system`, `user`, `assistant` or `tool`.
+    pub role: String,
+    #[serde(default)]
+    pub content: String,
+    /// For `tool` messages: the call answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// For `assistant` messages: the tools it asked for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

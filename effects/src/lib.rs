@@ -1,17 +1,41 @@
 //! # conv-effects
 //!
-//! Effect workers of conv: LLM streaming, tools and timers, with cancellation, retry and timeouts.
+//! Effect workers. Instances share the `CONV_EFFECT` work queue (the durable
+//! `effects` consumer: any instance runs any effect; add instances to
+//! scale), run each directive with bounded concurrency ([`executor`]) and
+//! journal its lifecycle in `CONV_IN`; the directive is acked only after the
+//! final lifecycle event is stored, and progress is sent while it runs.
 //!
-//! Instances share the CONV_EFFECT work queue; any instance runs any effect.
+//! Cancellation: every instance also reads every `conv.effect.cancel.*`
+//! directive (an ordered consumer of its own) and stops the effects it runs
+//! itself ([`cancel`]): the sleeping tool returns, the stream stops, and
+//! `canceled` is journaled. A cancel that arrives first keeps the effect from
+//! starting.
 //!
-//! This build boots the process — layered configuration, logging, a NATS
-//! connection that reports readiness, `/healthz` `/readyz` `/metrics` on
-//! `CONV_EFFECTS_ADDR` (default 127.0.0.1:9102) and graceful shutdown. Its event
-//! handling arrives with issue 5 (see ARCHITECTURE.md).
+//! This build has the `scripted` provider and the `echo` and `sleep` tools;
+//! the `openai` provider, webhook tools, timers and retry policies are still
+//! to come (see the issue notes).
+
+pub mod cancel;
+pub mod executor;
+pub mod metrics;
+pub mod scripted;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
 
-use conv_nats::service::{self, Identity, RunError, Settings};
+use async_nats::jetstream::consumer::{DeliverPolicy, PullConsumer, pull};
+use async_nats::jetstream::{AckKind, Message};
+use conv_contracts::subject::STREAM_EFFECT;
+use conv_contracts::{Limits, Payload};
+use conv_nats::service::{self, BootError, ConfigError, Env, Identity, Options, ServeError, Settings, env_override};
+use conv_nats::topology::EFFECTS_CONSUMER;
+use futures::StreamExt;
+use prometheus::Registry;
+use serde::Deserialize;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 /// Name, address variable and default address of this service.
@@ -20,16 +44,232 @@ pub const IDENTITY: Identity = Identity {
     about: "Effect workers of conv: LLM streaming, tools and timers, with cancellation, retry and timeouts.",
     addr_env: "CONV_EFFECTS_ADDR",
     default_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9102),
-    options_help: "",
+    options_help: "  CONV_LLM_PROVIDER               scripted (default; offline, deterministic)\\n  \\
+CONV_SCRIPTED_TOKENS            tokens per scripted answer (default 24)\\n  \\
+CONV_SCRIPTED_TOKEN_DELAY_MS    delay per scripted token (default 15)\\n  \\
+CONV_EFFECTS_CONCURRENCY        effects run at once on this instance (default 64)\\n  \\
+CONV_EFFECTS_COALESCE_MS        delta coalescing window (default 30)\\n  \\
+CONV_EFFECTS_COALESCE_BYTES     delta coalescing size (default 256)\\n",
 };
 
+/// Effects settings beyond the common ones (`[options]`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EffectsOptions {
+    pub llm_provider: String,
+    pub scripted_tokens: usize,
+    pub scripted_token_delay_ms: u64,
+    pub concurrency: usize,
+    pub coalesce_ms: u64,
+    pub coalesce_bytes: usize,
+}
+
+impl Default for EffectsOptions {
+    fn default() -> Self {
+        Self {
+            llm_provider: "scripted".into(),
+            scripted_tokens: 24,
+            scripted_token_delay_ms: 15,
+            concurrency: 64,
+            coalesce_ms: 30,
+            coalesce_bytes: 256,
+        }
+    }
+}
+
+impl Options for EffectsOptions {
+    fn apply_env(&mut self, env: Env<'_>) -> Result<(), ConfigError> {
+        env_override(env, "CONV_LLM_PROVIDER", &mut self.llm_provider)?;
+        env_override(env, "CONV_SCRIPTED_TOKENS", &mut self.scripted_tokens)?;
+        env_override(env, "CONV_SCRIPTED_TOKEN_DELAY_MS", &mut self.scripted_token_delay_ms)?;
+        env_override(env, "CONV_EFFECTS_CONCURRENCY", &mut self.concurrency)?;
+        env_override(env, "CONV_EFFECTS_COALESCE_MS", &mut self.coalesce_ms)?;
+        env_override(env, "CONV_EFFECTS_COALESCE_BYTES", &mut self.coalesce_bytes)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.llm_provider != "scripted" {
+            return Err(format!(
+                "CONV_LLM_PROVIDER={:?} is not available in this build; use `scripted`",
+                self.llm_provider
+            ));
+        }
+        if self.concurrency == 0 || self.coalesce_bytes == 0 {
+            return Err("options.concurrency and options.coalesce_bytes must be positive".into());
+        }
+        Ok(())
+    }
+}
+
 /// Configuration: defaults → `CONV_CONFIG` TOML file → env, validated at start.
-pub type Config = Settings;
+pub type Config = Settings<EffectsOptions>;
 
 /// Why the service stopped with an error.
-pub type Error = RunError;
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
 
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    service::serve_health(&IDENTITY, &config, shutdown).await
+    let registry = Registry::new();
+    let metrics = metrics::Metrics::new(&registry)?;
+    let booted = service::boot(&IDENTITY, &config, registry).await?;
+    let server = tokio::spawn(service::serve(config.http_addr(), booted.health.router(), shutdown.clone(), None));
+    let o = &config.options;
+    let executor = Arc::new(executor::Executor {
+        js: booted.js.clone(),
+        registry: cancel::Registry::default(),
+        metrics,
+        scripted: scripted::Scripted {
+            tokens: o.scripted_tokens,
+            delay: Duration::from_millis(o.scripted_token_delay_ms),
+        },
+        coalesce: executor::Coalesce { max_delay: Duration::from_millis(o.coalesce_ms), max_bytes: o.coalesce_bytes },
+        publish_timeout: Duration::from_secs(5),
+    });
+    // Until `convctl setup` ran there is nothing to consume: wait, not ready.
+    loop {
+        let attached = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            r = attach(&booted.js) => r,
+        };
+        match attached {
+            Some((work, cancels)) => {
+                serve(executor.clone(), work, cancels, o.concurrency, shutdown.clone()).await;
+                break;
+            }
+            None if shutdown.is_cancelled() => break,
+            None => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+    shutdown.cancel();
+    match server.await {
+        Ok(result) => result?,
+        Err(join) => tracing::error!(message = "HTTP task failed.", error = %join),
+    }
+    service::flush(&booted.client).await;
+    tracing::info!(message = "Stopped.", service = IDENTITY.name);
+    Ok(())
+}
+
+type Messages = async_nats::jetstream::consumer::pull::Stream;
+type Ordered = async_nats::jetstream::consumer::pull::Ordered;
+
+/// The shared work queue and this instance's own view of cancels.
+async fn attach(js: &async_nats::jetstream::Context) -> Option<(Messages, Ordered)> {
+    let stream = js.get_stream_no_info(STREAM_EFFECT).await.ok()?;
+    let work: PullConsumer = stream.get_consumer(EFFECTS_CONSUMER).await.ok()?;
+    let work = work.stream().max_messages_per_batch(64).expires(Duration::from_secs(2)).messages().await.ok()?;
+    let cancels = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: "conv.effect.cancel.>".into(),
+            deliver_policy: DeliverPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .ok()?
+        .messages()
+        .await
+        .ok()?;
+    Some((work, cancels))
+}
+
+fn decode(m: &Message) -> Result<conv_contracts::Envelope, conv_contracts::Rejection> {
+    conv_nats::headers::decode(&m.subject, m.headers.as_ref(), &m.payload, Limits::default())
+}
+
+async fn serve(
+    executor: Arc<executor::Executor>,
+    mut work: Messages,
+    mut cancels: Ordered,
+    concurrency: usize,
+    shutdown: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(concurrency));
+    let mut running = JoinSet::new();
+    tracing::info!(message = "Consuming effects.", concurrency);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            Some(Ok(m)) = cancels.next() => {
+                if let Ok(event) = decode(&m)
+                    && let Payload::CancelRequested(c) = &event.data
+                {
+                    executor.cancel(&event, c);
+                }
+            }
+            Some(_) = running.join_next(), if !running.is_empty() => {}
+            next = work.next() => {
+                let Some(next) = next else { break };
+                let message = match next {
+                    Ok(m) => m,
+                    Err(error) => {
+                        tracing::warn!(message = "Consumer stream error.", %error);
+                        continue;
+                    }
+                };
+                let event = match decode(&message) {
+                    Ok(e) => e,
+                    Err(rejection) => {
+                        let reason = format!("{}: {rejection}", rejection.code());
+                        let _ = conv_nats::consume::term_with_reason(&message, &reason).await;
+                        continue;
+                    }
+                };
+                if let Payload::CancelRequested(c) = &event.data {
+                    // Cancels never wait for a free slot.
+                    executor.cancel(&event, c);
+                    let _ = message.double_ack().await;
+                    continue;
+                }
+                let Ok(permit) = permits.clone().acquire_owned().await else { break };
+                let executor = executor.clone();
+                running.spawn(async move {
+                    executor.metrics.in_flight.inc();
+                    let outcome = run_with_progress(&executor, &event, &message).await;
+                    executor.metrics.in_flight.dec();
+                    match outcome {
+                        Ok(()) => {
+                            let _ = message.double_ack().await;
+                        }
+                        Err(error) => {
+                            tracing::warn!(message = "Effect will be retried.", event_id = %event.id, %error);
+                            let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                        }
+                    }
+                    drop(permit);
+                });
+            }
+        }
+    }
+    // Let running effects finish briefly; what does not finish is redelivered.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async { while running.join_next().await.is_some() {} }).await;
+    running.abort_all();
+}
+
+/// Runs an effect, sending progress so a long one is not redelivered under it.
+async fn run_with_progress(
+    executor: &executor::Executor,
+    event: &conv_contracts::Envelope,
+    message: &Message,
+) -> Result<(), executor::PublishFailed> {
+    let work = executor.run(event);
+    tokio::pin!(work);
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            outcome = &mut work => return outcome,
+            _ = tick.tick() => {
+                let _ = message.ack_with(AckKind::Progress).await;
+            }
+        }
+    }
 }

@@ -189,8 +189,32 @@ fn start_step(s: &mut State, cx: &mut Ctx<'_>, attempt: u32) {
         tool_calls: Vec::new(),
     });
     s.llm.insert(step_id.clone(), LlmStep { run_id: run_id.clone(), attempt, entry_id: entry_id.clone(), next_seq: 0 });
-    cx.emit(s, LlmRequested { run_id, step_id, attempt });
+    let context = context(s);
+    cx.emit(s, LlmRequested { run_id, step_id, attempt, context });
     cx.emit(s, appended(&entry_id, EntryRole::Assistant, "", EntryStatus::Streaming));
+}
+
+/// The LLM-context projection: what the model is sent. Failed and rejected
+/// entries and the streaming one are left out; an aborted tool call keeps its
+/// canceled result, so no call is ever left unanswered.
+pub fn context(s: &State) -> Vec<ContextMessage> {
+    s.entries
+        .iter()
+        .filter(|e| !matches!(e.status, EntryStatus::Streaming | EntryStatus::Failed) || e.role == EntryRole::Tool)
+        .filter(|e| !(e.role == EntryRole::Assistant && e.text.is_empty() && e.tool_calls.is_empty()))
+        .map(|e| ContextMessage {
+            role: match e.role {
+                EntryRole::User => "user",
+                EntryRole::Assistant => "assistant",
+                EntryRole::Tool => "tool",
+                EntryRole::System => "system",
+            }
+            .to_owned(),
+            content: e.text.clone(),
+            tool_call_id: e.tool_call_id.clone(),
+            tool_calls: e.tool_calls.clone(),
+        })
+        .collect()
 }
 
 fn in_flight(s: &State, step_id: &str, attempt: u32) -> Option<LlmStep> {

@@ -1,0 +1,65 @@
+//! Which effects run here, and which were canceled: cancel directives reach
+//! every instance, and each stops what it runs itself.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+/// How long a cancel is remembered for effects that have not started yet.
+const REMEMBER: Duration = Duration::from_secs(600);
+
+type Key = (String, String);
+
+#[derive(Debug, Default)]
+struct Inner {
+    running: HashMap<Key, CancellationToken>,
+    canceled: HashMap<Key, Instant>,
+}
+
+/// Shared registry of running effects (`(conversation, effect id)` → token).
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl Registry {
+    /// Registers an effect about to start; `None` if a cancel already came.
+    pub fn start(&self, conversation: &str, effect_id: &str) -> Option<CancellationToken> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (conversation.to_owned(), effect_id.to_owned());
+        if inner.canceled.contains_key(&key) {
+            return None;
+        }
+        let token = CancellationToken::new();
+        inner.running.insert(key, token.clone());
+        Some(token)
+    }
+
+    pub fn finish(&self, conversation: &str, effect_id: &str) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.running.remove(&(conversation.to_owned(), effect_id.to_owned()));
+    }
+
+    /// Cancels an effect if it runs here, and remembers the cancel either way.
+    pub fn cancel(&self, conversation: &str, effect_id: &str) -> bool {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        inner.canceled.retain(|_, at| now.duration_since(*at) < REMEMBER);
+        let key = (conversation.to_owned(), effect_id.to_owned());
+        inner.canceled.insert(key.clone(), now);
+        match inner.running.get(&key) {
+            Some(token) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Number of effects running here.
+    pub fn running(&self) -> usize {
+        self.inner.lock().map(|i| i.running.len()).unwrap_or(0)
+    }
+}

@@ -1,0 +1,208 @@
+//! Runs one effect directive and journals its lifecycle in `CONV_IN`:
+//! `started`, coalesced `delta`s / `progress`, then exactly one of
+//! `completed`, `failed` or `canceled`, each caused by the directive and
+//! with an id derived from what it reports (so a re-run after a crash
+//! publishes the same ids and JetStream drops the repeats).
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use conv_contracts::payload::*;
+use conv_contracts::{Envelope, Payload};
+use conv_nats::journal;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::cancel::Registry;
+use crate::metrics::Metrics;
+use crate::scripted::{self, Chunk, Scripted};
+
+/// CloudEvents `source` of lifecycle events.
+pub const SOURCE: &str = "/conv/effects";
+
+/// Delta coalescing: a delta is journaled when this much time passed since
+/// the last one or this many bytes are buffered; the first goes out at once.
+#[derive(Debug, Clone)]
+pub struct Coalesce {
+    pub max_delay: Duration,
+    pub max_bytes: usize,
+}
+
+/// What an executor needs.
+#[derive(Debug, Clone)]
+pub struct Executor {
+    pub js: async_nats::jetstream::Context,
+    pub registry: Registry,
+    pub metrics: Metrics,
+    pub scripted: Scripted,
+    pub coalesce: Coalesce,
+    pub publish_timeout: Duration,
+}
+
+/// A lifecycle event could not be journaled: retry the directive later.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("journaling a lifecycle event failed: {0}")]
+pub struct PublishFailed(pub String);
+
+impl Executor {
+    async fn emit(&self, directive: &Envelope, data: impl Into<Payload>) -> Result<(), PublishFailed> {
+        let data = data.into();
+        let id = match data.natural_key() {
+            Some(key) => format!("{}.{key}", directive.conversation_id),
+            None => format!("{}~{}", directive.id, Utc::now().timestamp_nanos_opt().unwrap_or_default()),
+        };
+        let event = Envelope::new(id, SOURCE, directive.conversation_id.clone(), data)
+            .caused_by(directive)
+            .with_time(Utc::now());
+        journal::append(&self.js, &event, &event.id, &[], self.publish_timeout)
+            .await
+            .map(drop)
+            .map_err(|e| PublishFailed(e.to_string()))
+    }
+
+    /// Runs a directive to its end (or its cancel).
+    pub async fn run(&self, directive: &Envelope) -> Result<(), PublishFailed> {
+        match &directive.data {
+            Payload::LlmRequested(r) => self.llm(directive, r).await,
+            Payload::ToolRequested(t) => self.tool(directive, t).await,
+            Payload::CancelRequested(c) => {
+                self.cancel(directive, c);
+                Ok(())
+            }
+            // Timers arrive with a later change; nothing emits them yet.
+            _ => Ok(()),
+        }
+    }
+
+    /// Stops the named effects if they run here. The directive's `time` is the
+    /// abort's (or stop's) acceptance time, so this observes the abort
+    /// latency: accepted → the running effect told to stop.
+    pub fn cancel(&self, directive: &Envelope, c: &CancelRequested) {
+        for id in &c.effect_ids {
+            if self.registry.cancel(directive.conversation_id.as_str(), id)
+                && let Some(t) = directive.time
+            {
+                let latency = (Utc::now() - t).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
+                self.metrics.abort_latency.observe(latency);
+            }
+        }
+    }
+
+    async fn llm(&self, directive: &Envelope, r: &LlmRequested) -> Result<(), PublishFailed> {
+        let conv = directive.conversation_id.as_str();
+        let (step_id, attempt) = (r.step_id.clone(), r.attempt);
+        let Some(cancel) = self.registry.start(conv, &step_id) else {
+            self.metrics.canceled.with_label_values(&["llm"]).inc();
+            return self
+                .emit(directive, LlmCanceled { step_id, attempt, reason: Some("canceled before it started".into()) })
+                .await;
+        };
+        let started = Instant::now();
+        let result = self.llm_inner(directive, r, &cancel).await;
+        self.registry.finish(conv, &step_id);
+        self.metrics.duration.with_label_values(&["llm"]).observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn llm_inner(
+        &self,
+        directive: &Envelope,
+        r: &LlmRequested,
+        cancel: &CancellationToken,
+    ) -> Result<(), PublishFailed> {
+        let (step_id, attempt) = (r.step_id.clone(), r.attempt);
+        self.emit(directive, LlmStarted { step_id: step_id.clone(), attempt }).await?;
+        let plan = scripted::plan(&r.context, &step_id, self.scripted.tokens);
+        let mut text = String::new();
+        let mut tool_calls = Vec::new();
+        let mut buffer = String::new();
+        let mut seq = 0u64;
+        let mut last_flush: Option<Instant> = None;
+        for chunk in plan {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return self.canceled(directive, &step_id, attempt).await,
+                _ = tokio::time::sleep(self.scripted.delay) => {}
+            }
+            match chunk {
+                Chunk::Text(t) => {
+                    text.push_str(&t);
+                    buffer.push_str(&t);
+                }
+                Chunk::ToolCall(call) => tool_calls.push(call),
+            }
+            let due = match last_flush {
+                None => true, // the first delta goes out at once
+                Some(at) => at.elapsed() >= self.coalesce.max_delay || buffer.len() >= self.coalesce.max_bytes,
+            };
+            if due && !buffer.is_empty() {
+                let delta = LlmDelta { step_id: step_id.clone(), attempt, seq, text: std::mem::take(&mut buffer) };
+                self.emit(directive, delta).await?;
+                self.metrics.deltas.inc();
+                seq += 1;
+                last_flush = Some(Instant::now());
+            }
+        }
+        if cancel.is_cancelled() {
+            return self.canceled(directive, &step_id, attempt).await;
+        }
+        if !buffer.is_empty() {
+            self.emit(directive, LlmDelta { step_id: step_id.clone(), attempt, seq, text: buffer }).await?;
+            self.metrics.deltas.inc();
+        }
+        let text = text.trim_end().to_owned();
+        let finish_reason = Some(if tool_calls.is_empty() { "stop" } else { "tool_calls" }.to_owned());
+        self.metrics.completed.with_label_values(&["llm"]).inc();
+        self.emit(directive, LlmCompleted { step_id, attempt, text, tool_calls, finish_reason }).await
+    }
+
+    async fn canceled(&self, directive: &Envelope, step_id: &str, attempt: u32) -> Result<(), PublishFailed> {
+        self.metrics.canceled.with_label_values(&["llm"]).inc();
+        self.emit(directive, LlmCanceled { step_id: step_id.to_owned(), attempt, reason: Some("canceled".into()) })
+            .await
+    }
+
+    async fn tool(&self, directive: &Envelope, t: &ToolRequested) -> Result<(), PublishFailed> {
+        let conv = directive.conversation_id.as_str();
+        let id = t.tool_call_id.clone();
+        let Some(cancel) = self.registry.start(conv, &id) else {
+            self.metrics.canceled.with_label_values(&["tool"]).inc();
+            return self
+                .emit(directive, ToolCanceled { tool_call_id: id, reason: Some("canceled before it started".into()) })
+                .await;
+        };
+        let started = Instant::now();
+        let result = async {
+            self.emit(directive, ToolStarted { tool_call_id: id.clone() }).await?;
+            match t.name.as_str() {
+                "echo" => {
+                    self.metrics.completed.with_label_values(&["tool"]).inc();
+                    self.emit(directive, ToolCompleted { tool_call_id: id.clone(), result: t.args.clone() }).await
+                }
+                "sleep" => {
+                    let ms = t.args.get("ms").and_then(serde_json::Value::as_u64).unwrap_or(1000);
+                    tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => {
+                            self.metrics.canceled.with_label_values(&["tool"]).inc();
+                            self.emit(directive, ToolCanceled { tool_call_id: id.clone(), reason: Some("canceled".into()) }).await
+                        }
+                        _ = tokio::time::sleep(Duration::from_millis(ms)) => {
+                            self.metrics.completed.with_label_values(&["tool"]).inc();
+                            self.emit(directive, ToolCompleted { tool_call_id: id.clone(), result: json!({"slept_ms": ms}) }).await
+                        }
+                    }
+                }
+                other => {
+                    self.metrics.failed.with_label_values(&["tool"]).inc();
+                    let error = format!("unknown tool {other:?}; built-in tools are echo and sleep");
+                    self.emit(directive, ToolFailed { tool_call_id: id.clone(), error, retryable: false }).await
+                }
+            }
+        }
+        .await;
+        self.registry.finish(conv, &id);
+        self.metrics.duration.with_label_values(&["tool"]).observe(started.elapsed().as_secs_f64());
+        result
+    }
+}

@@ -1,0 +1,50 @@
+//! Effect metrics; labels are the effect kind (`llm`, `tool`) only.
+
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub in_flight: IntGauge,
+    pub duration: HistogramVec,
+    pub completed: IntCounterVec,
+    pub failed: IntCounterVec,
+    pub canceled: IntCounterVec,
+    pub retries: IntCounterVec,
+    pub deltas: IntCounter,
+    pub abort_latency: Histogram,
+}
+
+impl Metrics {
+    pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let kinds = &["kind"];
+        let m = Self {
+            in_flight: IntGauge::new("conv_effects_in_flight", "effects running on this instance")?,
+            duration: HistogramVec::new(
+                HistogramOpts::new("conv_effects_duration_seconds", "effect run time")
+                    .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+                kinds,
+            )?,
+            completed: IntCounterVec::new(Opts::new("conv_effects_completed_total", "effects completed"), kinds)?,
+            failed: IntCounterVec::new(Opts::new("conv_effects_failed_total", "effects failed"), kinds)?,
+            canceled: IntCounterVec::new(Opts::new("conv_effects_canceled_total", "effects canceled"), kinds)?,
+            retries: IntCounterVec::new(Opts::new("conv_effects_retries_total", "effect attempts retried"), kinds)?,
+            deltas: IntCounter::new("conv_effects_deltas_total", "coalesced deltas journaled")?,
+            abort_latency: Histogram::with_opts(
+                HistogramOpts::new(
+                    "conv_effects_abort_latency_seconds",
+                    "abort/stop accepted → running effect told to stop",
+                )
+                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.6, 1.0, 2.5]),
+            )?,
+        };
+        registry.register(Box::new(m.in_flight.clone()))?;
+        registry.register(Box::new(m.duration.clone()))?;
+        registry.register(Box::new(m.completed.clone()))?;
+        registry.register(Box::new(m.failed.clone()))?;
+        registry.register(Box::new(m.canceled.clone()))?;
+        registry.register(Box::new(m.retries.clone()))?;
+        registry.register(Box::new(m.deltas.clone()))?;
+        registry.register(Box::new(m.abort_latency.clone()))?;
+        Ok(m)
+    }
+}

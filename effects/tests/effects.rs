@@ -1,0 +1,177 @@
+//! Effects with the runtime, end to end over a real JetStream: a streamed
+//! scripted reply, a tool round trip, and aborts that stop a sleeping tool
+//! and a long stream promptly with nothing emitted after.
+
+use std::time::{Duration, Instant};
+
+use conv_contracts::payload::*;
+use conv_contracts::{ConversationId, Envelope, EventType, Limits};
+use conv_effects::EffectsOptions;
+use conv_nats::service::Settings;
+use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, spawn_service};
+
+struct Stack {
+    nats: TestNats,
+    js: async_nats::jetstream::Context,
+    _runtime: ServiceHandle<conv_runtime::Error>,
+    _effects: ServiceHandle<conv_effects::Error>,
+}
+
+async fn start(options: EffectsOptions) -> Stack {
+    let nats = TestNats::start().await.expect("test NATS");
+    nats.setup().await.expect("topology");
+    let js = nats.jetstream().await;
+    let mut rc: conv_runtime::Config = Settings::for_test(nats.config(), free_addr());
+    rc.options.heartbeat_ms = 200;
+    let runtime = spawn_service("conv-runtime", |t| conv_runtime::run(rc, t));
+    let mut ec: conv_effects::Config = Settings::for_test(nats.config(), free_addr());
+    ec.options = options;
+    let effects = spawn_service("conv-effects", |t| conv_effects::run(ec, t));
+    Stack { nats, js, _runtime: runtime, _effects: effects }
+}
+
+fn conv(c: &str) -> ConversationId {
+    ConversationId::parse(c).expect("id")
+}
+
+impl Stack {
+    async fn send(&self, c: &str, id: &str, data: impl Into<conv_contracts::Payload>) {
+        let mut e = Envelope::new(id, "/test", conv(c), data);
+        e.time = Some(chrono::Utc::now());
+        conv_nats::headers::publish(&self.js, &e).await.expect("publish").await.expect("ack");
+    }
+
+    /// Every input of the conversation journaled so far, in record order.
+    async fn inputs(&self, c: &str) -> Vec<Envelope> {
+        conv_nats::read::all(&self.js, "CONV_IN", &format!("conv.in.*.*.{c}"), false)
+            .await
+            .expect("read")
+            .iter()
+            .filter_map(|m| {
+                conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Limits::default()).ok()
+            })
+            .collect()
+    }
+
+    async fn wait_for(
+        &self,
+        c: &str,
+        what: &str,
+        pred: impl Fn(&[Envelope]) -> bool,
+        within: Duration,
+    ) -> Vec<Envelope> {
+        let deadline = Instant::now() + within;
+        loop {
+            let inputs = self.inputs(c).await;
+            if pred(&inputs) {
+                return inputs;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; inputs: {:?}", types(&inputs));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn state(&self, c: &str) -> conv_runtime::state::State {
+        conv_runtime::journal::rebuild(&self.js, &conv(c), None).await.expect("rebuild").snapshot.state
+    }
+}
+
+fn types(inputs: &[Envelope]) -> Vec<&'static str> {
+    inputs.iter().map(|e| e.event_type().as_str()).collect()
+}
+
+fn count(inputs: &[Envelope], ty: EventType) -> usize {
+    inputs.iter().filter(|e| e.event_type() == ty).count()
+}
+
+fn message(text: &str) -> MessageReceived {
+    MessageReceived { text: text.into(), role: None, channel: None, sender: None }
+}
+
+#[tokio::test]
+async fn a_message_gets_a_streamed_coalesced_reply() {
+    let s = start(EffectsOptions::default()).await;
+    s.send("e1", "m1", message("hi there")).await;
+    let inputs =
+        s.wait_for("e1", "the completion", |i| count(i, EventType::LlmCompleted) == 1, Duration::from_secs(20)).await;
+    let deltas = count(&inputs, EventType::LlmDelta);
+    assert!((2..24).contains(&deltas), "24 tokens coalesced into a handful of deltas, got {deltas}");
+    // Applied: the assistant entry is complete and the run idle.
+    let mut state = s.state("e1").await;
+    for _ in 0..50 {
+        if state.run_status == RunStatus::Idle {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        state = s.state("e1").await;
+    }
+    assert_eq!(state.run_status, RunStatus::Idle);
+    let answer = state.entries.last().expect("entry");
+    assert_eq!(answer.status, EntryStatus::Completed);
+    assert!(answer.text.starts_with("You said: hi there."), "{}", answer.text);
+    assert_eq!(answer.text.split_whitespace().count(), 24);
+    // Every lifecycle event points back to the directive that caused it.
+    assert!(
+        inputs
+            .iter()
+            .filter(|e| e.event_type() != EventType::MessageReceived)
+            .all(|e| e.causation_id.as_deref() == Some("m1~2"))
+    );
+    drop(s.nats);
+}
+
+#[tokio::test]
+async fn a_tool_round_trip() {
+    let s = start(EffectsOptions::default()).await;
+    s.send("e2", "m1", message(r#"/tool echo {"x": 1}"#)).await;
+    s.wait_for("e2", "the answer after the tool", |i| count(i, EventType::LlmCompleted) == 2, Duration::from_secs(20))
+        .await;
+    let inputs = s.inputs("e2").await;
+    assert_eq!(count(&inputs, EventType::ToolCompleted), 1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let state = s.state("e2").await;
+    let tool = state.entries.iter().find(|e| e.role == EntryRole::Tool).expect("tool entry");
+    assert_eq!(tool.text, r#"{"x":1}"#);
+    assert!(state.entries.last().is_some_and(|e| e.text.starts_with("echo returned")), "{:?}", state.entries.last());
+}
+
+#[tokio::test]
+async fn abort_stops_a_thirty_second_sleep_promptly() {
+    let s = start(EffectsOptions::default()).await;
+    s.send("e3", "m1", message(r#"/tool sleep {"ms": 30000}"#)).await;
+    s.wait_for("e3", "the tool to start", |i| count(i, EventType::ToolStarted) == 1, Duration::from_secs(20)).await;
+    let asked = Instant::now();
+    s.send("e3", "abort-1", AbortRequested { reason: Some("user".into()) }).await;
+    s.wait_for("e3", "the tool to be canceled", |i| count(i, EventType::ToolCanceled) == 1, Duration::from_secs(5))
+        .await;
+    assert!(asked.elapsed() < Duration::from_secs(3), "canceled in {:?}", asked.elapsed());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let inputs = s.inputs("e3").await;
+    assert_eq!(count(&inputs, EventType::ToolCompleted), 0, "nothing after the cancel: {:?}", types(&inputs));
+    let state = s.state("e3").await;
+    assert_eq!(state.run_status, RunStatus::Aborted);
+    assert!(state.tools.is_empty());
+}
+
+#[tokio::test]
+async fn abort_stops_a_ten_second_stream_promptly() {
+    let s = start(EffectsOptions { scripted_tokens: 500, scripted_token_delay_ms: 20, ..Default::default() }).await;
+    s.send("e4", "m1", message("tell me a long story")).await;
+    s.wait_for("e4", "the first delta", |i| count(i, EventType::LlmDelta) >= 1, Duration::from_secs(20)).await;
+    let asked = Instant::now();
+    s.send("e4", "abort-1", AbortRequested { reason: None }).await;
+    let inputs = s
+        .wait_for("e4", "the stream to be canceled", |i| count(i, EventType::LlmCanceled) == 1, Duration::from_secs(5))
+        .await;
+    assert!(asked.elapsed() < Duration::from_secs(3), "canceled in {:?}", asked.elapsed());
+    let deltas = count(&inputs, EventType::LlmDelta);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let later = s.inputs("e4").await;
+    assert_eq!(count(&later, EventType::LlmDelta), deltas, "no delta after canceled");
+    assert_eq!(count(&later, EventType::LlmCompleted), 0);
+    let state = s.state("e4").await;
+    assert_eq!(state.run_status, RunStatus::Aborted);
+    let entry = state.entries.last().expect("entry");
+    assert_eq!(entry.status, EntryStatus::Aborted);
+    assert!(!entry.text.is_empty(), "the partial answer is kept");
+}
