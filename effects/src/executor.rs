@@ -14,8 +14,11 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::cancel::Registry;
+use crate::llm::{Provider, Retry};
 use crate::metrics::Metrics;
-use crate::scripted::{self, Chunk, Scripted};
+use crate::scripted::Chunk;
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::StreamExt;
 
 /// CloudEvents `source` of lifecycle events.
 pub const SOURCE: &str = "/conv/effects";
@@ -34,7 +37,8 @@ pub struct Executor {
     pub js: async_nats::jetstream::Context,
     pub registry: Registry,
     pub metrics: Metrics,
-    pub scripted: Scripted,
+    pub provider: Provider,
+    pub retry: Retry,
     pub coalesce: Coalesce,
     pub publish_timeout: Duration,
 }
@@ -112,18 +116,70 @@ impl Executor {
     ) -> Result<(), PublishFailed> {
         let (step_id, attempt) = (r.step_id.clone(), r.attempt);
         self.emit(directive, LlmStarted { step_id: step_id.clone(), attempt }).await?;
-        let plan = scripted::plan(&r.context, &step_id, self.scripted.tokens);
+        // Start the call, retrying transient failures with jittered backoff.
+        let mut backoff = ExponentialBuilder::default()
+            .with_min_delay(self.retry.min_delay)
+            .with_max_delay(self.retry.max_delay)
+            .with_factor(2.0)
+            .with_jitter()
+            .with_max_times(self.retry.max_retries)
+            .build();
+        let mut chunks = loop {
+            let started = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return self.canceled(directive, &step_id, attempt).await,
+                s = self.provider.start(&r.context, &step_id) => s,
+            };
+            match started {
+                Ok(stream) => break stream,
+                Err(e) if e.is_transient() => match backoff.next() {
+                    Some(delay) => {
+                        self.metrics.retries.with_label_values(&["llm"]).inc();
+                        tracing::info!(message = "Model call failed; retrying.", step_id = %step_id, error = %e, delay_ms = delay.as_millis() as u64);
+                        tokio::select! {
+                            biased;
+                            _ = cancel.cancelled() => return self.canceled(directive, &step_id, attempt).await,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                    }
+                    None => {
+                        return self
+                            .failed(
+                                directive,
+                                &step_id,
+                                attempt,
+                                format!("gave up after {} retries: {e}", self.retry.max_retries),
+                                true,
+                            )
+                            .await;
+                    }
+                },
+                Err(e) => return self.failed(directive, &step_id, attempt, e.to_string(), false).await,
+            }
+        };
         let mut text = String::new();
         let mut tool_calls = Vec::new();
         let mut buffer = String::new();
         let mut seq = 0u64;
         let mut last_flush: Option<Instant> = None;
-        for chunk in plan {
-            tokio::select! {
+        loop {
+            let next = tokio::select! {
                 biased;
+                // Returning drops `chunks`, and with it the provider connection.
                 _ = cancel.cancelled() => return self.canceled(directive, &step_id, attempt).await,
-                _ = tokio::time::sleep(self.scripted.delay) => {}
-            }
+                n = tokio::time::timeout(self.retry.stall_timeout, chunks.next()) => n,
+            };
+            let chunk = match next {
+                Err(_) => {
+                    let error = format!("the stream stalled: nothing for {} ms", self.retry.stall_timeout.as_millis());
+                    return self.failed(directive, &step_id, attempt, error, true).await;
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    return self.failed(directive, &step_id, attempt, e.to_string(), e.is_transient()).await;
+                }
+                Ok(Some(Ok(chunk))) => chunk,
+            };
             match chunk {
                 Chunk::Text(t) => {
                     text.push_str(&t);
@@ -143,9 +199,7 @@ impl Executor {
                 last_flush = Some(Instant::now());
             }
         }
-        if cancel.is_cancelled() {
-            return self.canceled(directive, &step_id, attempt).await;
-        }
+        drop(chunks);
         if !buffer.is_empty() {
             self.emit(directive, LlmDelta { step_id: step_id.clone(), attempt, seq, text: buffer }).await?;
             self.metrics.deltas.inc();
@@ -154,6 +208,19 @@ impl Executor {
         let finish_reason = Some(if tool_calls.is_empty() { "stop" } else { "tool_calls" }.to_owned());
         self.metrics.completed.with_label_values(&["llm"]).inc();
         self.emit(directive, LlmCompleted { step_id, attempt, text, tool_calls, finish_reason }).await
+    }
+
+    async fn failed(
+        &self,
+        directive: &Envelope,
+        step_id: &str,
+        attempt: u32,
+        error: String,
+        retryable: bool,
+    ) -> Result<(), PublishFailed> {
+        self.metrics.failed.with_label_values(&["llm"]).inc();
+        tracing::warn!(message = "Model call failed.", step_id, %error, retryable);
+        self.emit(directive, LlmFailed { step_id: step_id.to_owned(), attempt, error, retryable }).await
     }
 
     async fn canceled(&self, directive: &Envelope, step_id: &str, attempt: u32) -> Result<(), PublishFailed> {

@@ -12,13 +12,14 @@
 //! `canceled` is journaled. A cancel that arrives first keeps the effect from
 //! starting.
 //!
-//! This build has the `scripted` provider and the `echo` and `sleep` tools;
-//! the `openai` provider, webhook tools, timers and retry policies are still
-//! to come (see the issue notes).
+//! LLM providers: `scripted` and `openai` ([`llm`]); built-in tools `echo`
+//! and `sleep`. Webhook tools and timers are still to come (see the issue notes).
 
 pub mod cancel;
 pub mod executor;
+pub mod llm;
 pub mod metrics;
+pub mod openai;
 pub mod scripted;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -62,6 +63,14 @@ pub struct EffectsOptions {
     pub concurrency: usize,
     pub coalesce_ms: u64,
     pub coalesce_bytes: usize,
+    pub llm_base_url: String,
+    pub llm_model: String,
+    pub llm_api_key: String,
+    pub llm_max_retries: usize,
+    pub llm_retry_min_ms: u64,
+    pub llm_retry_max_ms: u64,
+    pub llm_stall_timeout_ms: u64,
+    pub llm_connect_timeout_ms: u64,
 }
 
 impl Default for EffectsOptions {
@@ -73,6 +82,14 @@ impl Default for EffectsOptions {
             concurrency: 64,
             coalesce_ms: 30,
             coalesce_bytes: 256,
+            llm_base_url: String::new(),
+            llm_model: String::new(),
+            llm_api_key: String::new(),
+            llm_max_retries: 3,
+            llm_retry_min_ms: 200,
+            llm_retry_max_ms: 5_000,
+            llm_stall_timeout_ms: 30_000,
+            llm_connect_timeout_ms: 10_000,
         }
     }
 }
@@ -84,15 +101,25 @@ impl Options for EffectsOptions {
         env_override(env, "CONV_SCRIPTED_TOKEN_DELAY_MS", &mut self.scripted_token_delay_ms)?;
         env_override(env, "CONV_EFFECTS_CONCURRENCY", &mut self.concurrency)?;
         env_override(env, "CONV_EFFECTS_COALESCE_MS", &mut self.coalesce_ms)?;
-        env_override(env, "CONV_EFFECTS_COALESCE_BYTES", &mut self.coalesce_bytes)
+        env_override(env, "CONV_EFFECTS_COALESCE_BYTES", &mut self.coalesce_bytes)?;
+        env_override(env, "CONV_LLM_BASE_URL", &mut self.llm_base_url)?;
+        env_override(env, "CONV_LLM_MODEL", &mut self.llm_model)?;
+        env_override(env, "CONV_LLM_API_KEY", &mut self.llm_api_key)?;
+        env_override(env, "CONV_LLM_MAX_RETRIES", &mut self.llm_max_retries)?;
+        env_override(env, "CONV_LLM_STALL_TIMEOUT_MS", &mut self.llm_stall_timeout_ms)
     }
 
     fn validate(&self) -> Result<(), String> {
-        if self.llm_provider != "scripted" {
-            return Err(format!(
-                "CONV_LLM_PROVIDER={:?} is not available in this build; use `scripted`",
-                self.llm_provider
-            ));
+        match self.llm_provider.as_str() {
+            "scripted" => {}
+            "openai" if self.llm_base_url.is_empty() || self.llm_model.is_empty() => {
+                return Err("CONV_LLM_PROVIDER=openai needs CONV_LLM_BASE_URL and CONV_LLM_MODEL".into());
+            }
+            "openai" => {}
+            other => return Err(format!("CONV_LLM_PROVIDER={other:?}: use `scripted` or `openai`")),
+        }
+        if self.llm_stall_timeout_ms == 0 || self.llm_retry_min_ms == 0 {
+            return Err("options.llm_stall_timeout_ms and options.llm_retry_min_ms must be positive".into());
         }
         if self.concurrency == 0 || self.coalesce_bytes == 0 {
             return Err("options.concurrency and options.coalesce_bytes must be positive".into());
@@ -113,6 +140,26 @@ pub enum Error {
     Serve(#[from] ServeError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("LLM provider: {0}")]
+    Provider(String),
+}
+
+fn provider(o: &EffectsOptions) -> Result<llm::Provider, Error> {
+    Ok(match o.llm_provider.as_str() {
+        "openai" => llm::Provider::OpenAi(
+            openai::OpenAi::new(
+                &o.llm_base_url,
+                &o.llm_model,
+                &o.llm_api_key,
+                Duration::from_millis(o.llm_connect_timeout_ms),
+            )
+            .map_err(Error::Provider)?,
+        ),
+        _ => llm::Provider::Scripted(scripted::Scripted {
+            tokens: o.scripted_tokens,
+            delay: Duration::from_millis(o.scripted_token_delay_ms),
+        }),
+    })
 }
 
 /// Runs the service until `shutdown` is cancelled.
@@ -126,9 +173,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         js: booted.js.clone(),
         registry: cancel::Registry::default(),
         metrics,
-        scripted: scripted::Scripted {
-            tokens: o.scripted_tokens,
-            delay: Duration::from_millis(o.scripted_token_delay_ms),
+        provider: provider(o)?,
+        retry: llm::Retry {
+            max_retries: o.llm_max_retries,
+            min_delay: Duration::from_millis(o.llm_retry_min_ms),
+            max_delay: Duration::from_millis(o.llm_retry_max_ms.max(o.llm_retry_min_ms)),
+            stall_timeout: Duration::from_millis(o.llm_stall_timeout_ms),
         },
         coalesce: executor::Coalesce { max_delay: Duration::from_millis(o.coalesce_ms), max_bytes: o.coalesce_bytes },
         publish_timeout: Duration::from_secs(5),

@@ -1,0 +1,300 @@
+//! The `openai` provider against a local HTTP server that speaks the OpenAI
+//! Chat Completions streaming protocol (SSE `data:` events, `[DONE]`, tool
+//! call deltas). The server is a test helper; the code under test is real.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use conv_contracts::payload::*;
+use conv_contracts::{ConversationId, Envelope, EventType, Limits, Payload};
+use conv_effects::EffectsOptions;
+use conv_nats::service::Settings;
+use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, spawn_service};
+use serde_json::{Value, json};
+
+#[derive(Default)]
+struct Provider {
+    requests: Mutex<HashMap<String, usize>>,
+    disconnected: AtomicBool,
+}
+
+/// Sets `disconnected` when a stream is dropped before it finished.
+struct Guard {
+    /// `None` once the stream finished normally.
+    provider: Option<Arc<Provider>>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(p) = &self.provider {
+            p.disconnected.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+fn sse(v: Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+fn text(t: &str) -> Bytes {
+    sse(json!({"choices": [{"index": 0, "delta": {"content": t}, "finish_reason": null}]}))
+}
+
+fn finish(reason: &str) -> Bytes {
+    sse(json!({"choices": [{"index": 0, "delta": {}, "finish_reason": reason}]}))
+}
+
+/// A streamed body of `parts`, `gap` apart, then `[DONE]`.
+fn stream(provider: Arc<Provider>, parts: Vec<Bytes>, gap: Duration, stall_after: Option<usize>) -> Response {
+    let guard = Guard { provider: Some(provider) };
+    let body = futures::stream::unfold(
+        (parts.into_iter().enumerate(), guard, false),
+        move |(mut parts, mut guard, done)| async move {
+            if done {
+                guard.provider.take();
+                return None;
+            }
+            tokio::time::sleep(gap).await;
+            match parts.next() {
+                Some((i, p)) => {
+                    if stall_after.is_some_and(|n| i >= n) {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                    }
+                    Some((Ok::<_, Infallible>(p), (parts, guard, false)))
+                }
+                None => Some((Ok(Bytes::from_static(b"data: [DONE]\n\n")), (parts, guard, true))),
+            }
+        },
+    );
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+async fn completions(State(p): State<Arc<Provider>>, body: String) -> Response {
+    let req: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+    assert_eq!(req["stream"], true, "the client asks for a stream");
+    let model = req["model"].as_str().unwrap_or("").to_owned();
+    let n = {
+        let mut r = p.requests.lock().unwrap_or_else(|e| e.into_inner());
+        let n = r.entry(model.clone()).or_default();
+        *n += 1;
+        *n
+    };
+    let ms = Duration::from_millis(10);
+    match model.as_str() {
+        "stream" => {
+            stream(p, vec![text("Hello"), text(" from"), text(" the"), text(" model"), finish("stop")], ms, None)
+        }
+        "tool" => {
+            let tool_result = req["messages"].as_array().and_then(|m| m.iter().find(|m| m["role"] == "tool")).cloned();
+            match tool_result {
+                Some(t) => stream(
+                    p,
+                    vec![text("echo said "), text(t["content"].as_str().unwrap_or("")), finish("stop")],
+                    ms,
+                    None,
+                ),
+                None => stream(
+                    p,
+                    vec![
+                        sse(
+                            json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                            "function": {"name": "echo", "arguments": "{\"x\""}}]}}]}),
+                        ),
+                        sse(
+                            json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]}}]}),
+                        ),
+                        finish("tool_calls"),
+                    ],
+                    ms,
+                    None,
+                ),
+            }
+        }
+        "flaky" if n <= 2 => (StatusCode::TOO_MANY_REQUESTS, "slow down").into_response(),
+        "flaky" => stream(p, vec![text("finally"), finish("stop")], ms, None),
+        "down" => (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response(),
+        "refused" => (StatusCode::BAD_REQUEST, "bad model").into_response(),
+        "stall" => stream(p, vec![text("Hel"), text("lo")], ms, Some(1)),
+        "slow" => stream(p, (0..100).map(|i| text(&format!("w{i} "))).collect(), Duration::from_millis(100), None),
+        _ => (StatusCode::NOT_FOUND, "unknown model").into_response(),
+    }
+}
+
+struct Stack {
+    js: async_nats::jetstream::Context,
+    provider: Arc<Provider>,
+    _nats: TestNats,
+    _runtime: ServiceHandle<conv_runtime::Error>,
+    _effects: ServiceHandle<conv_effects::Error>,
+}
+
+async fn start(model: &str) -> Stack {
+    let provider = Arc::new(Provider::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let app = Router::new().route("/v1/chat/completions", post(completions)).with_state(provider.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let nats = TestNats::start().await.expect("test NATS");
+    nats.setup().await.expect("topology");
+    let js = nats.jetstream().await;
+    let mut rc: conv_runtime::Config = Settings::for_test(nats.config(), free_addr());
+    rc.options.heartbeat_ms = 200;
+    let runtime = spawn_service("conv-runtime", |t| conv_runtime::run(rc, t));
+    let mut ec: conv_effects::Config = Settings::for_test(nats.config(), free_addr());
+    ec.options = EffectsOptions {
+        llm_provider: "openai".into(),
+        llm_base_url: format!("http://127.0.0.1:{port}/v1"),
+        llm_model: model.into(),
+        llm_max_retries: 2,
+        llm_retry_min_ms: 20,
+        llm_retry_max_ms: 100,
+        llm_stall_timeout_ms: 500,
+        ..Default::default()
+    };
+    let effects = spawn_service("conv-effects", |t| conv_effects::run(ec, t));
+    Stack { js, provider, _nats: nats, _runtime: runtime, _effects: effects }
+}
+
+impl Stack {
+    async fn send(&self, id: &str, data: impl Into<Payload>) {
+        let mut e = Envelope::new(id, "/test", ConversationId::parse("oa").expect("id"), data);
+        e.time = Some(chrono::Utc::now());
+        conv_nats::headers::publish(&self.js, &e).await.expect("publish").await.expect("ack");
+    }
+
+    async fn inputs(&self) -> Vec<Envelope> {
+        conv_nats::read::all(&self.js, "CONV_IN", "conv.in.*.*.oa", false)
+            .await
+            .expect("read")
+            .iter()
+            .filter_map(|m| {
+                conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Limits::default()).ok()
+            })
+            .collect()
+    }
+
+    async fn wait(&self, what: &str, pred: impl Fn(&[Envelope]) -> bool) -> Vec<Envelope> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let i = self.inputs().await;
+            if pred(&i) {
+                return i;
+            }
+            let types: Vec<_> = i.iter().map(|e| e.event_type().as_str()).collect();
+            assert!(Instant::now() < deadline, "timed out waiting for {what}: {types:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn requests(&self, model: &str) -> usize {
+        self.provider.requests.lock().map(|r| r.get(model).copied().unwrap_or(0)).unwrap_or(0)
+    }
+}
+
+fn has(i: &[Envelope], ty: EventType) -> usize {
+    i.iter().filter(|e| e.event_type() == ty).count()
+}
+
+fn message(t: &str) -> MessageReceived {
+    MessageReceived { text: t.into(), role: None, channel: None, sender: None }
+}
+
+fn completed_text(i: &[Envelope]) -> Vec<String> {
+    i.iter()
+        .filter_map(|e| match &e.data {
+            Payload::LlmCompleted(c) => Some(c.text.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_streamed_answer() {
+    let s = start("stream").await;
+    s.send("m1", message("hi")).await;
+    let i = s.wait("completion", |i| has(i, EventType::LlmCompleted) == 1).await;
+    assert_eq!(completed_text(&i), ["Hello from the model"]);
+    assert!(has(&i, EventType::LlmDelta) >= 1);
+}
+
+#[tokio::test]
+async fn a_tool_call_round_trip() {
+    let s = start("tool").await;
+    s.send("m1", message("use a tool")).await;
+    let i = s.wait("the second completion", |i| has(i, EventType::LlmCompleted) == 2).await;
+    let tool = i.iter().find_map(|e| match &e.data {
+        Payload::ToolCompleted(t) => Some(t.clone()),
+        _ => None,
+    });
+    assert_eq!(tool.map(|t| (t.tool_call_id, t.result)), Some(("call_1".to_owned(), json!({"x": 1}))));
+    assert_eq!(completed_text(&i)[1], r#"echo said {"x":1}"#);
+}
+
+#[tokio::test]
+async fn rate_limits_are_retried_until_success() {
+    let s = start("flaky").await;
+    s.send("m1", message("hi")).await;
+    let i = s.wait("completion", |i| has(i, EventType::LlmCompleted) == 1).await;
+    assert_eq!(completed_text(&i), ["finally"]);
+    assert_eq!(s.requests("flaky"), 3, "two 429s, then success");
+    assert_eq!(has(&i, EventType::LlmFailed), 0);
+}
+
+#[tokio::test]
+async fn server_errors_exhaust_the_retries_and_fail_the_step() {
+    let s = start("down").await;
+    s.send("m1", message("hi")).await;
+    let i = s.wait("failure", |i| has(i, EventType::LlmFailed) == 1).await;
+    let failed = i.iter().find_map(|e| match &e.data {
+        Payload::LlmFailed(f) => Some(f.clone()),
+        _ => None,
+    });
+    let failed = failed.expect("failed");
+    assert!(failed.retryable && failed.error.contains("500"), "{failed:?}");
+    assert_eq!(s.requests("down"), 3, "the first attempt and two retries");
+}
+
+#[tokio::test]
+async fn client_errors_fail_at_once() {
+    let s = start("refused").await;
+    s.send("m1", message("hi")).await;
+    let i = s.wait("failure", |i| has(i, EventType::LlmFailed) == 1).await;
+    assert!(i.iter().any(|e| matches!(&e.data, Payload::LlmFailed(f) if !f.retryable)));
+    assert_eq!(s.requests("refused"), 1);
+}
+
+#[tokio::test]
+async fn a_stalled_stream_times_out() {
+    let s = start("stall").await;
+    s.send("m1", message("hi")).await;
+    let i = s.wait("failure", |i| has(i, EventType::LlmFailed) == 1).await;
+    assert!(i.iter().any(|e| matches!(&e.data, Payload::LlmFailed(f) if f.error.contains("stalled"))));
+}
+
+#[tokio::test]
+async fn abort_mid_stream_closes_the_provider_connection() {
+    let s = start("slow").await;
+    s.send("m1", message("hi")).await;
+    s.wait("first delta", |i| has(i, EventType::LlmDelta) >= 1).await;
+    assert!(!s.provider.disconnected.load(Ordering::SeqCst));
+    s.send("abort-1", AbortRequested { reason: None }).await;
+    s.wait("canceled", |i| has(i, EventType::LlmCanceled) == 1).await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !s.provider.disconnected.load(Ordering::SeqCst) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(s.provider.disconnected.load(Ordering::SeqCst), "the server saw the client go away");
+}
