@@ -41,6 +41,8 @@ pub struct Executor {
     pub retry: Retry,
     pub coalesce: Coalesce,
     pub publish_timeout: Duration,
+    /// Progress is sent this often for a running effect (below the ack wait).
+    pub progress_every: Duration,
 }
 
 /// A lifecycle event could not be journaled: retry the directive later.
@@ -65,9 +67,11 @@ impl Executor {
     }
 
     /// Runs a directive to its end (or its cancel).
-    pub async fn run(&self, directive: &Envelope) -> Result<(), PublishFailed> {
+    /// `redelivered`: an earlier run of this directive may have journaled part
+    /// of its output (its instance died); the run then resumes after it.
+    pub async fn run(&self, directive: &Envelope, redelivered: bool) -> Result<(), PublishFailed> {
         match &directive.data {
-            Payload::LlmRequested(r) => self.llm(directive, r).await,
+            Payload::LlmRequested(r) => self.llm(directive, r, redelivered).await,
             Payload::ToolRequested(t) => self.tool(directive, t).await,
             Payload::CancelRequested(c) => {
                 self.cancel(directive, c);
@@ -92,7 +96,7 @@ impl Executor {
         }
     }
 
-    async fn llm(&self, directive: &Envelope, r: &LlmRequested) -> Result<(), PublishFailed> {
+    async fn llm(&self, directive: &Envelope, r: &LlmRequested, redelivered: bool) -> Result<(), PublishFailed> {
         let conv = directive.conversation_id.as_str();
         let (step_id, attempt) = (r.step_id.clone(), r.attempt);
         let Some(cancel) = self.registry.start(conv, &step_id) else {
@@ -102,10 +106,35 @@ impl Executor {
                 .await;
         };
         let started = Instant::now();
-        let result = self.llm_inner(directive, r, &cancel).await;
+        let resume = if redelivered { self.journaled_deltas(directive, r).await } else { (String::new(), 0) };
+        let result = self.llm_inner(directive, r, &cancel, resume).await;
         self.registry.finish(conv, &step_id);
         self.metrics.duration.with_label_values(&["llm"]).observe(started.elapsed().as_secs_f64());
         result
+    }
+
+    /// The text and count of deltas an earlier run of this step attempt journaled.
+    async fn journaled_deltas(&self, directive: &Envelope, r: &LlmRequested) -> (String, u64) {
+        let filter = format!("conv.in.*.llm.{}", directive.conversation_id);
+        let Ok(stored) = conv_nats::read::all(&self.js, conv_contracts::subject::STREAM_IN, &filter, false).await
+        else {
+            return (String::new(), 0);
+        };
+        let mut deltas: Vec<LlmDelta> = stored
+            .iter()
+            .filter_map(|m| {
+                conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, conv_contracts::Limits::default())
+                    .ok()
+            })
+            .filter_map(|e| match e.data {
+                Payload::LlmDelta(d) if d.step_id == r.step_id && d.attempt == r.attempt => Some(d),
+                _ => None,
+            })
+            .collect();
+        deltas.sort_by_key(|d| d.seq);
+        deltas.dedup_by_key(|d| d.seq);
+        let next = deltas.last().map(|d| d.seq + 1).unwrap_or(0);
+        (deltas.into_iter().map(|d| d.text).collect(), next)
     }
 
     async fn llm_inner(
@@ -113,6 +142,7 @@ impl Executor {
         directive: &Envelope,
         r: &LlmRequested,
         cancel: &CancellationToken,
+        (already, next_seq): (String, u64),
     ) -> Result<(), PublishFailed> {
         let (step_id, attempt) = (r.step_id.clone(), r.attempt);
         self.emit(directive, LlmStarted { step_id: step_id.clone(), attempt }).await?;
@@ -160,7 +190,9 @@ impl Executor {
         let mut text = String::new();
         let mut tool_calls = Vec::new();
         let mut buffer = String::new();
-        let mut seq = 0u64;
+        // Resuming: what an earlier run journaled is not sent again.
+        let mut skip = already.len();
+        let mut seq = next_seq;
         let mut last_flush: Option<Instant> = None;
         loop {
             let next = tokio::select! {
@@ -183,7 +215,13 @@ impl Executor {
             match chunk {
                 Chunk::Text(t) => {
                     text.push_str(&t);
-                    buffer.push_str(&t);
+                    if skip >= t.len() {
+                        skip -= t.len();
+                    } else {
+                        let cut = (skip..=t.len()).find(|i| t.is_char_boundary(*i)).unwrap_or(t.len());
+                        buffer.push_str(&t[cut..]);
+                        skip = 0;
+                    }
                 }
                 Chunk::ToolCall(call) => tool_calls.push(call),
             }

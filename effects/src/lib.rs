@@ -71,6 +71,8 @@ pub struct EffectsOptions {
     pub llm_retry_max_ms: u64,
     pub llm_stall_timeout_ms: u64,
     pub llm_connect_timeout_ms: u64,
+    /// Progress interval for running effects (keep it well below the consumer's ack wait).
+    pub progress_ms: u64,
 }
 
 impl Default for EffectsOptions {
@@ -90,6 +92,7 @@ impl Default for EffectsOptions {
             llm_retry_max_ms: 5_000,
             llm_stall_timeout_ms: 30_000,
             llm_connect_timeout_ms: 10_000,
+            progress_ms: 5_000,
         }
     }
 }
@@ -106,7 +109,8 @@ impl Options for EffectsOptions {
         env_override(env, "CONV_LLM_MODEL", &mut self.llm_model)?;
         env_override(env, "CONV_LLM_API_KEY", &mut self.llm_api_key)?;
         env_override(env, "CONV_LLM_MAX_RETRIES", &mut self.llm_max_retries)?;
-        env_override(env, "CONV_LLM_STALL_TIMEOUT_MS", &mut self.llm_stall_timeout_ms)
+        env_override(env, "CONV_LLM_STALL_TIMEOUT_MS", &mut self.llm_stall_timeout_ms)?;
+        env_override(env, "CONV_EFFECTS_PROGRESS_MS", &mut self.progress_ms)
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -121,8 +125,8 @@ impl Options for EffectsOptions {
         if self.llm_stall_timeout_ms == 0 || self.llm_retry_min_ms == 0 {
             return Err("options.llm_stall_timeout_ms and options.llm_retry_min_ms must be positive".into());
         }
-        if self.concurrency == 0 || self.coalesce_bytes == 0 {
-            return Err("options.concurrency and options.coalesce_bytes must be positive".into());
+        if self.concurrency == 0 || self.coalesce_bytes == 0 || self.progress_ms == 0 {
+            return Err("options.concurrency, options.coalesce_bytes and options.progress_ms must be positive".into());
         }
         Ok(())
     }
@@ -182,6 +186,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         },
         coalesce: executor::Coalesce { max_delay: Duration::from_millis(o.coalesce_ms), max_bytes: o.coalesce_bytes },
         publish_timeout: Duration::from_secs(5),
+        progress_every: Duration::from_millis(o.progress_ms),
     });
     // Until `convctl setup` ran there is nothing to consume: wait, not ready.
     loop {
@@ -310,9 +315,10 @@ async fn run_with_progress(
     event: &conv_contracts::Envelope,
     message: &Message,
 ) -> Result<(), executor::PublishFailed> {
-    let work = executor.run(event);
+    let redelivered = message.info().map(|i| i.delivered > 1).unwrap_or(false);
+    let work = executor.run(event, redelivered);
     tokio::pin!(work);
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut tick = tokio::time::interval(executor.progress_every);
     tick.tick().await;
     loop {
         tokio::select! {

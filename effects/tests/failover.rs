@@ -1,0 +1,107 @@
+//! Killing an effects instance mid-stream: the directive is redelivered to
+//! another instance, which resumes after what was already journaled; the
+//! step completes once and no lifecycle event is duplicated.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use conv_contracts::payload::*;
+use conv_contracts::{ConversationId, Envelope, EventType, Limits, Payload};
+use conv_nats::TopologyConfig;
+use conv_nats::service::Settings;
+use conv_nats::test_util::{TestNats, free_addr, spawn_service};
+
+fn effects(nats: &TestNats) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_conv-effects"))
+        .env("NATS_URL", nats.url())
+        .env("CONV_EFFECTS_ADDR", free_addr().to_string())
+        .env("CONV_SCRIPTED_TOKENS", "100")
+        .env("CONV_SCRIPTED_TOKEN_DELAY_MS", "30")
+        .env("CONV_EFFECTS_PROGRESS_MS", "500")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn conv-effects")
+}
+
+async fn inputs(js: &async_nats::jetstream::Context) -> Vec<Envelope> {
+    conv_nats::read::all(js, "CONV_IN", "conv.in.*.*.fx", false)
+        .await
+        .expect("read")
+        .iter()
+        .filter_map(|m| conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Limits::default()).ok())
+        .collect()
+}
+
+fn count(i: &[Envelope], ty: EventType) -> usize {
+    i.iter().filter(|e| e.event_type() == ty).count()
+}
+
+#[tokio::test]
+async fn a_killed_instance_is_replaced_and_the_reply_completes_once() {
+    let nats = TestNats::start().await.expect("test NATS");
+    nats.setup_with(&TopologyConfig { ack_wait_secs: 2, ..Default::default() }).await.expect("topology");
+    let js = nats.jetstream().await;
+    let mut rc: conv_runtime::Config = Settings::for_test(nats.config(), free_addr());
+    rc.options.heartbeat_ms = 200;
+    let _runtime = spawn_service("conv-runtime", |t| conv_runtime::run(rc, t));
+    let mut first = effects(&nats);
+
+    let mut m = Envelope::new(
+        "m1",
+        "/test",
+        ConversationId::parse("fx").expect("id"),
+        MessageReceived { text: "a long answer please".into(), role: None, channel: None, sender: None },
+    );
+    m.time = Some(chrono::Utc::now());
+    conv_nats::headers::publish(&js, &m).await.expect("publish").await.expect("ack");
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count(&inputs(&js).await, EventType::LlmDelta) < 3 {
+        assert!(Instant::now() < deadline, "no deltas");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    first.start_kill().expect("SIGKILL");
+    first.wait().await.expect("reaped");
+    let _second = effects(&nats);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let journal = loop {
+        let i = inputs(&js).await;
+        if count(&i, EventType::LlmCompleted) >= 1 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            break inputs(&js).await;
+        }
+        assert!(Instant::now() < deadline, "the reply never completed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(count(&journal, EventType::LlmStarted), 1, "started once (the re-run's repeat was deduped)");
+    assert_eq!(count(&journal, EventType::LlmCompleted), 1);
+    let mut ids: Vec<&str> = journal.iter().map(|e| e.id.as_str()).collect();
+    let n = ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "no duplicate lifecycle event");
+    let deltas: Vec<&LlmDelta> = journal
+        .iter()
+        .filter_map(|e| match &e.data {
+            Payload::LlmDelta(d) => Some(d),
+            _ => None,
+        })
+        .collect();
+    let seqs: Vec<u64> = deltas.iter().map(|d| d.seq).collect();
+    assert_eq!(seqs, (0..deltas.len() as u64).collect::<Vec<_>>(), "delta positions run on without gap or repeat");
+    let streamed: String = deltas.iter().map(|d| d.text.as_str()).collect();
+    let completed = journal
+        .iter()
+        .find_map(|e| match &e.data {
+            Payload::LlmCompleted(c) => Some(c.text.clone()),
+            _ => None,
+        })
+        .expect("completed");
+    assert_eq!(streamed.trim_end(), completed, "the resumed stream continues exactly where the dead one stopped");
+    assert_eq!(completed.split_whitespace().count(), 100);
+}
