@@ -1,0 +1,180 @@
+//! Benchmark (not a test) of effects with the runtime, in-process over a
+//! real nats-server:
+//! 1. journal events per 500-token reply after delta coalescing (scripted
+//!    provider at 0 ms and 15 ms per token);
+//! 2. abort latency p50/p99 with N conversations streaming at once: abort
+//!    event time → the `llm.canceled` event's time.
+//!
+//! cargo run --release -p conv-effects --example bench_effects -- [conversations=1000]
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use conv_contracts::payload::*;
+use conv_contracts::{ConversationId, Envelope, EventType, Limits, Payload};
+use conv_effects::EffectsOptions;
+use conv_nats::service::Settings;
+use conv_nats::test_util::{TestNats, free_addr, spawn_service};
+
+async fn inputs(js: &async_nats::jetstream::Context, filter: &str) -> Vec<Envelope> {
+    conv_nats::read::all(js, "CONV_IN", filter, false)
+        .await
+        .expect("read")
+        .iter()
+        .filter_map(|m| conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Limits::default()).ok())
+        .collect()
+}
+
+async fn publish(js: &async_nats::jetstream::Context, events: &[Envelope]) {
+    for chunk in events.chunks(500) {
+        let mut acks = Vec::new();
+        for e in chunk {
+            acks.push(conv_nats::headers::publish(js, e).await.expect("publish"));
+        }
+        for a in acks {
+            a.await.expect("ack");
+        }
+    }
+}
+
+fn message(conv: &str, id: &str) -> Envelope {
+    let mut e = Envelope::new(
+        id,
+        "/bench",
+        ConversationId::parse(conv).expect("id"),
+        MessageReceived { text: "go".into(), role: None, channel: None, sender: None },
+    );
+    e.time = Some(chrono::Utc::now());
+    e
+}
+
+struct Stack {
+    nats: TestNats,
+    runtime: conv_nats::test_util::ServiceHandle<conv_runtime::Error>,
+    effects: conv_nats::test_util::ServiceHandle<conv_effects::Error>,
+}
+
+async fn stack(options: EffectsOptions) -> Stack {
+    let nats = TestNats::start_process().await.expect("nats-server (scripts/ensure-nats.sh)");
+    nats.setup().await.expect("topology");
+    let mut rc: conv_runtime::Config = Settings::for_test(nats.config(), free_addr());
+    rc.options.heartbeat_ms = 200;
+    let runtime = spawn_service("conv-runtime", |t| conv_runtime::run(rc, t));
+    let mut ec: conv_effects::Config = Settings::for_test(nats.config(), free_addr());
+    ec.options = options;
+    let effects = spawn_service("conv-effects", |t| conv_effects::run(ec, t));
+    Stack { nats, runtime, effects }
+}
+
+async fn events_per_reply(delay_ms: u64) -> (usize, usize) {
+    let s =
+        stack(EffectsOptions { scripted_tokens: 500, scripted_token_delay_ms: delay_ms, ..Default::default() }).await;
+    let js = s.nats.jetstream().await;
+    publish(&js, &[message("reply", "m1")]).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let journal = loop {
+        let i = inputs(&js, "conv.in.*.*.reply").await;
+        if i.iter().any(|e| e.event_type() == EventType::LlmCompleted) || Instant::now() > deadline {
+            break i;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let deltas = journal.iter().filter(|e| e.event_type() == EventType::LlmDelta).count();
+    let lifecycle = journal.len() - 1; // all but the message
+    let _ = s.effects.shutdown().await;
+    let _ = s.runtime.shutdown().await;
+    (deltas, lifecycle)
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() {
+    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1000);
+
+    let (d0, l0) = events_per_reply(0).await;
+    let (d15, l15) = events_per_reply(15).await;
+
+    // Abort latency under load: n conversations streaming long replies.
+    let s = stack(EffectsOptions {
+        scripted_tokens: 10_000,
+        scripted_token_delay_ms: 200,
+        concurrency: n.max(1),
+        ..Default::default()
+    })
+    .await;
+    let js = s.nats.jetstream().await;
+    let messages: Vec<Envelope> = (0..n).map(|i| message(&format!("ab-{i}"), &format!("m{i}"))).collect();
+    publish(&js, &messages).await;
+    // Wait until every conversation streams.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let started = inputs(&js, "conv.in.*.llm.*")
+            .await
+            .iter()
+            .filter(|e| e.event_type() == EventType::LlmDelta)
+            .map(|e| e.conversation_id.clone())
+            .collect::<std::collections::HashSet<_>>()
+            .len();
+        if started >= n || Instant::now() > deadline {
+            println!("{started} of {n} conversations streaming");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let aborts: Vec<Envelope> = (0..n)
+        .map(|i| {
+            let mut e = Envelope::new(
+                format!("abort-{i}"),
+                "/bench",
+                ConversationId::parse(&format!("ab-{i}")).expect("id"),
+                AbortRequested { reason: None },
+            );
+            e.time = Some(chrono::Utc::now());
+            e
+        })
+        .collect();
+    let sent: HashMap<String, chrono::DateTime<chrono::Utc>> =
+        aborts.iter().filter_map(|e| Some((e.conversation_id.to_string(), e.time?))).collect();
+    publish(&js, &aborts).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let canceled = loop {
+        let c: Vec<Envelope> = inputs(&js, "conv.in.*.llm.*")
+            .await
+            .into_iter()
+            .filter(|e| e.event_type() == EventType::LlmCanceled)
+            .collect();
+        if c.len() >= n || Instant::now() > deadline {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut latencies: Vec<f64> = canceled
+        .iter()
+        .filter_map(|e| {
+            let at = e.time?;
+            let abort = sent.get(e.conversation_id.as_str())?;
+            Some((at - *abort).num_microseconds()? as f64 / 1000.0)
+        })
+        .collect();
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    let _ = s.effects.shutdown().await;
+    let _ = s.runtime.shutdown().await;
+    let _ = Payload::from(StopRequested {});
+
+    println!("conv-effects benchmark");
+    println!("500-token reply, 0 ms/token:   {d0} deltas, {l0} lifecycle events in the journal");
+    println!("500-token reply, 15 ms/token:  {d15} deltas, {l15} lifecycle events in the journal");
+    println!(
+        "abort latency, {n} conversations streaming: {} canceled, p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        latencies.len(),
+        pct(&latencies, 0.5),
+        pct(&latencies, 0.99),
+        latencies.last().copied().unwrap_or(f64::NAN)
+    );
+}
