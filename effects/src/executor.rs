@@ -43,6 +43,9 @@ pub struct Executor {
     pub publish_timeout: Duration,
     /// Progress is sent this often for a running effect (below the ack wait).
     pub progress_every: Duration,
+    /// Webhook tools by name.
+    pub webhooks: std::collections::HashMap<String, crate::webhook::WebhookTool>,
+    pub http: reqwest::Client,
 }
 
 /// A lifecycle event could not be journaled: retry the directive later.
@@ -79,6 +82,64 @@ impl Executor {
             }
             // Timers arrive with a later change; nothing emits them yet.
             _ => Ok(()),
+        }
+    }
+
+    /// Calls a webhook tool with retries; journals its result (or nothing when
+    /// it answers later through ingress).
+    async fn webhook(
+        &self,
+        directive: &Envelope,
+        t: &ToolRequested,
+        hook: &crate::webhook::WebhookTool,
+        cancel: &CancellationToken,
+    ) -> Result<(), PublishFailed> {
+        use crate::webhook::{Answer, CallError, call};
+        let id = t.tool_call_id.clone();
+        let mut backoff = ExponentialBuilder::default()
+            .with_min_delay(self.retry.min_delay)
+            .with_max_delay(self.retry.max_delay)
+            .with_jitter()
+            .with_max_times(hook.retries)
+            .build();
+        loop {
+            let attempt = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => {
+                    self.metrics.canceled.with_label_values(&["tool"]).inc();
+                    return self.emit(directive, ToolCanceled { tool_call_id: id, reason: Some("canceled".into()) }).await;
+                }
+                a = call(&self.http, hook, directive.conversation_id.as_str(), &id, &t.args) => a,
+            };
+            match attempt {
+                Ok(Answer::Done(result)) => {
+                    self.metrics.completed.with_label_values(&["tool"]).inc();
+                    return self.emit(directive, ToolCompleted { tool_call_id: id, result }).await;
+                }
+                Ok(Answer::Later) => return Ok(()),
+                Err(CallError::Transient(e)) => match backoff.next() {
+                    Some(delay) => {
+                        self.metrics.retries.with_label_values(&["tool"]).inc();
+                        tokio::select! {
+                            biased;
+                            _ = cancel.cancelled() => {
+                                self.metrics.canceled.with_label_values(&["tool"]).inc();
+                                return self.emit(directive, ToolCanceled { tool_call_id: id, reason: Some("canceled".into()) }).await;
+                            }
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                    }
+                    None => {
+                        self.metrics.failed.with_label_values(&["tool"]).inc();
+                        let error = format!("gave up after {} retries: {e}", hook.retries);
+                        return self.emit(directive, ToolFailed { tool_call_id: id, error, retryable: true }).await;
+                    }
+                },
+                Err(CallError::Permanent(error)) => {
+                    self.metrics.failed.with_label_values(&["tool"]).inc();
+                    return self.emit(directive, ToolFailed { tool_call_id: id, error, retryable: false }).await;
+                }
+            }
         }
     }
 
@@ -298,11 +359,14 @@ impl Executor {
                         }
                     }
                 }
-                other => {
-                    self.metrics.failed.with_label_values(&["tool"]).inc();
-                    let error = format!("unknown tool {other:?}; built-in tools are echo and sleep");
-                    self.emit(directive, ToolFailed { tool_call_id: id.clone(), error, retryable: false }).await
-                }
+                name => match self.webhooks.get(name) {
+                    Some(hook) => self.webhook(directive, t, hook, &cancel).await,
+                    None => {
+                        self.metrics.failed.with_label_values(&["tool"]).inc();
+                        let error = format!("unknown tool {name:?}; built-in tools are echo and sleep");
+                        self.emit(directive, ToolFailed { tool_call_id: id.clone(), error, retryable: false }).await
+                    }
+                },
             }
         }
         .await;

@@ -21,6 +21,7 @@ pub mod llm;
 pub mod metrics;
 pub mod openai;
 pub mod scripted;
+pub mod webhook;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -45,12 +46,21 @@ pub const IDENTITY: Identity = Identity {
     about: "Effect workers of conv: LLM streaming, tools and timers, with cancellation, retry and timeouts.",
     addr_env: "CONV_EFFECTS_ADDR",
     default_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9102),
-    options_help: "  CONV_LLM_PROVIDER               scripted (default; offline, deterministic)\\n  \\
-CONV_SCRIPTED_TOKENS            tokens per scripted answer (default 24)\\n  \\
-CONV_SCRIPTED_TOKEN_DELAY_MS    delay per scripted token (default 15)\\n  \\
-CONV_EFFECTS_CONCURRENCY        effects run at once on this instance (default 64)\\n  \\
-CONV_EFFECTS_COALESCE_MS        delta coalescing window (default 30)\\n  \\
-CONV_EFFECTS_COALESCE_BYTES     delta coalescing size (default 256)\\n",
+    options_help: concat!(
+        "  CONV_LLM_PROVIDER               scripted (default; offline, deterministic) or openai\n",
+        "  CONV_LLM_BASE_URL               OpenAI-compatible base URL, e.g. https://api.openai.com/v1\n",
+        "  CONV_LLM_MODEL                  model name for openai\n",
+        "  CONV_LLM_API_KEY                bearer token for openai (may be empty for local servers)\n",
+        "  CONV_LLM_MAX_RETRIES            retries of a failing model call (default 3)\n",
+        "  CONV_LLM_STALL_TIMEOUT_MS       a stream silent this long fails (default 30000)\n",
+        "  CONV_SCRIPTED_TOKENS            tokens per scripted answer (default 24)\n",
+        "  CONV_SCRIPTED_TOKEN_DELAY_MS    delay per scripted token (default 15)\n",
+        "  CONV_EFFECTS_CONCURRENCY        effects run at once on this instance (default 64)\n",
+        "  CONV_EFFECTS_COALESCE_MS        delta coalescing window (default 30)\n",
+        "  CONV_EFFECTS_COALESCE_BYTES     delta coalescing size (default 256)\n",
+        "  CONV_EFFECTS_PROGRESS_MS        progress interval of running effects (default 5000)\n",
+        "  CONV_WEBHOOK_TOOLS              JSON array of webhook tools [{name, url, timeout_ms?, retries?, hmac_secret?}]\n",
+    ),
 };
 
 /// Effects settings beyond the common ones (`[options]`).
@@ -73,6 +83,8 @@ pub struct EffectsOptions {
     pub llm_connect_timeout_ms: u64,
     /// Progress interval for running effects (keep it well below the consumer's ack wait).
     pub progress_ms: u64,
+    /// Webhook tools (`[[options.tools]]`, or JSON in `CONV_WEBHOOK_TOOLS`).
+    pub tools: Vec<webhook::WebhookTool>,
 }
 
 impl Default for EffectsOptions {
@@ -93,6 +105,7 @@ impl Default for EffectsOptions {
             llm_stall_timeout_ms: 30_000,
             llm_connect_timeout_ms: 10_000,
             progress_ms: 5_000,
+            tools: Vec::new(),
         }
     }
 }
@@ -110,7 +123,15 @@ impl Options for EffectsOptions {
         env_override(env, "CONV_LLM_API_KEY", &mut self.llm_api_key)?;
         env_override(env, "CONV_LLM_MAX_RETRIES", &mut self.llm_max_retries)?;
         env_override(env, "CONV_LLM_STALL_TIMEOUT_MS", &mut self.llm_stall_timeout_ms)?;
-        env_override(env, "CONV_EFFECTS_PROGRESS_MS", &mut self.progress_ms)
+        env_override(env, "CONV_EFFECTS_PROGRESS_MS", &mut self.progress_ms)?;
+        if let Some(json) = env("CONV_WEBHOOK_TOOLS") {
+            self.tools = serde_json::from_str(&json).map_err(|e| ConfigError::Env {
+                var: "CONV_WEBHOOK_TOOLS".into(),
+                value: json.clone(),
+                detail: format!("expected a JSON array of {{name, url, timeout_ms?, retries?, hmac_secret?}}: {e}"),
+            })?;
+        }
+        Ok(())
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -124,6 +145,14 @@ impl Options for EffectsOptions {
         }
         if self.llm_stall_timeout_ms == 0 || self.llm_retry_min_ms == 0 {
             return Err("options.llm_stall_timeout_ms and options.llm_retry_min_ms must be positive".into());
+        }
+        for tool in &self.tools {
+            if ["echo", "sleep"].contains(&tool.name.as_str()) || tool.name.is_empty() {
+                return Err(format!("webhook tool name {:?} is empty or taken by a built-in tool", tool.name));
+            }
+            if !(tool.url.starts_with("http://") || tool.url.starts_with("https://")) {
+                return Err(format!("webhook tool {}: url {:?} is not http(s)", tool.name, tool.url));
+            }
         }
         if self.concurrency == 0 || self.coalesce_bytes == 0 || self.progress_ms == 0 {
             return Err("options.concurrency, options.coalesce_bytes and options.progress_ms must be positive".into());
@@ -187,6 +216,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         coalesce: executor::Coalesce { max_delay: Duration::from_millis(o.coalesce_ms), max_bytes: o.coalesce_bytes },
         publish_timeout: Duration::from_secs(5),
         progress_every: Duration::from_millis(o.progress_ms),
+        webhooks: o.tools.iter().map(|t| (t.name.clone(), t.clone())).collect(),
+        http: reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(o.llm_connect_timeout_ms))
+            .build()
+            .map_err(|e| Error::Provider(e.to_string()))?,
     });
     // Until `convctl setup` ran there is nothing to consume: wait, not ready.
     loop {

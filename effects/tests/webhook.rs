@@ -1,0 +1,186 @@
+//! Webhook tools against a local HTTP server: inline and later answers,
+//! HMAC signatures, retries, permanent failures and timeouts.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use conv_contracts::payload::*;
+use conv_contracts::{ConversationId, Envelope, EventType, Limits, Payload};
+use conv_effects::EffectsOptions;
+use conv_effects::webhook::{WebhookTool, signature};
+use conv_nats::service::Settings;
+use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, spawn_service};
+use serde_json::{Value, json};
+
+#[derive(Default)]
+struct Hooks {
+    calls: Mutex<HashMap<String, usize>>,
+    bad_signatures: Mutex<usize>,
+}
+
+async fn hook(State(h): State<Arc<Hooks>>, Path(kind): Path<String>, headers: HeaderMap, body: String) -> Response {
+    let n = {
+        let mut c = h.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let n = c.entry(kind.clone()).or_default();
+        *n += 1;
+        *n
+    };
+    let sig = headers.get("x-conv-signature").and_then(|v| v.to_str().ok()).unwrap_or("");
+    if sig != signature("s3cret", body.as_bytes()) {
+        *h.bad_signatures.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        return (StatusCode::UNAUTHORIZED, "bad signature").into_response();
+    }
+    let req: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+    match kind.as_str() {
+        "inline" => axum::Json(json!({"result": {"got": req["args"], "key": headers.get("idempotency-key").and_then(|v| v.to_str().ok())}})).into_response(),
+        "later" => StatusCode::ACCEPTED.into_response(),
+        "flaky" if n <= 2 => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+        "flaky" => axum::Json(json!({"result": "third time lucky"})).into_response(),
+        "broken" => (StatusCode::BAD_REQUEST, "no").into_response(),
+        "slow" => {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            axum::Json(json!({"result": "too late"})).into_response()
+        }
+        _ => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+struct Stack {
+    js: async_nats::jetstream::Context,
+    hooks: Arc<Hooks>,
+    _nats: TestNats,
+    _rt: ServiceHandle<conv_runtime::Error>,
+    _fx: ServiceHandle<conv_effects::Error>,
+}
+
+async fn start() -> Stack {
+    let hooks = Arc::new(Hooks::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let app = Router::new().route("/hooks/{kind}", post(hook)).with_state(hooks.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let tool = |name: &str, timeout_ms: u64, retries: usize| WebhookTool {
+        name: name.into(),
+        url: format!("http://127.0.0.1:{port}/hooks/{name}"),
+        timeout_ms,
+        retries,
+        hmac_secret: Some("s3cret".into()),
+    };
+    let nats = TestNats::start().await.expect("test NATS");
+    nats.setup().await.expect("topology");
+    let js = nats.jetstream().await;
+    let mut rc: conv_runtime::Config = Settings::for_test(nats.config(), free_addr());
+    rc.options.heartbeat_ms = 200;
+    let rt = spawn_service("conv-runtime", |t| conv_runtime::run(rc, t));
+    let mut ec: conv_effects::Config = Settings::for_test(nats.config(), free_addr());
+    ec.options = EffectsOptions {
+        tools: vec![
+            tool("inline", 2000, 2),
+            tool("later", 2000, 2),
+            tool("flaky", 2000, 3),
+            tool("broken", 2000, 3),
+            tool("slow", 300, 1),
+        ],
+        llm_retry_min_ms: 20,
+        llm_retry_max_ms: 50,
+        ..Default::default()
+    };
+    let fx = spawn_service("conv-effects", |t| conv_effects::run(ec, t));
+    Stack { js, hooks, _nats: nats, _rt: rt, _fx: fx }
+}
+
+impl Stack {
+    async fn send(&self, conv: &str, id: &str, data: impl Into<Payload>) {
+        let e = Envelope::new(id, "/test", ConversationId::parse(conv).expect("id"), data);
+        conv_nats::headers::publish(&self.js, &e).await.expect("publish").await.expect("ack");
+    }
+
+    async fn wait(&self, conv: &str, what: &str, pred: impl Fn(&[Envelope]) -> bool) -> Vec<Envelope> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let i: Vec<Envelope> = conv_nats::read::all(&self.js, "CONV_IN", &format!("conv.in.*.*.{conv}"), false)
+                .await
+                .expect("read")
+                .iter()
+                .filter_map(|m| {
+                    conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Limits::default()).ok()
+                })
+                .collect();
+            if pred(&i) {
+                return i;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {:?}",
+                i.iter().map(|e| e.event_type().as_str()).collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn calls(&self, kind: &str) -> usize {
+        self.hooks.calls.lock().map(|c| c.get(kind).copied().unwrap_or(0)).unwrap_or(0)
+    }
+}
+
+fn message(t: &str) -> MessageReceived {
+    MessageReceived { text: t.into(), role: None, channel: None, sender: None }
+}
+
+fn has(i: &[Envelope], ty: EventType) -> usize {
+    i.iter().filter(|e| e.event_type() == ty).count()
+}
+
+fn tool_result(i: &[Envelope]) -> Option<Payload> {
+    i.iter()
+        .find(|e| matches!(e.event_type(), EventType::ToolCompleted | EventType::ToolFailed))
+        .map(|e| e.data.clone())
+}
+
+#[tokio::test]
+async fn webhook_tools() {
+    let s = start().await;
+    // Inline answer, signed request, idempotency key.
+    s.send("w1", "w1-m1", message(r#"/tool inline {"q": 1}"#)).await;
+    let i = s.wait("w1", "the answer after the tool", |i| has(i, EventType::LlmCompleted) == 2).await;
+    match tool_result(&i) {
+        Some(Payload::ToolCompleted(t)) => {
+            assert_eq!(t.result["got"], json!({"q": 1}));
+            assert_eq!(t.result["key"], format!("w1.{}", t.tool_call_id));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Answered later through the callback (as ingress would journal it).
+    s.send("w2", "w2-m1", message("/tool later {}")).await;
+    let i = s.wait("w2", "the tool to start", |i| has(i, EventType::ToolStarted) == 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(has(&i, EventType::ToolCompleted), 0, "no inline result");
+    s.send("w2", "w2-cb", ToolCompleted { tool_call_id: "r1.s1.call1".into(), result: json!("done later") }).await;
+    s.wait("w2", "the answer after the callback", |i| has(i, EventType::LlmCompleted) == 2).await;
+    // 503 twice, then success.
+    s.send("w3", "w3-m1", message("/tool flaky {}")).await;
+    let i = s.wait("w3", "the tool result", |i| tool_result(i).is_some()).await;
+    assert!(matches!(tool_result(&i), Some(Payload::ToolCompleted(t)) if t.result == json!("third time lucky")));
+    assert_eq!(s.calls("flaky"), 3);
+    // 400: fails at once.
+    s.send("w4", "w4-m1", message("/tool broken {}")).await;
+    let i = s.wait("w4", "the tool result", |i| tool_result(i).is_some()).await;
+    assert!(matches!(tool_result(&i), Some(Payload::ToolFailed(f)) if !f.retryable && f.error.contains("400")));
+    assert_eq!(s.calls("broken"), 1);
+    // Slower than its timeout: retried, then failed.
+    s.send("w5", "w5-m1", message("/tool slow {}")).await;
+    let i = s.wait("w5", "the tool result", |i| tool_result(i).is_some()).await;
+    assert!(
+        matches!(tool_result(&i), Some(Payload::ToolFailed(f)) if f.retryable && f.error.contains("timed out")),
+        "{:?}",
+        tool_result(&i)
+    );
+    assert_eq!(s.calls("slow"), 2);
+    assert_eq!(*s.hooks.bad_signatures.lock().expect("lock"), 0, "every request was signed correctly");
+}
