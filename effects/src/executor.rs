@@ -46,6 +46,8 @@ pub struct Executor {
     /// Webhook tools by name.
     pub webhooks: std::collections::HashMap<String, crate::webhook::WebhookTool>,
     pub http: reqwest::Client,
+    /// The `conv_timers` bucket.
+    pub timers: async_nats::jetstream::kv::Store,
 }
 
 /// A lifecycle event could not be journaled: retry the directive later.
@@ -80,7 +82,21 @@ impl Executor {
                 self.cancel(directive, c);
                 Ok(())
             }
-            // Timers arrive with a later change; nothing emits them yet.
+            Payload::TimerScheduled(t) => {
+                let start = directive.time.unwrap_or_else(Utc::now);
+                let timer = crate::timers::Timer {
+                    conversation_id: directive.conversation_id.to_string(),
+                    timer_id: t.timer_id.clone(),
+                    fire_at_ms: start.timestamp_millis() + i64::try_from(t.delay_ms).unwrap_or(i64::MAX / 2),
+                    directive_id: directive.id.clone(),
+                };
+                crate::timers::schedule(&self.timers, &timer).await.map_err(PublishFailed)
+            }
+            Payload::TimerCancelRequested(t) => {
+                crate::timers::cancel(&self.timers, directive.conversation_id.as_str(), &t.timer_id)
+                    .await
+                    .map_err(PublishFailed)
+            }
             _ => Ok(()),
         }
     }

@@ -13,7 +13,7 @@
 //! starting.
 //!
 //! LLM providers: `scripted` and `openai` ([`llm`]); built-in tools `echo`
-//! and `sleep`. Webhook tools and timers are still to come (see the issue notes).
+//! and `sleep`, HTTP webhook tools ([`webhook`]), durable timers ([`timers`]).
 
 pub mod cancel;
 pub mod executor;
@@ -21,6 +21,7 @@ pub mod llm;
 pub mod metrics;
 pub mod openai;
 pub mod scripted;
+pub mod timers;
 pub mod webhook;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -202,40 +203,51 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let booted = service::boot(&IDENTITY, &config, registry).await?;
     let server = tokio::spawn(service::serve(config.http_addr(), booted.health.router(), shutdown.clone(), None));
     let o = &config.options;
-    let executor = Arc::new(executor::Executor {
-        js: booted.js.clone(),
-        registry: cancel::Registry::default(),
-        metrics,
-        provider: provider(o)?,
-        retry: llm::Retry {
-            max_retries: o.llm_max_retries,
-            min_delay: Duration::from_millis(o.llm_retry_min_ms),
-            max_delay: Duration::from_millis(o.llm_retry_max_ms.max(o.llm_retry_min_ms)),
-            stall_timeout: Duration::from_millis(o.llm_stall_timeout_ms),
-        },
-        coalesce: executor::Coalesce { max_delay: Duration::from_millis(o.coalesce_ms), max_bytes: o.coalesce_bytes },
-        publish_timeout: Duration::from_secs(5),
-        progress_every: Duration::from_millis(o.progress_ms),
-        webhooks: o.tools.iter().map(|t| (t.name.clone(), t.clone())).collect(),
-        http: reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(o.llm_connect_timeout_ms))
-            .build()
-            .map_err(|e| Error::Provider(e.to_string()))?,
-    });
+    let provider = provider(o)?;
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_millis(o.llm_connect_timeout_ms))
+        .build()
+        .map_err(|e| Error::Provider(e.to_string()))?;
     // Until `convctl setup` ran there is nothing to consume: wait, not ready.
-    loop {
+    let attached = loop {
         let attached = tokio::select! {
-            _ = shutdown.cancelled() => None,
+            _ = shutdown.cancelled() => break None,
             r = attach(&booted.js) => r,
         };
         match attached {
-            Some((work, cancels)) => {
-                serve(executor.clone(), work, cancels, o.concurrency, shutdown.clone()).await;
-                break;
-            }
-            None if shutdown.is_cancelled() => break,
-            None => tokio::time::sleep(Duration::from_secs(1)).await,
+            Some(a) => break Some(a),
+            None => tokio::select! {
+                _ = shutdown.cancelled() => break None,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            },
         }
+    };
+    if let Some((work, cancels, timers)) = attached {
+        let executor = Arc::new(executor::Executor {
+            js: booted.js.clone(),
+            registry: cancel::Registry::default(),
+            metrics,
+            provider,
+            retry: llm::Retry {
+                max_retries: o.llm_max_retries,
+                min_delay: Duration::from_millis(o.llm_retry_min_ms),
+                max_delay: Duration::from_millis(o.llm_retry_max_ms.max(o.llm_retry_min_ms)),
+                stall_timeout: Duration::from_millis(o.llm_stall_timeout_ms),
+            },
+            coalesce: executor::Coalesce {
+                max_delay: Duration::from_millis(o.coalesce_ms),
+                max_bytes: o.coalesce_bytes,
+            },
+            publish_timeout: Duration::from_secs(5),
+            progress_every: Duration::from_millis(o.progress_ms),
+            webhooks: o.tools.iter().map(|t| (t.name.clone(), t.clone())).collect(),
+            http,
+            timers: timers.clone(),
+        });
+        let timer_task = tokio::spawn(timers::run(timers, booted.js.clone(), shutdown.clone()));
+        serve(executor, work, cancels, o.concurrency, shutdown.clone()).await;
+        shutdown.cancel();
+        let _ = timer_task.await;
     }
     shutdown.cancel();
     match server.await {
@@ -251,7 +263,8 @@ type Messages = async_nats::jetstream::consumer::pull::Stream;
 type Ordered = async_nats::jetstream::consumer::pull::Ordered;
 
 /// The shared work queue and this instance's own view of cancels.
-async fn attach(js: &async_nats::jetstream::Context) -> Option<(Messages, Ordered)> {
+async fn attach(js: &async_nats::jetstream::Context) -> Option<(Messages, Ordered, async_nats::jetstream::kv::Store)> {
+    let timers = js.get_key_value(conv_nats::topology::KV_TIMERS).await.ok()?;
     let stream = js.get_stream_no_info(STREAM_EFFECT).await.ok()?;
     let work: PullConsumer = stream.get_consumer(EFFECTS_CONSUMER).await.ok()?;
     let work = work.stream().max_messages_per_batch(64).expires(Duration::from_secs(2)).messages().await.ok()?;
@@ -266,7 +279,7 @@ async fn attach(js: &async_nats::jetstream::Context) -> Option<(Messages, Ordere
         .messages()
         .await
         .ok()?;
-    Some((work, cancels))
+    Some((work, cancels, timers))
 }
 
 fn decode(m: &Message) -> Result<conv_contracts::Envelope, conv_contracts::Rejection> {

@@ -25,6 +25,9 @@ pub struct Scripted {
 /// What the scripted model does for a context: the chunks of its answer.
 pub fn plan(context: &[ContextMessage], step_id: &str, tokens: usize) -> Vec<Chunk> {
     let last = context.last();
+    if let Some(note) = last.filter(|m| m.role == "system") {
+        return words(&format!("Noted: {}.", note.content), tokens.max(1));
+    }
     if let Some(tool) = last.filter(|m| m.role == "tool") {
         let name = context
             .iter()

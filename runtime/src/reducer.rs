@@ -28,6 +28,9 @@ use serde_json::{Value, json};
 
 use crate::state::{Entry, LlmStep, RetryPoint, Run, State, ToolInFlight};
 
+/// The tool name that schedules a timer (`{"ms": n}`) instead of calling a tool.
+pub const TIMER_TOOL: &str = "timer";
+
 /// CloudEvents `source` of everything the runtime emits.
 pub const SOURCE: &str = "/conv/runtime";
 
@@ -110,9 +113,7 @@ pub fn apply(state: &State, input: &Envelope) -> Applied {
             ToolOutcome::Canceled,
             json!({"canceled": true, "reason": t.reason}),
         ),
-        Payload::TimerFired(t) => {
-            s.timers.remove(&t.timer_id);
-        }
+        Payload::TimerFired(t) => timer_fired(&mut s, &mut cx, &t.timer_id),
         // Informative inputs: recorded (version, dedupe) but change nothing else.
         Payload::LlmStarted(_) | Payload::ToolStarted(_) | Payload::ToolProgress(_) => {}
         // Not inputs: ingress and validation keep these out of CONV_IN.
@@ -153,6 +154,31 @@ fn message(s: &mut State, cx: &mut Ctx<'_>, m: &MessageReceived) {
             }
             cx.emit(s, appended(&entry_id, EntryRole::User, &m.text, EntryStatus::Failed));
         }
+    }
+}
+
+/// A timer this conversation scheduled fired: say so, and let the model
+/// react (now if idle, after the current run otherwise). Unknown or canceled
+/// timers are ignored.
+fn timer_fired(s: &mut State, cx: &mut Ctx<'_>, timer_id: &str) {
+    if s.timers.remove(timer_id).is_none() {
+        return;
+    }
+    let entry_id = format!("timer.{timer_id}");
+    let text = format!("timer {timer_id} fired");
+    s.entries.push(Entry {
+        id: entry_id.clone(),
+        role: EntryRole::System,
+        text: text.clone(),
+        status: EntryStatus::Completed,
+        tool_call_id: None,
+        tool_calls: Vec::new(),
+    });
+    cx.emit(s, appended(&entry_id, EntryRole::System, &text, EntryStatus::Completed));
+    if s.run_status == RunStatus::Running {
+        s.queued.push(entry_id);
+    } else {
+        start_run(s, cx);
     }
 }
 
@@ -261,7 +287,24 @@ fn completed(s: &mut State, cx: &mut Ctx<'_>, c: &LlmCompleted) {
         }
         return;
     }
+    let mut timers_only = true;
     for call in &c.tool_calls {
+        cx.emit(s, OutToolCalled { tool_call_id: call.id.clone(), name: call.name.clone(), args: call.args.clone() });
+        if call.name == TIMER_TOOL {
+            // A timer is a directive of its own; the call is answered at once.
+            let delay_ms = call.args.get("ms").and_then(Value::as_u64).unwrap_or(1000);
+            s.timers.insert(call.id.clone(), delay_ms);
+            cx.emit(s, TimerScheduled { timer_id: call.id.clone(), delay_ms });
+            record_tool_result(
+                s,
+                cx,
+                &call.id,
+                ToolOutcome::Completed,
+                json!({"timer_id": call.id, "scheduled_in_ms": delay_ms}),
+            );
+            continue;
+        }
+        timers_only = false;
         s.tools.insert(
             call.id.clone(),
             ToolInFlight {
@@ -281,7 +324,9 @@ fn completed(s: &mut State, cx: &mut Ctx<'_>, c: &LlmCompleted) {
                 args: call.args.clone(),
             },
         );
-        cx.emit(s, OutToolCalled { tool_call_id: call.id.clone(), name: call.name.clone(), args: call.args.clone() });
+    }
+    if timers_only && s.run_status == RunStatus::Running {
+        start_step(s, cx, 1);
     }
 }
 
@@ -351,6 +396,14 @@ fn cancel_tools(s: &mut State, cx: &mut Ctx<'_>, reason: &str) -> Vec<String> {
 
 /// Abort or stop: cancel what is in flight and end the run.
 fn end_run(s: &mut State, cx: &mut Ctx<'_>, mode: CancelMode, reason: Option<String>) {
+    if mode == CancelMode::Abort {
+        // Pending timers are in-flight work too, run or no run.
+        let timers: Vec<String> = s.timers.keys().cloned().collect();
+        for timer_id in timers {
+            s.timers.remove(&timer_id);
+            cx.emit(s, TimerCancelRequested { timer_id });
+        }
+    }
     if s.run_status != RunStatus::Running {
         return;
     }
@@ -362,13 +415,6 @@ fn end_run(s: &mut State, cx: &mut Ctx<'_>, mode: CancelMode, reason: Option<Str
     effect_ids.extend(s.tools.keys().cloned());
     if !effect_ids.is_empty() {
         cx.emit(s, CancelRequested { mode, effect_ids, reason: reason.clone() });
-    }
-    if mode == CancelMode::Abort {
-        let timers: Vec<String> = s.timers.keys().cloned().collect();
-        for timer_id in timers {
-            s.timers.remove(&timer_id);
-            cx.emit(s, TimerCancelRequested { timer_id });
-        }
     }
     let steps: Vec<(String, LlmStep)> = std::mem::take(&mut s.llm).into_iter().collect();
     let mut retry = None;

@@ -1,0 +1,110 @@
+//! Durable timers in the `conv_timers` bucket.
+//!
+//! `conv.effect.timer.scheduled` stores `{conversation_id, timer_id,
+//! fire_at_ms}` under `<conversation>.<timer id>`;
+//! `conv.effect.timer.cancel_requested` deletes it. Every effects instance
+//! watches the bucket and fires what is due: it journals
+//! `conv.in.timer.fired` (id `<conversation>.timer.<id>.fired`, so instances
+//! that fire the same timer at once produce one event) and then deletes the
+//! key with its revision. Timers live in JetStream, so they survive restarts
+//! of every effects instance.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use chrono::Utc;
+use conv_contracts::payload::TimerFired;
+use conv_contracts::{ConversationId, Envelope};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+/// A stored timer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Timer {
+    pub conversation_id: String,
+    pub timer_id: String,
+    /// Unix milliseconds.
+    pub fire_at_ms: i64,
+    /// The directive that scheduled it (the fired event's cause).
+    pub directive_id: String,
+}
+
+pub fn key(conversation: &str, timer_id: &str) -> String {
+    format!("{conversation}.{timer_id}")
+}
+
+/// Stores a timer.
+pub async fn schedule(store: &kv::Store, timer: &Timer) -> Result<(), String> {
+    let value = Bytes::from(serde_json::to_vec(timer).unwrap_or_default());
+    store.put(key(&timer.conversation_id, &timer.timer_id), value).await.map(drop).map_err(|e| e.to_string())
+}
+
+/// Deletes a timer (it will not fire).
+pub async fn cancel(store: &kv::Store, conversation: &str, timer_id: &str) -> Result<(), String> {
+    store.delete(key(conversation, timer_id)).await.map_err(|e| e.to_string())
+}
+
+/// Watches the bucket and fires due timers until `shutdown`.
+pub async fn run(store: kv::Store, js: async_nats::jetstream::Context, shutdown: CancellationToken) {
+    let mut watch = match store.watch_with_history(">").await {
+        Ok(w) => w,
+        Err(error) => {
+            tracing::error!(message = "Cannot watch timers.", %error);
+            return;
+        }
+    };
+    let mut pending: HashMap<String, (Timer, u64)> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            entry = watch.next() => match entry {
+                Some(Ok(e)) => match e.operation {
+                    kv::Operation::Put => {
+                        if let Ok(t) = serde_json::from_slice::<Timer>(&e.value) {
+                            pending.insert(e.key.clone(), (t, e.revision));
+                        }
+                    }
+                    kv::Operation::Delete | kv::Operation::Purge => {
+                        pending.remove(&e.key);
+                    }
+                },
+                Some(Err(error)) => tracing::warn!(message = "Timer watch error.", %error),
+                None => return,
+            },
+            _ = tick.tick() => {
+                let now = Utc::now().timestamp_millis();
+                let due: Vec<(String, Timer, u64)> = pending
+                    .iter()
+                    .filter(|(_, (t, _))| t.fire_at_ms <= now)
+                    .map(|(k, (t, r))| (k.clone(), t.clone(), *r))
+                    .collect();
+                for (k, timer, revision) in due {
+                    if fire(&js, &timer).await.is_ok() {
+                        let _ = store.delete_expect_revision(&k, Some(revision)).await;
+                        pending.remove(&k);
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn fire(js: &async_nats::jetstream::Context, timer: &Timer) -> Result<(), String> {
+    let conversation = ConversationId::parse(&timer.conversation_id).map_err(|e| e.to_string())?;
+    let mut event = Envelope::new(
+        format!("{}.timer.{}.fired", timer.conversation_id, timer.timer_id),
+        crate::executor::SOURCE,
+        conversation,
+        TimerFired { timer_id: timer.timer_id.clone() },
+    )
+    .with_time(Utc::now());
+    event.causation_id = Some(timer.directive_id.clone());
+    conv_nats::journal::append(js, &event, &event.id, &[], Duration::from_secs(5))
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
