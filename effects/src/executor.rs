@@ -127,6 +127,11 @@ impl Executor {
                 }
                 a = call(&self.http, hook, directive.conversation_id.as_str(), &id, &t.args) => a,
             };
+            if let Err(CallError::Transient(e)) = &attempt
+                && e.contains("timed out")
+            {
+                self.metrics.timeouts.with_label_values(&["tool"]).inc();
+            }
             match attempt {
                 Ok(Answer::Done(result)) => {
                     self.metrics.completed.with_label_values(&["tool"]).inc();
@@ -280,6 +285,7 @@ impl Executor {
             };
             let chunk = match next {
                 Err(_) => {
+                    self.metrics.timeouts.with_label_values(&["llm"]).inc();
                     let error = format!("the stream stalled: nothing for {} ms", self.retry.stall_timeout.as_millis());
                     return self.failed(directive, &step_id, attempt, error, true).await;
                 }

@@ -10,6 +10,7 @@ pub struct Metrics {
     pub failed: IntCounterVec,
     pub canceled: IntCounterVec,
     pub retries: IntCounterVec,
+    pub timeouts: IntCounterVec,
     pub deltas: IntCounter,
     pub abort_latency: Histogram,
 }
@@ -28,6 +29,10 @@ impl Metrics {
             failed: IntCounterVec::new(Opts::new("conv_effects_failed_total", "effects failed"), kinds)?,
             canceled: IntCounterVec::new(Opts::new("conv_effects_canceled_total", "effects canceled"), kinds)?,
             retries: IntCounterVec::new(Opts::new("conv_effects_retries_total", "effect attempts retried"), kinds)?,
+            timeouts: IntCounterVec::new(
+                Opts::new("conv_effects_timeouts_total", "stalled streams and timed-out calls"),
+                kinds,
+            )?,
             deltas: IntCounter::new("conv_effects_deltas_total", "coalesced deltas journaled")?,
             abort_latency: Histogram::with_opts(
                 HistogramOpts::new(
@@ -43,6 +48,7 @@ impl Metrics {
         registry.register(Box::new(m.failed.clone()))?;
         registry.register(Box::new(m.canceled.clone()))?;
         registry.register(Box::new(m.retries.clone()))?;
+        registry.register(Box::new(m.timeouts.clone()))?;
         registry.register(Box::new(m.deltas.clone()))?;
         registry.register(Box::new(m.abort_latency.clone()))?;
         Ok(m)
