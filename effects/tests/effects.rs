@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use conv_contracts::payload::*;
-use conv_contracts::{ConversationId, Envelope, EventType, Limits};
+use conv_contracts::{ConversationId, Envelope, EventType};
 use conv_effects::EffectsOptions;
 use conv_nats::service::Settings;
 use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, spawn_service};
@@ -43,14 +43,7 @@ impl Stack {
 
     /// Every input of the conversation journaled so far, in record order.
     async fn inputs(&self, c: &str) -> Vec<Envelope> {
-        conv_nats::read::all(&self.js, "CONV_IN", &format!("conv.in.*.*.{c}"), false)
-            .await
-            .expect("read")
-            .iter()
-            .filter_map(|m| {
-                conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Limits::default()).ok()
-            })
-            .collect()
+        conv_nats::test_util::inputs(&self.js, c).await
     }
 
     async fn wait_for(
@@ -60,15 +53,7 @@ impl Stack {
         pred: impl Fn(&[Envelope]) -> bool,
         within: Duration,
     ) -> Vec<Envelope> {
-        let deadline = Instant::now() + within;
-        loop {
-            let inputs = self.inputs(c).await;
-            if pred(&inputs) {
-                return inputs;
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}; inputs: {:?}", types(&inputs));
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        conv_nats::test_util::wait_inputs(&self.js, c, what, within, pred).await
     }
 
     async fn state(&self, c: &str) -> conv_runtime::state::State {

@@ -6,7 +6,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use conv_contracts::payload::*;
-use conv_contracts::{ConversationId, Envelope, EventType, Limits, Payload};
+use conv_contracts::{ConversationId, Envelope, EventType, Payload};
 use conv_nats::TopologyConfig;
 use conv_nats::service::Settings;
 use conv_nats::test_util::{TestNats, free_addr, spawn_service};
@@ -28,12 +28,7 @@ fn effects(nats: &TestNats) -> tokio::process::Child {
 }
 
 async fn inputs(js: &async_nats::jetstream::Context) -> Vec<Envelope> {
-    conv_nats::read::all(js, "CONV_IN", "conv.in.*.*.fx", false)
-        .await
-        .expect("read")
-        .iter()
-        .filter_map(|m| conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Limits::default()).ok())
-        .collect()
+    conv_nats::test_util::inputs(js, "fx").await
 }
 
 fn count(i: &[Envelope], ty: EventType) -> usize {

@@ -15,7 +15,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use conv_contracts::payload::*;
-use conv_contracts::{ConversationId, Envelope, EventType, Limits, Payload};
+use conv_contracts::{ConversationId, Envelope, EventType, Payload};
 use conv_effects::EffectsOptions;
 use conv_nats::service::Settings;
 use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, spawn_service};
@@ -175,28 +175,8 @@ impl Stack {
         conv_nats::headers::publish(&self.js, &e).await.expect("publish").await.expect("ack");
     }
 
-    async fn inputs(&self) -> Vec<Envelope> {
-        conv_nats::read::all(&self.js, "CONV_IN", "conv.in.*.*.oa", false)
-            .await
-            .expect("read")
-            .iter()
-            .filter_map(|m| {
-                conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Limits::default()).ok()
-            })
-            .collect()
-    }
-
     async fn wait(&self, what: &str, pred: impl Fn(&[Envelope]) -> bool) -> Vec<Envelope> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let i = self.inputs().await;
-            if pred(&i) {
-                return i;
-            }
-            let types: Vec<_> = i.iter().map(|e| e.event_type().as_str()).collect();
-            assert!(Instant::now() < deadline, "timed out waiting for {what}: {types:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        conv_nats::test_util::wait_inputs(&self.js, "oa", what, Duration::from_secs(20), pred).await
     }
 
     fn requests(&self, model: &str) -> usize {

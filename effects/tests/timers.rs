@@ -1,20 +1,15 @@
 //! Durable timers: scheduled through the `timer` tool, fired into
 //! `conv.in.timer.fired`, canceled by an abort, kept across restarts.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use conv_contracts::payload::*;
-use conv_contracts::{ConversationId, Envelope, EventType, Limits, Payload};
+use conv_contracts::{ConversationId, Envelope, EventType, Payload};
 use conv_nats::service::Settings;
 use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, spawn_service};
 
 async fn journal(js: &async_nats::jetstream::Context, conv: &str) -> Vec<Envelope> {
-    conv_nats::read::all(js, "CONV_IN", &format!("conv.in.*.*.{conv}"), false)
-        .await
-        .expect("read")
-        .iter()
-        .filter_map(|m| conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Limits::default()).ok())
-        .collect()
+    conv_nats::test_util::inputs(js, conv).await
 }
 
 async fn wait(
@@ -23,19 +18,7 @@ async fn wait(
     what: &str,
     pred: impl Fn(&[Envelope]) -> bool,
 ) -> Vec<Envelope> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let i = journal(js, conv).await;
-        if pred(&i) {
-            return i;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {:?}",
-            i.iter().map(|e| e.event_type().as_str()).collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    conv_nats::test_util::wait_inputs(js, conv, what, Duration::from_secs(20), pred).await
 }
 
 fn has(i: &[Envelope], ty: EventType) -> usize {

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Path, State};
@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use conv_contracts::payload::*;
-use conv_contracts::{ConversationId, Envelope, EventType, Limits, Payload};
+use conv_contracts::{ConversationId, Envelope, EventType, Payload};
 use conv_effects::EffectsOptions;
 use conv_effects::webhook::{WebhookTool, signature};
 use conv_nats::service::Settings;
@@ -102,26 +102,7 @@ impl Stack {
     }
 
     async fn wait(&self, conv: &str, what: &str, pred: impl Fn(&[Envelope]) -> bool) -> Vec<Envelope> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let i: Vec<Envelope> = conv_nats::read::all(&self.js, "CONV_IN", &format!("conv.in.*.*.{conv}"), false)
-                .await
-                .expect("read")
-                .iter()
-                .filter_map(|m| {
-                    conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Limits::default()).ok()
-                })
-                .collect();
-            if pred(&i) {
-                return i;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}: {:?}",
-                i.iter().map(|e| e.event_type().as_str()).collect::<Vec<_>>()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        conv_nats::test_util::wait_inputs(&self.js, conv, what, Duration::from_secs(20), pred).await
     }
 
     fn calls(&self, kind: &str) -> usize {

@@ -390,3 +390,38 @@ pub async fn assert_binary_boots_and_stops(bin: &str, addr: SocketAddr, envs: &[
     assert!(exit.success(), "{bin} exits 0 after SIGTERM, got {exit}; stderr:\n{stderr}");
     stderr
 }
+
+/// Every event of a conversation in `CONV_IN` (any family), decoded, in record order.
+pub async fn inputs(js: &async_nats::jetstream::Context, conversation: &str) -> Vec<conv_contracts::Envelope> {
+    let stored =
+        crate::read::all(js, conv_contracts::subject::STREAM_IN, &format!("conv.in.*.*.{conversation}"), false)
+            .await
+            .unwrap_or_else(|e| panic!("reading CONV_IN: {e}"));
+    stored
+        .iter()
+        .filter_map(|m| crate::headers::decode(&m.subject, Some(&m.headers), &m.payload, Default::default()).ok())
+        .collect()
+}
+
+/// Polls a conversation's inputs until `done` holds; panics after `within`
+/// naming `what` and the event types seen.
+pub async fn wait_inputs(
+    js: &async_nats::jetstream::Context,
+    conversation: &str,
+    what: &str,
+    within: Duration,
+    done: impl Fn(&[conv_contracts::Envelope]) -> bool,
+) -> Vec<conv_contracts::Envelope> {
+    let deadline = Instant::now() + within;
+    loop {
+        let seen = inputs(js, conversation).await;
+        if done(&seen) {
+            return seen;
+        }
+        if Instant::now() > deadline {
+            let types: Vec<&str> = seen.iter().map(|e| e.event_type().as_str()).collect();
+            panic!("timed out waiting for {what} in {conversation}: {types:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
