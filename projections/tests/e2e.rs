@@ -1,0 +1,212 @@
+//! End to end through HTTP: ingress → runtime → effects → projections.
+//! A prompt gets a streamed reply and a completed timeline entry; abort and
+//! stop end runs with the partial text kept; a tool round trip; the SSE
+//! stream resumes exactly after `Last-Event-ID`; replay matches live state.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use conv_contracts::ConversationId;
+use conv_nats::service::Settings;
+use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, spawn_service, wait_http_ok};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+struct Stack {
+    nats: TestNats,
+    ingress: SocketAddr,
+    projections: SocketAddr,
+    http: reqwest::Client,
+    _services: (
+        ServiceHandle<conv_ingress::Error>,
+        ServiceHandle<conv_runtime::Error>,
+        ServiceHandle<conv_effects::Error>,
+        ServiceHandle<conv_projections::Error>,
+    ),
+}
+
+async fn start() -> Stack {
+    let nats = TestNats::start().await.expect("test NATS");
+    nats.setup().await.expect("topology");
+    let (ingress, projections) = (free_addr(), free_addr());
+    let ic: conv_ingress::Config = Settings::for_test(nats.config(), ingress);
+    let mut rc: conv_runtime::Config = Settings::for_test(nats.config(), free_addr());
+    rc.options.heartbeat_ms = 200;
+    let mut ec: conv_effects::Config = Settings::for_test(nats.config(), free_addr());
+    ec.options.scripted_tokens = 60;
+    ec.options.scripted_token_delay_ms = 25;
+    let pc: conv_projections::Config = Settings::for_test(nats.config(), projections);
+    let services = (
+        spawn_service("conv-ingress", |t| conv_ingress::run(ic, t)),
+        spawn_service("conv-runtime", |t| conv_runtime::run(rc, t)),
+        spawn_service("conv-effects", |t| conv_effects::run(ec, t)),
+        spawn_service("conv-projections", |t| conv_projections::run(pc, t)),
+    );
+    for addr in [ingress, projections] {
+        assert_eq!(wait_http_ok(&format!("http://{addr}/readyz"), Duration::from_secs(20)).await, Some(200));
+    }
+    Stack { nats, ingress, projections, http: reqwest::Client::new(), _services: services }
+}
+
+impl Stack {
+    async fn post(&self, conv: &str, what: &str, body: Value) -> Value {
+        let r = self
+            .http
+            .post(format!("http://{}/v1/conversations/{conv}/{what}", self.ingress))
+            .json(&body)
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(r.status().as_u16(), 202);
+        r.json().await.expect("json")
+    }
+
+    async fn get(&self, conv: &str, what: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("http://{}/v1/conversations/{conv}/{what}", self.projections))
+            .send()
+            .await
+            .expect("get");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn timeline_until(&self, conv: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, t) = self.get(conv, "timeline").await;
+            if status == 200 && done(&t) {
+                return t;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}: {t}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Reads `n` SSE events (id, event type) of a conversation's stream.
+    async fn sse(&self, conv: &str, last_event_id: Option<&str>, n: usize) -> Vec<(u64, String)> {
+        let mut req = self.http.get(format!("http://{}/v1/conversations/{conv}/stream", self.projections));
+        if let Some(id) = last_event_id {
+            req = req.header("Last-Event-ID", id);
+        }
+        let resp = req.send().await.expect("stream");
+        assert_eq!(resp.headers().get("content-type").and_then(|v| v.to_str().ok()), Some("text/event-stream"));
+        let mut body = resp.bytes_stream();
+        let mut buf = String::new();
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while out.len() < n {
+            let chunk = tokio::time::timeout_at(deadline.into(), body.next())
+                .await
+                .expect("events in time")
+                .expect("open")
+                .expect("bytes");
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(pos) = buf.find("\n\n") {
+                let block: String = buf.drain(..pos + 2).collect();
+                let mut id = None;
+                let mut ty = String::new();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        id = v.trim().parse::<u64>().ok();
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        ty = v.trim().to_owned();
+                    }
+                }
+                if let Some(id) = id {
+                    out.push((id, ty));
+                }
+            }
+        }
+        out.truncate(n);
+        out
+    }
+}
+
+fn last_assistant(t: &Value) -> Value {
+    t["entries"]
+        .as_array()
+        .and_then(|e| e.iter().rev().find(|e| e["role"] == "assistant").cloned())
+        .unwrap_or(Value::Null)
+}
+
+#[tokio::test]
+async fn the_whole_pipeline_over_http() {
+    let s = start().await;
+    assert_eq!(s.get("nobody", "timeline").await.0, 404);
+
+    // A prompt: streamed reply, completed entry.
+    s.post("p1", "messages", json!({"text": "hello"})).await;
+    let t = s
+        .timeline_until("p1", "the completed reply", |t| {
+            t["run_status"] == "idle" && last_assistant(t)["status"] == "completed"
+        })
+        .await;
+    assert_eq!(t["entries"][0]["role"], "user");
+    assert!(last_assistant(&t)["text"].as_str().is_some_and(|x| x.starts_with("You said: hello.")), "{t}");
+    let (status, ctx) = s.get("p1", "context").await;
+    assert_eq!(status, 200);
+    assert_eq!(ctx["messages"][0], json!({"role": "user", "content": "hello"}));
+    assert_eq!(ctx["messages"][1]["role"], "assistant");
+
+    // The SSE stream from the start, then resumed after the 3rd event.
+    let all: Vec<(u64, String)> = {
+        let first = s.sse("p1", None, 1).await;
+        assert_eq!(first[0].1, "conv.out.message.appended");
+        // Count what is there: read until the run went idle.
+        let mut n = 8;
+        loop {
+            let events = s.sse("p1", None, n).await;
+            if events.iter().filter(|e| e.1 == "conv.out.run.status_changed").count() >= 2 {
+                break events;
+            }
+            n += 4;
+        }
+    };
+    assert!(all.windows(2).all(|w| w[0].0 < w[1].0), "in order: {all:?}");
+    let resumed = s.sse("p1", Some(&all[2].0.to_string()), all.len() - 3).await;
+    assert_eq!(resumed, all[3..].to_vec(), "exactly the events after Last-Event-ID");
+
+    // Abort mid-reply: run aborted, partial text kept, nothing after.
+    s.post("p2", "messages", json!({"text": "a long one"})).await;
+    s.timeline_until("p2", "some streamed text", |t| last_assistant(t)["text"].as_str().is_some_and(|x| x.len() > 10))
+        .await;
+    s.post("p2", "abort", json!({})).await;
+    let t = s.timeline_until("p2", "the abort", |t| t["run_status"] == "aborted").await;
+    let partial = last_assistant(&t);
+    assert_eq!(partial["status"], "aborted");
+    assert!(partial["text"].as_str().is_some_and(|x| !x.is_empty() && x.split_whitespace().count() < 60));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (_, later) = s.get("p2", "timeline").await;
+    assert_eq!(last_assistant(&later)["text"], partial["text"], "no delta after the abort");
+
+    // Stop: run stopped.
+    s.post("p3", "messages", json!({"text": "another"})).await;
+    s.timeline_until("p3", "streaming", |t| last_assistant(t)["status"] == "streaming").await;
+    s.post("p3", "stop", json!({})).await;
+    let t = s.timeline_until("p3", "the stop", |t| t["run_status"] == "stopped").await;
+    assert_eq!(last_assistant(&t)["status"], "stopped");
+
+    // A tool round trip.
+    s.post("p4", "messages", json!({"text": "/tool echo {\"ping\": true}"})).await;
+    let t = s
+        .timeline_until("p4", "the answer after the tool", |t| {
+            t["run_status"] == "idle"
+                && last_assistant(t)["text"].as_str().is_some_and(|x| x.starts_with("echo returned"))
+        })
+        .await;
+    assert!(
+        t["entries"].as_array().is_some_and(|e| e.iter().any(|e| e["role"] == "tool" && e["status"] == "completed")),
+        "{t}"
+    );
+
+    // Replay of every conversation matches the live state.
+    let js = s.nats.jetstream().await;
+    for c in ["p1", "p2", "p3", "p4"] {
+        let conv = ConversationId::parse(c).expect("id");
+        let replay = conv_runtime::journal::rebuild(&js, &conv, None).await.expect("replay");
+        assert!(replay.mismatches.is_empty(), "{c}");
+        assert_eq!(replay.recorded_hash.as_deref(), Some(replay.snapshot.state.hash().as_str()), "{c}");
+    }
+}
