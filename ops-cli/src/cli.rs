@@ -48,14 +48,17 @@ pub enum Command {
     Checkpoints,
     /// One launch-readiness report: ready / warning / not_ready (exit 0 / 1 / 2).
     Readiness(ReadinessArgs),
-    /// Run the local stack: NATS (started if none answers), setup, every service; Ctrl-C stops all. [issue 6]
+    /// Run the local stack: NATS (started if none answers), setup, every service; Ctrl-C stops all.
     Up,
-    /// Post a message and print the streamed reply as it arrives. [issue 6]
+    /// Post a message and print the streamed reply as it arrives; exits when the run ends.
     Send {
         /// Conversation id (1–128 chars of [A-Za-z0-9_-]).
         conversation: String,
         /// Message text.
         text: String,
+        /// Give up waiting for the end of the run after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout_secs: u64,
     },
     /// Inspect and re-drive dead letters in CONV_DLQ (re-drive is audited in CONV_AUDIT).
     #[command(subcommand)]

