@@ -63,6 +63,9 @@ pub enum Command {
     /// Inspect and re-drive dead letters in CONV_DLQ (re-drive is audited in CONV_AUDIT).
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Rebuild projection views from CONV_OUT.
+    #[command(subcommand)]
+    Projections(ProjectionsCommand),
     /// Rebuild a conversation's state from the journal and compare with the live state; exit 1 on mismatch.
     Replay {
         /// Conversation id.
@@ -115,5 +118,18 @@ pub enum DlqCommand {
         /// Show what would be re-driven; change nothing.
         #[arg(long)]
         dry_run: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectionsCommand {
+    /// Recompute timeline views from scratch (a fold of CONV_OUT) and store them.
+    Rebuild {
+        /// Conversation to rebuild.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        conversation: Option<String>,
+        /// Rebuild every conversation with output.
+        #[arg(long)]
+        all: bool,
     },
 }

@@ -49,6 +49,9 @@ pub async fn run(cli: Cli) -> Result<Outcome, Error> {
             cmd::send::run(g, &conversation, &text, std::time::Duration::from_secs(timeout_secs)).await
         }
         Command::Dlq(dlq) => cmd::dlq::run(g, &dlq).await,
+        Command::Projections(cli::ProjectionsCommand::Rebuild { conversation, .. }) => {
+            cmd::projections::rebuild(g, conversation.as_deref()).await
+        }
         Command::Replay { conversation } => cmd::replay::run(g, &conversation).await,
         Command::Trace { event_id } => cmd::trace::run(g, &event_id).await,
     }

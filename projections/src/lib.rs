@@ -242,3 +242,57 @@ async fn stream(State(app): State<AppState>, Path(id): Path<String>, headers: He
     });
     Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
 }
+
+/// Rebuilds a conversation's timeline from scratch (a fold of all its
+/// `CONV_OUT` events) and stores it, unless the stored view is already
+/// further along. Returns the view and the number of events folded.
+pub async fn rebuild(
+    js: &async_nats::jetstream::Context,
+    conversation: &ConversationId,
+) -> Result<(Timeline, usize), String> {
+    let store = js.get_key_value(KV_PROJECTIONS).await.map_err(|e| e.to_string())?;
+    let stored = conv_nats::read::all(js, STREAM_OUT, &format!("conv.out.*.{conversation}"), false).await?;
+    let mut view = Timeline::new(conversation.as_str());
+    let mut folded = 0;
+    for m in &stored {
+        if let Ok(e) = conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Limits::default())
+            && view.apply(m.seq, &e.data)
+        {
+            folded += 1;
+        }
+    }
+    let bytes = Bytes::from(serde_json::to_vec(&view).unwrap_or_default());
+    for _ in 0..5 {
+        let entry = store.entry(conversation.as_str()).await.map_err(|e| e.to_string())?;
+        let written = match &entry {
+            Some(e) => {
+                let current = serde_json::from_slice::<Timeline>(&e.value).map(|t| t.last_seq).unwrap_or(0);
+                if current > view.last_seq {
+                    return Ok((view, folded)); // the live fold is ahead: keep it
+                }
+                store
+                    .update(conversation.as_str(), bytes.clone(), e.revision)
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            }
+            None => store.create(conversation.as_str(), bytes.clone()).await.map(drop).map_err(|e| e.to_string()),
+        };
+        if written.is_ok() {
+            return Ok((view, folded));
+        }
+    }
+    Err(format!("the view of {conversation} kept changing; try again"))
+}
+
+/// Every conversation with output in `CONV_OUT`.
+pub async fn conversations(js: &async_nats::jetstream::Context) -> Result<Vec<ConversationId>, String> {
+    let mut ids: Vec<ConversationId> = conv_nats::read::all(js, STREAM_OUT, "", true)
+        .await?
+        .iter()
+        .filter_map(|m| m.header("ce-subject").and_then(|s| ConversationId::parse(s).ok()))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    Ok(ids)
+}

@@ -201,6 +201,18 @@ async fn the_whole_pipeline_over_http() {
         "{t}"
     );
 
+    // A lost view is rebuilt from CONV_OUT alone, identical.
+    let (_, before) = s.get("p4", "timeline").await;
+    let js0 = s.nats.jetstream().await;
+    let bucket = js0.get_key_value(conv_nats::topology::KV_PROJECTIONS).await.expect("bucket");
+    bucket.purge("p4").await.expect("purge");
+    assert_eq!(s.get("p4", "timeline").await.0, 404);
+    let (view, events) =
+        conv_projections::rebuild(&js0, &ConversationId::parse("p4").expect("id")).await.expect("rebuild");
+    assert!(events > 0);
+    assert_eq!(serde_json::to_value(&view).expect("json"), before);
+    assert_eq!(s.get("p4", "timeline").await.1, before);
+
     // Replay of every conversation matches the live state.
     let js = s.nats.jetstream().await;
     for c in ["p1", "p2", "p3", "p4"] {

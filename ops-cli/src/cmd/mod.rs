@@ -2,6 +2,7 @@
 
 pub mod checkpoints;
 pub mod dlq;
+pub mod projections;
 pub mod readiness;
 pub mod replay;
 pub mod send;
