@@ -17,6 +17,7 @@
 //!   client was away. Each reader is an ordered consumer; disconnecting stops
 //!   only the reader.
 
+pub mod outbound;
 pub mod timeline;
 
 use std::convert::Infallible;
@@ -50,11 +51,14 @@ pub const IDENTITY: Identity = Identity {
     about: "Projections of conv: timeline, LLM context and the resumable client stream.",
     addr_env: "CONV_PROJECTIONS_ADDR",
     default_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8081),
-    options_help: "",
+    options_help: concat!(
+        "  CONV_OUTBOUND_WEBHOOK_URL       deliver finished assistant messages to this URL (channel adapter)\n",
+        "  CONV_OUTBOUND_WEBHOOK_RETRIES   delivery retries with backoff (default 5)\n",
+    ),
 };
 
 /// Configuration: defaults → `CONV_CONFIG` TOML file → env, validated at start.
-pub type Config = Settings;
+pub type Config = Settings<outbound::OutboundOptions>;
 
 /// Why the service stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +67,8 @@ pub enum Error {
     Boot(#[from] BootError),
     #[error(transparent)]
     Serve(#[from] ServeError),
+    #[error("outbound webhook: {0}")]
+    Outbound(String),
 }
 
 #[derive(Debug, Clone)]
@@ -73,7 +79,8 @@ struct AppState {
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let booted = service::boot(&IDENTITY, &config, Registry::new()).await?;
-    let folder = tokio::spawn(fold(booted.js.clone(), shutdown.clone()));
+    let outbound = outbound::Outbound::new(&config.options).map_err(|e| Error::Outbound(e.to_string()))?;
+    let folder = tokio::spawn(fold(booted.js.clone(), outbound, shutdown.clone()));
     let router = Router::new()
         .route("/v1/conversations/{id}/timeline", get(timeline))
         .route("/v1/conversations/{id}/context", get(context))
@@ -90,7 +97,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 
 /// Folds `CONV_OUT` into the timeline views until shutdown (waiting for the
 /// topology first).
-async fn fold(js: async_nats::jetstream::Context, shutdown: CancellationToken) {
+async fn fold(js: async_nats::jetstream::Context, outbound: Option<outbound::Outbound>, shutdown: CancellationToken) {
     let (store, messages) = loop {
         let attached = async {
             let store = js.get_key_value(KV_PROJECTIONS).await.ok()?;
@@ -112,9 +119,10 @@ async fn fold(js: async_nats::jetstream::Context, shutdown: CancellationToken) {
         messages,
         |event: Envelope, message: async_nats::jetstream::Message| {
             let store = store.clone();
+            let outbound = outbound.clone();
             async move {
                 let seq = message.info().map(|i| i.stream_sequence).unwrap_or_default();
-                update(&store, &event, seq).await
+                update(&store, &event, seq, outbound.as_ref()).await
             }
         },
         Options::default(),
@@ -125,7 +133,12 @@ async fn fold(js: async_nats::jetstream::Context, shutdown: CancellationToken) {
 }
 
 /// Folds one event into its conversation's view with a revision-checked write.
-async fn update(store: &kv::Store, event: &Envelope, seq: u64) -> Result<(), HandlerError> {
+async fn update(
+    store: &kv::Store,
+    event: &Envelope,
+    seq: u64,
+    outbound: Option<&outbound::Outbound>,
+) -> Result<(), HandlerError> {
     let key = event.conversation_id.as_str();
     for _ in 0..5 {
         let entry = store.entry(key).await.map_err(|e| HandlerError::Transient(e.to_string()))?;
@@ -137,6 +150,17 @@ async fn update(store: &kv::Store, event: &Envelope, seq: u64) -> Result<(), Han
         };
         if !view.apply(seq, &event.data) {
             return Ok(()); // a repeat
+        }
+        // The channel adapter: a finished assistant message goes out before
+        // the view records it, so a failed write means another delivery
+        // (deduped by the receiver on `Idempotency-Key`), never none.
+        if let (Some(out), conv_contracts::Payload::OutMessageFinished(f)) = (outbound, &event.data)
+            && view
+                .entries
+                .iter()
+                .any(|e| e.id == f.entry_id && e.role == conv_contracts::payload::EntryRole::Assistant)
+        {
+            out.deliver(event, f).await;
         }
         let bytes = Bytes::from(serde_json::to_vec(&view).unwrap_or_default());
         let written = match revision {
