@@ -63,6 +63,18 @@ pub enum Command {
     /// Inspect and re-drive dead letters in CONV_DLQ (re-drive is audited in CONV_AUDIT).
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Benchmark the whole pipeline (own nats-server, services in-process) against raw JetStream in the same run.
+    Bench {
+        /// Conversations running at once.
+        #[arg(long, default_value_t = 20)]
+        conversations: usize,
+        /// Turns per conversation.
+        #[arg(long, default_value_t = 5)]
+        turns: usize,
+        /// Conversations aborted during a tool call (abort latency).
+        #[arg(long, default_value_t = 20)]
+        aborts: usize,
+    },
     /// Rebuild projection views from CONV_OUT.
     #[command(subcommand)]
     Projections(ProjectionsCommand),

@@ -45,6 +45,7 @@ pub async fn run(cli: Cli) -> Result<Outcome, Error> {
         Command::Checkpoints => cmd::checkpoints::run(g).await,
         Command::Readiness(args) => Ok(cmd::readiness::run(g, &args).await),
         Command::Up => cmd::up::run(g).await,
+        Command::Bench { conversations, turns, aborts } => cmd::bench::run(g, conversations, turns, aborts).await,
         Command::Send { conversation, text, timeout_secs } => {
             cmd::send::run(g, &conversation, &text, std::time::Duration::from_secs(timeout_secs)).await
         }

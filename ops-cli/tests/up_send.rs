@@ -59,3 +59,28 @@ async fn up_then_send_prints_a_streamed_answer_and_ctrl_c_stops_everything() {
     let nats_addr = url.trim_start_matches("nats://");
     assert!(std::net::TcpStream::connect(nats_addr).is_err(), "the nats-server it started is gone");
 }
+
+#[tokio::test]
+async fn bench_runs_and_reports_its_ratios() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_convctl"))
+        .args(["bench", "--conversations", "3", "--turns", "2", "--aborts", "2", "--json"])
+        .output()
+        .await
+        .expect("bench runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json report");
+    assert_eq!(r["turns"], 6);
+    assert_eq!(r["aborts"], 2);
+    for field in [
+        "turns_per_sec",
+        "journal_writes_per_turn",
+        "first_delta_ms_p50",
+        "abort_ms_p99",
+        "raw_async_publish_per_sec",
+        "raw_consume_ack_per_sec",
+        "ratio_writes_vs_raw_publish",
+    ] {
+        assert!(r[field].as_f64().is_some_and(|v| v > 0.0), "{field}: {r}");
+    }
+    assert!(r["seconds"].as_f64().is_some_and(|s| s < 120.0));
+}

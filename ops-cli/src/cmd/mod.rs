@@ -1,5 +1,6 @@
 //! One module per command.
 
+pub mod bench;
 pub mod checkpoints;
 pub mod dlq;
 pub mod projections;

