@@ -209,19 +209,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .build()
         .map_err(|e| Error::Provider(e.to_string()))?;
     // Until `convctl setup` ran there is nothing to consume: wait, not ready.
-    let attached = loop {
-        let attached = tokio::select! {
-            _ = shutdown.cancelled() => break None,
-            r = attach(&booted.js) => r,
-        };
-        match attached {
-            Some(a) => break Some(a),
-            None => tokio::select! {
-                _ = shutdown.cancelled() => break None,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            },
-        }
-    };
+    let attached = service::wait_for(&shutdown, || attach(&booted.js)).await;
     if let Some((work, cancels, timers)) = attached {
         let executor = Arc::new(executor::Executor {
             js: booted.js.clone(),

@@ -486,6 +486,26 @@ pub enum RunError {
     Serve(#[from] ServeError),
 }
 
+/// Tries `attach` once a second until it yields (the topology exists: `convctl
+/// setup` ran) or `shutdown` fires (`None`). A service stays up, and not
+/// ready, while it waits.
+pub async fn wait_for<T, F, Fut>(shutdown: &CancellationToken, mut attach: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            found = attach() => if found.is_some() { return found },
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
 /// Flushes what the client still buffers, for at most 2 s (a disconnected
 /// client would wait forever).
 pub async fn flush(client: &async_nats::Client) {

@@ -98,23 +98,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 /// Folds `CONV_OUT` into the timeline views until shutdown (waiting for the
 /// topology first).
 async fn fold(js: async_nats::jetstream::Context, outbound: Option<outbound::Outbound>, shutdown: CancellationToken) {
-    let (store, messages) = loop {
-        let attached = async {
-            let store = js.get_key_value(KV_PROJECTIONS).await.ok()?;
-            let stream = js.get_stream_no_info(STREAM_OUT).await.ok()?;
-            let consumer: async_nats::jetstream::consumer::PullConsumer =
-                stream.get_consumer(PROJECTIONS_CONSUMER).await.ok()?;
-            Some((store, consumer.messages().await.ok()?))
-        };
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            a = attached => if let Some(a) = a { break a },
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    };
+    let attached = service::wait_for(&shutdown, || async {
+        let store = js.get_key_value(KV_PROJECTIONS).await.ok()?;
+        let stream = js.get_stream_no_info(STREAM_OUT).await.ok()?;
+        let consumer: async_nats::jetstream::consumer::PullConsumer =
+            stream.get_consumer(PROJECTIONS_CONSUMER).await.ok()?;
+        Some((store, consumer.messages().await.ok()?))
+    })
+    .await;
+    let Some((store, messages)) = attached else { return };
     consume::run_validated(
         messages,
         |event: Envelope, message: async_nats::jetstream::Message| {

@@ -106,21 +106,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let server = tokio::spawn(service::serve(config.http_addr(), booted.health.router(), shutdown.clone(), None));
 
     // The buckets exist once `convctl setup` ran; until then, wait (not ready).
-    let ready = loop {
-        let found = async {
-            let owners = booted.js.get_key_value(KV_OWNERS).await.ok()?;
-            let snapshots = snapshot::Snapshots::open(&booted.js).await.ok()?;
-            Some((owners, snapshots))
-        };
-        tokio::select! {
-            _ = shutdown.cancelled() => break None,
-            found = found => if let Some(found) = found { break Some(found) },
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => break None,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    };
+    let ready = service::wait_for(&shutdown, || async {
+        let owners = booted.js.get_key_value(KV_OWNERS).await.ok()?;
+        let snapshots = snapshot::Snapshots::open(&booted.js).await.ok()?;
+        Some((owners, snapshots))
+    })
+    .await;
     if let Some((owners, snapshots)) = ready {
         let o = &config.options;
         let instance =
