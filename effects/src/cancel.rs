@@ -57,9 +57,4 @@ impl Registry {
             None => false,
         }
     }
-
-    /// Number of effects running here.
-    pub fn running(&self) -> usize {
-        self.inner.lock().map(|i| i.running.len()).unwrap_or(0)
-    }
 }

@@ -477,15 +477,6 @@ pub async fn serve(
         .map_err(ServeError::Serve)
 }
 
-/// Why a health-only service stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error(transparent)]
-    Boot(#[from] BootError),
-    #[error(transparent)]
-    Serve(#[from] ServeError),
-}
-
 /// Tries `attach` once a second until it yields (the topology exists: `convctl
 /// setup` ran) or `shutdown` fires (`None`). A service stays up, and not
 /// ready, while it waits.
@@ -510,15 +501,6 @@ where
 /// client would wait forever).
 pub async fn flush(client: &async_nats::Client) {
     let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
-}
-
-/// Boots and serves only `/healthz`, `/readyz` and `/metrics` until shutdown.
-pub async fn serve_health(id: &Identity, settings: &Settings, shutdown: CancellationToken) -> Result<(), RunError> {
-    let booted = boot(id, settings, Registry::new()).await?;
-    serve(settings.http_addr(), booted.health.router(), shutdown, None).await?;
-    flush(&booted.client).await;
-    tracing::info!(message = "Stopped.", service = id.name);
-    Ok(())
 }
 
 /// The whole `main` of a service binary: `--help`/`--version`, layered

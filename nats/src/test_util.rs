@@ -356,11 +356,6 @@ pub async fn http_get_status(url: &str) -> Option<u16> {
     head.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Declared topology for tests that need its names.
-pub fn default_topology() -> Topology {
-    Topology::declare(&TopologyConfig::default())
-}
-
 /// Starts a service binary with `envs`, waits for `/healthz` on `addr`,
 /// sends SIGTERM and asserts a clean exit within 15 s. Returns the binary's stderr.
 pub async fn assert_binary_boots_and_stops(bin: &str, addr: SocketAddr, envs: &[(&str, String)]) -> String {

@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use conv_contracts::{ConversationId, Envelope, Priority};
+use conv_contracts::{ConversationId, Envelope};
 
 /// An input waiting to be applied.
 #[derive(Debug)]
@@ -145,11 +145,6 @@ impl<T> Scheduler<T> {
         self.len = 0;
         out
     }
-}
-
-/// Class index of a priority (0 = P0).
-pub fn class(p: Priority) -> usize {
-    usize::from(p.rank())
 }
 
 #[cfg(test)]
