@@ -11,6 +11,11 @@ use crate::types::{EventType, Priority};
 pub const SPEC_VERSION: &str = "1.0";
 pub const CAUSATION_ID: &str = "causationid";
 pub const CORRELATION_ID: &str = "correlationid";
+/// Extension carried by every `conv.out.*` event: its position (1, 2, 3, …)
+/// in the conversation's output, in the order the runtime emitted it. Views
+/// fold output in this order, whatever order the stream or a redelivery
+/// shows it in (ADR 0006).
+pub const POSITION: &str = "position";
 /// `datacontenttype` of every event conv writes.
 pub const JSON: &str = "application/json";
 /// Content type of structured-mode events.
@@ -77,6 +82,17 @@ impl Envelope {
 
     pub fn priority(&self) -> Priority {
         self.event_type().priority()
+    }
+
+    /// The output position (extension [`POSITION`]), if present and numeric.
+    pub fn position(&self) -> Option<u64> {
+        self.extensions.get(POSITION).and_then(|p| p.parse().ok())
+    }
+
+    /// Sets the output position (extension [`POSITION`]).
+    pub fn with_position(mut self, position: u64) -> Self {
+        self.extensions.insert(POSITION.to_owned(), position.to_string());
+        self
     }
 
     /// The NATS subject to publish this event to.

@@ -15,6 +15,7 @@ pub mod binding;
 pub mod cloudevent;
 pub mod envelope;
 pub mod id;
+pub mod live;
 pub mod payload;
 pub mod rejection;
 pub mod subject;

@@ -182,7 +182,7 @@ pub struct LlmCompleted {
     /// lets the reducer drop output of an attempt it already gave up on.
     #[serde(default = "one")]
     pub attempt: u32,
-    /// The whole answer text of the step (deltas are a preview of it).
+    /// The whole answer text of the step: exactly the step's deltas joined.
     #[serde(default)]
     pub text: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -225,6 +225,9 @@ pub struct LlmRequested {
     pub step_id: String,
     #[serde(default = "one")]
     pub attempt: u32,
+    /// The timeline entry this step streams into (live-lane deltas name it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry_id: Option<String>,
     /// The conversation as the model sees it at this step (the LLM-context
     /// projection at the moment of the directive), oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -304,6 +307,19 @@ pub struct OutMessageDelta {
     pub entry_id: String,
     pub seq: u64,
     pub text: String,
+    /// Byte offset of `text` within the entry's text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+}
+
+/// Tells a stream reader to cut an entry's text back to `offset` bytes: the
+/// live text it had beyond that point was not what the model's final answer
+/// says (an effects worker died mid-reply and the answer was resumed).
+/// Only on the client stream (SSE), never journaled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutMessageReset {
+    pub entry_id: String,
+    pub offset: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -397,7 +413,7 @@ payloads! {
     LlmStarted, LlmDelta, LlmCompleted, LlmFailed, LlmCanceled, TimerFired,
     LlmRequested, ToolRequested, TimerScheduled, TimerCancelRequested, CancelRequested,
     Applied,
-    OutMessageAppended, OutMessageDelta, OutMessageFinished, OutRunStatus, OutToolCalled, OutToolResult,
+    OutMessageAppended, OutMessageDelta, OutMessageReset, OutMessageFinished, OutRunStatus, OutToolCalled, OutToolResult,
     DlqRedriven,
 }
 
@@ -446,6 +462,7 @@ impl Payload {
                 .and(non_empty("state_hash", &p.state_hash)),
             Payload::OutMessageAppended(OutMessageAppended { entry_id, .. })
             | Payload::OutMessageDelta(OutMessageDelta { entry_id, .. })
+            | Payload::OutMessageReset(OutMessageReset { entry_id, .. })
             | Payload::OutMessageFinished(OutMessageFinished { entry_id, .. }) => non_empty("entry_id", entry_id),
             Payload::OutRunStatus(p) => non_empty("run_id", &p.run_id),
             Payload::OutToolCalled(p) => non_empty("tool_call_id", &p.tool_call_id).and(non_empty("name", &p.name)),

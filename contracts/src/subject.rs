@@ -31,7 +31,11 @@ pub const IN_SUBJECTS: &str = "conv.in.*.*";
 /// a stray publish is journaled as a dead letter, never lost and never applied.
 pub const IN_STRAY_SUBJECTS: [&str; 3] = ["conv.in.*", "conv.in.*.*.*", "conv.in.*.*.*.>"];
 
-/// Default number of `CONV_IN` partitions.
+/// What `CONV_OUT` captures: the output subjects `conv.out.<family>.<conversation_id>`
+/// (stored with a partition token, see [`out_partition_transform`]).
+pub const OUT_SUBJECTS: &str = "conv.out.*.*";
+
+/// Default number of `CONV_IN` (and `CONV_OUT`) partitions.
 pub const DEFAULT_PARTITIONS: u16 = 16;
 
 /// The subject an event is published to.
@@ -51,6 +55,71 @@ pub fn in_partition_transform(partitions: u16) -> (String, String) {
         "conv.in.*.*".to_owned(),
         format!("conv.in.{{{{partition({partitions},2)}}}}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}"),
     )
+}
+
+/// Source and destination of the `CONV_OUT` subject transform:
+/// `conv.out.<family>.<id>` → `conv.out.<p>.<family>.<id>`, the same
+/// partition as the conversation's inputs, so views can be owned per
+/// partition like the runtime's state.
+pub fn out_partition_transform(partitions: u16) -> (String, String) {
+    (
+        OUT_SUBJECTS.to_owned(),
+        format!("conv.out.{{{{partition({partitions},2)}}}}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}"),
+    )
+}
+
+/// Filter subject of one `CONV_OUT` partition (stored subjects).
+pub fn out_partition_filter(partition: u16) -> String {
+    format!("conv.out.{partition}.>")
+}
+
+/// Filter of every stored `CONV_OUT` event of one conversation.
+pub fn out_conversation_filter(conversation: &ConversationId) -> String {
+    format!("conv.out.*.*.{conversation}")
+}
+
+/// Subscription to one conversation's output as it is published (core NATS
+/// sees the subject before the stream's transform).
+pub fn out_published_filter(conversation: &ConversationId) -> String {
+    format!("conv.out.*.{conversation}")
+}
+
+/// Filter of every stored `CONV_IN` event of one conversation.
+pub fn in_conversation_filter(conversation: &ConversationId) -> String {
+    format!("conv.in.*.*.{conversation}")
+}
+
+/// Filter of one family of one conversation's stored inputs (`conv.in.<p>.<family>.<id>`).
+pub fn in_family_filter(family: &str, conversation: &ConversationId) -> String {
+    format!("conv.in.*.{family}.{conversation}")
+}
+
+/// Filter of one kind's events of one conversation in an unpartitioned stream.
+pub fn kind_conversation_filter(kind: Kind, conversation: &ConversationId) -> String {
+    match kind {
+        Kind::In => in_conversation_filter(conversation),
+        Kind::Out => out_conversation_filter(conversation),
+        other => format!("conv.{}.*.{conversation}", other.token()),
+    }
+}
+
+/// Prefix of the live lane: core NATS subjects no stream captures, carrying
+/// token deltas at token rate (see [`crate::live`]).
+pub const LIVE_PREFIX: &str = "conv.live";
+
+/// The live-lane subject of one conversation.
+pub fn live_subject(conversation: &ConversationId) -> String {
+    format!("{LIVE_PREFIX}.{conversation}")
+}
+
+/// Filter of every `conv.effect.cancel.*` directive.
+pub fn cancel_filter() -> String {
+    format!("conv.{}.{}.>", Kind::Effect.token(), EventType::CancelRequested.family())
+}
+
+/// Filter subject of one `CONV_IN` partition's control inputs.
+pub fn in_partition_control_filter(partition: u16) -> String {
+    format!("conv.in.{partition}.{}.>", EventType::AbortRequested.family())
 }
 
 /// Filter subject of one `CONV_IN` partition.
@@ -74,7 +143,7 @@ pub fn partition_of(conversation: &ConversationId, partitions: u16) -> u16 {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Parsed {
     pub kind: Kind,
-    /// Present on `CONV_IN` subjects after the partition transform.
+    /// Present on `CONV_IN` and `CONV_OUT` subjects after the partition transform.
     pub partition: Option<u16>,
     pub family: String,
     pub conversation: ConversationId,
@@ -98,7 +167,7 @@ pub enum SubjectError {
     Conversation { subject: String, reason: IdError },
 }
 
-/// Parses `conv.<kind>.<family>.<id>` or `conv.in.<p>.<family>.<id>`.
+/// Parses `conv.<kind>.<family>.<id>`, `conv.in.<p>.<family>.<id>` or `conv.out.<p>.<family>.<id>`.
 pub fn parse(subject: &str) -> Result<Parsed, SubjectError> {
     let tokens: Vec<&str> = subject.split('.').collect();
     let shape = || SubjectError::Shape(subject.to_owned());
@@ -110,7 +179,7 @@ pub fn parse(subject: &str) -> Result<Parsed, SubjectError> {
         .ok_or_else(|| SubjectError::UnknownKind { subject: subject.to_owned(), kind: (*kind_token).to_owned() })?;
     let (partition, family, id) = match (kind, tokens.len()) {
         (_, 4) => (None, tokens[2], tokens[3]),
-        (Kind::In, 5) => (Some(tokens[2].parse::<u16>().map_err(|_| shape())?), tokens[3], tokens[4]),
+        (Kind::In | Kind::Out, 5) => (Some(tokens[2].parse::<u16>().map_err(|_| shape())?), tokens[3], tokens[4]),
         _ => return Err(shape()),
     };
     let conversation = ConversationId::parse(id)
@@ -132,7 +201,8 @@ mod tests {
         let p = parse("conv.in.7.message.demo").unwrap();
         assert_eq!(p.partition, Some(7));
         assert_eq!(p.unpartitioned(), "conv.in.message.demo");
-        assert!(parse("conv.out.7.message.demo").is_err());
+        assert_eq!(parse("conv.out.7.message.demo").unwrap().unpartitioned(), "conv.out.message.demo");
+        assert!(parse("conv.effect.7.llm.demo").is_err());
         assert!(parse("conv.nope.message.demo").is_err());
         assert!(parse("conv.in.message").is_err());
         assert!(parse("other.in.message.demo").is_err());

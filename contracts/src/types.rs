@@ -158,6 +158,8 @@ event_types! {
     // ---- conv.out: the client-facing output (CONV_OUT) ----
     OutMessageAppended => ("conv.out.message.appended", Out, "message", P1),
     OutMessageDelta => ("conv.out.message.delta", Out, "message", P3),
+    /// Client stream only (never journaled): cut an entry's live text back.
+    OutMessageReset => ("conv.out.message.reset", Out, "message", P3),
     OutMessageFinished => ("conv.out.message.finished", Out, "message", P1),
     OutRunStatus => ("conv.out.run.status_changed", Out, "run", P1),
     OutToolCalled => ("conv.out.tool.called", Out, "tool", P2),

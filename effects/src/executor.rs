@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use conv_contracts::live::LiveDelta;
 use conv_contracts::payload::*;
 use conv_contracts::{Envelope, Payload};
 use conv_nats::journal;
@@ -23,8 +24,9 @@ use futures::StreamExt;
 /// CloudEvents `source` of lifecycle events.
 pub const SOURCE: &str = "/conv/effects";
 
-/// Delta coalescing: a delta is journaled when this much time passed since
-/// the last one or this many bytes are buffered; the first goes out at once.
+/// The durable lane's coalescing: text is journaled as an `llm.delta` chunk
+/// once the oldest unjournaled byte is this old or this many bytes wait.
+/// Every piece of text also goes out at once on the live lane.
 #[derive(Debug, Clone)]
 pub struct Coalesce {
     pub max_delay: Duration,
@@ -197,7 +199,7 @@ impl Executor {
 
     /// The text and count of deltas an earlier run of this step attempt journaled.
     async fn journaled_deltas(&self, directive: &Envelope, r: &LlmRequested) -> (String, u64) {
-        let filter = format!("conv.in.*.llm.{}", directive.conversation_id);
+        let filter = conv_contracts::subject::in_family_filter("llm", &directive.conversation_id);
         let Ok(stored) = conv_nats::read::all(&self.js, conv_contracts::subject::STREAM_IN, &filter, false).await
         else {
             return (String::new(), 0);
@@ -269,13 +271,17 @@ impl Executor {
                 Err(e) => return self.failed(directive, &step_id, attempt, e.to_string(), false).await,
             }
         };
-        let mut text = String::new();
+        let entry_id = r.entry_id.clone().unwrap_or_else(|| format!("{step_id}.a{attempt}"));
+        let live_subject = conv_contracts::subject::live_subject(&directive.conversation_id);
+        let live = self.js.client();
+        // Resuming: what an earlier run journaled stays; its bytes are not
+        // sent again and the answer continues after them.
+        let mut skip = already.len();
+        let mut text = already;
         let mut tool_calls = Vec::new();
         let mut buffer = String::new();
-        // Resuming: what an earlier run journaled is not sent again.
-        let mut skip = already.len();
         let mut seq = next_seq;
-        let mut last_flush: Option<Instant> = None;
+        let mut buffered_since: Option<Instant> = None;
         loop {
             let next = tokio::select! {
                 biased;
@@ -297,35 +303,48 @@ impl Executor {
             };
             match chunk {
                 Chunk::Text(t) => {
-                    text.push_str(&t);
-                    if skip >= t.len() {
+                    let fresh = if skip >= t.len() {
                         skip -= t.len();
+                        ""
                     } else {
                         let cut = (skip..=t.len()).find(|i| t.is_char_boundary(*i)).unwrap_or(t.len());
-                        buffer.push_str(&t[cut..]);
                         skip = 0;
+                        &t[cut..]
+                    };
+                    if !fresh.is_empty() {
+                        // The live lane: at once, not journaled.
+                        let piece = LiveDelta {
+                            entry_id: entry_id.clone(),
+                            step_id: step_id.clone(),
+                            attempt,
+                            offset: text.len() as u64,
+                            text: fresh.to_owned(),
+                        };
+                        if let Err(error) = live.publish(live_subject.clone(), piece.to_bytes().into()).await {
+                            tracing::debug!(message = "Live delta not sent.", %error);
+                        }
+                        self.metrics.live_deltas.inc();
+                        text.push_str(fresh);
+                        buffer.push_str(fresh);
+                        buffered_since.get_or_insert_with(Instant::now);
                     }
                 }
                 Chunk::ToolCall(call) => tool_calls.push(call),
             }
-            let due = match last_flush {
-                None => true, // the first delta goes out at once
-                Some(at) => at.elapsed() >= self.coalesce.max_delay || buffer.len() >= self.coalesce.max_bytes,
-            };
+            let due = buffered_since.is_some_and(|at| at.elapsed() >= self.coalesce.max_delay)
+                || buffer.len() >= self.coalesce.max_bytes;
             if due && !buffer.is_empty() {
+                // The durable lane: a chunk through the journal.
                 let delta = LlmDelta { step_id: step_id.clone(), attempt, seq, text: std::mem::take(&mut buffer) };
                 self.emit(directive, delta).await?;
                 self.metrics.deltas.inc();
                 seq += 1;
-                last_flush = Some(Instant::now());
+                buffered_since = None;
             }
         }
         drop(chunks);
-        if !buffer.is_empty() {
-            self.emit(directive, LlmDelta { step_id: step_id.clone(), attempt, seq, text: buffer }).await?;
-            self.metrics.deltas.inc();
-        }
-        let text = text.trim_end().to_owned();
+        // What is still buffered is journaled as part of `completed`, whose
+        // text is exactly the step's deltas joined (plus this rest).
         let finish_reason = Some(if tool_calls.is_empty() { "stop" } else { "tool_calls" }.to_owned());
         self.metrics.completed.with_label_values(&["llm"]).inc();
         self.emit(directive, LlmCompleted { step_id, attempt, text, tool_calls, finish_reason }).await

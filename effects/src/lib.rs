@@ -57,8 +57,8 @@ pub const IDENTITY: Identity = Identity {
         "  CONV_SCRIPTED_TOKENS            tokens per scripted answer (default 24)\n",
         "  CONV_SCRIPTED_TOKEN_DELAY_MS    delay per scripted token (default 15)\n",
         "  CONV_EFFECTS_CONCURRENCY        effects run at once on this instance (default 64)\n",
-        "  CONV_EFFECTS_COALESCE_MS        delta coalescing window (default 30)\n",
-        "  CONV_EFFECTS_COALESCE_BYTES     delta coalescing size (default 256)\n",
+        "  CONV_EFFECTS_COALESCE_MS        durable lane: journal a text chunk once its oldest byte is this old (default 3000)\n",
+        "  CONV_EFFECTS_COALESCE_BYTES     durable lane: or once this many bytes wait (default 16384); the live lane sends every piece at once\n",
         "  CONV_EFFECTS_PROGRESS_MS        progress interval of running effects (default 5000)\n",
         "  CONV_WEBHOOK_TOOLS              JSON array of webhook tools [{name, url, timeout_ms?, retries?, hmac_secret?}]\n",
     ),
@@ -95,8 +95,8 @@ impl Default for EffectsOptions {
             scripted_tokens: 24,
             scripted_token_delay_ms: 15,
             concurrency: 64,
-            coalesce_ms: 30,
-            coalesce_bytes: 256,
+            coalesce_ms: 3_000,
+            coalesce_bytes: 16_384,
             llm_base_url: String::new(),
             llm_model: String::new(),
             llm_api_key: String::new(),
@@ -258,7 +258,7 @@ async fn attach(js: &async_nats::jetstream::Context) -> Option<(Messages, Ordere
     let work = work.stream().max_messages_per_batch(64).expires(Duration::from_secs(2)).messages().await.ok()?;
     let cancels = stream
         .create_consumer(pull::OrderedConfig {
-            filter_subject: "conv.effect.cancel.>".into(),
+            filter_subject: conv_contracts::subject::cancel_filter(),
             deliver_policy: DeliverPolicy::New,
             ..Default::default()
         })

@@ -12,6 +12,7 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     pub timeouts: IntCounterVec,
     pub deltas: IntCounter,
+    pub live_deltas: IntCounter,
     pub abort_latency: Histogram,
 }
 
@@ -33,7 +34,8 @@ impl Metrics {
                 Opts::new("conv_effects_timeouts_total", "stalled streams and timed-out calls"),
                 kinds,
             )?,
-            deltas: IntCounter::new("conv_effects_deltas_total", "coalesced deltas journaled")?,
+            deltas: IntCounter::new("conv_effects_deltas_total", "coalesced deltas journaled (durable lane)")?,
+            live_deltas: IntCounter::new("conv_effects_live_deltas_total", "text pieces sent on the live lane")?,
             abort_latency: Histogram::with_opts(
                 HistogramOpts::new(
                     "conv_effects_abort_latency_seconds",
@@ -50,6 +52,7 @@ impl Metrics {
         registry.register(Box::new(m.retries.clone()))?;
         registry.register(Box::new(m.timeouts.clone()))?;
         registry.register(Box::new(m.deltas.clone()))?;
+        registry.register(Box::new(m.live_deltas.clone()))?;
         registry.register(Box::new(m.abort_latency.clone()))?;
         Ok(m)
     }

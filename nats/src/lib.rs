@@ -14,6 +14,7 @@ pub mod consume;
 pub mod dlq;
 pub mod headers;
 pub mod journal;
+pub mod ownership;
 pub mod read;
 pub mod service;
 pub mod topology;

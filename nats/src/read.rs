@@ -37,11 +37,25 @@ pub async fn all(
     filter: &str,
     headers_only: bool,
 ) -> Result<Vec<Stored>, String> {
+    from(js, stream, filter, 0, headers_only).await
+}
+
+/// Every message of `stream` matching `filter` stored at or after sequence
+/// `start` (0: from the first), oldest first.
+pub async fn from(
+    js: &jetstream::Context,
+    stream: &str,
+    filter: &str,
+    start: u64,
+    headers_only: bool,
+) -> Result<Vec<Stored>, String> {
     let s = js.get_stream_no_info(stream).await.map_err(|e| e.to_string())?;
+    let deliver_policy =
+        if start > 1 { DeliverPolicy::ByStartSequence { start_sequence: start } } else { DeliverPolicy::All };
     let consumer = s
         .create_consumer(pull::OrderedConfig {
             filter_subject: filter.to_owned(),
-            deliver_policy: DeliverPolicy::All,
+            deliver_policy,
             headers_only,
             ..Default::default()
         })

@@ -388,10 +388,11 @@ pub async fn assert_binary_boots_and_stops(bin: &str, addr: SocketAddr, envs: &[
 
 /// Every event of a conversation in `CONV_IN` (any family), decoded, in record order.
 pub async fn inputs(js: &async_nats::jetstream::Context, conversation: &str) -> Vec<conv_contracts::Envelope> {
-    let stored =
-        crate::read::all(js, conv_contracts::subject::STREAM_IN, &format!("conv.in.*.*.{conversation}"), false)
-            .await
-            .unwrap_or_else(|e| panic!("reading CONV_IN: {e}"));
+    let conv = conv_contracts::ConversationId::parse(conversation).unwrap_or_else(|e| panic!("conversation id: {e}"));
+    let filter = conv_contracts::subject::in_conversation_filter(&conv);
+    let stored = crate::read::all(js, conv_contracts::subject::STREAM_IN, &filter, false)
+        .await
+        .unwrap_or_else(|e| panic!("reading CONV_IN: {e}"));
     stored
         .iter()
         .filter_map(|m| crate::headers::decode(&m.subject, Some(&m.headers), &m.payload, Default::default()).ok())

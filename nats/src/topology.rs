@@ -20,12 +20,14 @@ use serde::{Deserialize, Serialize};
 pub const RUNTIME_GROUP: &str = "runtime";
 /// Shared consumer of effect workers.
 pub const EFFECTS_CONSUMER: &str = "effects";
-/// Consumer of the projections service.
-pub const PROJECTIONS_CONSUMER: &str = "projections";
+/// Priority group of the per-partition projections consumers.
+pub const PROJECTIONS_GROUP: &str = "views";
 /// KV bucket of runtime state snapshots.
 pub const KV_SNAPSHOTS: &str = "conv_snapshots";
-/// KV bucket of partition ownership leases.
-pub const KV_OWNERS: &str = "conv_owners";
+/// KV bucket of partition ownership leases and membership (runtime and
+/// projections). Memory storage: leases are ephemeral and are not journal
+/// writes.
+pub const KV_LEASES: &str = "conv_leases";
 /// KV bucket of durable timers.
 pub const KV_TIMERS: &str = "conv_timers";
 /// KV bucket of projection views.
@@ -34,6 +36,11 @@ pub const KV_PROJECTIONS: &str = "conv_projections";
 /// Name of the runtime consumer of one `CONV_IN` partition.
 pub fn runtime_consumer(partition: u16) -> String {
     format!("runtime-p{partition}")
+}
+
+/// Name of the projections consumer of one `CONV_OUT` partition.
+pub fn projections_consumer(partition: u16) -> String {
+    format!("projections-p{partition}")
 }
 
 /// Name of the control-plane consumer of one `CONV_IN` partition: only
@@ -64,9 +71,12 @@ pub struct TopologyConfig {
     pub ack_wait_secs: u64,
     /// Ack wait of the runtime's partition consumers, in seconds.
     pub runtime_ack_wait_secs: u64,
+    /// Ack wait of the projections' partition consumers, in seconds (views
+    /// ack every flush, so this is how soon a dead instance's output comes back).
+    pub projections_ack_wait_secs: u64,
     /// How long a runtime instance stays pinned to a partition without pulling, in seconds.
     pub pinned_ttl_secs: u64,
-    /// Lease time-to-live in `conv_owners`, in seconds.
+    /// Lease time-to-live in `conv_leases`, in seconds.
     pub owner_ttl_secs: u64,
     /// Largest message a stream accepts, in bytes (a bit above the 1 MiB event limit for headers).
     pub max_msg_bytes: i32,
@@ -83,6 +93,7 @@ impl Default for TopologyConfig {
             max_deliver: 5,
             ack_wait_secs: 30,
             runtime_ack_wait_secs: 10,
+            projections_ack_wait_secs: 5,
             pinned_ttl_secs: 10,
             owner_ttl_secs: 10,
             max_msg_bytes: 2 * 1024 * 1024,
@@ -103,6 +114,7 @@ impl TopologyConfig {
         }
         if self.ack_wait_secs == 0
             || self.runtime_ack_wait_secs == 0
+            || self.projections_ack_wait_secs == 0
             || self.duplicate_window_secs == 0
             || self.owner_ttl_secs == 0
         {
@@ -155,6 +167,10 @@ impl Topology {
         let mut conv_in = journal(STREAM_IN, Kind::In, "conv inputs; subjects carry their partition");
         conv_in.subjects = vec![subject::IN_SUBJECTS.to_owned()];
         conv_in.subject_transform = Some(SubjectTransform { source: src, destination: dest });
+        let (src, dest) = subject::out_partition_transform(cfg.partitions);
+        let mut conv_out = journal(STREAM_OUT, Kind::Out, "conv client-facing output; subjects carry their partition");
+        conv_out.subjects = vec![subject::OUT_SUBJECTS.to_owned()];
+        conv_out.subject_transform = Some(SubjectTransform { source: src, destination: dest });
         let mut audit = journal(STREAM_AUDIT, Kind::Audit, "conv operator actions");
         audit.max_age = hours(cfg.audit_max_age_hours);
 
@@ -187,7 +203,7 @@ impl Topology {
             conv_in,
             journal(STREAM_EFFECT, Kind::Effect, "conv effect directives"),
             journal(STREAM_APPLIED, Kind::Applied, "conv applied markers, in applied order"),
-            journal(STREAM_OUT, Kind::Out, "conv client-facing output"),
+            conv_out,
             audit,
             dlq,
         ];
@@ -225,7 +241,7 @@ impl Topology {
             consumers.push(ConsumerSpec { stream: STREAM_IN.to_owned(), config: main });
             let mut control = pinned(base(
                 runtime_control_consumer(p),
-                format!("conv.in.{p}.control.>"),
+                subject::in_partition_control_filter(p),
                 "conv-runtime partition control plane (abort, stop, retry)",
             ));
             control.max_ack_pending = 100;
@@ -234,9 +250,21 @@ impl Topology {
         let mut effects = base(EFFECTS_CONSUMER.to_owned(), String::new(), "conv-effects shared work queue");
         effects.max_ack_pending = 4096;
         consumers.push(ConsumerSpec { stream: STREAM_EFFECT.to_owned(), config: effects });
-        let mut projections = base(PROJECTIONS_CONSUMER.to_owned(), String::new(), "conv-projections views");
-        projections.max_ack_pending = 1000;
-        consumers.push(ConsumerSpec { stream: STREAM_OUT.to_owned(), config: projections });
+        for p in 0..cfg.partitions {
+            let mut views =
+                base(projections_consumer(p), subject::out_partition_filter(p), "conv-projections partition views");
+            views.priority_policy = PriorityPolicy::PinnedClient;
+            views.priority_groups = vec![PROJECTIONS_GROUP.to_owned()];
+            views.priority_timeout = Duration::from_secs(cfg.pinned_ttl_secs);
+            views.ack_wait = Duration::from_secs(cfg.projections_ack_wait_secs);
+            // Views are idempotent by position: a hand-over must never
+            // dead-letter good output, so allow many deliveries.
+            views.max_deliver = cfg.max_deliver.max(1) * 20;
+            // Output is acked after each batched view write: room for a few
+            // batches of a busy partition.
+            views.max_ack_pending = 20_000;
+            consumers.push(ConsumerSpec { stream: STREAM_OUT.to_owned(), config: views });
+        }
 
         let bucket = |name: &str, description: &str, history: i64, max_age: Duration| kv::Config {
             bucket: name.to_owned(),
@@ -249,7 +277,10 @@ impl Topology {
         };
         let kv = vec![
             bucket(KV_SNAPSHOTS, "conv runtime snapshots (revision-checked writes)", 1, Duration::ZERO),
-            bucket(KV_OWNERS, "conv partition ownership leases", 1, Duration::from_secs(cfg.owner_ttl_secs)),
+            kv::Config {
+                storage: StorageType::Memory,
+                ..bucket(KV_LEASES, "conv partition leases and members", 1, Duration::from_secs(cfg.owner_ttl_secs))
+            },
             bucket(KV_TIMERS, "conv durable timers", 1, Duration::ZERO),
             bucket(KV_PROJECTIONS, "conv projection views", 1, Duration::ZERO),
         ];

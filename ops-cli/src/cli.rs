@@ -75,7 +75,7 @@ pub enum Command {
         #[arg(long, default_value_t = 20)]
         aborts: usize,
     },
-    /// Rebuild projection views from CONV_OUT.
+    /// Rebuild or verify projection views (folds of CONV_OUT).
     #[command(subcommand)]
     Projections(ProjectionsCommand),
     /// Rebuild a conversation's state from the journal and compare with the live state; exit 1 on mismatch.
@@ -143,5 +143,17 @@ pub enum ProjectionsCommand {
         /// Rebuild every conversation with output.
         #[arg(long)]
         all: bool,
+    },
+    /// Compare stored views with the fold of CONV_OUT; print the differences, exit 1 on any.
+    Verify {
+        /// Conversation to verify.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        conversation: Option<String>,
+        /// Verify every conversation with output.
+        #[arg(long)]
+        all: bool,
+        /// How long a view that is behind the journal may take to catch up, in seconds.
+        #[arg(long, default_value_t = 5)]
+        settle_secs: u64,
     },
 }

@@ -53,6 +53,9 @@ pub async fn run(cli: Cli) -> Result<Outcome, Error> {
         Command::Projections(cli::ProjectionsCommand::Rebuild { conversation, .. }) => {
             cmd::projections::rebuild(g, conversation.as_deref()).await
         }
+        Command::Projections(cli::ProjectionsCommand::Verify { conversation, settle_secs, .. }) => {
+            cmd::projections::verify(g, conversation.as_deref(), std::time::Duration::from_secs(settle_secs)).await
+        }
         Command::Replay { conversation } => cmd::replay::run(g, &conversation).await,
         Command::Trace { event_id } => cmd::trace::run(g, &event_id).await,
     }

@@ -2,44 +2,46 @@
 //!
 //! The read side of conv, on `CONV_PROJECTIONS_ADDR` (127.0.0.1:8081):
 //!
-//! * **timeline** — the durable `projections` consumer folds every
-//!   `conv.out.*` event into a per-conversation view ([`timeline`]) stored in
-//!   the `conv_projections` bucket (revision-checked writes, so instances can
-//!   share the consumer); `GET /v1/conversations/{id}/timeline` reads it.
-//!   The view is rebuildable: it is a fold of `CONV_OUT`.
+//! * **timeline** — view workers ([`views`]) own `CONV_OUT` partitions like
+//!   the runtime owns `CONV_IN` ones, fold each conversation's output in
+//!   position order into an in-memory view and write it in batches to the
+//!   `conv_projections` bucket ([`store`]); `GET /v1/conversations/{id}/timeline`
+//!   reads it from any instance. The view is the fold of `CONV_OUT`
+//!   ([`timeline::fold`]); `convctl projections verify` checks exactly that.
 //! * **context** — `GET /v1/conversations/{id}/context`: the LLM thread (role /
 //!   content messages, an aborted tool call with its canceled result), rebuilt
 //!   from the runtime's snapshot and journal tail with the same function the
 //!   reducer uses for `llm.requested`.
 //! * **stream** — `GET /v1/conversations/{id}/stream`: Server-Sent Events
-//!   straight from `CONV_OUT` in order; every event's `id:` is its `CONV_OUT`
-//!   sequence, so `Last-Event-ID` resumes exactly after it, however long the
-//!   client was away. Each reader is an ordered consumer; disconnecting stops
-//!   only the reader.
+//!   from one subscription per conversation per instance shared by every
+//!   reader ([`hub`]): output in position order and the reply's text at
+//!   token rate from the live lane; `Last-Event-ID` resumes exactly.
 
+pub mod hub;
+pub mod metrics;
+pub mod options;
 pub mod outbound;
+pub mod store;
 pub mod timeline;
+pub mod views;
 
-use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::kv;
 use axum::Router;
+use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use bytes::Bytes;
-use conv_contracts::subject::STREAM_OUT;
-use conv_contracts::{ConversationId, Envelope, Limits, binding};
-use conv_nats::consume::{self, HandlerError, Options};
+use conv_contracts::subject::{self, STREAM_OUT};
+use conv_contracts::{ConversationId, Envelope, Limits};
 use conv_nats::service::{self, BootError, Identity, ServeError, Settings};
-use conv_nats::topology::{KV_PROJECTIONS, PROJECTIONS_CONSUMER};
-use futures::StreamExt;
+use conv_nats::topology::{KV_LEASES, KV_PROJECTIONS};
 use prometheus::Registry;
+use serde::Serialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -54,11 +56,17 @@ pub const IDENTITY: Identity = Identity {
     options_help: concat!(
         "  CONV_OUTBOUND_WEBHOOK_URL       deliver finished assistant messages to this URL (channel adapter)\n",
         "  CONV_OUTBOUND_WEBHOOK_RETRIES   delivery retries with backoff (default 5)\n",
+        "  CONV_PROJECTIONS_INSTANCE       instance id among view owners (default: a fresh UUID)\n",
+        "  CONV_PROJECTIONS_HEARTBEAT_MS   view partition lease refresh (default 1000)\n",
+        "  CONV_PROJECTIONS_FLUSH_MS       a changed view is written after this delay (default 200)\n",
+        "  CONV_SSE_BUFFER                 events buffered per conversation; slower readers are closed (default 4096)\n",
+        "  CONV_SSE_HEARTBEAT_MS           heartbeat comment on idle streams (default 15000)\n",
+        "  CONV_SSE_LINGER_MS              subscriptions outlive a conversation's last reader (default 10000)\n",
     ),
 };
 
 /// Configuration: defaults → `CONV_CONFIG` TOML file → env, validated at start.
-pub type Config = Settings<outbound::OutboundOptions>;
+pub type Config = Settings<options::ProjectionsOptions>;
 
 /// Why the service stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -67,142 +75,133 @@ pub enum Error {
     Boot(#[from] BootError),
     #[error(transparent)]
     Serve(#[from] ServeError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
     #[error("outbound webhook: {0}")]
-    Outbound(String),
+    Outbound(#[from] reqwest::Error),
+}
+
+/// What the HTTP handlers need once the topology exists.
+#[derive(Debug)]
+struct Ready {
+    store: kv::Store,
+    hub: hub::Hub,
 }
 
 #[derive(Debug, Clone)]
 struct AppState {
     js: async_nats::jetstream::Context,
+    ready: Arc<OnceLock<Ready>>,
 }
 
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    let booted = service::boot(&IDENTITY, &config, Registry::new()).await?;
-    let outbound = outbound::Outbound::new(&config.options).map_err(|e| Error::Outbound(e.to_string()))?;
-    let folder = tokio::spawn(fold(booted.js.clone(), outbound, shutdown.clone()));
+    let registry = Registry::new();
+    let metrics = metrics::Metrics::new(&registry)?;
+    let booted = service::boot(&IDENTITY, &config, registry).await?;
+    let o = &config.options;
+    let outbound = outbound::Outbound::new(o)?;
+    let ready = Arc::new(OnceLock::new());
     let router = Router::new()
         .route("/v1/conversations/{id}/timeline", get(timeline))
         .route("/v1/conversations/{id}/context", get(context))
         .route("/v1/conversations/{id}/stream", get(stream))
-        .with_state(AppState { js: booted.js.clone() })
+        .with_state(AppState { js: booted.js.clone(), ready: ready.clone() })
         .merge(booted.health.router());
-    let served = service::serve(config.http_addr(), router, shutdown.clone(), None).await;
+    let server = tokio::spawn(service::serve(config.http_addr(), router, shutdown.clone(), None));
+
+    let attached = service::wait_for(&shutdown, || async {
+        let store = booted.js.get_key_value(KV_PROJECTIONS).await.ok()?;
+        let leases = booted.js.get_key_value(KV_LEASES).await.ok()?;
+        booted.js.get_stream_no_info(STREAM_OUT).await.ok()?;
+        Some((store, leases))
+    })
+    .await;
+    if let Some((store, leases)) = attached {
+        let hub = hub::Hub::new(
+            booted.client.clone(),
+            booted.js.clone(),
+            store.clone(),
+            metrics.clone(),
+            hub::HubConfig {
+                buffer: o.sse_buffer,
+                heartbeat: Duration::from_millis(o.sse_heartbeat_ms),
+                linger: Duration::from_millis(o.sse_linger_ms),
+                ..Default::default()
+            },
+            shutdown.clone(),
+        );
+        let _ = ready.set(Ready { store: store.clone(), hub });
+        let instance =
+            if o.instance.is_empty() { uuid::Uuid::now_v7().simple().to_string() } else { o.instance.clone() };
+        tracing::info!(message = "Projections instance up.", instance = %instance);
+        let shared = Arc::new(views::Shared {
+            js: booted.js.clone(),
+            store,
+            outbound,
+            metrics,
+            config: views::ViewsConfig { flush_delay: Duration::from_millis(o.flush_ms), ..Default::default() },
+        });
+        let ownership = conv_nats::ownership::OwnershipConfig {
+            partitions: config.topology.partitions,
+            heartbeat: Duration::from_millis(o.heartbeat_ms),
+            role: "views.",
+        };
+        conv_nats::ownership::run(instance, leases, Arc::new(views::Workers(shared)), ownership, shutdown.clone())
+            .await;
+    }
     shutdown.cancel();
-    let _ = folder.await;
+    match server.await {
+        Ok(result) => result?,
+        Err(join) => tracing::error!(message = "HTTP task failed.", error = %join),
+    }
     service::flush(&booted.client).await;
-    served?;
     Ok(())
 }
 
-/// Folds `CONV_OUT` into the timeline views until shutdown (waiting for the
-/// topology first).
-async fn fold(js: async_nats::jetstream::Context, outbound: Option<outbound::Outbound>, shutdown: CancellationToken) {
-    let attached = service::wait_for(&shutdown, || async {
-        let store = js.get_key_value(KV_PROJECTIONS).await.ok()?;
-        let stream = js.get_stream_no_info(STREAM_OUT).await.ok()?;
-        let consumer: async_nats::jetstream::consumer::PullConsumer =
-            stream.get_consumer(PROJECTIONS_CONSUMER).await.ok()?;
-        Some((store, consumer.messages().await.ok()?))
-    })
-    .await;
-    let Some((store, messages)) = attached else { return };
-    consume::run_validated(
-        messages,
-        |event: Envelope, message: async_nats::jetstream::Message| {
-            let store = store.clone();
-            let outbound = outbound.clone();
-            async move {
-                let seq = message.info().map(|i| i.stream_sequence).unwrap_or_default();
-                update(&store, &event, seq, outbound.as_ref()).await
-            }
-        },
-        Options::default(),
-        Limits::default(),
-        shutdown,
-    )
-    .await;
-}
-
-/// Folds one event into its conversation's view with a revision-checked write.
-async fn update(
-    store: &kv::Store,
-    event: &Envelope,
-    seq: u64,
-    outbound: Option<&outbound::Outbound>,
-) -> Result<(), HandlerError> {
-    let key = event.conversation_id.as_str();
-    for _ in 0..5 {
-        let entry = store.entry(key).await.map_err(|e| HandlerError::Transient(e.to_string()))?;
-        let (mut view, revision) = match &entry {
-            Some(e) => {
-                (serde_json::from_slice::<Timeline>(&e.value).unwrap_or_else(|_| Timeline::new(key)), Some(e.revision))
-            }
-            None => (Timeline::new(key), None),
-        };
-        if !view.apply(seq, &event.data) {
-            return Ok(()); // a repeat
-        }
-        // The channel adapter: a finished assistant message goes out before
-        // the view records it, so a failed write means another delivery
-        // (deduped by the receiver on `Idempotency-Key`), never none.
-        if let (Some(out), conv_contracts::Payload::OutMessageFinished(f)) = (outbound, &event.data)
-            && view
-                .entries
-                .iter()
-                .any(|e| e.id == f.entry_id && e.role == conv_contracts::payload::EntryRole::Assistant)
-        {
-            out.deliver(event, f).await;
-        }
-        let bytes = Bytes::from(serde_json::to_vec(&view).unwrap_or_default());
-        let written = match revision {
-            Some(r) => store.update(key, bytes, r).await.map(drop).map_err(|e| e.to_string()),
-            None => store.create(key, bytes).await.map(drop).map_err(|e| e.to_string()),
-        };
-        match written {
-            Ok(()) => return Ok(()),
-            Err(_) => continue, // someone else wrote first: read again
-        }
-    }
-    Err(HandlerError::Transient(format!("could not update the view of {key}")))
+fn error(status: StatusCode, code: &str, message: impl std::fmt::Display) -> Response {
+    (status, axum::Json(json!({"error": {"code": code, "message": message.to_string()}}))).into_response()
 }
 
 fn not_found(what: &str) -> Response {
-    (StatusCode::NOT_FOUND, axum::Json(json!({"error": {"code": "not_found", "message": what}}))).into_response()
-}
-
-fn bad_id(id: &str, e: impl std::fmt::Display) -> Response {
-    let body = json!({"error": {"code": "bad_conversation_id", "message": format!("{id:?}: {e}")}});
-    (StatusCode::UNPROCESSABLE_ENTITY, axum::Json(body)).into_response()
+    error(StatusCode::NOT_FOUND, "not_found", what)
 }
 
 fn unavailable(e: impl std::fmt::Display) -> Response {
-    let body = json!({"error": {"code": "unavailable", "message": e.to_string()}});
-    (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "1")], axum::Json(body)).into_response()
+    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e);
+    r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    r
+}
+
+fn parse_id(id: &str) -> Result<ConversationId, Response> {
+    ConversationId::parse(id)
+        .map_err(|e| error(StatusCode::UNPROCESSABLE_ENTITY, "bad_conversation_id", format!("{id:?}: {e}")))
+}
+
+fn ready(app: &AppState) -> Result<&Ready, Response> {
+    app.ready.get().ok_or_else(|| unavailable("the topology is not there yet (run `convctl setup`)"))
 }
 
 async fn timeline(State(app): State<AppState>, Path(id): Path<String>) -> Response {
-    if let Err(e) = ConversationId::parse(&id) {
-        return bad_id(&id, e);
-    }
-    let store = match app.js.get_key_value(KV_PROJECTIONS).await {
-        Ok(s) => s,
-        Err(e) => return unavailable(e),
+    let conv = match parse_id(&id) {
+        Ok(c) => c,
+        Err(r) => return r,
     };
-    match store.get(&id).await {
-        Ok(Some(bytes)) => match serde_json::from_slice::<Timeline>(&bytes) {
-            Ok(view) => axum::Json(view).into_response(),
-            Err(e) => unavailable(format!("unreadable view: {e}")),
-        },
+    let ready = match ready(&app) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    match store::read(&ready.store, conv.as_str()).await {
+        Ok(Some(view)) => axum::Json(view).into_response(),
         Ok(None) => not_found(&format!("no conversation {id:?}")),
         Err(e) => unavailable(e),
     }
 }
 
 async fn context(State(app): State<AppState>, Path(id): Path<String>) -> Response {
-    let conv = match ConversationId::parse(&id) {
+    let conv = match parse_id(&id) {
         Ok(c) => c,
-        Err(e) => return bad_id(&id, e),
+        Err(r) => return r,
     };
     let snapshots = match conv_runtime::snapshot::Snapshots::open(&app.js).await {
         Ok(s) => s,
@@ -225,80 +224,147 @@ async fn context(State(app): State<AppState>, Path(id): Path<String>) -> Respons
 }
 
 async fn stream(State(app): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    if let Err(e) = ConversationId::parse(&id) {
-        return bad_id(&id, e);
+    let conv = match parse_id(&id) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let ready = match ready(&app) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let cursor = match headers.get("last-event-id").map(|v| v.to_str().ok().and_then(hub::Cursor::parse)) {
+        None => hub::Cursor::default(),
+        Some(Some(c)) => c,
+        Some(None) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_last_event_id",
+                "Last-Event-ID must be an id this stream sent: <position> or <position>:<entry>:<offset>",
+            );
+        }
+    };
+    match ready.hub.stream(&conv, cursor).await {
+        Ok(body) => Response::builder()
+            .header(header::CONTENT_TYPE, "text/event-stream")
+            .header(header::CACHE_CONTROL, "no-cache")
+            .body(Body::from_stream(body))
+            .unwrap_or_else(|e| unavailable(e)),
+        Err(e) => unavailable(e),
     }
-    let after = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
-    let deliver = match after {
-        Some(seq) => DeliverPolicy::ByStartSequence { start_sequence: seq + 1 },
-        None => DeliverPolicy::All,
-    };
-    let consumer = async {
-        let stream = app.js.get_stream_no_info(STREAM_OUT).await.map_err(|e| e.to_string())?;
-        let c = stream
-            .create_consumer(pull::OrderedConfig {
-                filter_subject: format!("conv.out.*.{id}"),
-                deliver_policy: deliver,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        c.messages().await.map_err(|e| e.to_string())
-    };
-    let messages = match consumer.await {
-        Ok(m) => m,
-        Err(e) => return unavailable(e),
-    };
-    let events = messages.filter_map(|m| async move {
-        let m = m.ok()?;
-        let seq = m.info().ok()?.stream_sequence;
-        let event = conv_nats::headers::decode(&m.subject, m.headers.as_ref(), &m.payload, Limits::default()).ok()?;
-        let data = serde_json::to_string(&binding::to_structured_json(&event)).ok()?;
-        Some(Ok::<_, Infallible>(Event::default().id(seq.to_string()).event(event.event_type().as_str()).data(data)))
-    });
-    Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
 }
 
-/// Rebuilds a conversation's timeline from scratch (a fold of all its
+/// A conversation's stored output, decoded, oldest first.
+async fn journal(
+    js: &async_nats::jetstream::Context,
+    conversation: &ConversationId,
+) -> Result<Vec<(u64, Envelope)>, String> {
+    let stored = conv_nats::read::all(js, STREAM_OUT, &subject::out_conversation_filter(conversation), false).await?;
+    Ok(stored
+        .into_iter()
+        .filter_map(|m| {
+            conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Limits::default())
+                .ok()
+                .map(|e| (m.seq, e))
+        })
+        .collect())
+}
+
+/// Rebuilds a conversation's timeline from scratch (the fold of all its
 /// `CONV_OUT` events) and stores it, unless the stored view is already
 /// further along. Returns the view and the number of events folded.
 pub async fn rebuild(
     js: &async_nats::jetstream::Context,
     conversation: &ConversationId,
 ) -> Result<(Timeline, usize), String> {
-    let store = js.get_key_value(KV_PROJECTIONS).await.map_err(|e| e.to_string())?;
-    let stored = conv_nats::read::all(js, STREAM_OUT, &format!("conv.out.*.{conversation}"), false).await?;
-    let mut view = Timeline::new(conversation.as_str());
-    let mut folded = 0;
-    for m in &stored {
-        if let Ok(e) = conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Limits::default())
-            && view.apply(m.seq, &e.data)
-        {
-            folded += 1;
+    let bucket = js.get_key_value(KV_PROJECTIONS).await.map_err(|e| e.to_string())?;
+    let events = journal(js, conversation).await?;
+    let last_seq = events.iter().map(|(s, _)| *s).max().unwrap_or(0);
+    let view = timeline::fold(conversation.as_str(), events.iter().map(|(_, e)| e), None);
+    let folded = events.iter().filter(|(_, e)| e.position().is_some_and(|p| p <= view.position)).count();
+    store::replace(&bucket, view.clone(), last_seq + 1).await.map_err(|e| e.to_string())?;
+    Ok((view, folded))
+}
+
+/// The outcome of comparing a stored view with the fold of the journal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Verified {
+    pub conversation_id: String,
+    /// Position of the stored view (0: none stored).
+    pub view_position: u64,
+    /// Last output position in `CONV_OUT`.
+    pub journal_position: u64,
+    /// What differs, one line each; empty when the view is the fold.
+    pub differences: Vec<String>,
+}
+
+impl Verified {
+    pub fn ok(&self) -> bool {
+        self.differences.is_empty()
+    }
+}
+
+fn compare(stored: &Timeline, folded: &Timeline, out: &mut Vec<String>) {
+    if stored.run_status != folded.run_status {
+        out.push(format!("run_status: view {:?}, journal {:?}", stored.run_status, folded.run_status));
+    }
+    if stored.entries.len() != folded.entries.len() {
+        out.push(format!("entries: view has {}, journal {}", stored.entries.len(), folded.entries.len()));
+    }
+    for (i, (a, b)) in stored.entries.iter().zip(&folded.entries).enumerate() {
+        if a != b {
+            let what = if a.id != b.id {
+                format!("id {:?} vs {:?}", a.id, b.id)
+            } else if a.status != b.status {
+                format!("status {:?} vs {:?}", a.status, b.status)
+            } else if a.text != b.text {
+                format!("text of {} bytes vs {} bytes", a.text.len(), b.text.len())
+            } else {
+                "role or tool fields".to_owned()
+            };
+            out.push(format!("entry {i} ({}): view and journal differ: {what}", b.id));
         }
     }
-    let bytes = Bytes::from(serde_json::to_vec(&view).unwrap_or_default());
-    for _ in 0..5 {
-        let entry = store.entry(conversation.as_str()).await.map_err(|e| e.to_string())?;
-        let written = match &entry {
-            Some(e) => {
-                let current = serde_json::from_slice::<Timeline>(&e.value).map(|t| t.last_seq).unwrap_or(0);
-                if current > view.last_seq {
-                    return Ok((view, folded)); // the live fold is ahead: keep it
+}
+
+/// Compares the stored view of `conversation` with the fold of its output in
+/// `CONV_OUT`, at the view's position. A view behind the journal is read
+/// again until `settle` has passed; still behind, that is a difference.
+pub async fn verify(
+    js: &async_nats::jetstream::Context,
+    conversation: &ConversationId,
+    settle: Duration,
+) -> Result<Verified, String> {
+    let bucket = js.get_key_value(KV_PROJECTIONS).await.map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + settle;
+    loop {
+        let events = journal(js, conversation).await?;
+        let journal_position = events.iter().filter_map(|(_, e)| e.position()).max().unwrap_or(0);
+        let stored = store::read(&bucket, conversation.as_str()).await.map_err(|e| e.to_string())?;
+        let view_position = stored.as_ref().map_or(0, |t| t.position);
+        let mut differences = Vec::new();
+        if view_position < journal_position && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        match &stored {
+            None if journal_position > 0 => differences.push("no stored view".to_owned()),
+            None => {}
+            Some(view) => {
+                let folded = timeline::fold(conversation.as_str(), events.iter().map(|(_, e)| e), Some(view.position));
+                compare(view, &folded, &mut differences);
+                if view_position < journal_position {
+                    differences
+                        .push(format!("the view is at position {view_position}, the journal at {journal_position}"));
                 }
-                store
-                    .update(conversation.as_str(), bytes.clone(), e.revision)
-                    .await
-                    .map(drop)
-                    .map_err(|e| e.to_string())
             }
-            None => store.create(conversation.as_str(), bytes.clone()).await.map(drop).map_err(|e| e.to_string()),
-        };
-        if written.is_ok() {
-            return Ok((view, folded));
         }
+        return Ok(Verified {
+            conversation_id: conversation.to_string(),
+            view_position,
+            journal_position,
+            differences,
+        });
     }
-    Err(format!("the view of {conversation} kept changing; try again"))
 }
 
 /// Every conversation with output in `CONV_OUT`.

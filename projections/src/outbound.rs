@@ -12,45 +12,7 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use conv_contracts::Envelope;
 use conv_contracts::payload::OutMessageFinished;
-use conv_nats::service::{ConfigError, Env, Options, env_override};
-use serde::Deserialize;
 use serde_json::json;
-
-/// Projections settings beyond the common ones (`[options]`).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct OutboundOptions {
-    /// Where finished assistant messages are delivered; empty: no delivery.
-    pub webhook_url: String,
-    pub webhook_retries: usize,
-    pub webhook_timeout_ms: u64,
-}
-
-impl Default for OutboundOptions {
-    fn default() -> Self {
-        Self { webhook_url: String::new(), webhook_retries: 5, webhook_timeout_ms: 5_000 }
-    }
-}
-
-impl Options for OutboundOptions {
-    fn apply_env(&mut self, env: Env<'_>) -> Result<(), ConfigError> {
-        env_override(env, "CONV_OUTBOUND_WEBHOOK_URL", &mut self.webhook_url)?;
-        env_override(env, "CONV_OUTBOUND_WEBHOOK_RETRIES", &mut self.webhook_retries)
-    }
-
-    fn validate(&self) -> Result<(), String> {
-        if !self.webhook_url.is_empty()
-            && !self.webhook_url.starts_with("http://")
-            && !self.webhook_url.starts_with("https://")
-        {
-            return Err(format!("CONV_OUTBOUND_WEBHOOK_URL {:?} is not an http(s) URL", self.webhook_url));
-        }
-        if self.webhook_timeout_ms == 0 {
-            return Err("options.webhook_timeout_ms must be positive".into());
-        }
-        Ok(())
-    }
-}
 
 /// The configured channel.
 #[derive(Debug, Clone)]
@@ -62,7 +24,7 @@ pub struct Outbound {
 
 impl Outbound {
     /// `None` when no URL is configured.
-    pub fn new(o: &OutboundOptions) -> Result<Option<Self>, reqwest::Error> {
+    pub fn new(o: &crate::options::ProjectionsOptions) -> Result<Option<Self>, reqwest::Error> {
         if o.webhook_url.is_empty() {
             return Ok(None);
         }

@@ -1,8 +1,16 @@
 //! The timeline projection: a pure fold of a conversation's `conv.out.*`
-//! events (in `CONV_OUT` order) into what a user sees.
+//! events, in the order of their output position, into what a user sees.
+//!
+//! [`Timeline::apply`] folds one event; it is O(1) in the size of the
+//! timeline (entries are found through an index, text is appended). The
+//! order is the caller's business: [`fold`] sorts stored events by position
+//! (what `convctl projections verify` and rebuilds use), the views' partition
+//! workers hold back early arrivals until the gap before them is filled.
 
-use conv_contracts::Payload;
+use std::collections::{BTreeMap, HashMap};
+
 use conv_contracts::payload::{EntryRole, EntryStatus, RunStatus, ToolOutcome};
+use conv_contracts::{Envelope, Payload};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -17,43 +25,78 @@ pub struct Entry {
     pub tool_name: Option<String>,
 }
 
+/// What `GET /v1/conversations/{id}/timeline` returns.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Timeline {
     pub conversation_id: String,
     pub run_status: RunStatus,
     pub entries: Vec<Entry>,
-    /// `CONV_OUT` sequence of the last event folded in (events at or below
-    /// it are repeats and ignored).
-    pub last_seq: u64,
+    /// Output position of the last event folded in: the view is the fold of
+    /// positions 1..=position (a stream reader can resume after it).
+    pub position: u64,
 }
 
-impl Timeline {
+/// A timeline with an index from entry id to place, for O(1) updates.
+#[derive(Debug, Clone)]
+pub struct Indexed {
+    pub timeline: Timeline,
+    index: HashMap<String, usize>,
+}
+
+/// What one fold step changed (so a store can write only that).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Touched {
+    /// Nothing but the position.
+    Nothing,
+    /// The run status.
+    Header,
+    /// The entry at this place (added or changed).
+    Entry(usize),
+}
+
+impl Indexed {
     pub fn new(conversation_id: &str) -> Self {
-        Self {
+        Self::from_timeline(Timeline {
             conversation_id: conversation_id.to_owned(),
             run_status: RunStatus::Idle,
             entries: Vec::new(),
-            last_seq: 0,
-        }
+            position: 0,
+        })
     }
 
-    fn entry(&mut self, id: &str) -> Option<&mut Entry> {
-        self.entries.iter_mut().find(|e| e.id == id)
+    pub fn from_timeline(timeline: Timeline) -> Self {
+        let index = timeline.entries.iter().enumerate().map(|(i, e)| (e.id.clone(), i)).collect();
+        Self { timeline, index }
     }
 
-    /// Folds one output event stored at `seq`. Returns false for a repeat.
-    pub fn apply(&mut self, seq: u64, data: &Payload) -> bool {
-        if seq <= self.last_seq {
-            return false;
-        }
-        self.last_seq = seq;
+    fn find(&self, id: &str) -> Option<usize> {
+        self.index.get(id).copied()
+    }
+
+    /// The entry with this id.
+    pub fn get(&self, id: &str) -> Option<&Entry> {
+        self.find(id).map(|i| &self.timeline.entries[i])
+    }
+
+    fn push(&mut self, entry: Entry) -> Touched {
+        let at = self.timeline.entries.len();
+        self.index.insert(entry.id.clone(), at);
+        self.timeline.entries.push(entry);
+        Touched::Entry(at)
+    }
+
+    /// Folds the event at output position `position` (the caller folds
+    /// positions in order, each once).
+    pub fn apply(&mut self, position: u64, data: &Payload) -> Touched {
+        self.timeline.position = self.timeline.position.max(position);
         match data {
-            Payload::OutMessageAppended(m) => match self.entry(&m.entry_id) {
-                Some(e) => {
-                    e.text = m.text.clone();
-                    e.status = m.status;
+            Payload::OutMessageAppended(m) => match self.index.get(&m.entry_id).copied() {
+                Some(i) => {
+                    self.timeline.entries[i].text.clone_from(&m.text);
+                    self.timeline.entries[i].status = m.status;
+                    Touched::Entry(i)
                 }
-                None => self.entries.push(Entry {
+                None => self.push(Entry {
                     id: m.entry_id.clone(),
                     role: m.role,
                     text: m.text.clone(),
@@ -62,21 +105,26 @@ impl Timeline {
                     tool_name: None,
                 }),
             },
-            Payload::OutMessageDelta(d) => {
-                if let Some(e) = self.entry(&d.entry_id)
-                    && e.status == EntryStatus::Streaming
-                {
-                    e.text.push_str(&d.text);
+            Payload::OutMessageDelta(d) => match self.find(&d.entry_id) {
+                Some(i) if self.timeline.entries[i].status == EntryStatus::Streaming => {
+                    self.timeline.entries[i].text.push_str(&d.text);
+                    Touched::Entry(i)
                 }
-            }
-            Payload::OutMessageFinished(f) => {
-                if let Some(e) = self.entry(&f.entry_id) {
-                    e.status = f.status;
-                    e.text = f.text.clone();
+                _ => Touched::Nothing,
+            },
+            Payload::OutMessageFinished(f) => match self.find(&f.entry_id) {
+                Some(i) => {
+                    self.timeline.entries[i].status = f.status;
+                    self.timeline.entries[i].text.clone_from(&f.text);
+                    Touched::Entry(i)
                 }
+                None => Touched::Nothing,
+            },
+            Payload::OutRunStatus(r) => {
+                self.timeline.run_status = r.status;
+                Touched::Header
             }
-            Payload::OutRunStatus(r) => self.run_status = r.status,
-            Payload::OutToolCalled(c) => self.entries.push(Entry {
+            Payload::OutToolCalled(c) => self.push(Entry {
                 id: format!("call.{}", c.tool_call_id),
                 role: EntryRole::Tool,
                 text: format!("{}({})", c.name, c.args),
@@ -91,12 +139,13 @@ impl Timeline {
                     ToolOutcome::Canceled => EntryStatus::Aborted,
                 };
                 let id = format!("call.{}", r.tool_call_id);
-                match self.entry(&id) {
-                    Some(e) => {
-                        e.status = status;
-                        e.text = r.result.to_string();
+                match self.find(&id) {
+                    Some(i) => {
+                        self.timeline.entries[i].status = status;
+                        self.timeline.entries[i].text = r.result.to_string();
+                        Touched::Entry(i)
                     }
-                    None => self.entries.push(Entry {
+                    None => self.push(Entry {
                         id,
                         role: EntryRole::Tool,
                         text: r.result.to_string(),
@@ -106,8 +155,102 @@ impl Timeline {
                     }),
                 }
             }
-            _ => {}
+            _ => Touched::Nothing,
         }
-        true
+    }
+}
+
+/// The fold of a conversation's stored output: events ordered by position
+/// (the first stored copy of a position wins; events without a position are
+/// not output of the runtime and are left out), folded up to `upto`.
+pub fn fold<'a>(conversation_id: &str, events: impl IntoIterator<Item = &'a Envelope>, upto: Option<u64>) -> Timeline {
+    let mut by_position: BTreeMap<u64, &Envelope> = BTreeMap::new();
+    for e in events {
+        if let Some(p) = e.position() {
+            by_position.entry(p).or_insert(e);
+        }
+    }
+    let mut view = Indexed::new(conversation_id);
+    for (p, e) in by_position {
+        if upto.is_some_and(|u| p > u) {
+            break;
+        }
+        view.apply(p, &e.data);
+    }
+    view.timeline
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use conv_contracts::ConversationId;
+    use conv_contracts::payload::*;
+
+    fn out(position: u64, data: impl Into<Payload>) -> Envelope {
+        let conv = ConversationId::parse("c").expect("id");
+        Envelope::new(format!("e{position}"), "/t", conv, data).with_position(position)
+    }
+
+    fn reply() -> Vec<Envelope> {
+        vec![
+            out(
+                1,
+                OutMessageAppended {
+                    entry_id: "u1".into(),
+                    role: EntryRole::User,
+                    text: "hi".into(),
+                    status: EntryStatus::Completed,
+                },
+            ),
+            out(2, OutRunStatus { run_id: "r1".into(), status: RunStatus::Running }),
+            out(
+                3,
+                OutMessageAppended {
+                    entry_id: "a1".into(),
+                    role: EntryRole::Assistant,
+                    text: String::new(),
+                    status: EntryStatus::Streaming,
+                },
+            ),
+            out(4, OutMessageDelta { entry_id: "a1".into(), seq: 0, text: "Hel".into(), offset: Some(0) }),
+            out(5, OutMessageDelta { entry_id: "a1".into(), seq: 1, text: "lo".into(), offset: Some(3) }),
+            out(6, OutMessageFinished { entry_id: "a1".into(), status: EntryStatus::Completed, text: "Hello".into() }),
+            out(7, OutRunStatus { run_id: "r1".into(), status: RunStatus::Idle }),
+        ]
+    }
+
+    #[test]
+    fn folds_a_reply() {
+        let t = fold("c", &reply(), None);
+        assert_eq!(t.position, 7);
+        assert_eq!(t.run_status, RunStatus::Idle);
+        assert_eq!(t.entries.len(), 2);
+        assert_eq!((t.entries[1].text.as_str(), t.entries[1].status), ("Hello", EntryStatus::Completed));
+    }
+
+    #[test]
+    fn order_and_repeats_do_not_matter() {
+        let mut shuffled = reply();
+        shuffled.reverse();
+        shuffled.extend(reply());
+        assert_eq!(fold("c", &shuffled, None), fold("c", &reply(), None));
+    }
+
+    #[test]
+    fn folds_up_to_a_position() {
+        let t = fold("c", &reply(), Some(4));
+        assert_eq!(t.position, 4);
+        assert_eq!((t.entries[1].text.as_str(), t.entries[1].status), ("Hel", EntryStatus::Streaming));
+    }
+
+    #[test]
+    fn a_delta_after_the_end_of_its_entry_changes_nothing() {
+        let mut v = Indexed::new("c");
+        for e in reply() {
+            v.apply(e.position().expect("position"), &e.data);
+        }
+        let late = OutMessageDelta { entry_id: "a1".into(), seq: 9, text: "!".into(), offset: Some(5) };
+        assert_eq!(v.apply(8, &late.into()), Touched::Nothing);
+        assert_eq!(v.timeline.entries[1].text, "Hello");
     }
 }

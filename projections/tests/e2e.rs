@@ -35,6 +35,8 @@ async fn start() -> Stack {
     let mut ec: conv_effects::Config = Settings::for_test(nats.config(), free_addr());
     ec.options.scripted_tokens = 60;
     ec.options.scripted_token_delay_ms = 25;
+    // Journal a chunk every 200 ms, so the timeline shows streamed text.
+    ec.options.coalesce_ms = 200;
     let pc: conv_projections::Config = Settings::for_test(nats.config(), projections);
     let services = (
         spawn_service("conv-ingress", |t| conv_ingress::run(ic, t)),
@@ -84,8 +86,9 @@ impl Stack {
         }
     }
 
-    /// Reads `n` SSE events (id, event type) of a conversation's stream.
-    async fn sse(&self, conv: &str, last_event_id: Option<&str>, n: usize) -> Vec<(u64, String)> {
+    /// Reads a conversation's SSE stream (after `last_event_id`) until
+    /// `done` holds for what arrived, with a deadline.
+    async fn sse_until(&self, conv: &str, last_event_id: Option<&str>, done: impl Fn(&[Sse]) -> bool) -> Vec<Sse> {
         let mut req = self.http.get(format!("http://{}/v1/conversations/{conv}/stream", self.projections));
         if let Some(id) = last_event_id {
             req = req.header("Last-Event-ID", id);
@@ -96,32 +99,56 @@ impl Stack {
         let mut buf = String::new();
         let mut out = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(20);
-        while out.len() < n {
+        while !done(&out) {
             let chunk = tokio::time::timeout_at(deadline.into(), body.next())
                 .await
-                .expect("events in time")
+                .unwrap_or_else(|_| panic!("stream of {conv}: condition not met in time; got {out:?}"))
                 .expect("open")
                 .expect("bytes");
             buf.push_str(&String::from_utf8_lossy(&chunk));
             while let Some(pos) = buf.find("\n\n") {
                 let block: String = buf.drain(..pos + 2).collect();
-                let mut id = None;
-                let mut ty = String::new();
+                let mut e = Sse { id: String::new(), ty: String::new(), data: Value::Null };
                 for line in block.lines() {
                     if let Some(v) = line.strip_prefix("id:") {
-                        id = v.trim().parse::<u64>().ok();
+                        e.id = v.trim().to_owned();
                     } else if let Some(v) = line.strip_prefix("event:") {
-                        ty = v.trim().to_owned();
+                        e.ty = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        e.data = serde_json::from_str(v.trim()).unwrap_or(Value::Null);
                     }
                 }
-                if let Some(id) = id {
-                    out.push((id, ty));
+                if !e.id.is_empty() {
+                    out.push(e);
                 }
             }
         }
-        out.truncate(n);
         out
     }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Sse {
+    id: String,
+    ty: String,
+    data: Value,
+}
+
+/// The text a reader ends up with: deltas joined, resets applied.
+fn joined(events: &[Sse]) -> String {
+    let mut text = String::new();
+    for e in events {
+        if e.ty.contains("delta") {
+            text.push_str(e.data["data"]["text"].as_str().unwrap_or(""));
+        } else if e.ty.ends_with("reset") {
+            text.truncate(e.data["data"]["offset"].as_u64().unwrap_or(0) as usize);
+        }
+    }
+    text
+}
+
+fn run_ended(events: &[Sse]) -> bool {
+    events.iter().any(|e| e.ty == "conv.out.run.status_changed" && e.data["data"]["status"] != "running")
 }
 
 fn last_assistant(t: &Value) -> Value {
@@ -151,21 +178,13 @@ async fn the_whole_pipeline_over_http() {
     assert_eq!(ctx["messages"][1]["role"], "assistant");
 
     // The SSE stream from the start, then resumed after the 3rd event.
-    let all: Vec<(u64, String)> = {
-        let first = s.sse("p1", None, 1).await;
-        assert_eq!(first[0].1, "conv.out.message.appended");
-        // Count what is there: read until the run went idle.
-        let mut n = 8;
-        loop {
-            let events = s.sse("p1", None, n).await;
-            if events.iter().filter(|e| e.1 == "conv.out.run.status_changed").count() >= 2 {
-                break events;
-            }
-            n += 4;
-        }
-    };
-    assert!(all.windows(2).all(|w| w[0].0 < w[1].0), "in order: {all:?}");
-    let resumed = s.sse("p1", Some(&all[2].0.to_string()), all.len() - 3).await;
+    let all = s.sse_until("p1", None, run_ended).await;
+    assert_eq!(all[0].ty, "conv.out.message.appended");
+    let positions: Vec<u64> = all.iter().filter_map(|e| e.id.parse::<u64>().ok()).collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "in order: {all:?}");
+    let final_text = last_assistant(&t)["text"].as_str().unwrap_or("").to_owned();
+    assert_eq!(joined(&all), final_text, "the deltas joined are the final text");
+    let resumed = s.sse_until("p1", Some(&all[2].id), run_ended).await;
     assert_eq!(resumed, all[3..].to_vec(), "exactly the events after Last-Event-ID");
 
     // Abort mid-reply: run aborted, partial text kept, nothing after.

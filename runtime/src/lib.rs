@@ -1,7 +1,7 @@
 //! # conv-runtime
 //!
 //! The conversation runtime. Instances share the `CONV_IN` partitions, one
-//! owner each ([`ownership`]); a partition worker ([`worker`]) pulls its inputs
+//! owner each (`conv_nats::ownership`); a partition worker ([`worker`]) pulls its inputs
 //! (control plane first), orders them with the [`scheduler`] (priority,
 //! causality, fairness), applies them with the pure [`reducer`], publishes the
 //! directives, outputs and one applied marker per input, and acks only after
@@ -9,7 +9,6 @@
 //! ([`snapshot`]) and restored from snapshot + journal tail ([`journal`]).
 pub mod journal;
 pub mod metrics;
-pub mod ownership;
 pub mod reducer;
 pub mod scheduler;
 pub mod snapshot;
@@ -21,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use conv_nats::service::{self, BootError, ConfigError, Env, Identity, Options, ServeError, Settings, env_override};
-use conv_nats::topology::KV_OWNERS;
+use conv_nats::topology::KV_LEASES;
 use prometheus::Registry;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -107,7 +106,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 
     // The buckets exist once `convctl setup` ran; until then, wait (not ready).
     let ready = service::wait_for(&shutdown, || async {
-        let owners = booted.js.get_key_value(KV_OWNERS).await.ok()?;
+        let owners = booted.js.get_key_value(KV_LEASES).await.ok()?;
         let snapshots = snapshot::Snapshots::open(&booted.js).await.ok()?;
         Some((owners, snapshots))
     })
@@ -129,11 +128,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                 ..Default::default()
             },
         });
-        let ownership = ownership::OwnershipConfig {
+        let ownership = conv_nats::ownership::OwnershipConfig {
             partitions: config.topology.partitions,
             heartbeat: Duration::from_millis(o.heartbeat_ms),
+            role: "",
         };
-        ownership::run(instance, owners, shared, ownership, shutdown.clone()).await;
+        conv_nats::ownership::run(instance, owners, Arc::new(worker::Workers(shared)), ownership, shutdown.clone())
+            .await;
     }
     shutdown.cancel();
     match server.await {

@@ -69,13 +69,24 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn emit(&mut self, state: &mut State, data: impl Into<Payload>) {
         let data = data.into();
-        match data.event_type().kind() {
-            conv_contracts::Kind::Out => state.pointers.outputs += 1,
-            _ => state.pointers.directives += 1,
-        }
+        let position = match data.event_type().kind() {
+            conv_contracts::Kind::Out => {
+                state.pointers.outputs += 1;
+                Some(state.pointers.outputs)
+            }
+            _ => {
+                state.pointers.directives += 1;
+                None
+            }
+        };
         let mut event =
             Envelope::new(derived_id(&self.input.id, self.out.len()), SOURCE, self.input.conversation_id.clone(), data)
                 .caused_by(self.input);
+        // Output carries its position in the conversation's output, so views
+        // fold it in this order whatever order they receive it in.
+        if let Some(p) = position {
+            event = event.with_position(p);
+        }
         event.time = self.input.time;
         self.out.push(event);
     }
@@ -216,7 +227,7 @@ fn start_step(s: &mut State, cx: &mut Ctx<'_>, attempt: u32) {
     });
     s.llm.insert(step_id.clone(), LlmStep { run_id: run_id.clone(), attempt, entry_id: entry_id.clone(), next_seq: 0 });
     let context = context(s);
-    cx.emit(s, LlmRequested { run_id, step_id, attempt, context });
+    cx.emit(s, LlmRequested { run_id, step_id, attempt, entry_id: Some(entry_id.clone()), context });
     cx.emit(s, appended(&entry_id, EntryRole::Assistant, "", EntryStatus::Streaming));
 }
 
@@ -255,10 +266,12 @@ fn delta(s: &mut State, cx: &mut Ctx<'_>, d: &LlmDelta) {
     if let Some(st) = s.llm.get_mut(&d.step_id) {
         st.next_seq = d.seq + 1;
     }
+    let mut offset = 0;
     if let Some(e) = s.entry_mut(&step.entry_id) {
+        offset = e.text.len() as u64;
         e.text.push_str(&d.text);
     }
-    cx.emit(s, OutMessageDelta { entry_id: step.entry_id, seq: d.seq, text: d.text.clone() });
+    cx.emit(s, OutMessageDelta { entry_id: step.entry_id, seq: d.seq, text: d.text.clone(), offset: Some(offset) });
 }
 
 fn completed(s: &mut State, cx: &mut Ctx<'_>, c: &LlmCompleted) {

@@ -68,6 +68,26 @@ pub struct Shared {
     pub config: WorkerConfig,
 }
 
+/// The runtime's partitions for [`conv_nats::ownership`].
+#[derive(Debug)]
+pub struct Workers(pub Arc<Shared>);
+
+impl conv_nats::ownership::Partitions for Workers {
+    type Stopped = Stopped;
+
+    fn start(&self, partition: u16, stop: CancellationToken) -> tokio::task::JoinHandle<Result<(), Stopped>> {
+        tokio::spawn(run(partition, self.0.clone(), stop))
+    }
+
+    fn rebalanced(&self) {
+        self.0.metrics.rebalances.inc();
+    }
+
+    fn owned(&self, count: usize) {
+        self.0.metrics.partitions_owned.set(i64::try_from(count).unwrap_or_default());
+    }
+}
+
 /// Why a worker stopped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Stopped {
@@ -442,7 +462,14 @@ impl Worker {
         let dirty: Vec<ConversationId> = self
             .states
             .iter()
-            .filter(|(_, l)| l.dirty > 0 && (all || l.touched.elapsed() >= cfg.idle_snapshot))
+            .filter(|(_, l)| {
+                // A run in progress is snapshotted every `snapshot_every`
+                // applies, not at every pause between chunks of a reply; a
+                // quiet conversation (or one waiting very long) is saved now.
+                let quiet = l.touched.elapsed();
+                let running = l.snap.state.run_status == conv_contracts::payload::RunStatus::Running;
+                l.dirty > 0 && (all || (quiet >= cfg.idle_snapshot && !running) || quiet >= cfg.evict_after)
+            })
             .map(|(c, _)| c.clone())
             .collect();
         for conv in dirty {

@@ -61,7 +61,7 @@ async fn sigkill_of_one_instance_loses_nothing_and_applies_nothing_twice() {
     let fast = TopologyConfig { owner_ttl_secs: 3, runtime_ack_wait_secs: 4, pinned_ttl_secs: 3, ..Default::default() };
     nats.setup_with(&fast).await.expect("topology");
     let js = nats.jetstream().await;
-    let owners = js.get_key_value(conv_nats::topology::KV_OWNERS).await.expect("bucket");
+    let owners = js.get_key_value(conv_nats::topology::KV_LEASES).await.expect("bucket");
     let lease_counts = || async {
         let mut counts: HashMap<String, usize> = HashMap::new();
         for p in 0..16 {

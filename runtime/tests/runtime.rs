@@ -184,7 +184,7 @@ async fn an_abort_behind_ten_thousand_deltas_is_applied_first() {
 async fn two_instances_split_the_partitions_and_a_third_joins() {
     let nats = nats().await;
     let js = nats.jetstream().await;
-    let owners = js.get_key_value(conv_nats::topology::KV_OWNERS).await.expect("bucket");
+    let owners = js.get_key_value(conv_nats::topology::KV_LEASES).await.expect("bucket");
     let leases = || async {
         let mut counts: HashMap<String, usize> = HashMap::new();
         for p in 0..16 {

@@ -1,5 +1,7 @@
 //! `convctl projections rebuild (<conversation> | --all)`: recompute timeline
 //! views from `CONV_OUT` (the views are a fold of it) and store them.
+//! `convctl projections verify (<conversation> | --all)`: compare every stored
+//! view with that fold; print the differences and exit 1 on any.
 
 use conv_contracts::ConversationId;
 use serde::Serialize;
@@ -15,12 +17,55 @@ struct Rebuilt {
     run_status: conv_contracts::payload::RunStatus,
 }
 
+async fn targets(
+    js: &async_nats::jetstream::Context,
+    conversation: Option<&str>,
+) -> Result<Vec<ConversationId>, Error> {
+    Ok(match conversation {
+        Some(c) => vec![ConversationId::parse(c).map_err(|e| Error::Invalid(format!("conversation id {c:?}: {e}")))?],
+        None => conv_projections::conversations(js).await.map_err(Error::JetStream)?,
+    })
+}
+
+pub async fn verify(g: &Global, conversation: Option<&str>, settle: std::time::Duration) -> Result<Outcome, Error> {
+    let js = crate::connect(g).await?;
+    let targets = targets(&js, conversation).await?;
+    let mut all = Vec::new();
+    for conv in &targets {
+        all.push(conv_projections::verify(&js, conv, settle).await.map_err(Error::JetStream)?);
+    }
+    let differing = all.iter().filter(|v| !v.ok()).count();
+    let code = u8::from(differing > 0);
+    if g.json {
+        let body = serde_json::json!({
+            "conversations": all.len(),
+            "differing": differing,
+            "match": differing == 0,
+            "views": all,
+        });
+        return Ok(Outcome { output: crate::to_json(&body), code });
+    }
+    let mut text = String::new();
+    for v in &all {
+        if v.ok() {
+            text.push_str(&format!("{}: ok (position {})\n", v.conversation_id, v.view_position));
+        } else {
+            text.push_str(&format!(
+                "{}: DIFFERS (view at position {}, journal at {})\n",
+                v.conversation_id, v.view_position, v.journal_position
+            ));
+            for d in &v.differences {
+                text.push_str(&format!("  - {d}\n"));
+            }
+        }
+    }
+    text.push_str(&format!("{} views checked, {differing} differ from the journal", all.len()));
+    Ok(Outcome { output: text, code })
+}
+
 pub async fn rebuild(g: &Global, conversation: Option<&str>) -> Result<Outcome, Error> {
     let js = crate::connect(g).await?;
-    let targets = match conversation {
-        Some(c) => vec![ConversationId::parse(c).map_err(|e| Error::Invalid(format!("conversation id {c:?}: {e}")))?],
-        None => conv_projections::conversations(&js).await.map_err(Error::JetStream)?,
-    };
+    let targets = targets(&js, conversation).await?;
     let mut done = Vec::new();
     for conv in targets {
         let (view, events) = conv_projections::rebuild(&js, &conv).await.map_err(Error::JetStream)?;

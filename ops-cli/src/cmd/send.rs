@@ -31,8 +31,8 @@ pub async fn run(_g: &Global, conversation: &str, text: &str, timeout: Duration)
         .send()
         .await
         .map_err(|e| unreachable("conv-projections", &projections, e))?;
-    let last_seq = if timeline.status().is_success() {
-        timeline.json::<Value>().await.ok().and_then(|t| t["last_seq"].as_u64()).unwrap_or(0)
+    let position = if timeline.status().is_success() {
+        timeline.json::<Value>().await.ok().and_then(|t| t["position"].as_u64()).unwrap_or(0)
     } else {
         0
     };
@@ -51,7 +51,7 @@ pub async fn run(_g: &Global, conversation: &str, text: &str, timeout: Duration)
 
     let stream = http
         .get(format!("http://{projections}/v1/conversations/{conversation}/stream"))
-        .header("Last-Event-ID", last_seq.to_string())
+        .header("Last-Event-ID", position.to_string())
         .send()
         .await
         .map_err(|e| unreachable("conv-projections", &projections, e))?;

@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use conv_contracts::subject::{STREAM_APPLIED, STREAM_EFFECT, STREAM_IN, STREAM_OUT};
+use conv_contracts::{ConversationId, Kind};
 use conv_nats::read::{self, Stored};
 use serde::Serialize;
 
@@ -54,11 +55,16 @@ fn node(m: &Stored) -> Option<Node> {
 }
 
 fn filter(stream: &str, conversation: &str) -> String {
-    match stream {
-        STREAM_IN => format!("conv.in.*.*.{conversation}"),
-        STREAM_EFFECT => format!("conv.effect.*.{conversation}"),
-        STREAM_APPLIED => format!("conv.applied.*.{conversation}"),
-        _ => format!("conv.out.*.{conversation}"),
+    let kind = match stream {
+        STREAM_IN => Kind::In,
+        STREAM_EFFECT => Kind::Effect,
+        STREAM_APPLIED => Kind::Applied,
+        _ => Kind::Out,
+    };
+    match ConversationId::parse(conversation) {
+        Ok(c) => conv_contracts::subject::kind_conversation_filter(kind, &c),
+        // Not a conversation id: match nothing rather than everything.
+        Err(_) => format!("{}.none", conv_contracts::subject::kind_wildcard(kind).trim_end_matches(".>")),
     }
 }
 

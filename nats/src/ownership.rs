@@ -1,18 +1,19 @@
-//! Partition ownership: every partition has one owner at a time.
+//! Partition ownership: every partition has one owner at a time, among the
+//! instances of one role (the runtime, the projections).
 //!
-//! Instances announce themselves in the `conv_owners` bucket
-//! (`members.<instance>`, refreshed every heartbeat, expiring with the
+//! Instances announce themselves in the `conv_leases` bucket
+//! (`<role>members.<instance>`, refreshed every heartbeat, expiring with the
 //! bucket's TTL when an instance dies). Each instance computes the same
 //! assignment from the sorted member list (partition `p` belongs to member
-//! `p mod n`), takes a lease on each of its partitions (`p.<p>`, created only
+//! `p mod n`), takes a lease on each of its partitions (`<role>p.<p>`, created only
 //! if absent, renewed with the expected revision) and starts a worker; it
 //! stops the workers of partitions that are no longer its own and releases
 //! their leases. Leases expire with the bucket TTL too, so the partitions of
 //! a killed instance are taken over within seconds.
 //!
 //! Leases and the pinned-client consumers are not exclusivity on their own:
-//! the snapshot's optimistic concurrency ([`crate::snapshot`]) is the last
-//! guard, and a worker that loses it gives its partition up.
+//! the runtime's snapshot revision and the views' revision-checked writes are
+//! the last guard, and a worker that loses it gives its partition up.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -24,19 +25,32 @@ use futures::StreamExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::worker::{self, Shared, Stopped};
-
 /// How ownership is coordinated.
 #[derive(Debug, Clone)]
 pub struct OwnershipConfig {
     pub partitions: u16,
     /// Membership and lease refresh interval (well below the bucket TTL).
     pub heartbeat: Duration,
+    /// Key prefix of the role (`""` for the runtime, `"views."` for the
+    /// projections): roles share the bucket, not partitions.
+    pub role: &'static str,
 }
 
-struct Running {
+/// What runs a partition once its lease is taken.
+pub trait Partitions: Send + Sync + 'static {
+    /// Why a partition worker stopped by itself.
+    type Stopped: std::fmt::Display + Send + 'static;
+    /// Starts the worker of `partition`; it stops when `stop` fires.
+    fn start(&self, partition: u16, stop: CancellationToken) -> JoinHandle<Result<(), Self::Stopped>>;
+    /// A partition was taken or given up.
+    fn rebalanced(&self) {}
+    /// How many partitions this instance owns now.
+    fn owned(&self, _count: usize) {}
+}
+
+struct Running<E> {
     stop: CancellationToken,
-    task: JoinHandle<Result<(), Stopped>>,
+    task: JoinHandle<Result<(), E>>,
     lease_revision: u64,
 }
 
@@ -51,22 +65,23 @@ pub fn assignment(partitions: u16, members: &[String], me: &str) -> Vec<u16> {
     (0..partitions).filter(|p| sorted[usize::from(*p) % sorted.len()] == me).collect()
 }
 
-fn lease_key(p: u16) -> String {
-    format!("p.{p}")
+fn lease_key(role: &str, p: u16) -> String {
+    format!("{role}p.{p}")
 }
 
 /// Runs the ownership loop until `shutdown`, then stops every worker and
 /// releases every lease.
-pub async fn run(
+pub async fn run<P: Partitions>(
     instance: String,
     owners: kv::Store,
-    shared: Arc<Shared>,
+    parts: Arc<P>,
     config: OwnershipConfig,
     shutdown: CancellationToken,
 ) {
-    let mut running: BTreeMap<u16, Running> = BTreeMap::new();
+    let role = config.role;
+    let mut running: BTreeMap<u16, Running<P::Stopped>> = BTreeMap::new();
     let mut tick = tokio::time::interval(config.heartbeat);
-    let member_key = format!("members.{instance}");
+    let member_key = format!("{role}members.{instance}");
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -76,7 +91,7 @@ pub async fn run(
             tracing::warn!(message = "Membership heartbeat failed.", %error);
             continue;
         }
-        let members = match live_members(&owners).await {
+        let members = match live_members(&owners, role).await {
             Ok(m) => m,
             Err(error) => {
                 tracing::warn!(message = "Cannot list members.", %error);
@@ -96,22 +111,22 @@ pub async fn run(
                     }
                     Err(join) => tracing::error!(message = "Partition worker panicked.", partition = p, error = %join),
                 }
-                release(&owners, p, r.lease_revision).await;
-                shared.metrics.rebalances.inc();
+                release(&owners, role, p, r.lease_revision).await;
+                parts.rebalanced();
             }
         }
         // Give up what is no longer ours.
         let leaving: Vec<u16> = running.keys().copied().filter(|p| !target.contains(p)).collect();
         for p in leaving {
             if let Some(r) = running.remove(&p) {
-                stop(p, r, &owners).await;
-                shared.metrics.rebalances.inc();
+                stop(p, r, &owners, role).await;
+                parts.rebalanced();
             }
         }
         // Renew what we keep.
         let mut lost = Vec::new();
         for (p, r) in running.iter_mut() {
-            match owners.update(lease_key(*p), Bytes::from(instance.clone()), r.lease_revision).await {
+            match owners.update(lease_key(role, *p), Bytes::from(instance.clone()), r.lease_revision).await {
                 Ok(rev) => r.lease_revision = rev,
                 Err(error) => {
                     tracing::warn!(message = "Lease lost.", partition = *p, %error);
@@ -122,8 +137,10 @@ pub async fn run(
         for p in lost {
             if let Some(r) = running.remove(&p) {
                 r.stop.cancel();
-                let _ = r.task.await;
-                shared.metrics.rebalances.inc();
+                if let Ok(Err(stopped)) = r.task.await {
+                    tracing::warn!(message = "Partition worker stopped.", partition = p, reason = %stopped);
+                }
+                parts.rebalanced();
             }
         }
         // Take what is ours and free.
@@ -131,48 +148,53 @@ pub async fn run(
             if running.contains_key(&p) {
                 continue;
             }
-            match owners.create(lease_key(p), Bytes::from(instance.clone())).await {
+            match owners.create(lease_key(role, p), Bytes::from(instance.clone())).await {
                 Ok(lease_revision) => {
                     let stop = shutdown.child_token();
-                    let task = tokio::spawn(worker::run(p, shared.clone(), stop.clone()));
+                    let task = parts.start(p, stop.clone());
                     running.insert(p, Running { stop, task, lease_revision });
-                    shared.metrics.rebalances.inc();
+                    parts.rebalanced();
                     tracing::info!(message = "Partition taken.", partition = p, instance = %instance);
                 }
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {} // its owner lets go soon
                 Err(error) => tracing::warn!(message = "Cannot take a lease.", partition = p, %error),
             }
         }
-        shared.metrics.partitions_owned.set(i64::try_from(running.len()).unwrap_or_default());
+        parts.owned(running.len());
     }
     for (p, r) in std::mem::take(&mut running) {
-        stop(p, r, &owners).await;
+        stop(p, r, &owners, role).await;
     }
-    let _ = owners.delete(&member_key).await;
-    shared.metrics.partitions_owned.set(0);
+    if let Err(error) = owners.delete(&member_key).await {
+        tracing::debug!(message = "Cannot delete the member key; it expires.", %error);
+    }
+    parts.owned(0);
 }
 
-async fn stop(p: u16, r: Running, owners: &kv::Store) {
+async fn stop<E: std::fmt::Display>(p: u16, r: Running<E>, owners: &kv::Store, role: &str) {
     r.stop.cancel();
     match r.task.await {
         Ok(Ok(())) => {}
         Ok(Err(stopped)) => tracing::warn!(message = "Partition worker stopped.", partition = p, reason = %stopped),
         Err(join) => tracing::error!(message = "Partition worker panicked.", partition = p, error = %join),
     }
-    release(owners, p, r.lease_revision).await;
+    release(owners, role, p, r.lease_revision).await;
 }
 
 /// Deletes our lease if it is still ours (same revision).
-async fn release(owners: &kv::Store, p: u16, revision: u64) {
-    let _ = owners.delete_expect_revision(lease_key(p), Some(revision)).await;
+async fn release(owners: &kv::Store, role: &str, p: u16, revision: u64) {
+    if let Err(error) = owners.delete_expect_revision(lease_key(role, p), Some(revision)).await {
+        tracing::debug!(message = "Lease not released; it expires.", partition = p, %error);
+    }
 }
 
-async fn live_members(owners: &kv::Store) -> Result<Vec<String>, String> {
+async fn live_members(owners: &kv::Store, role: &str) -> Result<Vec<String>, String> {
+    let prefix = format!("{role}members.");
     let mut keys = owners.keys().await.map_err(|e| e.to_string())?;
     let mut members = Vec::new();
     while let Some(key) = keys.next().await {
         let key = key.map_err(|e| e.to_string())?;
-        if let Some(id) = key.strip_prefix("members.") {
+        if let Some(id) = key.strip_prefix(prefix.as_str()) {
             members.push(id.to_owned());
         }
     }

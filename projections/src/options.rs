@@ -1,0 +1,74 @@
+//! Projections settings beyond the common ones (`[options]`, env overrides).
+
+use conv_nats::service::{ConfigError, Env, Options, env_override};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProjectionsOptions {
+    /// Where finished assistant messages are delivered; empty: no delivery.
+    pub webhook_url: String,
+    pub webhook_retries: usize,
+    pub webhook_timeout_ms: u64,
+    /// Instance id among the view owners; empty: a fresh UUID per start.
+    pub instance: String,
+    /// Membership and lease refresh of view partitions.
+    pub heartbeat_ms: u64,
+    /// A changed view is written this long after its first unwritten change.
+    pub flush_ms: u64,
+    /// SSE: events buffered per conversation for its readers; a reader that
+    /// falls further behind is closed (and can resume with `Last-Event-ID`).
+    pub sse_buffer: usize,
+    /// SSE: heartbeat comment interval on idle streams.
+    pub sse_heartbeat_ms: u64,
+    /// SSE: how long a conversation's subscriptions outlive its last reader.
+    pub sse_linger_ms: u64,
+}
+
+impl Default for ProjectionsOptions {
+    fn default() -> Self {
+        Self {
+            webhook_url: String::new(),
+            webhook_retries: 5,
+            webhook_timeout_ms: 5_000,
+            instance: String::new(),
+            heartbeat_ms: 1_000,
+            flush_ms: 200,
+            sse_buffer: 4_096,
+            sse_heartbeat_ms: 15_000,
+            sse_linger_ms: 10_000,
+        }
+    }
+}
+
+impl Options for ProjectionsOptions {
+    fn apply_env(&mut self, env: Env<'_>) -> Result<(), ConfigError> {
+        env_override(env, "CONV_OUTBOUND_WEBHOOK_URL", &mut self.webhook_url)?;
+        env_override(env, "CONV_OUTBOUND_WEBHOOK_RETRIES", &mut self.webhook_retries)?;
+        env_override(env, "CONV_PROJECTIONS_INSTANCE", &mut self.instance)?;
+        env_override(env, "CONV_PROJECTIONS_HEARTBEAT_MS", &mut self.heartbeat_ms)?;
+        env_override(env, "CONV_PROJECTIONS_FLUSH_MS", &mut self.flush_ms)?;
+        env_override(env, "CONV_SSE_BUFFER", &mut self.sse_buffer)?;
+        env_override(env, "CONV_SSE_HEARTBEAT_MS", &mut self.sse_heartbeat_ms)?;
+        env_override(env, "CONV_SSE_LINGER_MS", &mut self.sse_linger_ms)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !self.webhook_url.is_empty()
+            && !self.webhook_url.starts_with("http://")
+            && !self.webhook_url.starts_with("https://")
+        {
+            return Err(format!("CONV_OUTBOUND_WEBHOOK_URL {:?} is not an http(s) URL", self.webhook_url));
+        }
+        if self.webhook_timeout_ms == 0 {
+            return Err("options.webhook_timeout_ms must be positive".into());
+        }
+        if self.heartbeat_ms == 0 || self.flush_ms == 0 || self.sse_buffer == 0 || self.sse_heartbeat_ms == 0 {
+            return Err(
+                "CONV_PROJECTIONS_HEARTBEAT_MS, CONV_PROJECTIONS_FLUSH_MS, CONV_SSE_BUFFER and CONV_SSE_HEARTBEAT_MS must be positive"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
