@@ -9,6 +9,7 @@ use conv_contracts::{ConversationId, Envelope, EventType};
 use conv_effects::EffectsOptions;
 use conv_nats::service::Settings;
 use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, spawn_service};
+use futures::StreamExt;
 
 struct Stack {
     nats: TestNats,
@@ -75,12 +76,43 @@ fn message(text: &str) -> MessageReceived {
 
 #[tokio::test]
 async fn a_message_gets_a_streamed_coalesced_reply() {
-    let s = start(EffectsOptions::default()).await;
+    let s = start(EffectsOptions { coalesce_ms: 100, ..EffectsOptions::default() }).await;
+    // The live lane: every piece of text at once, on core NATS.
+    let mut live =
+        s.nats.client().await.subscribe(conv_contracts::subject::live_subject(&conv("e1"))).await.expect("sub");
     s.send("e1", "m1", message("hi there")).await;
     let inputs =
         s.wait_for("e1", "the completion", |i| count(i, EventType::LlmCompleted) == 1, Duration::from_secs(20)).await;
+    // The durable lane: a few coalesced chunks, then the completion.
     let deltas = count(&inputs, EventType::LlmDelta);
-    assert!((2..24).contains(&deltas), "24 tokens coalesced into a handful of deltas, got {deltas}");
+    assert!((1..24).contains(&deltas), "24 tokens coalesced into a handful of deltas, got {deltas}");
+    let completed = inputs
+        .iter()
+        .find_map(|e| match &e.data {
+            conv_contracts::Payload::LlmCompleted(c) => Some(c.text.clone()),
+            _ => None,
+        })
+        .expect("completed");
+    let chunks: String = inputs
+        .iter()
+        .filter_map(|e| match &e.data {
+            conv_contracts::Payload::LlmDelta(d) => Some(d.text.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(completed.starts_with(&chunks), "the chunks are the start of the answer");
+    let mut pieces = Vec::new();
+    while pieces.len() < 24 {
+        let m = tokio::time::timeout(Duration::from_secs(5), live.next()).await.expect("live").expect("open");
+        pieces.push(conv_contracts::live::LiveDelta::from_bytes(&m.payload).expect("a live delta"));
+    }
+    let mut offset = 0;
+    for p in &pieces {
+        assert_eq!(p.offset, offset, "live pieces are contiguous");
+        offset += p.text.len() as u64;
+    }
+    let live_text: String = pieces.iter().map(|p| p.text.as_str()).collect();
+    assert_eq!(live_text, completed, "the live pieces joined are the final text, byte for byte");
     // Applied: the assistant entry is complete and the run idle.
     let mut state = s.state("e1").await;
     for _ in 0..50 {

@@ -83,7 +83,7 @@ async fn readiness_and_checkpoints() {
     assert!(points.status.success());
     let points = json(&points);
     let points = points.as_array().expect("list");
-    assert_eq!(points.len(), 34, "16 partitions × (main + control) + effects + projections");
+    assert_eq!(points.len(), 49, "16 partitions × (main + control + views) + effects");
     assert!(points.iter().all(|p| p["exists"] == true));
     let text = convctl(&url, &["checkpoints"]).await;
     assert!(stdout(&text).contains("runtime-p15"), "{}", stdout(&text));
@@ -112,7 +112,7 @@ async fn a_non_default_topology_is_checked_as_configured() {
     let ready = convctl(&url, &["readiness", "--no-services", "--partitions", "4"]).await;
     assert_eq!(ready.status.code(), Some(0), "{}", stdout(&ready));
     let points = json(&convctl(&url, &["checkpoints", "--json", "--partitions", "4"]).await);
-    assert_eq!(points.as_array().map(Vec::len), Some(10), "4 partitions × 2 + effects + projections");
+    assert_eq!(points.as_array().map(Vec::len), Some(13), "4 partitions × (main + control + views) + effects");
     // The default topology does not match what is deployed.
     let drift = convctl(&url, &["setup", "--check"]).await;
     assert_eq!(drift.status.code(), Some(1), "{}", stdout(&drift));
