@@ -41,7 +41,7 @@ use conv_contracts::subject::{self, STREAM_OUT};
 use conv_contracts::{ConversationId, Envelope, Limits, Payload, binding};
 use futures::{Stream, StreamExt};
 use serde_json::json;
-use tokio::sync::broadcast;
+use tokio::sync::{OnceCell, broadcast};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
@@ -93,7 +93,7 @@ fn frame(id: &str, event_type: &str, data: &str) -> Frame {
 enum Item {
     /// An output event at its position, with its frame (none for durable
     /// delta chunks, whose text reaches readers as `Text`).
-    Durable { position: u64, event: Envelope, frame: Option<Frame> },
+    Durable { position: u64, event: Box<Envelope>, frame: Option<Frame> },
     /// Text of a streaming entry at a byte offset.
     Text { position: u64, entry: String, offset: u64, text: String, frame: Frame },
     /// Cut an entry's text back to `offset`.
@@ -177,7 +177,7 @@ impl TextState {
             _ => {}
         }
         let frame = durable_frame(position, &event);
-        items.push(Item::Durable { position, event, frame });
+        items.push(Item::Durable { position, event: Box::new(event), frame });
         items
     }
 
@@ -365,6 +365,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// A running conversation without durable output this long is caught up
+/// from the stream (a last resort against output lost in transit).
+const QUIET_RUN: Duration = Duration::from_secs(15);
+
 /// Cap on live text held for entries this topic does not know yet.
 const LIVE_EARLY_BYTES: usize = 1 << 20;
 
@@ -464,7 +468,9 @@ struct HubInner {
     client: async_nats::Client,
     js: jetstream::Context,
     store: kv::Store,
-    topics: Mutex<HashMap<ConversationId, Arc<Topic>>>,
+    /// One cell per watched conversation: the first reader opens the topic,
+    /// the others wait for it.
+    topics: Mutex<HashMap<ConversationId, Arc<OnceCell<Arc<Topic>>>>>,
     metrics: Metrics,
     config: HubConfig,
     shutdown: CancellationToken,
@@ -513,7 +519,8 @@ impl Hub {
             }
             let linger = self.inner.config.linger;
             let mut topics = lock(&self.inner.topics);
-            topics.retain(|_, t| {
+            topics.retain(|_, cell| {
+                let Some(t) = cell.get() else { return true }; // still opening
                 let idle = t.readers.load(Ordering::SeqCst) == 0
                     && lock(&t.idle_since).is_some_and(|since| since.elapsed() >= linger);
                 if idle {
@@ -523,24 +530,21 @@ impl Hub {
             });
             self.inner.metrics.topics.set(i64::try_from(topics.len()).unwrap_or(0));
         }
-        for t in lock(&self.inner.topics).drain() {
-            t.1.stop.cancel();
+        for (_, cell) in lock(&self.inner.topics).drain() {
+            if let Some(t) = cell.get() {
+                t.stop.cancel();
+            }
         }
     }
 
     async fn topic(&self, conv: &ConversationId) -> Result<Arc<Topic>, StreamError> {
-        if let Some(t) = lock(&self.inner.topics).get(conv) {
-            return Ok(t.clone());
-        }
-        let t = self.open(conv).await?;
-        let mut topics = lock(&self.inner.topics);
-        // Another reader may have opened it meanwhile: keep the first.
-        let kept = topics.entry(conv.clone()).or_insert_with(|| t.clone()).clone();
-        if !Arc::ptr_eq(&kept, &t) {
-            t.stop.cancel();
-        }
-        self.inner.metrics.topics.set(i64::try_from(topics.len()).unwrap_or(0));
-        Ok(kept)
+        let cell = {
+            let mut topics = lock(&self.inner.topics);
+            let cell = topics.entry(conv.clone()).or_default().clone();
+            self.inner.metrics.topics.set(i64::try_from(topics.len()).unwrap_or(0));
+            cell
+        };
+        cell.get_or_try_init(|| self.open(conv)).await.cloned()
     }
 
     /// Subscribes, then catches up from the stored view's resume point.
@@ -571,7 +575,8 @@ impl Hub {
             }),
             tx,
             readers: AtomicUsize::new(0),
-            idle_since: Mutex::new(None),
+            // Reaped after `linger` unless a reader comes.
+            idle_since: Mutex::new(Some(Instant::now())),
             stop: inner.shutdown.child_token(),
         });
         // Short conversations are read whole, so new readers need no history
@@ -626,6 +631,10 @@ impl Hub {
     async fn follow(self, topic: Arc<Topic>, mut out: async_nats::Subscriber, mut live: async_nats::Subscriber) {
         let cap = self.inner.config.buffer;
         let mut tick = tokio::time::interval(Duration::from_millis(100));
+        // Core subscriptions lose what is published while the connection is
+        // down: a reconnect means catching up from the stream.
+        let connects = || self.inner.client.statistics().connects.load(Ordering::Relaxed);
+        let mut seen_connects = connects();
         loop {
             tokio::select! {
                 biased;
@@ -646,8 +655,11 @@ impl Hub {
                         let st = lock(&topic.state);
                         let after = self.inner.config.catch_up_after;
                         st.gap_since.is_some_and(|t| t.elapsed() >= after)
-                            || (st.running && st.last_durable.elapsed() >= after * 10)
+                            || (st.running && st.last_durable.elapsed() >= QUIET_RUN)
                     };
+                    let reconnected = connects() != seen_connects;
+                    seen_connects = connects();
+                    let due = due || reconnected;
                     if due {
                         if let Err(error) = self.catch_up(&topic).await {
                             tracing::warn!(message = "Stream catch-up failed.", conversation_id = %topic.conv, %error);
@@ -669,6 +681,7 @@ impl Hub {
     ) -> Result<impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static, StreamError> {
         let topic = self.topic(conv).await?;
         topic.readers.fetch_add(1, Ordering::SeqCst);
+        *lock(&topic.idle_since) = None;
         let guard = ReaderGuard { topic: topic.clone(), metrics: self.inner.metrics.clone() };
         self.inner.metrics.readers.inc();
         // A consistent cut: what the topic has, and everything after it.

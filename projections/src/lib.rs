@@ -159,98 +159,85 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     Ok(())
 }
 
-fn error(status: StatusCode, code: &str, message: impl std::fmt::Display) -> Response {
-    (status, axum::Json(json!({"error": {"code": code, "message": message.to_string()}}))).into_response()
+/// Why a request is answered with an error: `{"error": {"code", "message"}}`.
+#[derive(Debug)]
+enum ApiError {
+    BadId(String),
+    BadLastEventId,
+    NotFound(String),
+    Unavailable(String),
 }
 
-fn not_found(what: &str) -> Response {
-    error(StatusCode::NOT_FOUND, "not_found", what)
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, message) = match self {
+            ApiError::BadId(m) => (StatusCode::UNPROCESSABLE_ENTITY, "bad_conversation_id", m),
+            ApiError::BadLastEventId => (
+                StatusCode::BAD_REQUEST,
+                "bad_last_event_id",
+                "Last-Event-ID must be an id this stream sent: <position> or <position>:<entry>:<offset>".to_owned(),
+            ),
+            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, "not_found", m),
+            ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
+        };
+        let mut r = (status, axum::Json(json!({"error": {"code": code, "message": message}}))).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        r
+    }
 }
 
-fn unavailable(e: impl std::fmt::Display) -> Response {
-    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e);
-    r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-    r
+fn unavailable(e: impl std::fmt::Display) -> ApiError {
+    ApiError::Unavailable(e.to_string())
 }
 
-fn parse_id(id: &str) -> Result<ConversationId, Response> {
-    ConversationId::parse(id)
-        .map_err(|e| error(StatusCode::UNPROCESSABLE_ENTITY, "bad_conversation_id", format!("{id:?}: {e}")))
+fn parse_id(id: &str) -> Result<ConversationId, ApiError> {
+    ConversationId::parse(id).map_err(|e| ApiError::BadId(format!("{id:?}: {e}")))
 }
 
-fn ready(app: &AppState) -> Result<&Ready, Response> {
+fn ready(app: &AppState) -> Result<&Ready, ApiError> {
     app.ready.get().ok_or_else(|| unavailable("the topology is not there yet (run `convctl setup`)"))
 }
 
-async fn timeline(State(app): State<AppState>, Path(id): Path<String>) -> Response {
-    let conv = match parse_id(&id) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let ready = match ready(&app) {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
-    match store::read(&ready.store, conv.as_str()).await {
-        Ok(Some(view)) => axum::Json(view).into_response(),
-        Ok(None) => not_found(&format!("no conversation {id:?}")),
-        Err(e) => unavailable(e),
+async fn timeline(State(app): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let conv = parse_id(&id)?;
+    match store::read(&ready(&app)?.store, conv.as_str()).await {
+        Ok(Some(view)) => Ok(axum::Json(view).into_response()),
+        Ok(None) => Err(ApiError::NotFound(format!("no conversation {id:?}"))),
+        Err(e) => Err(unavailable(e)),
     }
 }
 
-async fn context(State(app): State<AppState>, Path(id): Path<String>) -> Response {
-    let conv = match parse_id(&id) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let snapshots = match conv_runtime::snapshot::Snapshots::open(&app.js).await {
-        Ok(s) => s,
-        Err(e) => return unavailable(e),
-    };
-    let from = match snapshots.load(conv.as_str()).await {
-        Ok((snapshot, _)) => snapshot,
-        Err(e) => return unavailable(e),
-    };
-    match conv_runtime::journal::rebuild(&app.js, &conv, from).await {
-        Ok(r) if r.snapshot.state.version == 0 => not_found(&format!("no conversation {id:?}")),
-        Ok(r) => axum::Json(json!({
-            "conversation_id": id,
-            "version": r.snapshot.state.version,
-            "messages": conv_runtime::reducer::context(&r.snapshot.state),
-        }))
-        .into_response(),
-        Err(e) => unavailable(e),
+async fn context(State(app): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let conv = parse_id(&id)?;
+    let snapshots = conv_runtime::snapshot::Snapshots::open(&app.js).await.map_err(unavailable)?;
+    let (from, _) = snapshots.load(conv.as_str()).await.map_err(unavailable)?;
+    let r = conv_runtime::journal::rebuild(&app.js, &conv, from).await.map_err(unavailable)?;
+    if r.snapshot.state.version == 0 {
+        return Err(ApiError::NotFound(format!("no conversation {id:?}")));
     }
+    Ok(axum::Json(json!({
+        "conversation_id": id,
+        "version": r.snapshot.state.version,
+        "messages": conv_runtime::reducer::context(&r.snapshot.state),
+    }))
+    .into_response())
 }
 
-async fn stream(State(app): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    let conv = match parse_id(&id) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let ready = match ready(&app) {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
-    let cursor = match headers.get("last-event-id").map(|v| v.to_str().ok().and_then(hub::Cursor::parse)) {
+async fn stream(State(app): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let conv = parse_id(&id)?;
+    let ready = ready(&app)?;
+    let cursor = match headers.get("last-event-id") {
         None => hub::Cursor::default(),
-        Some(Some(c)) => c,
-        Some(None) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_last_event_id",
-                "Last-Event-ID must be an id this stream sent: <position> or <position>:<entry>:<offset>",
-            );
-        }
+        Some(v) => v.to_str().ok().and_then(hub::Cursor::parse).ok_or(ApiError::BadLastEventId)?,
     };
-    match ready.hub.stream(&conv, cursor).await {
-        Ok(body) => Response::builder()
-            .header(header::CONTENT_TYPE, "text/event-stream")
-            .header(header::CACHE_CONTROL, "no-cache")
-            .body(Body::from_stream(body))
-            .unwrap_or_else(|e| unavailable(e)),
-        Err(e) => unavailable(e),
-    }
+    let body = ready.hub.stream(&conv, cursor).await.map_err(unavailable)?;
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(body))
+        .map_err(unavailable)
 }
 
 /// A conversation's stored output, decoded, oldest first.

@@ -154,7 +154,7 @@ pub async fn run(partition: u16, shared: Arc<Shared>, stop: CancellationToken) -
     let failed = |e: async_nats::Error| Stopped::Consumer { partition, source: e };
     let stream = shared.js.get_stream_no_info(STREAM_OUT).await.map_err(|e| failed(e.into()))?;
     let name = projections_consumer(partition);
-    let consumer: PullConsumer = stream.get_consumer(&name).await.map_err(|e| failed(e.into()))?;
+    let consumer: PullConsumer = stream.get_consumer(&name).await.map_err(failed)?;
     if let Err(error) = stream.unpin_consumer(&name, PROJECTIONS_GROUP).await {
         tracing::debug!(message = "Nothing to unpin.", partition, %error);
     }
