@@ -28,7 +28,7 @@ use conv_nats::service::Settings;
 use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, spawn_service, wait_http_ok};
 use futures::StreamExt;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -202,20 +202,94 @@ fn sse_events(buf: &mut String, out: &mut Vec<(String, Value)>) {
     }
 }
 
+/// Reads the child's `connected frames` progress lines.
+async fn next_progress(lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>) -> Option<(usize, usize)> {
+    let line = tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await.ok()?.ok()??;
+    let mut parts = line.split_whitespace().map(|p| p.parse::<usize>().ok());
+    Some((parts.next()??, parts.next()??))
+}
+
+/// Child mode: `--readers <addr> <conversation> <n>` keeps n raw SSE readers
+/// open and prints `connected frames` every 100 ms.
+async fn readers_mode(args: &[String]) {
+    let addr: SocketAddr = args[1].parse().expect("addr");
+    let conv = args[2].clone();
+    let n: usize = args[3].parse().expect("n");
+    let frames = Arc::new(AtomicUsize::new(0));
+    let connected = Arc::new(AtomicUsize::new(0));
+    for i in 0..n {
+        tokio::spawn(raw_reader(addr, conv.clone(), frames.clone(), connected.clone()));
+        if i % 200 == 199 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    loop {
+        println!("{} {}", connected.load(Ordering::SeqCst), frames.load(Ordering::SeqCst));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--readers") {
+        return readers_mode(&args).await;
+    }
     let json_out = args.iter().any(|a| a == "--json");
     let nums: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
     let events = nums.first().copied().unwrap_or(100_000);
     let max_readers = nums.get(1).copied().unwrap_or(10_000);
     let mut report = serde_json::Map::new();
 
-    // ---- 1. fold rate vs raw consume + ack
     let nats = TestNats::start_process().await.expect("nats-server (scripts/ensure-nats.sh)");
     nats.setup().await.expect("topology");
     let js = nats.jetstream().await;
     let http = reqwest::Client::new();
+    // ---- 3. SSE fan-out sweep (first, on a fresh instance, so that
+    // resident memory growth is the readers' and not reused heap). The
+    // readers run in a child process: their sockets are not this process's.
+    let (at, fanout_instance) = projections(&nats).await;
+    let mut sweep = Vec::new();
+    let mut r = 1;
+    while r <= max_readers {
+        let conv = format!("fan-{r}");
+        let before = rss_kib();
+        let mut child = tokio::process::Command::new(std::env::current_exe().expect("exe"))
+            .args(["--readers", &at.to_string(), &conv, &r.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("reader process");
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut progress = (0usize, 0usize);
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while progress.0 < r && Instant::now() < deadline {
+            progress = next_progress(&mut lines).await.unwrap_or(progress);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let per_reader_kib = (rss_kib().saturating_sub(before)) as f64 / r as f64;
+        let c = ConversationId::parse(&conv).expect("id");
+        let burst: Vec<Envelope> = (1..=20u64)
+            .map(|p| out(&c, p, OutRunStatus { run_id: format!("r{p}"), status: RunStatus::Idle }))
+            .collect();
+        let started = Instant::now();
+        publish_all(&js, &burst).await;
+        while progress.1 < 20 * r && started.elapsed() < Duration::from_secs(120) {
+            progress = next_progress(&mut lines).await.unwrap_or(progress);
+        }
+        sweep.push(json!({
+            "readers": r, "connected": progress.0,
+            "frames_expected": 20 * r, "frames_delivered": progress.1,
+            "burst_delivered_ms": started.elapsed().as_secs_f64() * 1000.0,
+            "server_rss_kib_per_reader": per_reader_kib,
+        }));
+        child.kill().await.ok();
+        r *= 10;
+    }
+    report.insert("sse_fanout".into(), Value::Array(sweep));
+    fanout_instance.shutdown().await.ok();
+
+    // ---- 1. fold rate vs raw consume + ack
     let convs: Vec<ConversationId> =
         (0..200).map(|i| ConversationId::parse(&format!("fold-{i}")).expect("id")).collect();
     let per = events / convs.len();
@@ -305,47 +379,6 @@ async fn main() {
     }
     lat.sort_by(f64::total_cmp);
     report.insert("timeline_get_5000_entries_ms".into(), json!({"p50": pct(&lat, 0.5), "p99": pct(&lat, 0.99)}));
-
-    // ---- 3. SSE fan-out sweep
-    let mut sweep = Vec::new();
-    let mut r = 1;
-    while r <= max_readers {
-        let conv = format!("fan-{r}");
-        let frames = Arc::new(AtomicUsize::new(0));
-        let connected = Arc::new(AtomicUsize::new(0));
-        let before = rss_kib();
-        let mut tasks = Vec::new();
-        for _ in 0..r {
-            tasks.push(tokio::spawn(raw_reader(at, conv.clone(), frames.clone(), connected.clone())));
-        }
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while connected.load(Ordering::SeqCst) < r && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let per_reader_kib = (rss_kib().saturating_sub(before)) as f64 / r as f64;
-        let c = ConversationId::parse(&conv).expect("id");
-        let burst: Vec<Envelope> = (1..=20u64)
-            .map(|p| out(&c, p, OutRunStatus { run_id: format!("r{p}"), status: RunStatus::Idle }))
-            .collect();
-        let started = Instant::now();
-        publish_all(&js, &burst).await;
-        while frames.load(Ordering::SeqCst) < 20 * r && started.elapsed() < Duration::from_secs(120) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let delivered = frames.load(Ordering::SeqCst);
-        sweep.push(json!({
-            "readers": r, "connected": connected.load(Ordering::SeqCst),
-            "frames_expected": 20 * r, "frames_delivered": delivered,
-            "burst_delivered_ms": started.elapsed().as_secs_f64() * 1000.0,
-            "rss_kib_per_reader_incl_client": per_reader_kib,
-        }));
-        for t in tasks {
-            t.abort();
-        }
-        r *= 10;
-    }
-    report.insert("sse_fanout".into(), Value::Array(sweep));
 
     // ---- 4. live-lane latency: publish → SSE reader
     let live = ConversationId::parse("live").expect("id");
