@@ -324,6 +324,64 @@ impl<E> Drop for ServiceHandle<E> {
     }
 }
 
+/// A service running on a tokio runtime of its own, so that it can crash
+/// like a SIGKILLed process: every task it spawned (partition workers,
+/// subscriptions, its NATS connection) stops at once, nothing is flushed or
+/// handed back.
+pub struct IsolatedService {
+    name: String,
+    token: CancellationToken,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl std::fmt::Debug for IsolatedService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IsolatedService").field("name", &self.name).finish()
+    }
+}
+
+/// Starts `run(shutdown)` on a runtime of its own (two worker threads).
+pub fn spawn_isolated<F, Fut, E>(name: &str, run: F) -> IsolatedService
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name(format!("{name}-isolated"))
+        .build()
+        .unwrap_or_else(|e| panic!("a runtime for {name}: {e}"));
+    let token = CancellationToken::new();
+    let service = name.to_owned();
+    let fut = run(token.clone());
+    runtime.spawn(async move {
+        if let Err(e) = fut.await {
+            eprintln!("{service} failed: {e}");
+        }
+    });
+    IsolatedService { name: name.to_owned(), token, runtime: Some(runtime) }
+}
+
+impl IsolatedService {
+    /// Stops every task of the service at once, like SIGKILL.
+    pub fn crash(mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for IsolatedService {
+    fn drop(&mut self) {
+        self.token.cancel();
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// Polls `url` until it answers 2xx (or the deadline passes); returns the last status.
 pub async fn wait_http_ok(url: &str, within: Duration) -> Option<u16> {
     let deadline = Instant::now() + within;

@@ -203,7 +203,9 @@ fn sse_events(buf: &mut String, out: &mut Vec<(String, Value)>) {
 }
 
 /// Reads the child's `connected frames` progress lines.
-async fn next_progress(lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>) -> Option<(usize, usize)> {
+async fn next_progress(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) -> Option<(usize, usize)> {
     let line = tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await.ok()?.ok()??;
     let mut parts = line.split_whitespace().map(|p| p.parse::<usize>().ok());
     Some((parts.next()??, parts.next()??))

@@ -118,6 +118,8 @@ struct Hot {
     /// Early arrivals, by position.
     pending: BTreeMap<u64, Held>,
     gap_since: Option<Instant>,
+    /// When the stream was last read to fill a gap.
+    fetched_at: Option<Instant>,
     /// `CONV_OUT` sequence of the last event folded here.
     last_seq: u64,
     touched: Instant,
@@ -132,6 +134,7 @@ impl Hot {
             unacked: Vec::new(),
             pending: BTreeMap::new(),
             gap_since: None,
+            fetched_at: None,
             last_seq: 0,
             touched: Instant::now(),
         }
@@ -362,12 +365,16 @@ impl Worker {
         let waiting: Vec<ConversationId> = self
             .views
             .iter()
-            .filter(|(_, h)| h.gap_since.is_some_and(|t| t.elapsed() >= cfg.gap_wait))
+            .filter(|(_, h)| {
+                h.gap_since.is_some_and(|t| t.elapsed() >= cfg.gap_wait)
+                    && h.fetched_at.is_none_or(|t| t.elapsed() >= cfg.gap_wait)
+            })
             .map(|(c, _)| c.clone())
             .collect();
         for conv in waiting {
             let Some(hot) = self.views.get_mut(&conv) else { continue };
             let (from, upto) = (hot.position(), hot.pending.last_key_value().map(|(p, _)| *p).unwrap_or(0));
+            hot.fetched_at = Some(Instant::now());
             self.shared.metrics.gap_fetches.inc();
             let read = conv_nats::read::from(
                 &self.shared.js,

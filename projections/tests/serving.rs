@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use conv_contracts::ConversationId;
 use conv_nats::TopologyConfig;
 use conv_nats::service::Settings;
-use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, spawn_service, wait_http_ok};
+use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, spawn_isolated, spawn_service, wait_http_ok};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -21,20 +21,30 @@ fn runtime(nats: &TestNats) -> ServiceHandle<conv_runtime::Error> {
     spawn_service("conv-runtime", |t| conv_runtime::run(c, t))
 }
 
-fn effects(nats: &TestNats, tokens: usize, delay_ms: u64, coalesce_ms: u64) -> ServiceHandle<conv_effects::Error> {
+fn effects_config(nats: &TestNats, tokens: usize, delay_ms: u64, coalesce_ms: u64) -> conv_effects::Config {
     let mut c: conv_effects::Config = Settings::for_test(nats.config(), free_addr());
     c.options.scripted_tokens = tokens;
     c.options.scripted_token_delay_ms = delay_ms;
     c.options.coalesce_ms = coalesce_ms;
     c.options.progress_ms = 500;
+    c
+}
+
+fn effects(nats: &TestNats, tokens: usize, delay_ms: u64, coalesce_ms: u64) -> ServiceHandle<conv_effects::Error> {
+    let c = effects_config(nats, tokens, delay_ms, coalesce_ms);
     spawn_service("conv-effects", |t| conv_effects::run(c, t))
+}
+
+fn projections_config(nats: &TestNats, addr: SocketAddr) -> conv_projections::Config {
+    let mut c: conv_projections::Config = Settings::for_test(nats.config(), addr);
+    c.options.heartbeat_ms = 200;
+    c.options.flush_ms = 50;
+    c
 }
 
 async fn projections(nats: &TestNats) -> (SocketAddr, ServiceHandle<conv_projections::Error>) {
     let addr = free_addr();
-    let mut c: conv_projections::Config = Settings::for_test(nats.config(), addr);
-    c.options.heartbeat_ms = 200;
-    c.options.flush_ms = 50;
+    let c = projections_config(nats, addr);
     let handle = spawn_service("conv-projections", |t| conv_projections::run(c, t));
     assert_eq!(wait_http_ok(&format!("http://{addr}/readyz"), Duration::from_secs(20)).await, Some(200));
     (addr, handle)
@@ -144,16 +154,19 @@ async fn views_converge_after_a_projections_kill_and_a_nats_restart() {
     nats.setup_with(&TopologyConfig { projections_ack_wait_secs: 2, ..Default::default() }).await.expect("topology");
     let (ingress, _i) = ingress(&nats).await;
     let _services = (runtime(&nats), effects(&nats, 20, 10, 50));
-    let (_, first) = projections(&nats).await;
+    let first_addr = free_addr();
+    let c = projections_config(&nats, first_addr);
+    let first = spawn_isolated("conv-projections", |t| conv_projections::run(c, t));
+    assert_eq!(wait_http_ok(&format!("http://{first_addr}/readyz"), Duration::from_secs(20)).await, Some(200));
     let (b, _pb) = projections(&nats).await;
     let http = reqwest::Client::new();
     let convs: Vec<String> = (0..30).map(|i| format!("kill-{i}")).collect();
     for c in &convs {
         post(&http, ingress, c, "one").await;
     }
-    // A projections instance dies mid-stream, like a SIGKILL.
+    // A projections instance dies mid-stream: every task of it at once.
     tokio::time::sleep(Duration::from_millis(150)).await;
-    first.kill();
+    first.crash();
     for c in &convs {
         post(&http, ingress, c, "two").await;
     }
@@ -362,7 +375,8 @@ async fn a_reply_resumed_after_an_effects_crash_reads_as_its_final_text() {
     nats.setup_with(&TopologyConfig { ack_wait_secs: 2, ..Default::default() }).await.expect("topology");
     let (ingress, _i) = ingress(&nats).await;
     let _runtime = runtime(&nats);
-    let first = effects(&nats, 200, 20, 500);
+    let c = effects_config(&nats, 200, 20, 500);
+    let first = spawn_isolated("conv-effects", |t| conv_effects::run(c, t));
     let (at, _p) = projections(&nats).await;
     let http = reqwest::Client::new();
     let reader = tokio::spawn({
@@ -379,7 +393,7 @@ async fn a_reply_resumed_after_an_effects_crash_reads_as_its_final_text() {
     post(&http, ingress, "crash", "a long answer please").await;
     watcher.await.expect("watcher");
     // Effects dies mid-reply, past a durable chunk and with live text beyond it.
-    first.kill();
+    first.crash();
     let _second = effects(&nats, 200, 20, 500);
     let events = reader.await.expect("reader");
     assert_eq!(wait_complete(&http, at, &["crash".to_owned()], 1, Duration::from_secs(30)).await, 0);
