@@ -400,3 +400,74 @@ async fn a_reply_resumed_after_an_effects_crash_reads_as_its_final_text() {
     let t = timeline(&http, at, "crash").await.expect("timeline");
     assert_eq!(joined(&events), final_text(&t), "no duplicated or garbled text");
 }
+
+#[tokio::test]
+async fn a_reader_too_slow_to_keep_up_is_closed_with_a_final_event() {
+    use conv_contracts::Envelope;
+    use conv_contracts::payload::{EntryRole, EntryStatus, OutMessageAppended};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let nats = TestNats::start().await.expect("test NATS");
+    nats.setup().await.expect("topology");
+    let js = nats.jetstream().await;
+    let addr = free_addr();
+    let mut c = projections_config(&nats, addr);
+    c.options.sse_buffer = 32;
+    let _p = spawn_service("conv-projections", |t| conv_projections::run(c, t));
+    assert_eq!(wait_http_ok(&format!("http://{addr}/readyz"), Duration::from_secs(20)).await, Some(200));
+
+    // A reader that connects and then does not read.
+    let mut socket = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    socket
+        .write_all(b"GET /v1/conversations/slow/stream HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n")
+        .await
+        .expect("request");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Far more output than socket buffers hold.
+    let conv = ConversationId::parse("slow").expect("id");
+    let text = "x".repeat(4096);
+    for chunk in (1..=3000u64).collect::<Vec<_>>().chunks(500) {
+        let mut acks = Vec::new();
+        for p in chunk {
+            let e = Envelope::new(
+                format!("slow.{p}"),
+                "/test",
+                conv.clone(),
+                OutMessageAppended {
+                    entry_id: format!("u{p}"),
+                    role: EntryRole::User,
+                    text: text.clone(),
+                    status: EntryStatus::Completed,
+                },
+            )
+            .with_position(*p);
+            acks.push(conv_nats::headers::publish(&js, &e).await.expect("publish"));
+        }
+        for a in acks {
+            a.await.expect("ack");
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Now read: what was buffered, then the final event, then the end.
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match tokio::time::timeout_at(deadline.into(), socket.read(&mut buf)).await {
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => {
+                got.extend_from_slice(&buf[..n]);
+                if got.windows(7).any(|w| w == b"lagged\"") && got.ends_with(b"0\r\n\r\n") {
+                    break;
+                }
+            }
+            Ok(Err(e)) => panic!("read: {e}"),
+            Err(_) => panic!("the slow reader was never closed ({} bytes read)", got.len()),
+        }
+    }
+    let body = String::from_utf8_lossy(&got);
+    assert!(body.contains("event: conv.stream.closed"), "a clear final event");
+    assert!(body.contains("\"reason\":\"lagged\""));
+    let frames = body.matches("event: conv.out.message.appended").count();
+    assert!(frames < 3000, "the reader was closed, not buffered without bound ({frames} frames)");
+}
