@@ -340,6 +340,10 @@ struct TopicState {
     early: BTreeMap<u64, Envelope>,
     /// Live deltas of entries not (yet) known, or beyond the known text.
     live_early: HashMap<String, BTreeMap<u64, String>>,
+    /// Bytes held in `live_early`.
+    live_early_bytes: usize,
+    /// Entries that finished recently: late live pieces for them are dropped.
+    finished: VecDeque<String>,
     gap_since: Option<Instant>,
     last_durable: Instant,
     running: bool,
@@ -368,6 +372,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A running conversation without durable output this long is caught up
 /// from the stream (a last resort against output lost in transit).
 const QUIET_RUN: Duration = Duration::from_secs(15);
+
+/// Recently finished entries remembered per topic.
+const FINISHED_KEPT: usize = 64;
 
 /// Cap on live text held for entries this topic does not know yet.
 const LIVE_EARLY_BYTES: usize = 1 << 20;
@@ -408,6 +415,16 @@ impl Topic {
             let entry = match &event.data {
                 Payload::OutMessageAppended(m) => Some(m.entry_id.clone()),
                 Payload::OutMessageDelta(d) => Some(d.entry_id.clone()),
+                Payload::OutMessageFinished(f) => {
+                    if let Some(dropped) = st.live_early.remove(&f.entry_id) {
+                        st.live_early_bytes -= dropped.values().map(String::len).sum::<usize>();
+                    }
+                    st.finished.push_back(f.entry_id.clone());
+                    if st.finished.len() > FINISHED_KEPT {
+                        st.finished.pop_front();
+                    }
+                    None
+                }
                 _ => None,
             };
             let items = st.text.durable(&self.conv, event);
@@ -426,7 +443,11 @@ impl Topic {
             let Some(known) = st.text.text.get(entry).map(String::len) else { return };
             let Some(waiting) = st.live_early.get_mut(entry) else { return };
             // Pieces that end inside the known text add nothing.
+            let before: usize = waiting.values().map(String::len).sum();
             waiting.retain(|o, t| *o as usize + t.len() > known);
+            let after: usize = waiting.values().map(String::len).sum();
+            st.live_early_bytes -= before - after;
+            let Some(waiting) = st.live_early.get_mut(entry) else { return };
             let Some((&offset, _)) = waiting.first_key_value().filter(|(o, _)| **o as usize <= known) else {
                 if waiting.is_empty() {
                     st.live_early.remove(entry);
@@ -434,6 +455,7 @@ impl Topic {
                 return;
             };
             let piece = waiting.remove(&offset).unwrap_or_default();
+            st.live_early_bytes -= piece.len();
             let Some(items) = st.text.merge(&self.conv, entry, offset, &piece) else { return };
             self.publish(st, items, cap);
         }
@@ -447,10 +469,15 @@ impl Topic {
                 self.publish(&mut st, items, cap);
                 self.place_live(&mut st, &delta.entry_id, cap);
             }
+            None if st.finished.contains(&delta.entry_id) => {} // late: the entry is done
             None => {
-                let held: usize = st.live_early.values().flat_map(|m| m.values()).map(String::len).sum();
-                if held + delta.text.len() <= LIVE_EARLY_BYTES {
-                    st.live_early.entry(delta.entry_id).or_default().insert(delta.offset, delta.text);
+                if st.live_early_bytes + delta.text.len() <= LIVE_EARLY_BYTES {
+                    let len = delta.text.len();
+                    let waiting = st.live_early.entry(delta.entry_id).or_default();
+                    if let Some(old) = waiting.insert(delta.offset, delta.text) {
+                        st.live_early_bytes -= old.len();
+                    }
+                    st.live_early_bytes += len;
                 }
             }
         }
@@ -569,6 +596,8 @@ impl Hub {
                 base: 0,
                 early: BTreeMap::new(),
                 live_early: HashMap::new(),
+                live_early_bytes: 0,
+                finished: VecDeque::new(),
                 gap_since: None,
                 last_durable: Instant::now(),
                 running: false,

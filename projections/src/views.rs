@@ -340,6 +340,8 @@ impl Worker {
                 Err(source @ StoreError::Conflict(_)) => stale = Some(source),
                 Err(error) => {
                     tracing::warn!(message = "View write failed; will retry.", conversation_id = %conv, %error);
+                    // Retried after another flush delay, not at every tick.
+                    hot.dirty_since = Some(Instant::now());
                     self.views.insert(conv, hot);
                 }
             }
