@@ -114,3 +114,52 @@ async fn replay_matches_live_state_and_trace_walks_both_ways() {
     assert_eq!(bad.status.code(), Some(1));
     assert_eq!(json(&bad)["match"], false);
 }
+
+#[tokio::test]
+async fn projections_verify_reports_a_view_that_differs_from_the_journal() {
+    let nats = TestNats::start().await.expect("test NATS");
+    nats.setup().await.expect("topology");
+    let js = nats.jetstream().await;
+    let rc: conv_runtime::Config = conv_nats::service::Settings::for_test(nats.config(), free_addr());
+    let _rt = spawn_service("conv-runtime", |t| conv_runtime::run(rc, t));
+    let pc: conv_projections::Config = conv_nats::service::Settings::for_test(nats.config(), free_addr());
+    let _p = spawn_service("conv-projections", |t| conv_projections::run(pc, t));
+    let conv = ConversationId::parse("vf1").expect("id");
+    let m = Envelope::new(
+        "vf-msg",
+        "/t",
+        conv.clone(),
+        MessageReceived { text: "hi".into(), role: None, channel: None, sender: None },
+    );
+    conv_nats::headers::publish(&js, &m).await.expect("publish").await.expect("ack");
+    let url = nats.url();
+    // The view catches up with the journal: verify says so.
+    let mut ok = Value::Null;
+    for _ in 0..100 {
+        let out = convctl(&url, &["projections", "verify", "vf1", "--json"]).await;
+        if out.status.success() {
+            ok = json(&out);
+            if ok["views"][0]["view_position"].as_u64().is_some_and(|p| p >= 3) {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(ok["match"], true, "{ok}");
+    assert!(ok["views"][0]["view_position"].as_u64().is_some_and(|p| p >= 3), "{ok}");
+
+    // A stored view that disagrees with the journal: exit 1, the difference named.
+    let bucket = js.get_key_value(conv_nats::topology::KV_PROJECTIONS).await.expect("bucket");
+    let mut view = conv_projections::store::read(&bucket, "vf1").await.expect("read").expect("a view");
+    view.entries[0].text = "tampered".into();
+    assert!(conv_projections::store::replace(&bucket, view, 0).await.expect("overwrite"));
+    let bad = convctl(&url, &["projections", "verify", "vf1", "--settle-secs", "0"]).await;
+    assert_eq!(bad.status.code(), Some(1), "{}", String::from_utf8_lossy(&bad.stdout));
+    let text = String::from_utf8_lossy(&bad.stdout);
+    assert!(text.contains("DIFFERS") && text.contains("entry 0"), "{text}");
+
+    // A conversation that has neither output nor a view is an error, not "ok".
+    let none = convctl(&url, &["projections", "verify", "nobody"]).await;
+    assert_eq!(none.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&none.stderr).contains("nobody"));
+}

@@ -34,6 +34,12 @@ pub async fn verify(g: &Global, conversation: Option<&str>, settle: std::time::D
     for conv in &targets {
         all.push(conv_projections::verify(&js, conv, settle).await.map_err(Error::JetStream)?);
     }
+    if let (Some(one), Some(v)) = (conversation, all.first())
+        && v.view_position == 0
+        && v.journal_position == 0
+    {
+        return Err(Error::Invalid(format!("conversation {one:?} has no output in CONV_OUT and no stored view")));
+    }
     let differing = all.iter().filter(|v| !v.ok()).count();
     let code = u8::from(differing > 0);
     if g.json {
