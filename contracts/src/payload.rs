@@ -259,6 +259,13 @@ pub struct ToolRequested {
     pub args: Value,
 }
 
+/// The tool name that schedules a timer (`{"ms": n}`): the runtime answers
+/// the call itself and emits `conv.effect.timer.scheduled`.
+pub const TIMER_TOOL: &str = "timer";
+
+/// The longest delay a `sleep` or `timer` tool call may ask for: 24 hours.
+pub const MAX_DELAY_MS: u64 = 24 * 60 * 60 * 1000;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TimerScheduled {
     pub timer_id: String,

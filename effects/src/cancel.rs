@@ -42,7 +42,8 @@ impl Registry {
         inner.running.remove(&(conversation.to_owned(), effect_id.to_owned()));
     }
 
-    /// Cancels an effect if it runs here, and remembers the cancel either way.
+    /// Cancels an effect if it runs here (true the first time only), and
+    /// remembers the cancel either way.
     pub fn cancel(&self, conversation: &str, effect_id: &str) -> bool {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
@@ -50,11 +51,12 @@ impl Registry {
         let key = (conversation.to_owned(), effect_id.to_owned());
         inner.canceled.insert(key.clone(), now);
         match inner.running.get(&key) {
-            Some(token) => {
+            // A cancel seen twice (work queue and cancel listener) counts once.
+            Some(token) if !token.is_cancelled() => {
                 token.cancel();
                 true
             }
-            None => false,
+            _ => false,
         }
     }
 }

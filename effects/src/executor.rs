@@ -21,6 +21,9 @@ use crate::scripted::Chunk;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::StreamExt;
 
+/// The longest `sleep` (and timer) a tool call may ask for: 24 hours.
+pub const MAX_DELAY_MS: u64 = conv_contracts::payload::MAX_DELAY_MS;
+
 /// CloudEvents `source` of lifecycle events.
 pub const SOURCE: &str = "/conv/effects";
 
@@ -89,7 +92,9 @@ impl Executor {
                 let timer = crate::timers::Timer {
                     conversation_id: directive.conversation_id.to_string(),
                     timer_id: t.timer_id.clone(),
-                    fire_at_ms: start.timestamp_millis() + i64::try_from(t.delay_ms).unwrap_or(i64::MAX / 2),
+                    fire_at_ms: start
+                        .timestamp_millis()
+                        .saturating_add(i64::try_from(t.delay_ms.min(MAX_DELAY_MS)).unwrap_or(i64::MAX)),
                     directive_id: directive.id.clone(),
                 };
                 crate::timers::schedule(&self.timers, &timer).await.map_err(PublishFailed)
@@ -388,6 +393,11 @@ impl Executor {
                 }
                 "sleep" => {
                     let ms = t.args.get("ms").and_then(serde_json::Value::as_u64).unwrap_or(1000);
+                    if ms > MAX_DELAY_MS {
+                        self.metrics.failed.with_label_values(&["tool"]).inc();
+                        let error = format!("sleep: `ms` must be at most {MAX_DELAY_MS} (24 h), got {ms}");
+                        return self.emit(directive, ToolFailed { tool_call_id: id.clone(), error, retryable: false }).await;
+                    }
                     tokio::select! {
                         biased;
                         _ = cancel.cancelled() => {

@@ -24,6 +24,11 @@ pub mod scripted;
 pub mod timers;
 pub mod webhook;
 
+/// The tool name that schedules a timer (the runtime answers it; effects
+/// keeps the timer).
+pub use conv_contracts::payload::TIMER_TOOL;
+
+use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,7 +42,6 @@ use conv_nats::topology::EFFECTS_CONSUMER;
 use futures::StreamExt;
 use prometheus::Registry;
 use serde::Deserialize;
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -56,7 +60,9 @@ pub const IDENTITY: Identity = Identity {
         "  CONV_LLM_STALL_TIMEOUT_MS       a stream silent this long fails (default 30000)\n",
         "  CONV_SCRIPTED_TOKENS            tokens per scripted answer (default 24)\n",
         "  CONV_SCRIPTED_TOKEN_DELAY_MS    delay per scripted token (default 15)\n",
-        "  CONV_EFFECTS_CONCURRENCY        effects run at once on this instance (default 64)\n",
+        "  CONV_EFFECTS_CONCURRENCY        effects run at once on this instance, all classes (default 1280)\n",
+        "  CONV_EFFECTS_LLM_CONCURRENCY    LLM streams run at once (default 1024)\n",
+        "  CONV_EFFECTS_TOOL_CONCURRENCY   tool calls run at once (default 256); cancels never wait for a slot\n",
         "  CONV_EFFECTS_COALESCE_MS        durable lane: journal a text chunk once its oldest byte is this old (default 3000)\n",
         "  CONV_EFFECTS_COALESCE_BYTES     durable lane: or once this many bytes wait (default 16384); the live lane sends every piece at once\n",
         "  CONV_EFFECTS_PROGRESS_MS        progress interval of running effects (default 5000)\n",
@@ -72,6 +78,8 @@ pub struct EffectsOptions {
     pub scripted_tokens: usize,
     pub scripted_token_delay_ms: u64,
     pub concurrency: usize,
+    pub llm_concurrency: usize,
+    pub tool_concurrency: usize,
     pub coalesce_ms: u64,
     pub coalesce_bytes: usize,
     pub llm_base_url: String,
@@ -94,7 +102,9 @@ impl Default for EffectsOptions {
             llm_provider: "scripted".into(),
             scripted_tokens: 24,
             scripted_token_delay_ms: 15,
-            concurrency: 64,
+            concurrency: 1_280,
+            llm_concurrency: 1_024,
+            tool_concurrency: 256,
             coalesce_ms: 3_000,
             coalesce_bytes: 16_384,
             llm_base_url: String::new(),
@@ -117,6 +127,8 @@ impl Options for EffectsOptions {
         env_override(env, "CONV_SCRIPTED_TOKENS", &mut self.scripted_tokens)?;
         env_override(env, "CONV_SCRIPTED_TOKEN_DELAY_MS", &mut self.scripted_token_delay_ms)?;
         env_override(env, "CONV_EFFECTS_CONCURRENCY", &mut self.concurrency)?;
+        env_override(env, "CONV_EFFECTS_LLM_CONCURRENCY", &mut self.llm_concurrency)?;
+        env_override(env, "CONV_EFFECTS_TOOL_CONCURRENCY", &mut self.tool_concurrency)?;
         env_override(env, "CONV_EFFECTS_COALESCE_MS", &mut self.coalesce_ms)?;
         env_override(env, "CONV_EFFECTS_COALESCE_BYTES", &mut self.coalesce_bytes)?;
         env_override(env, "CONV_LLM_BASE_URL", &mut self.llm_base_url)?;
@@ -148,17 +160,33 @@ impl Options for EffectsOptions {
             return Err("options.llm_stall_timeout_ms and options.llm_retry_min_ms must be positive".into());
         }
         for tool in &self.tools {
-            if ["echo", "sleep"].contains(&tool.name.as_str()) || tool.name.is_empty() {
+            if ["echo", "sleep", TIMER_TOOL].contains(&tool.name.as_str()) || tool.name.is_empty() {
                 return Err(format!("webhook tool name {:?} is empty or taken by a built-in tool", tool.name));
             }
             if !(tool.url.starts_with("http://") || tool.url.starts_with("https://")) {
                 return Err(format!("webhook tool {}: url {:?} is not http(s)", tool.name, tool.url));
             }
         }
-        if self.concurrency == 0 || self.coalesce_bytes == 0 || self.progress_ms == 0 {
-            return Err("options.concurrency, options.coalesce_bytes and options.progress_ms must be positive".into());
+        if self.concurrency == 0
+            || self.llm_concurrency == 0
+            || self.tool_concurrency == 0
+            || self.coalesce_bytes == 0
+            || self.progress_ms == 0
+        {
+            return Err("CONV_EFFECTS_CONCURRENCY, CONV_EFFECTS_LLM_CONCURRENCY, CONV_EFFECTS_TOOL_CONCURRENCY, options.coalesce_bytes and options.progress_ms must be positive".into());
         }
         Ok(())
+    }
+}
+
+impl EffectsOptions {
+    /// The admission limits (each class within the total).
+    pub fn admission(&self) -> Admission {
+        Admission {
+            total: self.concurrency,
+            llm: self.llm_concurrency.min(self.concurrency),
+            tools: self.tool_concurrency.min(self.concurrency),
+        }
     }
 }
 
@@ -186,6 +214,7 @@ fn provider(o: &EffectsOptions) -> Result<llm::Provider, Error> {
                 &o.llm_model,
                 &o.llm_api_key,
                 Duration::from_millis(o.llm_connect_timeout_ms),
+                openai::tool_specs(&o.tools),
             )
             .map_err(Error::Provider)?,
         ),
@@ -233,7 +262,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             timers: timers.clone(),
         });
         let timer_task = tokio::spawn(timers::run(timers, booted.js.clone(), shutdown.clone()));
-        serve(executor, work, cancels, o.concurrency, shutdown.clone()).await;
+        serve(executor, work, cancels, o.admission(), shutdown.clone()).await;
         shutdown.cancel();
         let _ = timer_task.await;
     }
@@ -274,17 +303,160 @@ fn decode(m: &Message) -> Result<conv_contracts::Envelope, conv_contracts::Rejec
     conv_nats::headers::decode(&m.subject, m.headers.as_ref(), &m.payload, Limits::default())
 }
 
+/// How many effects of each class run at once on this instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    /// All effects (`CONV_EFFECTS_CONCURRENCY`).
+    pub total: usize,
+    /// LLM streams (`CONV_EFFECTS_LLM_CONCURRENCY`).
+    pub llm: usize,
+    /// Tool calls (`CONV_EFFECTS_TOOL_CONCURRENCY`).
+    pub tools: usize,
+}
+
+/// The admission class of a directive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Llm,
+    Tool,
+    /// Timer bookkeeping and cancels: quick, never queued.
+    Quick,
+}
+
+fn class(p: &Payload) -> Class {
+    match p {
+        Payload::LlmRequested(_) => Class::Llm,
+        Payload::ToolRequested(_) => Class::Tool,
+        _ => Class::Quick,
+    }
+}
+
+/// The effect id a cancel names this directive by.
+fn effect_id(p: &Payload) -> Option<&str> {
+    match p {
+        Payload::LlmRequested(r) => Some(&r.step_id),
+        Payload::ToolRequested(t) => Some(&t.tool_call_id),
+        _ => None,
+    }
+}
+
+#[derive(Debug, Default)]
+struct Slots {
+    total: usize,
+    llm: usize,
+    tools: usize,
+}
+
+impl Slots {
+    fn free(&self, class: Class, limits: Admission) -> bool {
+        match class {
+            Class::Quick => true,
+            Class::Llm => self.total < limits.total && self.llm < limits.llm,
+            Class::Tool => self.total < limits.total && self.tools < limits.tools,
+        }
+    }
+
+    fn take(&mut self, class: Class) {
+        match class {
+            Class::Quick => return,
+            Class::Llm => self.llm += 1,
+            Class::Tool => self.tools += 1,
+        }
+        self.total += 1;
+    }
+
+    fn give(&mut self, class: Class) {
+        match class {
+            Class::Quick => return,
+            Class::Llm => self.llm -= 1,
+            Class::Tool => self.tools -= 1,
+        }
+        self.total -= 1;
+    }
+}
+
+struct Queued {
+    event: conv_contracts::Envelope,
+    message: Message,
+    class: Class,
+}
+
+/// Runs one directive to its end and acks (or naks) it; returns its class.
+fn spawn_effect(running: &mut JoinSet<Class>, executor: &Arc<executor::Executor>, q: Queued, class: Class) {
+    let executor = executor.clone();
+    running.spawn(async move {
+        let Queued { event, message, .. } = q;
+        executor.metrics.in_flight.inc();
+        let outcome = run_with_progress(&executor, &event, &message).await;
+        executor.metrics.in_flight.dec();
+        match outcome {
+            Ok(()) => {
+                if let Err(error) = message.double_ack().await {
+                    tracing::warn!(message = "Failed to ack a directive.", event_id = %event.id, %error);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(message = "Effect will be retried.", event_id = %event.id, %error);
+                if let Err(error) = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await {
+                    tracing::debug!(message = "Failed to nak a directive.", %error);
+                }
+            }
+        }
+        class
+    });
+}
+
+/// Handles a cancel at once: running effects are told to stop, queued ones
+/// are taken out of the queue and journal their `canceled` without a slot.
+fn cancel_now(
+    executor: &Arc<executor::Executor>,
+    event: &conv_contracts::Envelope,
+    c: &conv_contracts::payload::CancelRequested,
+    queue: &mut VecDeque<Queued>,
+    running: &mut JoinSet<Class>,
+) {
+    executor.cancel(event, c);
+    let named = |q: &Queued| {
+        q.event.conversation_id == event.conversation_id
+            && effect_id(&q.event.data).is_some_and(|id| c.effect_ids.iter().any(|e| e == id))
+    };
+    let (hit, keep): (VecDeque<Queued>, VecDeque<Queued>) = std::mem::take(queue).into_iter().partition(named);
+    *queue = keep;
+    for q in hit {
+        // The registry knows the cancel: the run journals `canceled` at once.
+        spawn_effect(running, executor, q, Class::Quick);
+    }
+}
+
 async fn serve(
     executor: Arc<executor::Executor>,
     mut work: Messages,
     mut cancels: Ordered,
-    concurrency: usize,
+    limits: Admission,
     shutdown: CancellationToken,
 ) {
-    let permits = Arc::new(Semaphore::new(concurrency));
-    let mut running = JoinSet::new();
-    tracing::info!(message = "Consuming effects.", concurrency);
+    let mut queue: VecDeque<Queued> = VecDeque::new();
+    let mut slots = Slots::default();
+    let mut running: JoinSet<Class> = JoinSet::new();
+    let mut progress = tokio::time::interval(executor.progress_every);
+    // Read ahead at most this far: the queue is what keeps acks alive.
+    let max_queue = limits.total.max(64) * 2;
+    tracing::info!(message = "Consuming effects.", total = limits.total, llm = limits.llm, tools = limits.tools);
     loop {
+        // Admit what fits, oldest first per class.
+        let mut i = 0;
+        while i < queue.len() {
+            if slots.free(queue[i].class, limits) {
+                if let Some(q) = queue.remove(i) {
+                    slots.take(q.class);
+                    let class = q.class;
+                    spawn_effect(&mut running, &executor, q, class);
+                }
+            } else {
+                i += 1;
+            }
+        }
+        executor.metrics.queued.set(i64::try_from(queue.len()).unwrap_or(i64::MAX));
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -292,11 +464,23 @@ async fn serve(
                 if let Ok(event) = decode(&m)
                     && let Payload::CancelRequested(c) = &event.data
                 {
-                    executor.cancel(&event, c);
+                    cancel_now(&executor, &event, c, &mut queue, &mut running);
                 }
             }
-            Some(_) = running.join_next(), if !running.is_empty() => {}
-            next = work.next() => {
+            Some(done) = running.join_next(), if !running.is_empty() => {
+                match done {
+                    Ok(class) => slots.give(class),
+                    Err(join) => tracing::error!(message = "An effect task failed.", error = %join),
+                }
+            }
+            _ = progress.tick() => {
+                for q in &queue {
+                    if let Err(error) = q.message.ack_with(AckKind::Progress).await {
+                        tracing::debug!(message = "Failed to send progress for a queued directive.", %error);
+                    }
+                }
+            }
+            next = work.next(), if queue.len() < max_queue => {
                 let Some(next) = next else { break };
                 let message = match next {
                     Ok(m) => m,
@@ -309,37 +493,32 @@ async fn serve(
                     Ok(e) => e,
                     Err(rejection) => {
                         let reason = format!("{}: {rejection}", rejection.code());
-                        let _ = conv_nats::consume::term_with_reason(&message, &reason).await;
+                        if let Err(error) = conv_nats::consume::term_with_reason(&message, &reason).await {
+                            tracing::warn!(message = "Failed to terminate an invalid directive.", %error);
+                        }
                         continue;
                     }
                 };
                 if let Payload::CancelRequested(c) = &event.data {
-                    // Cancels never wait for a free slot.
-                    executor.cancel(&event, c);
-                    let _ = message.double_ack().await;
+                    // Cancels never wait for a slot.
+                    cancel_now(&executor, &event, c, &mut queue, &mut running);
+                    if let Err(error) = message.double_ack().await {
+                        tracing::warn!(message = "Failed to ack a cancel.", %error);
+                    }
                     continue;
                 }
-                let Ok(permit) = permits.clone().acquire_owned().await else { break };
-                let executor = executor.clone();
-                running.spawn(async move {
-                    executor.metrics.in_flight.inc();
-                    let outcome = run_with_progress(&executor, &event, &message).await;
-                    executor.metrics.in_flight.dec();
-                    match outcome {
-                        Ok(()) => {
-                            let _ = message.double_ack().await;
-                        }
-                        Err(error) => {
-                            tracing::warn!(message = "Effect will be retried.", event_id = %event.id, %error);
-                            let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
-                        }
-                    }
-                    drop(permit);
-                });
+                let class = class(&event.data);
+                queue.push_back(Queued { event, message, class });
             }
         }
     }
-    // Let running effects finish briefly; what does not finish is redelivered.
+    // Queued directives go back at once, for another instance; running
+    // effects get a moment to finish, what does not is redelivered.
+    for q in queue {
+        if let Err(error) = q.message.ack_with(AckKind::Nak(None)).await {
+            tracing::debug!(message = "Failed to hand a queued directive back.", %error);
+        }
+    }
     let _ = tokio::time::timeout(Duration::from_secs(5), async { while running.join_next().await.is_some() {} }).await;
     running.abort_all();
 }

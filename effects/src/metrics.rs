@@ -5,6 +5,7 @@ use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterV
 #[derive(Debug, Clone)]
 pub struct Metrics {
     pub in_flight: IntGauge,
+    pub queued: IntGauge,
     pub duration: HistogramVec,
     pub completed: IntCounterVec,
     pub failed: IntCounterVec,
@@ -21,6 +22,7 @@ impl Metrics {
         let kinds = &["kind"];
         let m = Self {
             in_flight: IntGauge::new("conv_effects_in_flight", "effects running on this instance")?,
+            queued: IntGauge::new("conv_effects_queued", "directives waiting for a slot (progress keeps them alive)")?,
             duration: HistogramVec::new(
                 HistogramOpts::new("conv_effects_duration_seconds", "effect run time")
                     .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
@@ -45,6 +47,7 @@ impl Metrics {
             )?,
         };
         registry.register(Box::new(m.in_flight.clone()))?;
+        registry.register(Box::new(m.queued.clone()))?;
         registry.register(Box::new(m.duration.clone()))?;
         registry.register(Box::new(m.completed.clone()))?;
         registry.register(Box::new(m.failed.clone()))?;

@@ -21,16 +21,49 @@ pub struct OpenAi {
     pub base_url: String,
     pub model: String,
     pub api_key: String,
+    /// The tools offered to the model (Chat Completions `tools`).
+    pub tools: Vec<Value>,
+}
+
+/// Every tool this instance can run, in the Chat Completions `tools` form:
+/// the built-ins `echo` and `sleep`, the runtime's `timer`, and each
+/// configured webhook tool with its description and argument schema.
+pub fn tool_specs(webhooks: &[crate::webhook::WebhookTool]) -> Vec<Value> {
+    let max = conv_contracts::payload::MAX_DELAY_MS;
+    let function = |name: &str, description: &str, parameters: Value| json!({"type": "function", "function": {"name": name, "description": description, "parameters": parameters}});
+    let ms = json!({"type": "object", "properties": {"ms": {"type": "integer", "minimum": 0, "maximum": max}}, "required": ["ms"]});
+    let mut tools = vec![
+        function("echo", "Returns its arguments.", json!({"type": "object"})),
+        function("sleep", "Waits `ms` milliseconds (at most 24 hours), then returns.", ms.clone()),
+        function(
+            crate::TIMER_TOOL,
+            "Schedules a timer: after `ms` milliseconds (at most 24 hours) the conversation is told it fired and you may act on it.",
+            ms,
+        ),
+    ];
+    for hook in webhooks {
+        let description = hook.description.clone().unwrap_or_else(|| format!("The {} tool.", hook.name));
+        let parameters = hook.parameters.clone().unwrap_or_else(|| json!({"type": "object"}));
+        tools.push(function(&hook.name, &description, parameters));
+    }
+    tools
 }
 
 impl OpenAi {
-    pub fn new(base_url: &str, model: &str, api_key: &str, connect_timeout: Duration) -> Result<Self, String> {
+    pub fn new(
+        base_url: &str,
+        model: &str,
+        api_key: &str,
+        connect_timeout: Duration,
+        tools: Vec<Value>,
+    ) -> Result<Self, String> {
         let client = reqwest::Client::builder().connect_timeout(connect_timeout).build().map_err(|e| e.to_string())?;
         Ok(Self {
             client,
             base_url: base_url.trim_end_matches('/').to_owned(),
             model: model.to_owned(),
             api_key: api_key.to_owned(),
+            tools,
         })
     }
 
@@ -57,12 +90,7 @@ impl OpenAi {
             "model": self.model,
             "stream": true,
             "messages": messages,
-            "tools": [
-                {"type": "function", "function": {"name": "echo", "description": "Returns its arguments.",
-                  "parameters": {"type": "object"}}},
-                {"type": "function", "function": {"name": "sleep", "description": "Waits ms milliseconds.",
-                  "parameters": {"type": "object", "properties": {"ms": {"type": "integer"}}, "required": ["ms"]}}}
-            ]
+            "tools": self.tools,
         })
     }
 
@@ -179,5 +207,35 @@ impl<S> Sse<S> {
             };
             self.pending.push_back(Ok(Chunk::ToolCall(ToolCall { id, name, args })));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::webhook::WebhookTool;
+
+    #[test]
+    fn the_model_is_offered_every_tool_with_its_schema() {
+        let weather = WebhookTool {
+            name: "weather".into(),
+            url: "http://127.0.0.1:1/weather".into(),
+            timeout_ms: 1000,
+            retries: 0,
+            hmac_secret: None,
+            description: Some("The weather at a place.".into()),
+            parameters: Some(json!({"type": "object", "properties": {"place": {"type": "string"}}})),
+        };
+        let o = OpenAi::new("http://x/v1", "m", "", Duration::from_secs(1), tool_specs(&[weather])).expect("client");
+        let body = o.body(&[]);
+        let tools = body["tools"].as_array().expect("tools");
+        let names: Vec<&str> = tools.iter().filter_map(|t| t["function"]["name"].as_str()).collect();
+        assert_eq!(names, ["echo", "sleep", "timer", "weather"]);
+        assert_eq!(tools[3]["function"]["parameters"]["properties"]["place"]["type"], "string");
+        assert_eq!(tools[3]["function"]["description"], "The weather at a place.");
+        assert_eq!(
+            tools[2]["function"]["parameters"]["properties"]["ms"]["maximum"],
+            conv_contracts::payload::MAX_DELAY_MS
+        );
     }
 }

@@ -7,6 +7,8 @@
 //! timeout_ms = 10000
 //! retries = 2
 //! hmac_secret = "s3cret"   # optional
+//! description = "The weather at a place."                    # optional, for the model
+//! parameters = { type = "object", properties = { place = { type = "string" } } }  # optional JSON schema
 //! ```
 //!
 //! (or the same as JSON in `CONV_WEBHOOK_TOOLS`). A call is a `POST` of
@@ -38,6 +40,13 @@ pub struct WebhookTool {
     pub retries: usize,
     #[serde(default)]
     pub hmac_secret: Option<String>,
+    /// What the tool does, as the model is told.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// JSON schema of the tool's arguments, as the model is told
+    /// (default: any object).
+    #[serde(default)]
+    pub parameters: Option<Value>,
 }
 
 fn default_timeout() -> u64 {

@@ -192,3 +192,90 @@ async fn abort_stops_a_ten_second_stream_promptly() {
     assert_eq!(entry.status, EntryStatus::Aborted);
     assert!(!entry.text.is_empty(), "the partial answer is kept");
 }
+
+#[tokio::test]
+async fn aborts_never_wait_for_a_slot_and_queued_calls_never_run() {
+    // 16 slots for tool calls; model steps have their own.
+    let s = start(EffectsOptions { tool_concurrency: 16, ..EffectsOptions::default() }).await;
+    let convs: Vec<String> = (0..24).map(|i| format!("slot{i}")).collect();
+    for (i, c) in convs.iter().enumerate() {
+        s.send(c, &format!("m{i}"), message("/tool sleep {\"ms\": 8000}")).await;
+    }
+    // Every model step asked for its sleep; 16 sleeps run, 8 wait for a slot.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (running, queued) = loop {
+        let mut running = Vec::new();
+        let mut queued = Vec::new();
+        let mut asked = 0;
+        for c in &convs {
+            let i = s.inputs(c).await;
+            asked += count(&i, EventType::LlmCompleted);
+            if count(&i, EventType::ToolStarted) > 0 {
+                running.push(c.clone());
+            } else {
+                queued.push(c.clone());
+            }
+        }
+        if running.len() == 16 && asked == convs.len() {
+            break (running, queued);
+        }
+        assert!(Instant::now() < deadline, "{} sleeps started", running.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Abort 4 queued calls, then 4 running ones (a running one's slot, once
+    // free, may go to any queued call).
+    let wait_canceled = |c: String| {
+        let s = &s;
+        async move {
+            let i = s
+                .wait_for(
+                    &c,
+                    "the canceled tool call",
+                    |i| count(i, EventType::ToolCanceled) == 1,
+                    Duration::from_secs(10),
+                )
+                .await;
+            let at = |ty: EventType| i.iter().find(|e| e.event_type() == ty).and_then(|e| e.time).expect("a time");
+            let latency = at(EventType::ToolCanceled) - at(EventType::AbortRequested);
+            assert!(
+                latency.num_milliseconds() < 1000,
+                "{c}: canceled {} ms after the abort",
+                latency.num_milliseconds()
+            );
+        }
+    };
+    for (i, c) in queued.iter().take(4).enumerate() {
+        s.send(c, &format!("abort-q{i}"), conv_contracts::payload::AbortRequested { reason: None }).await;
+    }
+    for c in queued.iter().take(4) {
+        wait_canceled(c.clone()).await;
+    }
+    for (i, c) in running.iter().take(4).enumerate() {
+        s.send(c, &format!("abort-r{i}"), conv_contracts::payload::AbortRequested { reason: None }).await;
+    }
+    for c in running.iter().take(4) {
+        wait_canceled(c.clone()).await;
+    }
+    // A queued call that was canceled never ran.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for c in queued.iter().take(4) {
+        assert_eq!(count(&s.inputs(c).await, EventType::ToolStarted), 0, "{c} never started");
+    }
+}
+
+#[tokio::test]
+async fn a_sleep_longer_than_a_day_fails_with_a_clear_error() {
+    let s = start(EffectsOptions::default()).await;
+    s.send("long", "m1", message("/tool sleep {\"ms\": 100000000000}")).await;
+    let i =
+        s.wait_for("long", "the failed call", |i| count(i, EventType::ToolFailed) == 1, Duration::from_secs(20)).await;
+    let error = i
+        .iter()
+        .find_map(|e| match &e.data {
+            conv_contracts::Payload::ToolFailed(f) => Some(f.error.clone()),
+            _ => None,
+        })
+        .expect("failed");
+    assert!(error.contains("24 h"), "{error}");
+}

@@ -71,6 +71,8 @@ async fn start() -> Stack {
         timeout_ms,
         retries,
         hmac_secret: Some("s3cret".into()),
+        description: None,
+        parameters: None,
     };
     let nats = TestNats::start().await.expect("test NATS");
     nats.setup().await.expect("topology");

@@ -5,7 +5,12 @@
 //!    to raw JetStream consume+ack of the same number of messages, same run;
 //! 3. memory per idle conversation held in memory.
 //!
+//! With `--sweep`: the cost of applying one delta to a conversation of
+//! 1 → 1 000 turns (p50 / p99 of the apply, and of a whole-state digest
+//! for comparison), as a table and `docs/perf-apply-sweep.csv`.
+//!
 //! cargo run --release -p conv-runtime --example bench_runtime -- [inputs=20000]
+//! cargo run --release -p conv-runtime --example bench_runtime -- --sweep
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -63,8 +68,83 @@ async fn applied_count(js: &async_nats::jetstream::Context) -> u64 {
     js.get_stream("CONV_APPLIED").await.expect("stream").info().await.expect("info").state.messages
 }
 
+/// One turn of a long conversation: a message of `message_bytes`, `deltas`
+/// deltas of ~30 bytes, the completion.
+fn turn(conv: &ConversationId, t: usize, deltas: u64, message_bytes: usize) -> Vec<Envelope> {
+    let step = format!("r{t}.s1");
+    let mut out = vec![Envelope::new(
+        format!("t{t}-m"),
+        "/bench",
+        conv.clone(),
+        MessageReceived { text: "x".repeat(message_bytes.max(1)), role: None, channel: None, sender: None },
+    )];
+    for i in 0..deltas {
+        out.push(Envelope::new(
+            format!("t{t}-d{i}"),
+            "/bench",
+            conv.clone(),
+            LlmDelta { step_id: step.clone(), attempt: 1, seq: i, text: "some tokens of the answer ".into() },
+        ));
+    }
+    out.push(Envelope::new(
+        format!("t{t}-done"),
+        "/bench",
+        conv.clone(),
+        LlmCompleted { step_id: step, attempt: 1, text: String::new(), tool_calls: vec![], finish_reason: None },
+    ));
+    out
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Apply cost of a delta as the conversation grows.
+fn sweep() {
+    let conv = ConversationId::parse("sweep").expect("id");
+    let mut state = State::new("sweep");
+    let mut rows = Vec::new();
+    let mut turns_done = 0;
+    println!("turns  state KiB  delta apply p50 µs  p99 µs  whole-state digest µs");
+    for target in [1usize, 10, 50, 100, 200, 400, 700, 1000] {
+        while turns_done < target {
+            turns_done += 1;
+            for e in turn(&conv, turns_done, 20, 2000) {
+                apply(&mut state, &e);
+            }
+        }
+        // A new turn: measure each of its deltas.
+        turns_done += 1;
+        let events = turn(&conv, turns_done, 200, 2000);
+        let mut times = Vec::new();
+        for (i, e) in events.iter().enumerate() {
+            let t = Instant::now();
+            apply(&mut state, e);
+            if i > 0 && i < events.len() - 1 {
+                times.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        let t = Instant::now();
+        let digest = state.digest();
+        let digest_us = t.elapsed().as_secs_f64() * 1e6;
+        assert!(!digest.is_empty());
+        let kib = state.to_bytes().len() as f64 / 1024.0;
+        println!("{target:>5}  {kib:>9.0}  {:>18.2}  {:>6.2}  {digest_us:>21.0}", pct(&times, 0.5), pct(&times, 0.99));
+        rows.push(format!("{target},{kib:.0},{:.2},{:.2},{digest_us:.0}", pct(&times, 0.5), pct(&times, 0.99)));
+    }
+    let csv = format!("turns,state_kib,apply_p50_us,apply_p99_us,digest_us\n{}\n", rows.join("\n"));
+    if std::fs::write("docs/perf-apply-sweep.csv", csv).is_ok() {
+        println!("wrote docs/perf-apply-sweep.csv");
+    }
+}
+
 #[tokio::main]
 async fn main() {
+    if std::env::args().any(|a| a == "--sweep") {
+        sweep();
+        return;
+    }
     let inputs: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(20_000);
 
     // 1. The reducer alone.
@@ -76,7 +156,7 @@ async fn main() {
         states.clear();
         for e in &events {
             let s = states.entry(e.conversation_id.clone()).or_insert_with(|| State::new(e.conversation_id.as_str()));
-            *s = apply(s, e).state;
+            apply(s, e);
             applied += 1;
         }
     }
@@ -88,7 +168,7 @@ async fn main() {
     for c in 0..10_000 {
         let mut s = State::new(&format!("idle-{c}"));
         for e in conversation(c, 5) {
-            s = apply(&s, &e).state;
+            apply(&mut s, &e);
         }
         idle.insert(ConversationId::parse(&format!("idle-{c}")).expect("id"), s);
     }

@@ -120,7 +120,7 @@ pub async fn rebuild(
             continue;
         }
         let event = input(js, marker.input_seq).await?;
-        snapshot.state = reducer::apply(&snapshot.state, &event).state;
+        reducer::apply(&mut snapshot.state, &event);
         snapshot.applied_seq = seq;
         rebuilt.applied += 1;
         if snapshot.state.hash() != marker.state_hash {

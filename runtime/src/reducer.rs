@@ -1,4 +1,5 @@
-//! The pure reducer: `apply(state, event) -> (state, emitted)`.
+//! The pure reducer: `apply(&mut state, event) -> emitted`, in place: the
+//! cost of an input does not depend on the length of the conversation.
 //!
 //! No clock, no randomness, no I/O. Every id it makes comes from its input:
 //! run ids from a counter in the state, emitted event ids from the input id
@@ -29,15 +30,14 @@ use serde_json::{Value, json};
 use crate::state::{Entry, LlmStep, RetryPoint, Run, State, ToolInFlight};
 
 /// The tool name that schedules a timer (`{"ms": n}`) instead of calling a tool.
-pub const TIMER_TOOL: &str = "timer";
+pub use conv_contracts::payload::TIMER_TOOL;
 
 /// CloudEvents `source` of everything the runtime emits.
 pub const SOURCE: &str = "/conv/runtime";
 
-/// The result of applying one input.
+/// The result of applying one input (the state is changed in place).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Applied {
-    pub state: State,
     /// Directives (`conv.effect.*`) and output (`conv.out.*`), in order.
     pub emitted: Vec<Envelope>,
     /// The input was applied before (same id): nothing changed.
@@ -92,45 +92,45 @@ impl Ctx<'_> {
     }
 }
 
-/// Applies one input event to the state.
-pub fn apply(state: &State, input: &Envelope) -> Applied {
+/// Applies one input event to the state, in place. A repeat (an input id
+/// among the recent ones) changes nothing.
+pub fn apply(state: &mut State, input: &Envelope) -> Applied {
     if state.has_applied(&input.id) {
-        return Applied { state: state.clone(), emitted: Vec::new(), duplicate: true };
+        return Applied { emitted: Vec::new(), duplicate: true };
     }
-    let mut s = state.clone();
+    let s = state;
     s.version += 1;
     s.remember(&input.id);
     let mut cx = Ctx { input, out: Vec::new() };
     match &input.data {
-        Payload::MessageReceived(m) => message(&mut s, &mut cx, m),
-        Payload::AbortRequested(a) => end_run(&mut s, &mut cx, CancelMode::Abort, a.reason.clone()),
-        Payload::StopRequested(_) => end_run(&mut s, &mut cx, CancelMode::Stop, None),
-        Payload::RetryRequested(_) => retry(&mut s, &mut cx),
+        Payload::MessageReceived(m) => message(s, &mut cx, m),
+        Payload::AbortRequested(a) => end_run(s, &mut cx, CancelMode::Abort, a.reason.clone()),
+        Payload::StopRequested(_) => end_run(s, &mut cx, CancelMode::Stop, None),
+        Payload::RetryRequested(_) => retry(s, &mut cx),
         Payload::PolicySet(p) => s.policy = p.on_message_while_running,
-        Payload::LlmDelta(d) => delta(&mut s, &mut cx, d),
-        Payload::LlmCompleted(c) => completed(&mut s, &mut cx, c),
-        Payload::LlmFailed(f) => step_failed(&mut s, &mut cx, &f.step_id, f.attempt, &f.error),
-        Payload::LlmCanceled(c) => step_failed(&mut s, &mut cx, &c.step_id, c.attempt, "canceled by the provider side"),
-        Payload::ToolCompleted(t) => {
-            tool_result(&mut s, &mut cx, &t.tool_call_id, ToolOutcome::Completed, t.result.clone())
-        }
+        Payload::LlmDelta(d) => delta(s, &mut cx, d),
+        Payload::LlmCompleted(c) => completed(s, &mut cx, c),
+        Payload::LlmFailed(f) => step_failed(s, &mut cx, &f.step_id, f.attempt, &f.error),
+        Payload::LlmCanceled(c) => step_failed(s, &mut cx, &c.step_id, c.attempt, "canceled by the provider side"),
+        Payload::ToolCompleted(t) => tool_result(s, &mut cx, &t.tool_call_id, ToolOutcome::Completed, t.result.clone()),
         Payload::ToolFailed(t) => {
-            tool_result(&mut s, &mut cx, &t.tool_call_id, ToolOutcome::Failed, json!({"error": t.error}))
+            tool_result(s, &mut cx, &t.tool_call_id, ToolOutcome::Failed, json!({"error": t.error}))
         }
         Payload::ToolCanceled(t) => tool_result(
-            &mut s,
+            s,
             &mut cx,
             &t.tool_call_id,
             ToolOutcome::Canceled,
             json!({"canceled": true, "reason": t.reason}),
         ),
-        Payload::TimerFired(t) => timer_fired(&mut s, &mut cx, &t.timer_id),
+        Payload::TimerFired(t) => timer_fired(s, &mut cx, &t.timer_id),
         // Informative inputs: recorded (version, dedupe) but change nothing else.
         Payload::LlmStarted(_) | Payload::ToolStarted(_) | Payload::ToolProgress(_) => {}
         // Not inputs: ingress and validation keep these out of CONV_IN.
         _ => {}
     }
-    Applied { state: s, emitted: cx.out, duplicate: false }
+    s.extend_chain(&input.id, input.event_type().as_str(), &cx.out);
+    Applied { emitted: cx.out, duplicate: false }
 }
 
 fn message(s: &mut State, cx: &mut Ctx<'_>, m: &MessageReceived) {
@@ -306,6 +306,11 @@ fn completed(s: &mut State, cx: &mut Ctx<'_>, c: &LlmCompleted) {
         if call.name == TIMER_TOOL {
             // A timer is a directive of its own; the call is answered at once.
             let delay_ms = call.args.get("ms").and_then(Value::as_u64).unwrap_or(1000);
+            if delay_ms > MAX_DELAY_MS {
+                let error = format!("timer: `ms` must be at most {MAX_DELAY_MS} (24 h), got {delay_ms}");
+                record_tool_result(s, cx, &call.id, ToolOutcome::Failed, json!({"error": error}));
+                continue;
+            }
             s.timers.insert(call.id.clone(), delay_ms);
             cx.emit(s, TimerScheduled { timer_id: call.id.clone(), delay_ms });
             record_tool_result(

@@ -1,11 +1,19 @@
 //! Per-conversation state: what the reducer folds the journal into.
 //!
 //! Serialized (JSON) only as the runtime's own snapshot format in the
-//! `conv_snapshots` bucket — never on the wire between services. The hash of
-//! that serialization is the state hash in every applied marker, so field
-//! order and map types (`BTreeMap`, `Vec`) are chosen to be deterministic.
+//! `conv_snapshots` bucket — never on the wire between services. Field order
+//! and map types (`BTreeMap`, `Vec`) are chosen to be deterministic.
+//!
+//! Two hashes, so that applying an input costs the same at turn 1 and at
+//! turn 1 000:
+//! * [`State::hash`], the **chain**: each applied input extends it with
+//!   SHA-256(previous chain, the input's id and type, every event it
+//!   emitted). O(size of the input and its output), never of the state. It is
+//!   the `state_hash` of every applied marker; replay recomputes it.
+//! * [`State::digest`]: SHA-256 of the whole snapshot bytes, for comparing a
+//!   live state with a replayed one (`convctl replay`), not per input.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use conv_contracts::payload::{BusyPolicy, EntryRole, EntryStatus, RunStatus, ToolCall};
 use serde::{Deserialize, Serialize};
@@ -14,7 +22,7 @@ use sha2::{Digest, Sha256};
 
 /// Version of the snapshot format; a snapshot of another version is ignored
 /// and the state rebuilt from the journal.
-pub const SNAPSHOT_FORMAT: u32 = 1;
+pub const SNAPSHOT_FORMAT: u32 = 2;
 
 /// How many recently applied input ids are remembered for dedupe.
 pub const RECENT_IDS: usize = 4096;
@@ -101,8 +109,75 @@ pub struct State {
     pub queued: Vec<String>,
     pub retry: Option<RetryPoint>,
     pub pointers: Pointers,
-    /// Ids of the most recent applied inputs, oldest first (dedupe).
-    pub recent_ids: VecDeque<String>,
+    /// Ids of the most recent applied inputs (dedupe).
+    pub recent_ids: RecentIds,
+    /// The hash chain over every applied input and its output (hex).
+    pub chain: String,
+    /// Entry id → place, a cache (not serialized, not compared).
+    #[serde(skip)]
+    index: EntryIndex,
+}
+
+/// Entry id → place in `entries`, built lazily as entries are added (they
+/// are never removed), so finding an entry is O(1).
+#[derive(Debug, Clone, Default)]
+struct EntryIndex {
+    places: std::collections::HashMap<String, usize>,
+    /// Entries indexed so far.
+    upto: usize,
+}
+
+impl PartialEq for EntryIndex {
+    fn eq(&self, _: &Self) -> bool {
+        true // a cache: never part of what a state is
+    }
+}
+
+/// The most recent applied input ids: in order (for the window) and as a set
+/// (for an O(1) lookup). Serialized as the ordered list.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RecentIds {
+    order: VecDeque<String>,
+    set: HashSet<String>,
+}
+
+impl RecentIds {
+    pub fn contains(&self, id: &str) -> bool {
+        self.set.contains(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    fn push(&mut self, id: &str, keep: usize) {
+        if self.set.insert(id.to_owned()) {
+            self.order.push_back(id.to_owned());
+        }
+        while self.order.len() > keep {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+    }
+}
+
+impl Serialize for RecentIds {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.order.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for RecentIds {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let order = VecDeque::<String>::deserialize(deserializer)?;
+        let set = order.iter().cloned().collect();
+        Ok(Self { order, set })
+    }
 }
 
 impl State {
@@ -122,20 +197,19 @@ impl State {
             queued: Vec::new(),
             retry: None,
             pointers: Pointers::default(),
-            recent_ids: VecDeque::new(),
+            recent_ids: RecentIds::default(),
+            chain: String::new(),
+            index: EntryIndex::default(),
         }
     }
 
     /// True when an input with this id was applied recently.
     pub fn has_applied(&self, event_id: &str) -> bool {
-        self.recent_ids.iter().any(|id| id == event_id)
+        self.recent_ids.contains(event_id)
     }
 
     pub(crate) fn remember(&mut self, event_id: &str) {
-        self.recent_ids.push_back(event_id.to_owned());
-        while self.recent_ids.len() > RECENT_IDS {
-            self.recent_ids.pop_front();
-        }
+        self.recent_ids.push(event_id, RECENT_IDS);
     }
 
     /// The snapshot bytes (also what the hash covers).
@@ -148,13 +222,50 @@ impl State {
         serde_json::from_slice::<State>(bytes).ok().filter(|s| s.format == SNAPSHOT_FORMAT)
     }
 
-    /// Hex SHA-256 of the snapshot bytes.
+    /// The state hash of applied markers: the chain (see the module docs).
     pub fn hash(&self) -> String {
-        let digest = Sha256::digest(self.to_bytes());
-        digest.iter().map(|b| format!("{b:02x}")).collect()
+        self.chain.clone()
+    }
+
+    /// Hex SHA-256 of the whole snapshot bytes (O(state); for replay checks).
+    pub fn digest(&self) -> String {
+        hex(&Sha256::digest(self.to_bytes()))
+    }
+
+    /// Extends the chain with an applied input and what it emitted.
+    pub(crate) fn extend_chain(&mut self, input_id: &str, input_type: &str, emitted: &[conv_contracts::Envelope]) {
+        let mut h = Sha256::new();
+        h.update(self.chain.as_bytes());
+        h.update(b"\n");
+        h.update(input_id.as_bytes());
+        h.update(b"\n");
+        h.update(input_type.as_bytes());
+        for e in emitted {
+            h.update(b"\n");
+            h.update(e.id.as_bytes());
+            h.update(b" ");
+            h.update(e.event_type().as_str().as_bytes());
+            h.update(b" ");
+            h.update(e.data.to_json().to_string().as_bytes());
+        }
+        self.chain = hex(&h.finalize());
     }
 
     pub fn entry_mut(&mut self, id: &str) -> Option<&mut Entry> {
-        self.entries.iter_mut().find(|e| e.id == id)
+        let index = &mut self.index;
+        if index.upto > self.entries.len() {
+            *index = EntryIndex::default();
+        }
+        for (i, e) in self.entries.iter().enumerate().skip(index.upto) {
+            // The first entry with an id wins, as a scan from the start would.
+            index.places.entry(e.id.clone()).or_insert(i);
+        }
+        index.upto = self.entries.len();
+        let at = *index.places.get(id)?;
+        self.entries.get_mut(at).filter(|e| e.id == id)
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -346,32 +346,35 @@ impl Worker {
         let started = Instant::now();
         let Pending { seq, event, token } = pending;
         let conv = event.conversation_id.clone();
-        let state = match self.load(&conv).await {
-            Ok(l) => l.snap.state.clone(),
-            Err(error) => {
-                tracing::warn!(message = "Cannot load state; will retry.", conversation_id = %conv, %error);
-                let _ = token.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
-                return Ok(());
-            }
+        if let Err(error) = self.load(&conv).await {
+            tracing::warn!(message = "Cannot load state; will retry.", conversation_id = %conv, %error);
+            let _ = token.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
+            return Ok(());
+        }
+        let vanished = || Stopped::Failed { partition: self.partition, detail: "state vanished".into() };
+        let missing = match self.states.get(&conv) {
+            Some(l) => self.missing_cause(&l.snap.state, &event),
+            None => return Err(vanished()),
         };
-        if let Some(cause) = self.missing_cause(&state, &event) {
+        if let Some(cause) = missing {
             tracing::debug!(message = "Input waits for its cause.", conversation_id = %conv, event_id = %event.id, %cause);
             self.parked.push((Instant::now(), Pending { seq, event, token }));
             return Ok(());
         }
-        let applied = reducer::apply(&state, &event);
+        // Applied in place: nothing is copied. If the result cannot be made
+        // durable, the state is dropped and restored from the journal.
+        let Some(loaded) = self.states.get_mut(&conv) else { return Err(vanished()) };
+        let applied = reducer::apply(&mut loaded.snap.state, &event);
         if applied.duplicate {
             self.shared.metrics.duplicates.inc();
             let _ = token.double_ack().await;
             return Ok(());
         }
-        match self.publish(&event, seq, &applied.state, &applied.emitted).await {
+        let (version, hash) = (loaded.snap.state.version, loaded.snap.state.hash());
+        match self.publish(&event, seq, version, hash, &applied.emitted).await {
             Ok(marker_seq) => {
-                let loaded = self
-                    .states
-                    .get_mut(&conv)
-                    .ok_or_else(|| Stopped::Failed { partition: self.partition, detail: "state vanished".into() })?;
-                loaded.snap = Snapshot { applied_seq: marker_seq, state: applied.state };
+                let Some(loaded) = self.states.get_mut(&conv) else { return Err(vanished()) };
+                loaded.snap.applied_seq = marker_seq;
                 loaded.dirty += 1;
                 loaded.touched = Instant::now();
                 if loaded.dirty >= self.shared.config.snapshot_every
@@ -399,7 +402,14 @@ impl Worker {
     }
 
     /// Publishes emitted events and the applied marker; returns the marker's sequence.
-    async fn publish(&self, input: &Envelope, seq: u64, state: &State, emitted: &[Envelope]) -> Result<u64, String> {
+    async fn publish(
+        &self,
+        input: &Envelope,
+        seq: u64,
+        version: u64,
+        state_hash: String,
+        emitted: &[Envelope],
+    ) -> Result<u64, String> {
         let mut marker = Envelope::new(
             marker_id(&input.id),
             reducer::SOURCE,
@@ -408,9 +418,9 @@ impl Worker {
                 input_id: input.id.clone(),
                 input_type: input.event_type().as_str().to_owned(),
                 input_seq: seq,
-                applied_index: state.version,
-                state_version: state.version,
-                state_hash: state.hash(),
+                applied_index: version,
+                state_version: version,
+                state_hash,
             },
         )
         .caused_by(input);

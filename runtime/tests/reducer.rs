@@ -25,8 +25,7 @@ fn run(events: &[Envelope]) -> (State, Vec<Envelope>) {
     let mut state = State::new("c1");
     let mut out = Vec::new();
     for e in events {
-        let Applied { state: next, emitted, .. } = apply(&state, e);
-        state = next;
+        let Applied { emitted, .. } = apply(&mut state, e);
         out.extend(emitted);
     }
     (state, out)
@@ -181,9 +180,10 @@ fn busy_policies() {
 #[test]
 fn duplicates_change_nothing() {
     let (a, _) = run(&[msg("m1", "a")]);
-    let again = apply(&a, &msg("m1", "a"));
+    let mut b = a.clone();
+    let again = apply(&mut b, &msg("m1", "a"));
     assert!(again.duplicate);
-    assert_eq!(again.state, a);
+    assert_eq!(b, a);
     assert!(again.emitted.is_empty());
 }
 
@@ -250,9 +250,10 @@ proptest! {
         let (head, _) = run(&events[..cut]);
         let mut restored = State::from_bytes(&head.to_bytes()).expect("snapshot round trip");
         for e in &events[cut..] {
-            restored = apply(&restored, e).state;
+            apply(&mut restored, e);
         }
         prop_assert_eq!(restored.hash(), live.hash());
+        prop_assert_eq!(restored.digest(), live.digest());
     }
 
     /// Invariants after any sequence: nothing in flight unless running, no
@@ -277,4 +278,22 @@ proptest! {
             prop_assert!(binding::check(e, Limits::default()).is_ok(), "emitted event is valid: {e:?}");
         }
     }
+}
+
+#[test]
+fn a_timer_longer_than_a_day_is_refused_with_a_tool_error() {
+    let call = ToolCall { id: "t1".into(), name: "timer".into(), args: serde_json::json!({"ms": 100_000_000_000u64}) };
+    let completed = LlmCompleted {
+        step_id: "r1.s1".into(),
+        attempt: 1,
+        text: String::new(),
+        tool_calls: vec![call],
+        finish_reason: None,
+    };
+    let (s, out) = run(&[msg("m1", "hi"), ev("c1", completed)]);
+    assert!(!types(&out).contains(&"conv.effect.timer.scheduled"), "{:?}", types(&out));
+    let entry = s.entries.iter().find(|e| e.id == "tool.t1").expect("the tool result");
+    assert_eq!(entry.status, EntryStatus::Failed);
+    assert!(entry.text.contains("24 h"), "{}", entry.text);
+    assert!(s.timers.is_empty());
 }

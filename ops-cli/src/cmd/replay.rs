@@ -42,19 +42,23 @@ pub async fn report(g: &Global, conversation: &str) -> Result<Report, Error> {
     let snapshots = Snapshots::open(&js).await.map_err(|e| Error::JetStream(e.to_string()))?;
     let (stored, _) = snapshots.load(conv.as_str()).await.map_err(|e| Error::JetStream(e.to_string()))?;
     let snapshot_version = stored.as_ref().map(|s| s.state.version);
-    let live_hash = match stored {
-        Some(snapshot) => journal::rebuild(&js, &conv, Some(snapshot))
-            .await
-            .map_err(|e| Error::JetStream(e.to_string()))?
-            .snapshot
-            .state
-            .hash(),
-        None => replayed.recorded_hash.clone().unwrap_or_default(),
+    // The live state: the stored snapshot plus the journal after it. Its
+    // chain must equal the replayed chain, and its whole content too.
+    let (live_hash, same_content) = match stored {
+        Some(snapshot) => {
+            let live = journal::rebuild(&js, &conv, Some(snapshot))
+                .await
+                .map_err(|e| Error::JetStream(e.to_string()))?
+                .snapshot
+                .state;
+            (live.hash(), live.digest() == replayed.snapshot.state.digest())
+        }
+        None => (replayed.recorded_hash.clone().unwrap_or_default(), true),
     };
     Ok(Report {
         conversation_id: conv.to_string(),
         events: replayed.applied,
-        matches: live_hash == replay_hash && replayed.mismatches.is_empty(),
+        matches: live_hash == replay_hash && same_content && replayed.mismatches.is_empty(),
         live_hash,
         replay_hash,
         mismatched_markers: replayed.mismatches,
