@@ -25,6 +25,15 @@ use futures::StreamExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// The role's ownership metrics (its own names, registered by the service).
+#[derive(Debug, Clone)]
+pub struct OwnershipMetrics {
+    /// Partitions taken or given up.
+    pub rebalances: prometheus::IntCounter,
+    /// Partitions this instance runs.
+    pub owned: prometheus::IntGauge,
+}
+
 /// How ownership is coordinated.
 #[derive(Debug, Clone)]
 pub struct OwnershipConfig {
@@ -34,6 +43,7 @@ pub struct OwnershipConfig {
     /// Key prefix of the role (`""` for the runtime, `"views."` for the
     /// projections): roles share the bucket, not partitions.
     pub role: &'static str,
+    pub metrics: OwnershipMetrics,
 }
 
 /// What runs a partition once its lease is taken.
@@ -42,10 +52,6 @@ pub trait Partitions: Send + Sync + 'static {
     type Stopped: std::fmt::Display + Send + 'static;
     /// Starts the worker of `partition`; it stops when `stop` fires.
     fn start(&self, partition: u16, stop: CancellationToken) -> JoinHandle<Result<(), Self::Stopped>>;
-    /// A partition was taken or given up.
-    fn rebalanced(&self) {}
-    /// How many partitions this instance owns now.
-    fn owned(&self, _count: usize) {}
 }
 
 struct Running<E> {
@@ -79,6 +85,7 @@ pub async fn run<P: Partitions>(
     shutdown: CancellationToken,
 ) {
     let role = config.role;
+    let metrics = &config.metrics;
     let mut running: BTreeMap<u16, Running<P::Stopped>> = BTreeMap::new();
     let mut tick = tokio::time::interval(config.heartbeat);
     let member_key = format!("{role}members.{instance}");
@@ -112,7 +119,7 @@ pub async fn run<P: Partitions>(
                     Err(join) => tracing::error!(message = "Partition worker panicked.", partition = p, error = %join),
                 }
                 release(&owners, role, p, r.lease_revision).await;
-                parts.rebalanced();
+                metrics.rebalances.inc();
             }
         }
         // Give up what is no longer ours.
@@ -120,7 +127,7 @@ pub async fn run<P: Partitions>(
         for p in leaving {
             if let Some(r) = running.remove(&p) {
                 stop(p, r, &owners, role).await;
-                parts.rebalanced();
+                metrics.rebalances.inc();
             }
         }
         // Renew what we keep.
@@ -140,7 +147,7 @@ pub async fn run<P: Partitions>(
                 if let Ok(Err(stopped)) = r.task.await {
                     tracing::warn!(message = "Partition worker stopped.", partition = p, reason = %stopped);
                 }
-                parts.rebalanced();
+                metrics.rebalances.inc();
             }
         }
         // Take what is ours and free.
@@ -153,14 +160,14 @@ pub async fn run<P: Partitions>(
                     let stop = shutdown.child_token();
                     let task = parts.start(p, stop.clone());
                     running.insert(p, Running { stop, task, lease_revision });
-                    parts.rebalanced();
+                    metrics.rebalances.inc();
                     tracing::info!(message = "Partition taken.", partition = p, instance = %instance);
                 }
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {} // its owner lets go soon
                 Err(error) => tracing::warn!(message = "Cannot take a lease.", partition = p, %error),
             }
         }
-        parts.owned(running.len());
+        metrics.owned.set(i64::try_from(running.len()).unwrap_or(i64::MAX));
     }
     for (p, r) in std::mem::take(&mut running) {
         stop(p, r, &owners, role).await;
@@ -168,7 +175,7 @@ pub async fn run<P: Partitions>(
     if let Err(error) = owners.delete(&member_key).await {
         tracing::debug!(message = "Cannot delete the member key; it expires.", %error);
     }
-    parts.owned(0);
+    metrics.owned.set(0);
 }
 
 async fn stop<E: std::fmt::Display>(p: u16, r: Running<E>, owners: &kv::Store, role: &str) {

@@ -135,6 +135,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         let instance =
             if o.instance.is_empty() { uuid::Uuid::now_v7().simple().to_string() } else { o.instance.clone() };
         tracing::info!(message = "Projections instance up.", instance = %instance);
+        let ownership_metrics = conv_nats::ownership::OwnershipMetrics {
+            rebalances: metrics.rebalances.clone(),
+            owned: metrics.partitions_owned.clone(),
+        };
         let shared = Arc::new(views::Shared {
             js: booted.js.clone(),
             store,
@@ -146,6 +150,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             partitions: config.topology.partitions,
             heartbeat: Duration::from_millis(o.heartbeat_ms),
             role: "views.",
+            metrics: ownership_metrics,
         };
         conv_nats::ownership::run(instance, leases, Arc::new(views::Workers(shared)), ownership, shutdown.clone())
             .await;

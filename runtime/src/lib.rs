@@ -116,6 +116,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         let instance =
             if o.instance.is_empty() { uuid::Uuid::now_v7().simple().to_string() } else { o.instance.clone() };
         tracing::info!(message = "Runtime instance up.", instance = %instance, partitions = config.topology.partitions);
+        let ownership_metrics = conv_nats::ownership::OwnershipMetrics {
+            rebalances: metrics.rebalances.clone(),
+            owned: metrics.partitions_owned.clone(),
+        };
         let shared = Arc::new(worker::Shared {
             js: booted.js.clone(),
             snapshots,
@@ -132,6 +136,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             partitions: config.topology.partitions,
             heartbeat: Duration::from_millis(o.heartbeat_ms),
             role: "",
+            metrics: ownership_metrics,
         };
         conv_nats::ownership::run(instance, owners, Arc::new(worker::Workers(shared)), ownership, shutdown.clone())
             .await;

@@ -78,14 +78,6 @@ impl conv_nats::ownership::Partitions for Workers {
     fn start(&self, partition: u16, stop: CancellationToken) -> tokio::task::JoinHandle<Result<(), Stopped>> {
         tokio::spawn(run(partition, self.0.clone(), stop))
     }
-
-    fn rebalanced(&self) {
-        self.0.metrics.rebalances.inc();
-    }
-
-    fn owned(&self, count: usize) {
-        self.0.metrics.partitions_owned.set(i64::try_from(count).unwrap_or_default());
-    }
 }
 
 /// Why a worker stopped.
