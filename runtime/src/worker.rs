@@ -9,7 +9,7 @@
 //! idle, with the expected revision; idle conversations are evicted and later
 //! restored from snapshot + journal tail.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,6 @@ use conv_contracts::{ConversationId, Envelope, Limits};
 use conv_nats::topology::{RUNTIME_GROUP, runtime_consumer, runtime_control_consumer};
 use futures::{FutureExt, Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::metrics::Metrics;
 use crate::reducer::{self, derived_id};
@@ -102,6 +101,27 @@ pub fn marker_id(input_id: &str) -> String {
     derived_id(input_id, usize::MAX)
 }
 
+/// The applied marker of `input` (stored at `seq` in `CONV_IN`), after which
+/// the state is at `version` with hash `state_hash`.
+fn marker(input: &Envelope, seq: u64, version: u64, state_hash: String) -> Envelope {
+    let mut marker = Envelope::new(
+        marker_id(&input.id),
+        reducer::SOURCE,
+        input.conversation_id.clone(),
+        Marker {
+            input_id: input.id.clone(),
+            input_type: input.event_type().as_str().to_owned(),
+            input_seq: seq,
+            applied_index: version,
+            state_version: version,
+            state_hash,
+        },
+    )
+    .caused_by(input);
+    marker.time = input.time;
+    marker
+}
+
 struct Worker {
     partition: u16,
     shared: Arc<Shared>,
@@ -160,15 +180,9 @@ pub async fn run(partition: u16, shared: Arc<Shared>, stop: CancellationToken) -
             last_progress = Instant::now();
         }
         w.unpark().await;
-        if let Some(pending) = w.scheduler.pop() {
-            let span = tracing::debug_span!(
-                "apply",
-                partition,
-                conversation_id = %pending.event.conversation_id,
-                event_id = %pending.event.id,
-                seq = pending.seq,
-            );
-            if let Err(stopped) = w.apply(pending).instrument(span).await {
+        let batch = w.next_batch();
+        if !batch.is_empty() {
+            if let Err(stopped) = w.apply_batch(batch).await {
                 break Err(stopped);
             }
             w.update_depths();
@@ -212,7 +226,26 @@ async fn pull(
         .await
 }
 
+/// Inputs committed together at most (a P0 input waits for at most one
+/// batch in progress).
+const BATCH: usize = 64;
+
 impl Worker {
+    /// The next inputs to apply, in the scheduler's order. A P0 input ends
+    /// the batch, so control is committed as soon as it is applied.
+    fn next_batch(&mut self) -> Vec<Pending<Message>> {
+        let mut batch = Vec::new();
+        while batch.len() < BATCH {
+            let Some(p) = self.scheduler.pop() else { break };
+            let control = p.event.priority() == conv_contracts::Priority::P0;
+            batch.push(p);
+            if control {
+                break;
+            }
+        }
+        batch
+    }
+
     async fn drain<S, E>(&mut self, messages: &mut S, max: usize)
     where
         S: Stream<Item = Result<Message, E>> + Unpin,
@@ -334,104 +367,155 @@ impl Worker {
         self.states.get_mut(conv).ok_or_else(|| "state vanished".to_owned())
     }
 
-    async fn apply(&mut self, pending: Pending<Message>) -> Result<(), Stopped> {
+    /// Group commit: applies a batch of scheduled inputs (in the scheduler's
+    /// order, in place), publishes every emitted event and marker of the
+    /// batch pipelined, awaits their acks together, then acks the inputs
+    /// together. A conversation any of whose events failed to publish is
+    /// dropped from memory (restored from the journal later) and its inputs
+    /// in the batch are handed back; their ids are deterministic, so what was
+    /// stored is deduped when they are applied again.
+    async fn apply_batch(&mut self, batch: Vec<Pending<Message>>) -> Result<(), Stopped> {
         let started = Instant::now();
-        let Pending { seq, event, token } = pending;
-        let conv = event.conversation_id.clone();
-        if let Err(error) = self.load(&conv).await {
-            tracing::warn!(message = "Cannot load state; will retry.", conversation_id = %conv, %error);
-            let _ = token.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
-            return Ok(());
-        }
-        let vanished = || Stopped::Failed { partition: self.partition, detail: "state vanished".into() };
-        let missing = match self.states.get(&conv) {
-            Some(l) => self.missing_cause(&l.snap.state, &event),
-            None => return Err(vanished()),
-        };
-        if let Some(cause) = missing {
-            tracing::debug!(message = "Input waits for its cause.", conversation_id = %conv, event_id = %event.id, %cause);
-            self.parked.push((Instant::now(), Pending { seq, event, token }));
-            return Ok(());
-        }
-        // Applied in place: nothing is copied. If the result cannot be made
-        // durable, the state is dropped and restored from the journal.
-        let Some(loaded) = self.states.get_mut(&conv) else { return Err(vanished()) };
-        let applied = reducer::apply(&mut loaded.snap.state, &event);
-        if applied.duplicate {
-            self.shared.metrics.duplicates.inc();
-            let _ = token.double_ack().await;
-            return Ok(());
-        }
-        let (version, hash) = (loaded.snap.state.version, loaded.snap.state.hash());
-        match self.publish(&event, seq, version, hash, &applied.emitted).await {
-            Ok(marker_seq) => {
-                let Some(loaded) = self.states.get_mut(&conv) else { return Err(vanished()) };
-                loaded.snap.applied_seq = marker_seq;
-                loaded.dirty += 1;
-                loaded.touched = Instant::now();
-                if loaded.dirty >= self.shared.config.snapshot_every
-                    && let Err(stale) = self.save(&conv).await
-                {
-                    // Hand the input back at once: the rightful owner applies it.
-                    let _ = token.ack_with(AckKind::Nak(None)).await;
-                    return Err(stale);
-                }
-                if let Err(error) = token.double_ack().await {
-                    tracing::warn!(message = "Failed to ack an applied input.", %error, seq);
-                }
-                self.shared.metrics.applied.inc();
-                self.shared.metrics.apply_seconds.observe(started.elapsed().as_secs_f64());
+        let vanished = |partition| Stopped::Failed { partition, detail: "state vanished".into() };
+        // Staged: the input, its conversation and its events (marker last).
+        let mut staged: Vec<(Pending<Message>, Vec<Envelope>)> = Vec::with_capacity(batch.len());
+        let mut failed: HashSet<ConversationId> = HashSet::new();
+        for pending in batch {
+            let conv = pending.event.conversation_id.clone();
+            if failed.contains(&conv) {
+                let _ = pending.token.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
+                continue;
             }
-            Err(error) => {
-                // Whether or not some of it was stored, a retry republishes the
-                // same ids (deduped) after restoring from the journal.
-                tracing::warn!(message = "Publishing the result failed; will retry.", conversation_id = %conv, %error);
-                self.states.remove(&conv);
-                let _ = token.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
+            if let Err(error) = self.load(&conv).await {
+                tracing::warn!(message = "Cannot load state; will retry.", conversation_id = %conv, %error);
+                let _ = pending.token.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
+                failed.insert(conv);
+                continue;
             }
+            let missing = match self.states.get(&conv) {
+                Some(l) => self.missing_cause(&l.snap.state, &pending.event),
+                None => return Err(vanished(self.partition)),
+            };
+            if let Some(cause) = missing {
+                tracing::debug!(message = "Input waits for its cause.", conversation_id = %conv, event_id = %pending.event.id, %cause);
+                self.parked.push((Instant::now(), pending));
+                continue;
+            }
+            // Applied in place: nothing is copied.
+            let Some(loaded) = self.states.get_mut(&conv) else { return Err(vanished(self.partition)) };
+            let applied = tracing::debug_span!(
+                "apply",
+                partition = self.partition,
+                conversation_id = %conv,
+                event_id = %pending.event.id,
+                seq = pending.seq,
+            )
+            .in_scope(|| reducer::apply(&mut loaded.snap.state, &pending.event));
+            if applied.duplicate {
+                self.shared.metrics.duplicates.inc();
+                let _ = pending.token.double_ack().await;
+                continue;
+            }
+            let state = &loaded.snap.state;
+            let mut events = applied.emitted;
+            events.push(marker(&pending.event, pending.seq, state.version, state.hash()));
+            staged.push((pending, events));
         }
-        Ok(())
-    }
+        if staged.is_empty() {
+            return Ok(());
+        }
 
-    /// Publishes emitted events and the applied marker; returns the marker's sequence.
-    async fn publish(
-        &self,
-        input: &Envelope,
-        seq: u64,
-        version: u64,
-        state_hash: String,
-        emitted: &[Envelope],
-    ) -> Result<u64, String> {
-        let mut marker = Envelope::new(
-            marker_id(&input.id),
-            reducer::SOURCE,
-            input.conversation_id.clone(),
-            Marker {
-                input_id: input.id.clone(),
-                input_type: input.event_type().as_str().to_owned(),
-                input_seq: seq,
-                applied_index: version,
-                state_version: version,
-                state_hash,
-            },
-        )
-        .caused_by(input);
-        marker.time = input.time;
-        let js = &self.shared.js;
+        // Publish everything, then await every ack.
+        let js = self.shared.js.clone();
         let work = async {
-            let mut acks = Vec::with_capacity(emitted.len() + 1);
-            for event in emitted.iter().chain(std::iter::once(&marker)) {
-                acks.push(conv_nats::headers::publish(js, event).await.map_err(|e| e.to_string())?);
+            let mut acks = Vec::new();
+            for (i, (_, events)) in staged.iter().enumerate() {
+                for event in events {
+                    match conv_nats::headers::publish(&js, event).await {
+                        Ok(ack) => acks.push((i, Some(ack))),
+                        Err(error) => {
+                            tracing::warn!(message = "Publish failed.", event_id = %event.id, %error);
+                            acks.push((i, None));
+                        }
+                    }
+                }
             }
-            let mut last = 0;
-            for ack in acks {
-                last = ack.await.map_err(|e| e.to_string())?.sequence;
+            let mut marker_seqs: Vec<Option<u64>> = vec![Some(0); staged.len()];
+            let results = futures::future::join_all(acks.into_iter().map(|(i, ack)| async move {
+                match ack {
+                    Some(ack) => (i, ack.await.map(|a| a.sequence).map_err(|e| e.to_string())),
+                    None => (i, Err("not published".to_owned())),
+                }
+            }))
+            .await;
+            // Results come in publish order: the marker (last of an input) gives the sequence.
+            for (i, result) in results {
+                match (result, &mut marker_seqs[i]) {
+                    (Ok(seq), Some(last)) => *last = seq,
+                    (Err(error), slot) => {
+                        tracing::warn!(message = "Publishing a result failed; will retry.", %error);
+                        *slot = None;
+                    }
+                    (Ok(_), None) => {}
+                }
             }
-            Ok::<u64, String>(last)
+            marker_seqs
         };
-        tokio::time::timeout(self.shared.config.publish_timeout, work)
+        let marker_seqs = tokio::time::timeout(self.shared.config.publish_timeout, work)
             .await
-            .map_err(|_| "publish acks timed out".to_owned())?
+            .unwrap_or_else(|_| vec![None; staged.len()]);
+        for ((pending, _), marker_seq) in staged.iter().zip(&marker_seqs) {
+            if marker_seq.is_none() {
+                failed.insert(pending.event.conversation_id.clone());
+            }
+        }
+
+        // Commit: record what is durable, hand back what is not, ack together.
+        let mut to_ack = Vec::with_capacity(staged.len());
+        let mut stale = None;
+        for ((pending, _), marker_seq) in staged.into_iter().zip(marker_seqs) {
+            let conv = pending.event.conversation_id.clone();
+            let Some(marker_seq) = marker_seq.filter(|_| !failed.contains(&conv)) else {
+                // Whether or not some of it was stored, a retry republishes
+                // the same ids (deduped) after restoring from the journal.
+                self.states.remove(&conv);
+                let _ = pending.token.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
+                continue;
+            };
+            if stale.is_some() {
+                let _ = pending.token.ack_with(AckKind::Nak(None)).await;
+                continue;
+            }
+            let Some(loaded) = self.states.get_mut(&conv) else { return Err(vanished(self.partition)) };
+            loaded.snap.applied_seq = loaded.snap.applied_seq.max(marker_seq);
+            loaded.dirty += 1;
+            loaded.touched = Instant::now();
+            if loaded.dirty >= self.shared.config.snapshot_every
+                && let Err(e) = self.save(&conv).await
+            {
+                // Hand the input back at once: the rightful owner applies it.
+                let _ = pending.token.ack_with(AckKind::Nak(None)).await;
+                stale = Some(e);
+                continue;
+            }
+            to_ack.push(pending);
+        }
+        let acked = futures::future::join_all(to_ack.iter().map(|p| p.token.double_ack())).await;
+        for (p, result) in to_ack.iter().zip(acked) {
+            if let Err(error) = result {
+                tracing::warn!(message = "Failed to ack an applied input.", %error, seq = p.seq);
+            }
+        }
+        let n = to_ack.len() as u64;
+        self.shared.metrics.applied.inc_by(n);
+        let per_input = started.elapsed().as_secs_f64();
+        for _ in 0..n {
+            self.shared.metrics.apply_seconds.observe(per_input);
+        }
+        match stale {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     async fn save(&mut self, conv: &ConversationId) -> Result<(), Stopped> {
