@@ -226,22 +226,18 @@ async fn pull(
         .await
 }
 
-/// Inputs committed together at most (a P0 input waits for at most one
-/// batch in progress).
+/// Inputs committed together at most. The scheduler hands out P0 first, so
+/// a group of aborts commits together; a P0 input that arrives while a group
+/// is being committed waits for that one group only.
 const BATCH: usize = 64;
 
 impl Worker {
-    /// The next inputs to apply, in the scheduler's order. A P0 input ends
-    /// the batch, so control is committed as soon as it is applied.
+    /// The next inputs to apply, in the scheduler's order.
     fn next_batch(&mut self) -> Vec<Pending<Message>> {
         let mut batch = Vec::new();
         while batch.len() < BATCH {
             let Some(p) = self.scheduler.pop() else { break };
-            let control = p.event.priority() == conv_contracts::Priority::P0;
             batch.push(p);
-            if control {
-                break;
-            }
         }
         batch
     }
