@@ -37,7 +37,7 @@ use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use conv_contracts::live::LiveDelta;
 use conv_contracts::payload::{EntryRole, EntryStatus, OutMessageDelta, OutMessageReset};
-use conv_contracts::subject::{self, STREAM_OUT};
+use conv_contracts::subject;
 use conv_contracts::{ConversationId, Envelope, Limits, Payload, binding};
 use futures::{Stream, StreamExt};
 use serde_json::json;
@@ -640,19 +640,9 @@ impl Hub {
                 .filter(|h| h.position <= position)
                 .map_or(0, |h| h.resume_seq)
         };
-        let stored = conv_nats::read::from(
-            &self.inner.js,
-            STREAM_OUT,
-            &subject::out_conversation_filter(&topic.conv),
-            start,
-            false,
-        )
-        .await
-        .map_err(StreamError::Read)?;
-        for m in stored {
-            if let Ok(event) = conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Limits::default()) {
-                topic.durable(event, self.inner.config.buffer);
-            }
+        let stored = crate::journal_from(&self.inner.js, &topic.conv, start).await.map_err(StreamError::Read)?;
+        for (_, event) in stored {
+            topic.durable(event, self.inner.config.buffer);
         }
         Ok(())
     }
@@ -722,14 +712,10 @@ impl Hub {
         let mut first = Vec::new();
         if cursor.position < base {
             // Older than what the topic keeps: read it back from the stream.
-            let stored =
-                conv_nats::read::all(&self.inner.js, STREAM_OUT, &subject::out_conversation_filter(conv), false)
-                    .await
-                    .map_err(StreamError::Read)?;
+            let stored = crate::journal_from(&self.inner.js, conv, 0).await.map_err(StreamError::Read)?;
             let mut events: BTreeMap<u64, Envelope> = BTreeMap::new();
-            for m in stored {
-                if let Ok(e) = conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Limits::default())
-                    && let Some(p) = e.position()
+            for (_, e) in stored {
+                if let Some(p) = e.position()
                     && p <= base
                 {
                     events.entry(p).or_insert(e);

@@ -245,12 +245,16 @@ async fn stream(State(app): State<AppState>, Path(id): Path<String>, headers: He
         .map_err(unavailable)
 }
 
-/// A conversation's stored output, decoded, oldest first.
-async fn journal(
+/// A conversation's output stored at or after `CONV_OUT` sequence `start`
+/// (0: all of it), decoded, oldest first, with each event's sequence.
+/// Messages that do not decode are left out (the view workers dead-letter them).
+pub(crate) async fn journal_from(
     js: &async_nats::jetstream::Context,
     conversation: &ConversationId,
+    start: u64,
 ) -> Result<Vec<(u64, Envelope)>, String> {
-    let stored = conv_nats::read::all(js, STREAM_OUT, &subject::out_conversation_filter(conversation), false).await?;
+    let stored =
+        conv_nats::read::from(js, STREAM_OUT, &subject::out_conversation_filter(conversation), start, false).await?;
     Ok(stored
         .into_iter()
         .filter_map(|m| {
@@ -269,7 +273,7 @@ pub async fn rebuild(
     conversation: &ConversationId,
 ) -> Result<(Timeline, usize), String> {
     let bucket = js.get_key_value(KV_PROJECTIONS).await.map_err(|e| e.to_string())?;
-    let events = journal(js, conversation).await?;
+    let events = journal_from(js, conversation, 0).await?;
     let last_seq = events.iter().map(|(s, _)| *s).max().unwrap_or(0);
     let view = timeline::fold(conversation.as_str(), events.iter().map(|(_, e)| e), None);
     let folded = events.iter().filter(|(_, e)| e.position().is_some_and(|p| p <= view.position)).count();
@@ -329,7 +333,7 @@ pub async fn verify(
     let bucket = js.get_key_value(KV_PROJECTIONS).await.map_err(|e| e.to_string())?;
     let deadline = Instant::now() + settle;
     loop {
-        let events = journal(js, conversation).await?;
+        let events = journal_from(js, conversation, 0).await?;
         let journal_position = events.iter().filter_map(|(_, e)| e.position()).max().unwrap_or(0);
         let stored = store::read(&bucket, conversation.as_str()).await.map_err(|e| e.to_string())?;
         let view_position = stored.as_ref().map_or(0, |t| t.position);

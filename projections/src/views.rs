@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, AckKind, Message, kv};
 use chrono::Utc;
-use conv_contracts::subject::{self, STREAM_OUT};
+use conv_contracts::subject::STREAM_OUT;
 use conv_contracts::{ConversationId, Envelope, Limits, Payload};
 use conv_nats::topology::{PROJECTIONS_GROUP, projections_consumer};
 use futures::StreamExt;
@@ -370,31 +370,19 @@ impl Worker {
             let (from, upto) = (hot.position(), hot.pending.last_key_value().map(|(p, _)| *p).unwrap_or(0));
             hot.fetched_at = Some(Instant::now());
             self.shared.metrics.gap_fetches.inc();
-            let read = conv_nats::read::from(
-                &self.shared.js,
-                STREAM_OUT,
-                &subject::out_conversation_filter(&conv),
-                hot.stored.resume_seq,
-                false,
-            )
-            .await;
-            let stored = match read {
+            let stored = match crate::journal_from(&self.shared.js, &conv, hot.stored.resume_seq).await {
                 Ok(s) => s,
                 Err(error) => {
                     tracing::warn!(message = "Cannot read output back to fill a gap.", conversation_id = %conv, %error);
                     continue;
                 }
             };
-            for m in stored {
-                let Ok(event) = conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Limits::default())
-                else {
-                    continue;
-                };
+            for (seq, event) in stored {
                 if let Some(p) = event.position()
                     && p > from
                     && p < upto
                 {
-                    hot.pending.entry(p).or_insert(Held { seq: m.seq, event, message: None });
+                    hot.pending.entry(p).or_insert(Held { seq, event, message: None });
                 }
             }
             let holes_due = hot.gap_since.is_some_and(|t| t.elapsed() >= cfg.hole_wait);
