@@ -228,10 +228,25 @@ pub struct LlmRequested {
     /// The timeline entry this step streams into (live-lane deltas name it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entry_id: Option<String>,
-    /// The conversation as the model sees it at this step (the LLM-context
-    /// projection at the moment of the directive), oldest first.
+    /// The model's context, by reference: the LLM-context projection of the
+    /// conversation's first `entries` entries, as the runtime stored them
+    /// (`conv-store`) before it published this directive. Effects read it
+    /// (newest first, as much as the provider's window holds); nothing of
+    /// the history travels in the directive, whatever its size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_ref: Option<ContextRef>,
+    /// The context inline: only in directives journaled before
+    /// `context_ref` existed (never emitted now; effects still read it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub context: Vec<ContextMessage>,
+}
+
+/// Where an LLM step's context is: entries `0..entries` of the conversation
+/// at state `version` (the number of inputs applied when it was requested).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContextRef {
+    pub entries: u64,
+    pub version: u64,
 }
 
 /// One message of the model's context, in the provider's role/content form.

@@ -53,6 +53,10 @@ pub struct Executor {
     pub http: reqwest::Client,
     /// The `conv_timers` bucket.
     pub timers: async_nats::jetstream::kv::Store,
+    /// Where LLM contexts are read by reference.
+    pub snapshots: conv_store::Snapshots,
+    /// The provider's context window in bytes.
+    pub context_window: usize,
 }
 
 /// A lifecycle event could not be journaled: retry the directive later.
@@ -202,6 +206,41 @@ impl Executor {
         result
     }
 
+    /// The step's context: read by reference from the stored entries (or,
+    /// for a directive journaled before references, the inline one), within
+    /// the provider's window.
+    async fn context(
+        &self,
+        directive: &Envelope,
+        r: &LlmRequested,
+    ) -> Result<Vec<ContextMessage>, conv_store::context::ContextError> {
+        let conv = directive.conversation_id.as_str();
+        let read = match r.context_ref {
+            Some(reference) => conv_store::context::read(&self.snapshots, conv, reference, self.context_window).await?,
+            None => {
+                let mut window = conv_core::context::Window::new(self.context_window);
+                for m in r.context.iter().rev() {
+                    if !window.offer_older(m.clone())? {
+                        break;
+                    }
+                }
+                let (messages, dropped) = window.finish();
+                conv_store::context::Context { messages, dropped }
+            }
+        };
+        if read.dropped > 0 {
+            self.metrics.context_dropped.inc_by(read.dropped as u64);
+            tracing::debug!(
+                message = "Older context left out by the window.",
+                conversation_id = conv,
+                step_id = %r.step_id,
+                dropped = read.dropped,
+                kept = read.messages.len(),
+            );
+        }
+        Ok(read.messages)
+    }
+
     /// The text and count of deltas an earlier run of this step attempt journaled.
     async fn journaled_deltas(&self, directive: &Envelope, r: &LlmRequested) -> (String, u64) {
         let filter = conv_contracts::subject::in_family_filter("llm", &directive.conversation_id);
@@ -235,6 +274,18 @@ impl Executor {
     ) -> Result<(), PublishFailed> {
         let (step_id, attempt) = (r.step_id.clone(), r.attempt);
         self.emit(directive, LlmStarted { step_id: step_id.clone(), attempt }).await?;
+        let context = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return self.canceled(directive, &step_id, attempt).await,
+            c = self.context(directive, r) => c,
+        };
+        let context = match context {
+            Ok(c) => c,
+            Err(e) => {
+                let retryable = e.is_transient();
+                return self.failed(directive, &step_id, attempt, format!("context: {e}"), retryable).await;
+            }
+        };
         // Start the call, retrying transient failures with jittered backoff.
         let mut backoff = ExponentialBuilder::default()
             .with_min_delay(self.retry.min_delay)
@@ -247,7 +298,7 @@ impl Executor {
             let started = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return self.canceled(directive, &step_id, attempt).await,
-                s = self.provider.start(&r.context, &step_id) => s,
+                s = self.provider.start(&context, &step_id) => s,
             };
             match started {
                 Ok(stream) => break stream,

@@ -58,6 +58,8 @@ pub const IDENTITY: Identity = Identity {
         "  CONV_LLM_API_KEY                bearer token for openai (may be empty for local servers)\n",
         "  CONV_LLM_MAX_RETRIES            retries of a failing model call (default 3)\n",
         "  CONV_LLM_STALL_TIMEOUT_MS       a stream silent this long fails (default 30000)\n",
+        "  CONV_LLM_MAX_CONTEXT_BYTES      context window: the newest messages up to this many bytes are sent,\n",
+        "                                  older ones dropped whole (default: openai 400000, scripted 1048576)\n",
         "  CONV_SCRIPTED_TOKENS            tokens per scripted answer (default 24)\n",
         "  CONV_SCRIPTED_TOKEN_DELAY_MS    delay per scripted token (default 15)\n",
         "  CONV_EFFECTS_CONCURRENCY        effects run at once on this instance, all classes (default 1280)\n",
@@ -90,6 +92,9 @@ pub struct EffectsOptions {
     pub llm_retry_max_ms: u64,
     pub llm_stall_timeout_ms: u64,
     pub llm_connect_timeout_ms: u64,
+    /// The context window in bytes (0: the provider's default, see
+    /// [`EffectsOptions::context_window`]).
+    pub llm_max_context_bytes: usize,
     /// Progress interval for running effects (keep it well below the consumer's ack wait).
     pub progress_ms: u64,
     /// Webhook tools (`[[options.tools]]`, or JSON in `CONV_WEBHOOK_TOOLS`).
@@ -115,8 +120,21 @@ impl Default for EffectsOptions {
             llm_retry_max_ms: 5_000,
             llm_stall_timeout_ms: 30_000,
             llm_connect_timeout_ms: 10_000,
+            llm_max_context_bytes: 0,
             progress_ms: 5_000,
             tools: Vec::new(),
+        }
+    }
+}
+
+impl EffectsOptions {
+    /// The context window in bytes: the configured one, else the provider's
+    /// default (openai: 400 000 bytes, about 100 000 tokens; scripted: 1 MiB).
+    pub fn context_window(&self) -> usize {
+        match (self.llm_max_context_bytes, self.llm_provider.as_str()) {
+            (0, "openai") => 400_000,
+            (0, _) => 1 << 20,
+            (n, _) => n,
         }
     }
 }
@@ -136,6 +154,7 @@ impl Options for EffectsOptions {
         env_override(env, "CONV_LLM_API_KEY", &mut self.llm_api_key)?;
         env_override(env, "CONV_LLM_MAX_RETRIES", &mut self.llm_max_retries)?;
         env_override(env, "CONV_LLM_STALL_TIMEOUT_MS", &mut self.llm_stall_timeout_ms)?;
+        env_override(env, "CONV_LLM_MAX_CONTEXT_BYTES", &mut self.llm_max_context_bytes)?;
         env_override(env, "CONV_EFFECTS_PROGRESS_MS", &mut self.progress_ms)?;
         if let Some(json) = env("CONV_WEBHOOK_TOOLS") {
             self.tools = serde_json::from_str(&json).map_err(|e| ConfigError::Env {
@@ -239,7 +258,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .map_err(|e| Error::Provider(e.to_string()))?;
     // Until `convctl setup` ran there is nothing to consume: wait, not ready.
     let attached = service::wait_for(&shutdown, || attach(&booted.js)).await;
-    if let Some((work, cancels, timers)) = attached {
+    if let Some((work, cancels, timers, snapshots)) = attached {
         let executor = Arc::new(executor::Executor {
             js: booted.js.clone(),
             registry: cancel::Registry::default(),
@@ -260,6 +279,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             webhooks: o.tools.iter().map(|t| (t.name.clone(), t.clone())).collect(),
             http,
             timers: timers.clone(),
+            snapshots,
+            context_window: o.context_window(),
         });
         let timer_task = tokio::spawn(timers::run(timers, booted.js.clone(), shutdown.clone()));
         serve(executor, work, cancels, o.admission(), shutdown.clone()).await;
@@ -280,8 +301,11 @@ type Messages = async_nats::jetstream::consumer::pull::Stream;
 type Ordered = async_nats::jetstream::consumer::pull::Ordered;
 
 /// The shared work queue and this instance's own view of cancels.
-async fn attach(js: &async_nats::jetstream::Context) -> Option<(Messages, Ordered, async_nats::jetstream::kv::Store)> {
+async fn attach(
+    js: &async_nats::jetstream::Context,
+) -> Option<(Messages, Ordered, async_nats::jetstream::kv::Store, conv_store::Snapshots)> {
     let timers = js.get_key_value(conv_nats::topology::KV_TIMERS).await.ok()?;
+    let snapshots = conv_store::Snapshots::open(js).await.ok()?;
     let stream = js.get_stream_no_info(STREAM_EFFECT).await.ok()?;
     let work: PullConsumer = stream.get_consumer(EFFECTS_CONSUMER).await.ok()?;
     let work = work.stream().max_messages_per_batch(64).expires(Duration::from_secs(2)).messages().await.ok()?;
@@ -296,7 +320,7 @@ async fn attach(js: &async_nats::jetstream::Context) -> Option<(Messages, Ordere
         .messages()
         .await
         .ok()?;
-    Some((work, cancels, timers))
+    Some((work, cancels, timers, snapshots))
 }
 
 fn decode(m: &Message) -> Result<conv_contracts::Envelope, conv_contracts::Rejection> {

@@ -15,6 +15,7 @@ pub struct Metrics {
     pub deltas: IntCounter,
     pub live_deltas: IntCounter,
     pub abort_latency: Histogram,
+    pub context_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -38,6 +39,10 @@ impl Metrics {
             )?,
             deltas: IntCounter::new("conv_effects_deltas_total", "coalesced deltas journaled (durable lane)")?,
             live_deltas: IntCounter::new("conv_effects_live_deltas_total", "text pieces sent on the live lane")?,
+            context_dropped: IntCounter::new(
+                "conv_effects_context_dropped_total",
+                "older context messages left out by the context window",
+            )?,
             abort_latency: Histogram::with_opts(
                 HistogramOpts::new(
                     "conv_effects_abort_latency_seconds",
@@ -57,6 +62,7 @@ impl Metrics {
         registry.register(Box::new(m.deltas.clone()))?;
         registry.register(Box::new(m.live_deltas.clone()))?;
         registry.register(Box::new(m.abort_latency.clone()))?;
+        registry.register(Box::new(m.context_dropped.clone()))?;
         Ok(m)
     }
 }

@@ -57,8 +57,8 @@ impl Stack {
         conv_nats::test_util::wait_inputs(&self.js, c, what, within, pred).await
     }
 
-    async fn state(&self, c: &str) -> conv_runtime::state::State {
-        conv_runtime::journal::rebuild(&self.js, &conv(c), None).await.expect("rebuild").snapshot.state
+    async fn state(&self, c: &str) -> conv_core::state::State {
+        conv_store::journal::rebuild(&self.js, &conv(c), None).await.expect("rebuild").snapshot.state
     }
 }
 

@@ -24,6 +24,13 @@ pub const EFFECTS_CONSUMER: &str = "effects";
 pub const PROJECTIONS_GROUP: &str = "views";
 /// KV bucket of runtime state snapshots.
 pub const KV_SNAPSHOTS: &str = "conv_snapshots";
+/// KV bucket of the entries of runtime state snapshots, one key per entry
+/// (`<conversation>.<place>`); effects read an LLM step's context here.
+/// A few revisions are kept so a snapshot head can name the copy it was
+/// taken with while newer ones are written.
+pub const KV_ENTRIES: &str = "conv_entries";
+/// Revisions kept per key of [`KV_ENTRIES`].
+pub const ENTRIES_HISTORY: i64 = 8;
 /// KV bucket of partition ownership leases and membership (runtime and
 /// projections). Memory storage: leases are ephemeral and are not journal
 /// writes.
@@ -277,6 +284,12 @@ impl Topology {
         };
         let kv = vec![
             bucket(KV_SNAPSHOTS, "conv runtime snapshots (revision-checked writes)", 1, Duration::ZERO),
+            bucket(
+                KV_ENTRIES,
+                "conv conversation entries of snapshots and LLM contexts",
+                ENTRIES_HISTORY,
+                Duration::ZERO,
+            ),
             kv::Config {
                 storage: StorageType::Memory,
                 ..bucket(KV_LEASES, "conv partition leases and members", 1, Duration::from_secs(cfg.owner_ttl_secs))
@@ -603,7 +616,7 @@ mod tests {
         assert_eq!(names, conv_contracts::subject::STREAMS.to_vec());
         let runtime = t.consumers.iter().filter(|c| c.stream == STREAM_IN).count();
         assert_eq!(runtime, 32, "a main and a control consumer per partition");
-        assert_eq!(t.kv.len(), 4);
+        assert_eq!(t.kv.len(), 5);
         assert!(stream_diff(&t.streams[0], &t.streams[0]).is_empty());
     }
 

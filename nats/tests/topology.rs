@@ -30,7 +30,13 @@ async fn apply_creates_everything_then_reports_no_changes() {
     for name in STREAMS {
         js.get_stream(name).await.unwrap_or_else(|e| panic!("{name} exists: {e}"));
     }
-    for bucket in [topology::KV_SNAPSHOTS, topology::KV_LEASES, topology::KV_TIMERS, topology::KV_PROJECTIONS] {
+    for bucket in [
+        topology::KV_SNAPSHOTS,
+        topology::KV_ENTRIES,
+        topology::KV_LEASES,
+        topology::KV_TIMERS,
+        topology::KV_PROJECTIONS,
+    ] {
         js.get_key_value(bucket).await.unwrap_or_else(|e| panic!("{bucket} exists: {e}"));
     }
 

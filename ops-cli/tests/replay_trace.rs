@@ -6,7 +6,7 @@ use std::time::Duration;
 use conv_contracts::payload::{LlmCompleted, LlmDelta, MessageReceived};
 use conv_contracts::{ConversationId, Envelope};
 use conv_nats::test_util::{TestNats, free_addr, spawn_service};
-use conv_runtime::snapshot::Snapshots;
+use conv_store::Snapshots;
 use serde_json::Value;
 
 async fn convctl(url: &str, args: &[&str]) -> Output {
@@ -106,10 +106,12 @@ async fn replay_matches_live_state_and_trace_walks_both_ways() {
 
     // A live state that disagrees with the journal is reported, exit 1.
     let snapshots = Snapshots::open(&js).await.expect("bucket");
-    let (snap, rev) = snapshots.load("rp1").await.expect("load");
-    let (mut snap, rev) = (snap.expect("snapshot"), rev.expect("revision"));
+    let loaded = snapshots.load("rp1").await.expect("load");
+    let (mut snap, rev, mut entries) =
+        (loaded.snapshot.expect("snapshot"), loaded.revision.expect("revision"), loaded.entries);
     snap.state.entries[0].text = "tampered".into();
-    snapshots.save("rp1", &snap, Some(rev)).await.expect("overwrite");
+    snap.state.retouch(0);
+    snapshots.save("rp1", &mut snap, &mut entries, Some(rev)).await.expect("overwrite");
     let bad = convctl(&url, &["replay", "rp1", "--json"]).await;
     assert_eq!(bad.status.code(), Some(1));
     assert_eq!(json(&bad)["match"], false);

@@ -216,16 +216,15 @@ async fn timeline(State(app): State<AppState>, Path(id): Path<String>) -> Result
 
 async fn context(State(app): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let conv = parse_id(&id)?;
-    let snapshots = conv_runtime::snapshot::Snapshots::open(&app.js).await.map_err(unavailable)?;
-    let (from, _) = snapshots.load(conv.as_str()).await.map_err(unavailable)?;
-    let r = conv_runtime::journal::rebuild(&app.js, &conv, from).await.map_err(unavailable)?;
-    if r.snapshot.state.version == 0 {
+    let current = conv_store::current(&app.js, &conv).await.map_err(unavailable)?;
+    let state = &current.snapshot.state;
+    if state.version == 0 {
         return Err(ApiError::NotFound(format!("no conversation {id:?}")));
     }
     Ok(axum::Json(json!({
         "conversation_id": id,
-        "version": r.snapshot.state.version,
-        "messages": conv_runtime::reducer::context(&r.snapshot.state),
+        "version": state.version,
+        "messages": conv_core::context::of(state),
     }))
     .into_response())
 }

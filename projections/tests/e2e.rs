@@ -236,7 +236,7 @@ async fn the_whole_pipeline_over_http() {
     let js = s.nats.jetstream().await;
     for c in ["p1", "p2", "p3", "p4"] {
         let conv = ConversationId::parse(c).expect("id");
-        let replay = conv_runtime::journal::rebuild(&js, &conv, None).await.expect("replay");
+        let replay = conv_store::journal::rebuild(&js, &conv, None).await.expect("replay");
         assert!(replay.mismatches.is_empty(), "{c}");
         assert_eq!(replay.recorded_hash.as_deref(), Some(replay.snapshot.state.hash().as_str()), "{c}");
     }

@@ -20,9 +20,9 @@ use async_nats::jetstream::stream;
 use bytes::Bytes;
 use conv_contracts::payload::{LlmCompleted, LlmDelta, MessageReceived};
 use conv_contracts::{ConversationId, Envelope};
+use conv_core::reducer::apply;
+use conv_core::state::State;
 use conv_nats::test_util::{TestNats, free_addr, spawn_service};
-use conv_runtime::reducer::apply;
-use conv_runtime::state::State;
 use futures::StreamExt;
 
 fn conversation(c: usize, deltas: u64) -> Vec<Envelope> {

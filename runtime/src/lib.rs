@@ -2,17 +2,12 @@
 //!
 //! The conversation runtime. Instances share the `CONV_IN` partitions, one
 //! owner each (`conv_nats::ownership`); a partition worker ([`worker`]) pulls its inputs
-//! (control plane first), orders them with the [`scheduler`] (priority,
-//! causality, fairness), applies them with the pure [`reducer`], publishes the
+//! (control plane first), orders them with the scheduler (`conv-core`) (priority,
+//! causality, fairness), applies them with the pure reducer (`conv-core`), publishes the
 //! directives, outputs and one applied marker per input, and acks only after
 //! those are durable. State is snapshotted with optimistic concurrency
-//! ([`snapshot`]) and restored from snapshot + journal tail ([`journal`]).
-pub mod journal;
+//! and restored from snapshot + journal tail (`conv-store`).
 pub mod metrics;
-pub mod reducer;
-pub mod scheduler;
-pub mod snapshot;
-pub mod state;
 pub mod worker;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -107,7 +102,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     // The buckets exist once `convctl setup` ran; until then, wait (not ready).
     let ready = service::wait_for(&shutdown, || async {
         let owners = booted.js.get_key_value(KV_LEASES).await.ok()?;
-        let snapshots = snapshot::Snapshots::open(&booted.js).await.ok()?;
+        let snapshots = conv_store::Snapshots::open(&booted.js).await.ok()?;
         Some((owners, snapshots))
     })
     .await;

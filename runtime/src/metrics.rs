@@ -11,6 +11,7 @@ pub struct Metrics {
     pub partitions_owned: IntGauge,
     pub rebalances: IntCounter,
     pub snapshot_writes: IntCounter,
+    pub entry_writes: IntCounter,
     pub snapshot_conflicts: IntCounter,
     pub restores: IntCounter,
     pub terminated: IntCounter,
@@ -32,6 +33,10 @@ impl Metrics {
             partitions_owned: IntGauge::new("conv_runtime_partitions_owned", "partitions this instance runs")?,
             rebalances: IntCounter::new("conv_runtime_rebalances_total", "partitions taken or given up")?,
             snapshot_writes: IntCounter::new("conv_runtime_snapshot_writes_total", "snapshots written")?,
+            entry_writes: IntCounter::new(
+                "conv_runtime_entry_writes_total",
+                "conversation entries written to conv_entries (snapshots and LLM contexts)",
+            )?,
             snapshot_conflicts: IntCounter::new(
                 "conv_runtime_snapshot_conflicts_total",
                 "snapshot writes refused: a stale owner gave its partition up",
@@ -46,6 +51,7 @@ impl Metrics {
         registry.register(Box::new(m.partitions_owned.clone()))?;
         registry.register(Box::new(m.rebalances.clone()))?;
         registry.register(Box::new(m.snapshot_writes.clone()))?;
+        registry.register(Box::new(m.entry_writes.clone()))?;
         registry.register(Box::new(m.snapshot_conflicts.clone()))?;
         registry.register(Box::new(m.restores.clone()))?;
         registry.register(Box::new(m.terminated.clone()))?;

@@ -23,10 +23,12 @@ use futures::{FutureExt, Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::reducer::{self, derived_id};
-use crate::scheduler::{Pending, Scheduler};
-use crate::snapshot::{self, Snapshot, Snapshots};
-use crate::{journal, state::State};
+use conv_core::reducer::{self, derived_id};
+use conv_core::scheduler::{Pending, Scheduler};
+use conv_core::snapshot::Snapshot;
+use conv_core::state::State;
+use conv_store::journal;
+use conv_store::snapshot::{self, Snapshots};
 
 /// Tuning of a partition worker.
 #[derive(Debug, Clone)]
@@ -91,6 +93,8 @@ pub enum Stopped {
 struct Loaded {
     snap: Snapshot,
     revision: Option<u64>,
+    /// The store revision of each entry's latest copy (`conv_entries`).
+    entries: Vec<u64>,
     /// Applies since the last snapshot write.
     dirty: u64,
     touched: Instant,
@@ -299,7 +303,7 @@ impl Worker {
     fn missing_cause(&self, state: &State, event: &Envelope) -> Option<String> {
         let cause = event.causation_id.as_deref()?;
         let (input, _) = cause.rsplit_once('~')?;
-        let window_complete = state.version < crate::state::RECENT_IDS as u64;
+        let window_complete = state.version < conv_core::state::RECENT_IDS as u64;
         (window_complete && !state.has_applied(input) && !self.scheduler.contains(input)).then(|| input.to_owned())
     }
 
@@ -349,15 +353,16 @@ impl Worker {
     /// The conversation's state: cached, or restored from snapshot + journal.
     async fn load(&mut self, conv: &ConversationId) -> Result<&mut Loaded, String> {
         if !self.states.contains_key(conv) {
-            let (from, revision) = self.shared.snapshots.load(conv.as_str()).await.map_err(|e| e.to_string())?;
-            let rebuilt = journal::rebuild(&self.shared.js, conv, from).await.map_err(|e| e.to_string())?;
+            let stored = self.shared.snapshots.load(conv.as_str()).await.map_err(|e| e.to_string())?;
+            let (revision, entries) = (stored.revision, stored.entries);
+            let rebuilt = journal::rebuild(&self.shared.js, conv, stored.snapshot).await.map_err(|e| e.to_string())?;
             if !rebuilt.mismatches.is_empty() {
                 tracing::error!(message = "Restored state differs from recorded hashes.", conversation_id = %conv, markers = ?rebuilt.mismatches);
             }
             self.shared.metrics.restores.inc();
             self.states.insert(
                 conv.clone(),
-                Loaded { snap: rebuilt.snapshot, revision, dirty: rebuilt.applied, touched: Instant::now() },
+                Loaded { snap: rebuilt.snapshot, revision, entries, dirty: rebuilt.applied, touched: Instant::now() },
             );
         }
         self.states.get_mut(conv).ok_or_else(|| "state vanished".to_owned())
@@ -419,6 +424,37 @@ impl Worker {
         }
         if staged.is_empty() {
             return Ok(());
+        }
+
+        // An LLM step's context is read by reference: its entries are stored
+        // before its directive is published.
+        let steps: HashSet<ConversationId> = staged
+            .iter()
+            .filter(|(_, events)| events.iter().any(|e| matches!(e.data, conv_contracts::Payload::LlmRequested(_))))
+            .map(|(p, _)| p.event.conversation_id.clone())
+            .collect();
+        for conv in steps {
+            let Some(loaded) = self.states.get_mut(&conv) else { return Err(vanished(self.partition)) };
+            let flushed = self.shared.snapshots.flush(conv.as_str(), &mut loaded.snap.state, &mut loaded.entries).await;
+            match flushed {
+                Ok(n) => self.shared.metrics.entry_writes.inc_by(n as u64),
+                Err(error) => {
+                    tracing::warn!(message = "Storing context entries failed; will retry.", conversation_id = %conv, %error);
+                    failed.insert(conv);
+                }
+            }
+        }
+        if !failed.is_empty() {
+            let mut kept = Vec::with_capacity(staged.len());
+            for (pending, events) in staged {
+                if failed.contains(&pending.event.conversation_id) {
+                    self.states.remove(&pending.event.conversation_id);
+                    let _ = pending.token.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
+                } else {
+                    kept.push((pending, events));
+                }
+            }
+            staged = kept;
         }
 
         // Publish everything, then await every ack.
@@ -516,7 +552,9 @@ impl Worker {
 
     async fn save(&mut self, conv: &ConversationId) -> Result<(), Stopped> {
         let Some(loaded) = self.states.get_mut(conv) else { return Ok(()) };
-        match self.shared.snapshots.save(conv.as_str(), &loaded.snap, loaded.revision).await {
+        let saved =
+            self.shared.snapshots.save(conv.as_str(), &mut loaded.snap, &mut loaded.entries, loaded.revision).await;
+        match saved {
             Ok(revision) => {
                 loaded.revision = Some(revision);
                 loaded.dirty = 0;

@@ -144,7 +144,7 @@ async fn sigkill_of_one_instance_loses_nothing_and_applies_nothing_twice() {
             .collect();
         indexes.sort_unstable();
         assert_eq!(indexes, (1..=40).collect::<Vec<u64>>(), "{conv}");
-        let rebuilt = conv_runtime::journal::rebuild(&js, &conv, None).await.expect("rebuild");
+        let rebuilt = conv_store::journal::rebuild(&js, &conv, None).await.expect("rebuild");
         assert!(rebuilt.mismatches.is_empty(), "{conv}: replay differs at markers {:?}", rebuilt.mismatches);
         assert_eq!(rebuilt.applied, 40);
     }

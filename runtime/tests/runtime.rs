@@ -10,8 +10,6 @@ use conv_contracts::subject::STREAM_APPLIED;
 use conv_contracts::{ConversationId, Envelope, Limits, Payload};
 use conv_nats::TopologyConfig;
 use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, spawn_service};
-use conv_runtime::snapshot::{self, Snapshot, Snapshots};
-use conv_runtime::state::State;
 use conv_runtime::{Config, RuntimeOptions};
 use futures::StreamExt;
 use serde_json::json;
@@ -142,9 +140,9 @@ async fn inputs_are_applied_once_in_order_with_their_effects() {
     rt.shutdown().await.expect("clean shutdown");
 
     // The state survives the restart: snapshot + journal tail give the same hash.
-    let snapshots = Snapshots::open(&js).await.expect("bucket");
-    let snap = snapshots.load("ord-1").await.expect("load").0.expect("a snapshot was written");
-    let rebuilt = conv_runtime::journal::rebuild(&js, &conv("ord-1"), None).await.expect("rebuild");
+    let snapshots = conv_store::Snapshots::open(&js).await.expect("bucket");
+    let snap = snapshots.load("ord-1").await.expect("load").snapshot.expect("a snapshot was written");
+    let rebuilt = conv_store::journal::rebuild(&js, &conv("ord-1"), None).await.expect("rebuild");
     assert!(rebuilt.mismatches.is_empty());
     assert_eq!(rebuilt.snapshot.state.hash(), snap.state.hash());
     let streamed: String = (0..20).map(|i| format!("t{i} ")).collect();
@@ -237,35 +235,6 @@ async fn two_instances_split_the_partitions_and_a_third_joins() {
     for h in [a, b, c] {
         h.shutdown().await.expect("stop");
     }
-}
-
-#[tokio::test]
-async fn a_stale_owner_cannot_overwrite_the_snapshot() {
-    let nats = nats().await;
-    let js = nats.jetstream().await;
-    let snapshots = Snapshots::open(&js).await.expect("bucket");
-    let snap = |v: u64| {
-        let mut state = State::new("s1");
-        state.version = v;
-        Snapshot { applied_seq: v, state }
-    };
-    let r1 = snapshots.save("s1", &snap(1), None).await.expect("first write");
-    let r2 = snapshots.save("s1", &snap(2), Some(r1)).await.expect("owner writes on");
-    // The old owner still believes revision r1 is current.
-    let stale = snapshots.save("s1", &snap(3), Some(r1)).await;
-    assert!(matches!(stale, Err(snapshot::Error::Conflict { .. })), "{stale:?}");
-    assert!(matches!(snapshots.save("s1", &snap(3), None).await, Err(snapshot::Error::Conflict { .. })));
-    let (kept, rev) = snapshots.load("s1").await.expect("load");
-    let (kept, rev) = (kept.expect("exists"), rev.expect("a revision"));
-    assert_eq!((kept.state.version, rev), (2, r2));
-
-    // An unreadable snapshot is rebuilt from the journal and overwritten, not fought over.
-    let bucket = js.get_key_value(conv_nats::topology::KV_SNAPSHOTS).await.expect("bucket");
-    let r3 = bucket.put("s1", "garbage".into()).await.expect("put");
-    let (none, rev) = snapshots.load("s1").await.expect("load");
-    assert!(none.is_none());
-    assert_eq!(rev, Some(r3));
-    assert!(snapshots.save("s1", &snap(4), rev).await.is_ok());
 }
 
 #[tokio::test]

@@ -4,8 +4,7 @@
 //! tail after it). Never calls a model or a tool: their results are inputs.
 
 use conv_contracts::ConversationId;
-use conv_runtime::journal;
-use conv_runtime::snapshot::Snapshots;
+use conv_store::{Snapshots, journal};
 use serde::Serialize;
 
 use crate::cli::Global;
@@ -40,7 +39,7 @@ pub async fn report(g: &Global, conversation: &str) -> Result<Report, Error> {
     }
     let replay_hash = replayed.snapshot.state.hash();
     let snapshots = Snapshots::open(&js).await.map_err(|e| Error::JetStream(e.to_string()))?;
-    let (stored, _) = snapshots.load(conv.as_str()).await.map_err(|e| Error::JetStream(e.to_string()))?;
+    let stored = snapshots.load(conv.as_str()).await.map_err(|e| Error::JetStream(e.to_string()))?.snapshot;
     let snapshot_version = stored.as_ref().map(|s| s.state.version);
     // The live state: the stored snapshot plus the journal after it. Its
     // chain must equal the replayed chain, and its whole content too.

@@ -135,7 +135,7 @@ pub fn apply(state: &mut State, input: &Envelope) -> Applied {
 
 fn message(s: &mut State, cx: &mut Ctx<'_>, m: &MessageReceived) {
     let entry_id = format!("u{}", s.version);
-    s.entries.push(Entry {
+    s.push_entry(Entry {
         id: entry_id.clone(),
         role: EntryRole::User,
         text: m.text.clone(),
@@ -177,7 +177,7 @@ fn timer_fired(s: &mut State, cx: &mut Ctx<'_>, timer_id: &str) {
     }
     let entry_id = format!("timer.{timer_id}");
     let text = format!("timer {timer_id} fired");
-    s.entries.push(Entry {
+    s.push_entry(Entry {
         id: entry_id.clone(),
         role: EntryRole::System,
         text: text.clone(),
@@ -217,7 +217,7 @@ fn start_step(s: &mut State, cx: &mut Ctx<'_>, attempt: u32) {
     let run_id = run.run_id.clone();
     let step_id = format!("{run_id}.s{}", run.step_no);
     let entry_id = format!("{step_id}.a{attempt}");
-    s.entries.push(Entry {
+    s.push_entry(Entry {
         id: entry_id.clone(),
         role: EntryRole::Assistant,
         text: String::new(),
@@ -226,32 +226,13 @@ fn start_step(s: &mut State, cx: &mut Ctx<'_>, attempt: u32) {
         tool_calls: Vec::new(),
     });
     s.llm.insert(step_id.clone(), LlmStep { run_id: run_id.clone(), attempt, entry_id: entry_id.clone(), next_seq: 0 });
-    let context = context(s);
-    cx.emit(s, LlmRequested { run_id, step_id, attempt, entry_id: Some(entry_id.clone()), context });
+    // By reference: the entries before the one this step streams into.
+    let context_ref = Some(ContextRef { entries: (s.entries.len() - 1) as u64, version: s.version });
+    cx.emit(
+        s,
+        LlmRequested { run_id, step_id, attempt, entry_id: Some(entry_id.clone()), context_ref, context: Vec::new() },
+    );
     cx.emit(s, appended(&entry_id, EntryRole::Assistant, "", EntryStatus::Streaming));
-}
-
-/// The LLM-context projection: what the model is sent. Failed and rejected
-/// entries and the streaming one are left out; an aborted tool call keeps its
-/// canceled result, so no call is ever left unanswered.
-pub fn context(s: &State) -> Vec<ContextMessage> {
-    s.entries
-        .iter()
-        .filter(|e| !matches!(e.status, EntryStatus::Streaming | EntryStatus::Failed) || e.role == EntryRole::Tool)
-        .filter(|e| !(e.role == EntryRole::Assistant && e.text.is_empty() && e.tool_calls.is_empty()))
-        .map(|e| ContextMessage {
-            role: match e.role {
-                EntryRole::User => "user",
-                EntryRole::Assistant => "assistant",
-                EntryRole::Tool => "tool",
-                EntryRole::System => "system",
-            }
-            .to_owned(),
-            content: e.text.clone(),
-            tool_call_id: e.tool_call_id.clone(),
-            tool_calls: e.tool_calls.clone(),
-        })
-        .collect()
 }
 
 fn in_flight(s: &State, step_id: &str, attempt: u32) -> Option<LlmStep> {
@@ -391,7 +372,7 @@ fn record_tool_result(s: &mut State, cx: &mut Ctx<'_>, tool_call_id: &str, outco
         ToolOutcome::Failed => EntryStatus::Failed,
         ToolOutcome::Canceled => EntryStatus::Aborted,
     };
-    s.entries.push(Entry {
+    s.push_entry(Entry {
         id: format!("tool.{tool_call_id}"),
         role: EntryRole::Tool,
         text: result.to_string(),

@@ -116,6 +116,21 @@ pub struct State {
     /// Entry id → place, a cache (not serialized, not compared).
     #[serde(skip)]
     index: EntryIndex,
+    /// Places of the entries added or changed since [`State::take_touched`]
+    /// was last called: what a snapshot or a context flush must write
+    /// (not serialized, not compared).
+    #[serde(skip)]
+    touched: Touched,
+}
+
+/// Places of entries changed since they were last written out.
+#[derive(Debug, Clone, Default)]
+struct Touched(std::collections::BTreeSet<usize>);
+
+impl PartialEq for Touched {
+    fn eq(&self, _: &Self) -> bool {
+        true // bookkeeping of the writer: never part of what a state is
+    }
 }
 
 /// Entry id → place in `entries`, built lazily as entries are added (they
@@ -200,7 +215,32 @@ impl State {
             recent_ids: RecentIds::default(),
             chain: String::new(),
             index: EntryIndex::default(),
+            touched: Touched::default(),
         }
+    }
+
+    /// Appends an entry (the reducer adds entries only through this).
+    pub(crate) fn push_entry(&mut self, entry: Entry) {
+        self.touched.0.insert(self.entries.len());
+        self.entries.push(entry);
+    }
+
+    /// The places of the entries added or changed since the last call, in
+    /// order; the set is emptied. A writer that stores entries one by one
+    /// (`conv-store`) writes exactly these.
+    pub fn take_touched(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.touched.0).into_iter().filter(|&i| i < self.entries.len()).collect()
+    }
+
+    /// Marks the entry at `place` as changed again (its write failed).
+    pub fn retouch(&mut self, place: usize) {
+        self.touched.0.insert(place);
+    }
+
+    /// Marks every entry as changed (after a restore that could not reuse
+    /// what was stored).
+    pub fn touch_all(&mut self) {
+        self.touched.0 = (0..self.entries.len()).collect();
     }
 
     /// True when an input with this id was applied recently.
@@ -262,7 +302,9 @@ impl State {
         }
         index.upto = self.entries.len();
         let at = *index.places.get(id)?;
-        self.entries.get_mut(at).filter(|e| e.id == id)
+        let entry = self.entries.get_mut(at).filter(|e| e.id == id)?;
+        self.touched.0.insert(at);
+        Some(entry)
     }
 }
 

@@ -4,8 +4,8 @@ use std::collections::HashSet;
 
 use conv_contracts::payload::*;
 use conv_contracts::{ConversationId, Envelope, Limits, Payload, binding};
-use conv_runtime::reducer::{Applied, apply};
-use conv_runtime::state::State;
+use conv_core::reducer::{Applied, apply};
+use conv_core::state::State;
 use proptest::prelude::*;
 use serde_json::json;
 
@@ -254,6 +254,36 @@ proptest! {
         }
         prop_assert_eq!(restored.hash(), live.hash());
         prop_assert_eq!(restored.digest(), live.digest());
+    }
+
+    /// Writing only the entries the state reports as touched keeps a store
+    /// equal to the entries (what snapshots and LLM contexts rely on), and
+    /// every step's context reference covers the entries before its own.
+    #[test]
+    fn touched_entries_keep_a_store_exact(raw in prop::collection::vec(input(), 0..60), every in 1usize..8) {
+        let events: Vec<Envelope> = raw.into_iter().enumerate().map(|(i, r)| build(i, r)).collect();
+        let mut s = State::new("p");
+        let mut store: Vec<Option<conv_core::state::Entry>> = Vec::new();
+        for (i, e) in events.iter().enumerate() {
+            let applied = apply(&mut s, e);
+            for out in &applied.emitted {
+                if let Payload::LlmRequested(r) = &out.data {
+                    let reference = r.context_ref.expect("by reference");
+                    prop_assert_eq!(reference.entries as usize + 1, s.entries.len());
+                    prop_assert!(r.context.is_empty(), "nothing inline");
+                }
+            }
+            if (i + 1) % every == 0 || i + 1 == events.len() {
+                let mut places = s.take_touched();
+                places.extend(store.len()..s.entries.len());
+                store.resize(s.entries.len(), None);
+                for p in places {
+                    store[p] = Some(s.entries[p].clone());
+                }
+                let stored: Vec<_> = store.iter().map(|e| e.clone().expect("written")).collect();
+                prop_assert_eq!(&stored, &s.entries);
+            }
+        }
     }
 
     /// Invariants after any sequence: nothing in flight unless running, no

@@ -13,9 +13,9 @@ use conv_contracts::subject::{STREAM_APPLIED, STREAM_IN};
 use conv_contracts::{ConversationId, Envelope, EventType, Limits, Payload};
 use futures::StreamExt;
 
-use crate::reducer;
-use crate::snapshot::Snapshot;
-use crate::state::State;
+use conv_core::reducer;
+use conv_core::snapshot::Snapshot;
+use conv_core::state::State;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
@@ -113,7 +113,7 @@ pub async fn rebuild(
 ) -> Result<Rebuilt, Error> {
     let mut snapshot = from.unwrap_or_else(|| Snapshot { applied_seq: 0, state: State::new(conversation.as_str()) });
     let markers = markers_after(js, conversation, snapshot.applied_seq).await?;
-    let mut rebuilt = Rebuilt { snapshot: snapshot.clone(), applied: 0, recorded_hash: None, mismatches: Vec::new() };
+    let (mut applied, mut recorded_hash, mut mismatches) = (0, None, Vec::new());
     for (seq, marker) in markers {
         if marker.applied_index <= snapshot.state.version {
             snapshot.applied_seq = seq; // already in the snapshot
@@ -122,12 +122,11 @@ pub async fn rebuild(
         let event = input(js, marker.input_seq).await?;
         reducer::apply(&mut snapshot.state, &event);
         snapshot.applied_seq = seq;
-        rebuilt.applied += 1;
+        applied += 1;
         if snapshot.state.hash() != marker.state_hash {
-            rebuilt.mismatches.push(seq);
+            mismatches.push(seq);
         }
-        rebuilt.recorded_hash = Some(marker.state_hash);
+        recorded_hash = Some(marker.state_hash);
     }
-    rebuilt.snapshot = snapshot;
-    Ok(rebuilt)
+    Ok(Rebuilt { snapshot, applied, recorded_hash, mismatches })
 }

@@ -1,0 +1,36 @@
+//! # conv-store
+//!
+//! A conversation's state in JetStream, for every process that needs it:
+//! * [`snapshot`]: snapshots of any size — a small revision-checked head in
+//!   `conv_snapshots` and one value per entry in `conv_entries`;
+//! * [`journal`]: the journal read back (applied markers and the inputs they
+//!   name) to restore a state after its snapshot, or to replay it whole;
+//! * [`context`]: an LLM step's context read by reference from the stored
+//!   entries, newest first, within a provider's window.
+//!
+//! The runtime writes; effects, projections (`GET …/context`) and `convctl`
+//! read. The pure parts (state, reducer, codec) are `conv-core`.
+pub mod context;
+pub mod journal;
+pub mod snapshot;
+
+pub use snapshot::{Loaded, Snapshots};
+
+/// The state of a conversation as it is now: its snapshot plus the journal
+/// after it (a state with version 0 when the conversation is unknown).
+pub async fn current(
+    js: &async_nats::jetstream::Context,
+    conversation: &conv_contracts::ConversationId,
+) -> Result<journal::Rebuilt, CurrentError> {
+    let snapshots = Snapshots::open(js).await?;
+    let loaded = snapshots.load(conversation.as_str()).await?;
+    Ok(journal::rebuild(js, conversation, loaded.snapshot).await?)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CurrentError {
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::Error),
+    #[error(transparent)]
+    Journal(#[from] journal::Error),
+}
