@@ -86,20 +86,24 @@ pub fn decode_head(bytes: &[u8]) -> Result<Head, CodecError> {
     Ok(head)
 }
 
-/// Marks the first value of a split entry.
+/// Marks the first value of a split value.
 const PARTS_MAGIC: &[u8] = b"conv-parts ";
 
-/// An entry laid out in store values of at most `max_value` bytes.
+/// Bytes laid out in store values of at most `max_value` bytes: one value
+/// when they fit, else parts written first (to `<key>.<n>`, n from 1) and a
+/// first value naming the parts' revisions, written last.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EncodedEntry {
-    /// The bytes of parts 1.. (written first, to [`part_key`]); empty when
-    /// the entry fits in one value.
+pub struct EncodedValue {
+    /// The bytes of parts 1.. (written first); empty when one value holds all.
     pub rest: Vec<Vec<u8>>,
     first: Vec<u8>,
 }
 
-impl EncodedEntry {
-    /// The first value (to [`entry_key`]), given the revisions the rest got.
+/// An entry laid out in store values (see [`EncodedValue`]).
+pub type EncodedEntry = EncodedValue;
+
+impl EncodedValue {
+    /// The first value, given the revisions the rest got.
     pub fn first(&self, rest_revisions: &[u64]) -> Result<Vec<u8>, CodecError> {
         if self.rest.is_empty() {
             return Ok(self.first.clone());
@@ -115,40 +119,42 @@ impl EncodedEntry {
 /// Room kept in a value for the parts header (a revision list).
 const PARTS_HEADER_ROOM: usize = 4096;
 
-pub fn encode_entry(entry: &Entry, max_value: usize) -> Result<EncodedEntry, CodecError> {
-    let bytes = serde_json::to_vec(entry).map_err(|e| CodecError::Encode(e.to_string()))?;
+/// Lays out `bytes` (JSON: never starting with [`PARTS_MAGIC`]).
+pub fn encode_value(bytes: Vec<u8>, max_value: usize) -> EncodedValue {
     if bytes.len() <= max_value {
-        return Ok(EncodedEntry { rest: Vec::new(), first: bytes });
+        return EncodedValue { rest: Vec::new(), first: bytes };
     }
     let chunk = max_value.saturating_sub(PARTS_HEADER_ROOM).max(1024);
     let mut chunks = bytes.chunks(chunk).map(<[u8]>::to_vec);
     let first = chunks.next().unwrap_or_default();
-    Ok(EncodedEntry { first, rest: chunks.collect() })
+    EncodedValue { first, rest: chunks.collect() }
+}
+
+pub fn encode_entry(entry: &Entry, max_value: usize) -> Result<EncodedEntry, CodecError> {
+    let bytes = serde_json::to_vec(entry).map_err(|e| CodecError::Encode(e.to_string()))?;
+    Ok(encode_value(bytes, max_value))
 }
 
 /// A stored first value, read back.
-#[derive(Debug, Clone, PartialEq)]
-pub enum StoredEntry {
-    Whole(Entry),
-    /// A split entry: its first bytes and the revisions of parts 1.. to
-    /// read and append, in order, before decoding with [`decode_parts`].
-    Split {
-        first: Vec<u8>,
-        rest: Vec<u64>,
-    },
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoredValue {
+    Whole(Vec<u8>),
+    /// Split: the first bytes and the revisions of parts 1.. to read and
+    /// append, in order.
+    Split { first: Vec<u8>, rest: Vec<u64> },
 }
 
-pub fn decode_first(value: &[u8]) -> Result<StoredEntry, CodecError> {
+pub fn decode_value(value: &[u8]) -> Result<StoredValue, CodecError> {
     if let Some(body) = value.strip_prefix(PARTS_MAGIC) {
         let nl = body.iter().position(|&b| b == b'\n').ok_or_else(|| CodecError::Decode("parts header".into()))?;
         let rest: Vec<u64> = serde_json::from_slice(&body[..nl]).map_err(|e| CodecError::Decode(e.to_string()))?;
-        return Ok(StoredEntry::Split { first: body[nl + 1..].to_vec(), rest });
+        return Ok(StoredValue::Split { first: body[nl + 1..].to_vec(), rest });
     }
-    serde_json::from_slice(value).map(StoredEntry::Whole).map_err(|e| CodecError::Decode(e.to_string()))
+    Ok(StoredValue::Whole(value.to_vec()))
 }
 
-/// Decodes a split entry from all its bytes, in part order.
-pub fn decode_parts(bytes: &[u8]) -> Result<Entry, CodecError> {
+/// Decodes an entry from all its bytes.
+pub fn decode_entry(bytes: &[u8]) -> Result<Entry, CodecError> {
     serde_json::from_slice(bytes).map_err(|e| CodecError::Decode(e.to_string()))
 }
 
@@ -184,7 +190,8 @@ mod tests {
         let e = entry("hello");
         let enc = encode_entry(&e, 1 << 20).unwrap();
         assert!(enc.rest.is_empty());
-        assert_eq!(decode_first(&enc.first(&[]).unwrap()).unwrap(), StoredEntry::Whole(e));
+        let StoredValue::Whole(bytes) = decode_value(&enc.first(&[]).unwrap()).unwrap() else { panic!("split") };
+        assert_eq!(decode_entry(&bytes).unwrap(), e);
     }
 
     #[test]
@@ -195,13 +202,13 @@ mod tests {
         let revs: Vec<u64> = (10..10 + enc.rest.len() as u64).collect();
         let first = enc.first(&revs).unwrap();
         assert!(first.len() <= 5_000);
-        let StoredEntry::Split { first, rest } = decode_first(&first).unwrap() else { panic!("not split") };
+        let StoredValue::Split { first, rest } = decode_value(&first).unwrap() else { panic!("not split") };
         assert_eq!(rest, revs);
         let mut all = first;
         for part in &enc.rest {
             all.extend_from_slice(part);
         }
-        assert_eq!(decode_parts(&all).unwrap(), e);
+        assert_eq!(decode_entry(&all).unwrap(), e);
     }
 
     #[test]

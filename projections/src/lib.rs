@@ -141,6 +141,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         };
         let shared = Arc::new(views::Shared {
             js: booted.js.clone(),
+            max_value: store::max_value(&booted.js),
             store,
             outbound,
             metrics,
@@ -276,7 +277,7 @@ pub async fn rebuild(
     let last_seq = events.iter().map(|(s, _)| *s).max().unwrap_or(0);
     let view = timeline::fold(conversation.as_str(), events.iter().map(|(_, e)| e), None);
     let folded = events.iter().filter(|(_, e)| e.position().is_some_and(|p| p <= view.position)).count();
-    store::replace(&bucket, view.clone(), last_seq + 1).await.map_err(|e| e.to_string())?;
+    store::replace(&bucket, view.clone(), last_seq + 1, store::max_value(js)).await.map_err(|e| e.to_string())?;
     Ok((view, folded))
 }
 

@@ -5,10 +5,17 @@
 //!   the stream can start reading the output after it (`resume_seq`), how
 //!   many sealed blocks there are, and the *tail*: every entry after them.
 //!   Written with the expected revision, so two writers cannot both win.
-//! * `<conversation>.b<k>`: sealed block `k`, entries `k*64 .. k*64+64`.
-//!   Once the tail holds 128 entries its first 64 are sealed into a new
-//!   block; the tail therefore stays between 64 and 128 entries. A block is
-//!   rewritten only when one of its entries changes (rare: a late tool result).
+//! * `<conversation>.b<k>`: sealed block `k`: up to 64 entries and, unless
+//!   it holds one entry, at most 256 KiB (the header lists each block's
+//!   entry count). Entries are sealed from the front of the tail once it
+//!   holds 128 entries or more than 256 KiB, never past a streaming entry
+//!   (stream readers take those from the header). A block is rewritten only
+//!   when one of its entries changes (rare: a late tool result).
+//!
+//! A value larger than the server's payload limit (a header or block
+//! holding a huge message) is split into parts (`<key>.<n>`) written first,
+//! with the first value naming their revisions (`conv_core::snapshot`), so
+//! a view of any size can be stored.
 //!
 //! A flush writes the header and, now and then, one block: O(1) per batch of
 //! events whatever the length of the conversation.
@@ -17,14 +24,30 @@ use std::collections::BTreeSet;
 
 use async_nats::jetstream::kv;
 use bytes::Bytes;
-use conv_contracts::payload::RunStatus;
+use conv_contracts::payload::{EntryStatus, RunStatus};
+use conv_core::snapshot::{self as codec, StoredValue};
 use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
 use crate::timeline::{Entry, Indexed, Timeline};
 
-/// Entries per sealed block.
+/// Entries per sealed block (at most).
 pub const BLOCK: usize = 64;
+/// Bytes of a sealed block (at most, unless it holds one entry), and of
+/// the tail before it is sealed.
+pub const BLOCK_BYTES: usize = 256 * 1024;
+/// Room left in a value for the message's headers.
+const VALUE_HEADROOM: usize = 16 * 1024;
+
+/// The largest value to write through this connection.
+pub fn max_value(js: &async_nats::jetstream::Context) -> usize {
+    js.client().server_info().max_payload.saturating_sub(VALUE_HEADROOM).max(16 * 1024)
+}
+
+/// What an entry counts against a block's bytes.
+fn entry_bytes(e: &Entry) -> usize {
+    e.text.len() + e.id.len() + 96
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Header {
@@ -36,7 +59,21 @@ struct Header {
     #[serde(default)]
     resume_seq: u64,
     blocks: usize,
+    /// Entries in each sealed block (absent in views written before blocks
+    /// were bounded by bytes: then every block holds 64).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    block_sizes: Vec<u32>,
     tail: Vec<Entry>,
+}
+
+impl Header {
+    fn sizes(&self) -> Vec<u32> {
+        if self.block_sizes.len() == self.blocks {
+            self.block_sizes.clone()
+        } else {
+            vec![BLOCK as u32; self.blocks]
+        }
+    }
 }
 
 /// Why the store could not be read or written.
@@ -58,61 +95,110 @@ fn block_key(conversation: &str, k: usize) -> String {
     format!("{conversation}.b{k}")
 }
 
-/// A view as stored: the timeline, its sealed block count and revision.
+/// A view as stored: the timeline, its sealed blocks and revision.
 #[derive(Debug, Clone)]
 pub struct Stored {
     pub view: Indexed,
-    pub blocks: usize,
+    /// Entries in each sealed block.
+    pub blocks: Vec<u32>,
     pub revision: Option<u64>,
     pub resume_seq: u64,
 }
 
 impl Stored {
     pub fn new(conversation: &str) -> Self {
-        Self { view: Indexed::new(conversation), blocks: 0, revision: None, resume_seq: 0 }
+        Self { view: Indexed::new(conversation), blocks: Vec::new(), revision: None, resume_seq: 0 }
     }
 }
 
-async fn header(store: &kv::Store, conversation: &str) -> Result<Option<(Header, u64)>, StoreError> {
-    let Some(entry) = store.entry(conversation).await.map_err(kv_error)? else { return Ok(None) };
-    if entry.operation != kv::Operation::Put {
-        return Ok(None);
+/// A value and its revision, its parts (if split) put back together. A
+/// part replaced while it was read (the bucket keeps one revision) makes
+/// the read start again.
+async fn get_value(store: &kv::Store, key: &str) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
+    let unreadable = |detail: String| StoreError::Unreadable { conversation: key.to_owned(), detail };
+    for _ in 0..5 {
+        let Some(entry) = store.entry(key).await.map_err(kv_error)? else { return Ok(None) };
+        if entry.operation != kv::Operation::Put {
+            return Ok(None);
+        }
+        match codec::decode_value(&entry.value).map_err(|e| unreadable(e.to_string()))? {
+            StoredValue::Whole(bytes) => return Ok(Some((bytes, entry.revision))),
+            StoredValue::Split { mut first, rest } => {
+                let mut complete = true;
+                for (n, rev) in rest.iter().enumerate() {
+                    match store.entry_for_revision(format!("{key}.{}", n + 1), *rev).await {
+                        Ok(Some(part)) if part.operation == kv::Operation::Put => first.extend_from_slice(&part.value),
+                        _ => {
+                            complete = false;
+                            break;
+                        }
+                    }
+                }
+                if complete {
+                    return Ok(Some((first, entry.revision)));
+                }
+            }
+        }
     }
-    let header: Header = serde_json::from_slice(&entry.value)
+    Err(unreadable("its parts kept changing while read".into()))
+}
+
+/// Writes a value, split into parts when larger than `max_value`; returns
+/// the first value's revision.
+async fn put_value(store: &kv::Store, key: &str, bytes: Vec<u8>, max_value: usize) -> Result<Encoded, StoreError> {
+    let encoded = codec::encode_value(bytes, max_value);
+    let mut revisions = Vec::with_capacity(encoded.rest.len());
+    for (n, part) in encoded.rest.iter().enumerate() {
+        revisions.push(store.put(format!("{key}.{}", n + 1), Bytes::from(part.clone())).await.map_err(kv_error)?);
+    }
+    encoded.first(&revisions).map(Bytes::from).map_err(kv_error)
+}
+
+/// A first value ready to write.
+type Encoded = Bytes;
+
+async fn header(store: &kv::Store, conversation: &str) -> Result<Option<(Header, u64)>, StoreError> {
+    let Some((bytes, revision)) = get_value(store, conversation).await? else { return Ok(None) };
+    let header: Header = serde_json::from_slice(&bytes)
         .map_err(|e| StoreError::Unreadable { conversation: conversation.to_owned(), detail: e.to_string() })?;
-    Ok(Some((header, entry.revision)))
+    Ok(Some((header, revision)))
 }
 
 async fn blocks(store: &kv::Store, conversation: &str, n: usize) -> Result<Vec<Entry>, StoreError> {
-    let blocks: Vec<Vec<Entry>> = futures::stream::iter(0..n)
+    let reads: Vec<_> = (0..n)
         .map(|k| async move {
-            let bytes = store.get(block_key(conversation, k)).await.map_err(kv_error)?.ok_or_else(|| {
-                StoreError::Unreadable {
-                    conversation: conversation.to_owned(),
-                    detail: format!("block {k} is missing"),
-                }
+            let key = block_key(conversation, k);
+            let (bytes, _) = get_value(store, &key).await?.ok_or_else(|| StoreError::Unreadable {
+                conversation: conversation.to_owned(),
+                detail: format!("block {k} is missing"),
             })?;
             serde_json::from_slice::<Vec<Entry>>(&bytes).map_err(|e| StoreError::Unreadable {
                 conversation: conversation.to_owned(),
                 detail: format!("block {k}: {e}"),
             })
         })
-        .buffered(16)
-        .try_collect()
-        .await?;
+        .collect();
+    let blocks: Vec<Vec<Entry>> = futures::stream::iter(reads).buffered(16).try_collect().await?;
     Ok(blocks.into_iter().flatten().collect())
 }
 
 /// The stored view of a conversation, or `None` if there is none.
 pub async fn load(store: &kv::Store, conversation: &str) -> Result<Option<Stored>, StoreError> {
     let Some((h, revision)) = header(store, conversation).await? else { return Ok(None) };
+    let sizes = h.sizes();
     let mut entries = blocks(store, conversation, h.blocks).await?;
+    if entries.len() != sizes.iter().map(|&n| n as usize).sum::<usize>() {
+        return Err(StoreError::Unreadable {
+            conversation: conversation.to_owned(),
+            detail: "sealed blocks do not hold the entries the header names".into(),
+        });
+    }
     entries.extend(h.tail);
     let timeline =
         Timeline { conversation_id: h.conversation_id, run_status: h.run_status, entries, position: h.position };
     Ok(Some(Stored {
         view: Indexed::from_timeline(timeline),
-        blocks: h.blocks,
+        blocks: sizes,
         revision: Some(revision),
         resume_seq: h.resume_seq,
     }))
@@ -145,28 +231,65 @@ pub async fn head(store: &kv::Store, conversation: &str) -> Result<Option<Head>,
 /// Writes what changed: newly sealed blocks and `dirty` blocks (places of
 /// changed entries below the tail), then the header with the expected
 /// revision. Updates `stored.blocks` and `stored.revision`.
-pub async fn save(store: &kv::Store, stored: &mut Stored, dirty: &BTreeSet<usize>) -> Result<(), StoreError> {
+pub async fn save(
+    store: &kv::Store,
+    stored: &mut Stored,
+    dirty: &BTreeSet<usize>,
+    max_value: usize,
+) -> Result<(), StoreError> {
     let timeline = &stored.view.timeline;
     let conversation = timeline.conversation_id.as_str();
-    let mut sealed = stored.blocks;
-    while timeline.entries.len() - sealed * BLOCK >= 2 * BLOCK {
-        sealed += 1;
+    let entries = &timeline.entries;
+    // Where each existing block starts, then seal what the tail outgrew.
+    let mut starts: Vec<usize> = Vec::with_capacity(stored.blocks.len() + 1);
+    let mut at = 0;
+    for &n in &stored.blocks {
+        starts.push(at);
+        at += n as usize;
     }
-    let mut write: BTreeSet<usize> = dirty.iter().map(|i| i / BLOCK).filter(|k| *k < stored.blocks).collect();
-    write.extend(stored.blocks..sealed);
+    let (old_blocks, old_end) = (stored.blocks.len(), at);
+    let mut sizes = stored.blocks.clone();
+    loop {
+        let tail = &entries[at..];
+        let tail_bytes: usize = tail.iter().map(entry_bytes).sum();
+        if tail.len() < 2 * BLOCK && tail_bytes <= BLOCK_BYTES {
+            break;
+        }
+        let (mut n, mut bytes) = (0, 0);
+        for e in tail.iter().take(BLOCK) {
+            if e.status == EntryStatus::Streaming || (n > 0 && bytes + entry_bytes(e) > BLOCK_BYTES) {
+                break;
+            }
+            n += 1;
+            bytes += entry_bytes(e);
+        }
+        if n == 0 {
+            break; // a streaming entry first: it stays in the header
+        }
+        starts.push(at);
+        sizes.push(n as u32);
+        at += n;
+    }
+    let block_of = |place: usize| starts.partition_point(|&s| s <= place).checked_sub(1);
+    let mut write: BTreeSet<usize> = dirty.iter().filter(|&&i| i < old_end).filter_map(|&i| block_of(i)).collect();
+    write.extend(old_blocks..sizes.len());
     for k in write {
-        let bytes = serde_json::to_vec(&timeline.entries[k * BLOCK..(k + 1) * BLOCK]).map_err(kv_error)?;
-        store.put(block_key(conversation, k), Bytes::from(bytes)).await.map_err(kv_error)?;
+        let range = starts[k]..starts[k] + sizes[k] as usize;
+        let bytes = serde_json::to_vec(&entries[range]).map_err(kv_error)?;
+        let key = block_key(conversation, k);
+        let first = put_value(store, &key, bytes, max_value).await?;
+        store.put(key, first).await.map_err(kv_error)?;
     }
     let header = Header {
         conversation_id: conversation.to_owned(),
         run_status: timeline.run_status,
         position: timeline.position,
         resume_seq: stored.resume_seq,
-        blocks: sealed,
-        tail: timeline.entries[sealed * BLOCK..].to_vec(),
+        blocks: sizes.len(),
+        block_sizes: sizes.clone(),
+        tail: entries[at..].to_vec(),
     };
-    let bytes = Bytes::from(serde_json::to_vec(&header).map_err(kv_error)?);
+    let bytes = put_value(store, conversation, serde_json::to_vec(&header).map_err(kv_error)?, max_value).await?;
     let written = match stored.revision {
         Some(r) => store.update(conversation, bytes, r).await.map_err(|e| match e.kind() {
             kv::UpdateErrorKind::WrongLastRevision => StoreError::Conflict(conversation.to_owned()),
@@ -178,13 +301,18 @@ pub async fn save(store: &kv::Store, stored: &mut Stored, dirty: &BTreeSet<usize
         }),
     }?;
     stored.revision = Some(written);
-    stored.blocks = sealed;
+    stored.blocks = sizes;
     Ok(())
 }
 
 /// Replaces the stored view with `timeline` unless the stored one is at a
 /// later position (then it is kept). Returns whether it was written.
-pub async fn replace(store: &kv::Store, timeline: Timeline, resume_seq: u64) -> Result<bool, StoreError> {
+pub async fn replace(
+    store: &kv::Store,
+    timeline: Timeline,
+    resume_seq: u64,
+    max_value: usize,
+) -> Result<bool, StoreError> {
     for _ in 0..5 {
         let current = match header(store, &timeline.conversation_id).await {
             Ok(h) => h,
@@ -201,12 +329,12 @@ pub async fn replace(store: &kv::Store, timeline: Timeline, resume_seq: u64) -> 
         }
         let mut stored = Stored {
             view: Indexed::from_timeline(timeline.clone()),
-            blocks: 0,
+            blocks: Vec::new(),
             revision: current.map(|(_, r)| r),
             resume_seq,
         };
-        // `blocks: 0`: every block is (re)written.
-        match save(store, &mut stored, &BTreeSet::new()).await {
+        // No blocks yet: every block is (re)written.
+        match save(store, &mut stored, &BTreeSet::new(), max_value).await {
             Ok(()) => return Ok(true),
             Err(StoreError::Conflict(_)) => continue,
             Err(e) => return Err(e),
@@ -223,6 +351,7 @@ impl Header {
             position: 0,
             resume_seq: 0,
             blocks: 0,
+            block_sizes: Vec::new(),
             tail: Vec::new(),
         }
     }

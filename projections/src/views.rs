@@ -67,6 +67,8 @@ impl Default for ViewsConfig {
 pub struct Shared {
     pub js: jetstream::Context,
     pub store: kv::Store,
+    /// The largest value written to the store (`store::max_value`).
+    pub max_value: usize,
     pub outbound: Option<Outbound>,
     pub metrics: Metrics,
     pub config: ViewsConfig,
@@ -307,10 +309,11 @@ impl Worker {
         let written: Vec<(ConversationId, Hot, Result<(), StoreError>)> = futures::stream::iter(taken)
             .map(|(conv, mut hot)| {
                 let store = self.shared.store.clone();
+                let max_value = self.shared.max_value;
                 async move {
                     let lowest_pending = hot.pending.values().map(|h| h.seq).min().unwrap_or(u64::MAX);
                     hot.stored.resume_seq = lowest_pending.min(hot.last_seq + 1).max(hot.stored.resume_seq);
-                    let result = store::save(&store, &mut hot.stored, &hot.dirty).await;
+                    let result = store::save(&store, &mut hot.stored, &hot.dirty, max_value).await;
                     (conv, hot, result)
                 }
             })

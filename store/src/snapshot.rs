@@ -14,7 +14,7 @@
 
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
-use conv_core::snapshot::{self as codec, Snapshot, StoredEntry};
+use conv_core::snapshot::{self as codec, Snapshot, StoredValue};
 use conv_core::state::Entry;
 use conv_nats::topology::{KV_ENTRIES, KV_SNAPSHOTS};
 use futures::{StreamExt, TryStreamExt};
@@ -129,14 +129,14 @@ impl Snapshots {
     }
 
     async fn decode(&self, conversation: &str, place: usize, first: &[u8]) -> Result<Entry, Error> {
-        match codec::decode_first(first)? {
-            StoredEntry::Whole(e) => Ok(e),
-            StoredEntry::Split { first, rest } => {
+        match codec::decode_value(first)? {
+            StoredValue::Whole(bytes) => Ok(codec::decode_entry(&bytes)?),
+            StoredValue::Split { first, rest } => {
                 let mut all = first;
                 for (n, rev) in rest.iter().enumerate() {
                     all.extend_from_slice(&self.value_at(&codec::part_key(conversation, place, n + 1), *rev).await?);
                 }
-                Ok(codec::decode_parts(&all)?)
+                Ok(codec::decode_entry(&all)?)
             }
         }
     }
