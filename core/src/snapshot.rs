@@ -141,7 +141,10 @@ pub enum StoredValue {
     Whole(Vec<u8>),
     /// Split: the first bytes and the revisions of parts 1.. to read and
     /// append, in order.
-    Split { first: Vec<u8>, rest: Vec<u64> },
+    Split {
+        first: Vec<u8>,
+        rest: Vec<u64>,
+    },
 }
 
 pub fn decode_value(value: &[u8]) -> Result<StoredValue, CodecError> {

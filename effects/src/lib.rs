@@ -59,7 +59,7 @@ pub const IDENTITY: Identity = Identity {
         "  CONV_LLM_MAX_RETRIES            retries of a failing model call (default 3)\n",
         "  CONV_LLM_STALL_TIMEOUT_MS       a stream silent this long fails (default 30000)\n",
         "  CONV_LLM_MAX_CONTEXT_BYTES      context window: the newest messages up to this many bytes are sent,\n",
-        "                                  older ones dropped whole (default: openai 400000, scripted 1048576)\n",
+        "                                  older ones dropped whole (default: openai 400000, scripted 262144)\n",
         "  CONV_SCRIPTED_TOKENS            tokens per scripted answer (default 24)\n",
         "  CONV_SCRIPTED_TOKEN_DELAY_MS    delay per scripted token (default 15)\n",
         "  CONV_EFFECTS_CONCURRENCY        effects run at once on this instance, all classes (default 1280)\n",
@@ -67,7 +67,7 @@ pub const IDENTITY: Identity = Identity {
         "  CONV_EFFECTS_TOOL_CONCURRENCY   tool calls run at once (default 256); cancels never wait for a slot\n",
         "  CONV_EFFECTS_COALESCE_MS        durable lane: journal a text chunk once its oldest byte is this old (default 3000)\n",
         "  CONV_EFFECTS_COALESCE_BYTES     durable lane: or once this many bytes wait (default 16384); the live lane sends every piece at once\n",
-        "  CONV_EFFECTS_PROGRESS_MS        progress interval of running effects (default 5000)\n",
+        "  CONV_EFFECTS_PROGRESS_MS        progress of running and queued effects (default 1000; below effects_ack_wait_secs)\n",
         "  CONV_WEBHOOK_TOOLS              JSON array of webhook tools [{name, url, timeout_ms?, retries?, hmac_secret?}]\n",
     ),
 };
@@ -121,7 +121,7 @@ impl Default for EffectsOptions {
             llm_stall_timeout_ms: 30_000,
             llm_connect_timeout_ms: 10_000,
             llm_max_context_bytes: 0,
-            progress_ms: 5_000,
+            progress_ms: 1_000,
             tools: Vec::new(),
         }
     }
@@ -129,11 +129,12 @@ impl Default for EffectsOptions {
 
 impl EffectsOptions {
     /// The context window in bytes: the configured one, else the provider's
-    /// default (openai: 400 000 bytes, about 100 000 tokens; scripted: 1 MiB).
+    /// default (openai: 400 000 bytes, about 100 000 tokens; scripted:
+    /// 256 KiB — it answers from the last messages only).
     pub fn context_window(&self) -> usize {
         match (self.llm_max_context_bytes, self.llm_provider.as_str()) {
             (0, "openai") => 400_000,
-            (0, _) => 1 << 20,
+            (0, _) => 256 * 1024,
             (n, _) => n,
         }
     }

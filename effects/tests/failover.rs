@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use conv_contracts::payload::*;
 use conv_contracts::{ConversationId, Envelope, EventType, Payload};
-use conv_nats::TopologyConfig;
 use conv_nats::service::Settings;
 use conv_nats::test_util::{TestNats, free_addr, spawn_service};
 
@@ -39,7 +38,7 @@ fn count(i: &[Envelope], ty: EventType) -> usize {
 #[tokio::test]
 async fn a_killed_instance_is_replaced_and_the_reply_completes_once() {
     let nats = TestNats::start().await.expect("test NATS");
-    nats.setup_with(&TopologyConfig { ack_wait_secs: 2, ..Default::default() }).await.expect("topology");
+    nats.setup().await.expect("topology");
     let js = nats.jetstream().await;
     let mut rc: conv_runtime::Config = Settings::for_test(nats.config(), free_addr());
     rc.options.heartbeat_ms = 200;

@@ -76,8 +76,13 @@ pub struct TopologyConfig {
     pub max_deliver: i64,
     /// Ack wait of every consumer, in seconds.
     pub ack_wait_secs: u64,
-    /// Ack wait of the runtime's partition consumers, in seconds.
+    /// Ack wait of the runtime's partition consumers, in seconds (the
+    /// worker sends progress for what it holds every second).
     pub runtime_ack_wait_secs: u64,
+    /// Ack wait of the effects work queue, in seconds: how soon the
+    /// directives of a killed effects instance are redelivered (running and
+    /// queued directives send progress every `CONV_EFFECTS_PROGRESS_MS`).
+    pub effects_ack_wait_secs: u64,
     /// Ack wait of the projections' partition consumers, in seconds (views
     /// ack every flush, so this is how soon a dead instance's output comes back).
     pub projections_ack_wait_secs: u64,
@@ -99,10 +104,11 @@ impl Default for TopologyConfig {
             duplicate_window_secs: 120,
             max_deliver: 5,
             ack_wait_secs: 30,
-            runtime_ack_wait_secs: 10,
+            runtime_ack_wait_secs: 3,
+            effects_ack_wait_secs: 3,
             projections_ack_wait_secs: 5,
-            pinned_ttl_secs: 10,
-            owner_ttl_secs: 10,
+            pinned_ttl_secs: 3,
+            owner_ttl_secs: 2,
             max_msg_bytes: 2 * 1024 * 1024,
         }
     }
@@ -121,6 +127,7 @@ impl TopologyConfig {
         }
         if self.ack_wait_secs == 0
             || self.runtime_ack_wait_secs == 0
+            || self.effects_ack_wait_secs == 0
             || self.projections_ack_wait_secs == 0
             || self.duplicate_window_secs == 0
             || self.owner_ttl_secs == 0
@@ -256,6 +263,7 @@ impl Topology {
         }
         let mut effects = base(EFFECTS_CONSUMER.to_owned(), String::new(), "conv-effects shared work queue");
         effects.max_ack_pending = 4096;
+        effects.ack_wait = Duration::from_secs(cfg.effects_ack_wait_secs);
         consumers.push(ConsumerSpec { stream: STREAM_EFFECT.to_owned(), config: effects });
         for p in 0..cfg.partitions {
             let mut views =

@@ -32,7 +32,7 @@ impl Default for ProjectionsOptions {
             webhook_retries: 5,
             webhook_timeout_ms: 5_000,
             instance: String::new(),
-            heartbeat_ms: 1_000,
+            heartbeat_ms: 500,
             flush_ms: 200,
             sse_buffer: 4_096,
             sse_heartbeat_ms: 15_000,

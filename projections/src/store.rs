@@ -68,11 +68,7 @@ struct Header {
 
 impl Header {
     fn sizes(&self) -> Vec<u32> {
-        if self.block_sizes.len() == self.blocks {
-            self.block_sizes.clone()
-        } else {
-            vec![BLOCK as u32; self.blocks]
-        }
+        if self.block_sizes.len() == self.blocks { self.block_sizes.clone() } else { vec![BLOCK as u32; self.blocks] }
     }
 }
 

@@ -32,7 +32,7 @@ fn runtime(nats: &TestNats) -> ServiceHandle<conv_runtime::Error> {
     spawn_service("conv-runtime", |t| conv_runtime::run(rc, t))
 }
 
-async fn start() -> Stack {
+async fn start(window: usize) -> Stack {
     let nats = TestNats::start().await.expect("test NATS");
     nats.setup().await.expect("topology");
     let (ingress, projections) = (free_addr(), free_addr());
@@ -40,6 +40,7 @@ async fn start() -> Stack {
     let mut ec: conv_effects::Config = Settings::for_test(nats.config(), free_addr());
     ec.options.scripted_tokens = 8;
     ec.options.scripted_token_delay_ms = 1;
+    ec.options.llm_max_context_bytes = window;
     let pc: conv_projections::Config = Settings::for_test(nats.config(), projections);
     let services = (
         spawn_service("conv-ingress", |t| conv_ingress::run(ic, t)),
@@ -55,7 +56,13 @@ async fn start() -> Stack {
 
 impl Stack {
     /// Posts a message and waits until its run (`r<run>`) is idle again.
-    async fn turn(&self, runs: &mut futures::stream::BoxStream<'static, (String, RunStatus)>, conv: &str, run: u64, text: &str) -> Duration {
+    async fn turn(
+        &self,
+        runs: &mut futures::stream::BoxStream<'static, (String, RunStatus)>,
+        conv: &str,
+        run: u64,
+        text: &str,
+    ) -> Duration {
         let started = Instant::now();
         let r = self
             .http
@@ -139,7 +146,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 #[tokio::test]
 async fn three_hundred_turns_of_8_kb_cost_the_same_at_the_end_as_at_the_start() {
-    let stack = start().await;
+    let stack = start(0).await; // the scripted provider's default window
     let conv = "long-300";
     let mut runs = run_statuses(&stack.nats, conv).await;
     let mut latencies = Vec::new();
@@ -157,7 +164,7 @@ async fn three_hundred_turns_of_8_kb_cost_the_same_at_the_end_as_at_the_start() 
     let t = stack.timeline_complete(conv, 600).await;
     assert_eq!(t["run_status"], "idle");
     // The whole history is in the context projection; each step's model
-    // context is its newest part within the 1 MiB window.
+    // context is its newest part within the provider's window.
     let context = stack.get(conv, "context").await;
     assert_eq!(context["messages"].as_array().map(Vec::len), Some(600));
     stack.replay_matches(conv).await;
@@ -165,10 +172,11 @@ async fn three_hundred_turns_of_8_kb_cost_the_same_at_the_end_as_at_the_start() 
 
 #[tokio::test]
 async fn ten_megabytes_of_history_work_and_survive_a_runtime_restart() {
-    let mut stack = start().await;
+    let mut stack = start(1 << 20).await;
     let conv = "long-10mb";
     let mut runs = run_statuses(&stack.nats, conv).await;
-    // Eleven messages of a million bytes each (the request limit is 1 MiB).
+    // Eleven messages of a million bytes each (the request limit is 1 MiB),
+    // with a window that holds the newest one.
     let big = |i: u64| format!("{i:02} {}", "x".repeat(1_000_000 - 3));
     for i in 1..=6 {
         stack.turn(&mut runs, conv, i, &big(i)).await;
@@ -183,7 +191,8 @@ async fn ten_megabytes_of_history_work_and_survive_a_runtime_restart() {
         stack.turn(&mut runs, conv, i, &big(i)).await;
     }
     let t = stack.timeline_complete(conv, 22).await;
-    let total: usize = t["entries"].as_array().expect("entries").iter().map(|e| e["text"].as_str().unwrap_or("").len()).sum();
+    let total: usize =
+        t["entries"].as_array().expect("entries").iter().map(|e| e["text"].as_str().unwrap_or("").len()).sum();
     assert!(total >= 11_000_000, "{total} bytes of history");
     // The last answer saw the last message (the window holds it).
     let answer = t["entries"][21]["text"].as_str().expect("text");

@@ -28,7 +28,7 @@ pub const IDENTITY: Identity = Identity {
     default_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9101),
     options_help: "  CONV_RUNTIME_INSTANCE           instance id (default: a fresh UUID)\n  \
 CONV_RUNTIME_SNAPSHOT_EVERY     applies between snapshots of a conversation (default 32)\n  \
-CONV_RUNTIME_HEARTBEAT_MS       membership and lease refresh (default 1000)\n  \
+CONV_RUNTIME_HEARTBEAT_MS       membership and lease refresh (default 500; keep it below a quarter of owner_ttl_secs)\n  \
 CONV_RUNTIME_CAUSALITY_WAIT_MS  wait for a missing cause before the DLQ (default 5000)\n",
 };
 
@@ -51,7 +51,7 @@ impl Default for RuntimeOptions {
         Self {
             instance: String::new(),
             snapshot_every: 32,
-            heartbeat_ms: 1000,
+            heartbeat_ms: 500,
             idle_snapshot_ms: 1000,
             evict_after_secs: 60,
             causality_wait_ms: 5000,

@@ -53,7 +53,7 @@ impl Default for WorkerConfig {
             snapshot_every: 32,
             idle_snapshot: Duration::from_secs(1),
             evict_after: Duration::from_secs(60),
-            progress_every: Duration::from_secs(3),
+            progress_every: Duration::from_secs(1),
             publish_timeout: Duration::from_secs(5),
             causality_wait: Duration::from_secs(5),
         }
