@@ -365,6 +365,8 @@ async fn two_thousand_readers_of_one_conversation_get_every_event() {
             Some(f) => assert_eq!(&got, f.as_ref(), "every reader gets every event"),
         }
     }
+    // The view is written shortly after the stream ends: wait for it.
+    assert_eq!(wait_complete(&http, at, &["crowd".to_owned()], 1, Duration::from_secs(30)).await, 0);
     let t = timeline(&http, at, "crowd").await.expect("timeline");
     assert_eq!(joined(first.as_deref().expect("readers")), final_text(&t));
 }
