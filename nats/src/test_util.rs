@@ -479,3 +479,28 @@ pub async fn wait_inputs(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The run-status changes of one conversation's output as they are
+/// published (run id, status): how a test waits for a turn to end.
+pub async fn run_statuses(
+    nats: &TestNats,
+    conversation: &str,
+) -> futures::stream::BoxStream<'static, (String, conv_contracts::payload::RunStatus)> {
+    use futures::StreamExt;
+    let client = async_nats::connect(nats.url()).await.unwrap_or_else(|e| panic!("connect: {e}"));
+    let conv = conv_contracts::ConversationId::parse(conversation).unwrap_or_else(|e| panic!("{conversation}: {e}"));
+    let sub = client
+        .subscribe(conv_contracts::subject::out_published_filter(&conv))
+        .await
+        .unwrap_or_else(|e| panic!("subscribe: {e}"));
+    sub.filter_map(move |m| {
+        let _keep = &client;
+        let decoded =
+            crate::headers::decode(&m.subject, m.headers.as_ref(), &m.payload, conv_contracts::Limits::default());
+        std::future::ready(match decoded.map(|e| e.data) {
+            Ok(conv_contracts::Payload::OutRunStatus(s)) => Some((s.run_id, s.status)),
+            _ => None,
+        })
+    })
+    .boxed()
+}

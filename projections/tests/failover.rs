@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use conv_contracts::payload::RunStatus;
-use conv_contracts::{ConversationId, Limits, Payload};
+use conv_contracts::{ConversationId, Payload};
 use conv_nats::service::Settings;
 use conv_nats::test_util::{
     IsolatedService, ServiceHandle, TestNats, free_addr, spawn_isolated, spawn_service, wait_http_ok,
@@ -37,22 +37,6 @@ async fn post(http: &reqwest::Client, ingress: SocketAddr, conv: &str, text: &st
         .await
         .expect("post");
     assert_eq!(r.status().as_u16(), 202);
-}
-
-/// Run-status changes of one conversation as they are published.
-async fn run_statuses(nats: &TestNats, conv: &str) -> futures::stream::BoxStream<'static, (String, RunStatus)> {
-    let client = async_nats::connect(nats.url()).await.expect("connect");
-    let conv = ConversationId::parse(conv).expect("id");
-    let sub = client.subscribe(conv_contracts::subject::out_published_filter(&conv)).await.expect("subscribe");
-    sub.filter_map(move |m| {
-        let _keep = &client;
-        let decoded = conv_nats::headers::decode(&m.subject, m.headers.as_ref(), &m.payload, Limits::default());
-        std::future::ready(match decoded.map(|e| e.data) {
-            Ok(Payload::OutRunStatus(s)) => Some((s.run_id, s.status)),
-            _ => None,
-        })
-    })
-    .boxed()
 }
 
 async fn until_idle(runs: &mut futures::stream::BoxStream<'static, (String, RunStatus)>, run: &str, within: Duration) {
@@ -112,7 +96,7 @@ async fn a_killed_runtime_is_replaced_and_the_next_reply_comes_within_seconds() 
         })
         .expect("a conversation of a");
     let http = reqwest::Client::new();
-    let mut runs = run_statuses(&nats, &conv).await;
+    let mut runs = conv_nats::test_util::run_statuses(&nats, &conv).await;
     post(&http, ingress, &conv, "hello").await;
     until_idle(&mut runs, "r1", Duration::from_secs(20)).await;
 

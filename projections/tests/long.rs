@@ -6,8 +6,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use conv_contracts::ConversationId;
 use conv_contracts::payload::RunStatus;
-use conv_contracts::{ConversationId, Limits, Payload};
 use conv_nats::service::Settings;
 use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, spawn_service, wait_http_ok};
 use futures::StreamExt;
@@ -123,22 +123,6 @@ impl Stack {
     }
 }
 
-/// Run-status changes of one conversation as they are published.
-async fn run_statuses(nats: &TestNats, conv: &str) -> futures::stream::BoxStream<'static, (String, RunStatus)> {
-    let client = async_nats::connect(nats.url()).await.expect("connect");
-    let conv = ConversationId::parse(conv).expect("id");
-    let sub = client.subscribe(conv_contracts::subject::out_published_filter(&conv)).await.expect("subscribe");
-    sub.filter_map(move |m| {
-        let _keep = &client;
-        let decoded = conv_nats::headers::decode(&m.subject, m.headers.as_ref(), &m.payload, Limits::default());
-        std::future::ready(match decoded.map(|e| e.data) {
-            Ok(Payload::OutRunStatus(s)) => Some((s.run_id, s.status)),
-            _ => None,
-        })
-    })
-    .boxed()
-}
-
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -148,7 +132,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 async fn three_hundred_turns_of_8_kb_cost_the_same_at_the_end_as_at_the_start() {
     let stack = start(0).await; // the scripted provider's default window
     let conv = "long-300";
-    let mut runs = run_statuses(&stack.nats, conv).await;
+    let mut runs = conv_nats::test_util::run_statuses(&stack.nats, conv).await;
     let mut latencies = Vec::new();
     for i in 1..=300u64 {
         let text = format!("turn {i} {}", "lorem ipsum ".repeat(8192 / 12));
@@ -174,7 +158,7 @@ async fn three_hundred_turns_of_8_kb_cost_the_same_at_the_end_as_at_the_start() 
 async fn ten_megabytes_of_history_work_and_survive_a_runtime_restart() {
     let mut stack = start(1 << 20).await;
     let conv = "long-10mb";
-    let mut runs = run_statuses(&stack.nats, conv).await;
+    let mut runs = conv_nats::test_util::run_statuses(&stack.nats, conv).await;
     // Eleven messages of a million bytes each (the request limit is 1 MiB),
     // with a window that holds the newest one.
     let big = |i: u64| format!("{i:02} {}", "x".repeat(1_000_000 - 3));
