@@ -8,9 +8,9 @@
 //!   and the dedupe window), written with optimistic concurrency.
 //! * **Entries** (key `<conversation>.<place>`): one value per entry,
 //!   written when the entry is added or changed. An entry larger than one
-//!   store value is split: its parts go to `<conversation>.<place>.<n>`
-//!   first, then the first value names the parts' revisions, so a reader
-//!   always gets one consistent copy.
+//!   store value is split ([`encode_value`]): its parts go to
+//!   `<conversation>.<place>.<n>` first, then the first value names the
+//!   parts' revisions, so a reader always gets one consistent copy.
 //!
 //! A reader of a head asks for each entry by the revision the head names,
 //! so entries written later (by this owner for an LLM step, or by a stale
@@ -57,9 +57,9 @@ pub fn entry_key(conversation: &str, place: usize) -> String {
     format!("{conversation}.{place}")
 }
 
-/// The key of part `part` (from 1) of a split entry.
-pub fn part_key(conversation: &str, place: usize, part: usize) -> String {
-    format!("{conversation}.{place}.{part}")
+/// The key of part `part` (from 1) of a value split from the one at `key`.
+pub fn part_key(key: &str, part: usize) -> String {
+    format!("{key}.{part}")
 }
 
 /// Encodes the head. The entries are moved out for the encoding and put
@@ -99,9 +99,6 @@ pub struct EncodedValue {
     first: Vec<u8>,
 }
 
-/// An entry laid out in store values (see [`EncodedValue`]).
-pub type EncodedEntry = EncodedValue;
-
 impl EncodedValue {
     /// The first value, given the revisions the rest got.
     pub fn first(&self, rest_revisions: &[u64]) -> Result<Vec<u8>, CodecError> {
@@ -130,7 +127,7 @@ pub fn encode_value(bytes: Vec<u8>, max_value: usize) -> EncodedValue {
     EncodedValue { first, rest: chunks.collect() }
 }
 
-pub fn encode_entry(entry: &Entry, max_value: usize) -> Result<EncodedEntry, CodecError> {
+pub fn encode_entry(entry: &Entry, max_value: usize) -> Result<EncodedValue, CodecError> {
     let bytes = serde_json::to_vec(entry).map_err(|e| CodecError::Encode(e.to_string()))?;
     Ok(encode_value(bytes, max_value))
 }

@@ -237,12 +237,6 @@ impl State {
         self.touched.0.insert(place);
     }
 
-    /// Marks every entry as changed (after a restore that could not reuse
-    /// what was stored).
-    pub fn touch_all(&mut self) {
-        self.touched.0 = (0..self.entries.len()).collect();
-    }
-
     /// True when an input with this id was applied recently.
     pub fn has_applied(&self, event_id: &str) -> bool {
         self.recent_ids.contains(event_id)

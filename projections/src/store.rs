@@ -25,7 +25,8 @@ use std::collections::BTreeSet;
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use conv_contracts::payload::{EntryStatus, RunStatus};
-use conv_core::snapshot::{self as codec, StoredValue};
+use conv_core::snapshot as codec;
+use conv_store::parts::{self, PartsError};
 use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
@@ -107,51 +108,34 @@ impl Stored {
     }
 }
 
-/// A value and its revision, its parts (if split) put back together. A
-/// part replaced while it was read (the bucket keeps one revision) makes
-/// the read start again.
+/// A value and its revision, its parts (if split) put back together
+/// (`conv_store::parts`). A part replaced while it was read (the bucket
+/// keeps one revision) makes the read start again.
 async fn get_value(store: &kv::Store, key: &str) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
-    let unreadable = |detail: String| StoreError::Unreadable { conversation: key.to_owned(), detail };
     for _ in 0..5 {
         let Some(entry) = store.entry(key).await.map_err(kv_error)? else { return Ok(None) };
         if entry.operation != kv::Operation::Put {
             return Ok(None);
         }
-        match codec::decode_value(&entry.value).map_err(|e| unreadable(e.to_string()))? {
-            StoredValue::Whole(bytes) => return Ok(Some((bytes, entry.revision))),
-            StoredValue::Split { mut first, rest } => {
-                let mut complete = true;
-                for (n, rev) in rest.iter().enumerate() {
-                    match store.entry_for_revision(format!("{key}.{}", n + 1), *rev).await {
-                        Ok(Some(part)) if part.operation == kv::Operation::Put => first.extend_from_slice(&part.value),
-                        _ => {
-                            complete = false;
-                            break;
-                        }
-                    }
-                }
-                if complete {
-                    return Ok(Some((first, entry.revision)));
-                }
-            }
+        if let Some(bytes) = parts::read(store, key, &entry.value).await.map_err(|e| parts_error(key, e))? {
+            return Ok(Some((bytes, entry.revision)));
         }
     }
-    Err(unreadable("its parts kept changing while read".into()))
+    Err(StoreError::Unreadable { conversation: key.to_owned(), detail: "its parts kept changing while read".into() })
 }
 
-/// Writes a value, split into parts when larger than `max_value`; returns
-/// the first value's revision.
-async fn put_value(store: &kv::Store, key: &str, bytes: Vec<u8>, max_value: usize) -> Result<Encoded, StoreError> {
-    let encoded = codec::encode_value(bytes, max_value);
-    let mut revisions = Vec::with_capacity(encoded.rest.len());
-    for (n, part) in encoded.rest.iter().enumerate() {
-        revisions.push(store.put(format!("{key}.{}", n + 1), Bytes::from(part.clone())).await.map_err(kv_error)?);
+/// Writes the parts of a value larger than `max_value` (`conv_store::parts`)
+/// and returns the first value, for the caller to write at `key`.
+async fn put_parts(store: &kv::Store, key: &str, bytes: Vec<u8>, max_value: usize) -> Result<Bytes, StoreError> {
+    parts::write(store, key, &codec::encode_value(bytes, max_value)).await.map_err(|e| parts_error(key, e))
+}
+
+fn parts_error(key: &str, e: PartsError) -> StoreError {
+    match e {
+        PartsError::Store(detail) => StoreError::Kv(detail),
+        PartsError::Codec(c) => StoreError::Unreadable { conversation: key.to_owned(), detail: c.to_string() },
     }
-    encoded.first(&revisions).map(Bytes::from).map_err(kv_error)
 }
-
-/// A first value ready to write.
-type Encoded = Bytes;
 
 async fn header(store: &kv::Store, conversation: &str) -> Result<Option<(Header, u64)>, StoreError> {
     let Some((bytes, revision)) = get_value(store, conversation).await? else { return Ok(None) };
@@ -273,7 +257,7 @@ pub async fn save(
         let range = starts[k]..starts[k] + sizes[k] as usize;
         let bytes = serde_json::to_vec(&entries[range]).map_err(kv_error)?;
         let key = block_key(conversation, k);
-        let first = put_value(store, &key, bytes, max_value).await?;
+        let first = put_parts(store, &key, bytes, max_value).await?;
         store.put(key, first).await.map_err(kv_error)?;
     }
     let header = Header {
@@ -285,7 +269,7 @@ pub async fn save(
         block_sizes: sizes.clone(),
         tail: entries[at..].to_vec(),
     };
-    let bytes = put_value(store, conversation, serde_json::to_vec(&header).map_err(kv_error)?, max_value).await?;
+    let bytes = put_parts(store, conversation, serde_json::to_vec(&header).map_err(kv_error)?, max_value).await?;
     let written = match stored.revision {
         Some(r) => store.update(conversation, bytes, r).await.map_err(|e| match e.kind() {
             kv::UpdateErrorKind::WrongLastRevision => StoreError::Conflict(conversation.to_owned()),

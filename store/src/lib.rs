@@ -5,6 +5,8 @@
 //!   `conv_snapshots` and one value per entry in `conv_entries`;
 //! * [`journal`]: the journal read back (applied markers and the inputs they
 //!   name) to restore a state after its snapshot, or to replay it whole;
+//! * [`parts`]: values larger than one store value, split (both the
+//!   entries and the projections' views use it);
 //! * [`context`]: an LLM step's context read by reference from the stored
 //!   entries, newest first, within a provider's window.
 //!
@@ -12,6 +14,7 @@
 //! read. The pure parts (state, reducer, codec) are `conv-core`.
 pub mod context;
 pub mod journal;
+pub mod parts;
 pub mod snapshot;
 
 pub use snapshot::{Loaded, Snapshots};

@@ -14,10 +14,12 @@
 
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
-use conv_core::snapshot::{self as codec, Snapshot, StoredValue};
+use conv_core::snapshot::{self as codec, EncodedValue, Snapshot};
 use conv_core::state::Entry;
 use conv_nats::topology::{KV_ENTRIES, KV_SNAPSHOTS};
 use futures::{StreamExt, TryStreamExt};
+
+use crate::parts::{self, PartsError};
 
 /// How many entry reads or writes are in flight at once.
 const PIPELINE: usize = 64;
@@ -33,9 +35,18 @@ pub enum Error {
     Store(String),
     #[error("snapshot codec: {0}")]
     Codec(#[from] codec::CodecError),
-    /// An entry a head names is not in the store (any more).
+    /// An entry (or a part of it) a head names is not in the store (any more).
     #[error("entry {key} revision {revision} is not in the store")]
     MissingEntry { key: String, revision: u64 },
+}
+
+impl From<PartsError> for Error {
+    fn from(e: PartsError) -> Self {
+        match e {
+            PartsError::Store(detail) => Error::Store(detail),
+            PartsError::Codec(c) => Error::Codec(c),
+        }
+    }
 }
 
 fn store_err(e: impl std::fmt::Display) -> Error {
@@ -115,30 +126,14 @@ impl Snapshots {
     /// The entry at `place` as stored at `revision`.
     async fn read_at(&self, conversation: &str, place: usize, revision: u64) -> Result<Entry, Error> {
         let key = codec::entry_key(conversation, place);
-        let value = self.value_at(&key, revision).await?;
-        self.decode(conversation, place, &value).await
-    }
-
-    async fn value_at(&self, key: &str, revision: u64) -> Result<Bytes, Error> {
-        match self.entries.entry_for_revision(key, revision).await {
-            Ok(Some(e)) if e.operation == kv::Operation::Put => Ok(e.value),
-            Ok(_) => Err(Error::MissingEntry { key: key.to_owned(), revision }),
-            Err(e) if e.kind() == kv::EntryErrorKind::TimedOut => Err(store_err(e)),
-            Err(_) => Err(Error::MissingEntry { key: key.to_owned(), revision }),
-        }
-    }
-
-    async fn decode(&self, conversation: &str, place: usize, first: &[u8]) -> Result<Entry, Error> {
-        match codec::decode_value(first)? {
-            StoredValue::Whole(bytes) => Ok(codec::decode_entry(&bytes)?),
-            StoredValue::Split { first, rest } => {
-                let mut all = first;
-                for (n, rev) in rest.iter().enumerate() {
-                    all.extend_from_slice(&self.value_at(&codec::part_key(conversation, place, n + 1), *rev).await?);
-                }
-                Ok(codec::decode_entry(&all)?)
-            }
-        }
+        let missing = || Error::MissingEntry { key: key.clone(), revision };
+        let first = match self.entries.entry_for_revision(key.as_str(), revision).await {
+            Ok(Some(e)) if e.operation == kv::Operation::Put => e.value,
+            Err(e) if e.kind() == kv::EntryErrorKind::TimedOut => return Err(store_err(e)),
+            _ => return Err(missing()),
+        };
+        let bytes = parts::read(&self.entries, &key, &first).await?.ok_or_else(missing)?;
+        Ok(codec::decode_entry(&bytes)?)
     }
 
     /// The latest stored copy of the entry at `place` (`None`: never
@@ -146,7 +141,12 @@ impl Snapshots {
     pub async fn latest_entry(&self, conversation: &str, place: usize) -> Result<Option<Entry>, Error> {
         let key = codec::entry_key(conversation, place);
         match self.entries.entry(&key).await.map_err(store_err)? {
-            Some(e) if e.operation == kv::Operation::Put => Ok(Some(self.decode(conversation, place, &e.value).await?)),
+            Some(e) if e.operation == kv::Operation::Put => {
+                let bytes = parts::read(&self.entries, &key, &e.value)
+                    .await?
+                    .ok_or_else(|| Error::MissingEntry { key: key.clone(), revision: e.revision })?;
+                Ok(Some(codec::decode_entry(&bytes)?))
+            }
             _ => Ok(None),
         }
     }
@@ -164,11 +164,13 @@ impl Snapshots {
         places.extend(revisions.len()..state.entries.len());
         places.sort_unstable();
         places.dedup();
-        let writes: Vec<(usize, codec::EncodedEntry)> = places
+        let writes: Vec<_> = places
             .iter()
-            .map(|&p| codec::encode_entry(&state.entries[p], self.max_value).map(|e| (p, e)))
-            .collect::<Result<_, _>>()?;
-        let writes: Vec<_> = writes.into_iter().map(|(place, e)| self.write_entry(conversation, place, e)).collect();
+            .map(|&place| codec::encode_entry(&state.entries[place], self.max_value).map(|e| (place, e)))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .map(|(place, encoded)| self.write_entry(conversation, place, encoded))
+            .collect();
         let written: Result<Vec<(usize, u64)>, Error> =
             futures::stream::iter(writes).buffer_unordered(PIPELINE).try_collect().await;
         let written = match written {
@@ -193,16 +195,12 @@ impl Snapshots {
         &self,
         conversation: &str,
         place: usize,
-        encoded: codec::EncodedEntry,
+        encoded: EncodedValue,
     ) -> Result<(usize, u64), Error> {
-        let mut rest = Vec::with_capacity(encoded.rest.len());
-        for (n, part) in encoded.rest.iter().enumerate() {
-            let key = codec::part_key(conversation, place, n + 1);
-            rest.push(self.entries.put(key, Bytes::from(part.clone())).await.map_err(store_err)?);
-        }
-        let first = Bytes::from(encoded.first(&rest)?);
-        let rev = self.entries.put(codec::entry_key(conversation, place), first).await.map_err(store_err)?;
-        Ok((place, rev))
+        let key = codec::entry_key(conversation, place);
+        let first = parts::write(&self.entries, &key, &encoded).await?;
+        let revision = self.entries.put(key, first).await.map_err(store_err)?;
+        Ok((place, revision))
     }
 
     /// Writes `snapshot`: its changed entries, then its head if the stored
