@@ -57,6 +57,9 @@ pub struct Executor {
     pub snapshots: conv_store::Snapshots,
     /// The provider's context window in bytes.
     pub context_window: usize,
+    /// The longest answer text a step may stream: `llm.completed` carries
+    /// it whole, so it must fit one journaled event.
+    pub max_answer_bytes: usize,
 }
 
 /// A lifecycle event could not be journaled: retry the directive later.
@@ -74,10 +77,19 @@ impl Executor {
         let event = Envelope::new(id, SOURCE, directive.conversation_id.clone(), data)
             .caused_by(directive)
             .with_time(Utc::now());
-        journal::append(&self.js, &event, &event.id, &[], self.publish_timeout)
-            .await
-            .map(drop)
-            .map_err(|e| PublishFailed(e.to_string()))
+        match journal::append(&self.js, &event, &event.id, &[], self.publish_timeout).await {
+            Ok(_) => Ok(()),
+            Err(journal::AppendError::TooLarge(detail)) => match too_large_outcome(&event.data, &detail) {
+                // An outcome the journal cannot take ends its effect visibly
+                // instead of being retried forever.
+                Some(instead) => {
+                    tracing::warn!(message = "Outcome too large for the journal; failing the effect.", event_id = %event.id, %detail);
+                    Box::pin(self.emit(directive, instead)).await
+                }
+                None => Err(PublishFailed(journal::AppendError::TooLarge(detail).to_string())),
+            },
+            Err(e) => Err(PublishFailed(e.to_string())),
+        }
     }
 
     /// Runs a directive to its end (or its cancel).
@@ -381,6 +393,14 @@ impl Executor {
                         }
                         self.metrics.live_deltas.inc();
                         text.push_str(fresh);
+                        if text.len() > self.max_answer_bytes {
+                            // `completed` carries the whole text: past this it could not be journaled.
+                            let error = format!(
+                                "the answer passed {} bytes, the most one journaled event holds here; stopped",
+                                self.max_answer_bytes
+                            );
+                            return self.failed(directive, &step_id, attempt, error, false).await;
+                        }
                         buffer.push_str(fresh);
                         buffered_since.get_or_insert_with(Instant::now);
                     }
@@ -475,5 +495,31 @@ impl Executor {
         self.registry.finish(conv, &id);
         self.metrics.duration.with_label_values(&["tool"]).observe(started.elapsed().as_secs_f64());
         result
+    }
+}
+
+/// The failure that replaces a completed outcome too large to journal (a
+/// tool result, an answer with huge tool-call arguments); `None` for
+/// anything else.
+fn too_large_outcome(data: &Payload, detail: &str) -> Option<Payload> {
+    match data {
+        Payload::LlmCompleted(c) => Some(
+            LlmFailed {
+                step_id: c.step_id.clone(),
+                attempt: c.attempt,
+                error: format!("the answer is larger than the journal takes ({detail})"),
+                retryable: false,
+            }
+            .into(),
+        ),
+        Payload::ToolCompleted(t) => Some(
+            ToolFailed {
+                tool_call_id: t.tool_call_id.clone(),
+                error: format!("the tool result is larger than the journal takes ({detail})"),
+                retryable: false,
+            }
+            .into(),
+        ),
+        _ => None,
     }
 }

@@ -282,6 +282,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             timers: timers.clone(),
             snapshots,
             context_window: o.context_window(),
+            // Room for the event's other fields and headers.
+            max_answer_bytes: booted.client.server_info().max_payload.saturating_sub(64 * 1024),
         });
         let timer_task = tokio::spawn(timers::run(timers, booted.js.clone(), shutdown.clone()));
         serve(executor, work, cancels, o.admission(), shutdown.clone()).await;

@@ -279,3 +279,57 @@ async fn a_sleep_longer_than_a_day_fails_with_a_clear_error() {
         .expect("failed");
     assert!(error.contains("24 h"), "{error}");
 }
+
+#[tokio::test]
+async fn an_answer_too_long_for_the_journal_ends_the_step_with_a_clear_failure() {
+    // The scripted model repeats the message's words as tokens: ten words of
+    // 100 000 bytes make an answer of 1 MB, more than one journaled event
+    // holds on the test server (1 MiB less room for the rest of the event).
+    let s = start(EffectsOptions {
+        scripted_tokens: 12,
+        scripted_token_delay_ms: 1,
+        llm_max_context_bytes: 2 << 20,
+        ..EffectsOptions::default()
+    })
+    .await;
+    let words: Vec<String> = (0..10).map(|i| format!("{i}{}", "w".repeat(99_999))).collect();
+    s.send("huge", "m1", message(&words.join(" "))).await;
+    let i =
+        s.wait_for("huge", "the failed step", |i| count(i, EventType::LlmFailed) == 1, Duration::from_secs(60)).await;
+    assert_eq!(count(&i, EventType::LlmCompleted), 0);
+    let failed = i
+        .iter()
+        .find_map(|e| match &e.data {
+            conv_contracts::Payload::LlmFailed(f) => Some(f.clone()),
+            _ => None,
+        })
+        .expect("failed");
+    assert!(!failed.retryable && failed.error.contains("the most one journaled event holds"), "{failed:?}");
+    // The user sees it: the run ends failed, the answer entry too.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let state = s.state("huge").await;
+        let last = state.entries.last().map(|e| e.status);
+        if state.run_status == RunStatus::Failed && last == Some(EntryStatus::Failed) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "run {:?}, last entry {last:?}", state.run_status);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_message_larger_than_the_context_window_fails_the_step_visibly() {
+    let s = start(EffectsOptions { llm_max_context_bytes: 1000, ..EffectsOptions::default() }).await;
+    s.send("wide", "m1", message(&"y".repeat(5000))).await;
+    let i =
+        s.wait_for("wide", "the failed step", |i| count(i, EventType::LlmFailed) == 1, Duration::from_secs(20)).await;
+    let error = i
+        .iter()
+        .find_map(|e| match &e.data {
+            conv_contracts::Payload::LlmFailed(f) => Some(f.error.clone()),
+            _ => None,
+        })
+        .expect("failed");
+    assert!(error.contains("window holds 1000"), "{error}");
+}

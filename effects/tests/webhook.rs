@@ -43,6 +43,8 @@ async fn hook(State(h): State<Arc<Hooks>>, Path(kind): Path<String>, headers: He
         "flaky" if n <= 2 => StatusCode::SERVICE_UNAVAILABLE.into_response(),
         "flaky" => axum::Json(json!({"result": "third time lucky"})).into_response(),
         "broken" => (StatusCode::BAD_REQUEST, "no").into_response(),
+        // A result larger than one journaled event (the test server takes 1 MiB).
+        "huge" => axum::Json(json!({"result": "x".repeat(2 << 20)})).into_response(),
         "slow" => {
             tokio::time::sleep(Duration::from_secs(5)).await;
             axum::Json(json!({"result": "too late"})).into_response()
@@ -88,6 +90,7 @@ async fn start() -> Stack {
             tool("flaky", 2000, 3),
             tool("broken", 2000, 3),
             tool("slow", 300, 1),
+            tool("huge", 5000, 1),
         ],
         llm_retry_min_ms: 20,
         llm_retry_max_ms: 50,
@@ -165,5 +168,14 @@ async fn webhook_tools() {
         tool_result(&i)
     );
     assert_eq!(s.calls("slow"), 2);
+    // A result the journal cannot take: the call fails with that reason
+    // (the run goes on), instead of being retried forever.
+    s.send("w6", "w6-m1", message("/tool huge {}")).await;
+    let i = s.wait("w6", "the tool result", |i| tool_result(i).is_some()).await;
+    assert!(
+        matches!(tool_result(&i), Some(Payload::ToolFailed(f)) if !f.retryable && f.error.contains("larger than the journal takes")),
+        "{:?}",
+        tool_result(&i)
+    );
     assert_eq!(*s.hooks.bad_signatures.lock().expect("lock"), 0, "every request was signed correctly");
 }

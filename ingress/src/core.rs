@@ -83,6 +83,10 @@ pub struct Meta {
     pub source: &'static str,
 }
 
+/// Bytes an output event may need beyond the input it comes from (its
+/// envelope, position and headers).
+pub const OUTPUT_HEADROOM: usize = 8 * 1024;
+
 /// Longest accepted `Idempotency-Key`.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 100;
 
@@ -95,8 +99,13 @@ pub struct Ingress {
 }
 
 impl Ingress {
+    /// The largest event taken: the body limit, and no more than what the
+    /// connected server's `max_payload` leaves for the *outputs* the event
+    /// becomes (a message's text is journaled again in its timeline entry),
+    /// so nothing is accepted that could not be shown.
     pub fn limits(&self) -> Limits {
-        Limits { max_event_bytes: self.options.max_body_bytes }
+        let journal = self.js.client().server_info().max_payload.saturating_sub(OUTPUT_HEADROOM);
+        Limits { max_event_bytes: self.options.max_body_bytes.min(journal) }
     }
 
     /// Validates a complete event and journals it.

@@ -332,3 +332,18 @@ async fn nats_request_api_with_service_discovery() {
     let info: Value = serde_json::from_slice(&ping.payload).expect("json");
     assert_eq!(info["name"], "conv-ingress");
 }
+
+#[tokio::test]
+async fn a_message_whose_output_would_not_fit_the_journal_is_refused_up_front() {
+    // The test server takes 1 MiB per message; the body limit is 1 MiB too.
+    let s = start().await;
+    let near = "x".repeat((1 << 20) - 2_000);
+    let (status, body, _) = s.post("/v1/conversations/big/messages", json!({ "text": near })).await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["code"], "oversize");
+    assert_eq!(s.in_count().await, 0, "nothing journaled");
+    // Well below the server's limit: taken.
+    let fits = "x".repeat(1_000_000);
+    let (status, body, _) = s.post("/v1/conversations/big/messages", json!({ "text": fits })).await;
+    assert_eq!(status, 202, "{body}");
+}
