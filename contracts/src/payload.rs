@@ -249,6 +249,13 @@ pub struct ContextRef {
     pub version: u64,
 }
 
+/// The effect id of one attempt of an LLM step (what a cancel names):
+/// `<step_id>.a<attempt>`, which is also the id of the timeline entry the
+/// attempt streams into.
+pub fn llm_effect_id(step_id: &str, attempt: u32) -> String {
+    format!("{step_id}.a{attempt}")
+}
+
 /// One message of the model's context, in the provider's role/content form.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ContextMessage {
@@ -296,7 +303,9 @@ pub struct TimerCancelRequested {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CancelRequested {
     pub mode: CancelMode,
-    /// Ids of the effects to cancel (LLM step ids, tool call ids).
+    /// Ids of the effects to cancel: LLM step attempts ([`llm_effect_id`];
+    /// a retry of the same step is a new attempt, never hit by an earlier
+    /// cancel) and tool call ids.
     pub effect_ids: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,

@@ -216,7 +216,7 @@ fn start_step(s: &mut State, cx: &mut Ctx<'_>, attempt: u32) {
     }
     let run_id = run.run_id.clone();
     let step_id = format!("{run_id}.s{}", run.step_no);
-    let entry_id = format!("{step_id}.a{attempt}");
+    let entry_id = llm_effect_id(&step_id, attempt);
     s.push_entry(Entry {
         id: entry_id.clone(),
         role: EntryRole::Assistant,
@@ -410,7 +410,7 @@ fn end_run(s: &mut State, cx: &mut Ctx<'_>, mode: CancelMode, reason: Option<Str
         CancelMode::Abort => (EntryStatus::Aborted, RunStatus::Aborted, "aborted"),
         CancelMode::Stop => (EntryStatus::Stopped, RunStatus::Stopped, "stopped"),
     };
-    let mut effect_ids: Vec<String> = s.llm.keys().cloned().collect();
+    let mut effect_ids: Vec<String> = s.llm.iter().map(|(id, step)| llm_effect_id(id, step.attempt)).collect();
     effect_ids.extend(s.tools.keys().cloned());
     if !effect_ids.is_empty() {
         cx.emit(s, CancelRequested { mode, effect_ids, reason: reason.clone() });

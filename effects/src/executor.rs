@@ -204,7 +204,8 @@ impl Executor {
     async fn llm(&self, directive: &Envelope, r: &LlmRequested, redelivered: bool) -> Result<(), PublishFailed> {
         let conv = directive.conversation_id.as_str();
         let (step_id, attempt) = (r.step_id.clone(), r.attempt);
-        let Some(cancel) = self.registry.start(conv, &step_id) else {
+        let effect = llm_effect_id(&step_id, attempt);
+        let Some(cancel) = self.registry.start(conv, &effect) else {
             self.metrics.canceled.with_label_values(&["llm"]).inc();
             return self
                 .emit(directive, LlmCanceled { step_id, attempt, reason: Some("canceled before it started".into()) })
@@ -213,7 +214,7 @@ impl Executor {
         let started = Instant::now();
         let resume = if redelivered { self.journaled_deltas(directive, r).await } else { (String::new(), 0) };
         let result = self.llm_inner(directive, r, &cancel, resume).await;
-        self.registry.finish(conv, &step_id);
+        self.registry.finish(conv, &effect);
         self.metrics.duration.with_label_values(&["llm"]).observe(started.elapsed().as_secs_f64());
         result
     }
@@ -339,7 +340,7 @@ impl Executor {
                 Err(e) => return self.failed(directive, &step_id, attempt, e.to_string(), false).await,
             }
         };
-        let entry_id = r.entry_id.clone().unwrap_or_else(|| format!("{step_id}.a{attempt}"));
+        let entry_id = r.entry_id.clone().unwrap_or_else(|| llm_effect_id(&step_id, attempt));
         let live_subject = conv_contracts::subject::live_subject(&directive.conversation_id);
         let live = self.js.client();
         // Resuming: what an earlier run journaled stays; its bytes are not

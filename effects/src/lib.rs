@@ -359,10 +359,11 @@ fn class(p: &Payload) -> Class {
 }
 
 /// The effect id a cancel names this directive by.
-fn effect_id(p: &Payload) -> Option<&str> {
+/// The id a cancel names the effect of this directive by.
+fn effect_id(p: &Payload) -> Option<String> {
     match p {
-        Payload::LlmRequested(r) => Some(&r.step_id),
-        Payload::ToolRequested(t) => Some(&t.tool_call_id),
+        Payload::LlmRequested(r) => Some(conv_contracts::payload::llm_effect_id(&r.step_id, r.attempt)),
+        Payload::ToolRequested(t) => Some(t.tool_call_id.clone()),
         _ => None,
     }
 }
@@ -445,7 +446,7 @@ fn cancel_now(
     executor.cancel(event, c);
     let named = |q: &Queued| {
         q.event.conversation_id == event.conversation_id
-            && effect_id(&q.event.data).is_some_and(|id| c.effect_ids.iter().any(|e| e == id))
+            && effect_id(&q.event.data).is_some_and(|id| c.effect_ids.contains(&id))
     };
     let (hit, keep): (VecDeque<Queued>, VecDeque<Queued>) = std::mem::take(queue).into_iter().partition(named);
     *queue = keep;

@@ -333,3 +333,21 @@ async fn a_message_larger_than_the_context_window_fails_the_step_visibly() {
         .expect("failed");
     assert!(error.contains("window holds 1000"), "{error}");
 }
+
+#[tokio::test]
+async fn a_stopped_step_can_be_retried_and_the_retry_runs() {
+    let s = start(EffectsOptions { scripted_tokens: 200, scripted_token_delay_ms: 20, ..Default::default() }).await;
+    s.send("sr", "m1", message("a long one please")).await;
+    s.wait_for("sr", "the first delta", |i| count(i, EventType::LlmDelta) >= 1, Duration::from_secs(20)).await;
+    s.send("sr", "stop-1", StopRequested {}).await;
+    s.wait_for("sr", "the stream to stop", |i| count(i, EventType::LlmCanceled) == 1, Duration::from_secs(10)).await;
+    // The retry is the same step, a new attempt: the earlier cancel must not stop it.
+    s.send("sr", "retry-1", RetryRequested {}).await;
+    let i = s
+        .wait_for("sr", "the retried answer", |i| count(i, EventType::LlmCompleted) == 1, Duration::from_secs(30))
+        .await;
+    assert_eq!(count(&i, EventType::LlmCanceled), 1, "only the first attempt was canceled");
+    let state = s.state("sr").await;
+    assert_eq!(state.run_status, RunStatus::Idle);
+    assert_eq!(state.entries.last().map(|e| e.status), Some(EntryStatus::Completed));
+}
