@@ -112,6 +112,18 @@ pub fn live_subject(conversation: &ConversationId) -> String {
     format!("{LIVE_PREFIX}.{conversation}")
 }
 
+/// The live-lane subject of a conversation's cancel hints
+/// ([`crate::live::LiveCancel`]). Four tokens, so it never meets a
+/// conversation's delta subject (three tokens).
+pub fn live_cancel_subject(conversation: &ConversationId) -> String {
+    format!("{LIVE_PREFIX}.cancel.{conversation}")
+}
+
+/// Filter of every conversation's cancel hints.
+pub fn live_cancel_filter() -> String {
+    format!("{LIVE_PREFIX}.cancel.*")
+}
+
 /// Filter of every `conv.effect.cancel.*` directive.
 pub fn cancel_filter() -> String {
     format!("conv.{}.{}.>", Kind::Effect.token(), EventType::CancelRequested.family())

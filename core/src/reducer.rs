@@ -393,6 +393,31 @@ fn cancel_tools(s: &mut State, cx: &mut Ctx<'_>, reason: &str) -> Vec<String> {
     ids
 }
 
+/// The effects an abort or stop cancels: every LLM step attempt and tool
+/// call in flight.
+fn in_flight_effects(s: &State) -> Vec<String> {
+    let mut ids: Vec<String> = s.llm.iter().map(|(id, step)| llm_effect_id(id, step.attempt)).collect();
+    ids.extend(s.tools.keys().cloned());
+    ids
+}
+
+/// What applying `input` to `s` will cancel, known before it is applied:
+/// for an abort or stop of a running conversation, the mode and the effect
+/// ids its `cancel.requested` directive will name (the same computation).
+/// The runtime sends this ahead as a cancel hint (`conv_contracts::live`).
+pub fn cancel_targets(s: &State, input: &Envelope) -> Option<(CancelMode, Vec<String>)> {
+    let mode = match input.data {
+        Payload::AbortRequested(_) => CancelMode::Abort,
+        Payload::StopRequested(_) => CancelMode::Stop,
+        _ => return None,
+    };
+    if s.has_applied(&input.id) || s.run_status != RunStatus::Running {
+        return None;
+    }
+    let ids = in_flight_effects(s);
+    (!ids.is_empty()).then_some((mode, ids))
+}
+
 /// Abort or stop: cancel what is in flight and end the run.
 fn end_run(s: &mut State, cx: &mut Ctx<'_>, mode: CancelMode, reason: Option<String>) {
     if mode == CancelMode::Abort {
@@ -410,8 +435,7 @@ fn end_run(s: &mut State, cx: &mut Ctx<'_>, mode: CancelMode, reason: Option<Str
         CancelMode::Abort => (EntryStatus::Aborted, RunStatus::Aborted, "aborted"),
         CancelMode::Stop => (EntryStatus::Stopped, RunStatus::Stopped, "stopped"),
     };
-    let mut effect_ids: Vec<String> = s.llm.iter().map(|(id, step)| llm_effect_id(id, step.attempt)).collect();
-    effect_ids.extend(s.tools.keys().cloned());
+    let effect_ids = in_flight_effects(s);
     if !effect_ids.is_empty() {
         cx.emit(s, CancelRequested { mode, effect_ids, reason: reason.clone() });
     }

@@ -286,6 +286,27 @@ proptest! {
         }
     }
 
+    /// A cancel hint computed before an abort or stop is applied names
+    /// exactly what its journaled `cancel.requested` names.
+    #[test]
+    fn cancel_targets_anticipate_the_cancel_directive(raw in prop::collection::vec(input(), 0..60)) {
+        let events: Vec<Envelope> = raw.into_iter().enumerate().map(|(i, r)| build(i, r)).collect();
+        let mut s = State::new("p");
+        for e in &events {
+            let hint = conv_core::reducer::cancel_targets(&s, e);
+            let applied = apply(&mut s, e);
+            let directive = applied.emitted.iter().find_map(|o| match &o.data {
+                Payload::CancelRequested(c) => Some((c.mode, c.effect_ids.clone())),
+                _ => None,
+            });
+            if matches!(e.data, Payload::AbortRequested(_) | Payload::StopRequested(_)) {
+                prop_assert_eq!(hint, directive);
+            } else {
+                prop_assert!(hint.is_none());
+            }
+        }
+    }
+
     /// Invariants after any sequence: nothing in flight unless running, no
     /// dangling tool call, unique and valid emitted events.
     #[test]

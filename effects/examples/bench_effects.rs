@@ -109,51 +109,75 @@ async fn main() {
     })
     .await;
     let js = s.nats.jetstream().await;
+    // Observed as published (core subscriptions), not by re-reading the
+    // journal: a poll of the whole stream would load the machine it measures.
+    let client = s.nats.client().await;
+    let mut live = client.subscribe(format!("{}.*", conv_contracts::subject::LIVE_PREFIX)).await.expect("subscribe");
+    let mut llm_inputs = client.subscribe("conv.in.llm.*").await.expect("subscribe");
+    let mut hint_sub = client.subscribe(conv_contracts::subject::live_cancel_filter()).await.expect("subscribe");
     let messages: Vec<Envelope> = (0..n).map(|i| message(&format!("ab-{i}"), &format!("m{i}"))).collect();
     publish(&js, &messages).await;
     // Wait until every conversation streams.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let started = inputs(&js, "conv.in.*.llm.*")
-            .await
-            .iter()
-            .filter(|e| e.event_type() == EventType::LlmDelta)
-            .map(|e| e.conversation_id.clone())
-            .collect::<std::collections::HashSet<_>>()
-            .len();
-        if started >= n || Instant::now() > deadline {
-            println!("{started} of {n} conversations streaming");
-            break;
+    let mut streaming = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while streaming.len() < n {
+        match tokio::time::timeout_at(deadline, futures::StreamExt::next(&mut live)).await {
+            Ok(Some(m)) => {
+                streaming.insert(m.subject.to_string());
+            }
+            _ => break,
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    println!("{} of {n} conversations streaming", streaming.len());
+    drop(live);
     let aborts: Vec<Envelope> = (0..n)
         .map(|i| {
-            let mut e = Envelope::new(
+            Envelope::new(
                 format!("abort-{i}"),
                 "/bench",
                 ConversationId::parse(&format!("ab-{i}")).expect("id"),
                 AbortRequested { reason: None },
-            );
-            e.time = Some(chrono::Utc::now());
-            e
+            )
         })
         .collect();
-    let sent: HashMap<String, chrono::DateTime<chrono::Utc>> =
-        aborts.iter().filter_map(|e| Some((e.conversation_id.to_string(), e.time?))).collect();
-    publish(&js, &aborts).await;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let canceled = loop {
-        let c: Vec<Envelope> = inputs(&js, "conv.in.*.llm.*")
-            .await
-            .into_iter()
-            .filter(|e| e.event_type() == EventType::LlmCanceled)
-            .collect();
-        if c.len() >= n || Instant::now() > deadline {
-            break c;
+    // When each conversation's cancel hint left the runtime (seen here).
+    let hints_seen = tokio::spawn(async move {
+        let mut seen: HashMap<String, chrono::DateTime<chrono::Utc>> = HashMap::new();
+        while let Ok(Some(m)) =
+            tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut hint_sub)).await
+        {
+            if let Some(conv) = m.subject.as_str().rsplit('.').next() {
+                seen.entry(conv.to_owned()).or_insert_with(chrono::Utc::now);
+            }
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+        seen
+    });
+    // Each abort is stamped as it is published (as ingress stamps what it accepts).
+    let publishing = Instant::now();
+    let mut sent: HashMap<String, chrono::DateTime<chrono::Utc>> = HashMap::new();
+    let mut acks = Vec::new();
+    for mut e in aborts {
+        let now = chrono::Utc::now();
+        e.time = Some(now);
+        sent.insert(e.conversation_id.to_string(), now);
+        acks.push(conv_nats::headers::publish(&js, &e).await.expect("publish"));
+    }
+    for a in acks {
+        a.await.expect("ack");
+    }
+    println!("  (publishing the {n} aborts took {:.0} ms)", publishing.elapsed().as_secs_f64() * 1000.0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut canceled: Vec<Envelope> = Vec::new();
+    while canceled.len() < n {
+        let Ok(Some(m)) = tokio::time::timeout_at(deadline, futures::StreamExt::next(&mut llm_inputs)).await else {
+            break;
+        };
+        if let Ok(e) = conv_nats::headers::decode(&m.subject, m.headers.as_ref(), &m.payload, Limits::default())
+            && e.event_type() == EventType::LlmCanceled
+        {
+            canceled.push(e);
+        }
+    }
     let mut latencies: Vec<f64> = canceled
         .iter()
         .filter_map(|e| {
@@ -163,6 +187,10 @@ async fn main() {
         })
         .collect();
     latencies.sort_by(|a, b| a.total_cmp(b));
+    let seen = hints_seen.await.unwrap_or_default();
+    let mut to_hint: Vec<f64> =
+        seen.iter().filter_map(|(c, at)| Some((*at - *sent.get(c)?).num_microseconds()? as f64 / 1000.0)).collect();
+    to_hint.sort_by(|a, b| a.total_cmp(b));
     let _ = s.effects.shutdown().await;
     let _ = s.runtime.shutdown().await;
     let _ = Payload::from(StopRequested {});
@@ -176,5 +204,11 @@ async fn main() {
         pct(&latencies, 0.5),
         pct(&latencies, 0.99),
         latencies.last().copied().unwrap_or(f64::NAN)
+    );
+    println!(
+        "  of which abort sent → the runtime's cancel hint seen: {} hints, p50 {:.0} ms, p99 {:.0} ms",
+        to_hint.len(),
+        pct(&to_hint, 0.5),
+        pct(&to_hint, 0.99)
     );
 }

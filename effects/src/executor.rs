@@ -397,7 +397,8 @@ impl Executor {
                         if text.len() > self.max_answer_bytes {
                             // `completed` carries the whole text: past this it could not be journaled.
                             let error = format!(
-                                "the answer passed {} bytes, the most one journaled event holds here; stopped",
+                                "the answer passed {} bytes, the longest a step may stream here \
+                                 (CONV_LLM_MAX_ANSWER_BYTES, at most what one journaled event holds); stopped",
                                 self.max_answer_bytes
                             );
                             return self.failed(directive, &step_id, attempt, error, false).await;

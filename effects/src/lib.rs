@@ -35,6 +35,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::{AckKind, Message};
+use conv_contracts::payload::CancelRequested;
 use conv_contracts::subject::STREAM_EFFECT;
 use conv_contracts::{Limits, Payload};
 use conv_nats::service::{self, BootError, ConfigError, Env, Identity, Options, ServeError, Settings, env_override};
@@ -60,6 +61,8 @@ pub const IDENTITY: Identity = Identity {
         "  CONV_LLM_STALL_TIMEOUT_MS       a stream silent this long fails (default 30000)\n",
         "  CONV_LLM_MAX_CONTEXT_BYTES      context window: the newest messages up to this many bytes are sent,\n",
         "                                  older ones dropped whole (default: openai 400000, scripted 262144)\n",
+        "  CONV_LLM_MAX_ANSWER_BYTES       longest answer a step may stream; past it the step fails (default and\n",
+        "                                  upper bound: the NATS server's max_payload less 16 KiB)\n",
         "  CONV_SCRIPTED_TOKENS            tokens per scripted answer (default 24)\n",
         "  CONV_SCRIPTED_TOKEN_DELAY_MS    delay per scripted token (default 15)\n",
         "  CONV_EFFECTS_CONCURRENCY        effects run at once on this instance, all classes (default 1280)\n",
@@ -95,6 +98,10 @@ pub struct EffectsOptions {
     /// The context window in bytes (0: the provider's default, see
     /// [`EffectsOptions::context_window`]).
     pub llm_max_context_bytes: usize,
+    /// The longest answer a step may stream (0, or more than the journal
+    /// takes: what one journaled event holds, see
+    /// [`EffectsOptions::max_answer_bytes`]).
+    pub llm_max_answer_bytes: usize,
     /// Progress interval for running effects (keep it well below the consumer's ack wait).
     pub progress_ms: u64,
     /// Webhook tools (`[[options.tools]]`, or JSON in `CONV_WEBHOOK_TOOLS`).
@@ -121,6 +128,7 @@ impl Default for EffectsOptions {
             llm_stall_timeout_ms: 30_000,
             llm_connect_timeout_ms: 10_000,
             llm_max_context_bytes: 0,
+            llm_max_answer_bytes: 0,
             progress_ms: 1_000,
             tools: Vec::new(),
         }
@@ -136,6 +144,19 @@ impl EffectsOptions {
             (0, "openai") => 400_000,
             (0, _) => 256 * 1024,
             (n, _) => n,
+        }
+    }
+}
+
+impl EffectsOptions {
+    /// The longest answer text a step may stream: `llm.completed` carries
+    /// it whole, so at most the server's `max_payload` less 16 KiB for the
+    /// rest of the event; less if configured.
+    pub fn max_answer_bytes(&self, max_payload: usize) -> usize {
+        let journal = max_payload.saturating_sub(16 * 1024);
+        match self.llm_max_answer_bytes {
+            0 => journal,
+            n => n.min(journal),
         }
     }
 }
@@ -156,6 +177,7 @@ impl Options for EffectsOptions {
         env_override(env, "CONV_LLM_MAX_RETRIES", &mut self.llm_max_retries)?;
         env_override(env, "CONV_LLM_STALL_TIMEOUT_MS", &mut self.llm_stall_timeout_ms)?;
         env_override(env, "CONV_LLM_MAX_CONTEXT_BYTES", &mut self.llm_max_context_bytes)?;
+        env_override(env, "CONV_LLM_MAX_ANSWER_BYTES", &mut self.llm_max_answer_bytes)?;
         env_override(env, "CONV_EFFECTS_PROGRESS_MS", &mut self.progress_ms)?;
         if let Some(json) = env("CONV_WEBHOOK_TOOLS") {
             self.tools = serde_json::from_str(&json).map_err(|e| ConfigError::Env {
@@ -259,7 +281,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .map_err(|e| Error::Provider(e.to_string()))?;
     // Until `convctl setup` ran there is nothing to consume: wait, not ready.
     let attached = service::wait_for(&shutdown, || attach(&booted.js)).await;
-    if let Some((work, cancels, timers, snapshots)) = attached {
+    if let Some(Attached { work, cancels, hints, timers, snapshots }) = attached {
         let executor = Arc::new(executor::Executor {
             js: booted.js.clone(),
             registry: cancel::Registry::default(),
@@ -282,11 +304,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             timers: timers.clone(),
             snapshots,
             context_window: o.context_window(),
-            // Room for the event's other fields and headers.
-            max_answer_bytes: booted.client.server_info().max_payload.saturating_sub(64 * 1024),
+            max_answer_bytes: o.max_answer_bytes(booted.client.server_info().max_payload),
         });
         let timer_task = tokio::spawn(timers::run(timers, booted.js.clone(), shutdown.clone()));
-        serve(executor, work, cancels, o.admission(), shutdown.clone()).await;
+        serve(executor, Inbox { work, cancels, hints }, o.admission(), shutdown.clone()).await;
         shutdown.cancel();
         let _ = timer_task.await;
     }
@@ -303,10 +324,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 type Messages = async_nats::jetstream::consumer::pull::Stream;
 type Ordered = async_nats::jetstream::consumer::pull::Ordered;
 
-/// The shared work queue and this instance's own view of cancels.
-async fn attach(
-    js: &async_nats::jetstream::Context,
-) -> Option<(Messages, Ordered, async_nats::jetstream::kv::Store, conv_store::Snapshots)> {
+/// What effects read from: the shared work queue, this instance's own view
+/// of cancel directives and of cancel hints, and the stores.
+struct Attached {
+    work: Messages,
+    cancels: Ordered,
+    hints: async_nats::Subscriber,
+    timers: async_nats::jetstream::kv::Store,
+    snapshots: conv_store::Snapshots,
+}
+
+/// The three sources the serve loop reads directives and cancels from.
+struct Inbox {
+    work: Messages,
+    cancels: Ordered,
+    hints: async_nats::Subscriber,
+}
+
+async fn attach(js: &async_nats::jetstream::Context) -> Option<Attached> {
     let timers = js.get_key_value(conv_nats::topology::KV_TIMERS).await.ok()?;
     let snapshots = conv_store::Snapshots::open(js).await.ok()?;
     let stream = js.get_stream_no_info(STREAM_EFFECT).await.ok()?;
@@ -323,7 +358,24 @@ async fn attach(
         .messages()
         .await
         .ok()?;
-    Some((work, cancels, timers, snapshots))
+    let hints = js.client().subscribe(conv_contracts::subject::live_cancel_filter()).await.ok()?;
+    Some(Attached { work, cancels, hints, timers, snapshots })
+}
+
+/// A cancel hint as the cancel directive it anticipates (same effect ids,
+/// the abort's time), for the one cancel path.
+fn hint_directive(subject: &str, payload: &[u8]) -> Option<(conv_contracts::Envelope, CancelRequested)> {
+    let hint = conv_contracts::live::LiveCancel::from_bytes(payload)?;
+    let conversation = conv_contracts::ConversationId::parse(subject.rsplit('.').next()?).ok()?;
+    let cancel = CancelRequested { mode: hint.mode, effect_ids: hint.effect_ids, reason: None };
+    let mut event = conv_contracts::Envelope::new(
+        format!("{}~hint", hint.input_id),
+        executor::SOURCE,
+        conversation,
+        cancel.clone(),
+    );
+    event.time = hint.time;
+    Some((event, cancel))
 }
 
 fn decode(m: &Message) -> Result<conv_contracts::Envelope, conv_contracts::Rejection> {
@@ -439,7 +491,7 @@ fn spawn_effect(running: &mut JoinSet<Class>, executor: &Arc<executor::Executor>
 fn cancel_now(
     executor: &Arc<executor::Executor>,
     event: &conv_contracts::Envelope,
-    c: &conv_contracts::payload::CancelRequested,
+    c: &CancelRequested,
     queue: &mut VecDeque<Queued>,
     running: &mut JoinSet<Class>,
 ) {
@@ -456,13 +508,8 @@ fn cancel_now(
     }
 }
 
-async fn serve(
-    executor: Arc<executor::Executor>,
-    mut work: Messages,
-    mut cancels: Ordered,
-    limits: Admission,
-    shutdown: CancellationToken,
-) {
+async fn serve(executor: Arc<executor::Executor>, inbox: Inbox, limits: Admission, shutdown: CancellationToken) {
+    let Inbox { mut work, mut cancels, mut hints } = inbox;
     let mut queue: VecDeque<Queued> = VecDeque::new();
     let mut slots = Slots::default();
     let mut running: JoinSet<Class> = JoinSet::new();
@@ -488,6 +535,11 @@ async fn serve(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
+            Some(m) = hints.next() => {
+                if let Some((event, c)) = hint_directive(&m.subject, &m.payload) {
+                    cancel_now(&executor, &event, &c, &mut queue, &mut running);
+                }
+            }
             Some(Ok(m)) = cancels.next() => {
                 if let Ok(event) = decode(&m)
                     && let Payload::CancelRequested(c) = &event.data

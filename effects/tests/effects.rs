@@ -282,17 +282,17 @@ async fn a_sleep_longer_than_a_day_fails_with_a_clear_error() {
 
 #[tokio::test]
 async fn an_answer_too_long_for_the_journal_ends_the_step_with_a_clear_failure() {
-    // The scripted model repeats the message's words as tokens: ten words of
-    // 100 000 bytes make an answer of 1 MB, more than one journaled event
-    // holds on the test server (1 MiB less room for the rest of the event).
+    // The scripted model repeats the message's words as tokens: two words of
+    // 100 000 bytes make an answer of 200 KB, over the 150 KB configured
+    // (the default bound is what one journaled event holds).
     let s = start(EffectsOptions {
         scripted_tokens: 12,
         scripted_token_delay_ms: 1,
-        llm_max_context_bytes: 2 << 20,
+        llm_max_answer_bytes: 150_000,
         ..EffectsOptions::default()
     })
     .await;
-    let words: Vec<String> = (0..10).map(|i| format!("{i}{}", "w".repeat(99_999))).collect();
+    let words: Vec<String> = (0..2).map(|i| format!("{i}{}", "w".repeat(99_999))).collect();
     s.send("huge", "m1", message(&words.join(" "))).await;
     let i =
         s.wait_for("huge", "the failed step", |i| count(i, EventType::LlmFailed) == 1, Duration::from_secs(60)).await;
@@ -304,7 +304,7 @@ async fn an_answer_too_long_for_the_journal_ends_the_step_with_a_clear_failure()
             _ => None,
         })
         .expect("failed");
-    assert!(!failed.retryable && failed.error.contains("the most one journaled event holds"), "{failed:?}");
+    assert!(!failed.retryable && failed.error.contains("passed 150000 bytes"), "{failed:?}");
     // The user sees it: the run ends failed, the answer entry too.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -350,4 +350,43 @@ async fn a_stopped_step_can_be_retried_and_the_retry_runs() {
     let state = s.state("sr").await;
     assert_eq!(state.run_status, RunStatus::Idle);
     assert_eq!(state.entries.last().map(|e| e.status), Some(EntryStatus::Completed));
+}
+
+#[tokio::test]
+async fn an_abort_is_hinted_to_effects_before_its_group_commit_and_the_hint_alone_stops_a_stream() {
+    let s = start(EffectsOptions { scripted_tokens: 500, scripted_token_delay_ms: 20, ..Default::default() }).await;
+    let client = s.nats.client().await;
+    let mut hints = client.subscribe(conv_contracts::subject::live_cancel_filter()).await.expect("subscribe");
+
+    // The runtime hints an abort of a streaming conversation, naming what
+    // its cancel directive names.
+    s.send("h1", "m1", message("tell me a long story")).await;
+    s.wait_for("h1", "the first delta", |i| count(i, EventType::LlmDelta) >= 1, Duration::from_secs(20)).await;
+    s.send("h1", "abort-1", AbortRequested { reason: None }).await;
+    let m = tokio::time::timeout(Duration::from_secs(10), hints.next()).await.expect("a hint").expect("message");
+    let hint = conv_contracts::live::LiveCancel::from_bytes(&m.payload).expect("a cancel hint");
+    assert_eq!(m.subject.as_str(), conv_contracts::subject::live_cancel_subject(&conv("h1")));
+    assert_eq!(
+        (hint.input_id.as_str(), hint.mode, hint.effect_ids.clone()),
+        ("abort-1", CancelMode::Abort, vec!["r1.s1.a1".to_owned()])
+    );
+    s.wait_for("h1", "the stream to be canceled", |i| count(i, EventType::LlmCanceled) == 1, Duration::from_secs(5))
+        .await;
+
+    // Effects stop on the hint alone (here with no abort journaled at all).
+    s.send("h2", "h2-m1", message("tell me a long story")).await;
+    s.wait_for("h2", "the first delta", |i| count(i, EventType::LlmDelta) >= 1, Duration::from_secs(20)).await;
+    let alone = conv_contracts::live::LiveCancel {
+        input_id: "hint-only".into(),
+        mode: CancelMode::Abort,
+        effect_ids: vec!["r1.s1.a1".into()],
+        time: Some(chrono::Utc::now()),
+    };
+    client
+        .publish(conv_contracts::subject::live_cancel_subject(&conv("h2")), alone.to_bytes().into())
+        .await
+        .expect("publish");
+    let i =
+        s.wait_for("h2", "the stream to stop", |i| count(i, EventType::LlmCanceled) == 1, Duration::from_secs(5)).await;
+    assert_eq!(count(&i, EventType::AbortRequested), 0);
 }

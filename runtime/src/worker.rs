@@ -186,7 +186,7 @@ pub async fn run(partition: u16, shared: Arc<Shared>, stop: CancellationToken) -
         w.unpark().await;
         let batch = w.next_batch();
         if !batch.is_empty() {
-            if let Err(stopped) = w.apply_batch(batch).await {
+            if let Err(stopped) = w.apply_batch(batch, &mut control_msgs).await {
                 break Err(stopped);
             }
             w.update_depths();
@@ -217,10 +217,7 @@ pub async fn run(partition: u16, shared: Arc<Shared>, stop: CancellationToken) -
     result
 }
 
-async fn pull(
-    consumer: &PullConsumer,
-    batch: usize,
-) -> Result<jetstream::consumer::pull::Stream, jetstream::consumer::StreamError> {
+async fn pull(consumer: &PullConsumer, batch: usize) -> Result<PullStream, jetstream::consumer::StreamError> {
     consumer
         .stream()
         .group(RUNTIME_GROUP)
@@ -228,6 +225,43 @@ async fn pull(
         .expires(Duration::from_secs(2))
         .messages()
         .await
+}
+
+type PullStream = jetstream::consumer::pull::Stream;
+
+/// Acks inputs whose effect is durable. A plain ack, sent without waiting
+/// for the server to confirm it: the worker goes on to the next group at
+/// once, and an ack that is lost only means a redelivery, which the
+/// reducer's dedupe by input id acks as a duplicate.
+async fn ack_all(partition: u16, inputs: &[Pending<Message>]) {
+    for p in inputs {
+        if let Err(error) = p.token.ack().await {
+            tracing::warn!(message = "Failed to ack an applied input.", partition, %error, seq = p.seq);
+        }
+    }
+}
+
+/// A delivered input, decoded once.
+struct Delivered {
+    message: Message,
+    seq: u64,
+    event: Result<Envelope, conv_contracts::Rejection>,
+}
+
+impl Delivered {
+    fn decode<E: std::fmt::Display>(partition: u16, next: Option<Result<Message, E>>) -> Option<Self> {
+        let message = match next? {
+            Ok(m) => m,
+            Err(error) => {
+                tracing::warn!(message = "Consumer stream error.", partition, %error);
+                return None;
+            }
+        };
+        let seq = message.info().map(|i| i.stream_sequence).unwrap_or_default();
+        let event =
+            conv_nats::headers::decode(&message.subject, message.headers.as_ref(), &message.payload, Limits::default());
+        Some(Self { message, seq, event })
+    }
 }
 
 /// Inputs committed together at most. The scheduler hands out P0 first, so
@@ -259,23 +293,20 @@ impl Worker {
         }
     }
 
-    /// Validates a delivered message and queues it (or terminates it).
+    /// Validates a delivered message and queues it (or terminates it); an
+    /// abort or stop is hinted to effects first.
     async fn accept<E: std::fmt::Display>(&mut self, next: Option<Result<Message, E>>) {
-        let message = match next {
-            Some(Ok(m)) => m,
-            Some(Err(error)) => {
-                tracing::warn!(message = "Consumer stream error.", partition = self.partition, %error);
-                return;
-            }
-            None => return,
-        };
-        let seq = message.info().map(|i| i.stream_sequence).unwrap_or_default();
-        match conv_nats::headers::decode(
-            &message.subject,
-            message.headers.as_ref(),
-            &message.payload,
-            Limits::default(),
-        ) {
+        let Some(delivered) = Delivered::decode(self.partition, next) else { return };
+        if let Ok(event) = &delivered.event {
+            self.hint_cancel(event).await;
+        }
+        self.admit(delivered).await;
+    }
+
+    /// Queues a decoded delivery (or terminates it).
+    async fn admit(&mut self, delivered: Delivered) {
+        let Delivered { message, seq, event } = delivered;
+        match event {
             Err(rejection) => {
                 self.shared.metrics.terminated.inc();
                 tracing::warn!(message = "Invalid input terminated.", partition = self.partition, seq, reason = %rejection);
@@ -284,9 +315,26 @@ impl Worker {
             }
             Ok(event) if self.scheduler.contains(&event.id) => {
                 // The same control event through the control and the main consumer.
-                let _ = message.double_ack().await;
+                if let Err(error) = message.ack().await {
+                    tracing::debug!(message = "Failed to ack a second copy.", partition = self.partition, %error);
+                }
             }
             Ok(event) => self.scheduler.push(Pending { seq, event, token: message }),
+        }
+    }
+
+    /// An abort or stop of a running conversation: tell effects now what
+    /// its cancel directive will name (`conv_contracts::live::LiveCancel`),
+    /// instead of after the group commit that journals it. Only from a
+    /// cached state (a conversation streaming here is cached); a hint that
+    /// is lost or not sent costs speed, never correctness.
+    async fn hint_cancel(&self, event: &Envelope) {
+        let Some(loaded) = self.states.get(&event.conversation_id) else { return };
+        let Some((mode, effect_ids)) = reducer::cancel_targets(&loaded.snap.state, event) else { return };
+        let hint = conv_contracts::live::LiveCancel { input_id: event.id.clone(), mode, effect_ids, time: event.time };
+        let subject = conv_contracts::subject::live_cancel_subject(&event.conversation_id);
+        if let Err(error) = self.shared.js.client().publish(subject, hint.to_bytes().into()).await {
+            tracing::debug!(message = "Cancel hint not sent.", conversation_id = %event.conversation_id, %error);
         }
     }
 
@@ -375,12 +423,15 @@ impl Worker {
     /// dropped from memory (restored from the journal later) and its inputs
     /// in the batch are handed back; their ids are deterministic, so what was
     /// stored is deduped when they are applied again.
-    async fn apply_batch(&mut self, batch: Vec<Pending<Message>>) -> Result<(), Stopped> {
+    async fn apply_batch(&mut self, batch: Vec<Pending<Message>>, control: &mut PullStream) -> Result<(), Stopped> {
         let started = Instant::now();
         let vanished = |partition| Stopped::Failed { partition, detail: "state vanished".into() };
         // Staged: the input, its conversation and its events (marker last).
         let mut staged: Vec<(Pending<Message>, Vec<Envelope>)> = Vec::with_capacity(batch.len());
         let mut failed: HashSet<ConversationId> = HashSet::new();
+        // Inputs applied before (the control consumer's copy of an abort
+        // went first, or a redelivery): acked with the group, not one by one.
+        let mut duplicates: Vec<Pending<Message>> = Vec::new();
         for pending in batch {
             let conv = pending.event.conversation_id.clone();
             if failed.contains(&conv) {
@@ -414,7 +465,7 @@ impl Worker {
             .in_scope(|| reducer::apply(&mut loaded.snap.state, &pending.event));
             if applied.duplicate {
                 self.shared.metrics.duplicates.inc();
-                let _ = pending.token.double_ack().await;
+                duplicates.push(pending);
                 continue;
             }
             let state = &loaded.snap.state;
@@ -422,6 +473,7 @@ impl Worker {
             events.push(marker(&pending.event, pending.seq, state.version, state.hash()));
             staged.push((pending, events));
         }
+        ack_all(self.partition, &duplicates).await;
         if staged.is_empty() {
             return Ok(());
         }
@@ -493,9 +545,38 @@ impl Worker {
             }
             marker_seqs
         };
-        let marker_seqs = tokio::time::timeout(self.shared.config.publish_timeout, work)
-            .await
-            .unwrap_or_else(|_| vec![None; staged.len()]);
+        // While the group commits, aborts and stops keep arriving: they are
+        // taken off the control consumer and hinted to effects now (from the
+        // state after this group, which is what they will be applied to),
+        // and queued once the commit is done.
+        let (committed, early) = {
+            let commit = tokio::time::timeout(self.shared.config.publish_timeout, work);
+            tokio::pin!(commit);
+            let mut early = Vec::new();
+            let mut control_open = true;
+            let committed = loop {
+                tokio::select! {
+                    biased;
+                    done = &mut commit => break done,
+                    next = control.next(), if control_open => match next {
+                        None => control_open = false,
+                        Some(next) => {
+                            if let Some(delivered) = Delivered::decode(self.partition, Some(next)) {
+                                if let Ok(event) = &delivered.event {
+                                    self.hint_cancel(event).await;
+                                }
+                                early.push(delivered);
+                            }
+                        }
+                    },
+                }
+            };
+            (committed, early)
+        };
+        let marker_seqs = committed.unwrap_or_else(|_| vec![None; staged.len()]);
+        for delivered in early {
+            self.admit(delivered).await;
+        }
         for ((pending, _), marker_seq) in staged.iter().zip(&marker_seqs) {
             if marker_seq.is_none() {
                 failed.insert(pending.event.conversation_id.clone());
@@ -532,12 +613,7 @@ impl Worker {
             }
             to_ack.push(pending);
         }
-        let acked = futures::future::join_all(to_ack.iter().map(|p| p.token.double_ack())).await;
-        for (p, result) in to_ack.iter().zip(acked) {
-            if let Err(error) = result {
-                tracing::warn!(message = "Failed to ack an applied input.", %error, seq = p.seq);
-            }
-        }
+        ack_all(self.partition, &to_ack).await;
         let n = to_ack.len() as u64;
         self.shared.metrics.applied.inc_by(n);
         let per_input = started.elapsed().as_secs_f64();
