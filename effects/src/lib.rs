@@ -136,6 +136,15 @@ impl Default for EffectsOptions {
 }
 
 impl EffectsOptions {
+    /// The admission limits (each class within the total).
+    pub fn admission(&self) -> Admission {
+        Admission {
+            total: self.concurrency,
+            llm: self.llm_concurrency.min(self.concurrency),
+            tools: self.tool_concurrency.min(self.concurrency),
+        }
+    }
+
     /// The context window in bytes: the configured one, else the provider's
     /// default (openai: 400 000 bytes, about 100 000 tokens; scripted:
     /// 256 KiB — it answers from the last messages only).
@@ -146,9 +155,7 @@ impl EffectsOptions {
             (n, _) => n,
         }
     }
-}
 
-impl EffectsOptions {
     /// The longest answer text a step may stream: `llm.completed` carries
     /// it whole, so at most the server's `max_payload` less 16 KiB for the
     /// rest of the event; less if configured.
@@ -221,17 +228,6 @@ impl Options for EffectsOptions {
     }
 }
 
-impl EffectsOptions {
-    /// The admission limits (each class within the total).
-    pub fn admission(&self) -> Admission {
-        Admission {
-            total: self.concurrency,
-            llm: self.llm_concurrency.min(self.concurrency),
-            tools: self.tool_concurrency.min(self.concurrency),
-        }
-    }
-}
-
 /// Configuration: defaults → `CONV_CONFIG` TOML file → env, validated at start.
 pub type Config = Settings<EffectsOptions>;
 
@@ -281,7 +277,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .map_err(|e| Error::Provider(e.to_string()))?;
     // Until `convctl setup` ran there is nothing to consume: wait, not ready.
     let attached = service::wait_for(&shutdown, || attach(&booted.js)).await;
-    if let Some(Attached { work, cancels, hints, timers, snapshots }) = attached {
+    if let Some(Attached { inbox, timers, snapshots }) = attached {
         let executor = Arc::new(executor::Executor {
             js: booted.js.clone(),
             registry: cancel::Registry::default(),
@@ -307,7 +303,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             max_answer_bytes: o.max_answer_bytes(booted.client.server_info().max_payload),
         });
         let timer_task = tokio::spawn(timers::run(timers, booted.js.clone(), shutdown.clone()));
-        serve(executor, Inbox { work, cancels, hints }, o.admission(), shutdown.clone()).await;
+        serve(executor, inbox, o.admission(), shutdown.clone()).await;
         shutdown.cancel();
         let _ = timer_task.await;
     }
@@ -324,17 +320,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 type Messages = async_nats::jetstream::consumer::pull::Stream;
 type Ordered = async_nats::jetstream::consumer::pull::Ordered;
 
-/// What effects read from: the shared work queue, this instance's own view
-/// of cancel directives and of cancel hints, and the stores.
+/// What effects read from and write to once the topology exists.
 struct Attached {
-    work: Messages,
-    cancels: Ordered,
-    hints: async_nats::Subscriber,
+    inbox: Inbox,
     timers: async_nats::jetstream::kv::Store,
     snapshots: conv_store::Snapshots,
 }
 
-/// The three sources the serve loop reads directives and cancels from.
+/// What the serve loop reads: the shared work queue, and this instance's
+/// own view of cancel directives and of cancel hints.
 struct Inbox {
     work: Messages,
     cancels: Ordered,
@@ -359,7 +353,7 @@ async fn attach(js: &async_nats::jetstream::Context) -> Option<Attached> {
         .await
         .ok()?;
     let hints = js.client().subscribe(conv_contracts::subject::live_cancel_filter()).await.ok()?;
-    Some(Attached { work, cancels, hints, timers, snapshots })
+    Some(Attached { inbox: Inbox { work, cancels, hints }, timers, snapshots })
 }
 
 /// A cancel hint as the cancel directive it anticipates (same effect ids,
@@ -410,7 +404,6 @@ fn class(p: &Payload) -> Class {
     }
 }
 
-/// The effect id a cancel names this directive by.
 /// The id a cancel names the effect of this directive by.
 fn effect_id(p: &Payload) -> Option<String> {
     match p {
