@@ -86,27 +86,33 @@ impl Stack {
         }
     }
 
-    async fn get(&self, conv: &str, what: &str) -> Value {
+    async fn try_get(&self, conv: &str, what: &str) -> (u16, Value) {
         let r = self
             .http
             .get(format!("http://{}/v1/conversations/{conv}/{what}", self.projections))
             .send()
             .await
             .expect("get");
-        assert_eq!(r.status().as_u16(), 200);
-        r.json().await.expect("json")
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
-    /// Waits for the timeline to hold `n` entries, all completed.
+    async fn get(&self, conv: &str, what: &str) -> Value {
+        let (status, body) = self.try_get(conv, what).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// Waits for the timeline to hold `n` entries, all completed (the view
+    /// follows the journal: it may not be there yet, or not complete).
     async fn timeline_complete(&self, conv: &str, n: usize) -> Value {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let t = self.get(conv, "timeline").await;
+            let (status, t) = self.try_get(conv, "timeline").await;
             let entries = t["entries"].as_array().map(Vec::as_slice).unwrap_or_default();
-            if entries.len() == n && entries.iter().all(|e| e["status"] == "completed") {
+            if status == 200 && entries.len() == n && entries.iter().all(|e| e["status"] == "completed") {
                 return t;
             }
-            assert!(Instant::now() < deadline, "timeline: {} entries", entries.len());
+            assert!(Instant::now() < deadline, "timeline: status {status}, {} entries", entries.len());
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
