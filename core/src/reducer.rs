@@ -406,16 +406,31 @@ fn in_flight_effects(s: &State) -> Vec<String> {
 /// ids its `cancel.requested` directive will name (the same computation).
 /// The runtime sends this ahead as a cancel hint (`conv_contracts::live`).
 pub fn cancel_targets(s: &State, input: &Envelope) -> Option<(CancelMode, Vec<String>)> {
-    let mode = match input.data {
-        Payload::AbortRequested(_) => CancelMode::Abort,
-        Payload::StopRequested(_) => CancelMode::Stop,
-        _ => return None,
-    };
-    if s.has_applied(&input.id) || s.run_status != RunStatus::Running {
+    let mode = cancel_mode(input)?;
+    if s.has_applied(&input.id) {
         return None;
     }
-    let ids = in_flight_effects(s);
+    let ids = cancelable(s);
     (!ids.is_empty()).then_some((mode, ids))
+}
+
+/// The cancel mode of an abort or stop input; `None` for anything else.
+pub fn cancel_mode(input: &Envelope) -> Option<CancelMode> {
+    match input.data {
+        Payload::AbortRequested(_) => Some(CancelMode::Abort),
+        Payload::StopRequested(_) => Some(CancelMode::Stop),
+        _ => None,
+    }
+}
+
+/// The effect ids an abort or stop applied to `s` now would cancel (empty
+/// when no run is in progress): the runtime keeps this per conversation so
+/// that a hint needs no state of its own.
+pub fn cancelable(s: &State) -> Vec<String> {
+    if s.run_status != RunStatus::Running {
+        return Vec::new();
+    }
+    in_flight_effects(s)
 }
 
 /// Abort or stop: cancel what is in flight and end the run.

@@ -16,7 +16,13 @@ type Key = (String, String);
 struct Inner {
     running: HashMap<Key, CancellationToken>,
     canceled: HashMap<Key, Instant>,
+    /// When forgotten cancels were last dropped: a sweep at most every
+    /// [`PRUNE_EVERY`], so that a storm of cancels costs each one O(1).
+    pruned: Option<Instant>,
 }
+
+/// How often remembered cancels older than [`REMEMBER`] are dropped.
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
 
 /// Shared registry of running effects (`(conversation, effect id)` → token).
 #[derive(Debug, Clone, Default)]
@@ -47,7 +53,10 @@ impl Registry {
     pub fn cancel(&self, conversation: &str, effect_id: &str) -> bool {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        inner.canceled.retain(|_, at| now.duration_since(*at) < REMEMBER);
+        if inner.pruned.is_none_or(|at| now.duration_since(at) >= PRUNE_EVERY) {
+            inner.canceled.retain(|_, at| now.duration_since(*at) < REMEMBER);
+            inner.pruned = Some(now);
+        }
         let key = (conversation.to_owned(), effect_id.to_owned());
         inner.canceled.insert(key.clone(), now);
         match inner.running.get(&key) {

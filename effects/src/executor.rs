@@ -36,6 +36,11 @@ pub struct Coalesce {
     pub max_bytes: usize,
 }
 
+/// How far before a directive's time a resumed stream looks for its
+/// journaled chunks: the input's time is stamped by ingress, the journal's
+/// by the NATS server.
+const RESUME_CLOCK_SLACK: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+
 /// What an executor needs.
 #[derive(Debug, Clone)]
 pub struct Executor {
@@ -257,8 +262,15 @@ impl Executor {
     /// The text and count of deltas an earlier run of this step attempt journaled.
     async fn journaled_deltas(&self, directive: &Envelope, r: &LlmRequested) -> (String, u64) {
         let filter = conv_contracts::subject::in_family_filter("llm", &directive.conversation_id);
-        let Ok(stored) = conv_nats::read::all(&self.js, conv_contracts::subject::STREAM_IN, &filter, false).await
-        else {
+        let in_stream = conv_contracts::subject::STREAM_IN;
+        // The step's chunks were journaled after the input that asked for it
+        // was accepted (the directive's time): read from there, with room for
+        // clocks apart, not the conversation's whole history.
+        let stored = match directive.time {
+            Some(at) => conv_nats::read::since(&self.js, in_stream, &filter, at - RESUME_CLOCK_SLACK, false).await,
+            None => conv_nats::read::all(&self.js, in_stream, &filter, false).await,
+        };
+        let Ok(stored) = stored else {
             return (String::new(), 0);
         };
         let mut deltas: Vec<LlmDelta> = stored
@@ -414,7 +426,15 @@ impl Executor {
             if due && !buffer.is_empty() {
                 // The durable lane: a chunk through the journal.
                 let delta = LlmDelta { step_id: step_id.clone(), attempt, seq, text: std::mem::take(&mut buffer) };
-                self.emit(directive, delta).await?;
+                // Under load the ack of a chunk can take a while: a cancel
+                // does not wait for it. The chunk is journaled before the
+                // `canceled` or not at all (same connection, in order), and
+                // nothing follows the `canceled`, so no gap is left behind.
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => return self.canceled(directive, &step_id, attempt).await,
+                    emitted = self.emit(directive, delta) => emitted?,
+                }
                 self.metrics.deltas.inc();
                 seq += 1;
                 buffered_since = None;

@@ -49,9 +49,34 @@ pub async fn from(
     start: u64,
     headers_only: bool,
 ) -> Result<Vec<Stored>, String> {
-    let s = js.get_stream_no_info(stream).await.map_err(|e| e.to_string())?;
     let deliver_policy =
         if start > 1 { DeliverPolicy::ByStartSequence { start_sequence: start } } else { DeliverPolicy::All };
+    read(js, stream, filter, deliver_policy, headers_only).await
+}
+
+/// Every message of `stream` matching `filter` stored at or after `start`
+/// (by the server's clock), oldest first: what happened lately, without
+/// reading a long history.
+pub async fn since(
+    js: &jetstream::Context,
+    stream: &str,
+    filter: &str,
+    start: chrono::DateTime<chrono::Utc>,
+    headers_only: bool,
+) -> Result<Vec<Stored>, String> {
+    let nanos = i128::from(start.timestamp_nanos_opt().unwrap_or_default());
+    let start_time = time::OffsetDateTime::from_unix_timestamp_nanos(nanos).map_err(|e| e.to_string())?;
+    read(js, stream, filter, DeliverPolicy::ByStartTime { start_time }, headers_only).await
+}
+
+async fn read(
+    js: &jetstream::Context,
+    stream: &str,
+    filter: &str,
+    deliver_policy: DeliverPolicy,
+    headers_only: bool,
+) -> Result<Vec<Stored>, String> {
+    let s = js.get_stream_no_info(stream).await.map_err(|e| e.to_string())?;
     let consumer = s
         .create_consumer(pull::OrderedConfig {
             filter_subject: filter.to_owned(),

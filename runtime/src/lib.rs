@@ -7,6 +7,7 @@
 //! directives, outputs and one applied marker per input, and acks only after
 //! those are durable. State is snapshotted with optimistic concurrency
 //! and restored from snapshot + journal tail (`conv-store`).
+pub mod hints;
 pub mod metrics;
 pub mod worker;
 

@@ -22,6 +22,7 @@ use conv_nats::topology::{RUNTIME_GROUP, runtime_consumer, runtime_control_consu
 use futures::{FutureExt, Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 
+use crate::hints::Board;
 use crate::metrics::Metrics;
 use conv_core::reducer::{self, derived_id};
 use conv_core::scheduler::{Pending, Scheduler};
@@ -134,7 +135,12 @@ struct Worker {
     depths: [usize; 4],
     /// Inputs waiting for their cause, with the time they started waiting.
     parked: Vec<(Instant, Pending<Message>)>,
+    /// What the control reader hints from: committed cancelable effects.
+    board: Arc<Board>,
 }
+
+/// Aborts and stops handed from the control reader to the worker.
+const CONTROL_QUEUE: usize = 1024;
 
 /// Runs partition `partition` until `stop` fires (then hands its held inputs
 /// back and snapshots what is dirty) or it finds it is a stale owner.
@@ -149,7 +155,20 @@ pub async fn run(partition: u16, shared: Arc<Shared>, stop: CancellationToken) -
     let _ = stream.unpin_consumer(&runtime_consumer(partition), RUNTIME_GROUP).await;
     let _ = stream.unpin_consumer(&runtime_control_consumer(partition), RUNTIME_GROUP).await;
     let control_backlog = control.cached_info().num_pending;
-    let mut control_msgs = pull(&control, 50).await.map_err(|e| failed(e.to_string()))?;
+    let control_msgs = pull(&control, 50).await.map_err(|e| failed(e.to_string()))?;
+    let board = Arc::new(Board::default());
+    // The control plane has its own reader: it hints effects the moment an
+    // abort or stop arrives, whatever the worker is busy with.
+    let (control_tx, mut control_rx) = tokio::sync::mpsc::channel(CONTROL_QUEUE);
+    let reader_stop = stop.child_token();
+    let reader = tokio::spawn(read_control(
+        partition,
+        control_msgs,
+        board.clone(),
+        shared.js.client(),
+        control_tx,
+        reader_stop.clone(),
+    ));
     let mut w = Worker {
         partition,
         shared: shared.clone(),
@@ -157,14 +176,15 @@ pub async fn run(partition: u16, shared: Arc<Shared>, stop: CancellationToken) -
         states: HashMap::new(),
         depths: [0; 4],
         parked: Vec::new(),
+        board,
     };
     // Taking over a backlog: hold every waiting control event before the
     // first input of the main consumer can be applied, so an abort recorded
     // behind thousands of deltas still goes first.
     let deadline = Instant::now() + Duration::from_secs(3);
     while (w.scheduler.len() as u64) < control_backlog && Instant::now() < deadline && !stop.is_cancelled() {
-        if let Ok(m) = tokio::time::timeout(Duration::from_millis(200), control_msgs.next()).await {
-            w.accept(m).await;
+        if let Ok(Some(delivered)) = tokio::time::timeout(Duration::from_millis(200), control_rx.recv()).await {
+            w.admit(delivered).await;
         }
     }
     let mut main_msgs = pull(&main, 500).await.map_err(|e| failed(e.to_string()))?;
@@ -177,7 +197,9 @@ pub async fn run(partition: u16, shared: Arc<Shared>, stop: CancellationToken) -
             break Ok(());
         }
         // Take what has already arrived, control plane first, without waiting.
-        w.drain(&mut control_msgs, 100).await;
+        while let Ok(delivered) = control_rx.try_recv() {
+            w.admit(delivered).await;
+        }
         w.drain(&mut main_msgs, 1000).await;
         if last_progress.elapsed() >= shared.config.progress_every {
             w.progress().await;
@@ -186,7 +208,7 @@ pub async fn run(partition: u16, shared: Arc<Shared>, stop: CancellationToken) -
         w.unpark().await;
         let batch = w.next_batch();
         if !batch.is_empty() {
-            if let Err(stopped) = w.apply_batch(batch, &mut control_msgs).await {
+            if let Err(stopped) = w.apply_batch(batch).await {
                 break Err(stopped);
             }
             w.update_depths();
@@ -195,7 +217,10 @@ pub async fn run(partition: u16, shared: Arc<Shared>, stop: CancellationToken) -
         w.update_depths();
         tokio::select! {
             _ = stop.cancelled() => break Ok(()),
-            m = control_msgs.next() => w.accept(m).await,
+            delivered = control_rx.recv() => match delivered {
+                Some(delivered) => w.admit(delivered).await,
+                None => break Err(failed("the control reader stopped".to_owned())),
+            },
             m = main_msgs.next() => w.accept(m).await,
             _ = housekeeping.tick() => {
                 if let Err(stopped) = w.housekeeping(false).await {
@@ -204,7 +229,13 @@ pub async fn run(partition: u16, shared: Arc<Shared>, stop: CancellationToken) -
             }
         }
     };
-    // Hand held inputs back at once, for the next owner.
+    // Hand held inputs back at once, for the next owner: what the worker
+    // holds and what the control reader took but did not hand over yet.
+    reader_stop.cancel();
+    let _ = reader.await;
+    while let Ok(delivered) = control_rx.try_recv() {
+        let _ = delivered.message.ack_with(AckKind::Nak(None)).await;
+    }
     let parked: Vec<Pending<Message>> = std::mem::take(&mut w.parked).into_iter().map(|(_, p)| p).collect();
     for pending in w.scheduler.drain().into_iter().chain(parked) {
         let _ = pending.token.ack_with(AckKind::Nak(None)).await;
@@ -215,6 +246,46 @@ pub async fn run(partition: u16, shared: Arc<Shared>, stop: CancellationToken) -
     }
     tracing::info!(message = "Partition stopped.", partition, ok = result.is_ok());
     result
+}
+
+/// Reads a partition's control consumer: hints each abort or stop to
+/// effects from the board (`crate::hints`), then hands it to the worker,
+/// which applies it in its order. Hints go only for first deliveries: a
+/// redelivered abort may have been applied by an earlier owner, and the
+/// board of a new owner does not know that (a hint not sent costs only speed).
+async fn read_control(
+    partition: u16,
+    mut messages: PullStream,
+    board: Arc<Board>,
+    client: async_nats::Client,
+    worker: tokio::sync::mpsc::Sender<Delivered>,
+    stop: CancellationToken,
+) {
+    loop {
+        let next = tokio::select! {
+            _ = stop.cancelled() => return,
+            next = messages.next() => next,
+        };
+        let Some(next) = next else {
+            tracing::warn!(message = "Control consumer stream ended.", partition);
+            return;
+        };
+        let Some(delivered) = Delivered::decode(partition, Some(next)) else { continue };
+        let first = delivered.message.info().map(|i| i.delivered <= 1).unwrap_or(false);
+        if let (true, Ok(event)) = (first, &delivered.event)
+            && let Some((mode, effect_ids)) = board.targets(event)
+        {
+            let hint =
+                conv_contracts::live::LiveCancel { input_id: event.id.clone(), mode, effect_ids, time: event.time };
+            let subject = conv_contracts::subject::live_cancel_subject(&event.conversation_id);
+            if let Err(error) = client.publish(subject, hint.to_bytes().into()).await {
+                tracing::debug!(message = "Cancel hint not sent.", conversation_id = %event.conversation_id, %error);
+            }
+        }
+        if worker.send(delivered).await.is_err() {
+            return;
+        }
+    }
 }
 
 async fn pull(consumer: &PullConsumer, batch: usize) -> Result<PullStream, jetstream::consumer::StreamError> {
@@ -293,13 +364,9 @@ impl Worker {
         }
     }
 
-    /// Validates a delivered message and queues it (or terminates it); an
-    /// abort or stop is hinted to effects first.
+    /// Validates a delivered message and queues it (or terminates it).
     async fn accept<E: std::fmt::Display>(&mut self, next: Option<Result<Message, E>>) {
         let Some(delivered) = Delivered::decode(self.partition, next) else { return };
-        if let Ok(event) = &delivered.event {
-            self.hint_cancel(event).await;
-        }
         self.admit(delivered).await;
     }
 
@@ -320,21 +387,6 @@ impl Worker {
                 }
             }
             Ok(event) => self.scheduler.push(Pending { seq, event, token: message }),
-        }
-    }
-
-    /// An abort or stop of a running conversation: tell effects now what
-    /// its cancel directive will name (`conv_contracts::live::LiveCancel`),
-    /// instead of after the group commit that journals it. Only from a
-    /// cached state (a conversation streaming here is cached); a hint that
-    /// is lost or not sent costs speed, never correctness.
-    async fn hint_cancel(&self, event: &Envelope) {
-        let Some(loaded) = self.states.get(&event.conversation_id) else { return };
-        let Some((mode, effect_ids)) = reducer::cancel_targets(&loaded.snap.state, event) else { return };
-        let hint = conv_contracts::live::LiveCancel { input_id: event.id.clone(), mode, effect_ids, time: event.time };
-        let subject = conv_contracts::subject::live_cancel_subject(&event.conversation_id);
-        if let Err(error) = self.shared.js.client().publish(subject, hint.to_bytes().into()).await {
-            tracing::debug!(message = "Cancel hint not sent.", conversation_id = %event.conversation_id, %error);
         }
     }
 
@@ -423,7 +475,7 @@ impl Worker {
     /// dropped from memory (restored from the journal later) and its inputs
     /// in the batch are handed back; their ids are deterministic, so what was
     /// stored is deduped when they are applied again.
-    async fn apply_batch(&mut self, batch: Vec<Pending<Message>>, control: &mut PullStream) -> Result<(), Stopped> {
+    async fn apply_batch(&mut self, batch: Vec<Pending<Message>>) -> Result<(), Stopped> {
         let started = Instant::now();
         let vanished = |partition| Stopped::Failed { partition, detail: "state vanished".into() };
         // Staged: the input, its conversation and its events (marker last).
@@ -473,6 +525,11 @@ impl Worker {
             events.push(marker(&pending.event, pending.seq, state.version, state.hash()));
             staged.push((pending, events));
         }
+        for pending in &duplicates {
+            if reducer::cancel_mode(&pending.event).is_some() {
+                self.board.applied(&pending.event.id);
+            }
+        }
         ack_all(self.partition, &duplicates).await;
         if staged.is_empty() {
             return Ok(());
@@ -500,7 +557,7 @@ impl Worker {
             let mut kept = Vec::with_capacity(staged.len());
             for (pending, events) in staged {
                 if failed.contains(&pending.event.conversation_id) {
-                    self.states.remove(&pending.event.conversation_id);
+                    self.forget(&pending.event.conversation_id);
                     let _ = pending.token.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
                 } else {
                     kept.push((pending, events));
@@ -545,38 +602,10 @@ impl Worker {
             }
             marker_seqs
         };
-        // While the group commits, aborts and stops keep arriving: they are
-        // taken off the control consumer and hinted to effects now (from the
-        // state after this group, which is what they will be applied to),
-        // and queued once the commit is done.
-        let (committed, early) = {
-            let commit = tokio::time::timeout(self.shared.config.publish_timeout, work);
-            tokio::pin!(commit);
-            let mut early = Vec::new();
-            let mut control_open = true;
-            let committed = loop {
-                tokio::select! {
-                    biased;
-                    done = &mut commit => break done,
-                    next = control.next(), if control_open => match next {
-                        None => control_open = false,
-                        Some(next) => {
-                            if let Some(delivered) = Delivered::decode(self.partition, Some(next)) {
-                                if let Ok(event) = &delivered.event {
-                                    self.hint_cancel(event).await;
-                                }
-                                early.push(delivered);
-                            }
-                        }
-                    },
-                }
-            };
-            (committed, early)
-        };
+        // Aborts and stops that arrive meanwhile are hinted by the control
+        // reader and wait in its queue.
+        let committed = tokio::time::timeout(self.shared.config.publish_timeout, work).await;
         let marker_seqs = committed.unwrap_or_else(|_| vec![None; staged.len()]);
-        for delivered in early {
-            self.admit(delivered).await;
-        }
         for ((pending, _), marker_seq) in staged.iter().zip(&marker_seqs) {
             if marker_seq.is_none() {
                 failed.insert(pending.event.conversation_id.clone());
@@ -591,7 +620,7 @@ impl Worker {
             let Some(marker_seq) = marker_seq.filter(|_| !failed.contains(&conv)) else {
                 // Whether or not some of it was stored, a retry republishes
                 // the same ids (deduped) after restoring from the journal.
-                self.states.remove(&conv);
+                self.forget(&conv);
                 let _ = pending.token.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
                 continue;
             };
@@ -612,6 +641,19 @@ impl Worker {
                 continue;
             }
             to_ack.push(pending);
+        }
+        // The board learns what is now durable: applied aborts and stops
+        // first, then what each conversation would cancel from here.
+        for pending in &to_ack {
+            if reducer::cancel_mode(&pending.event).is_some() {
+                self.board.applied(&pending.event.id);
+            }
+        }
+        let committed: HashSet<&ConversationId> = to_ack.iter().map(|p| &p.event.conversation_id).collect();
+        for conv in committed {
+            if let Some(loaded) = self.states.get(conv) {
+                self.board.record(conv, reducer::cancelable(&loaded.snap.state));
+            }
         }
         ack_all(self.partition, &to_ack).await;
         let n = to_ack.len() as u64;
@@ -640,6 +682,7 @@ impl Worker {
             Err(snapshot::Error::Conflict { .. }) => {
                 self.shared.metrics.snapshot_conflicts.inc();
                 self.states.clear();
+                self.board.clear();
                 Err(Stopped::Stale {
                     partition: self.partition,
                     detail: format!("the snapshot of {conv} was written by someone else"),
@@ -671,7 +714,20 @@ impl Worker {
         for conv in dirty {
             self.save(&conv).await?;
         }
-        self.states.retain(|_, l| l.dirty > 0 || l.touched.elapsed() < cfg.evict_after);
+        let board = &self.board;
+        self.states.retain(|conv, l| {
+            let keep = l.dirty > 0 || l.touched.elapsed() < cfg.evict_after;
+            if !keep {
+                board.forget(conv);
+            }
+            keep
+        });
         Ok(())
+    }
+
+    /// Drops a conversation from memory (restored from the journal later).
+    fn forget(&mut self, conv: &ConversationId) {
+        self.states.remove(conv);
+        self.board.forget(conv);
     }
 }
