@@ -89,7 +89,7 @@ pub struct EffectsOptions {
     pub coalesce_bytes: usize,
     pub llm_base_url: String,
     pub llm_model: String,
-    pub llm_api_key: String,
+    pub llm_api_key: conv_nats::secret::Secret,
     pub llm_max_retries: usize,
     pub llm_retry_min_ms: u64,
     pub llm_retry_max_ms: u64,
@@ -121,7 +121,7 @@ impl Default for EffectsOptions {
             coalesce_bytes: 16_384,
             llm_base_url: String::new(),
             llm_model: String::new(),
-            llm_api_key: String::new(),
+            llm_api_key: conv_nats::secret::Secret::default(),
             llm_max_retries: 3,
             llm_retry_min_ms: 200,
             llm_retry_max_ms: 5_000,
@@ -187,10 +187,15 @@ impl Options for EffectsOptions {
         env_override(env, "CONV_LLM_MAX_ANSWER_BYTES", &mut self.llm_max_answer_bytes)?;
         env_override(env, "CONV_EFFECTS_PROGRESS_MS", &mut self.progress_ms)?;
         if let Some(json) = env("CONV_WEBHOOK_TOOLS") {
+            // The error names the place, not the text there: it may hold an HMAC secret.
             self.tools = serde_json::from_str(&json).map_err(|e| ConfigError::Env {
                 var: "CONV_WEBHOOK_TOOLS".into(),
-                value: json.clone(),
-                detail: format!("expected a JSON array of {{name, url, timeout_ms?, retries?, hmac_secret?}}: {e}"),
+                detail: format!(
+                    "expected a JSON array of {{name, url, timeout_ms?, retries?, hmac_secret?}}: {:?} error at line {} column {}",
+                    e.classify(),
+                    e.line(),
+                    e.column()
+                ),
             })?;
         }
         Ok(())
@@ -250,7 +255,7 @@ fn provider(o: &EffectsOptions) -> Result<llm::Provider, Error> {
             openai::OpenAi::new(
                 &o.llm_base_url,
                 &o.llm_model,
-                &o.llm_api_key,
+                o.llm_api_key.expose(),
                 Duration::from_millis(o.llm_connect_timeout_ms),
                 openai::tool_specs(&o.tools),
             )

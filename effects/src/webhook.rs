@@ -39,7 +39,7 @@ pub struct WebhookTool {
     #[serde(default = "default_retries")]
     pub retries: usize,
     #[serde(default)]
-    pub hmac_secret: Option<String>,
+    pub hmac_secret: Option<conv_nats::secret::Secret>,
     /// What the tool does, as the model is told.
     #[serde(default)]
     pub description: Option<String>,
@@ -107,7 +107,7 @@ pub async fn call(
         .header("content-type", "application/json")
         .header("idempotency-key", format!("{conversation}.{tool_call_id}"));
     if let Some(secret) = &tool.hmac_secret {
-        request = request.header("x-conv-signature", signature(secret, &body));
+        request = request.header("x-conv-signature", signature(secret.expose(), &body));
     }
     let response = request.body(body).send().await.map_err(|e| {
         if e.is_timeout() {

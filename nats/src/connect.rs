@@ -4,14 +4,22 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::secret::{Secret, redact_url};
+
 /// Default NATS URL (pinned).
 pub const DEFAULT_URL: &str = "nats://127.0.0.1:4222";
 
-/// How to reach NATS. Env override: `NATS_URL`.
+/// How to reach NATS. Env overrides: `NATS_URL` (a comma-separated list of
+/// servers is fine), `NATS_USER`, `NATS_PASSWORD`, `NATS_CREDS`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
     pub url: String,
+    /// User name (with `password`); empty: none, or what the URL carries.
+    pub user: String,
+    pub password: Secret,
+    /// A NATS credentials file (JWT + nkey seed); empty: none.
+    pub creds: String,
     /// Connect timeout of one attempt, in milliseconds.
     pub connect_timeout_ms: u64,
     /// Timeout of JetStream API requests and publish acks, in milliseconds.
@@ -20,7 +28,14 @@ pub struct NatsConfig {
 
 impl Default for NatsConfig {
     fn default() -> Self {
-        Self { url: DEFAULT_URL.to_owned(), connect_timeout_ms: 2_000, request_timeout_ms: 5_000 }
+        Self {
+            url: DEFAULT_URL.to_owned(),
+            user: String::new(),
+            password: Secret::default(),
+            creds: String::new(),
+            connect_timeout_ms: 2_000,
+            request_timeout_ms: 5_000,
+        }
     }
 }
 
@@ -32,34 +47,62 @@ impl NatsConfig {
         if self.connect_timeout_ms == 0 || self.request_timeout_ms == 0 {
             return Err("nats timeouts must be positive".into());
         }
+        if self.user.is_empty() != self.password.is_empty() {
+            return Err("nats.user and nats.password (NATS_USER, NATS_PASSWORD) go together".into());
+        }
+        if !self.creds.is_empty() && !self.user.is_empty() {
+            return Err("set either nats.creds (NATS_CREDS) or nats.user/password, not both".into());
+        }
         Ok(())
+    }
+
+    /// The URL for logs and errors: credentials replaced by `***`.
+    pub fn display_url(&self) -> String {
+        redact_url(&self.url)
     }
 
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
     }
 
-    fn options(&self, name: &str) -> async_nats::ConnectOptions {
-        async_nats::ConnectOptions::new()
+    async fn options(&self, name: &str) -> Result<async_nats::ConnectOptions, ConnectError> {
+        let base = if !self.creds.is_empty() {
+            async_nats::ConnectOptions::with_credentials_file(&self.creds).await.map_err(|e| ConnectError {
+                url: self.display_url(),
+                detail: format!("cannot read the credentials file {}: {e}", self.creds),
+            })?
+        } else if !self.user.is_empty() {
+            async_nats::ConnectOptions::with_user_and_password(self.user.clone(), self.password.expose().to_owned())
+        } else {
+            async_nats::ConnectOptions::new()
+        };
+        Ok(base
             .name(name)
             .connection_timeout(Duration::from_millis(self.connect_timeout_ms))
             .request_timeout(Some(self.request_timeout()))
-            .max_reconnects(None)
+            .max_reconnects(None))
     }
 }
 
-/// Why a connection could not be made.
+/// Why a connection could not be made (the URL without its credentials).
 #[derive(Debug, thiserror::Error)]
-#[error("cannot connect to NATS at {url}: {source}")]
+#[error("cannot connect to NATS at {url}: {detail}")]
 pub struct ConnectError {
     pub url: String,
-    #[source]
-    pub source: async_nats::ConnectError,
+    pub detail: String,
+}
+
+impl ConnectError {
+    fn new(config: &NatsConfig, source: &async_nats::ConnectError) -> Self {
+        // The client's message may quote the URL it was given.
+        let detail = source.to_string().replace(&config.url, &config.display_url());
+        Self { url: config.display_url(), detail }
+    }
 }
 
 /// Connects once and fails if NATS does not answer (for CLIs and tests).
 pub async fn connect(config: &NatsConfig, name: &str) -> Result<async_nats::Client, ConnectError> {
-    config.options(name).connect(&config.url).await.map_err(|source| ConnectError { url: config.url.clone(), source })
+    config.options(name).await?.connect(config.url.as_str()).await.map_err(|e| ConnectError::new(config, &e))
 }
 
 /// Returns at once and keeps trying in the background (for services: they
@@ -67,10 +110,11 @@ pub async fn connect(config: &NatsConfig, name: &str) -> Result<async_nats::Clie
 pub async fn connect_lazy(config: &NatsConfig, name: &str) -> Result<async_nats::Client, ConnectError> {
     config
         .options(name)
+        .await?
         .retry_on_initial_connect()
-        .connect(&config.url)
+        .connect(config.url.as_str())
         .await
-        .map_err(|source| ConnectError { url: config.url.clone(), source })
+        .map_err(|e| ConnectError::new(config, &e))
 }
 
 /// A JetStream context with the configured request timeout.

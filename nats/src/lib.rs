@@ -16,6 +16,7 @@ pub mod headers;
 pub mod journal;
 pub mod ownership;
 pub mod read;
+pub mod secret;
 pub mod service;
 pub mod topology;
 

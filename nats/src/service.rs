@@ -31,8 +31,9 @@ pub enum ConfigError {
     Read { path: String, source: std::io::Error },
     #[error("config file {path} is invalid: {detail}")]
     Parse { path: String, detail: String },
-    #[error("environment variable {var}={value:?} is invalid: {detail}")]
-    Env { var: String, value: String, detail: String },
+    /// The value is not repeated: it may be a secret.
+    #[error("environment variable {var} is invalid: {detail}")]
+    Env { var: String, detail: String },
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
@@ -72,11 +73,7 @@ where
     T::Err: std::fmt::Display,
 {
     if let Some(value) = env(var) {
-        *target = value.parse().map_err(|e: T::Err| ConfigError::Env {
-            var: var.to_owned(),
-            value: value.clone(),
-            detail: e.to_string(),
-        })?;
+        *target = value.parse().map_err(|e: T::Err| ConfigError::Env { var: var.to_owned(), detail: e.to_string() })?;
     }
     Ok(())
 }
@@ -214,9 +211,12 @@ pub fn handle_args(id: &Identity, args: impl IntoIterator<Item = String>) -> Res
 }
 
 impl NatsConfig {
-    /// Applies `NATS_URL`.
+    /// Applies `NATS_URL`, `NATS_USER`, `NATS_PASSWORD`, `NATS_CREDS`.
     pub fn apply_env(&mut self, env: Env<'_>) -> Result<(), ConfigError> {
-        env_override(env, "NATS_URL", &mut self.url)
+        env_override(env, "NATS_URL", &mut self.url)?;
+        env_override(env, "NATS_USER", &mut self.user)?;
+        env_override(env, "NATS_PASSWORD", &mut self.password)?;
+        env_override(env, "NATS_CREDS", &mut self.creds)
     }
 }
 
@@ -444,7 +444,7 @@ pub async fn boot<O: Options>(id: &Identity, settings: &Settings<O>, registry: R
     let client = crate::connect::connect_lazy(&settings.nats, id.name).await?;
     let js = crate::connect::jetstream(client.clone(), &settings.nats);
     let health = Health::new(id.name, client.clone(), &settings.nats, &settings.topology, registry)?;
-    tracing::info!(message = "Booted.", service = id.name, nats = %settings.nats.url, addr = %settings.http_addr());
+    tracing::info!(message = "Booted.", service = id.name, nats = %settings.nats.display_url(), addr = %settings.http_addr());
     Ok(Booted { client, js, health })
 }
 
@@ -589,6 +589,18 @@ mod tests {
         let env = |k: &str| bad.get(k).map(|v| v.to_string());
         let err = Settings::<()>::load(&id, &env).expect_err("refused");
         assert!(matches!(err, ConfigError::Env { ref var, .. } if var == "CONV_X_ADDR"));
+        assert!(!err.to_string().contains("not-an-addr"), "the value is not repeated: {err}");
+
+        // Credentials come from the environment and never print.
+        let creds: HashMap<&str, &str> = [("NATS_USER", "runtime"), ("NATS_PASSWORD", "hunter2")].into();
+        let env = |k: &str| creds.get(k).map(|v| v.to_string());
+        let s = Settings::<()>::load(&id, &env).expect("valid");
+        assert_eq!((s.nats.user.as_str(), s.nats.password.expose()), ("runtime", "hunter2"));
+        assert!(!format!("{s:?}").contains("hunter2"));
+        let half: HashMap<&str, &str> = [("NATS_PASSWORD", "hunter2")].into();
+        let env = |k: &str| half.get(k).map(|v| v.to_string());
+        let err = Settings::<()>::load(&id, &env).expect_err("a password needs a user");
+        assert!(!err.to_string().contains("hunter2"));
 
         let bad: HashMap<&str, &str> = [("CONV_PARTITIONS", "0")].into();
         let env = |k: &str| bad.get(k).map(|v| v.to_string());

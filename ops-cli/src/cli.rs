@@ -19,6 +19,22 @@ pub struct Global {
     /// NATS server URL.
     #[arg(long, global = true, env = "NATS_URL", default_value = conv_nats::connect::DEFAULT_URL)]
     pub nats_url: String,
+    /// NATS user (with --nats-password; the `admin` user of the secured config).
+    #[arg(long, global = true, env = "NATS_USER", default_value = "")]
+    pub nats_user: String,
+    /// NATS password (better from the environment than on the command line).
+    #[arg(
+        long,
+        global = true,
+        env = "NATS_PASSWORD",
+        default_value = "",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    pub nats_password: conv_nats::secret::Secret,
+    /// NATS credentials file (JWT + seed) instead of user and password.
+    #[arg(long, global = true, env = "NATS_CREDS", default_value = "")]
+    pub nats_creds: String,
     /// Print data as JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
@@ -31,6 +47,24 @@ pub struct Global {
 }
 
 impl Global {
+    /// How to reach NATS, validated.
+    pub fn nats(&self) -> Result<conv_nats::NatsConfig, crate::Error> {
+        let cfg = conv_nats::NatsConfig {
+            url: self.nats_url.clone(),
+            user: self.nats_user.clone(),
+            password: self.nats_password.clone(),
+            creds: self.nats_creds.clone(),
+            ..Default::default()
+        };
+        cfg.validate().map_err(crate::Error::Invalid)?;
+        Ok(cfg)
+    }
+
+    /// The NATS URL for messages: credentials replaced by `***`.
+    pub fn display_url(&self) -> String {
+        conv_nats::secret::redact_url(&self.nats_url)
+    }
+
     /// The topology these options describe, validated.
     pub fn topology(&self) -> Result<conv_nats::TopologyConfig, crate::Error> {
         let cfg =

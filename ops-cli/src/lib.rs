@@ -63,7 +63,7 @@ pub async fn run(cli: Cli) -> Result<Outcome, Error> {
 
 /// Connects for a command: fails fast with the URL in the message.
 pub async fn connect(g: &cli::Global) -> Result<async_nats::jetstream::Context, Error> {
-    let config = conv_nats::NatsConfig { url: g.nats_url.clone(), ..Default::default() };
+    let config = g.nats()?;
     let client = conv_nats::connect(&config, "convctl").await?;
     Ok(conv_nats::jetstream(client, &config))
 }

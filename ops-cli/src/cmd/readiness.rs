@@ -70,7 +70,7 @@ pub async fn report(g: &Global, args: &ReadinessArgs) -> Report {
         (Err(e), _) => checks.push(check("options", Status::NotReady, e.to_string())),
         (_, Err(e)) => checks.push(check("nats", Status::NotReady, e.to_string())),
         (Ok(cfg), Ok(js)) => {
-            checks.push(check("nats", Status::Ready, format!("connected to {}", g.nats_url)));
+            checks.push(check("nats", Status::Ready, format!("connected to {}", g.display_url())));
             nats_checks(&js, &Topology::declare(&cfg), args, &mut checks).await;
         }
     }

@@ -50,8 +50,13 @@ fn bin_dir() -> Result<PathBuf, Error> {
     Ok(exe.parent().map(Path::to_path_buf).unwrap_or_default())
 }
 
-async fn nats_answers(url: &str) -> bool {
-    let config = conv_nats::NatsConfig { url: url.to_owned(), connect_timeout_ms: 1000, ..Default::default() };
+async fn nats_answers(g: &Global) -> bool {
+    let Ok(config) = g.nats() else { return false };
+    answers(config).await
+}
+
+async fn answers(mut config: conv_nats::NatsConfig) -> bool {
+    config.connect_timeout_ms = 1000;
     tokio::time::timeout(Duration::from_secs(2), conv_nats::connect(&config, "convctl-up"))
         .await
         .is_ok_and(|r| r.is_ok())
@@ -84,7 +89,7 @@ pub(crate) async fn start_nats(url: &str, dir: &Path, quiet: bool) -> Result<Chi
         forward("nats-server", &mut child);
     }
     for _ in 0..100 {
-        if nats_answers(url).await {
+        if answers(conv_nats::NatsConfig { url: url.to_owned(), ..Default::default() }).await {
             return Ok(child);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -126,8 +131,8 @@ pub(crate) async fn stop(name: &str, child: &mut Child) {
 
 pub async fn run(g: &Global) -> Result<Outcome, Error> {
     let url = g.nats_url.clone();
-    let mut nats = if nats_answers(&url).await {
-        say(&format!("using the NATS server at {url}"));
+    let mut nats = if nats_answers(g).await {
+        say(&format!("using the NATS server at {}", g.display_url()));
         None
     } else {
         Some(start_nats(&url, Path::new(".conv/nats"), false).await?)
@@ -153,8 +158,20 @@ pub async fn run(g: &Global) -> Result<Outcome, Error> {
             )));
         }
         let addr = std::env::var(var).unwrap_or_else(|_| default.to_owned());
-        let mut child = Command::new(&bin)
-            .env("NATS_URL", &url)
+        let mut command = Command::new(&bin);
+        command.env("NATS_URL", &url);
+        // Credentials given as flags reach the services too (from the
+        // environment they are inherited anyway).
+        for (var, value) in [
+            ("NATS_USER", g.nats_user.as_str()),
+            ("NATS_PASSWORD", g.nats_password.expose()),
+            ("NATS_CREDS", &g.nats_creds),
+        ] {
+            if !value.is_empty() {
+                command.env(var, value);
+            }
+        }
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
