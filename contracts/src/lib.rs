@@ -19,6 +19,7 @@ pub mod live;
 pub mod payload;
 pub mod rejection;
 pub mod subject;
+pub mod trust;
 pub mod types;
 pub mod version;
 

@@ -55,6 +55,8 @@ pub struct Executor {
     pub progress_every: Duration,
     /// Webhook tools by name.
     pub webhooks: std::collections::HashMap<String, crate::webhook::WebhookTool>,
+    /// Secret of the callback tokens sent to webhook tools (`CONV_CALLBACK_SECRET`).
+    pub callback_secret: Option<conv_nats::secret::Secret>,
     pub http: reqwest::Client,
     /// The `conv_timers` bucket.
     pub timers: async_nats::jetstream::kv::Store,
@@ -82,7 +84,8 @@ impl Executor {
         let event = Envelope::new(id, SOURCE, directive.conversation_id.clone(), data)
             .caused_by(directive)
             .with_time(Utc::now());
-        match journal::append(&self.js, &event, &event.id, &[], self.publish_timeout).await {
+        let msg_id = conv_contracts::trust::derived_msg_id(&event.conversation_id, &event.id);
+        match journal::append(&self.js, &event, &msg_id, &[], self.publish_timeout).await {
             Ok(_) => Ok(()),
             Err(journal::AppendError::TooLarge(detail)) => match too_large_outcome(&event.data, &detail) {
                 // An outcome the journal cannot take ends its effect visibly
@@ -140,6 +143,14 @@ impl Executor {
     ) -> Result<(), PublishFailed> {
         use crate::webhook::{Answer, CallError, call};
         let id = t.tool_call_id.clone();
+        // Lets the webhook post its result later, for this call only.
+        let token = self.callback_secret.as_ref().map(|secret| {
+            conv_contracts::trust::callback_token(
+                secret.expose().as_bytes(),
+                &directive.conversation_id,
+                conv_contracts::trust::CallbackTarget::Tool { tool_call_id: &id },
+            )
+        });
         let mut backoff = ExponentialBuilder::default()
             .with_min_delay(self.retry.min_delay)
             .with_max_delay(self.retry.max_delay)
@@ -153,7 +164,7 @@ impl Executor {
                     self.metrics.canceled.with_label_values(&["tool"]).inc();
                     return self.emit(directive, ToolCanceled { tool_call_id: id, reason: Some("canceled".into()) }).await;
                 }
-                a = call(&self.http, hook, directive.conversation_id.as_str(), &id, &t.args) => a,
+                a = call(&self.http, hook, directive.conversation_id.as_str(), &id, &t.args, token.as_deref()) => a,
             };
             if let Err(CallError::Transient(e)) = &attempt
                 && e.contains("timed out")

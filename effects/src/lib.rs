@@ -72,6 +72,7 @@ pub const IDENTITY: Identity = Identity {
         "  CONV_EFFECTS_COALESCE_BYTES     durable lane: or once this many bytes wait (default 16384); the live lane sends every piece at once\n",
         "  CONV_EFFECTS_PROGRESS_MS        progress of running and queued effects (default 1000; below effects_ack_wait_secs)\n",
         "  CONV_WEBHOOK_TOOLS              JSON array of webhook tools [{name, url, timeout_ms?, retries?, hmac_secret?}]\n",
+        "  CONV_CALLBACK_SECRET            secret of the callback tokens sent to webhook tools (same as ingress's)\n",
     ),
 };
 
@@ -106,6 +107,9 @@ pub struct EffectsOptions {
     pub progress_ms: u64,
     /// Webhook tools (`[[options.tools]]`, or JSON in `CONV_WEBHOOK_TOOLS`).
     pub tools: Vec<webhook::WebhookTool>,
+    /// Secret of the callback tokens given to webhook tools, the same as
+    /// ingress's (`CONV_CALLBACK_SECRET`; empty: no token is sent).
+    pub callback_secret: conv_nats::secret::Secret,
 }
 
 impl Default for EffectsOptions {
@@ -131,6 +135,7 @@ impl Default for EffectsOptions {
             llm_max_answer_bytes: 0,
             progress_ms: 1_000,
             tools: Vec::new(),
+            callback_secret: conv_nats::secret::Secret::default(),
         }
     }
 }
@@ -186,6 +191,7 @@ impl Options for EffectsOptions {
         env_override(env, "CONV_LLM_MAX_CONTEXT_BYTES", &mut self.llm_max_context_bytes)?;
         env_override(env, "CONV_LLM_MAX_ANSWER_BYTES", &mut self.llm_max_answer_bytes)?;
         env_override(env, "CONV_EFFECTS_PROGRESS_MS", &mut self.progress_ms)?;
+        env_override(env, "CONV_CALLBACK_SECRET", &mut self.callback_secret)?;
         if let Some(json) = env("CONV_WEBHOOK_TOOLS") {
             // The error names the place, not the text there: it may hold an HMAC secret.
             self.tools = serde_json::from_str(&json).map_err(|e| ConfigError::Env {
@@ -301,6 +307,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             publish_timeout: Duration::from_secs(5),
             progress_every: Duration::from_millis(o.progress_ms),
             webhooks: o.tools.iter().map(|t| (t.name.clone(), t.clone())).collect(),
+            callback_secret: (!o.callback_secret.is_empty()).then(|| o.callback_secret.clone()),
             http,
             timers: timers.clone(),
             snapshots,

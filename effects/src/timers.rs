@@ -103,8 +103,14 @@ async fn fire(js: &async_nats::jetstream::Context, timer: &Timer) -> Result<(), 
     )
     .with_time(Utc::now());
     event.causation_id = Some(timer.directive_id.clone());
-    conv_nats::journal::append(js, &event, &event.id, &[], Duration::from_secs(5))
-        .await
-        .map(drop)
-        .map_err(|e| e.to_string())
+    conv_nats::journal::append(
+        js,
+        &event,
+        &conv_contracts::trust::derived_msg_id(&event.conversation_id, &event.id),
+        &[],
+        Duration::from_secs(5),
+    )
+    .await
+    .map(drop)
+    .map_err(|e| e.to_string())
 }

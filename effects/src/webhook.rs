@@ -12,12 +12,15 @@
 //! ```
 //!
 //! (or the same as JSON in `CONV_WEBHOOK_TOOLS`). A call is a `POST` of
-//! `{"conversation_id", "tool_call_id", "name", "args"}` with
-//! `Idempotency-Key: <conversation>.<tool_call_id>` and, with a secret,
-//! `X-Conv-Signature: sha256=<hex HMAC-SHA256 of the body>`. The webhook
-//! answers inline (`200` with `{"result": ...}`, or any JSON taken as the
-//! result) or later (`202`, then it posts the result to conv-ingress's
-//! `/v1/conversations/{id}/tools/{tool_call_id}/completed|failed`).
+//! `{"conversation_id", "tool_call_id", "name", "args", "callback_token"?}` with
+//! `Idempotency-Key: <conversation>.<tool_call_id>`, with a secret
+//! `X-Conv-Signature: sha256=<hex HMAC-SHA256 of the body>`, and with
+//! `CONV_CALLBACK_SECRET` set the call's callback token (also as the
+//! `Conv-Callback-Token` header). The webhook answers inline (`200` with
+//! `{"result": ...}`, or any JSON taken as the result) or later (`202`, then
+//! it posts the result to conv-ingress's
+//! `/v1/conversations/{id}/tools/{tool_call_id}/completed|failed` with that
+//! token as `Conv-Callback-Token`; ingress refuses it otherwise).
 //! Connect errors, timeouts, 429 and 5xx are retried with backoff; other 4xx
 //! fail the call at once.
 
@@ -93,19 +96,26 @@ pub async fn call(
     conversation: &str,
     tool_call_id: &str,
     args: &Value,
+    callback_token: Option<&str>,
 ) -> Result<Answer, CallError> {
-    let body = serde_json::to_vec(&json!({
+    let mut body = json!({
         "conversation_id": conversation,
         "tool_call_id": tool_call_id,
         "name": tool.name,
         "args": args,
-    }))
-    .unwrap_or_default();
+    });
+    if let Some(token) = callback_token {
+        body["callback_token"] = Value::String(token.to_owned());
+    }
+    let body = serde_json::to_vec(&body).map_err(|e| CallError::Permanent(format!("encoding the call: {e}")))?;
     let mut request = client
         .post(&tool.url)
         .timeout(Duration::from_millis(tool.timeout_ms))
         .header("content-type", "application/json")
         .header("idempotency-key", format!("{conversation}.{tool_call_id}"));
+    if let Some(token) = callback_token {
+        request = request.header(conv_contracts::trust::CALLBACK_TOKEN_HEADER, token);
+    }
     if let Some(secret) = &tool.hmac_secret {
         request = request.header("x-conv-signature", signature(secret.expose(), &body));
     }

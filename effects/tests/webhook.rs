@@ -18,6 +18,8 @@ use conv_nats::service::Settings;
 use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, spawn_service};
 use serde_json::{Value, json};
 
+const CALLBACK_SECRET: &str = "webhook-test-callback-secret";
+
 #[derive(Default)]
 struct Hooks {
     calls: Mutex<HashMap<String, usize>>,
@@ -38,7 +40,13 @@ async fn hook(State(h): State<Arc<Hooks>>, Path(kind): Path<String>, headers: He
     }
     let req: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
     match kind.as_str() {
-        "inline" => axum::Json(json!({"result": {"got": req["args"], "key": headers.get("idempotency-key").and_then(|v| v.to_str().ok())}})).into_response(),
+        "inline" => axum::Json(json!({"result": {
+            "got": req["args"],
+            "key": headers.get("idempotency-key").and_then(|v| v.to_str().ok()),
+            "token_header": headers.get("conv-callback-token").and_then(|v| v.to_str().ok()),
+            "token_body": req["callback_token"],
+        }}))
+        .into_response(),
         "later" => StatusCode::ACCEPTED.into_response(),
         "flaky" if n <= 2 => StatusCode::SERVICE_UNAVAILABLE.into_response(),
         "flaky" => axum::Json(json!({"result": "third time lucky"})).into_response(),
@@ -94,6 +102,7 @@ async fn start() -> Stack {
         ],
         llm_retry_min_ms: 20,
         llm_retry_max_ms: 50,
+        callback_secret: CALLBACK_SECRET.into(),
         ..Default::default()
     };
     let fx = spawn_service("conv-effects", |t| conv_effects::run(ec, t));
@@ -139,6 +148,14 @@ async fn webhook_tools() {
         Some(Payload::ToolCompleted(t)) => {
             assert_eq!(t.result["got"], json!({"q": 1}));
             assert_eq!(t.result["key"], format!("w1.{}", t.tool_call_id));
+            // The call carries the token that lets the webhook post this result later.
+            let expected = conv_contracts::trust::callback_token(
+                CALLBACK_SECRET.as_bytes(),
+                &ConversationId::parse("w1").expect("id"),
+                conv_contracts::trust::CallbackTarget::Tool { tool_call_id: &t.tool_call_id },
+            );
+            assert_eq!(t.result["token_header"], expected);
+            assert_eq!(t.result["token_body"], expected);
         }
         other => panic!("{other:?}"),
     }

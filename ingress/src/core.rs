@@ -1,5 +1,6 @@
 //! The ingest path every adapter shares: normalize → validate → append to
-//! `CONV_IN` (with the event id as `Nats-Msg-Id`) → answer. Transport code
+//! `CONV_IN` (deduped by conversation, source and id:
+//! `conv_contracts::trust::ingress_msg_id`) → answer. Transport code
 //! (HTTP, NATS) only turns requests into [`Meta`] + body and answers with
 //! [`Accepted`] or [`IngestError`].
 
@@ -44,6 +45,15 @@ pub enum IngestError {
     Refused(String),
     #[error("{0}")]
     NotFound(String),
+    /// A request header that cannot be used (400), e.g. `Idempotency-Key`.
+    #[error("header {name}: {detail}")]
+    BadHeader { name: String, detail: String },
+    /// No valid client API key (401).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A key or token that does not cover this (403); nothing is journaled.
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 impl IngestError {
@@ -54,6 +64,9 @@ impl IngestError {
             IngestError::TooLarge(_) => "oversize",
             IngestError::Refused(_) => "journal_refused",
             IngestError::NotFound(_) => "not_found",
+            IngestError::BadHeader { .. } => "bad_header",
+            IngestError::Unauthorized(_) => "unauthorized",
+            IngestError::Forbidden(_) => "forbidden",
         }
     }
 
@@ -64,6 +77,9 @@ impl IngestError {
             IngestError::TooLarge(_) => 413,
             IngestError::Refused(_) => 500,
             IngestError::NotFound(_) => 404,
+            IngestError::BadHeader { .. } => 400,
+            IngestError::Unauthorized(_) => 401,
+            IngestError::Forbidden(_) => 403,
         }
     }
 }
@@ -88,7 +104,19 @@ pub struct Meta {
 pub const OUTPUT_HEADROOM: usize = 8 * 1024;
 
 /// Longest accepted `Idempotency-Key`.
-pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 100;
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
+
+/// Checks an `Idempotency-Key`: 1–256 printable ASCII characters, no spaces.
+pub fn check_idempotency_key(key: &str) -> Result<(), IngestError> {
+    let bad = |detail: String| IngestError::BadHeader { name: "Idempotency-Key".into(), detail };
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+        return Err(bad(format!("must be 1-{MAX_IDEMPOTENCY_KEY_LEN} characters, got {}", key.len())));
+    }
+    if key.bytes().any(|b| !b.is_ascii_graphic()) {
+        return Err(bad("must be printable ASCII without spaces".into()));
+    }
+    Ok(())
+}
 
 /// The ingest service state, cheap to clone.
 #[derive(Debug, Clone)]
@@ -96,6 +124,7 @@ pub struct Ingress {
     pub js: async_nats::jetstream::Context,
     pub metrics: Metrics,
     pub options: IngressOptions,
+    pub auth: std::sync::Arc<crate::auth::Auth>,
 }
 
 impl Ingress {
@@ -125,7 +154,8 @@ impl Ingress {
         let ty = event.event_type();
         binding::check(&event, self.limits())?;
         let started = Instant::now();
-        let appended = journal::append(&self.js, &event, &event.id, &[], self.options.publish_timeout()).await;
+        let msg_id = conv_contracts::trust::ingress_msg_id(&event.conversation_id, &event.source, &event.id);
+        let appended = journal::append(&self.js, &event, &msg_id, &[], self.options.publish_timeout()).await;
         self.metrics.publish_seconds.observe(started.elapsed().as_secs_f64());
         let appended = appended.map_err(|e| match e {
             AppendError::Unavailable(m) => IngestError::Unavailable(m),
@@ -146,6 +176,13 @@ impl Ingress {
             stream_seq: appended.seq,
             duplicate: appended.duplicate,
         })
+    }
+
+    /// Validates an event whose id the client chose (a CloudEvent): the id
+    /// must stay out of the namespaces conv derives ids in.
+    pub fn check_client_event(&self, event: &Envelope) -> Result<(), IngestError> {
+        conv_contracts::trust::check_client_id(&event.conversation_id, &event.id)
+            .map_err(|detail| Rejection::BadAttribute { name: "id".into(), detail }.into())
     }
 
     /// Counts a request refused before an event could be built.
@@ -227,7 +264,13 @@ pub fn event_id(
         if let Some(c) = key.chars().find(|c| !c.is_ascii_graphic()) {
             return Err(bad(format!("contains {c:?}; use printable ASCII without spaces")));
         }
-        return Ok(format!("{conversation}.{}.{short}.key.{key}", ty.family()));
+        let id = format!("{conversation}.{}.{short}.key.{key}", ty.family());
+        if id.len() <= conv_contracts::id::MAX_EVENT_ID_LEN {
+            return Ok(id);
+        }
+        // A long key: its digest keeps the id within the limit.
+        let digest = conv_contracts::trust::ingress_msg_id(conversation, ty.as_str(), key);
+        return Ok(format!("{conversation}.{}.{short}.keyh.{}", ty.family(), digest.trim_start_matches("in1.")));
     }
     if let Some(natural) = data.natural_key() {
         let id = format!("{conversation}.{natural}");

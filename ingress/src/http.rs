@@ -12,6 +12,7 @@ use conv_contracts::{EventType, Rejection, binding};
 use futures::StreamExt;
 use serde_json::json;
 
+use crate::auth::Presented;
 use crate::core::{Accepted, IngestError, Ingress, Meta, SOURCE_HTTP, build};
 
 /// How many bytes past the limit are still counted to report the real size.
@@ -47,21 +48,41 @@ pub fn error_response(error: &IngestError) -> Response {
     if status == StatusCode::SERVICE_UNAVAILABLE {
         response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
     response
+}
+
+fn presented(headers: &HeaderMap) -> Presented<'_> {
+    Presented::from_pairs(headers.iter().filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?))))
 }
 
 fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
     headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
 }
 
-fn meta(headers: &HeaderMap) -> Meta {
-    Meta {
-        idempotency_key: header_str(headers, "idempotency-key"),
+fn meta(headers: &HeaderMap) -> Result<Meta, IngestError> {
+    // A key that is not visible ASCII is refused, never ignored (ignoring
+    // it would store every retry).
+    let idempotency_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => {
+            let key = v.to_str().map_err(|_| IngestError::BadHeader {
+                name: "Idempotency-Key".into(),
+                detail: "must be printable ASCII without spaces".into(),
+            })?;
+            crate::core::check_idempotency_key(key)?;
+            Some(key.to_owned())
+        }
+    };
+    Ok(Meta {
+        idempotency_key,
         causation_id: header_str(headers, "causation-id"),
         correlation_id: header_str(headers, "correlation-id"),
         content_type: header_str(headers, "content-type"),
         source: SOURCE_HTTP,
-    }
+    })
 }
 
 /// Reads the body up to the limit; past it, keeps counting (to a point) so
@@ -100,7 +121,8 @@ async fn ingest(
 ) -> Response {
     let result = async {
         let bytes = read_body(&ingress, &headers, body).await?;
-        let event = build(ty, conversation, path_fields, &bytes, &meta(&headers))?;
+        let event = build(ty, conversation, path_fields, &bytes, &meta(&headers)?)?;
+        ingress.auth.check(&event, presented(&headers))?;
         Ok::<_, IngestError>(event)
     }
     .await;
@@ -213,7 +235,10 @@ pub fn decode_cloudevent(
 async fn event(State(ing): State<Ingress>, headers: HeaderMap, body: Body) -> Response {
     let decoded = async {
         let bytes = read_body(&ing, &headers, body).await?;
-        decode_cloudevent(&ing, &headers, &bytes)
+        let event = decode_cloudevent(&ing, &headers, &bytes)?;
+        ing.check_client_event(&event)?;
+        ing.auth.check(&event, presented(&headers))?;
+        Ok(event)
     }
     .await;
     match decoded {

@@ -1,16 +1,20 @@
 //! # conv-ingress
 //!
 //! The entry of conv. Every request goes the same way — normalize → validate
-//! → append to `CONV_IN` with the event id as `Nats-Msg-Id` → answer 202 with
+//! → append to `CONV_IN` (deduped by conversation, source and id) → answer 202 with
 //! the stream sequence, only after the JetStream ack ([`core`]). Adapters turn
 //! transports into that path: [`http`] (the pinned HTTP API plus tool, LLM
 //! and timer callbacks) and [`nats_api`] (the same over NATS requests, in
 //! `$SRV` discovery).
 //!
+//! Clients authenticate with API keys, callbacks with per-effect callback
+//! tokens ([`auth`]).
+//!
 //! Nothing malformed is journaled: bad input gets 400/413/415/422 with
 //! `{"error": {"code", "message"}}`; while JetStream is unavailable the
 //! answer is 503 with `Retry-After`, never a 202.
 
+pub mod auth;
 pub mod core;
 pub mod http;
 pub mod metrics;
@@ -50,14 +54,31 @@ pub enum Error {
     NatsApi(#[from] nats_api::Error),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("{0}")]
+    Insecure(String),
 }
 
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let auth = auth::Auth::new(&config.options.api_keys, &config.options.callback_secret).map_err(Error::Insecure)?;
+    let addr = config.http_addr();
+    if auth.is_open() && !addr.ip().is_loopback() {
+        return Err(Error::Insecure(format!(
+            "refusing to serve on {addr} without client keys: set CONV_INGRESS_API_KEYS, or listen on a loopback address"
+        )));
+    }
+    if !auth.takes_callbacks() {
+        tracing::warn!(message = "CONV_CALLBACK_SECRET is not set: LLM, tool and timer callbacks will be refused.");
+    }
     let registry = Registry::new();
     let metrics = metrics::Metrics::new(&registry)?;
     let booted = service::boot(&IDENTITY, &config, registry).await?;
-    let ingress = Ingress { js: booted.js.clone(), metrics: metrics.clone(), options: config.options.clone() };
+    let ingress = Ingress {
+        js: booted.js.clone(),
+        metrics: metrics.clone(),
+        options: config.options.clone(),
+        auth: std::sync::Arc::new(auth),
+    };
 
     let dlq = tokio::spawn(metrics::watch_dlq(
         booted.js.clone(),

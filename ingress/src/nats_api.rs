@@ -92,9 +92,13 @@ async fn handle(
         Endpoint::Event => {
             let pairs = conv_nats::headers::pairs(message.headers.as_ref());
             let event = match binding::detect_mode(pairs.iter().copied()) {
-                binding::Mode::Binary => binding::decode_binary(pairs, &message.payload, limits)?,
+                binding::Mode::Binary => binding::decode_binary(pairs.clone(), &message.payload, limits)?,
                 binding::Mode::Structured => binding::decode_structured(&message.payload, limits)?,
             };
+            ing.check_client_event(&event)?;
+            // Who may request here is the NATS permissions' business; an
+            // outcome still needs its effect's callback token.
+            ing.auth.check_if_callback(&event, crate::auth::Presented::from_pairs(pairs.iter().copied()))?;
             Ok(event)
         }
         Endpoint::Message | Endpoint::Control => {
@@ -129,7 +133,13 @@ async fn handle(
                 },
             };
             let meta = Meta {
-                idempotency_key: header(message, "Idempotency-Key"),
+                idempotency_key: match header(message, "Idempotency-Key") {
+                    Some(key) => {
+                        crate::core::check_idempotency_key(&key)?;
+                        Some(key)
+                    }
+                    None => None,
+                },
                 causation_id: header(message, "Causation-Id"),
                 correlation_id: header(message, "Correlation-Id"),
                 content_type: None,

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use conv_nats::secret::Secret;
 use conv_nats::service::{ConfigError, Env, Options, env_override};
 use serde::Deserialize;
 
@@ -17,6 +18,12 @@ pub struct IngressOptions {
     pub nats_api: bool,
     /// How often the `conv_dlq_messages` gauge is refreshed, in seconds.
     pub dlq_poll_secs: u64,
+    /// Client API keys, comma-separated, each `key` or `key:<conversation-id
+    /// prefix>` (`CONV_INGRESS_API_KEYS`). Empty: open, loopback only.
+    pub api_keys: Secret,
+    /// Secret of the callback tokens, shared with effects (`CONV_CALLBACK_SECRET`).
+    /// Empty: callbacks are refused.
+    pub callback_secret: Secret,
 }
 
 impl Default for IngressOptions {
@@ -26,6 +33,8 @@ impl Default for IngressOptions {
             publish_timeout_ms: 5_000,
             nats_api: true,
             dlq_poll_secs: 15,
+            api_keys: Secret::default(),
+            callback_secret: Secret::default(),
         }
     }
 }
@@ -40,7 +49,9 @@ impl Options for IngressOptions {
     fn apply_env(&mut self, env: Env<'_>) -> Result<(), ConfigError> {
         env_override(env, "CONV_INGRESS_MAX_BODY_BYTES", &mut self.max_body_bytes)?;
         env_override(env, "CONV_INGRESS_PUBLISH_TIMEOUT_MS", &mut self.publish_timeout_ms)?;
-        env_override(env, "CONV_INGRESS_NATS_API", &mut self.nats_api)
+        env_override(env, "CONV_INGRESS_NATS_API", &mut self.nats_api)?;
+        env_override(env, "CONV_INGRESS_API_KEYS", &mut self.api_keys)?;
+        env_override(env, "CONV_CALLBACK_SECRET", &mut self.callback_secret)
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -53,6 +64,7 @@ impl Options for IngressOptions {
         if self.publish_timeout_ms == 0 || self.dlq_poll_secs == 0 {
             return Err("options.publish_timeout_ms and options.dlq_poll_secs must be positive".into());
         }
+        crate::auth::Auth::new(&self.api_keys, &self.callback_secret)?;
         Ok(())
     }
 }
@@ -60,4 +72,6 @@ impl Options for IngressOptions {
 /// `--help` lines for these variables.
 pub const HELP: &str = "  CONV_INGRESS_MAX_BODY_BYTES      largest request body (default 1048576)\n  \
 CONV_INGRESS_PUBLISH_TIMEOUT_MS  JetStream ack timeout before 503 (default 5000)\n  \
-CONV_INGRESS_NATS_API            serve conv.ingress.* over NATS too (default true)\n";
+CONV_INGRESS_NATS_API            serve conv.ingress.* over NATS too (default true)\n  \
+CONV_INGRESS_API_KEYS            client keys: key[:conversation-id prefix],... (none: open, loopback only)\n  \
+CONV_CALLBACK_SECRET             secret of callback tokens, same as effects' (none: callbacks refused)\n";

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use conv_contracts::subject::{self, STREAM_IN};
+use conv_contracts::trust::{self, CallbackTarget};
 use conv_contracts::{ConversationId, EventType};
 use conv_ingress::{Config, IngressOptions};
 use conv_nats::service::Settings;
@@ -18,8 +19,24 @@ struct Stack {
     _ingress: ServiceHandle<conv_ingress::Error>,
 }
 
+/// The callback secret of the test stacks.
+const SECRET: &str = "test-callback-secret-0123456789";
+
+fn options() -> IngressOptions {
+    IngressOptions { callback_secret: SECRET.into(), ..Default::default() }
+}
+
+/// The callback token of an effect of conversation `conv`.
+fn token(conv: &str, target: CallbackTarget<'_>) -> String {
+    trust::callback_token(SECRET.as_bytes(), &ConversationId::parse(conv).expect("id"), target)
+}
+
+fn tool_token(conv: &str, tool_call_id: &str) -> String {
+    token(conv, CallbackTarget::Tool { tool_call_id })
+}
+
 async fn start() -> Stack {
-    start_with(IngressOptions::default()).await
+    start_with(options()).await
 }
 
 async fn start_with(options: IngressOptions) -> Stack {
@@ -78,7 +95,10 @@ async fn a_message_is_journaled_with_the_right_headers() {
     let m = s.stored(seq).await;
     let p = subject::partition_of(&ConversationId::parse("demo").expect("id"), 16);
     assert_eq!(m.subject.as_str(), format!("conv.in.{p}.message.demo"));
-    assert_eq!(header(&m, "Nats-Msg-Id"), Some(event_id.as_str()));
+    // Deduped by (conversation, source, id), in a namespace of its own.
+    let demo = ConversationId::parse("demo").expect("id");
+    let msg_id = trust::ingress_msg_id(&demo, "/conv/ingress/http", &event_id);
+    assert_eq!(header(&m, "Nats-Msg-Id"), Some(msg_id.as_str()));
     assert_eq!(header(&m, "ce-id"), Some(event_id.as_str()));
     assert_eq!(header(&m, "ce-specversion"), Some("1.0"));
     assert_eq!(header(&m, "ce-type"), Some("conv.in.message.received"));
@@ -139,7 +159,7 @@ async fn a_repeated_idempotency_key_writes_nothing() {
 
 #[tokio::test]
 async fn every_malformed_kind_is_refused_and_nothing_is_journaled() {
-    let s = start_with(IngressOptions { max_body_bytes: 4096, ..Default::default() }).await;
+    let s = start_with(IngressOptions { max_body_bytes: 4096, ..options() }).await;
     let ce = |patch: Value| {
         let mut base = json!({"specversion": "1.0", "id": "e1", "source": "/ext", "type": "conv.in.message.received",
                               "subject": "c1", "data": {"text": "hi"}});
@@ -209,6 +229,26 @@ async fn every_malformed_kind_is_refused_and_nothing_is_journaled() {
         ),
         ("unknown route", s.http.post(s.url("/v1/nope")), 404, "not_found"),
         ("unknown outcome", s.http.post(s.url("/v1/conversations/c1/tools/t1/exploded")), 404, "not_found"),
+        (
+            "non-ASCII idempotency key",
+            s.http
+                .post(s.url("/v1/conversations/c1/messages"))
+                .header("Idempotency-Key", reqwest::header::HeaderValue::from_bytes("clé".as_bytes()).expect("bytes"))
+                .json(&json!({"text": "x"})),
+            400,
+            "bad_header",
+        ),
+        (
+            "idempotency key too long",
+            s.http
+                .post(s.url("/v1/conversations/c1/messages"))
+                .header("Idempotency-Key", "k".repeat(257))
+                .json(&json!({"text": "x"})),
+            400,
+            "bad_header",
+        ),
+        ("a derived id", ce(json!({"id": "c1.llm.r1.s1.1.completed"})), 422, "bad_attribute"),
+        ("a runtime id", ce(json!({"id": "m1~0"})), 422, "bad_attribute"),
     ];
     for (name, req, status, code) in cases {
         let (got, body, _) = s.send(req).await;
@@ -235,6 +275,7 @@ async fn binary_mode_events_and_callbacks_are_accepted() {
         .header("ce-type", "conv.in.tool.completed")
         .header("ce-subject", "c2")
         .header("ce-causationid", "tool-req-1")
+        .header("conv-callback-token", tool_token("c2", "call_1"))
         .header("content-type", "application/json")
         .body(r#"{"tool_call_id": "call_1", "result": {"ok": true}}"#);
     let (status, body, _) = s.send(binary).await;
@@ -244,16 +285,29 @@ async fn binary_mode_events_and_callbacks_are_accepted() {
     assert_eq!(header(&m, "ce-causationid"), Some("tool-req-1"));
 
     // A webhook answering later: natural id, so its retries dedupe.
-    let cb = || s.http.post(s.url("/v1/conversations/c2/tools/call_9/completed")).json(&json!({"result": 42}));
+    let cb = || {
+        s.http
+            .post(s.url("/v1/conversations/c2/tools/call_9/completed"))
+            .header("conv-callback-token", tool_token("c2", "call_9"))
+            .json(&json!({"result": 42}))
+    };
     let (status, a, _) = s.send(cb()).await;
     assert_eq!(status, 202, "{a}");
     assert_eq!(a["event_id"], "c2.tool.call_9.completed");
     let (_, b, _) = s.send(cb()).await;
     assert_eq!(b["duplicate"], true);
-    let (status, body, _) = s.post("/v1/conversations/c2/llm/step-1/delta", json!({"seq": 0, "text": "Hel"})).await;
+    let llm = token("c2", CallbackTarget::Llm { step_id: "step-1", attempt: 1 });
+    let delta = s
+        .http
+        .post(s.url("/v1/conversations/c2/llm/step-1/delta"))
+        .bearer_auth(llm)
+        .json(&json!({"seq": 0, "text": "Hel"}));
+    let (status, body, _) = s.send(delta).await;
     assert_eq!(status, 202, "{body}");
     assert_eq!(body["event_id"], "c2.llm.step-1.1.delta.0");
-    let (status, body, _) = s.post("/v1/conversations/c2/timers/t-1/fired", json!({})).await;
+    let timer = token("c2", CallbackTarget::Timer { timer_id: "t-1" });
+    let fired = s.http.post(s.url("/v1/conversations/c2/timers/t-1/fired")).header("conv-callback-token", timer);
+    let (status, body, _) = s.send(fired.json(&json!({}))).await;
     assert_eq!(status, 202, "{body}");
     let m = s.stored(body["stream_seq"].as_u64().expect("seq")).await;
     assert_eq!(header(&m, "ce-type"), Some(EventType::TimerFired.as_str()));
@@ -261,7 +315,7 @@ async fn binary_mode_events_and_callbacks_are_accepted() {
 
 #[tokio::test]
 async fn nats_down_gives_503_and_recovery_accepts_again() {
-    let mut s = start_with(IngressOptions { publish_timeout_ms: 1_000, ..Default::default() }).await;
+    let mut s = start_with(IngressOptions { publish_timeout_ms: 1_000, ..options() }).await;
     let (status, _, _) = s.post("/v1/conversations/c3/messages", json!({"text": "before"})).await;
     assert_eq!(status, 202);
 
@@ -323,7 +377,14 @@ async fn nats_request_api_with_service_discovery() {
     // A structured CloudEvent on the generic endpoint.
     let ce = json!({"specversion": "1.0", "id": "n-ce", "source": "/ext", "type": "conv.in.timer.fired",
                     "subject": "n1", "data": {"timer_id": "t9"}});
+    // An outcome needs its callback token over NATS too.
     let reply = client.request("conv.ingress.event", ce.to_string().into()).await.expect("reply");
+    let headers = reply.headers.expect("error headers");
+    assert_eq!(headers.get("Nats-Service-Error-Code").map(|v| v.as_str()), Some("403"));
+    let mut with_token = async_nats::HeaderMap::new();
+    with_token.insert("conv-callback-token", token("n1", CallbackTarget::Timer { timer_id: "t9" }).as_str());
+    let reply =
+        client.request_with_headers("conv.ingress.event", with_token, ce.to_string().into()).await.expect("reply");
     let accepted: Value = serde_json::from_slice(&reply.payload).expect("json");
     assert_eq!(accepted["event_id"], "n-ce");
 
@@ -346,4 +407,93 @@ async fn a_message_whose_output_would_not_fit_the_journal_is_refused_up_front() 
     let fits = "x".repeat(1_000_000);
     let (status, body, _) = s.post("/v1/conversations/big/messages", json!({ "text": fits })).await;
     assert_eq!(status, 202, "{body}");
+}
+
+#[tokio::test]
+async fn clients_need_a_key_and_callbacks_their_effects_token() {
+    let key = "client-key-0123456789";
+    let team = "team-key-0123456789ab";
+    let s = start_with(IngressOptions { api_keys: format!("{key},{team}:team-a-").as_str().into(), ..options() }).await;
+    let message =
+        |conv: &str| s.http.post(s.url(&format!("/v1/conversations/{conv}/messages"))).json(&json!({"text": "hi"}));
+
+    let (status, body, headers) = s.send(message("c1")).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (401, Some("unauthorized")), "{body}");
+    assert_eq!(headers.get("www-authenticate").map(|v| v.to_str().unwrap_or_default()), Some("Bearer"));
+    let (status, body, _) = s.send(message("c1").bearer_auth("not-a-key-0123456789")).await;
+    assert_eq!(status, 401, "{body}");
+    let (status, body, _) = s.send(message("c1").bearer_auth(key)).await;
+    assert_eq!(status, 202, "{body}");
+    let (status, body, _) = s.send(message("team-a-7").bearer_auth(team)).await;
+    assert_eq!(status, 202, "{body}");
+    let (status, body, _) = s.send(message("team-b-7").bearer_auth(team)).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (403, Some("forbidden")), "{body}");
+    let stored = s.in_count().await;
+
+    // A forged completion: no token, a client key, another step's token.
+    let forged = json!({"text": "FORGED ANSWER: 5", "tool_calls": []});
+    let completed = || s.http.post(s.url("/v1/conversations/c1/llm/r1.s1/completed")).json(&forged);
+    let other = token("c1", CallbackTarget::Llm { step_id: "r1.s2", attempt: 1 });
+    for (name, req) in [
+        ("no token", completed()),
+        ("client key", completed().bearer_auth(key)),
+        ("another step's token", completed().header("conv-callback-token", other)),
+    ] {
+        let (status, body, _) = s.send(req).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (403, Some("forbidden")), "{name}: {body}");
+    }
+    let ce = json!({"specversion": "1.0", "id": "forge-1", "source": "/ext", "type": "conv.in.tool.completed",
+                    "subject": "c1", "data": {"tool_call_id": "r1.s1.call1", "result": "FORGED"}});
+    let req = s.http.post(s.url("/v1/events")).bearer_auth(key).header("content-type", "application/cloudevents+json");
+    let (status, body, _) = s.send(req.body(ce.to_string())).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(s.in_count().await, stored, "nothing forged was journaled");
+
+    // The right token is taken.
+    let right = token("c1", CallbackTarget::Llm { step_id: "r1.s1", attempt: 1 });
+    let (status, body, _) = s.send(completed().header("conv-callback-token", right)).await;
+    assert_eq!(status, 202, "{body}");
+}
+
+#[tokio::test]
+async fn without_a_callback_secret_callbacks_are_refused() {
+    let s = start_with(IngressOptions::default()).await;
+    let req = s.http.post(s.url("/v1/conversations/c1/tools/call1/completed")).json(&json!({"result": 1}));
+    let (status, body, _) = s.send(req).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("CONV_CALLBACK_SECRET")), "{body}");
+    assert_eq!(s.in_count().await, 0);
+}
+
+#[tokio::test]
+async fn an_id_taken_in_one_conversation_is_free_in_another() {
+    // CloudEvents ids are unique per source only: the same id from another
+    // conversation or source is a new event, not a duplicate.
+    let s = start().await;
+    let ce = |subject: &str, source: &str| {
+        json!({"specversion": "1.0", "id": "shared-id", "source": source, "type": "conv.in.message.received",
+               "subject": subject, "data": {"text": "hi"}})
+    };
+    let post = |body: Value| {
+        s.http.post(s.url("/v1/events")).header("content-type", "application/cloudevents+json").body(body.to_string())
+    };
+    let (_, a, _) = s.send(post(ce("c1", "/a"))).await;
+    let (_, b, _) = s.send(post(ce("c2", "/a"))).await;
+    let (_, c, _) = s.send(post(ce("c1", "/b"))).await;
+    let (_, d, _) = s.send(post(ce("c1", "/a"))).await;
+    assert_eq!(
+        [&a, &b, &c, &d].map(|r| r["duplicate"].as_bool()),
+        [Some(false), Some(false), Some(false), Some(true)],
+        "{a} {b} {c} {d}"
+    );
+    assert_eq!(s.in_count().await, 3);
+}
+
+#[tokio::test]
+async fn with_no_keys_ingress_refuses_a_public_address() {
+    let nats = TestNats::start().await.expect("test NATS");
+    let mut config: Config = Settings::for_test(nats.config(), "0.0.0.0:0".parse().expect("addr"));
+    config.options = options();
+    let err = conv_ingress::run(config, tokio_util::sync::CancellationToken::new()).await.expect_err("refused");
+    assert!(err.to_string().contains("CONV_INGRESS_API_KEYS"), "{err}");
 }

@@ -106,6 +106,11 @@ pub enum Error {
     Invalid { id: u64, rejection: Rejection },
     #[error("dead letter {id}: {source}")]
     Append { id: u64, source: AppendError },
+    #[error(
+        "dead letter {id} was stored under {subject} but names conversation {conversation} (ce-subject); \
+         re-driving it would put it into that conversation — pass --force if that is what you want"
+    )]
+    SubjectMismatch { id: u64, subject: String, conversation: String },
 }
 
 fn js_err(e: impl std::fmt::Display) -> Error {
@@ -258,11 +263,30 @@ pub fn validate_original(dead: &DeadLetter, limits: Limits) -> Result<Envelope, 
     Ok(event)
 }
 
+/// The conversation the subject an original was stored under names (its
+/// last token), when that differs from the event's `ce-subject`: a message
+/// published under one conversation's subject that claims another.
+pub fn subject_mismatch(dead: &DeadLetter, event: &Envelope) -> Option<String> {
+    let subject = &dead.original.as_ref()?.subject;
+    let named = subject.rsplit('.').next()?;
+    (named != event.conversation_id.as_str()).then(|| subject.clone())
+}
+
 /// Re-drives one dead letter (see the module docs). A dry run validates and
-/// reports, changing nothing.
-pub async fn redrive(js: &jetstream::Context, id: u64, dry_run: bool, timeout: Duration) -> Result<Redriven, Error> {
+/// reports, changing nothing. An original whose subject names another
+/// conversation than its `ce-subject` is refused unless `force`.
+pub async fn redrive(
+    js: &jetstream::Context,
+    id: u64,
+    dry_run: bool,
+    force: bool,
+    timeout: Duration,
+) -> Result<Redriven, Error> {
     let dead = get(js, id).await?;
     let event = validate_original(&dead, Limits::default())?;
+    if let Some(subject) = subject_mismatch(&dead, &event).filter(|_| !force) {
+        return Err(Error::SubjectMismatch { id, subject, conversation: event.conversation_id.to_string() });
+    }
     let mut done = Redriven {
         id,
         event_id: event.id.clone(),
@@ -301,7 +325,8 @@ pub async fn redrive(js: &jetstream::Context, id: u64, dry_run: bool, timeout: D
     )
     .caused_by(&event)
     .with_time(Utc::now());
-    journal::append(js, &audit, &audit.id, &[], timeout).await.map_err(|source| Error::Append { id, source })?;
+    let audit_msg_id = conv_contracts::trust::derived_msg_id(&audit.conversation_id, &audit.id);
+    journal::append(js, &audit, &audit_msg_id, &[], timeout).await.map_err(|source| Error::Append { id, source })?;
 
     let dlq = js.get_stream_no_info(STREAM_DLQ).await.map_err(js_err)?;
     dlq.delete_message(id).await.map_err(js_err)?;

@@ -1,5 +1,5 @@
 //! The NATS binary-mode binding of [`Envelope`]s: `ce-` headers plus
-//! `Nats-Msg-Id` for server-side dedupe.
+//! `Nats-Msg-Id` for server-side dedupe (scoped to the conversation).
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::context::{PublishAckFuture, PublishError};
@@ -9,14 +9,16 @@ use conv_contracts::{Envelope, Limits, Rejection};
 /// JetStream's dedupe header.
 pub const MSG_ID: &str = "Nats-Msg-Id";
 
-/// Encodes an event in binary mode, with its id as `Nats-Msg-Id`.
+/// Encodes an event in binary mode, with `Nats-Msg-Id` =
+/// `conv_contracts::trust::derived_msg_id` (its id, scoped to its
+/// conversation).
 pub fn encode(event: &Envelope) -> (HeaderMap, Bytes) {
     let (pairs, body) = conv_contracts::encode_binary(event);
     let mut headers = HeaderMap::new();
     for (name, value) in pairs {
         headers.insert(name.as_str(), value.as_str());
     }
-    headers.insert(MSG_ID, event.id.as_str());
+    headers.insert(MSG_ID, conv_contracts::trust::derived_msg_id(&event.conversation_id, &event.id).as_str());
     (headers, Bytes::from(body))
 }
 

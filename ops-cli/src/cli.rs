@@ -164,6 +164,9 @@ pub enum DlqCommand {
         /// Show what would be re-driven; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Re-drive even when the stored subject names another conversation than the event's ce-subject.
+        #[arg(long)]
+        force: bool,
     },
 }
 

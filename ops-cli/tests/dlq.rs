@@ -200,8 +200,30 @@ async fn dead_letters_are_listed_shown_and_redriven() {
     assert_eq!(count(&js, STREAM_DLQ).await, 1);
     assert_eq!(count(&js, STREAM_AUDIT).await, 2);
 
+    // A message stored under this conversation's subject that names another
+    // (ce-subject): dead-lettered, and re-driven only with --force, because
+    // a re-drive would put it into the conversation it names.
+    let claims = message("evt-claims-other", &ConversationId::parse("victim-1").expect("id"), "not yours");
+    let (h, body) = conv_nats::headers::encode(&claims);
+    js.publish_with_headers("conv.in.message.dlq-1", h, body).await.expect("publish").await.expect("ack");
+    wait_for("the mismatched letter", async || count(&js, STREAM_DLQ).await == 2).await;
+    let letters: Vec<Value> =
+        serde_json::from_slice(&convctl(&url, &["dlq", "list", "--json"]).await.stdout).expect("json");
+    let mismatched = letters
+        .iter()
+        .find(|l| l["original"]["event_id"] == "evt-claims-other")
+        .and_then(|l| l["id"].as_u64())
+        .expect("the mismatched letter");
+    let refused = convctl(&url, &["dlq", "redrive", &mismatched.to_string()]).await;
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    assert!(text(&refused).contains("--force") && text(&refused).contains("victim-1"), "{}", text(&refused));
+    assert_eq!(count(&js, STREAM_DLQ).await, 2, "nothing was re-driven");
+    let forced = convctl(&url, &["dlq", "redrive", &mismatched.to_string(), "--force"]).await;
+    assert!(forced.status.success(), "{}", text(&forced));
+    assert!(text(&forced).contains("conv.in.message.victim-1"), "{}", text(&forced));
+
     shutdown.cancel();
     let stats = worker.await.expect("worker");
-    assert_eq!(stats.termed, 1);
+    assert_eq!(stats.termed, 2);
     assert_eq!(stats.acked, 2);
 }

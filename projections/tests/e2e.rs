@@ -241,3 +241,41 @@ async fn the_whole_pipeline_over_http() {
         assert_eq!(replay.recorded_hash.as_deref(), Some(replay.snapshot.state.hash().as_str()), "{c}");
     }
 }
+
+#[tokio::test]
+async fn an_id_squatted_in_another_conversation_does_not_stop_the_victims_reply() {
+    let s = start().await;
+    // The ids the victim's first step will journal, taken first by events
+    // of another conversation (ids a client may choose there).
+    let squatted = ["victim.llm.r1.s1.1.started", "victim.llm.r1.s1.1.completed", "victim.tool.r1.s1.call1.completed"];
+    for id in squatted {
+        let ce = json!({"specversion": "1.0", "id": id, "source": "/attacker", "type": "conv.in.message.received",
+                        "subject": "attacker", "data": {"text": "squat"}});
+        let r = s
+            .http
+            .post(format!("http://{}/v1/events", s.ingress))
+            .header("content-type", "application/cloudevents+json")
+            .body(ce.to_string())
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(r.status().as_u16(), 202, "{id}");
+    }
+    s.post("victim", "messages", json!({"text": "hello"})).await;
+    let t = s
+        .timeline_until("victim", "the victim's completed reply", |t| {
+            t["run_status"] == "idle" && last_assistant(t)["status"] == "completed"
+        })
+        .await;
+    assert!(last_assistant(&t)["text"].as_str().is_some_and(|x| x.starts_with("You said: hello.")), "{t}");
+    // The squatted id really is the victim's completion.
+    let js = s.nats.jetstream().await;
+    let victim = ConversationId::parse("victim").expect("id");
+    let journal = conv_nats::read::all(&js, "CONV_IN", &conv_contracts::subject::in_conversation_filter(&victim), true)
+        .await
+        .expect("read");
+    assert!(
+        journal.iter().any(|m| m.header("ce-id") == Some("victim.llm.r1.s1.1.completed")),
+        "the victim's completion is journaled under the squatted id"
+    );
+}

@@ -21,8 +21,8 @@ pub async fn run(g: &Global, command: &DlqCommand) -> Result<Outcome, Error> {
     match command {
         DlqCommand::List => list(g, &js).await,
         DlqCommand::Show { id } => show(g, &js, *id).await,
-        DlqCommand::Redrive { id: Some(id), dry_run, .. } => redrive_one(g, &js, *id, *dry_run).await,
-        DlqCommand::Redrive { id: None, dry_run, .. } => redrive_all(g, &js, *dry_run).await,
+        DlqCommand::Redrive { id: Some(id), dry_run, force, .. } => redrive_one(g, &js, *id, *dry_run, *force).await,
+        DlqCommand::Redrive { id: None, dry_run, force, .. } => redrive_all(g, &js, *dry_run, *force).await,
     }
 }
 
@@ -139,8 +139,9 @@ async fn redrive_one(
     js: &async_nats::jetstream::Context,
     id: u64,
     dry_run: bool,
+    force: bool,
 ) -> Result<Outcome, Error> {
-    let r = dlq::redrive(js, id, dry_run, APPEND_TIMEOUT).await.map_err(dlq_err)?;
+    let r = dlq::redrive(js, id, dry_run, force, APPEND_TIMEOUT).await.map_err(dlq_err)?;
     Ok(Outcome::ok(if g.json { crate::to_json(&r) } else { describe(&r) }))
 }
 
@@ -187,13 +188,18 @@ struct Failure {
     error: String,
 }
 
-async fn redrive_all(g: &Global, js: &async_nats::jetstream::Context, dry_run: bool) -> Result<Outcome, Error> {
+async fn redrive_all(
+    g: &Global,
+    js: &async_nats::jetstream::Context,
+    dry_run: bool,
+    force: bool,
+) -> Result<Outcome, Error> {
     let letters = dlq::list(js).await.map_err(dlq_err)?;
     let progress = Progress::new(letters.len());
     let mut summary = Summary { redriven: Vec::new(), failed: Vec::new(), dry_run };
     for (i, d) in letters.iter().enumerate() {
         progress.draw(i, if dry_run { "checking" } else { "re-driving" });
-        match dlq::redrive(js, d.id, dry_run, APPEND_TIMEOUT).await {
+        match dlq::redrive(js, d.id, dry_run, force, APPEND_TIMEOUT).await {
             Ok(r) => summary.redriven.push(r),
             Err(e) => summary.failed.push(Failure { id: d.id, error: e.to_string() }),
         }

@@ -45,6 +45,16 @@ fn forward(name: &'static str, child: &mut Child) {
     }
 }
 
+/// 32 random bytes from the OS, hex.
+fn random_secret() -> Result<String, Error> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| Error::Invalid(format!("cannot read /dev/urandom for a callback secret: {e}")))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 fn bin_dir() -> Result<PathBuf, Error> {
     let exe = std::env::current_exe().map_err(|e| Error::Invalid(format!("cannot locate convctl: {e}")))?;
     Ok(exe.parent().map(Path::to_path_buf).unwrap_or_default())
@@ -141,6 +151,10 @@ pub async fn run(g: &Global) -> Result<Outcome, Error> {
     let report = conv_nats::topology::apply(&js, &conv_nats::Topology::declare(&g.topology()?)).await?;
     say(&format!("topology: {}", report.to_string().lines().last().unwrap_or_default()));
 
+    // Ingress and effects share the secret of the callback tokens; one made
+    // up for this run unless the environment has one.
+    let callback_secret =
+        std::env::var("CONV_CALLBACK_SECRET").ok().filter(|s| !s.is_empty()).map_or_else(random_secret, Ok)?;
     let dir = bin_dir()?;
     let mut children: Vec<(&'static str, Child)> = Vec::new();
     for (name, var, default) in SERVICES {
@@ -159,7 +173,7 @@ pub async fn run(g: &Global) -> Result<Outcome, Error> {
         }
         let addr = std::env::var(var).unwrap_or_else(|_| default.to_owned());
         let mut command = Command::new(&bin);
-        command.env("NATS_URL", &url);
+        command.env("NATS_URL", &url).env("CONV_CALLBACK_SECRET", &callback_secret);
         // Credentials given as flags reach the services too (from the
         // environment they are inherited anyway).
         for (var, value) in [

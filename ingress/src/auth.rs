@@ -1,0 +1,274 @@
+//! Who may post what (the trust model: docs/adr/0009-trust-boundary.md).
+//!
+//! - **Clients** (messages, abort, stop, retry, and CloudEvents of those
+//!   types) present an API key from `CONV_INGRESS_API_KEYS` as
+//!   `Authorization: Bearer <key>`: 401 without a valid one, 403 when the
+//!   key is scoped to a conversation-id prefix that does not cover the
+//!   conversation. With no keys configured ingress is open, and then it
+//!   serves only on a loopback address (checked at start).
+//! - **Callbacks** (LLM, tool and timer outcomes, by route or as CloudEvents,
+//!   over HTTP or NATS) present the callback token of that very effect
+//!   (`conv_contracts::trust`), as `Conv-Callback-Token: <token>` or
+//!   `Authorization: Bearer <token>`: 403 otherwise, and nothing is
+//!   journaled. Client keys are not callback tokens. Without
+//!   `CONV_CALLBACK_SECRET` every callback is refused.
+
+use conv_contracts::payload::Payload;
+use conv_contracts::trust::{self, CallbackTarget};
+use conv_contracts::{ConversationId, Envelope};
+use conv_nats::secret::Secret;
+use sha2::{Digest, Sha256};
+
+use crate::core::IngestError;
+
+/// One client key and the conversations it may post to.
+#[derive(Debug, Clone)]
+struct ApiKey {
+    /// SHA-256 of the key: compared in constant time, never kept in clear.
+    digest: [u8; 32],
+    /// Conversation-id prefix the key is limited to (empty: all).
+    prefix: String,
+}
+
+/// The credentials ingress checks.
+#[derive(Debug, Clone, Default)]
+pub struct Auth {
+    keys: Vec<ApiKey>,
+    callback_secret: Option<Secret>,
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The credential of a request: `Authorization: Bearer <x>`, or for
+/// callbacks the `Conv-Callback-Token` header.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Presented<'a> {
+    pub bearer: Option<&'a str>,
+    pub callback_token: Option<&'a str>,
+}
+
+impl Presented<'_> {
+    /// Reads the credential headers (`name`, `value` pairs, any case).
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Presented<'a> {
+        let mut p = Presented::default();
+        for (name, value) in pairs {
+            if name.eq_ignore_ascii_case("authorization") {
+                let value = value.trim();
+                p.bearer =
+                    value.get(..7).filter(|scheme| scheme.eq_ignore_ascii_case("bearer ")).map(|_| value[7..].trim());
+            } else if name.eq_ignore_ascii_case(trust::CALLBACK_TOKEN_HEADER) {
+                p.callback_token = Some(value.trim());
+            }
+        }
+        p
+    }
+}
+
+impl Auth {
+    /// From `CONV_INGRESS_API_KEYS` (`key` or `key:prefix`, comma-separated)
+    /// and `CONV_CALLBACK_SECRET`. Errors never quote a key.
+    pub fn new(api_keys: &Secret, callback_secret: &Secret) -> Result<Self, String> {
+        let mut keys = Vec::new();
+        for (i, entry) in api_keys.expose().split(',').map(str::trim).enumerate() {
+            if entry.is_empty() {
+                continue;
+            }
+            let (key, prefix) = entry.split_once(':').unwrap_or((entry, ""));
+            if key.len() < 16 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(format!(
+                    "CONV_INGRESS_API_KEYS entry {} is not a usable key: keys are at least 16 printable \
+                     ASCII characters, optionally followed by :<conversation-id prefix>",
+                    i + 1
+                ));
+            }
+            keys.push(ApiKey { digest: digest(key.as_bytes()), prefix: prefix.to_owned() });
+        }
+        let callback_secret = (!callback_secret.is_empty()).then(|| callback_secret.clone());
+        if callback_secret.as_ref().is_some_and(|s| s.expose().len() < 16) {
+            return Err("CONV_CALLBACK_SECRET must be at least 16 characters".into());
+        }
+        Ok(Self { keys, callback_secret })
+    }
+
+    /// No client keys: anyone who reaches ingress may post (loopback only).
+    pub fn is_open(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Whether callbacks can be checked at all.
+    pub fn takes_callbacks(&self) -> bool {
+        self.callback_secret.is_some()
+    }
+
+    /// Checks a request that carries `event`: a callback needs its effect's
+    /// token, anything else a client key for the conversation.
+    pub fn check(&self, event: &Envelope, presented: Presented<'_>) -> Result<(), IngestError> {
+        match callback_target(&event.data) {
+            Some(target) => self.check_callback(&event.conversation_id, target, presented),
+            None => self.check_client(&event.conversation_id, presented.bearer),
+        }
+    }
+
+    /// Checks only callbacks (for transports whose clients the NATS
+    /// permissions already vouch for).
+    pub fn check_if_callback(&self, event: &Envelope, presented: Presented<'_>) -> Result<(), IngestError> {
+        match callback_target(&event.data) {
+            Some(target) => self.check_callback(&event.conversation_id, target, presented),
+            None => Ok(()),
+        }
+    }
+
+    fn check_client(&self, conversation: &ConversationId, bearer: Option<&str>) -> Result<(), IngestError> {
+        if self.is_open() {
+            return Ok(());
+        }
+        let Some(bearer) = bearer else {
+            return Err(IngestError::Unauthorized("send an API key as `Authorization: Bearer <key>`".into()));
+        };
+        let presented = digest(bearer.as_bytes());
+        // Every key is compared, so the time does not tell which one matched.
+        let matched: Vec<&ApiKey> = self.keys.iter().filter(|k| same(&k.digest, &presented)).collect();
+        if matched.is_empty() {
+            return Err(IngestError::Unauthorized("the API key is not valid".into()));
+        }
+        if matched.iter().any(|k| conversation.as_str().starts_with(&k.prefix)) {
+            Ok(())
+        } else {
+            Err(IngestError::Forbidden(format!("this API key may not post to conversation {conversation}")))
+        }
+    }
+
+    fn check_callback(
+        &self,
+        conversation: &ConversationId,
+        target: CallbackTarget<'_>,
+        presented: Presented<'_>,
+    ) -> Result<(), IngestError> {
+        let Some(secret) = &self.callback_secret else {
+            return Err(IngestError::Forbidden(
+                "callbacks are refused: CONV_CALLBACK_SECRET is not set on ingress".into(),
+            ));
+        };
+        let Some(token) = presented.callback_token.or(presented.bearer) else {
+            return Err(IngestError::Forbidden(format!(
+                "a callback needs the effect's callback token (`{}` header)",
+                trust::CALLBACK_TOKEN_HEADER
+            )));
+        };
+        if trust::verify_callback_token(secret.expose().as_bytes(), conversation, target, token) {
+            Ok(())
+        } else {
+            Err(IngestError::Forbidden("the callback token does not match this effect".into()))
+        }
+    }
+}
+
+/// The effect an outcome reports on; `None` for client inputs.
+pub fn callback_target(data: &Payload) -> Option<CallbackTarget<'_>> {
+    Some(match data {
+        Payload::LlmStarted(p) => CallbackTarget::Llm { step_id: &p.step_id, attempt: p.attempt },
+        Payload::LlmDelta(p) => CallbackTarget::Llm { step_id: &p.step_id, attempt: p.attempt },
+        Payload::LlmCompleted(p) => CallbackTarget::Llm { step_id: &p.step_id, attempt: p.attempt },
+        Payload::LlmFailed(p) => CallbackTarget::Llm { step_id: &p.step_id, attempt: p.attempt },
+        Payload::LlmCanceled(p) => CallbackTarget::Llm { step_id: &p.step_id, attempt: p.attempt },
+        Payload::ToolStarted(p) => CallbackTarget::Tool { tool_call_id: &p.tool_call_id },
+        Payload::ToolProgress(p) => CallbackTarget::Tool { tool_call_id: &p.tool_call_id },
+        Payload::ToolCompleted(p) => CallbackTarget::Tool { tool_call_id: &p.tool_call_id },
+        Payload::ToolFailed(p) => CallbackTarget::Tool { tool_call_id: &p.tool_call_id },
+        Payload::ToolCanceled(p) => CallbackTarget::Tool { tool_call_id: &p.tool_call_id },
+        Payload::TimerFired(p) => CallbackTarget::Timer { timer_id: &p.timer_id },
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use conv_contracts::payload::{AbortRequested, LlmCompleted};
+
+    const KEY: &str = "k-0123456789abcdef";
+    const TEAM: &str = "t-0123456789abcdef";
+    const SECRET: &str = "s-0123456789abcdef";
+
+    fn auth() -> Auth {
+        Auth::new(&Secret::new(format!("{KEY}, {TEAM}:team-a-")), &Secret::new(SECRET)).expect("valid")
+    }
+
+    fn conv(id: &str) -> ConversationId {
+        ConversationId::parse(id).expect("valid")
+    }
+
+    fn abort(c: &str) -> Envelope {
+        Envelope::new("a1", "/t", conv(c), AbortRequested { reason: None })
+    }
+
+    fn completed(c: &str) -> Envelope {
+        let data = LlmCompleted {
+            step_id: "r1.s1".into(),
+            attempt: 1,
+            text: "FORGED".into(),
+            tool_calls: vec![],
+            finish_reason: None,
+        };
+        Envelope::new("x", "/t", conv(c), data)
+    }
+
+    fn bearer(b: &str) -> Presented<'_> {
+        Presented { bearer: Some(b), callback_token: None }
+    }
+
+    #[test]
+    fn clients_need_a_key_that_covers_the_conversation() {
+        let a = auth();
+        assert!(matches!(a.check(&abort("c1"), Presented::default()), Err(IngestError::Unauthorized(_))));
+        assert!(matches!(a.check(&abort("c1"), bearer("wrong-key-0123456789")), Err(IngestError::Unauthorized(_))));
+        assert!(a.check(&abort("c1"), bearer(KEY)).is_ok());
+        assert!(a.check(&abort("team-a-1"), bearer(TEAM)).is_ok());
+        assert!(matches!(a.check(&abort("team-b-1"), bearer(TEAM)), Err(IngestError::Forbidden(_))));
+    }
+
+    #[test]
+    fn callbacks_need_the_effects_token_and_client_keys_are_not_one() {
+        let a = auth();
+        let c = conv("c1");
+        let token = trust::callback_token(SECRET.as_bytes(), &c, CallbackTarget::Llm { step_id: "r1.s1", attempt: 1 });
+        assert!(matches!(a.check(&completed("c1"), Presented::default()), Err(IngestError::Forbidden(_))));
+        assert!(matches!(a.check(&completed("c1"), bearer(KEY)), Err(IngestError::Forbidden(_))));
+        assert!(a.check(&completed("c1"), Presented { bearer: None, callback_token: Some(&token) }).is_ok());
+        assert!(a.check(&completed("c1"), bearer(&token)).is_ok());
+        // The token of one conversation's step is not another's.
+        assert!(matches!(a.check(&completed("c2"), bearer(&token)), Err(IngestError::Forbidden(_))));
+        // Over NATS only callbacks are checked.
+        assert!(a.check_if_callback(&abort("c1"), Presented::default()).is_ok());
+        assert!(a.check_if_callback(&completed("c1"), Presented::default()).is_err());
+    }
+
+    #[test]
+    fn without_a_secret_callbacks_are_refused_and_without_keys_clients_are_open() {
+        let open = Auth::new(&Secret::default(), &Secret::default()).expect("valid");
+        assert!(open.is_open() && !open.takes_callbacks());
+        assert!(open.check(&abort("c1"), Presented::default()).is_ok());
+        assert!(matches!(open.check(&completed("c1"), Presented::default()), Err(IngestError::Forbidden(_))));
+    }
+
+    #[test]
+    fn bad_keys_are_refused_without_quoting_them() {
+        let err = Auth::new(&Secret::new("short"), &Secret::default()).expect_err("too short");
+        assert!(!err.contains("short") && err.contains("entry 1"), "{err}");
+        assert!(Auth::new(&Secret::default(), &Secret::new("tiny")).is_err());
+    }
+
+    #[test]
+    fn credentials_are_read_from_headers() {
+        let p = Presented::from_pairs([("Authorization", "Bearer abc"), ("conv-callback-token", " t ")]);
+        assert_eq!((p.bearer, p.callback_token), (Some("abc"), Some("t")));
+        let p = Presented::from_pairs([("authorization", "Basic abc")]);
+        assert_eq!(p.bearer, None);
+    }
+}
