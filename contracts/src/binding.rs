@@ -222,7 +222,30 @@ pub fn decode_nats<'a>(
 /// Validates an event built in code (ids, attributes, payload rules, size)
 /// exactly as if it had arrived on the wire.
 pub fn check(event: &Envelope, limits: Limits) -> Result<(), Rejection> {
-    decode_structured(&encode_structured(event), limits).map(drop)
+    decode_structured(&encode_structured(event), limits)?;
+    check_header_size(event)
+}
+
+/// Most bytes an event's attributes may take as NATS headers: the server
+/// refuses more than 64 KiB of headers, and room is left for
+/// `Nats-Msg-Id` and the headers a re-drive adds.
+pub const MAX_HEADER_BYTES: usize = 60 * 1024;
+
+/// Refuses an event whose attributes would not fit in NATS headers (a
+/// problem no retry fixes, so it must never look like an outage).
+pub fn check_header_size(event: &Envelope) -> Result<(), Rejection> {
+    let (pairs, _) = encode_binary(event);
+    // `NATS/1.0\r\n`, then `name: value\r\n` per header, then `\r\n`.
+    let size = 12 + pairs.iter().map(|(k, v)| k.len() + v.len() + 4).sum::<usize>();
+    if size > MAX_HEADER_BYTES {
+        return Err(Rejection::BadAttribute {
+            name: "attributes".into(),
+            detail: format!(
+                "they take {size} bytes as NATS headers; at most {MAX_HEADER_BYTES} fit (a long source or extension?)"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Passes `conv.in.*` events (what a conversation takes from outside) and

@@ -279,7 +279,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let registry = Registry::new();
     let metrics = metrics::Metrics::new(&registry)?;
     let booted = service::boot(&IDENTITY, &config, registry).await?;
-    let server = tokio::spawn(service::serve(config.http_addr(), booted.health.router(), shutdown.clone(), None));
+    let server = tokio::spawn(service::serve(
+        config.http_addr(),
+        config.service.http,
+        booted.health.router(),
+        shutdown.clone(),
+        None,
+    ));
     let o = &config.options;
     let provider = provider(o)?;
     let http = reqwest::Client::builder()

@@ -92,7 +92,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .then(|| tokio::spawn(nats_api::serve(booted.client.clone(), ingress.clone(), shutdown.clone())));
 
     let router = http::router(ingress).merge(booted.health.router());
-    let served = service::serve(config.http_addr(), router, shutdown.clone(), None).await;
+    let served = service::serve(config.http_addr(), config.service.http, router, shutdown.clone(), None).await;
     shutdown.cancel();
     let _ = dlq.await;
     if let Some(nats) = nats {

@@ -497,3 +497,126 @@ async fn with_no_keys_ingress_refuses_a_public_address() {
     let err = conv_ingress::run(config, tokio_util::sync::CancellationToken::new()).await.expect_err("refused");
     assert!(err.to_string().contains("CONV_INGRESS_API_KEYS"), "{err}");
 }
+
+#[tokio::test]
+async fn what_retrying_cannot_fix_is_a_4xx_with_a_json_body() {
+    let s = start().await;
+    // A 100 KB source: more than NATS headers take.
+    let ce = json!({"specversion": "1.0", "id": "big-source", "source": format!("/{}", "s".repeat(100_000)),
+                    "type": "conv.in.message.received", "subject": "c1", "data": {"text": "hi"}});
+    let req = s.http.post(s.url("/v1/events")).header("content-type", "application/cloudevents+json");
+    let (status, body, headers) = s.send(req.body(ce.to_string())).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (422, Some("bad_attribute")), "{body}");
+    assert!(headers.get("retry-after").is_none());
+
+    // A body of exactly the limit is taken; one byte more is not.
+    let limit = IngressOptions::default().max_body_bytes;
+    let exact = |n: usize| {
+        // {"text":"xxx…"} padded with spaces to n bytes.
+        let mut b = format!(r#"{{"text":"{}"}}"#, "x".repeat(1000)).into_bytes();
+        b.resize(n, b' ');
+        s.http.post(s.url("/v1/conversations/exact/messages")).header("content-type", "application/json").body(b)
+    };
+    let (status, body, _) = s.send(exact(limit)).await;
+    assert_eq!(status, 202, "{body}");
+    let (status, body, _) = s.send(exact(limit + 1)).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (413, Some("oversize")), "{body}");
+
+    // Errors of the HTTP layer itself carry the JSON body too.
+    let long_uri = s.url(&format!("/v1/conversations/c1/messages?pad={}", "c".repeat(10_000)));
+    let (status, body, _) = s.send(s.http.post(long_uri).json(&json!({"text": "x"}))).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (414, Some("uri_too_long")), "{body}");
+    let huge_header = s.http.post(s.url("/v1/conversations/c1/messages")).header("x-filler", "h".repeat(100_000));
+    let (status, body, _) = s.send(huge_header.json(&json!({"text": "x"}))).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (431, Some("headers_too_large")), "{body}");
+    assert_eq!(s.in_count().await, 1, "only the message of exactly the limit was journaled");
+}
+
+/// Soft limit of open files of this process (`/proc/self/limits`).
+fn open_files_limit() -> usize {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3).and_then(|n| n.parse().ok()))
+        })
+        .unwrap_or(1024)
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_by_the_header_timeout_while_requests_are_served() {
+    use tokio::io::AsyncReadExt;
+    let nats = TestNats::start().await.expect("test NATS");
+    nats.setup().await.expect("topology");
+    let addr = free_addr();
+    let mut config: Config = Settings::for_test(nats.config(), addr);
+    config.options = options();
+    config.service.http.header_read_timeout_ms = 1_000;
+    let _ingress = conv_nats::test_util::spawn_service("conv-ingress", |token| conv_ingress::run(config, token));
+    assert_eq!(wait_http_ok(&format!("http://{addr}/readyz"), Duration::from_secs(15)).await, Some(200));
+
+    // 2 000 connections that never send a request (fewer if this process
+    // may not open that many files: both ends live here).
+    let n = 2_000.min(open_files_limit().saturating_sub(300) / 2);
+    assert!(n >= 200, "too few open files allowed to test a flood");
+    let mut idle = Vec::with_capacity(n);
+    for _ in 0..n {
+        idle.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+    }
+    // Meanwhile a normal request is served.
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("http://{addr}/v1/conversations/flood/messages"))
+        .json(&json!({"text": "still here"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status().as_u16(), 202);
+    // Every idle connection is closed by the server (EOF), well within the deadline.
+    let started = std::time::Instant::now();
+    for mut c in idle {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(15), c.read(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "an idle connection stayed open: {read:?}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(15));
+    // And ingress still serves.
+    let r = http.get(format!("http://{addr}/readyz")).send().await.expect("request");
+    assert_eq!(r.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn past_the_connection_limit_new_connections_are_closed_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let nats = TestNats::start().await.expect("test NATS");
+    nats.setup().await.expect("topology");
+    let addr = free_addr();
+    let mut config: Config = Settings::for_test(nats.config(), addr);
+    config.options = options();
+    config.service.http.max_connections = 20;
+    let _ingress = conv_nats::test_util::spawn_service("conv-ingress", |token| conv_ingress::run(config, token));
+    assert_eq!(wait_http_ok(&format!("http://{addr}/readyz"), Duration::from_secs(15)).await, Some(200));
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        held.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut extra = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let _ = extra.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "the extra connection was served: {read:?}");
+    drop(held);
+    // Once the others are gone, connections are served again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(r) = reqwest::get(format!("http://{addr}/healthz")).await
+            && r.status().is_success()
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not served again after the flood");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

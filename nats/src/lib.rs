@@ -13,6 +13,7 @@ pub mod connect;
 pub mod consume;
 pub mod dlq;
 pub mod headers;
+pub mod http;
 pub mod journal;
 pub mod ownership;
 pub mod read;

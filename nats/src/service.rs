@@ -86,6 +86,8 @@ pub struct ServiceConfig {
     /// listen. Unset means the service's pinned default address.
     pub http_addr: Option<SocketAddr>,
     pub log_format: LogFormat,
+    /// Limits of the HTTP listener (`[service.http]`).
+    pub http: crate::http::HttpLimits,
 }
 
 /// Service-specific settings: the `[options]` section of a service's
@@ -139,6 +141,8 @@ impl<O: Options> Settings<O> {
         env_override(env, id.addr_env, &mut addr)?;
         settings.service.http_addr = Some(addr);
         env_override(env, "CONV_LOG_FORMAT", &mut settings.service.log_format)?;
+        env_override(env, "CONV_HTTP_HEADER_TIMEOUT_MS", &mut settings.service.http.header_read_timeout_ms)?;
+        env_override(env, "CONV_HTTP_MAX_CONNECTIONS", &mut settings.service.http.max_connections)?;
         settings.nats.apply_env(env)?;
         settings.topology.apply_env(env)?;
         settings.options.apply_env(env)?;
@@ -160,6 +164,7 @@ impl<O: Options> Settings<O> {
         self.nats.validate().map_err(ConfigError::Invalid)?;
         self.topology.validate().map_err(ConfigError::Invalid)?;
         self.options.validate().map_err(ConfigError::Invalid)?;
+        self.service.http.validate().map_err(ConfigError::Invalid)?;
         if self.service.http_addr.is_none() {
             return Err(ConfigError::Invalid("service.http_addr is not set".into()));
         }
@@ -185,6 +190,8 @@ pub fn handle_args(id: &Identity, args: impl IntoIterator<Item = String>) -> Res
                      NATS_URL               NATS server (default {nats})\n  \
                      CONV_CONFIG            TOML file with [service], [nats], [topology], [options] sections\n  \
                      CONV_LOG_FORMAT        pretty | json (default pretty)\n  \
+                     CONV_HTTP_HEADER_TIMEOUT_MS  a request head must arrive within this, also between keep-alive requests (default 10000)\n  \
+                     CONV_HTTP_MAX_CONNECTIONS    open HTTP connections at most; more are closed at once (default 4096)\n  \
                      CONV_PARTITIONS        CONV_IN partitions (default 16)\n  \
                      CONV_REPLICAS          stream replicas (default 1)\n  \
                      RUST_LOG               log filter (default info)\n{options}\nStops gracefully on SIGINT or SIGTERM.",
@@ -453,28 +460,19 @@ pub async fn boot<O: Options>(id: &Identity, settings: &Settings<O>, registry: R
 pub enum ServeError {
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
-    #[error("HTTP server failed: {0}")]
-    Serve(std::io::Error),
 }
 
-/// Binds `addr` (reporting the actual address through `bound`) and serves
-/// `router` until `shutdown` fires, then drains open requests.
+/// Binds the service's address (reporting the actual one through `bound`)
+/// and serves `router` with the configured limits ([`crate::http`]) until
+/// `shutdown` fires, then drains open requests.
 pub async fn serve(
     addr: SocketAddr,
+    limits: crate::http::HttpLimits,
     router: Router,
     shutdown: CancellationToken,
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> Result<(), ServeError> {
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })?;
-    let local = listener.local_addr().map_err(|source| ServeError::Bind { addr, source })?;
-    tracing::info!(message = "Listening.", addr = %local);
-    if let Some(tx) = bound {
-        let _ = tx.send(local);
-    }
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-        .map_err(ServeError::Serve)
+    crate::http::serve(addr, router, limits, shutdown, bound).await
 }
 
 /// Tries `attach` once a second until it yields (the topology exists: `convctl

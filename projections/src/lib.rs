@@ -108,7 +108,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .route("/v1/conversations/{id}/stream", get(stream))
         .with_state(AppState { js: booted.js.clone(), ready: ready.clone() })
         .merge(booted.health.router());
-    let server = tokio::spawn(service::serve(config.http_addr(), router, shutdown.clone(), None));
+    let server = tokio::spawn(service::serve(config.http_addr(), config.service.http, router, shutdown.clone(), None));
 
     let attached = service::wait_for(&shutdown, || async {
         let store = booted.js.get_key_value(KV_PROJECTIONS).await.ok()?;

@@ -98,7 +98,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let registry = Registry::new();
     let metrics = metrics::Metrics::new(&registry)?;
     let booted = service::boot(&IDENTITY, &config, registry).await?;
-    let server = tokio::spawn(service::serve(config.http_addr(), booted.health.router(), shutdown.clone(), None));
+    let server = tokio::spawn(service::serve(
+        config.http_addr(),
+        config.service.http,
+        booted.health.router(),
+        shutdown.clone(),
+        None,
+    ));
 
     // The buckets exist once `convctl setup` ran; until then, wait (not ready).
     let ready = service::wait_for(&shutdown, || async {
