@@ -72,7 +72,10 @@ impl NatsConfig {
                 detail: format!("cannot read the credentials file {}: {e}", self.creds),
             })?
         } else if !self.user.is_empty() {
+            // Replies to this user's requests come to its own prefix, the
+            // one its NATS permissions let it read (nats/config/auth.conf).
             async_nats::ConnectOptions::with_user_and_password(self.user.clone(), self.password.expose().to_owned())
+                .custom_inbox_prefix(format!("_INBOX_{}", self.user))
         } else {
             async_nats::ConnectOptions::new()
         };

@@ -59,10 +59,15 @@ enum Server {
     Process { child: Option<Child>, dir: tempfile::TempDir, bin: PathBuf },
 }
 
+/// The service users of the shipped `nats/config/auth.conf`.
+pub const USERS: [&str; 5] = ["ingress", "runtime", "effects", "projections", "admin"];
+
 /// A JetStream server for one test.
 pub struct TestNats {
     port: u16,
     server: Server,
+    /// With the shipped users and permissions: each user's password.
+    secured: Option<Vec<(String, String)>>,
 }
 
 impl std::fmt::Debug for TestNats {
@@ -80,6 +85,12 @@ pub fn docker_answers() -> bool {
         Ok(host) if !host.is_empty() => true,
         _ => std::os::unix::net::UnixStream::connect("/var/run/docker.sock").is_ok(),
     }
+}
+
+/// A made-up password part, different per server.
+fn uuid_like(port: u16) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{port:x}{nanos:x}")
 }
 
 /// A free TCP port on 127.0.0.1.
@@ -129,7 +140,7 @@ impl TestNats {
             .start()
             .await
             .map_err(|e| Error::Container { image: image.clone(), detail: e.to_string() })?;
-        let nats = Self { port, server: Server::Container { container: Box::new(container) } };
+        let nats = Self { port, server: Server::Container { container: Box::new(container) }, secured: None };
         nats.wait_ready().await?;
         Ok(nats)
     }
@@ -139,21 +150,96 @@ impl TestNats {
         let dir = tempfile::Builder::new().prefix("conv-test-nats").tempdir()?;
         let port = free_port()?;
         let bin = server_bin();
-        let mut nats = Self { port, server: Server::Process { child: None, dir, bin } };
+        let mut nats = Self { port, server: Server::Process { child: None, dir, bin }, secured: None };
         nats.spawn_process()?;
         nats.wait_ready().await?;
         Ok(nats)
     }
 
+    /// Starts a `nats-server` process with the shipped users and permissions
+    /// (`nats/config/auth.conf`, passwords made up here): anonymous clients
+    /// are refused; [`TestNats::config_as`] connects as one service user,
+    /// [`TestNats::client`] and [`TestNats::setup`] as `admin`.
+    pub async fn start_secured() -> Result<Self, Error> {
+        let dir = tempfile::Builder::new().prefix("conv-test-nats").tempdir()?;
+        let port = free_port()?;
+        let bin = server_bin();
+        let passwords = USERS.iter().map(|u| ((*u).to_owned(), format!("{u}-{}", uuid_like(port)))).collect::<Vec<_>>();
+        // Includes are relative to the including file: the shipped file, copied.
+        std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/config/auth.conf"), dir.path().join("auth.conf"))?;
+        std::fs::write(
+            dir.path().join("secured.conf"),
+            format!(
+                "listen: 127.0.0.1:{port}\nmax_payload: 2MB\njetstream {{ store_dir: {:?} }}\ninclude \"auth.conf\"\n",
+                dir.path().join("data")
+            ),
+        )?;
+        let mut nats = Self { port, server: Server::Process { child: None, dir, bin }, secured: Some(passwords) };
+        nats.spawn_process()?;
+        nats.wait_ready().await?;
+        Ok(nats)
+    }
+
+    /// What a secured server logged so far (its permission violations).
+    pub fn log(&self) -> String {
+        match &self.server {
+            Server::Process { dir, .. } => std::fs::read_to_string(dir.path().join("nats.log")).unwrap_or_default(),
+            Server::Container { .. } => String::new(),
+        }
+    }
+
+    /// A [`crate::NatsConfig`] for this server as `user` (secured servers).
+    pub fn config_as(&self, user: &str) -> crate::NatsConfig {
+        let password = self
+            .secured
+            .as_ref()
+            .and_then(|p| p.iter().find(|(u, _)| u == user))
+            .map(|(_, p)| p.clone())
+            .unwrap_or_default();
+        crate::NatsConfig {
+            url: self.url(),
+            user: user.to_owned(),
+            password: password.as_str().into(),
+            ..Default::default()
+        }
+    }
+
+    fn connect_options(&self) -> async_nats::ConnectOptions {
+        match self.secured.as_ref().and_then(|p| p.iter().find(|(u, _)| u == "admin")) {
+            Some((user, password)) => {
+                async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
+            }
+            None => async_nats::ConnectOptions::new(),
+        }
+    }
+
     fn spawn_process(&mut self) -> Result<(), Error> {
         let port = self.port;
+        let secured = self.secured.clone();
         if let Server::Process { child, dir, bin } = &mut self.server {
-            let spawned = Command::new(&*bin)
-                .args(["--jetstream", "--addr", "127.0.0.1", "--port", &port.to_string(), "--store_dir"])
-                .arg(dir.path())
+            let mut command = Command::new(&*bin);
+            match &secured {
+                Some(passwords) => {
+                    command.arg("-c").arg(dir.path().join("secured.conf"));
+                    for (user, password) in passwords {
+                        command.env(format!("CONV_NATS_{}_PASSWORD", user.to_uppercase()), password);
+                    }
+                }
+                None => {
+                    command
+                        .args(["--jetstream", "--addr", "127.0.0.1", "--port", &port.to_string(), "--store_dir"])
+                        .arg(dir.path());
+                }
+            }
+            // A secured server logs (permission violations) to `nats.log` in its dir.
+            let log = match &secured {
+                Some(_) => Stdio::from(std::fs::File::create(dir.path().join("nats.log"))?),
+                None => Stdio::null(),
+            };
+            let spawned = command
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(log)
                 .spawn()
                 .map_err(|source| Error::Spawn { bin: bin.display().to_string(), source })?;
             *child = Some(spawned);
@@ -164,7 +250,7 @@ impl TestNats {
     async fn wait_ready(&self) -> Result<(), Error> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(client) = async_nats::connect(self.url()).await {
+            if let Ok(client) = self.connect_options().connect(self.url()).await {
                 // JetStream answers once the server is fully up.
                 let js = async_nats::jetstream::new(client);
                 if js.query_account().await.is_ok() {
@@ -204,7 +290,7 @@ impl TestNats {
     }
 
     pub async fn client(&self) -> async_nats::Client {
-        match async_nats::connect(self.url()).await {
+        match self.connect_options().connect(self.url()).await {
             Ok(c) => c,
             Err(e) => panic!("test NATS at {} does not answer: {e}", self.url()),
         }

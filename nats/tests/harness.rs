@@ -37,7 +37,12 @@ fn server_configs_are_valid() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
     for name in ["single.conf", "cluster-1.conf", "cluster-2.conf", "cluster-3.conf"] {
         let path = dir.join(name);
-        let out = std::process::Command::new(&bin)
+        let mut command = std::process::Command::new(&bin);
+        // The shipped configs read each user's password from the environment.
+        for user in conv_nats::test_util::USERS {
+            command.env(format!("CONV_NATS_{}_PASSWORD", user.to_uppercase()), "test");
+        }
+        let out = command
             .arg("-t")
             .arg("-c")
             .arg(&path)
@@ -45,4 +50,13 @@ fn server_configs_are_valid() {
             .unwrap_or_else(|e| panic!("run {bin} (install with scripts/ensure-nats.sh): {e}"));
         assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
     }
+    // Without the passwords the server refuses to start: nothing runs open by mistake.
+    let out = std::process::Command::new(&bin)
+        .env_remove("CONV_NATS_ADMIN_PASSWORD")
+        .arg("-t")
+        .arg("-c")
+        .arg(dir.join("single.conf"))
+        .output()
+        .expect("run nats-server");
+    assert!(!out.status.success(), "single.conf started without CONV_NATS_ADMIN_PASSWORD");
 }

@@ -47,12 +47,26 @@ pub struct Global {
 }
 
 impl Global {
-    /// How to reach NATS, validated.
+    /// How to reach NATS, validated. Without credentials, those `convctl
+    /// up` left in `.conv/admin.env` (for the server it started here).
     pub fn nats(&self) -> Result<conv_nats::NatsConfig, crate::Error> {
+        let (mut user, mut password) = (self.nats_user.clone(), self.nats_password.clone());
+        if user.is_empty()
+            && self.nats_creds.is_empty()
+            && let Ok(env) = std::fs::read_to_string(crate::cmd::up::ADMIN_ENV)
+        {
+            for line in env.lines() {
+                match line.split_once('=') {
+                    Some(("NATS_USER", v)) => user = v.trim().to_owned(),
+                    Some(("NATS_PASSWORD", v)) => password = v.trim().into(),
+                    _ => {}
+                }
+            }
+        }
         let cfg = conv_nats::NatsConfig {
             url: self.nats_url.clone(),
-            user: self.nats_user.clone(),
-            password: self.nats_password.clone(),
+            user,
+            password,
             creds: self.nats_creds.clone(),
             ..Default::default()
         };
@@ -84,7 +98,8 @@ pub enum Command {
     Readiness(ReadinessArgs),
     /// Run the local stack: NATS (started if none answers), setup, every service; Ctrl-C stops all.
     Up,
-    /// Post a message and print the streamed reply as it arrives; exits when the run ends.
+    /// Post a message and print the streamed reply as it arrives; exits when the run ends
+    /// (CONV_INGRESS_ADDR, CONV_PROJECTIONS_ADDR; CONV_API_KEY when ingress takes client keys).
     Send {
         /// Conversation id (1–128 chars of [A-Za-z0-9_-]).
         conversation: String,

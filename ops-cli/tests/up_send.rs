@@ -21,23 +21,74 @@ async fn up_then_send_prints_a_streamed_answer_and_ctrl_c_stops_everything() {
         ("CONV_EFFECTS_ADDR", free_addr()),
         ("CONV_PROJECTIONS_ADDR", free_addr()),
     ];
+    // Secrets of every kind, to be looked for in the logs afterwards.
+    let api_key = format!("client-key-{}", free_port().expect("port") as u64 * 7919);
+    let callback_secret = format!("callback-secret-{}", free_port().expect("port") as u64 * 104_729);
+    let hmac_secret = format!("hmac-secret-{}", free_port().expect("port") as u64 * 1_299_709);
+    let llm_key = format!("sk-llm-{}", free_port().expect("port") as u64 * 15_485_863);
+    let tools = format!(r#"[{{"name": "hook", "url": "http://127.0.0.1:9/hook", "hmac_secret": "{hmac_secret}"}}]"#);
     let mut up = tokio::process::Command::new(convctl);
     up.arg("up")
         .current_dir(work.path())
         .env("NATS_URL", &url)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .env("RUST_LOG", "debug")
+        .env("CONV_INGRESS_API_KEYS", &api_key)
+        .env("CONV_CALLBACK_SECRET", &callback_secret)
+        .env("CONV_WEBHOOK_TOOLS", &tools)
+        .env("CONV_LLM_API_KEY", &llm_key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .kill_on_drop(true);
     for (k, v) in &addrs {
         up.env(k, v.to_string());
     }
     let mut up = up.spawn().expect("convctl up");
+    // Everything convctl up and its services print.
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    for pipe in [
+        up.stdout.take().map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+        up.stderr.take().map(|e| Box::new(e) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let logs = logs.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt;
+            let mut lines = tokio::io::BufReader::new(pipe).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                logs.lock().expect("lock").push_str(&line);
+                logs.lock().expect("lock").push('\n');
+            }
+        });
+    }
     for (_, addr) in &addrs {
         assert_eq!(wait_http_ok(&format!("http://{addr}/readyz"), Duration::from_secs(60)).await, Some(200), "{addr}");
     }
 
+    // The server it started takes no anonymous clients; the admin's
+    // credentials are left for other convctl commands, readable by the owner only.
+    let anonymous = conv_nats::NatsConfig { url: url.clone(), ..Default::default() };
+    assert!(conv_nats::connect(&anonymous, "anon").await.is_err(), "an anonymous client was accepted");
+    let admin_env = work.path().join(".conv/admin.env");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&admin_env).expect("admin.env").permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let checkpoints = tokio::process::Command::new(convctl)
+        .args(["checkpoints", "--json"])
+        .current_dir(work.path())
+        .env("NATS_URL", &url)
+        .output()
+        .await
+        .expect("checkpoints");
+    assert!(
+        checkpoints.status.success(),
+        "convctl uses .conv/admin.env: {}",
+        String::from_utf8_lossy(&checkpoints.stderr)
+    );
+
     let mut send = tokio::process::Command::new(convctl);
-    send.args(["send", "demo", "hello"]).env("NATS_URL", &url);
+    send.args(["send", "demo", "hello"]).env("NATS_URL", &url).env("CONV_API_KEY", &api_key);
     for (k, v) in &addrs {
         send.env(k, v.to_string());
     }
@@ -56,6 +107,30 @@ async fn up_then_send_prints_a_streamed_answer_and_ctrl_c_stops_everything() {
     for (name, addr) in &addrs {
         assert_eq!(http_get_status(&format!("http://{addr}/healthz")).await, None, "{name} is gone");
     }
+    // No secret in any log line of the run (debug level included).
+    let logs = logs.lock().expect("lock").clone();
+    assert!(logs.contains("Booted.") && logs.contains("conv-effects"), "the logs were captured: {logs:.2000}");
+    let admin_password = std::fs::read_to_string(&admin_env)
+        .expect("admin.env")
+        .lines()
+        .find_map(|l| l.strip_prefix("NATS_PASSWORD=").map(str::to_owned))
+        .expect("the admin password");
+    for (what, secret) in [
+        ("the NATS admin password", admin_password.as_str()),
+        ("the client API key", api_key.as_str()),
+        ("the callback secret", callback_secret.as_str()),
+        ("a webhook HMAC secret", hmac_secret.as_str()),
+        ("the LLM API key", llm_key.as_str()),
+    ] {
+        assert!(!logs.contains(secret), "{what} appears in the logs");
+    }
+    // The services' NATS passwords, made up by convctl up, are 64 hex digits.
+    // (nats-server prints its config file's sha256, also 64 hex digits.)
+    let line = logs
+        .lines()
+        .filter(|l| !l.contains("sha256:"))
+        .find(|l| l.split(|c: char| !c.is_ascii_hexdigit()).any(|w| w.len() == 64));
+    assert!(line.is_none(), "a generated password appears in the logs: {line:?}");
     let nats_addr = url.trim_start_matches("nats://");
     assert!(std::net::TcpStream::connect(nats_addr).is_err(), "the nats-server it started is gone");
 }

@@ -37,12 +37,13 @@ pub async fn run(_g: &Global, conversation: &str, text: &str, timeout: Duration)
         0
     };
 
-    let posted = http
-        .post(format!("http://{ingress}/v1/conversations/{conversation}/messages"))
-        .json(&json!({"text": text}))
-        .send()
-        .await
-        .map_err(|e| unreachable("conv-ingress", &ingress, e))?;
+    let mut post = http.post(format!("http://{ingress}/v1/conversations/{conversation}/messages"));
+    // Ingress with client keys (CONV_INGRESS_API_KEYS) wants one.
+    if let Some(key) = std::env::var("CONV_API_KEY").ok().filter(|k| !k.is_empty()) {
+        post = post.bearer_auth(key);
+    }
+    let posted =
+        post.json(&json!({"text": text})).send().await.map_err(|e| unreachable("conv-ingress", &ingress, e))?;
     if posted.status().as_u16() != 202 {
         let status = posted.status();
         let body: Value = posted.json().await.unwrap_or(Value::Null);

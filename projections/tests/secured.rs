@@ -1,0 +1,161 @@
+//! The shipped NATS users and permissions (`nats/config/auth.conf`): every
+//! service runs the whole pipeline with its own user, and no user can do
+//! what its service does not (publish outside its subjects, read other
+//! buckets, purge or delete streams); anonymous clients are refused.
+
+use std::time::{Duration, Instant};
+
+use conv_nats::NatsConfig;
+use conv_nats::service::Settings;
+use conv_nats::test_util::{TestNats, free_addr, spawn_service, wait_http_ok};
+use serde_json::{Value, json};
+
+/// A user's JetStream context with a short request timeout, so that a
+/// denied request fails fast.
+async fn as_user(nats: &TestNats, user: &str) -> async_nats::jetstream::Context {
+    let config = NatsConfig { request_timeout_ms: 1_000, ..nats.config_as(user) };
+    let client = conv_nats::connect(&config, "secured-test").await.expect("connect as a service user");
+    conv_nats::jetstream(client, &config)
+}
+
+/// The permission violations a secured server logged.
+fn violations(nats: &TestNats) -> String {
+    nats.log().lines().filter(|l| l.contains("Violation")).collect::<Vec<_>>().join("\n")
+}
+
+async fn messages(nats: &TestNats, stream: &str) -> u64 {
+    let js = nats.jetstream().await;
+    js.get_stream(stream).await.expect("stream").info().await.expect("info").state.messages
+}
+
+/// A JetStream publish the user may not make: refused, nothing stored.
+async fn publish_refused(nats: &TestNats, user: &str, subject: &str, stream: &str) {
+    let before = messages(nats, stream).await;
+    let js = as_user(nats, user).await;
+    let result = match js.publish(subject.to_owned(), "{}".into()).await {
+        Ok(ack) => ack.await.map(drop).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    assert!(result.is_err(), "{user} could publish {subject}");
+    assert_eq!(messages(nats, stream).await, before, "{user}: nothing reached {stream}");
+}
+
+/// A read of a bucket the user may not read: refused.
+async fn kv_read_refused(nats: &TestNats, user: &str, bucket: &str) {
+    let js = as_user(nats, user).await;
+    let read = async {
+        let kv = js.get_key_value(bucket).await.map_err(|e| e.to_string())?;
+        kv.get("any").await.map_err(|e| e.to_string())
+    };
+    assert!(read.await.is_err(), "{user} could read {bucket}");
+}
+
+#[tokio::test]
+async fn each_service_works_with_its_own_user_and_can_do_nothing_else() {
+    let nats = TestNats::start_secured().await.expect("nats-server with nats/config/auth.conf");
+    nats.setup().await.expect("topology, as admin");
+
+    // Anonymous and wrong passwords are refused.
+    let anonymous = NatsConfig { url: nats.url(), ..Default::default() };
+    assert!(conv_nats::connect(&anonymous, "anon").await.is_err(), "an anonymous connection was accepted");
+    let wrong = NatsConfig { password: "not-it".into(), ..nats.config_as("runtime") };
+    assert!(conv_nats::connect(&wrong, "wrong").await.is_err(), "a wrong password was accepted");
+
+    // The pipeline, each service as its own user.
+    let (ingress, projections) = (free_addr(), free_addr());
+    let ic: conv_ingress::Config = Settings::for_test(nats.config_as("ingress"), ingress);
+    let mut rc: conv_runtime::Config = Settings::for_test(nats.config_as("runtime"), free_addr());
+    rc.options.heartbeat_ms = 200;
+    let mut ec: conv_effects::Config = Settings::for_test(nats.config_as("effects"), free_addr());
+    ec.options.scripted_tokens = 30;
+    ec.options.scripted_token_delay_ms = 5;
+    ec.options.coalesce_ms = 100;
+    let pc: conv_projections::Config = Settings::for_test(nats.config_as("projections"), projections);
+    let _services = (
+        spawn_service("conv-ingress", |t| conv_ingress::run(ic, t)),
+        spawn_service("conv-runtime", |t| conv_runtime::run(rc, t)),
+        spawn_service("conv-effects", |t| conv_effects::run(ec, t)),
+        spawn_service("conv-projections", |t| conv_projections::run(pc, t)),
+    );
+    for addr in [ingress, projections] {
+        assert_eq!(wait_http_ok(&format!("http://{addr}/readyz"), Duration::from_secs(30)).await, Some(200));
+    }
+    let http = reqwest::Client::new();
+    let post = |conv: &str, what: &str, body: Value| {
+        http.post(format!("http://{ingress}/v1/conversations/{conv}/{what}")).json(&body).send()
+    };
+    let timeline = |conv: String| {
+        let http = http.clone();
+        async move {
+            let r = http.get(format!("http://{projections}/v1/conversations/{conv}/timeline")).send().await.ok()?;
+            r.status().is_success().then_some(())?;
+            r.json::<Value>().await.ok()
+        }
+    };
+    let wait = async |conv: &str, what: &str, done: &dyn Fn(&Value) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(t) = timeline(conv.to_owned()).await
+                && done(&t)
+            {
+                return t;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; server log:\n{}", violations(&nats));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let r = post("s1", "messages", json!({"text": "hello"})).await.expect("post");
+    assert_eq!(r.status().as_u16(), 202);
+    let t = wait("s1", "the reply", &|t| {
+        t["run_status"] == "idle" && t["entries"].as_array().is_some_and(|e| e.len() == 2)
+    })
+    .await;
+    assert_eq!(t["entries"][1]["status"], "completed", "{t}");
+    // A tool that sleeps, aborted: the runtime's hint and cancel reach effects.
+    let r = post("s2", "messages", json!({"text": r#"/tool sleep {"ms": 30000}"#})).await.expect("post");
+    assert_eq!(r.status().as_u16(), 202);
+    wait("s2", "the tool call", &|t| t.to_string().contains("sleep")).await;
+    let r = post("s2", "abort", json!({})).await.expect("post");
+    assert_eq!(r.status().as_u16(), 202);
+    wait("s2", "the aborted run", &|t| t["run_status"] == "aborted").await;
+    let r = http.get(format!("http://{projections}/v1/conversations/s1/context")).send().await.expect("context");
+    assert_eq!(r.status().as_u16(), 200, "projections reads the stored context: {}", violations(&nats));
+
+    // What each user may not do.
+    publish_refused(&nats, "ingress", "conv.out.message.s1", "CONV_OUT").await;
+    publish_refused(&nats, "ingress", "conv.effect.tool.s1", "CONV_EFFECT").await;
+    publish_refused(&nats, "effects", "conv.out.message.s1", "CONV_OUT").await;
+    publish_refused(&nats, "effects", "conv.in.message.s1", "CONV_IN").await;
+    publish_refused(&nats, "projections", "conv.in.message.s1", "CONV_IN").await;
+    publish_refused(&nats, "runtime", "conv.in.message.s1", "CONV_IN").await;
+    publish_refused(&nats, "ingress", "conv.audit.dlq.1.redriven", "CONV_AUDIT").await;
+    kv_read_refused(&nats, "ingress", "conv_snapshots").await;
+    kv_read_refused(&nats, "ingress", "conv_projections").await;
+    kv_read_refused(&nats, "effects", "conv_projections").await;
+    kv_read_refused(&nats, "projections", "conv_timers").await;
+    for user in ["ingress", "runtime", "effects", "projections"] {
+        let js = as_user(&nats, user).await;
+        let audit = messages(&nats, "CONV_AUDIT").await;
+        let purged = async {
+            js.get_stream("CONV_AUDIT").await.map_err(|e| e.to_string())?.purge().await.map_err(|e| e.to_string())
+        };
+        assert!(purged.await.is_err(), "{user} could purge CONV_AUDIT");
+        assert_eq!(messages(&nats, "CONV_AUDIT").await, audit);
+        assert!(js.delete_stream("CONV_IN").await.is_err(), "{user} could delete CONV_IN");
+    }
+    // A cancel hint is the runtime's alone: effects and ingress cannot send one.
+    let admin = nats.client().await;
+    let mut hints = admin.subscribe("conv.live.cancel.>").await.expect("subscribe");
+    admin.flush().await.expect("flush");
+    for user in ["ingress", "effects", "projections"] {
+        let client = conv_nats::connect(&nats.config_as(user), "secured-test").await.expect("connect");
+        let _ = client.publish("conv.live.cancel.s1", "{}".into()).await;
+        let _ = client.flush().await;
+    }
+    let heard = tokio::time::timeout(Duration::from_millis(500), futures::StreamExt::next(&mut hints)).await;
+    assert!(heard.is_err(), "a service other than the runtime sent a cancel hint");
+    // Ingress cannot read the journal.
+    let js = as_user(&nats, "ingress").await;
+    let read = conv_nats::read::all(&js, "CONV_IN", "", false).await;
+    assert!(read.is_err(), "ingress could read CONV_IN");
+}
