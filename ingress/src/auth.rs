@@ -107,10 +107,11 @@ impl Auth {
     }
 
     /// Checks a request that carries `event`: a callback needs its effect's
-    /// token, anything else a client key for the conversation.
-    pub fn check(&self, event: &Envelope, presented: Presented<'_>) -> Result<(), IngestError> {
+    /// token, anything else a client key for the conversation. Returns which
+    /// key it was (for its rate limit); `None` for callbacks and open ingress.
+    pub fn check(&self, event: &Envelope, presented: Presented<'_>) -> Result<Option<usize>, IngestError> {
         match callback_target(&event.data) {
-            Some(target) => self.check_callback(&event.conversation_id, target, presented),
+            Some(target) => self.check_callback(&event.conversation_id, target, presented).map(|()| None),
             None => self.check_client(&event.conversation_id, presented.bearer),
         }
     }
@@ -124,21 +125,22 @@ impl Auth {
         }
     }
 
-    fn check_client(&self, conversation: &ConversationId, bearer: Option<&str>) -> Result<(), IngestError> {
+    fn check_client(&self, conversation: &ConversationId, bearer: Option<&str>) -> Result<Option<usize>, IngestError> {
         if self.is_open() {
-            return Ok(());
+            return Ok(None);
         }
         let Some(bearer) = bearer else {
             return Err(IngestError::Unauthorized("send an API key as `Authorization: Bearer <key>`".into()));
         };
         let presented = digest(bearer.as_bytes());
         // Every key is compared, so the time does not tell which one matched.
-        let matched: Vec<&ApiKey> = self.keys.iter().filter(|k| same(&k.digest, &presented)).collect();
+        let matched: Vec<(usize, &ApiKey)> =
+            self.keys.iter().enumerate().filter(|(_, k)| same(&k.digest, &presented)).collect();
         if matched.is_empty() {
             return Err(IngestError::Unauthorized("the API key is not valid".into()));
         }
-        if matched.iter().any(|k| conversation.as_str().starts_with(&k.prefix)) {
-            Ok(())
+        if let Some((i, _)) = matched.iter().find(|(_, k)| conversation.as_str().starts_with(&k.prefix)) {
+            Ok(Some(*i))
         } else {
             Err(IngestError::Forbidden(format!("this API key may not post to conversation {conversation}")))
         }

@@ -54,6 +54,12 @@ pub enum IngestError {
     /// A key or token that does not cover this (403); nothing is journaled.
     #[error("{0}")]
     Forbidden(String),
+    /// Over the key's request rate (429 with `Retry-After`).
+    #[error("too many requests for this API key; retry in {} ms", retry_after.as_millis())]
+    RateLimited { retry_after: std::time::Duration },
+    /// The pipeline lags: new work is shed for now (503 with `Retry-After`).
+    #[error("{0}")]
+    Overloaded(String),
 }
 
 impl IngestError {
@@ -67,6 +73,8 @@ impl IngestError {
             IngestError::BadHeader { .. } => "bad_header",
             IngestError::Unauthorized(_) => "unauthorized",
             IngestError::Forbidden(_) => "forbidden",
+            IngestError::RateLimited { .. } => "rate_limited",
+            IngestError::Overloaded(_) => "overloaded",
         }
     }
 
@@ -80,6 +88,8 @@ impl IngestError {
             IngestError::BadHeader { .. } => 400,
             IngestError::Unauthorized(_) => 401,
             IngestError::Forbidden(_) => 403,
+            IngestError::RateLimited { .. } => 429,
+            IngestError::Overloaded(_) => 503,
         }
     }
 }
@@ -125,6 +135,8 @@ pub struct Ingress {
     pub metrics: Metrics,
     pub options: IngressOptions,
     pub auth: std::sync::Arc<crate::auth::Auth>,
+    pub rates: std::sync::Arc<crate::guard::RateLimits>,
+    pub shedding: std::sync::Arc<crate::guard::Shedding>,
 }
 
 impl Ingress {
@@ -151,6 +163,7 @@ impl Ingress {
 
     async fn accept_inner(&self, event: Envelope) -> Result<Accepted, IngestError> {
         let event = binding::require_input(event)?;
+        self.shedding.check(&event.data)?;
         let ty = event.event_type();
         binding::check(&event, self.limits())?;
         let started = Instant::now();
@@ -183,6 +196,17 @@ impl Ingress {
     pub fn check_client_event(&self, event: &Envelope) -> Result<(), IngestError> {
         conv_contracts::trust::check_client_id(&event.conversation_id, &event.id)
             .map_err(|detail| Rejection::BadAttribute { name: "id".into(), detail }.into())
+    }
+
+    /// Authenticates the request that carries `event` and applies the
+    /// client key's rate limit.
+    pub fn authorize(&self, event: &Envelope, presented: crate::auth::Presented<'_>) -> Result<(), IngestError> {
+        if let Some(key) = self.auth.check(event, presented)?
+            && let Err(retry_after) = self.rates.take(key, std::time::Instant::now())
+        {
+            return Err(IngestError::RateLimited { retry_after });
+        }
+        Ok(())
     }
 
     /// Counts a request refused before an event could be built.

@@ -48,6 +48,12 @@ pub fn error_response(error: &IngestError) -> Response {
     if status == StatusCode::SERVICE_UNAVAILABLE {
         response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
+    if let IngestError::RateLimited { retry_after } = error {
+        let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+            response.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+    }
     if status == StatusCode::UNAUTHORIZED {
         response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
@@ -122,7 +128,7 @@ async fn ingest(
     let result = async {
         let bytes = read_body(&ingress, &headers, body).await?;
         let event = build(ty, conversation, path_fields, &bytes, &meta(&headers)?)?;
-        ingress.auth.check(&event, presented(&headers))?;
+        ingress.authorize(&event, presented(&headers))?;
         Ok::<_, IngestError>(event)
     }
     .await;
@@ -237,7 +243,7 @@ async fn event(State(ing): State<Ingress>, headers: HeaderMap, body: Body) -> Re
         let bytes = read_body(&ing, &headers, body).await?;
         let event = decode_cloudevent(&ing, &headers, &bytes)?;
         ing.check_client_event(&event)?;
-        ing.auth.check(&event, presented(&headers))?;
+        ing.authorize(&event, presented(&headers))?;
         Ok(event)
     }
     .await;

@@ -16,6 +16,7 @@
 
 pub mod auth;
 pub mod core;
+pub mod guard;
 pub mod http;
 pub mod metrics;
 pub mod nats_api;
@@ -78,7 +79,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         metrics: metrics.clone(),
         options: config.options.clone(),
         auth: std::sync::Arc::new(auth),
+        rates: std::sync::Arc::new(guard::RateLimits::new(config.options.rate_per_key, config.options.rate_burst)),
+        shedding: std::sync::Arc::new(guard::Shedding::default()),
     };
+    let backlog = (config.options.shed_backlog > 0).then(|| {
+        tokio::spawn(guard::watch_backlog(
+            booted.js.clone(),
+            config.topology.partitions,
+            config.options.shed_backlog,
+            Duration::from_millis(config.options.shed_poll_ms),
+            ingress.shedding.clone(),
+            shutdown.clone(),
+        ))
+    });
 
     let dlq = tokio::spawn(metrics::watch_dlq(
         booted.js.clone(),
@@ -95,6 +108,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let served = service::serve(config.http_addr(), config.service.http, router, shutdown.clone(), None).await;
     shutdown.cancel();
     let _ = dlq.await;
+    if let Some(backlog) = backlog {
+        let _ = backlog.await;
+    }
     if let Some(nats) = nats {
         match nats.await {
             Ok(result) => result?,

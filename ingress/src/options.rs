@@ -24,6 +24,15 @@ pub struct IngressOptions {
     /// Secret of the callback tokens, shared with effects (`CONV_CALLBACK_SECRET`).
     /// Empty: callbacks are refused.
     pub callback_secret: Secret,
+    /// Requests per second per client key (`CONV_INGRESS_RATE_PER_KEY`; 0: no limit).
+    pub rate_per_key: f64,
+    /// Requests a key may make at once above its rate (`CONV_INGRESS_RATE_BURST`).
+    pub rate_burst: f64,
+    /// Runtime backlog (inputs pending + unacked) above which new messages
+    /// get 503 (`CONV_INGRESS_SHED_BACKLOG`; 0: never shed).
+    pub shed_backlog: u64,
+    /// How often the backlog is read (`CONV_INGRESS_SHED_POLL_MS`).
+    pub shed_poll_ms: u64,
 }
 
 impl Default for IngressOptions {
@@ -35,6 +44,10 @@ impl Default for IngressOptions {
             dlq_poll_secs: 15,
             api_keys: Secret::default(),
             callback_secret: Secret::default(),
+            rate_per_key: 50.0,
+            rate_burst: 100.0,
+            shed_backlog: 100_000,
+            shed_poll_ms: 1_000,
         }
     }
 }
@@ -51,7 +64,11 @@ impl Options for IngressOptions {
         env_override(env, "CONV_INGRESS_PUBLISH_TIMEOUT_MS", &mut self.publish_timeout_ms)?;
         env_override(env, "CONV_INGRESS_NATS_API", &mut self.nats_api)?;
         env_override(env, "CONV_INGRESS_API_KEYS", &mut self.api_keys)?;
-        env_override(env, "CONV_CALLBACK_SECRET", &mut self.callback_secret)
+        env_override(env, "CONV_CALLBACK_SECRET", &mut self.callback_secret)?;
+        env_override(env, "CONV_INGRESS_RATE_PER_KEY", &mut self.rate_per_key)?;
+        env_override(env, "CONV_INGRESS_RATE_BURST", &mut self.rate_burst)?;
+        env_override(env, "CONV_INGRESS_SHED_BACKLOG", &mut self.shed_backlog)?;
+        env_override(env, "CONV_INGRESS_SHED_POLL_MS", &mut self.shed_poll_ms)
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -65,6 +82,9 @@ impl Options for IngressOptions {
             return Err("options.publish_timeout_ms and options.dlq_poll_secs must be positive".into());
         }
         crate::auth::Auth::new(&self.api_keys, &self.callback_secret)?;
+        if !(self.rate_per_key >= 0.0 && self.rate_burst >= 1.0) || self.shed_poll_ms == 0 {
+            return Err("options.rate_per_key must be >= 0, rate_burst >= 1 and shed_poll_ms positive".into());
+        }
         Ok(())
     }
 }
@@ -74,4 +94,8 @@ pub const HELP: &str = "  CONV_INGRESS_MAX_BODY_BYTES      largest request body 
 CONV_INGRESS_PUBLISH_TIMEOUT_MS  JetStream ack timeout before 503 (default 5000)\n  \
 CONV_INGRESS_NATS_API            serve conv.ingress.* over NATS too (default true)\n  \
 CONV_INGRESS_API_KEYS            client keys: key[:conversation-id prefix],... (none: open, loopback only)\n  \
-CONV_CALLBACK_SECRET             secret of callback tokens, same as effects' (none: callbacks refused)\n";
+CONV_CALLBACK_SECRET             secret of callback tokens, same as effects' (none: callbacks refused)\n  \
+CONV_INGRESS_RATE_PER_KEY        requests/s per client key, 429 above (default 50; 0: no limit)\n  \
+CONV_INGRESS_RATE_BURST          requests a key may make at once (default 100)\n  \
+CONV_INGRESS_SHED_BACKLOG        runtime backlog above which new messages get 503 (default 100000; 0: never)\n  \
+CONV_INGRESS_SHED_POLL_MS        how often the backlog is read (default 1000)\n";

@@ -620,3 +620,54 @@ async fn past_the_connection_limit_new_connections_are_closed_at_once() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn a_key_over_its_rate_gets_429_with_retry_after() {
+    let key = "rate-key-0123456789ab";
+    let s = start_with(IngressOptions { api_keys: key.into(), rate_per_key: 1.0, rate_burst: 2.0, ..options() }).await;
+    let post = || s.http.post(s.url("/v1/conversations/r1/messages")).bearer_auth(key).json(&json!({"text": "hi"}));
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..3 {
+        let (status, body, headers) = s.send(post()).await;
+        if status == 429 {
+            assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+            retry_after = headers.get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+        }
+        statuses.push(status);
+    }
+    assert_eq!(statuses, [202, 202, 429]);
+    assert!(retry_after.is_some_and(|s| s >= 1), "{retry_after:?}");
+    assert_eq!(s.in_count().await, 2, "the refused request wrote nothing");
+    // Callbacks are not limited by the client's rate.
+    let cb = s
+        .http
+        .post(s.url("/v1/conversations/r1/tools/call1/completed"))
+        .header("conv-callback-token", tool_token("r1", "call1"))
+        .json(&json!({"result": 1}));
+    assert_eq!(s.send(cb).await.0, 202);
+}
+
+#[tokio::test]
+async fn while_the_pipeline_lags_new_messages_are_shed_and_aborts_taken() {
+    let s = start_with(IngressOptions { shed_backlog: 3, shed_poll_ms: 100, ..options() }).await;
+    // No runtime runs: inputs pile up in its consumers.
+    for i in 0..5 {
+        let (status, body, _) = s.post(&format!("/v1/conversations/lag-{i}/messages"), json!({"text": "x"})).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (status, body, headers) = loop {
+        let answer = s.post("/v1/conversations/lag-new/messages", json!({"text": "more"})).await;
+        if answer.0 != 202 || std::time::Instant::now() > deadline {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!((status, body["error"]["code"].as_str()), (503, Some("overloaded")), "{body}");
+    assert!(headers.get("retry-after").is_some());
+    let (status, body, _) = s.post("/v1/conversations/lag-1/abort", json!({})).await;
+    assert_eq!(status, 202, "an abort is taken while shedding: {body}");
+    let (status, body, _) = s.post("/v1/conversations/lag-1/stop", json!({})).await;
+    assert_eq!(status, 202, "{body}");
+}

@@ -144,6 +144,9 @@ pub struct SetupArgs {
     /// Report what would change (missing or drifted objects) without changing anything; exit 1 if anything would.
     #[arg(long)]
     pub check: bool,
+    /// Wait up to this many seconds for NATS (and JetStream) to answer first, e.g. when started with it.
+    #[arg(long, default_value_t = 0)]
+    pub wait: u64,
 }
 
 #[derive(Debug, Clone, Args)]
