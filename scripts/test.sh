@@ -56,6 +56,13 @@ else
   cargo test --workspace --locked "$@"
 fi
 
+if [ "$CONV_TEST_NATS" = container ]; then
+  step "compose smoke (compose.yaml, images built offline)"
+  # Free host ports, so a busy 8080 on the CI machine does not matter.
+  free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+  CONV_INGRESS_PORT=$(free_port) CONV_PROJECTIONS_PORT=$(free_port) scripts/compose-smoke.sh
+fi
+
 if [ -n "${CONV_FUZZ_SECS:-}" ]; then
   step "fuzz (${CONV_FUZZ_SECS}s)"
   scripts/fuzz.sh "$CONV_FUZZ_SECS"
