@@ -58,9 +58,20 @@ fi
 
 if [ "$CONV_TEST_NATS" = container ]; then
   step "compose smoke (compose.yaml, images built offline)"
-  # Free host ports, so a busy 8080 on the CI machine does not matter.
-  free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-  CONV_INGRESS_PORT=$(free_port) CONV_PROJECTIONS_PORT=$(free_port) scripts/compose-smoke.sh
+  # Two free consecutive host ports each, so a busy 8080 on the CI machine does not matter.
+  free_pair() {
+    python3 -c '
+import random, socket
+while True:
+    b = random.randint(20000, 60000)
+    try:
+        for p in (b, b + 1):
+            s = socket.socket(); s.bind(("0.0.0.0", p)); s.close()
+        print(f"{b}-{b + 1}"); break
+    except OSError:
+        pass'
+  }
+  CONV_INGRESS_PORT=$(free_pair) CONV_PROJECTIONS_PORT=$(free_pair) scripts/compose-smoke.sh
 fi
 
 if [ -n "${CONV_FUZZ_SECS:-}" ]; then
