@@ -16,33 +16,16 @@
 use conv_contracts::payload::Payload;
 use conv_contracts::trust::{self, CallbackTarget};
 use conv_contracts::{ConversationId, Envelope};
+use conv_nats::keys::{ApiKeys, KeyError};
 use conv_nats::secret::Secret;
-use sha2::{Digest, Sha256};
 
 use crate::core::IngestError;
-
-/// One client key and the conversations it may post to.
-#[derive(Debug, Clone)]
-struct ApiKey {
-    /// SHA-256 of the key: compared in constant time, never kept in clear.
-    digest: [u8; 32],
-    /// Conversation-id prefix the key is limited to (empty: all).
-    prefix: String,
-}
 
 /// The credentials ingress checks.
 #[derive(Debug, Clone, Default)]
 pub struct Auth {
-    keys: Vec<ApiKey>,
+    keys: ApiKeys,
     callback_secret: Option<Secret>,
-}
-
-fn digest(bytes: &[u8]) -> [u8; 32] {
-    Sha256::digest(bytes).into()
-}
-
-fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The credential of a request: `Authorization: Bearer <x>`, or for
@@ -74,21 +57,7 @@ impl Auth {
     /// From `CONV_INGRESS_API_KEYS` (`key` or `key:prefix`, comma-separated)
     /// and `CONV_CALLBACK_SECRET`. Errors never quote a key.
     pub fn new(api_keys: &Secret, callback_secret: &Secret) -> Result<Self, String> {
-        let mut keys = Vec::new();
-        for (i, entry) in api_keys.expose().split(',').map(str::trim).enumerate() {
-            if entry.is_empty() {
-                continue;
-            }
-            let (key, prefix) = entry.split_once(':').unwrap_or((entry, ""));
-            if key.len() < 16 || !key.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(format!(
-                    "CONV_INGRESS_API_KEYS entry {} is not a usable key: keys are at least 16 printable \
-                     ASCII characters, optionally followed by :<conversation-id prefix>",
-                    i + 1
-                ));
-            }
-            keys.push(ApiKey { digest: digest(key.as_bytes()), prefix: prefix.to_owned() });
-        }
+        let keys = ApiKeys::new(api_keys)?;
         let callback_secret = (!callback_secret.is_empty()).then(|| callback_secret.clone());
         if callback_secret.as_ref().is_some_and(|s| s.expose().len() < 16) {
             return Err("CONV_CALLBACK_SECRET must be at least 16 characters".into());
@@ -98,7 +67,7 @@ impl Auth {
 
     /// No client keys: anyone who reaches ingress may post (loopback only).
     pub fn is_open(&self) -> bool {
-        self.keys.is_empty()
+        self.keys.is_open()
     }
 
     /// Whether callbacks can be checked at all.
@@ -126,24 +95,10 @@ impl Auth {
     }
 
     fn check_client(&self, conversation: &ConversationId, bearer: Option<&str>) -> Result<Option<usize>, IngestError> {
-        if self.is_open() {
-            return Ok(None);
-        }
-        let Some(bearer) = bearer else {
-            return Err(IngestError::Unauthorized("send an API key as `Authorization: Bearer <key>`".into()));
-        };
-        let presented = digest(bearer.as_bytes());
-        // Every key is compared, so the time does not tell which one matched.
-        let matched: Vec<(usize, &ApiKey)> =
-            self.keys.iter().enumerate().filter(|(_, k)| same(&k.digest, &presented)).collect();
-        if matched.is_empty() {
-            return Err(IngestError::Unauthorized("the API key is not valid".into()));
-        }
-        if let Some((i, _)) = matched.iter().find(|(_, k)| conversation.as_str().starts_with(&k.prefix)) {
-            Ok(Some(*i))
-        } else {
-            Err(IngestError::Forbidden(format!("this API key may not post to conversation {conversation}")))
-        }
+        self.keys.check(conversation.as_str(), bearer).map_err(|e| match e {
+            KeyError::Unauthorized(m) => IngestError::Unauthorized(m),
+            KeyError::Forbidden(m) => IngestError::Forbidden(m),
+        })
     }
 
     fn check_callback(

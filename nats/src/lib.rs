@@ -15,6 +15,7 @@ pub mod dlq;
 pub mod headers;
 pub mod http;
 pub mod journal;
+pub mod keys;
 pub mod ownership;
 pub mod read;
 pub mod secret;

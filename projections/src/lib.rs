@@ -62,6 +62,7 @@ pub const IDENTITY: Identity = Identity {
         "  CONV_SSE_BUFFER                 events buffered per conversation; slower readers are closed (default 4096)\n",
         "  CONV_SSE_HEARTBEAT_MS           heartbeat comment on idle streams (default 15000)\n",
         "  CONV_SSE_LINGER_MS              subscriptions outlive a conversation's last reader (default 10000)\n",
+        "  CONV_INGRESS_API_KEYS           client keys that may read (as at ingress); none: open, loopback only\n",
     ),
 };
 
@@ -79,6 +80,8 @@ pub enum Error {
     Metrics(#[from] prometheus::Error),
     #[error("outbound webhook: {0}")]
     Outbound(#[from] reqwest::Error),
+    #[error("{0}")]
+    Insecure(String),
 }
 
 /// What the HTTP handlers need once the topology exists.
@@ -96,6 +99,13 @@ struct AppState {
 
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let keys = conv_nats::keys::ApiKeys::new(&config.options.api_keys).map_err(Error::Insecure)?;
+    let addr = config.http_addr();
+    if keys.is_open() && !addr.ip().is_loopback() {
+        return Err(Error::Insecure(format!(
+            "refusing to serve conversations on {addr} without client keys: set CONV_INGRESS_API_KEYS, or listen on a loopback address"
+        )));
+    }
     let registry = Registry::new();
     let metrics = metrics::Metrics::new(&registry)?;
     let booted = service::boot(&IDENTITY, &config, registry).await?;
@@ -106,6 +116,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .route("/v1/conversations/{id}/timeline", get(timeline))
         .route("/v1/conversations/{id}/context", get(context))
         .route("/v1/conversations/{id}/stream", get(stream))
+        .route_layer(axum::middleware::from_fn_with_state(Arc::new(keys), authorize))
         .with_state(AppState { js: booted.js.clone(), ready: ready.clone() })
         .merge(booted.health.router());
     let server = tokio::spawn(service::serve(config.http_addr(), config.service.http, router, shutdown.clone(), None));
@@ -192,6 +203,31 @@ impl IntoResponse for ApiError {
         }
         r
     }
+}
+
+/// Reading a conversation takes a client key that covers it (the same keys
+/// as ingress's; none configured: open, and then only on loopback).
+async fn authorize(
+    State(keys): State<Arc<conv_nats::keys::ApiKeys>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if keys.is_open() {
+        return next.run(request).await;
+    }
+    let conversation = request.uri().path().split('/').nth(3).unwrap_or_default().to_owned();
+    let bearer =
+        request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(conv_nats::keys::bearer);
+    let (status, code, message) = match keys.check(&conversation, bearer) {
+        Ok(_) => return next.run(request).await,
+        Err(conv_nats::keys::KeyError::Unauthorized(m)) => (StatusCode::UNAUTHORIZED, "unauthorized", m),
+        Err(conv_nats::keys::KeyError::Forbidden(m)) => (StatusCode::FORBIDDEN, "forbidden", m),
+    };
+    let mut r = (status, axum::Json(json!({"error": {"code": code, "message": message}}))).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+    }
+    r
 }
 
 fn unavailable(e: impl std::fmt::Display) -> ApiError {

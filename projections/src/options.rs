@@ -1,5 +1,6 @@
 //! Projections settings beyond the common ones (`[options]`, env overrides).
 
+use conv_nats::secret::Secret;
 use conv_nats::service::{ConfigError, Env, Options, env_override};
 use serde::Deserialize;
 
@@ -23,6 +24,9 @@ pub struct ProjectionsOptions {
     pub sse_heartbeat_ms: u64,
     /// SSE: how long a conversation's subscriptions outlive its last reader.
     pub sse_linger_ms: u64,
+    /// The client keys that may read conversations: the same list as
+    /// ingress's (`CONV_INGRESS_API_KEYS`). Empty: open, loopback only.
+    pub api_keys: Secret,
 }
 
 impl Default for ProjectionsOptions {
@@ -37,6 +41,7 @@ impl Default for ProjectionsOptions {
             sse_buffer: 4_096,
             sse_heartbeat_ms: 15_000,
             sse_linger_ms: 10_000,
+            api_keys: Secret::default(),
         }
     }
 }
@@ -50,7 +55,8 @@ impl Options for ProjectionsOptions {
         env_override(env, "CONV_PROJECTIONS_FLUSH_MS", &mut self.flush_ms)?;
         env_override(env, "CONV_SSE_BUFFER", &mut self.sse_buffer)?;
         env_override(env, "CONV_SSE_HEARTBEAT_MS", &mut self.sse_heartbeat_ms)?;
-        env_override(env, "CONV_SSE_LINGER_MS", &mut self.sse_linger_ms)
+        env_override(env, "CONV_SSE_LINGER_MS", &mut self.sse_linger_ms)?;
+        env_override(env, "CONV_INGRESS_API_KEYS", &mut self.api_keys)
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -60,6 +66,7 @@ impl Options for ProjectionsOptions {
         {
             return Err(format!("CONV_OUTBOUND_WEBHOOK_URL {:?} is not an http(s) URL", self.webhook_url));
         }
+        conv_nats::keys::ApiKeys::new(&self.api_keys)?;
         if self.webhook_timeout_ms == 0 {
             return Err("options.webhook_timeout_ms must be positive".into());
         }

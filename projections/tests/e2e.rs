@@ -279,3 +279,36 @@ async fn an_id_squatted_in_another_conversation_does_not_stop_the_victims_reply(
         "the victim's completion is journaled under the squatted id"
     );
 }
+
+#[tokio::test]
+async fn reading_a_conversation_takes_a_client_key_that_covers_it() {
+    let nats = TestNats::start().await.expect("test NATS");
+    nats.setup().await.expect("topology");
+    let addr = free_addr();
+    let (key, team) = ("reader-key-0123456789", "team-key-0123456789ab");
+    let mut pc: conv_projections::Config = Settings::for_test(nats.config(), addr);
+    pc.options.api_keys = format!("{key},{team}:team-a-").as_str().into();
+    let _projections = spawn_service("conv-projections", |t| conv_projections::run(pc, t));
+    assert_eq!(wait_http_ok(&format!("http://{addr}/readyz"), Duration::from_secs(20)).await, Some(200));
+    let http = reqwest::Client::new();
+    let get = |conv: &str, what: &str| http.get(format!("http://{addr}/v1/conversations/{conv}/{what}"));
+    for what in ["timeline", "context", "stream"] {
+        let r = get("c1", what).send().await.expect("get");
+        assert_eq!(r.status().as_u16(), 401, "{what} without a key");
+        let body: Value = r.json().await.expect("json");
+        assert_eq!(body["error"]["code"], "unauthorized");
+        let r = get("team-b-1", what).bearer_auth(team).send().await.expect("get");
+        assert_eq!(r.status().as_u16(), 403, "{what} with a key for other conversations");
+    }
+    // A covering key gets through (to a 404: nothing was said there yet).
+    assert_eq!(get("c1", "timeline").bearer_auth(key).send().await.expect("get").status().as_u16(), 404);
+    assert_eq!(get("team-a-1", "timeline").bearer_auth(team).send().await.expect("get").status().as_u16(), 404);
+    // Health stays open.
+    assert_eq!(http.get(format!("http://{addr}/healthz")).send().await.expect("get").status().as_u16(), 200);
+
+    // Without keys it does not serve conversations on a public address.
+    let mut open: conv_projections::Config = Settings::for_test(nats.config(), "0.0.0.0:0".parse().expect("addr"));
+    open.options.api_keys = "".into();
+    let err = conv_projections::run(open, tokio_util::sync::CancellationToken::new()).await.expect_err("refused");
+    assert!(err.to_string().contains("CONV_INGRESS_API_KEYS"), "{err}");
+}

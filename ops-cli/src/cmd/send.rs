@@ -21,13 +21,19 @@ pub async fn run(_g: &Global, conversation: &str, text: &str, timeout: Duration)
     let ingress = addr("CONV_INGRESS_ADDR", "127.0.0.1:8080");
     let projections = addr("CONV_PROJECTIONS_ADDR", "127.0.0.1:8081");
     let http = reqwest::Client::new();
+    // With client keys (CONV_INGRESS_API_KEYS on the services), ingress and
+    // projections both want one.
+    let key = std::env::var("CONV_API_KEY").ok().filter(|k| !k.is_empty());
+    let authorized = |r: reqwest::RequestBuilder| match &key {
+        Some(k) => r.bearer_auth(k),
+        None => r,
+    };
     let unreachable = |what: &str, a: &str, e: reqwest::Error| {
         Error::Invalid(format!("{what} does not answer at {a} ({e}); is the stack up (`convctl up`)?"))
     };
 
     // Where the conversation's output stands now: the reply starts after it.
-    let timeline = http
-        .get(format!("http://{projections}/v1/conversations/{conversation}/timeline"))
+    let timeline = authorized(http.get(format!("http://{projections}/v1/conversations/{conversation}/timeline")))
         .send()
         .await
         .map_err(|e| unreachable("conv-projections", &projections, e))?;
@@ -37,11 +43,7 @@ pub async fn run(_g: &Global, conversation: &str, text: &str, timeout: Duration)
         0
     };
 
-    let mut post = http.post(format!("http://{ingress}/v1/conversations/{conversation}/messages"));
-    // Ingress with client keys (CONV_INGRESS_API_KEYS) wants one.
-    if let Some(key) = std::env::var("CONV_API_KEY").ok().filter(|k| !k.is_empty()) {
-        post = post.bearer_auth(key);
-    }
+    let post = authorized(http.post(format!("http://{ingress}/v1/conversations/{conversation}/messages")));
     let posted =
         post.json(&json!({"text": text})).send().await.map_err(|e| unreachable("conv-ingress", &ingress, e))?;
     if posted.status().as_u16() != 202 {
@@ -50,8 +52,7 @@ pub async fn run(_g: &Global, conversation: &str, text: &str, timeout: Duration)
         return Err(Error::Invalid(format!("ingress answered {status}: {}", body["error"]["message"])));
     }
 
-    let stream = http
-        .get(format!("http://{projections}/v1/conversations/{conversation}/stream"))
+    let stream = authorized(http.get(format!("http://{projections}/v1/conversations/{conversation}/stream")))
         .header("Last-Event-ID", position.to_string())
         .send()
         .await
