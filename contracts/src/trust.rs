@@ -48,9 +48,10 @@ pub fn derived_msg_id(conversation: &ConversationId, id: &str) -> String {
     format!("{conversation}:{id}")
 }
 
-/// Refuses ids a client may not choose: those conv derives itself — every
-/// id ingress builds and every effect outcome id starts with
-/// `<conversation>.`, runtime-derived ids contain `~`.
+/// Refuses ids a client may not choose: those conv derives itself — ids
+/// ingress derives from keys (idempotency, natural keys) and every effect
+/// outcome id start with `<conversation>.`, runtime-derived ids contain `~`
+/// (ingress's other ids are fresh UUIDv7s).
 pub fn check_client_id(conversation: &ConversationId, id: &str) -> Result<(), String> {
     if id.contains('~') {
         return Err("`~` is reserved for ids conv derives".into());

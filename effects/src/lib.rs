@@ -224,7 +224,8 @@ impl Options for EffectsOptions {
                 return Err(format!("webhook tool name {:?} is empty or taken by a built-in tool", tool.name));
             }
             if !(tool.url.starts_with("http://") || tool.url.starts_with("https://")) {
-                return Err(format!("webhook tool {}: url {:?} is not http(s)", tool.name, tool.url));
+                // The URL may carry credentials: it is not repeated.
+                return Err(format!("webhook tool {}: its url is not http(s)", tool.name));
             }
         }
         if self.concurrency == 0
@@ -287,6 +288,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         None,
     ));
     let o = &config.options;
+    if !o.tools.is_empty() && o.callback_secret.is_empty() {
+        tracing::warn!(
+            message = "Webhook tools are configured without CONV_CALLBACK_SECRET: a webhook that answers 202 gets no callback token, and ingress refuses its result.",
+            tools = o.tools.len()
+        );
+    }
     let provider = provider(o)?;
     let http = reqwest::Client::builder()
         .connect_timeout(Duration::from_millis(o.llm_connect_timeout_ms))

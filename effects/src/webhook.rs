@@ -123,7 +123,9 @@ pub async fn call(
         if e.is_timeout() {
             CallError::Transient(format!("webhook {} timed out after {} ms", tool.name, tool.timeout_ms))
         } else {
-            CallError::Transient(format!("webhook {} unreachable: {e}", tool.name))
+            // Without the URL: it may carry a token, and this text is
+            // journaled, shown in the timeline and told to the model.
+            CallError::Transient(format!("webhook {} unreachable: {}", tool.name, e.without_url()))
         }
     })?;
     let status = response.status();

@@ -85,6 +85,38 @@ impl Auth {
         }
     }
 
+    /// What can be refused before the body is read (so an unauthenticated
+    /// client cannot make ingress read and parse a large body): on a route
+    /// of a known type, a client key for the conversation in the URL, or for
+    /// an outcome the presence of a token (verified once the body is read).
+    /// `ty` is `None` for `/v1/events`: then only that some credential came.
+    pub fn precheck(
+        &self,
+        ty: Option<conv_contracts::EventType>,
+        conversation: &str,
+        presented: Presented<'_>,
+    ) -> Result<(), IngestError> {
+        let any = presented.bearer.is_some() || presented.callback_token.is_some();
+        match ty {
+            Some(ty) if matches!(ty.family(), "llm" | "tool" | "timer") => {
+                if !self.takes_callbacks() || !any {
+                    return Err(IngestError::Forbidden(
+                        "a callback needs the effect's callback token (and CONV_CALLBACK_SECRET on ingress)".into(),
+                    ));
+                }
+                Ok(())
+            }
+            Some(_) => self.keys.check(conversation, presented.bearer).map(drop).map_err(|e| match e {
+                KeyError::Unauthorized(m) => IngestError::Unauthorized(m),
+                KeyError::Forbidden(m) => IngestError::Forbidden(m),
+            }),
+            None if !self.is_open() && !any => {
+                Err(IngestError::Unauthorized("send an API key as `Authorization: Bearer <key>`".into()))
+            }
+            None => Ok(()),
+        }
+    }
+
     /// Checks only callbacks (for transports whose clients the NATS
     /// permissions already vouch for).
     pub fn check_if_callback(&self, event: &Envelope, presented: Presented<'_>) -> Result<(), IngestError> {

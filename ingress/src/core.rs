@@ -57,6 +57,9 @@ pub enum IngestError {
     /// Over the key's request rate (429 with `Retry-After`).
     #[error("too many requests for this API key; retry in {} ms", retry_after.as_millis())]
     RateLimited { retry_after: std::time::Duration },
+    /// The body did not arrive in time (408).
+    #[error("{0}")]
+    TimedOut(String),
     /// The pipeline lags: new work is shed for now (503 with `Retry-After`).
     #[error("{0}")]
     Overloaded(String),
@@ -74,6 +77,7 @@ impl IngestError {
             IngestError::Unauthorized(_) => "unauthorized",
             IngestError::Forbidden(_) => "forbidden",
             IngestError::RateLimited { .. } => "rate_limited",
+            IngestError::TimedOut(_) => "request_timeout",
             IngestError::Overloaded(_) => "overloaded",
         }
     }
@@ -89,6 +93,7 @@ impl IngestError {
             IngestError::Unauthorized(_) => 401,
             IngestError::Forbidden(_) => 403,
             IngestError::RateLimited { .. } => 429,
+            IngestError::TimedOut(_) => 408,
             IngestError::Overloaded(_) => 503,
         }
     }
@@ -124,6 +129,9 @@ pub fn check_idempotency_key(key: &str) -> Result<(), IngestError> {
     }
     if key.bytes().any(|b| !b.is_ascii_graphic()) {
         return Err(bad("must be printable ASCII without spaces".into()));
+    }
+    if key.contains('~') {
+        return Err(bad("`~` is reserved for ids conv derives".into()));
     }
     Ok(())
 }

@@ -16,7 +16,18 @@ use crate::auth::Presented;
 use crate::core::{Accepted, IngestError, Ingress, Meta, SOURCE_HTTP, build};
 
 /// How many bytes past the limit are still counted to report the real size.
-const COUNT_PAST_LIMIT: usize = 64 * 1024 * 1024;
+const COUNT_PAST_LIMIT: usize = 4 * 1024 * 1024;
+
+/// How long a request body may take to arrive once its head has (a client
+/// trickling a body must not hold a connection for ever).
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reads the body within [`BODY_TIMEOUT`].
+async fn read_body_in_time(ingress: &Ingress, headers: &HeaderMap, body: Body) -> Result<Bytes, IngestError> {
+    tokio::time::timeout(BODY_TIMEOUT, read_body(ingress, headers, body)).await.map_err(|_| {
+        IngestError::TimedOut(format!("the request body did not arrive within {} s", BODY_TIMEOUT.as_secs()))
+    })?
+}
 
 pub fn router(ingress: Ingress) -> Router {
     Router::new()
@@ -126,7 +137,8 @@ async fn ingest(
     body: Body,
 ) -> Response {
     let result = async {
-        let bytes = read_body(&ingress, &headers, body).await?;
+        ingress.auth.precheck(Some(ty), conversation, presented(&headers))?;
+        let bytes = read_body_in_time(&ingress, &headers, body).await?;
         let event = build(ty, conversation, path_fields, &bytes, &meta(&headers)?)?;
         ingress.authorize(&event, presented(&headers))?;
         Ok::<_, IngestError>(event)
@@ -240,7 +252,8 @@ pub fn decode_cloudevent(
 
 async fn event(State(ing): State<Ingress>, headers: HeaderMap, body: Body) -> Response {
     let decoded = async {
-        let bytes = read_body(&ing, &headers, body).await?;
+        ing.auth.precheck(None, "", presented(&headers))?;
+        let bytes = read_body_in_time(&ing, &headers, body).await?;
         let event = decode_cloudevent(&ing, &headers, &bytes)?;
         ing.check_client_event(&event)?;
         ing.authorize(&event, presented(&headers))?;

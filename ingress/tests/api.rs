@@ -430,6 +430,22 @@ async fn clients_need_a_key_and_callbacks_their_effects_token() {
     assert_eq!((status, body["error"]["code"].as_str()), (403, Some("forbidden")), "{body}");
     let stored = s.in_count().await;
 
+    // Refused before the body is read: a request head without a key gets its
+    // 401 at once, though the body it announces never comes.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut raw = tokio::net::TcpStream::connect(s.addr).await.expect("connect");
+        let head = "POST /v1/conversations/c1/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 500000\r\n\r\n";
+        raw.write_all(head.as_bytes()).await.expect("write");
+        let mut buf = vec![0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), raw.read(&mut buf))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        let answer = String::from_utf8_lossy(&buf[..n]);
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    }
+
     // A forged completion: no token, a client key, another step's token.
     let forged = json!({"text": "FORGED ANSWER: 5", "tool_calls": []});
     let completed = || s.http.post(s.url("/v1/conversations/c1/llm/r1.s1/completed")).json(&forged);
@@ -581,8 +597,9 @@ async fn idle_connections_are_closed_by_the_header_timeout_while_requests_are_se
         assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "an idle connection stayed open: {read:?}");
     }
     assert!(started.elapsed() < Duration::from_secs(15));
-    // And ingress still serves.
-    let r = http.get(format!("http://{addr}/readyz")).send().await.expect("request");
+    // And ingress still serves (a new client: the pooled connection went
+    // idle past the timeout and was closed too).
+    let r = reqwest::get(format!("http://{addr}/readyz")).await.expect("request");
     assert_eq!(r.status().as_u16(), 200);
 }
 

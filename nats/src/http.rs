@@ -1,7 +1,7 @@
 //! The HTTP server of every service: axum on hyper, with the limits a
 //! listener open to clients needs.
 //!
-//! - **Header read timeout** (`CONV_HTTP_HEADER_TIMEOUT_MS`, 10 s): a
+//! - **Header read timeout** (`CONV_HTTP_HEADER_TIMEOUT_MS`, 30 s): a
 //!   connection that has not sent a complete request head within this time
 //!   is closed — a slowloris client, and an idle keep-alive connection
 //!   between requests, alike. A response being streamed (SSE) is not idle.
@@ -10,7 +10,9 @@
 //!   descriptors and starve every request.
 //! - **URI and header size**: a request line over 8 KiB gets `414`, headers
 //!   over 64 KiB get `431`, each with the JSON error body
-//!   (`{"error": {"code", "message"}}`) like every other error.
+//!   (`{"error": {"code", "message"}}`) like every other error — up to
+//!   hyper's own parser limits (about 400 KB of head, 100 headers), past
+//!   which hyper answers a bare `431` itself.
 //!
 //! Shutdown stops accepting, lets open requests finish (at most 10 s) and
 //! closes idle connections at once.
@@ -49,7 +51,7 @@ pub struct HttpLimits {
 
 impl Default for HttpLimits {
     fn default() -> Self {
-        Self { header_read_timeout_ms: 10_000, max_connections: 4096 }
+        Self { header_read_timeout_ms: 30_000, max_connections: 4096 }
     }
 }
 

@@ -61,8 +61,8 @@ pub fn redact_url(url: &str) -> String {
                 Some((scheme, rest)) => (Some(scheme), rest),
                 None => (None, one),
             };
-            let host_end = rest.find('/').unwrap_or(rest.len());
-            let redacted = match rest[..host_end].rfind('@') {
+            // The last `@` ends the credentials, whatever they hold (`/` too).
+            let redacted = match rest.rfind('@') {
                 Some(at) => format!("***{}", &rest[at..]),
                 None => rest.to_owned(),
             };
@@ -93,6 +93,6 @@ mod tests {
         assert_eq!(redact_url("nats://tok@h:1,nats://h:2"), "nats://***@h:1,nats://h:2");
         assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
         assert_eq!(redact_url("u:p@host:4222"), "***@host:4222");
-        assert_eq!(redact_url("http://h:1/path@x"), "http://h:1/path@x");
+        assert_eq!(redact_url("nats://u:pa/ss@h:1"), "nats://***@h:1");
     }
 }

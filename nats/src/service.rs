@@ -190,7 +190,7 @@ pub fn handle_args(id: &Identity, args: impl IntoIterator<Item = String>) -> Res
                      NATS_URL               NATS server (default {nats})\n  \
                      CONV_CONFIG            TOML file with [service], [nats], [topology], [options] sections\n  \
                      CONV_LOG_FORMAT        pretty | json (default pretty)\n  \
-                     CONV_HTTP_HEADER_TIMEOUT_MS  a request head must arrive within this, also between keep-alive requests (default 10000)\n  \
+                     CONV_HTTP_HEADER_TIMEOUT_MS  a request head must arrive within this, also between keep-alive requests (default 30000)\n  \
                      CONV_HTTP_MAX_CONNECTIONS    open HTTP connections at most; more are closed at once (default 4096)\n  \
                      CONV_PARTITIONS        CONV_IN partitions (default 16)\n  \
                      CONV_REPLICAS          stream replicas (default 1)\n  \

@@ -17,7 +17,7 @@ pub struct Cli {
 #[derive(Debug, Clone, Args)]
 pub struct Global {
     /// NATS server URL.
-    #[arg(long, global = true, env = "NATS_URL", default_value = conv_nats::connect::DEFAULT_URL)]
+    #[arg(long, global = true, env = "NATS_URL", default_value = conv_nats::connect::DEFAULT_URL, hide_env_values = true)]
     pub nats_url: String,
     /// NATS user (with --nats-password; the `admin` user of the secured config).
     #[arg(long, global = true, env = "NATS_USER", default_value = "")]
@@ -51,7 +51,12 @@ impl Global {
     /// up` left in `.conv/admin.env` (for the server it started here).
     pub fn nats(&self) -> Result<conv_nats::NatsConfig, crate::Error> {
         let (mut user, mut password) = (self.nats_user.clone(), self.nats_password.clone());
-        if user.is_empty()
+        // Only for a server on this machine: never sent anywhere else.
+        let local = ["nats://127.0.0.1:", "nats://localhost:", "127.0.0.1:", "localhost:"]
+            .iter()
+            .any(|p| self.nats_url.starts_with(p) && !self.nats_url.contains(','));
+        if local
+            && user.is_empty()
             && self.nats_creds.is_empty()
             && let Ok(env) = std::fs::read_to_string(crate::cmd::up::ADMIN_ENV)
         {

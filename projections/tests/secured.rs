@@ -143,6 +143,22 @@ async fn each_service_works_with_its_own_user_and_can_do_nothing_else() {
         assert_eq!(messages(&nats, "CONV_AUDIT").await, audit);
         assert!(js.delete_stream("CONV_IN").await.is_err(), "{user} could delete CONV_IN");
     }
+    // Durable consumers are admin's: no service may delete or create one.
+    for user in ["runtime", "effects", "projections"] {
+        let js = as_user(&nats, user).await;
+        let stream = js.get_stream_no_info("CONV_IN").await.expect("stream handle");
+        assert!(stream.delete_consumer("runtime-p0").await.is_err(), "{user} could delete runtime-p0");
+        let durable = async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some(format!("{user}-sneaky")),
+            ..Default::default()
+        };
+        assert!(stream.create_consumer(durable).await.is_err(), "{user} could create a durable consumer");
+    }
+    let admin_js = nats.jetstream().await;
+    let mut runtime_p0: async_nats::jetstream::consumer::PullConsumer =
+        admin_js.get_stream("CONV_IN").await.expect("stream").get_consumer("runtime-p0").await.expect("still there");
+    assert!(runtime_p0.info().await.is_ok());
+
     // A cancel hint is the runtime's alone: effects and ingress cannot send one.
     let admin = nats.client().await;
     let mut hints = admin.subscribe("conv.live.cancel.>").await.expect("subscribe");

@@ -112,8 +112,9 @@ async fn start_secured_nats(url: &str, dir: &Path) -> Result<(Child, Users), Err
     write_private(&dir.join("admin.env"), &format!("NATS_USER=admin\nNATS_PASSWORD={}\n", users.password("admin")))
         .map_err(|e| io(ADMIN_ENV, e))?;
     say(&format!(
-        "no NATS answers at {url}; starting {bin} with JetStream on 127.0.0.1:{port}, data in {}, \
+        "no NATS answers at {}; starting {bin} with JetStream on 127.0.0.1:{port}, data in {}, \
          one user per service (admin credentials in {ADMIN_ENV})",
+        conv_nats::secret::redact_url(url),
         dir.join("nats").display()
     ));
     let mut command = Command::new(&bin);
@@ -145,7 +146,7 @@ async fn start_secured_nats(url: &str, dir: &Path) -> Result<(Child, Users), Err
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Err(Error::Invalid(format!("{bin} did not come up at {url}")))
+    Err(Error::Invalid(format!("{bin} did not come up at {}", conv_nats::secret::redact_url(url))))
 }
 
 /// Writes a file only its owner can read.
@@ -157,7 +158,11 @@ fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
     options.mode(0o600);
-    options.open(path)?.write_all(content.as_bytes())
+    let mut file = options.open(path)?;
+    // An existing file keeps its mode on open: make it private either way.
+    #[cfg(unix)]
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    file.write_all(content.as_bytes())
 }
 
 pub(crate) async fn start_nats(url: &str, dir: &Path, quiet: bool) -> Result<Child, Error> {
@@ -166,7 +171,8 @@ pub(crate) async fn start_nats(url: &str, dir: &Path, quiet: bool) -> Result<Chi
     std::fs::create_dir_all(dir).map_err(|e| Error::Invalid(format!("cannot create {}: {e}", dir.display())))?;
     if !quiet {
         say(&format!(
-            "no NATS answers at {url}; starting {bin} with JetStream on 127.0.0.1:{port}, data in {}",
+            "no NATS answers at {}; starting {bin} with JetStream on 127.0.0.1:{port}, data in {}",
+            conv_nats::secret::redact_url(url),
             dir.display()
         ));
     }
@@ -192,7 +198,7 @@ pub(crate) async fn start_nats(url: &str, dir: &Path, quiet: bool) -> Result<Chi
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Err(Error::Invalid(format!("{bin} did not come up at {url}")))
+    Err(Error::Invalid(format!("{bin} did not come up at {}", conv_nats::secret::redact_url(url))))
 }
 
 #[cfg(unix)]
@@ -231,6 +237,9 @@ pub async fn run(g: &Global) -> Result<Outcome, Error> {
     let url = g.nats_url.clone();
     let (mut nats, users) = if nats_answers(g).await {
         say(&format!("using the NATS server at {}", g.display_url()));
+        if g.nats()?.user == "admin" {
+            say("every service connects with the credentials given here (admin): give each its own user in production");
+        }
         (None, None)
     } else {
         let (child, users) = start_secured_nats(&url, Path::new(".conv")).await?;
