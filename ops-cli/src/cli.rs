@@ -19,7 +19,7 @@ pub struct Global {
     /// NATS server URL.
     #[arg(long, global = true, env = "NATS_URL", default_value = conv_nats::connect::DEFAULT_URL, hide_env_values = true)]
     pub nats_url: String,
-    /// NATS user (with --nats-password; the `admin` user of the secured config).
+    /// NATS user (with --nats-password; the `admin` user of the secured config). Unset, against a local server: .conv/admin.env.
     #[arg(long, global = true, env = "NATS_USER", default_value = "")]
     pub nats_user: String,
     /// NATS password (better from the environment than on the command line).
@@ -101,7 +101,7 @@ pub enum Command {
     Checkpoints,
     /// One launch-readiness report: ready / warning / not_ready (exit 0 / 1 / 2).
     Readiness(ReadinessArgs),
-    /// Run the local stack: NATS (started if none answers), setup, every service; Ctrl-C stops all.
+    /// Run the local stack: NATS (started if none answers, one user per service; admin credentials in .conv/admin.env, which other commands here use), setup, every service; Ctrl-C stops all.
     Up,
     /// Post a message and print the streamed reply as it arrives; exits when the run ends
     /// (CONV_INGRESS_ADDR, CONV_PROJECTIONS_ADDR; CONV_API_KEY when ingress takes client keys).
