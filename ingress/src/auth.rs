@@ -81,7 +81,7 @@ impl Auth {
     pub fn check(&self, event: &Envelope, presented: Presented<'_>) -> Result<Option<usize>, IngestError> {
         match callback_target(&event.data) {
             Some(target) => self.check_callback(&event.conversation_id, target, presented).map(|()| None),
-            None => self.check_client(&event.conversation_id, presented.bearer),
+            None => self.check_client(event.conversation_id.as_str(), presented.bearer),
         }
     }
 
@@ -106,10 +106,7 @@ impl Auth {
                 }
                 Ok(())
             }
-            Some(_) => self.keys.check(conversation, presented.bearer).map(drop).map_err(|e| match e {
-                KeyError::Unauthorized(m) => IngestError::Unauthorized(m),
-                KeyError::Forbidden(m) => IngestError::Forbidden(m),
-            }),
+            Some(_) => self.check_client(conversation, presented.bearer).map(drop),
             None if !self.is_open() && !any => {
                 Err(IngestError::Unauthorized("send an API key as `Authorization: Bearer <key>`".into()))
             }
@@ -126,8 +123,8 @@ impl Auth {
         }
     }
 
-    fn check_client(&self, conversation: &ConversationId, bearer: Option<&str>) -> Result<Option<usize>, IngestError> {
-        self.keys.check(conversation.as_str(), bearer).map_err(|e| match e {
+    fn check_client(&self, conversation: &str, bearer: Option<&str>) -> Result<Option<usize>, IngestError> {
+        self.keys.check(conversation, bearer).map_err(|e| match e {
             KeyError::Unauthorized(m) => IngestError::Unauthorized(m),
             KeyError::Forbidden(m) => IngestError::Forbidden(m),
         })

@@ -59,8 +59,13 @@ impl Board {
         }
     }
 
-    /// Records that an abort or stop was applied (and committed).
-    pub fn applied(&self, input_id: &str) {
+    /// Records an input that was applied (and committed), if it is an abort
+    /// or stop: only those are ever hinted.
+    pub fn applied(&self, input: &Envelope) {
+        if reducer::cancel_mode(input).is_none() {
+            return;
+        }
+        let input_id = input.id.as_str();
         let mut inner = self.lock();
         if inner.applied.insert(input_id.to_owned()) {
             inner.order.push_back(input_id.to_owned());
@@ -142,7 +147,10 @@ mod tests {
     fn an_applied_abort_is_never_hinted_again() {
         // Its second copy must not cancel the run that started after it.
         let board = Board::default();
-        board.applied("x1");
+        board.applied(&abort("x1", "c1"));
+        // Other inputs are not remembered.
+        board.applied(&Envelope::new("m1", "test", conv("c1"), RetryRequested {}));
+        assert!(board.lock().applied.contains("x1") && !board.lock().applied.contains("m1"));
         board.record(&conv("c1"), vec!["r2.s1.a1".into()]);
         assert_eq!(board.targets(&abort("x1", "c1")), None);
         assert!(board.targets(&abort("x2", "c1")).is_some());
@@ -152,7 +160,7 @@ mod tests {
     fn applied_ids_are_bounded() {
         let board = Board::default();
         for i in 0..APPLIED + 10 {
-            board.applied(&format!("x{i}"));
+            board.applied(&abort(&format!("x{i}"), "c1"));
         }
         let inner = board.lock();
         assert_eq!(inner.applied.len(), APPLIED);

@@ -526,9 +526,7 @@ impl Worker {
             staged.push((pending, events));
         }
         for pending in &duplicates {
-            if reducer::cancel_mode(&pending.event).is_some() {
-                self.board.applied(&pending.event.id);
-            }
+            self.board.applied(&pending.event);
         }
         ack_all(self.partition, &duplicates).await;
         if staged.is_empty() {
@@ -645,9 +643,7 @@ impl Worker {
         // The board learns what is now durable: applied aborts and stops
         // first, then what each conversation would cancel from here.
         for pending in &to_ack {
-            if reducer::cancel_mode(&pending.event).is_some() {
-                self.board.applied(&pending.event.id);
-            }
+            self.board.applied(&pending.event);
         }
         let committed: HashSet<&ConversationId> = to_ack.iter().map(|p| &p.event.conversation_id).collect();
         for conv in committed {
