@@ -8,8 +8,10 @@
 //! `p mod n`), takes a lease on each of its partitions (`<role>p.<p>`, created only
 //! if absent, renewed with the expected revision) and starts a worker; it
 //! stops the workers of partitions that are no longer its own and releases
-//! their leases. Leases expire with the bucket TTL too, so the partitions of
-//! a killed instance are taken over within seconds.
+//! their leases. Leases expire with the bucket TTL too, and the bucket puts
+//! a marker when a key ages out: instances watch their role's keys, so the
+//! partitions of a killed instance are taken over as soon as its leases
+//! expire, not on the next heartbeat.
 //!
 //! Leases and the pinned-client consumers are not exclusivity on their own:
 //! the runtime's snapshot revision and the views' revision-checked writes are
@@ -89,16 +91,31 @@ pub async fn run<P: Partitions>(
     let mut running: BTreeMap<u16, Running<P::Stopped>> = BTreeMap::new();
     let mut tick = tokio::time::interval(config.heartbeat);
     let member_key = format!("{role}members.{instance}");
+    let mut changes: Option<kv::Watch> = None;
+    let mut members: Vec<String> = Vec::new();
     loop {
+        if changes.is_none() {
+            changes = watch(&owners, role).await;
+        }
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
+            change = next_change(&mut changes) => match change {
+                Some(entry) if wakes(&entry.key, entry.operation, role, &members) => {
+                    tracing::debug!(message = "Ownership change seen.", key = %entry.key, operation = ?entry.operation);
+                }
+                Some(_) => continue,
+                None => {
+                    changes = None; // watched again on the next round; ticks meanwhile
+                    continue;
+                }
+            },
         }
         if let Err(error) = owners.put(&member_key, Bytes::from(instance.clone())).await {
             tracing::warn!(message = "Membership heartbeat failed.", %error);
             continue;
         }
-        let members = match live_members(&owners, role).await {
+        members = match live_members(&owners, role).await {
             Ok(m) => m,
             Err(error) => {
                 tracing::warn!(message = "Cannot list members.", %error);
@@ -130,14 +147,24 @@ pub async fn run<P: Partitions>(
                 metrics.rebalances.inc();
             }
         }
-        // Renew what we keep.
+        // Renew what we keep (all at once: a heartbeat must not take longer
+        // under load because one instance owns many partitions).
+        let renewals = running.iter().map(|(p, r)| {
+            let owners = &owners;
+            let value = Bytes::from(instance.clone());
+            async move { (*p, owners.update(lease_key(role, *p), value, r.lease_revision).await) }
+        });
         let mut lost = Vec::new();
-        for (p, r) in running.iter_mut() {
-            match owners.update(lease_key(role, *p), Bytes::from(instance.clone()), r.lease_revision).await {
-                Ok(rev) => r.lease_revision = rev,
+        for (p, renewed) in futures::future::join_all(renewals).await {
+            match renewed {
+                Ok(rev) => {
+                    if let Some(r) = running.get_mut(&p) {
+                        r.lease_revision = rev;
+                    }
+                }
                 Err(error) => {
-                    tracing::warn!(message = "Lease lost.", partition = *p, %error);
-                    lost.push(*p);
+                    tracing::warn!(message = "Lease lost.", partition = p, %error);
+                    lost.push(p);
                 }
             }
         }
@@ -195,6 +222,62 @@ async fn release(owners: &kv::Store, role: &str, p: u16, revision: u64) {
     }
 }
 
+/// What a new owner of a partition does to its pinned consumer before it
+/// pulls: takes the pin at once (instead of waiting for the old owner's to
+/// expire) and resets the consumer to its ack floor, so that what the old
+/// owner held unacked is delivered again now, in order, instead of after
+/// the ack wait. Only safe under the partition's lease: the old owner is
+/// gone or has stopped and handed its messages back. Failures are logged:
+/// the pin then expires and the ack wait redelivers, as without this.
+pub async fn take_consumer<I>(stream: &async_nats::jetstream::stream::Stream<I>, consumer: &str, group: &str) {
+    if let Err(error) = stream.unpin_consumer(consumer, group).await {
+        tracing::debug!(message = "Nothing to unpin.", consumer, %error);
+    }
+    if let Err(error) = stream.reset_consumer(consumer, None).await {
+        tracing::warn!(message = "Cannot reset the consumer; held messages come back after the ack wait.", consumer, %error);
+    }
+}
+
+/// Watches the role's member and lease keys, so that an instance that left
+/// (its keys deleted on shutdown, or expired: the bucket places a marker
+/// when a key ages out) is noticed at once instead of on the next tick.
+async fn watch(owners: &kv::Store, role: &str) -> Option<kv::Watch> {
+    match owners.watch_many([format!("{role}members.>"), format!("{role}p.>")]).await {
+        Ok(w) => Some(w),
+        Err(error) => {
+            tracing::warn!(message = "Cannot watch the leases; changes are seen on the heartbeat.", %error);
+            None
+        }
+    }
+}
+
+/// The next change, or `None` when the watch ended or failed (pending
+/// forever without a watch).
+async fn next_change(changes: &mut Option<kv::Watch>) -> Option<kv::Entry> {
+    let Some(w) = changes else { return std::future::pending().await };
+    match w.next().await {
+        Some(Ok(entry)) => Some(entry),
+        Some(Err(error)) => {
+            tracing::warn!(message = "Lease watch failed; watching again.", %error);
+            None
+        }
+        None => None,
+    }
+}
+
+/// Whether a change calls for a round now: a key deleted or expired, or a
+/// member that was not there on the last round. Heartbeats of known members
+/// and lease renewals do not.
+fn wakes(key: &str, operation: kv::Operation, role: &str, members: &[String]) -> bool {
+    match operation {
+        kv::Operation::Delete | kv::Operation::Purge => true,
+        kv::Operation::Put => key
+            .strip_prefix(role)
+            .and_then(|k| k.strip_prefix("members."))
+            .is_some_and(|id| !members.iter().any(|m| m == id)),
+    }
+}
+
 async fn live_members(owners: &kv::Store, role: &str) -> Result<Vec<String>, String> {
     let prefix = format!("{role}members.");
     let mut keys = owners.keys().await.map_err(|e| e.to_string())?;
@@ -223,5 +306,22 @@ mod tests {
         assert_eq!(all, (0..16).collect::<Vec<_>>());
         assert_eq!(assignment(16, &["a".to_owned()], "a").len(), 16);
         assert!(assignment(16, &members, "c").is_empty());
+    }
+
+    #[test]
+    fn only_departures_and_new_members_wake_the_loop() {
+        use kv::Operation::{Delete, Purge, Put};
+        let members = vec!["a".to_owned(), "b".to_owned()];
+        // Expired (marker) or released keys: at once.
+        assert!(wakes("members.a", Purge, "", &members));
+        assert!(wakes("p.3", Purge, "", &members));
+        assert!(wakes("views.p.3", Delete, "views.", &members));
+        // A member not seen on the last round.
+        assert!(wakes("members.c", Put, "", &members));
+        assert!(wakes("views.members.c", Put, "views.", &members));
+        // Heartbeats of known members and lease renewals wait for the tick.
+        assert!(!wakes("members.a", Put, "", &members));
+        assert!(!wakes("p.3", Put, "", &members));
+        assert!(!wakes("views.members.b", Put, "views.", &members));
     }
 }

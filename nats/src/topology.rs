@@ -300,6 +300,9 @@ impl Topology {
             ),
             kv::Config {
                 storage: StorageType::Memory,
+                // A marker when a key ages out, so instances watching the
+                // bucket see a dead instance's keys go at once.
+                limit_markers: Some(Duration::from_secs(cfg.owner_ttl_secs.max(1))),
                 ..bucket(KV_LEASES, "conv partition leases and members", 1, Duration::from_secs(cfg.owner_ttl_secs))
             },
             bucket(KV_TIMERS, "conv durable timers", 1, Duration::ZERO),
@@ -480,6 +483,9 @@ fn kv_diff(have: &stream::Config, want: &kv::Config) -> Vec<String> {
     }
     if have.storage != want.storage {
         out.push(format!("storage: {:?} → {:?}", have.storage, want.storage));
+    }
+    if have.subject_delete_marker_ttl != want.limit_markers {
+        out.push(format!("limit_markers: {:?} → {:?}", have.subject_delete_marker_ttl, want.limit_markers));
     }
     out
 }

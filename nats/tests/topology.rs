@@ -70,6 +70,42 @@ async fn drift_is_reported_and_repaired() {
 }
 
 #[tokio::test]
+async fn a_leases_bucket_without_limit_markers_is_upgraded_in_place() {
+    let nats = nats().await;
+    let js = nats.jetstream().await;
+    let topo = Topology::declare(&TopologyConfig::default());
+    // The bucket as earlier versions created it: no expiry markers.
+    let mut old = topo.kv.iter().find(|k| k.bucket == topology::KV_LEASES).expect("declared").clone();
+    assert!(old.limit_markers.is_some(), "declared with limit markers");
+    old.limit_markers = None;
+    js.create_key_value(old).await.expect("old bucket");
+    let drift = topology::check(&js, &topo).await.expect("check");
+    let leases = drift.changes.iter().find(|c| c.name == topology::KV_LEASES).expect("reported");
+    assert_eq!(leases.action, Action::Drifted, "{drift}");
+    assert!(leases.fields.iter().any(|f| f.starts_with("limit_markers")), "{:?}", leases.fields);
+
+    topology::apply(&js, &topo).await.expect("apply");
+    assert!(topology::check(&js, &topo).await.expect("check").is_unchanged());
+    // And an expiry is now seen by a watcher (what takeover waits for).
+    let kv = js.get_key_value(topology::KV_LEASES).await.expect("bucket");
+    let mut watch = kv.watch("members.>").await.expect("watch");
+    kv.put("members.gone", "x".into()).await.expect("put");
+    let expired = tokio::time::timeout(Duration::from_secs(10), async {
+        use futures::StreamExt;
+        while let Some(entry) = watch.next().await {
+            let entry = entry.expect("entry");
+            if entry.key == "members.gone" && entry.operation != jetstream::kv::Operation::Put {
+                return entry.operation;
+            }
+        }
+        panic!("watch ended");
+    })
+    .await
+    .expect("the expiry is seen");
+    assert_eq!(expired, jetstream::kv::Operation::Purge);
+}
+
+#[tokio::test]
 async fn partition_transform_matches_the_client_side_hash() {
     let nats = nats().await;
     nats.setup().await.expect("setup");

@@ -152,9 +152,7 @@ pub async fn run(partition: u16, shared: Arc<Shared>, stop: CancellationToken) -
     let stream = shared.js.get_stream_no_info(STREAM_OUT).await.map_err(|e| failed(e.into()))?;
     let name = projections_consumer(partition);
     let consumer: PullConsumer = stream.get_consumer(&name).await.map_err(failed)?;
-    if let Err(error) = stream.unpin_consumer(&name, PROJECTIONS_GROUP).await {
-        tracing::debug!(message = "Nothing to unpin.", partition, %error);
-    }
+    conv_nats::ownership::take_consumer(&stream, &name, PROJECTIONS_GROUP).await;
     let mut messages = consumer
         .stream()
         .group(PROJECTIONS_GROUP)

@@ -151,9 +151,9 @@ pub async fn run(partition: u16, shared: Arc<Shared>, stop: CancellationToken) -
         stream.get_consumer(&runtime_consumer(partition)).await.map_err(|e| failed(e.to_string()))?;
     let control: PullConsumer =
         stream.get_consumer(&runtime_control_consumer(partition)).await.map_err(|e| failed(e.to_string()))?;
-    // A new owner takes the pin at once instead of waiting for the old one's to expire.
-    let _ = stream.unpin_consumer(&runtime_consumer(partition), RUNTIME_GROUP).await;
-    let _ = stream.unpin_consumer(&runtime_control_consumer(partition), RUNTIME_GROUP).await;
+    // A new owner takes the pin at once and gets what the old one held now.
+    conv_nats::ownership::take_consumer(&stream, &runtime_consumer(partition), RUNTIME_GROUP).await;
+    conv_nats::ownership::take_consumer(&stream, &runtime_control_consumer(partition), RUNTIME_GROUP).await;
     let control_backlog = control.cached_info().num_pending;
     let control_msgs = pull(&control, 50).await.map_err(|e| failed(e.to_string()))?;
     let board = Arc::new(Board::default());
