@@ -111,11 +111,18 @@ pub async fn run<P: Partitions>(
                 }
             },
         }
-        if let Err(error) = owners.put(&member_key, Bytes::from(instance.clone())).await {
+        // A request lost with a dropped connection is never answered: give
+        // up on it well before the client's request timeout, so a NATS
+        // restart does not stall the round (a lease not renewed within
+        // this has about expired anyway).
+        let patience = config.heartbeat * 3;
+        let beat = tokio::time::timeout(patience, owners.put(&member_key, Bytes::from(instance.clone()))).await;
+        if let Err(error) = beat.map_err(|_| "timed out".to_owned()).and_then(|r| r.map_err(|e| e.to_string())) {
             tracing::warn!(message = "Membership heartbeat failed.", %error);
             continue;
         }
-        members = match live_members(&owners, role).await {
+        let listed = tokio::time::timeout(patience, live_members(&owners, role)).await;
+        members = match listed.map_err(|_| "timed out".to_owned()).and_then(|r| r) {
             Ok(m) => m,
             Err(error) => {
                 tracing::warn!(message = "Cannot list members.", %error);
@@ -152,7 +159,11 @@ pub async fn run<P: Partitions>(
         let renewals = running.iter().map(|(p, r)| {
             let owners = &owners;
             let value = Bytes::from(instance.clone());
-            async move { (*p, owners.update(lease_key(role, *p), value, r.lease_revision).await) }
+            async move {
+                let renewed =
+                    tokio::time::timeout(patience, owners.update(lease_key(role, *p), value, r.lease_revision));
+                (*p, renewed.await.map_err(|_| "timed out".to_owned()).and_then(|r| r.map_err(|e| e.to_string())))
+            }
         });
         let mut lost = Vec::new();
         for (p, renewed) in futures::future::join_all(renewals).await {
@@ -182,7 +193,14 @@ pub async fn run<P: Partitions>(
             if running.contains_key(&p) {
                 continue;
             }
-            match owners.create(lease_key(role, p), Bytes::from(instance.clone())).await {
+            let Ok(created) =
+                tokio::time::timeout(patience, owners.create(lease_key(role, p), Bytes::from(instance.clone()))).await
+            else {
+                // Maybe created, maybe not: if it was, it expires unrenewed and is taken then.
+                tracing::warn!(message = "Taking a lease timed out.", partition = p);
+                continue;
+            };
+            match created {
                 Ok(lease_revision) => {
                     let stop = shutdown.child_token();
                     let task = parts.start(p, stop.clone());

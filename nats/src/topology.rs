@@ -32,8 +32,8 @@ pub const KV_ENTRIES: &str = "conv_entries";
 /// Revisions kept per key of [`KV_ENTRIES`].
 pub const ENTRIES_HISTORY: i64 = 8;
 /// KV bucket of partition ownership leases and membership (runtime and
-/// projections). Memory storage: leases are ephemeral and are not journal
-/// writes.
+/// projections). File storage (a memory bucket would be gone after a NATS
+/// restart); the entries expire within seconds and are not journal writes.
 pub const KV_LEASES: &str = "conv_leases";
 /// KV bucket of durable timers.
 pub const KV_TIMERS: &str = "conv_timers";
@@ -299,7 +299,8 @@ impl Topology {
                 Duration::ZERO,
             ),
             kv::Config {
-                storage: StorageType::Memory,
+                // File storage: a memory bucket is gone after a NATS restart,
+                // and with it every instance's heartbeat (found by `convctl chaos`).
                 // A marker when a key ages out, so instances watching the
                 // bucket see a dead instance's keys go at once.
                 limit_markers: Some(Duration::from_secs(cfg.owner_ttl_secs.max(1))),
@@ -596,6 +597,15 @@ async fn run(js: &jetstream::Context, topology: &Topology, write: bool) -> Resul
         let have = stream_config(js, &stream_name).await?;
         let fields = have.as_ref().map(|h| kv_diff(h, want)).unwrap_or_default();
         let action = verdict(have.is_some(), &fields);
+        // The leases bucket holds only what instances write again within a
+        // heartbeat: when its storage must change (it was memory, lost on
+        // every NATS restart), it is recreated rather than refused.
+        if want.bucket == KV_LEASES
+            && let Some(h) = &have
+            && h.storage != want.storage
+        {
+            js.delete_key_value(&want.bucket).await.map_err(|e| request_err(&want.bucket, e))?;
+        }
         if matches!(action, Action::Created | Action::Updated) {
             js.create_or_update_key_value(want.clone()).await.map_err(|e| Error::Immutable {
                 object: want.bucket.clone(),

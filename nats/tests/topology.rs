@@ -70,22 +70,28 @@ async fn drift_is_reported_and_repaired() {
 }
 
 #[tokio::test]
-async fn a_leases_bucket_without_limit_markers_is_upgraded_in_place() {
+async fn a_leases_bucket_of_an_older_version_is_upgraded() {
     let nats = nats().await;
     let js = nats.jetstream().await;
     let topo = Topology::declare(&TopologyConfig::default());
-    // The bucket as earlier versions created it: no expiry markers.
+    // The bucket as earlier versions created it: in memory (gone after a
+    // NATS restart), no expiry markers.
     let mut old = topo.kv.iter().find(|k| k.bucket == topology::KV_LEASES).expect("declared").clone();
     assert!(old.limit_markers.is_some(), "declared with limit markers");
+    assert_eq!(old.storage, jetstream::stream::StorageType::File);
     old.limit_markers = None;
+    old.storage = jetstream::stream::StorageType::Memory;
     js.create_key_value(old).await.expect("old bucket");
     let drift = topology::check(&js, &topo).await.expect("check");
     let leases = drift.changes.iter().find(|c| c.name == topology::KV_LEASES).expect("reported");
     assert_eq!(leases.action, Action::Drifted, "{drift}");
     assert!(leases.fields.iter().any(|f| f.starts_with("limit_markers")), "{:?}", leases.fields);
+    assert!(leases.fields.iter().any(|f| f.starts_with("storage")), "{:?}", leases.fields);
 
     topology::apply(&js, &topo).await.expect("apply");
     assert!(topology::check(&js, &topo).await.expect("check").is_unchanged());
+    let mut stream = js.get_stream("KV_conv_leases").await.expect("stream");
+    assert_eq!(stream.info().await.expect("info").config.storage, jetstream::stream::StorageType::File);
     // And an expiry is now seen by a watcher (what takeover waits for).
     let kv = js.get_key_value(topology::KV_LEASES).await.expect("bucket");
     let mut watch = kv.watch("members.>").await.expect("watch");

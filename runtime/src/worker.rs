@@ -3,8 +3,9 @@
 //! durable and only then acks.
 //!
 //! Per input: `reducer::apply` → publish the emitted directives and outputs
-//! and one applied marker (all with deterministic ids, so a redelivered input
-//! produces no duplicates) → await their acks → ack the input. The state is
+//! (deterministic ids, so a redelivered input produces no duplicates) →
+//! await their acks → publish the applied marker, the commit record → await
+//! its ack → ack the input. Batches do each step for many inputs at once. The state is
 //! snapshotted every `snapshot_every` applies and when the conversation goes
 //! idle, with the expected revision; idle conversations are evicted and later
 //! restored from snapshot + journal tail.
@@ -99,6 +100,31 @@ struct Loaded {
     /// Applies since the last snapshot write.
     dirty: u64,
     touched: Instant,
+}
+
+/// Publishes every event pipelined, then awaits all the acks: the stream
+/// sequence of each, or why it is not stored, tagged as given.
+async fn publish_all(
+    js: &async_nats::jetstream::Context,
+    events: Vec<(usize, &Envelope)>,
+) -> Vec<(usize, Result<u64, String>)> {
+    let mut acks = Vec::new();
+    for (i, event) in events {
+        match conv_nats::headers::publish(js, event).await {
+            Ok(ack) => acks.push((i, Some(ack))),
+            Err(error) => {
+                tracing::warn!(message = "Publish failed.", event_id = %event.id, %error);
+                acks.push((i, None));
+            }
+        }
+    }
+    futures::future::join_all(acks.into_iter().map(|(i, ack)| async move {
+        match ack {
+            Some(ack) => (i, ack.await.map(|a| a.sequence).map_err(|e| e.to_string())),
+            None => (i, Err("not published".to_owned())),
+        }
+    }))
+    .await
 }
 
 /// Id of the applied marker of an input.
@@ -469,9 +495,9 @@ impl Worker {
     }
 
     /// Group commit: applies a batch of scheduled inputs (in the scheduler's
-    /// order, in place), publishes every emitted event and marker of the
-    /// batch pipelined, awaits their acks together, then acks the inputs
-    /// together. A conversation any of whose events failed to publish is
+    /// order, in place), publishes every emitted event of the batch
+    /// pipelined and awaits their acks together, then the markers of what is
+    /// fully stored the same way, then acks the inputs together. A conversation any of whose events failed to publish is
     /// dropped from memory (restored from the journal later) and its inputs
     /// in the batch are handed back; their ids are deterministic, so what was
     /// stored is deduped when they are applied again.
@@ -564,38 +590,40 @@ impl Worker {
             staged = kept;
         }
 
-        // Publish everything, then await every ack.
+        // Publish in two phases, each pipelined with its acks awaited
+        // together: first every event but the markers, then the markers of
+        // the inputs all of whose events are stored. A stored marker is the
+        // commit record: an input with a marker is acked as a duplicate when
+        // it comes again, so nothing it emitted may be missing (a NATS
+        // restart can store one stream's message and drop another's).
         let js = self.shared.js.clone();
         let work = async {
-            let mut acks = Vec::new();
+            let mut effects = Vec::new();
             for (i, (_, events)) in staged.iter().enumerate() {
-                for event in events {
-                    match conv_nats::headers::publish(&js, event).await {
-                        Ok(ack) => acks.push((i, Some(ack))),
-                        Err(error) => {
-                            tracing::warn!(message = "Publish failed.", event_id = %event.id, %error);
-                            acks.push((i, None));
-                        }
-                    }
+                effects.extend(events[..events.len().saturating_sub(1)].iter().map(|e| (i, e)));
+            }
+            let mut broken: HashSet<&ConversationId> = HashSet::new();
+            for (i, result) in publish_all(&js, effects).await {
+                if let Err(error) = result {
+                    tracing::warn!(message = "Publishing a result failed; will retry.", %error);
+                    broken.insert(&staged[i].0.event.conversation_id);
                 }
             }
-            let mut marker_seqs: Vec<Option<u64>> = vec![Some(0); staged.len()];
-            let results = futures::future::join_all(acks.into_iter().map(|(i, ack)| async move {
-                match ack {
-                    Some(ack) => (i, ack.await.map(|a| a.sequence).map_err(|e| e.to_string())),
-                    None => (i, Err("not published".to_owned())),
+            // A conversation's later inputs build on its earlier ones: none
+            // of its markers when any of its events is missing.
+            let mut markers = Vec::new();
+            for (i, (p, events)) in staged.iter().enumerate() {
+                if let Some(marker) = events.last()
+                    && !broken.contains(&p.event.conversation_id)
+                {
+                    markers.push((i, marker));
                 }
-            }))
-            .await;
-            // Results come in publish order: the marker (last of an input) gives the sequence.
-            for (i, result) in results {
-                match (result, &mut marker_seqs[i]) {
-                    (Ok(seq), Some(last)) => *last = seq,
-                    (Err(error), slot) => {
-                        tracing::warn!(message = "Publishing a result failed; will retry.", %error);
-                        *slot = None;
-                    }
-                    (Ok(_), None) => {}
+            }
+            let mut marker_seqs: Vec<Option<u64>> = vec![None; staged.len()];
+            for (i, result) in publish_all(&js, markers).await {
+                match result {
+                    Ok(seq) => marker_seqs[i] = Some(seq),
+                    Err(error) => tracing::warn!(message = "Publishing a marker failed; will retry.", %error),
                 }
             }
             marker_seqs
