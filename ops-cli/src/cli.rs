@@ -129,6 +129,10 @@ pub enum Command {
         #[arg(long, default_value_t = 20)]
         aborts: usize,
     },
+    /// Fault-injection run: start a stack of its own (nats-server and every service as processes), talk while
+    /// killing, pausing and restarting them on a seeded schedule, then check the journal and the views; exit 1 on any
+    /// violation.
+    Chaos(ChaosArgs),
     /// Rebuild or verify projection views (folds of CONV_OUT).
     #[command(subcommand)]
     Projections(ProjectionsCommand),
@@ -216,4 +220,37 @@ pub enum ProjectionsCommand {
         #[arg(long, default_value_t = 5)]
         settle_secs: u64,
     },
+}
+
+/// Options of `convctl chaos`.
+#[derive(Debug, Clone, Args)]
+pub struct ChaosArgs {
+    /// Conversations talking at once (each sends a message, waits for the reply, sends the next).
+    #[arg(long, default_value_t = 20)]
+    pub conversations: usize,
+    /// Messages each conversation sends at least (more while faults are still being injected).
+    #[arg(long, default_value_t = 3)]
+    pub messages: usize,
+    /// Faults to inject: rounds of every kind (SIGKILL of each service, SIGSTOP/SIGCONT of runtime, effects and
+    /// projections, NATS restart), each round in a seeded order.
+    #[arg(long, default_value_t = 8)]
+    pub faults: usize,
+    /// Time between faults, in milliseconds.
+    #[arg(long, default_value_t = 4000)]
+    pub fault_interval_ms: u64,
+    /// Seed of the fault order and targets: the same seed gives the same schedule.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Instances of every service.
+    #[arg(long, default_value_t = 2)]
+    pub instances: usize,
+    /// A reply that has not come within this many seconds is a violation.
+    #[arg(long, default_value_t = 60)]
+    pub reply_deadline_secs: u64,
+    /// Reply wait p99 above this many seconds is a violation.
+    #[arg(long, default_value_t = 8.0)]
+    pub max_reply_p99_secs: f64,
+    /// Directory for the stack's data and logs (default: a new one under the system temp dir); kept afterwards.
+    #[arg(long)]
+    pub dir: Option<std::path::PathBuf>,
 }

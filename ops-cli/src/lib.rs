@@ -56,6 +56,7 @@ pub async fn run(cli: Cli) -> Result<Outcome, Error> {
         Command::Projections(cli::ProjectionsCommand::Verify { conversation, settle_secs, .. }) => {
             cmd::projections::verify(g, conversation.as_deref(), std::time::Duration::from_secs(settle_secs)).await
         }
+        Command::Chaos(args) => cmd::chaos::run(g, &args).await,
         Command::Replay { conversation } => cmd::replay::run(g, &conversation).await,
         Command::Trace { event_id } => cmd::trace::run(g, &event_id).await,
     }

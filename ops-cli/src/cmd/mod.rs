@@ -1,6 +1,7 @@
 //! One module per command.
 
 pub mod bench;
+pub mod chaos;
 pub mod checkpoints;
 pub mod dlq;
 pub mod projections;

@@ -31,6 +31,12 @@ pub async fn report(g: &Global, conversation: &str) -> Result<Report, Error> {
     let conv = ConversationId::parse(conversation)
         .map_err(|e| Error::Invalid(format!("conversation id {conversation:?}: {e}")))?;
     let js = crate::connect(g).await?;
+    report_on(&js, &conv).await
+}
+
+/// [`report`] on an open connection.
+pub async fn report_on(js: &async_nats::jetstream::Context, conv: &ConversationId) -> Result<Report, Error> {
+    let (js, conv) = (js.clone(), conv.clone());
     let replayed = journal::rebuild(&js, &conv, None).await.map_err(|e| Error::JetStream(e.to_string()))?;
     if replayed.applied == 0 {
         return Err(Error::Invalid(format!(

@@ -49,7 +49,7 @@ fn forward(name: &'static str, child: &mut Child) {
 }
 
 /// 32 random bytes from the OS, hex.
-fn random_secret() -> Result<String, Error> {
+pub(crate) fn random_secret() -> Result<String, Error> {
     use std::io::Read;
     let mut bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")

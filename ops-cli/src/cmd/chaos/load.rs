@@ -1,0 +1,185 @@
+//! The traffic of a chaos run, through the HTTP API like any client: post a
+//! message (with an `Idempotency-Key`, retried on any instance until it is
+//! accepted), wait for the reply in the timeline, post the next.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// One accepted message and how long its reply took.
+#[derive(Debug, Clone)]
+pub struct Turn {
+    pub conversation: String,
+    pub event_id: String,
+    /// From the first post attempt to the reply in the timeline; `None`:
+    /// no reply within the deadline.
+    pub reply: Option<Duration>,
+}
+
+/// A client of the stack's ingress and projections instances.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    ingress: Vec<SocketAddr>,
+    projections: Vec<SocketAddr>,
+}
+
+/// Why a message was not accepted at all.
+#[derive(Debug, Clone)]
+pub struct Refused(pub String);
+
+impl Client {
+    pub fn new(ingress: Vec<SocketAddr>, projections: Vec<SocketAddr>) -> Result<Self, crate::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| crate::Error::Invalid(e.to_string()))?;
+        Ok(Self { http, ingress, projections })
+    }
+
+    /// Posts `text` with `key` until an instance accepts it (202), trying
+    /// the instances in turn; gives up at `deadline`. Returns the event id.
+    pub async fn post(&self, conv: &str, key: &str, text: &str, deadline: Instant) -> Result<String, Refused> {
+        let mut last = String::new();
+        for attempt in 0usize.. {
+            let addr = self.ingress[attempt % self.ingress.len()];
+            let sent = self
+                .http
+                .post(format!("http://{addr}/v1/conversations/{conv}/messages"))
+                .header("Idempotency-Key", key)
+                .json(&json!({ "text": text }))
+                .send()
+                .await;
+            match sent {
+                Ok(r) if r.status().as_u16() == 202 => {
+                    let body: Value =
+                        r.json().await.map_err(|e| Refused(format!("202 with an unreadable body: {e}")))?;
+                    return body["event_id"]
+                        .as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| Refused(format!("202 without event_id: {body}")));
+                }
+                // Retrying cannot fix these.
+                Ok(r) if r.status().is_client_error() && r.status().as_u16() != 429 && r.status().as_u16() != 408 => {
+                    let status = r.status();
+                    return Err(Refused(format!("{status}: {}", r.text().await.unwrap_or_default())));
+                }
+                Ok(r) => last = r.status().to_string(),
+                Err(e) => last = e.to_string(),
+            }
+            if Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Err(Refused(format!("not accepted before the deadline; last: {last}")))
+    }
+
+    /// The stored timeline from any projections instance.
+    pub async fn timeline(&self, conv: &str) -> Option<Value> {
+        for addr in &self.projections {
+            if let Ok(r) = self.http.get(format!("http://{addr}/v1/conversations/{conv}/timeline")).send().await
+                && r.status().is_success()
+                && let Ok(v) = r.json::<Value>().await
+            {
+                return Some(v);
+            }
+        }
+        None
+    }
+
+    /// Waits until the timeline shows `turns` user messages, each answered,
+    /// and the run idle. False at `deadline`.
+    pub async fn wait_answered(&self, conv: &str, turns: usize, deadline: Instant) -> bool {
+        loop {
+            if let Some(t) = self.timeline(conv).await
+                && answered(&t) == Some(turns)
+            {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// The number of user messages when every one of them is answered by a
+/// completed assistant entry and the run is idle; `None` otherwise.
+pub fn answered(timeline: &Value) -> Option<usize> {
+    if timeline["run_status"] != "idle" {
+        return None;
+    }
+    let entries = timeline["entries"].as_array()?;
+    let mut users = 0;
+    let mut waiting = false;
+    for e in entries {
+        match e["role"].as_str() {
+            Some("user") => {
+                if waiting {
+                    return None;
+                }
+                users += 1;
+                waiting = true;
+            }
+            Some("assistant") if e["status"] == "completed" => waiting = false,
+            _ => {}
+        }
+    }
+    (!waiting).then_some(users)
+}
+
+/// Drives one conversation: at least `min_turns` messages, and more while
+/// `keep_going` says so; each waits for its reply (at most `reply_deadline`).
+pub async fn conversation(
+    client: Client,
+    conv: String,
+    min_turns: usize,
+    keep_going: impl Fn() -> bool,
+    reply_deadline: Duration,
+) -> (Vec<Turn>, Vec<String>) {
+    let (mut turns, mut problems) = (Vec::new(), Vec::new());
+    for n in 1usize.. {
+        if n > min_turns && !keep_going() {
+            break;
+        }
+        let started = Instant::now();
+        let deadline = started + reply_deadline;
+        let key = format!("{conv}-turn-{n}");
+        let event_id = match client.post(&conv, &key, &format!("chaos turn {n} of {conv}"), deadline).await {
+            Ok(id) => id,
+            Err(Refused(why)) => {
+                problems.push(format!("{conv}: message {n} not accepted: {why}"));
+                break;
+            }
+        };
+        let ok = client.wait_answered(&conv, n, deadline).await;
+        turns.push(Turn { conversation: conv.clone(), event_id, reply: ok.then(|| started.elapsed()) });
+        if !ok {
+            problems.push(format!("{conv}: no reply to message {n} within {reply_deadline:?}"));
+            break;
+        }
+    }
+    (turns, problems)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answered_counts_only_fully_answered_idle_timelines() {
+        let t = |run: &str, entries: Value| json!({"run_status": run, "entries": entries});
+        let user = json!({"role": "user", "status": "completed"});
+        let done = json!({"role": "assistant", "status": "completed"});
+        let streaming = json!({"role": "assistant", "status": "streaming"});
+        assert_eq!(answered(&t("idle", json!([]))), Some(0));
+        assert_eq!(answered(&t("idle", json!([user, done, user, done]))), Some(2));
+        assert_eq!(answered(&t("running", json!([user, done]))), None);
+        assert_eq!(answered(&t("idle", json!([user, streaming]))), None);
+        assert_eq!(answered(&t("idle", json!([user, user, done]))), None, "a message without its own reply");
+        assert_eq!(answered(&t("idle", json!([user]))), None);
+    }
+}

@@ -1,0 +1,361 @@
+//! `convctl chaos`: a repeatable fault-injection run against a real stack it
+//! starts itself (one `nats-server`, every service as processes, `--instances`
+//! of each). Conversations talk through the HTTP API with the scripted
+//! provider while faults land on a seeded schedule — SIGKILL of each service
+//! kind (started again a second later, as a supervisor would), SIGSTOP/SIGCONT
+//! of the runtime, effects and projections, a NATS restart. After each fault
+//! a probe message goes to every partition; the slowest probe's reply is the
+//! time to recover. Afterwards the journal and the views are checked (see
+//! [`check`]); any violation makes the exit code 1.
+
+mod check;
+mod load;
+mod stack;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use conv_contracts::ConversationId;
+use conv_contracts::subject::{DEFAULT_PARTITIONS, partition_of};
+use serde::Serialize;
+
+use crate::cli::{ChaosArgs, Global};
+use crate::{Error, Outcome};
+use stack::{Kind, Settings, Stack};
+
+/// What is done to a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// SIGKILL, started again after a second.
+    Kill,
+    /// SIGSTOP for three seconds, then SIGCONT.
+    Pause,
+    /// SIGTERM to `nats-server`, started again on the same data after a second.
+    Restart,
+}
+
+/// The faults of one round, every kind once; rounds repeat in a new order.
+const KINDS: [(Action, Kind); 8] = [
+    (Action::Kill, Kind::Ingress),
+    (Action::Kill, Kind::Runtime),
+    (Action::Kill, Kind::Effects),
+    (Action::Kill, Kind::Projections),
+    (Action::Pause, Kind::Runtime),
+    (Action::Pause, Kind::Effects),
+    (Action::Pause, Kind::Projections),
+    (Action::Restart, Kind::Nats),
+];
+
+/// One fault as injected and what it cost.
+#[derive(Debug, Clone, Serialize)]
+pub struct Fault {
+    pub action: Action,
+    pub target: Kind,
+    /// Which instance of the target (0 for NATS).
+    pub instance: usize,
+    /// Seconds after the traffic started.
+    pub at_secs: f64,
+    /// Slowest reply to the probes sent to every partition as the fault
+    /// began; `None`: a probe got no reply.
+    pub recovery_secs: Option<f64>,
+}
+
+/// What a run found.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub seed: u64,
+    pub conversations: usize,
+    pub instances: usize,
+    /// Messages accepted (traffic and probes).
+    pub messages: usize,
+    pub faults: Vec<Fault>,
+    pub reply_ms_p50: f64,
+    pub reply_ms_p99: f64,
+    pub reply_ms_max: f64,
+    pub violations: check::Violations,
+    #[serde(rename = "ok")]
+    pub passed: bool,
+    /// Where the stack's data and logs are.
+    pub dir: PathBuf,
+    pub seconds: f64,
+}
+
+/// splitmix64: a seeded sequence, the same on every machine.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        usize::try_from(self.next() % u64::try_from(n.max(1)).unwrap_or(1)).unwrap_or(0)
+    }
+}
+
+/// The faults of a run: rounds of every kind, each round shuffled.
+fn schedule(seed: u64, faults: usize, instances: usize) -> Vec<(Action, Kind, usize)> {
+    let mut rng = Rng(seed);
+    let mut out = Vec::with_capacity(faults);
+    while out.len() < faults {
+        let mut round = KINDS.to_vec();
+        for i in (1..round.len()).rev() {
+            round.swap(i, rng.below(i + 1));
+        }
+        for (action, kind) in round {
+            if out.len() < faults {
+                let instance = if kind == Kind::Nats { 0 } else { rng.below(instances) };
+                out.push((action, kind, instance));
+            }
+        }
+    }
+    out
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[(((v.len() - 1) as f64) * p).round() as usize]
+}
+
+/// Progress, on stderr so that `--json` output stays one document.
+fn say(line: &str) {
+    eprintln!("[chaos] {line}");
+}
+
+/// A conversation id on `partition`, unique to probe round `round`.
+fn probe_id(round: usize, partition: u16) -> String {
+    (0usize..)
+        .map(|j| format!("chaos-probe-{round}-{j}"))
+        .find(|c| ConversationId::parse(c).is_ok_and(|id| partition_of(&id, DEFAULT_PARTITIONS) == partition))
+        .unwrap_or_default()
+}
+
+pub async fn run(g: &Global, args: &ChaosArgs) -> Result<Outcome, Error> {
+    if args.conversations == 0 || args.instances == 0 || args.messages == 0 {
+        return Err(Error::Invalid("--conversations, --messages and --instances must be at least 1".into()));
+    }
+    let dir =
+        args.dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("conv-chaos-{}", std::process::id())));
+    let settings = Settings { instances: args.instances, scripted_tokens: 40, scripted_token_delay_ms: 20 };
+    say(&format!("starting nats-server and {} instance(s) of every service in {}", args.instances, dir.display()));
+    let mut stack = Stack::start(&dir, &settings).await?;
+    let started = Instant::now();
+    let result = drive(&mut stack, args).await;
+    stack.stop().await;
+    let mut report = result?;
+    report.seconds = started.elapsed().as_secs_f64();
+    report.dir = dir;
+    let code = u8::from(!report.passed);
+    if g.json {
+        return Ok(Outcome { output: crate::to_json(&report), code });
+    }
+    Ok(Outcome { output: text(&report, args.max_reply_p99_secs), code })
+}
+
+async fn drive(stack: &mut Stack, args: &ChaosArgs) -> Result<Report, Error> {
+    let client = load::Client::new(stack.addrs(Kind::Ingress), stack.addrs(Kind::Projections))?;
+    let reply_deadline = Duration::from_secs(args.reply_deadline_secs);
+    let faults_done = Arc::new(AtomicBool::new(false));
+    let t0 = Instant::now();
+    say(&format!(
+        "{} conversations talking; {} faults, one every {} ms (seed {})",
+        args.conversations, args.faults, args.fault_interval_ms, args.seed
+    ));
+    let mut talkers = Vec::new();
+    for i in 0..args.conversations {
+        let done = faults_done.clone();
+        talkers.push(tokio::spawn(load::conversation(
+            client.clone(),
+            format!("chaos-{}-{i}", args.seed),
+            args.messages,
+            move || !done.load(Ordering::Relaxed),
+            reply_deadline,
+        )));
+    }
+
+    let mut faults = Vec::new();
+    let mut probes = Vec::new();
+    let mut other = Vec::new();
+    for (round, (action, target, instance)) in schedule(args.seed, args.faults, args.instances).into_iter().enumerate()
+    {
+        tokio::time::sleep(Duration::from_millis(args.fault_interval_ms)).await;
+        let at_secs = t0.elapsed().as_secs_f64();
+        say(&format!("{at_secs:6.1}s  {action:?} {} #{instance}", target.name()));
+        // A probe to every partition as the fault begins.
+        let mut round_probes = Vec::new();
+        for p in 0..DEFAULT_PARTITIONS {
+            let client = client.clone();
+            let conv = probe_id(round, p);
+            round_probes.push(tokio::spawn(async move {
+                let started = Instant::now();
+                let deadline = started + reply_deadline;
+                let id = client.post(&conv, &format!("{conv}-1"), "probe", deadline).await;
+                let replied = match &id {
+                    Ok(_) => client.wait_answered(&conv, 1, deadline).await.then(|| started.elapsed()),
+                    Err(_) => None,
+                };
+                (conv, id.ok(), replied)
+            }));
+        }
+        let index = stack.procs.iter().position(|p| p.kind == target && p.index == instance);
+        match (action, index) {
+            (Action::Restart, _) => stack.restart_nats(Duration::from_secs(1)).await?,
+            (Action::Kill, Some(i)) => stack.kill(i, Duration::from_secs(1)).await?,
+            (Action::Pause, Some(i)) => stack.pause(i, Duration::from_secs(3)).await,
+            (_, None) => {}
+        }
+        faults.push(Fault { action, target, instance, at_secs, recovery_secs: None });
+        probes.push(round_probes);
+        other.extend(stack.revive()?);
+    }
+    faults_done.store(true, Ordering::Relaxed);
+    say("faults done; letting the conversations finish");
+
+    let mut accepted: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut replies = Vec::new();
+    for t in talkers {
+        let (turns, problems) = t.await.map_err(|e| Error::Invalid(format!("a conversation task failed: {e}")))?;
+        other.extend(problems);
+        for turn in turns {
+            if let Some(r) = turn.reply {
+                replies.push(r.as_secs_f64() * 1000.0);
+            }
+            accepted.entry(turn.conversation).or_default().push(turn.event_id);
+        }
+    }
+    for (fault, round) in faults.iter_mut().zip(probes) {
+        let mut slowest = Some(Duration::ZERO);
+        for probe in round {
+            let (conv, id, replied) = probe.await.map_err(|e| Error::Invalid(format!("a probe failed: {e}")))?;
+            match id {
+                Some(id) => accepted.entry(conv.clone()).or_default().push(id),
+                None => other.push(format!("{conv}: probe not accepted")),
+            }
+            slowest = match (slowest, replied) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                _ => None,
+            };
+            if replied.is_none() {
+                other.push(format!("{conv}: no reply to the probe of {:?} {}", fault.action, fault.target.name()));
+            }
+        }
+        fault.recovery_secs = slowest.map(|d| d.as_secs_f64());
+    }
+    other.extend(stack.revive()?);
+    stack.wait_ready(Duration::from_secs(60)).await?;
+
+    say(&format!("checking {} conversations against the journal", accepted.len()));
+    let mut timelines = HashMap::new();
+    let settle = Instant::now() + Duration::from_secs(30);
+    for (conv, ids) in &accepted {
+        client.wait_answered(conv, ids.len(), settle).await;
+        timelines.insert(conv.clone(), client.timeline(conv).await);
+    }
+    let js = stack::jetstream(&stack.nats_url).await?;
+    let mut violations = check::check(&js, &accepted, &timelines).await?;
+    violations.other.extend(other);
+    let reply_ms_p99 = pct(&mut replies, 0.99);
+    if reply_ms_p99 > args.max_reply_p99_secs * 1000.0 {
+        violations.other.push(format!(
+            "reply wait p99 {:.1} s is above {:.1} s",
+            reply_ms_p99 / 1000.0,
+            args.max_reply_p99_secs
+        ));
+    }
+    Ok(Report {
+        seed: args.seed,
+        conversations: args.conversations,
+        instances: args.instances,
+        messages: accepted.values().map(Vec::len).sum(),
+        faults,
+        reply_ms_p50: pct(&mut replies, 0.5),
+        reply_ms_p99,
+        reply_ms_max: pct(&mut replies, 1.0),
+        passed: violations.total() == 0,
+        violations,
+        dir: PathBuf::new(),
+        seconds: 0.0,
+    })
+}
+
+fn text(r: &Report, max_p99: f64) -> String {
+    let mut s = String::new();
+    s.push_str(&format!(
+        "chaos run, seed {}: {} conversations, {} instance(s) of each service, {} messages, {:.0} s\n\n",
+        r.seed, r.conversations, r.instances, r.messages, r.seconds
+    ));
+    s.push_str("   at  fault                          recovery\n");
+    for f in &r.faults {
+        let what = format!("{:?} {} #{}", f.action, f.target.name(), f.instance).to_lowercase();
+        let rec = f.recovery_secs.map_or_else(|| "NONE".to_owned(), |x| format!("{x:.1} s"));
+        s.push_str(&format!("{:5.1}s  {what:<30} {rec:>8}\n", f.at_secs));
+    }
+    let v = &r.violations;
+    s.push_str(&format!(
+        "\nreply wait: p50 {:.2} s, p99 {:.2} s (bound {max_p99:.1} s), max {:.2} s\n\n",
+        r.reply_ms_p50 / 1000.0,
+        r.reply_ms_p99 / 1000.0,
+        r.reply_ms_max / 1000.0
+    ));
+    let rows: [(&str, usize, &[String]); 7] = [
+        ("accepted messages lost", v.lost.len(), &v.lost),
+        ("inputs applied twice", v.applied_twice.len(), &v.applied_twice),
+        ("duplicate outputs", v.duplicate_outputs.len(), &v.duplicate_outputs),
+        ("incomplete timelines", v.incomplete.len(), &v.incomplete),
+        ("views differing from the journal", v.views_differ.len(), &v.views_differ),
+        ("replay mismatches", v.replay_mismatch.len(), &v.replay_mismatch),
+        ("other problems", v.other.len(), &v.other),
+    ];
+    for (what, n, details) in rows {
+        s.push_str(&format!("{n:>6}  {what}\n"));
+        for d in details.iter().take(10) {
+            s.push_str(&format!("          {d}\n"));
+        }
+    }
+    s.push_str(&format!("{:>6}  dead letters\n", v.dead_letters));
+    s.push_str(&format!(
+        "\n{} (data and logs in {})",
+        if r.passed { "PASSED: nothing lost, nothing twice, every view equal to the journal" } else { "FAILED" },
+        r.dir.display()
+    ));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schedule_is_seeded_and_covers_every_kind_each_round() {
+        let a = schedule(7, 16, 2);
+        assert_eq!(a, schedule(7, 16, 2), "same seed, same faults");
+        assert_ne!(a, schedule(8, 16, 2), "another seed, another order");
+        for round in a.chunks(KINDS.len()) {
+            for (action, kind) in KINDS {
+                assert!(round.iter().any(|(x, k, _)| *x == action && *k == kind), "{action:?} {kind:?} in {round:?}");
+            }
+        }
+        assert!(a.iter().all(|(_, k, i)| *i < 2 && (*k != Kind::Nats || *i == 0)));
+        assert_eq!(schedule(1, 3, 1).len(), 3);
+    }
+
+    #[test]
+    fn probes_cover_every_partition() {
+        let ids: Vec<String> = (0..DEFAULT_PARTITIONS).map(|p| probe_id(3, p)).collect();
+        for (p, id) in ids.iter().enumerate() {
+            let conv = ConversationId::parse(id).expect("valid id");
+            assert_eq!(usize::from(partition_of(&conv, DEFAULT_PARTITIONS)), p);
+        }
+    }
+}
