@@ -61,7 +61,7 @@ step "chaos (short): faults on every service kind and a NATS restart during conv
 # The binaries the tests built; convctl starts nats-server and the services itself.
 cargo build --workspace --bins --locked >&2
 chaos_dir=$(mktemp -d)
-if ! "${CARGO_TARGET_DIR:-target}"/debug/convctl chaos --conversations 10 --faults 8 --fault-interval-ms 3000 --dir "$chaos_dir"; then
+if ! "${CARGO_TARGET_DIR:-target}"/debug/convctl chaos --conversations 10 --faults 8 --fault-interval-ms 4000 --dir "$chaos_dir"; then
   echo "chaos run failed; service logs:" >&2
   tail -n 40 "$chaos_dir"/*.log >&2 || true
   exit 1

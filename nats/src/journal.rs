@@ -59,7 +59,10 @@ pub async fn append(
     let subject = event.nats_subject();
     let publish = async {
         let ack = js.publish_with_headers(subject, hdrs, body).await.map_err(|e| classify(e.kind(), e.to_string()))?;
-        ack.await.map_err(|e| classify(e.kind(), e.to_string()))
+        crate::connect::unless_disconnected(ack)
+            .await
+            .ok_or_else(|| AppendError::Unavailable("the NATS connection dropped before the ack".into()))?
+            .map_err(|e| classify(e.kind(), e.to_string()))
     };
     let ack = tokio::time::timeout(timeout, publish)
         .await

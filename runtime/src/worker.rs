@@ -120,7 +120,10 @@ async fn publish_all(
     }
     futures::future::join_all(acks.into_iter().map(|(i, ack)| async move {
         match ack {
-            Some(ack) => (i, ack.await.map(|a| a.sequence).map_err(|e| e.to_string())),
+            Some(ack) => match conv_nats::connect::unless_disconnected(ack).await {
+                Some(acked) => (i, acked.map(|a| a.sequence).map_err(|e| e.to_string())),
+                None => (i, Err("the NATS connection dropped before the ack".to_owned())),
+            },
             None => (i, Err("not published".to_owned())),
         }
     }))
@@ -516,7 +519,8 @@ impl Worker {
                 let _ = pending.token.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
                 continue;
             }
-            if let Err(error) = self.load(&conv).await {
+            let loaded = conv_nats::connect::unless_disconnected(self.load(&conv)).await;
+            if let Err(error) = loaded.unwrap_or_else(|| Err("the NATS connection dropped while loading".into())) {
                 tracing::warn!(message = "Cannot load state; will retry.", conversation_id = %conv, %error);
                 let _ = pending.token.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
                 failed.insert(conv);
