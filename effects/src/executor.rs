@@ -69,13 +69,15 @@ pub struct Executor {
     pub max_answer_bytes: usize,
 }
 
-/// A lifecycle event could not be journaled: retry the directive later.
+/// The directive cannot be carried out now — a lifecycle event could not be
+/// journaled, or what it reads is unavailable (NATS restarting): it is
+/// handed back and retried later, costing none of the model's attempts.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("journaling a lifecycle event failed: {0}")]
-pub struct PublishFailed(pub String);
+#[error("{0}")]
+pub struct RetryLater(pub String);
 
 impl Executor {
-    async fn emit(&self, directive: &Envelope, data: impl Into<Payload>) -> Result<(), PublishFailed> {
+    async fn emit(&self, directive: &Envelope, data: impl Into<Payload>) -> Result<(), RetryLater> {
         let data = data.into();
         let id = match data.natural_key() {
             Some(key) => format!("{}.{key}", directive.conversation_id),
@@ -94,16 +96,19 @@ impl Executor {
                     tracing::warn!(message = "Outcome too large for the journal; failing the effect.", event_id = %event.id, %detail);
                     Box::pin(self.emit(directive, instead)).await
                 }
-                None => Err(PublishFailed(journal::AppendError::TooLarge(detail).to_string())),
+                None => Err(RetryLater(format!(
+                    "journaling a lifecycle event failed: {}",
+                    journal::AppendError::TooLarge(detail)
+                ))),
             },
-            Err(e) => Err(PublishFailed(e.to_string())),
+            Err(e) => Err(RetryLater(format!("journaling a lifecycle event failed: {e}"))),
         }
     }
 
     /// Runs a directive to its end (or its cancel).
     /// `redelivered`: an earlier run of this directive may have journaled part
     /// of its output (its instance died); the run then resumes after it.
-    pub async fn run(&self, directive: &Envelope, redelivered: bool) -> Result<(), PublishFailed> {
+    pub async fn run(&self, directive: &Envelope, redelivered: bool) -> Result<(), RetryLater> {
         match &directive.data {
             Payload::LlmRequested(r) => self.llm(directive, r, redelivered).await,
             Payload::ToolRequested(t) => self.tool(directive, t).await,
@@ -121,12 +126,12 @@ impl Executor {
                         .saturating_add(i64::try_from(t.delay_ms.min(MAX_DELAY_MS)).unwrap_or(i64::MAX)),
                     directive_id: directive.id.clone(),
                 };
-                crate::timers::schedule(&self.timers, &timer).await.map_err(PublishFailed)
+                crate::timers::schedule(&self.timers, &timer).await.map_err(RetryLater)
             }
             Payload::TimerCancelRequested(t) => {
                 crate::timers::cancel(&self.timers, directive.conversation_id.as_str(), &t.timer_id)
                     .await
-                    .map_err(PublishFailed)
+                    .map_err(RetryLater)
             }
             _ => Ok(()),
         }
@@ -140,7 +145,7 @@ impl Executor {
         t: &ToolRequested,
         hook: &crate::webhook::WebhookTool,
         cancel: &CancellationToken,
-    ) -> Result<(), PublishFailed> {
+    ) -> Result<(), RetryLater> {
         use crate::webhook::{Answer, CallError, call};
         let id = t.tool_call_id.clone();
         // Lets the webhook post its result later, for this call only.
@@ -217,7 +222,7 @@ impl Executor {
         }
     }
 
-    async fn llm(&self, directive: &Envelope, r: &LlmRequested, redelivered: bool) -> Result<(), PublishFailed> {
+    async fn llm(&self, directive: &Envelope, r: &LlmRequested, redelivered: bool) -> Result<(), RetryLater> {
         let conv = directive.conversation_id.as_str();
         let (step_id, attempt) = (r.step_id.clone(), r.attempt);
         let effect = llm_effect_id(&step_id, attempt);
@@ -307,7 +312,7 @@ impl Executor {
         r: &LlmRequested,
         cancel: &CancellationToken,
         (already, next_seq): (String, u64),
-    ) -> Result<(), PublishFailed> {
+    ) -> Result<(), RetryLater> {
         let (step_id, attempt) = (r.step_id.clone(), r.attempt);
         self.emit(directive, LlmStarted { step_id: step_id.clone(), attempt }).await?;
         let context = tokio::select! {
@@ -317,10 +322,10 @@ impl Executor {
         };
         let context = match context {
             Ok(c) => c,
-            Err(e) => {
-                let retryable = e.is_transient();
-                return self.failed(directive, &step_id, attempt, format!("context: {e}"), retryable).await;
-            }
+            // The store is unavailable (NATS restarting): not the model's
+            // failure; the directive comes back and reads again.
+            Err(e) if e.is_transient() => return Err(RetryLater(format!("reading the step's context failed: {e}"))),
+            Err(e) => return self.failed(directive, &step_id, attempt, format!("context: {e}"), false).await,
         };
         // Start the call, retrying transient failures with jittered backoff.
         let mut backoff = ExponentialBuilder::default()
@@ -466,19 +471,19 @@ impl Executor {
         attempt: u32,
         error: String,
         retryable: bool,
-    ) -> Result<(), PublishFailed> {
+    ) -> Result<(), RetryLater> {
         self.metrics.failed.with_label_values(&["llm"]).inc();
         tracing::warn!(message = "Model call failed.", step_id, %error, retryable);
         self.emit(directive, LlmFailed { step_id: step_id.to_owned(), attempt, error, retryable }).await
     }
 
-    async fn canceled(&self, directive: &Envelope, step_id: &str, attempt: u32) -> Result<(), PublishFailed> {
+    async fn canceled(&self, directive: &Envelope, step_id: &str, attempt: u32) -> Result<(), RetryLater> {
         self.metrics.canceled.with_label_values(&["llm"]).inc();
         self.emit(directive, LlmCanceled { step_id: step_id.to_owned(), attempt, reason: Some("canceled".into()) })
             .await
     }
 
-    async fn tool(&self, directive: &Envelope, t: &ToolRequested) -> Result<(), PublishFailed> {
+    async fn tool(&self, directive: &Envelope, t: &ToolRequested) -> Result<(), RetryLater> {
         let conv = directive.conversation_id.as_str();
         let id = t.tool_call_id.clone();
         let Some(cancel) = self.registry.start(conv, &id) else {

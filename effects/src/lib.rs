@@ -626,7 +626,7 @@ async fn run_with_progress(
     executor: &executor::Executor,
     event: &conv_contracts::Envelope,
     message: &Message,
-) -> Result<(), executor::PublishFailed> {
+) -> Result<(), executor::RetryLater> {
     let redelivered = message.info().map(|i| i.delivered > 1).unwrap_or(false);
     let work = executor.run(event, redelivered);
     tokio::pin!(work);

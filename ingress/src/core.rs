@@ -147,13 +147,22 @@ pub struct Ingress {
     pub shedding: std::sync::Arc<crate::guard::Shedding>,
 }
 
+/// `max_payload` of a NATS server configured without one (1 MiB).
+const NATS_DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
+
 impl Ingress {
     /// The largest event taken: the body limit, and no more than what the
     /// connected server's `max_payload` leaves for the *outputs* the event
     /// becomes (a message's text is journaled again in its timeline entry),
     /// so nothing is accepted that could not be shown.
     pub fn limits(&self) -> Limits {
-        let journal = self.js.client().server_info().max_payload.saturating_sub(OUTPUT_HEADROOM);
+        // While the client reconnects it knows no server (`max_payload` 0):
+        // assume the NATS default rather than refuse everything as oversize
+        // (found by `convctl chaos`: a 285-byte message got 413 during a NATS
+        // restart); the publish itself then answers 503 until NATS is back.
+        let known = self.js.client().server_info().max_payload;
+        let max_payload = if known == 0 { NATS_DEFAULT_MAX_PAYLOAD } else { known };
+        let journal = max_payload.saturating_sub(OUTPUT_HEADROOM);
         Limits { max_event_bytes: self.options.max_body_bytes.min(journal) }
     }
 

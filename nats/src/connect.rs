@@ -44,6 +44,7 @@ impl NatsConfig {
         if self.url.trim().is_empty() {
             return Err("nats.url must not be empty".into());
         }
+        self.servers()?;
         if self.connect_timeout_ms == 0 || self.request_timeout_ms == 0 {
             return Err("nats timeouts must be positive".into());
         }
@@ -54,6 +55,22 @@ impl NatsConfig {
             return Err("set either nats.creds (NATS_CREDS) or nats.user/password, not both".into());
         }
         Ok(())
+    }
+
+    /// The servers of `url`: one, or several separated by commas (the NATS
+    /// convention, e.g. the three nodes of a cluster); the client connects
+    /// to one of them and fails over to the others.
+    pub fn servers(&self) -> Result<Vec<async_nats::ServerAddr>, String> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse::<async_nats::ServerAddr>()
+                    .map_err(|e| format!("nats.url (NATS_URL): {:?} is not a server address: {e}", redact_url(s)))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(|v| if v.is_empty() { Err("nats.url (NATS_URL) names no server".to_owned()) } else { Ok(v) })
     }
 
     /// The URL for logs and errors: credentials replaced by `***`.
@@ -128,7 +145,8 @@ impl ConnectError {
 
 /// Connects once and fails if NATS does not answer (for CLIs and tests).
 pub async fn connect(config: &NatsConfig, name: &str) -> Result<async_nats::Client, ConnectError> {
-    config.options(name).await?.connect(config.url.as_str()).await.map_err(|e| ConnectError::new(config, &e))
+    let servers = config.servers().map_err(|detail| ConnectError { url: config.display_url(), detail })?;
+    config.options(name).await?.connect(servers).await.map_err(|e| ConnectError::new(config, &e))
 }
 
 /// Returns at once and keeps trying in the background (for services: they
@@ -138,7 +156,7 @@ pub async fn connect_lazy(config: &NatsConfig, name: &str) -> Result<async_nats:
         .options(name)
         .await?
         .retry_on_initial_connect()
-        .connect(config.url.as_str())
+        .connect(config.servers().map_err(|detail| ConnectError { url: config.display_url(), detail })?)
         .await
         .map_err(|e| ConnectError::new(config, &e))
 }
@@ -146,4 +164,31 @@ pub async fn connect_lazy(config: &NatsConfig, name: &str) -> Result<async_nats:
 /// A JetStream context with the configured request timeout.
 pub fn jetstream(client: async_nats::Client, config: &NatsConfig) -> async_nats::jetstream::Context {
     async_nats::jetstream::ContextBuilder::new().timeout(config.request_timeout()).build(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_url(url: &str) -> NatsConfig {
+        NatsConfig { url: url.to_owned(), ..Default::default() }
+    }
+
+    #[test]
+    fn a_url_may_list_several_servers() {
+        assert_eq!(with_url("nats://127.0.0.1:4222").servers().map(|s| s.len()), Ok(1));
+        let cluster = with_url("nats://127.0.0.1:4222,nats://127.0.0.1:4223, nats://127.0.0.1:4224");
+        assert_eq!(cluster.servers().map(|s| s.len()), Ok(3));
+        assert!(cluster.validate().is_ok());
+        assert_eq!(with_url("127.0.0.1:4222,127.0.0.1:4223").servers().map(|s| s.len()), Ok(2));
+    }
+
+    #[test]
+    fn a_bad_server_in_the_list_is_named_without_its_credentials() {
+        let err = with_url("nats://127.0.0.1:4222,nats://admin:hunter2@h:notaport").validate().expect_err("refused");
+        assert!(err.contains("NATS_URL"), "{err}");
+        assert!(err.contains("***@h:notaport"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(with_url(" , ").validate().is_err());
+    }
 }

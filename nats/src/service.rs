@@ -187,7 +187,7 @@ pub fn handle_args(id: &Identity, args: impl IntoIterator<Item = String>) -> Res
                 println!(
                     "{name} {version}\n{about}\n\nUsage: {name}\n\nConfigured by environment (and an optional TOML file):\n  \
                      {addr_env:<22} listen address for /healthz /readyz /metrics (default {addr})\n  \
-                     NATS_URL               NATS server (default {nats})\n  \
+                     NATS_URL               NATS server, or several separated by commas (default {nats})\n  \
                      CONV_CONFIG            TOML file with [service], [nats], [topology], [options] sections\n  \
                      CONV_LOG_FORMAT        pretty | json (default pretty)\n  \
                      CONV_HTTP_HEADER_TIMEOUT_MS  a request head must arrive within this, also between keep-alive requests (default 30000)\n  \

@@ -22,3 +22,14 @@ async fn a_wait_ends_when_the_connection_drops_instead_of_at_the_timeout() {
     assert_eq!(done, Some(7));
     drop(client);
 }
+
+#[tokio::test]
+async fn a_server_list_connects_to_one_that_answers() {
+    let nats = TestNats::start().await.expect("test NATS");
+    // A port nobody listens on, then the real server (NATS_URL of a cluster).
+    let closed = conv_nats::test_util::free_addr();
+    let config = conv_nats::NatsConfig { url: format!("nats://{closed},{}", nats.url()), ..nats.config() };
+    let client = conv_nats::connect(&config, "list-test").await.expect("connects to the one that answers");
+    let js = conv_nats::jetstream(client, &config);
+    assert!(js.query_account().await.is_ok(), "JetStream answers through it");
+}

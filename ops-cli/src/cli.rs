@@ -16,7 +16,7 @@ pub struct Cli {
 /// Options every command takes.
 #[derive(Debug, Clone, Args)]
 pub struct Global {
-    /// NATS server URL.
+    /// NATS server URL, or several separated by commas (the nodes of a cluster).
     #[arg(long, global = true, env = "NATS_URL", default_value = conv_nats::connect::DEFAULT_URL, hide_env_values = true)]
     pub nats_url: String,
     /// NATS user (with --nats-password; the `admin` user of the secured config). Unset, against a local server: .conv/admin.env.
