@@ -69,6 +69,10 @@ pub struct Executor {
     pub max_answer_bytes: usize,
 }
 
+/// How long a step waits for an unavailable context store before handing
+/// its directive back.
+const CONTEXT_PATIENCE: Duration = Duration::from_secs(10);
+
 /// The directive cannot be carried out now — a lifecycle event could not be
 /// journaled, or what it reads is unavailable (NATS restarting): it is
 /// handed back and retried later, costing none of the model's attempts.
@@ -315,10 +319,28 @@ impl Executor {
     ) -> Result<(), RetryLater> {
         let (step_id, attempt) = (r.step_id.clone(), r.attempt);
         self.emit(directive, LlmStarted { step_id: step_id.clone(), attempt }).await?;
-        let context = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return self.canceled(directive, &step_id, attempt).await,
-            c = self.context(directive, r) => c,
+        // A store that does not answer (NATS restarting) is waited for a
+        // while here, so that the directive is not handed back (and dead-
+        // lettered after max_deliver) for an outage of a few seconds.
+        let mut waited = Duration::ZERO;
+        let context = loop {
+            let context = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return self.canceled(directive, &step_id, attempt).await,
+                c = self.context(directive, r) => c,
+            };
+            match context {
+                Err(e) if e.is_transient() && waited < CONTEXT_PATIENCE => {
+                    tracing::debug!(message = "Context store unavailable; reading again.", step_id = %step_id, error = %e);
+                    tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => return self.canceled(directive, &step_id, attempt).await,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                    waited += Duration::from_millis(500);
+                }
+                other => break other,
+            }
         };
         let context = match context {
             Ok(c) => c,

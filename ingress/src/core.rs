@@ -156,11 +156,10 @@ impl Ingress {
     /// becomes (a message's text is journaled again in its timeline entry),
     /// so nothing is accepted that could not be shown.
     pub fn limits(&self) -> Limits {
-        // While the client reconnects it knows no server (`max_payload` 0):
-        // assume the NATS default rather than refuse everything as oversize
-        // (found by `convctl chaos`: a 285-byte message got 413 during a NATS
-        // restart); the publish itself then answers 503 until NATS is back.
-        let known = self.js.client().server_info().max_payload;
+        // The negotiated `max_payload`, kept while the client reconnects (the
+        // server info reads 0 then: a 285-byte message got 413 during a NATS
+        // restart, found by `convctl chaos`); 0 only before any connection.
+        let known = self.js.client().max_payload();
         let max_payload = if known == 0 { NATS_DEFAULT_MAX_PAYLOAD } else { known };
         let journal = max_payload.saturating_sub(OUTPUT_HEADROOM);
         Limits { max_event_bytes: self.options.max_body_bytes.min(journal) }

@@ -90,12 +90,15 @@ pub async fn run<P: Partitions>(
     let metrics = &config.metrics;
     let mut running: BTreeMap<u16, Running<P::Stopped>> = BTreeMap::new();
     let mut tick = tokio::time::interval(config.heartbeat);
+    // After a stall, one round, not a burst of them.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let member_key = format!("{role}members.{instance}");
     let mut changes: Option<kv::Watch> = None;
     let mut members: Vec<String> = Vec::new();
     loop {
         if changes.is_none() {
-            changes = watch(&owners, role).await;
+            // Bounded: watching again must not hold up the heartbeat.
+            changes = tokio::time::timeout(config.heartbeat, watch(&owners, role)).await.ok().flatten();
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -269,17 +272,20 @@ async fn watch(owners: &kv::Store, role: &str) -> Option<kv::Watch> {
     }
 }
 
-/// The next change, or `None` when the watch ended or failed (pending
-/// forever without a watch).
+/// The next change, or `None` when the watch ended (pending forever without
+/// a watch). Errors (missed heartbeats while NATS restarts) are logged and
+/// skipped: the watch's ordered consumer recreates itself.
 async fn next_change(changes: &mut Option<kv::Watch>) -> Option<kv::Entry> {
     let Some(w) = changes else { return std::future::pending().await };
-    match w.next().await {
-        Some(Ok(entry)) => Some(entry),
-        Some(Err(error)) => {
-            tracing::warn!(message = "Lease watch failed; watching again.", %error);
-            None
+    loop {
+        match w.next().await {
+            Some(Ok(entry)) => return Some(entry),
+            Some(Err(error)) => {
+                tracing::debug!(message = "Lease watch hiccup.", %error);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            None => return None,
         }
-        None => None,
     }
 }
 

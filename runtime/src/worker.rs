@@ -183,7 +183,15 @@ pub async fn run(partition: u16, shared: Arc<Shared>, stop: CancellationToken) -
     // A new owner takes the pin at once and gets what the old one held now.
     conv_nats::ownership::take_consumer(&stream, &runtime_consumer(partition), RUNTIME_GROUP).await;
     conv_nats::ownership::take_consumer(&stream, &runtime_control_consumer(partition), RUNTIME_GROUP).await;
-    let control_backlog = control.cached_info().num_pending;
+    // Read after the reset: what the old owner held counts too.
+    let mut control = control;
+    let control_backlog = match control.info().await {
+        Ok(info) => info.num_pending,
+        Err(error) => {
+            tracing::warn!(message = "Cannot read the control backlog.", partition, %error);
+            control.cached_info().num_pending
+        }
+    };
     let control_msgs = pull(&control, 50).await.map_err(|e| failed(e.to_string()))?;
     let board = Arc::new(Board::default());
     // The control plane has its own reader: it hints effects the moment an
@@ -615,20 +623,38 @@ impl Worker {
             }
             // A conversation's later inputs build on its earlier ones: none
             // of its markers when any of its events is missing.
-            let mut markers = Vec::new();
+            // One conversation's markers one after another (a later marker
+            // stored without an earlier one would replay its inputs out of
+            // order: a publish lost with a dropped connection while the next
+            // is sent after the reconnect); conversations side by side.
+            let mut chains: HashMap<&ConversationId, Vec<(usize, &Envelope)>> = HashMap::new();
             for (i, (p, events)) in staged.iter().enumerate() {
+                let conv = &p.event.conversation_id;
                 if let Some(marker) = events.last()
-                    && !broken.contains(&p.event.conversation_id)
+                    && !broken.contains(conv)
                 {
-                    markers.push((i, marker));
+                    chains.entry(conv).or_default().push((i, marker));
                 }
             }
-            let mut marker_seqs: Vec<Option<u64>> = vec![None; staged.len()];
-            for (i, result) in publish_all(&js, markers).await {
-                match result {
-                    Ok(seq) => marker_seqs[i] = Some(seq),
-                    Err(error) => tracing::warn!(message = "Publishing a marker failed; will retry.", %error),
+            let js = &js;
+            let stored = futures::future::join_all(chains.into_values().map(|chain| async move {
+                let mut stored = Vec::new();
+                for (i, marker) in chain {
+                    match publish_all(js, vec![(i, marker)]).await.pop() {
+                        Some((i, Ok(seq))) => stored.push((i, seq)),
+                        Some((_, Err(error))) => {
+                            tracing::warn!(message = "Publishing a marker failed; will retry.", %error);
+                            break; // none of this conversation's later markers
+                        }
+                        None => break,
+                    }
                 }
+                stored
+            }))
+            .await;
+            let mut marker_seqs: Vec<Option<u64>> = vec![None; staged.len()];
+            for (i, seq) in stored.into_iter().flatten() {
+                marker_seqs[i] = Some(seq);
             }
             marker_seqs
         };
