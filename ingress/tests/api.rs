@@ -9,7 +9,7 @@ use conv_contracts::trust::{self, CallbackTarget};
 use conv_contracts::{ConversationId, EventType};
 use conv_ingress::{Config, IngressOptions};
 use conv_nats::service::Settings;
-use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, wait_http_ok};
+use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, open_files_limit, wait_http_ok};
 use serde_json::{Value, json};
 
 struct Stack {
@@ -546,18 +546,6 @@ async fn what_retrying_cannot_fix_is_a_4xx_with_a_json_body() {
     let (status, body, _) = s.send(huge_header.json(&json!({"text": "x"}))).await;
     assert_eq!((status, body["error"]["code"].as_str()), (431, Some("headers_too_large")), "{body}");
     assert_eq!(s.in_count().await, 1, "only the message of exactly the limit was journaled");
-}
-
-/// Soft limit of open files of this process (`/proc/self/limits`).
-fn open_files_limit() -> usize {
-    std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|l| {
-            l.lines()
-                .find(|l| l.starts_with("Max open files"))
-                .and_then(|l| l.split_whitespace().nth(3).and_then(|n| n.parse().ok()))
-        })
-        .unwrap_or(1024)
 }
 
 #[tokio::test]

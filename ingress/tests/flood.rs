@@ -8,7 +8,7 @@ use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use conv_nats::test_util::{TestNats, free_addr, wait_http_ok};
+use conv_nats::test_util::{TestNats, free_addr, open_files_limit, wait_http_ok};
 
 /// Resident memory of `pid` in MiB (`VmRSS` of `/proc/<pid>/status`).
 fn resident_mib(pid: u32) -> f64 {
@@ -20,18 +20,6 @@ fn resident_mib(pid: u32) -> f64 {
         .and_then(|v| v.parse().ok())
         .expect("VmRSS");
     kib / 1024.0
-}
-
-/// Soft limit of open files of this process (`/proc/self/limits`).
-fn open_files_limit() -> usize {
-    std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|l| {
-            l.lines()
-                .find(|l| l.starts_with("Max open files"))
-                .and_then(|l| l.split_whitespace().nth(3).and_then(|n| n.parse().ok()))
-        })
-        .unwrap_or(1024)
 }
 
 struct Killed(Child);

@@ -98,6 +98,19 @@ pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// Soft limit of open files of this process (`/proc/self/limits`; 1 024
+/// when unreadable): how many connections a flood test can open.
+pub fn open_files_limit() -> usize {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3).and_then(|n| n.parse().ok()))
+        })
+        .unwrap_or(1024)
+}
+
 /// A free local address for a service under test.
 pub fn free_addr() -> SocketAddr {
     let port = free_port().unwrap_or(0);
