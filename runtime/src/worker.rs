@@ -5,8 +5,8 @@
 //! Per input: `reducer::apply` → publish the emitted directives and outputs
 //! (deterministic ids, so a redelivered input produces no duplicates) →
 //! await their acks → publish the applied marker, the commit record → await
-//! its ack → ack the input. Batches do each step for many inputs at once. The state is
-//! snapshotted every `snapshot_every` applies and when the conversation goes
+//! its ack → ack the input. Batches do each step for many inputs at once.
+//! The state is snapshotted every `snapshot_every` applies and when the conversation goes
 //! idle, with the expected revision; idle conversations are evicted and later
 //! restored from snapshot + journal tail.
 
@@ -507,9 +507,10 @@ impl Worker {
 
     /// Group commit: applies a batch of scheduled inputs (in the scheduler's
     /// order, in place), publishes every emitted event of the batch
-    /// pipelined and awaits their acks together, then the markers of what is
-    /// fully stored the same way, then acks the inputs together. A conversation any of whose events failed to publish is
-    /// dropped from memory (restored from the journal later) and its inputs
+    /// pipelined and awaits their acks together, then the markers of the
+    /// conversations whose events are all stored (each conversation's in
+    /// order, conversations side by side), then acks the inputs together. A
+    /// conversation any of whose events failed to publish is dropped from memory (restored from the journal later) and its inputs
     /// in the batch are handed back; their ids are deterministic, so what was
     /// stored is deduped when they are applied again.
     async fn apply_batch(&mut self, batch: Vec<Pending<Message>>) -> Result<(), Stopped> {
