@@ -194,6 +194,7 @@ pub fn handle_args(id: &Identity, args: impl IntoIterator<Item = String>) -> Res
                      CONV_HTTP_MAX_CONNECTIONS    open HTTP connections at most; more are closed at once (default 4096)\n  \
                      CONV_PARTITIONS        CONV_IN partitions (default 16)\n  \
                      CONV_REPLICAS          stream replicas (default 1)\n  \
+                     CONV_<KEY>             any other [topology] key, e.g. CONV_MAX_DELIVER, CONV_OWNER_TTL_SECS (README)\n  \
                      RUST_LOG               log filter (default info)\n{options}\nStops gracefully on SIGINT or SIGTERM.",
                     options = id.options_help,
                     name = id.name,
@@ -228,10 +229,22 @@ impl NatsConfig {
 }
 
 impl TopologyConfig {
-    /// Applies `CONV_PARTITIONS` and `CONV_REPLICAS`.
+    /// Applies `CONV_<KEY>` for every `[topology]` key (`CONV_PARTITIONS`,
+    /// `CONV_REPLICAS`, `CONV_JOURNAL_MAX_AGE_HOURS`, …).
     pub fn apply_env(&mut self, env: Env<'_>) -> Result<(), ConfigError> {
         env_override(env, "CONV_PARTITIONS", &mut self.partitions)?;
-        env_override(env, "CONV_REPLICAS", &mut self.replicas)
+        env_override(env, "CONV_REPLICAS", &mut self.replicas)?;
+        env_override(env, "CONV_JOURNAL_MAX_AGE_HOURS", &mut self.journal_max_age_hours)?;
+        env_override(env, "CONV_AUDIT_MAX_AGE_HOURS", &mut self.audit_max_age_hours)?;
+        env_override(env, "CONV_DUPLICATE_WINDOW_SECS", &mut self.duplicate_window_secs)?;
+        env_override(env, "CONV_MAX_DELIVER", &mut self.max_deliver)?;
+        env_override(env, "CONV_ACK_WAIT_SECS", &mut self.ack_wait_secs)?;
+        env_override(env, "CONV_RUNTIME_ACK_WAIT_SECS", &mut self.runtime_ack_wait_secs)?;
+        env_override(env, "CONV_EFFECTS_ACK_WAIT_SECS", &mut self.effects_ack_wait_secs)?;
+        env_override(env, "CONV_PROJECTIONS_ACK_WAIT_SECS", &mut self.projections_ack_wait_secs)?;
+        env_override(env, "CONV_PINNED_TTL_SECS", &mut self.pinned_ttl_secs)?;
+        env_override(env, "CONV_OWNER_TTL_SECS", &mut self.owner_ttl_secs)?;
+        env_override(env, "CONV_MAX_MSG_BYTES", &mut self.max_msg_bytes)
     }
 }
 
@@ -599,6 +612,33 @@ mod tests {
         let env = |k: &str| half.get(k).map(|v| v.to_string());
         let err = Settings::<()>::load(&id, &env).expect_err("a password needs a user");
         assert!(!err.to_string().contains("hunter2"));
+
+        // Every [topology] key has its variable.
+        let limits: HashMap<&str, &str> = [
+            ("CONV_JOURNAL_MAX_AGE_HOURS", "48"),
+            ("CONV_AUDIT_MAX_AGE_HOURS", "100"),
+            ("CONV_DUPLICATE_WINDOW_SECS", "60"),
+            ("CONV_MAX_DELIVER", "7"),
+            ("CONV_ACK_WAIT_SECS", "20"),
+            ("CONV_RUNTIME_ACK_WAIT_SECS", "4"),
+            ("CONV_EFFECTS_ACK_WAIT_SECS", "6"),
+            ("CONV_PROJECTIONS_ACK_WAIT_SECS", "8"),
+            ("CONV_PINNED_TTL_SECS", "5"),
+            ("CONV_OWNER_TTL_SECS", "3"),
+            ("CONV_MAX_MSG_BYTES", "1500000"),
+        ]
+        .into();
+        let env = |k: &str| limits.get(k).map(|v| v.to_string());
+        let t = Settings::<()>::load(&id, &env).expect("valid").topology;
+        assert_eq!(
+            (t.journal_max_age_hours, t.audit_max_age_hours, t.duplicate_window_secs, t.max_deliver, t.ack_wait_secs),
+            (48, 100, 60, 7, 20)
+        );
+        assert_eq!(
+            (t.runtime_ack_wait_secs, t.effects_ack_wait_secs, t.projections_ack_wait_secs, t.pinned_ttl_secs),
+            (4, 6, 8, 5)
+        );
+        assert_eq!((t.owner_ttl_secs, t.max_msg_bytes), (3, 1_500_000));
 
         let bad: HashMap<&str, &str> = [("CONV_PARTITIONS", "0")].into();
         let env = |k: &str| bad.get(k).map(|v| v.to_string());

@@ -84,10 +84,14 @@ impl Global {
         conv_nats::secret::redact_url(&self.nats_url)
     }
 
-    /// The topology these options describe, validated.
+    /// The topology these options describe, validated: the defaults, then
+    /// `CONV_<KEY>` from the environment for every `[topology]` key, then
+    /// `--partitions` and `--replicas`.
     pub fn topology(&self) -> Result<conv_nats::TopologyConfig, crate::Error> {
-        let cfg =
-            conv_nats::TopologyConfig { partitions: self.partitions, replicas: self.replicas, ..Default::default() };
+        let mut cfg = conv_nats::TopologyConfig::default();
+        cfg.apply_env(&|k: &str| std::env::var(k).ok()).map_err(|e| crate::Error::Invalid(e.to_string()))?;
+        cfg.partitions = self.partitions;
+        cfg.replicas = self.replicas;
         cfg.validate().map_err(crate::Error::Invalid)?;
         Ok(cfg)
     }
