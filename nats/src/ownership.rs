@@ -119,13 +119,11 @@ pub async fn run<P: Partitions>(
         // restart does not stall the round (a lease not renewed within
         // this has about expired anyway).
         let patience = config.heartbeat * 3;
-        let beat = tokio::time::timeout(patience, owners.put(&member_key, Bytes::from(instance.clone()))).await;
-        if let Err(error) = beat.map_err(|_| "timed out".to_owned()).and_then(|r| r.map_err(|e| e.to_string())) {
+        if let Err(error) = within(patience, owners.put(&member_key, Bytes::from(instance.clone()))).await {
             tracing::warn!(message = "Membership heartbeat failed.", %error);
             continue;
         }
-        let listed = tokio::time::timeout(patience, live_members(&owners, role)).await;
-        members = match listed.map_err(|_| "timed out".to_owned()).and_then(|r| r) {
+        members = match within(patience, live_members(&owners, role)).await {
             Ok(m) => m,
             Err(error) => {
                 tracing::warn!(message = "Cannot list members.", %error);
@@ -162,11 +160,7 @@ pub async fn run<P: Partitions>(
         let renewals = running.iter().map(|(p, r)| {
             let owners = &owners;
             let value = Bytes::from(instance.clone());
-            async move {
-                let renewed =
-                    tokio::time::timeout(patience, owners.update(lease_key(role, *p), value, r.lease_revision));
-                (*p, renewed.await.map_err(|_| "timed out".to_owned()).and_then(|r| r.map_err(|e| e.to_string())))
-            }
+            async move { (*p, within(patience, owners.update(lease_key(role, *p), value, r.lease_revision)).await) }
         });
         let mut lost = Vec::new();
         for (p, renewed) in futures::future::join_all(renewals).await {
@@ -240,6 +234,17 @@ async fn stop<E: std::fmt::Display>(p: u16, r: Running<E>, owners: &kv::Store, r
 async fn release(owners: &kv::Store, role: &str, p: u16, revision: u64) {
     if let Err(error) = owners.delete_expect_revision(lease_key(role, p), Some(revision)).await {
         tracing::debug!(message = "Lease not released; it expires.", partition = p, %error);
+    }
+}
+
+/// `fut` given at most `patience`: its error, or the timeout, as text.
+async fn within<T, E: std::fmt::Display>(
+    patience: Duration,
+    fut: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(patience, fut).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(_) => Err("timed out".to_owned()),
     }
 }
 
