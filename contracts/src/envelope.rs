@@ -16,6 +16,11 @@ pub const CORRELATION_ID: &str = "correlationid";
 /// fold output in this order, whatever order the stream or a redelivery
 /// shows it in (ADR 0006).
 pub const POSITION: &str = "position";
+/// Extension the runtime adds to what it emits for an input: the input's
+/// sequence in `CONV_IN`. A new owner that finds output the applied markers
+/// do not explain (the old owner stored it, then lost the stream of its
+/// markers) applies those inputs first, in the same order (ADR 0003).
+pub const INPUT_SEQ: &str = "inputseq";
 /// `datacontenttype` of every event conv writes.
 pub const JSON: &str = "application/json";
 /// Content type of structured-mode events.

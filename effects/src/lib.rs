@@ -59,6 +59,8 @@ pub const IDENTITY: Identity = Identity {
         "  CONV_LLM_API_KEY                bearer token for openai (may be empty for local servers)\n",
         "  CONV_LLM_MAX_RETRIES            retries of a failing model call (default 3)\n",
         "  CONV_LLM_STALL_TIMEOUT_MS       a stream silent this long fails (default 30000)\n",
+        "  CONV_LLM_RETRY_MIN_MS / _MAX_MS backoff between retries (default 200 / 5000)\n",
+        "  CONV_LLM_CONNECT_TIMEOUT_MS     connect timeout of one attempt (default 10000)\n",
         "  CONV_LLM_MAX_CONTEXT_BYTES      context window: the newest messages up to this many bytes are sent,\n",
         "                                  older ones dropped whole (default: openai 400000, scripted 262144)\n",
         "  CONV_LLM_MAX_ANSWER_BYTES       longest answer a step may stream; past it the step fails (default and\n",
@@ -188,6 +190,9 @@ impl Options for EffectsOptions {
         env_override(env, "CONV_LLM_API_KEY", &mut self.llm_api_key)?;
         env_override(env, "CONV_LLM_MAX_RETRIES", &mut self.llm_max_retries)?;
         env_override(env, "CONV_LLM_STALL_TIMEOUT_MS", &mut self.llm_stall_timeout_ms)?;
+        env_override(env, "CONV_LLM_RETRY_MIN_MS", &mut self.llm_retry_min_ms)?;
+        env_override(env, "CONV_LLM_RETRY_MAX_MS", &mut self.llm_retry_max_ms)?;
+        env_override(env, "CONV_LLM_CONNECT_TIMEOUT_MS", &mut self.llm_connect_timeout_ms)?;
         env_override(env, "CONV_LLM_MAX_CONTEXT_BYTES", &mut self.llm_max_context_bytes)?;
         env_override(env, "CONV_LLM_MAX_ANSWER_BYTES", &mut self.llm_max_answer_bytes)?;
         env_override(env, "CONV_EFFECTS_PROGRESS_MS", &mut self.progress_ms)?;
@@ -621,23 +626,100 @@ async fn serve(executor: Arc<executor::Executor>, inbox: Inbox, limits: Admissio
     running.abort_all();
 }
 
-/// Runs an effect, sending progress so a long one is not redelivered under it.
+/// How long an effect whose journal or stores are unavailable is retried
+/// in place (its delivery kept alive by progress) before it is handed back.
+/// A cluster's stream leader election or a NATS restart takes seconds; each
+/// hand-back costs one of the consumer's `max_deliver` deliveries, and
+/// handing back at once dead-lettered directives during a leader election
+/// (found by `convctl chaos --cluster`).
+const RETRY_IN_PLACE: Duration = Duration::from_secs(60);
+
+/// Runs an effect, sending progress so a long one is not redelivered under
+/// it; a [`executor::RetryLater`] is retried here with backoff for up to
+/// [`RETRY_IN_PLACE`].
 async fn run_with_progress(
     executor: &executor::Executor,
     event: &conv_contracts::Envelope,
     message: &Message,
 ) -> Result<(), executor::RetryLater> {
-    let redelivered = message.info().map(|i| i.delivered > 1).unwrap_or(false);
-    let work = executor.run(event, redelivered);
-    tokio::pin!(work);
+    let mut redelivered = message.info().map(|i| i.delivered > 1).unwrap_or(false);
+    let started = tokio::time::Instant::now();
+    let mut backoff = Duration::from_millis(250);
     let mut tick = tokio::time::interval(executor.progress_every);
     tick.tick().await;
     loop {
-        tokio::select! {
-            outcome = &mut work => return outcome,
-            _ = tick.tick() => {
-                let _ = message.ack_with(AckKind::Progress).await;
+        let outcome = {
+            let work = executor.run(event, redelivered);
+            tokio::pin!(work);
+            loop {
+                tokio::select! {
+                    outcome = &mut work => break outcome,
+                    _ = tick.tick() => {
+                        let _ = message.ack_with(AckKind::Progress).await;
+                    }
+                }
+            }
+        };
+        let error = match outcome {
+            Ok(()) => return Ok(()),
+            Err(e) if started.elapsed() + backoff >= RETRY_IN_PLACE => return Err(e),
+            Err(e) => e,
+        };
+        tracing::info!(
+            message = "Effect failed for now; retrying in place.",
+            event_id = %event.id,
+            conversation_id = %event.conversation_id,
+            %error,
+            backoff_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX)
+        );
+        executor.metrics.retries_in_place.inc();
+        let pause = tokio::time::sleep(backoff);
+        tokio::pin!(pause);
+        loop {
+            tokio::select! {
+                _ = &mut pause => break,
+                _ = tick.tick() => {
+                    let _ = message.ack_with(AckKind::Progress).await;
+                }
             }
         }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+        // The failed run may have journaled part of its output: resume after it.
+        redelivered = true;
+    }
+}
+
+#[cfg(test)]
+mod options_tests {
+    use super::*;
+
+    #[test]
+    fn every_option_has_an_env_override() {
+        conv_nats::test_util::assert_every_key_has_env(
+            EffectsOptions::apply_env,
+            &[
+                ("llm_provider", "CONV_LLM_PROVIDER", "openai"),
+                ("scripted_tokens", "CONV_SCRIPTED_TOKENS", "3"),
+                ("scripted_token_delay_ms", "CONV_SCRIPTED_TOKEN_DELAY_MS", "1"),
+                ("concurrency", "CONV_EFFECTS_CONCURRENCY", "10"),
+                ("llm_concurrency", "CONV_EFFECTS_LLM_CONCURRENCY", "5"),
+                ("tool_concurrency", "CONV_EFFECTS_TOOL_CONCURRENCY", "5"),
+                ("coalesce_ms", "CONV_EFFECTS_COALESCE_MS", "100"),
+                ("coalesce_bytes", "CONV_EFFECTS_COALESCE_BYTES", "100"),
+                ("llm_base_url", "CONV_LLM_BASE_URL", "http://127.0.0.1:1/v1"),
+                ("llm_model", "CONV_LLM_MODEL", "m"),
+                ("llm_api_key", "CONV_LLM_API_KEY", "sk"),
+                ("llm_max_retries", "CONV_LLM_MAX_RETRIES", "0"),
+                ("llm_retry_min_ms", "CONV_LLM_RETRY_MIN_MS", "10"),
+                ("llm_retry_max_ms", "CONV_LLM_RETRY_MAX_MS", "100"),
+                ("llm_stall_timeout_ms", "CONV_LLM_STALL_TIMEOUT_MS", "1000"),
+                ("llm_connect_timeout_ms", "CONV_LLM_CONNECT_TIMEOUT_MS", "1000"),
+                ("llm_max_context_bytes", "CONV_LLM_MAX_CONTEXT_BYTES", "1000"),
+                ("llm_max_answer_bytes", "CONV_LLM_MAX_ANSWER_BYTES", "1000"),
+                ("progress_ms", "CONV_EFFECTS_PROGRESS_MS", "500"),
+                ("tools", "CONV_WEBHOOK_TOOLS", r#"[{"name":"w","url":"http://127.0.0.1:1/w"}]"#),
+                ("callback_secret", "CONV_CALLBACK_SECRET", "s"),
+            ],
+        );
     }
 }

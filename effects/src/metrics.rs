@@ -16,6 +16,7 @@ pub struct Metrics {
     pub live_deltas: IntCounter,
     pub abort_latency: Histogram,
     pub context_dropped: IntCounter,
+    pub retries_in_place: IntCounter,
 }
 
 impl Metrics {
@@ -43,6 +44,10 @@ impl Metrics {
                 "conv_effects_context_dropped_total",
                 "older context messages left out by the context window",
             )?,
+            retries_in_place: IntCounter::new(
+                "conv_effects_retries_in_place_total",
+                "effects run again in place after their journal or a store was unavailable",
+            )?,
             abort_latency: Histogram::with_opts(
                 HistogramOpts::new(
                     "conv_effects_abort_latency_seconds",
@@ -63,6 +68,7 @@ impl Metrics {
         registry.register(Box::new(m.live_deltas.clone()))?;
         registry.register(Box::new(m.abort_latency.clone()))?;
         registry.register(Box::new(m.context_dropped.clone()))?;
+        registry.register(Box::new(m.retries_in_place.clone()))?;
         Ok(m)
     }
 }

@@ -390,3 +390,26 @@ async fn an_abort_is_hinted_to_effects_before_its_group_commit_and_the_hint_alon
         s.wait_for("h2", "the stream to stop", |i| count(i, EventType::LlmCanceled) == 1, Duration::from_secs(5)).await;
     assert_eq!(count(&i, EventType::AbortRequested), 0);
 }
+
+#[tokio::test]
+async fn a_journal_outage_of_seconds_is_retried_in_place_not_dead_lettered() {
+    let s = start(EffectsOptions::default()).await;
+    s.send("jo", "m1", message(r#"/tool sleep {"ms": 3000}"#)).await;
+    s.wait_for("jo", "the step asking for the tool", |i| count(i, EventType::LlmCompleted) == 1, Duration::from_secs(20))
+        .await;
+    // For 9 s `CONV_IN` takes nothing: the tool's outcome finds no stream,
+    // as during a cluster's leader election (5 hand-backs 1 s apart used to
+    // dead-letter the directive).
+    let mut moved = s.js.get_stream("CONV_IN").await.expect("stream").get_info().await.expect("info").config;
+    moved.subjects = vec!["conv-moved.>".into()];
+    moved.subject_transform = None;
+    s.js.update_stream(moved).await.expect("CONV_IN takes nothing");
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    s.nats.setup().await.expect("CONV_IN restored");
+    s.wait_for("jo", "the answer after the tool", |i| count(i, EventType::LlmCompleted) == 2, Duration::from_secs(30))
+        .await;
+    let inputs = s.inputs("jo").await;
+    assert_eq!(count(&inputs, EventType::ToolCompleted), 1, "{:?}", types(&inputs));
+    let dlq = s.js.get_stream("CONV_DLQ").await.expect("dlq").get_info().await.expect("info").state.messages;
+    assert_eq!(dlq, 0, "nothing dead-lettered");
+}

@@ -63,6 +63,7 @@ impl Options for IngressOptions {
         env_override(env, "CONV_INGRESS_MAX_BODY_BYTES", &mut self.max_body_bytes)?;
         env_override(env, "CONV_INGRESS_PUBLISH_TIMEOUT_MS", &mut self.publish_timeout_ms)?;
         env_override(env, "CONV_INGRESS_NATS_API", &mut self.nats_api)?;
+        env_override(env, "CONV_INGRESS_DLQ_POLL_SECS", &mut self.dlq_poll_secs)?;
         env_override(env, "CONV_INGRESS_API_KEYS", &mut self.api_keys)?;
         env_override(env, "CONV_CALLBACK_SECRET", &mut self.callback_secret)?;
         env_override(env, "CONV_INGRESS_RATE_PER_KEY", &mut self.rate_per_key)?;
@@ -93,9 +94,34 @@ impl Options for IngressOptions {
 pub const HELP: &str = "  CONV_INGRESS_MAX_BODY_BYTES      largest request body (default 1048576)\n  \
 CONV_INGRESS_PUBLISH_TIMEOUT_MS  JetStream ack timeout before 503 (default 5000)\n  \
 CONV_INGRESS_NATS_API            serve conv.ingress.* over NATS too (default true)\n  \
+CONV_INGRESS_DLQ_POLL_SECS       how often the conv_dlq_messages gauge is read (default 15)\n  \
 CONV_INGRESS_API_KEYS            client keys: key[:conversation-id prefix],... (none: open, loopback only)\n  \
 CONV_CALLBACK_SECRET             secret of callback tokens, same as effects' (none: callbacks refused)\n  \
 CONV_INGRESS_RATE_PER_KEY        requests/s per client key, 429 above (default 50; 0: no limit)\n  \
 CONV_INGRESS_RATE_BURST          requests a key may make at once (default 100)\n  \
 CONV_INGRESS_SHED_BACKLOG        runtime backlog above which new messages get 503 (default 100000; 0: never)\n  \
 CONV_INGRESS_SHED_POLL_MS        how often the backlog is read (default 1000)\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_option_has_an_env_override() {
+        conv_nats::test_util::assert_every_key_has_env(
+            IngressOptions::apply_env,
+            &[
+                ("max_body_bytes", "CONV_INGRESS_MAX_BODY_BYTES", "4096"),
+                ("publish_timeout_ms", "CONV_INGRESS_PUBLISH_TIMEOUT_MS", "100"),
+                ("nats_api", "CONV_INGRESS_NATS_API", "false"),
+                ("dlq_poll_secs", "CONV_INGRESS_DLQ_POLL_SECS", "3"),
+                ("api_keys", "CONV_INGRESS_API_KEYS", "k1,k2"),
+                ("callback_secret", "CONV_CALLBACK_SECRET", "s"),
+                ("rate_per_key", "CONV_INGRESS_RATE_PER_KEY", "5"),
+                ("rate_burst", "CONV_INGRESS_RATE_BURST", "9"),
+                ("shed_backlog", "CONV_INGRESS_SHED_BACKLOG", "0"),
+                ("shed_poll_ms", "CONV_INGRESS_SHED_POLL_MS", "250"),
+            ],
+        );
+    }
+}

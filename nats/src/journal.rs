@@ -75,7 +75,9 @@ fn classify(kind: PublishErrorKind, detail: String) -> AppendError {
         PublishErrorKind::MaxPayloadExceeded => AppendError::TooLarge(detail),
         PublishErrorKind::WrongLastMessageId | PublishErrorKind::WrongLastSequence => AppendError::Refused(detail),
         PublishErrorKind::StreamNotFound => {
-            AppendError::Unavailable(format!("{detail}: no stream takes this subject (run `convctl setup`)"))
+            AppendError::Unavailable(format!(
+                "{detail}: no stream answered for this subject (a cluster electing its leader, or `convctl setup` not run)"
+            ))
         }
         // Timeouts, a broken connection, JetStream busy or out of resources: retry later.
         _ => AppendError::Unavailable(detail),

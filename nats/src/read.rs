@@ -66,6 +66,17 @@ pub async fn since(
 ) -> Result<Vec<Stored>, String> {
     let nanos = i128::from(start.timestamp_nanos_opt().unwrap_or_default());
     let start_time = time::OffsetDateTime::from_unix_timestamp_nanos(nanos).map_err(|e| e.to_string())?;
+    stored_since(js, stream, filter, start_time, headers_only).await
+}
+
+/// [`since`] with the server's own time type (a stored message's `time`).
+pub async fn stored_since(
+    js: &jetstream::Context,
+    stream: &str,
+    filter: &str,
+    start_time: time::OffsetDateTime,
+    headers_only: bool,
+) -> Result<Vec<Stored>, String> {
     read(js, stream, filter, DeliverPolicy::ByStartTime { start_time }, headers_only).await
 }
 

@@ -141,8 +141,7 @@ impl<O: Options> Settings<O> {
         env_override(env, id.addr_env, &mut addr)?;
         settings.service.http_addr = Some(addr);
         env_override(env, "CONV_LOG_FORMAT", &mut settings.service.log_format)?;
-        env_override(env, "CONV_HTTP_HEADER_TIMEOUT_MS", &mut settings.service.http.header_read_timeout_ms)?;
-        env_override(env, "CONV_HTTP_MAX_CONNECTIONS", &mut settings.service.http.max_connections)?;
+        settings.service.http.apply_env(env)?;
         settings.nats.apply_env(env)?;
         settings.topology.apply_env(env)?;
         settings.options.apply_env(env)?;
@@ -218,13 +217,24 @@ pub fn handle_args(id: &Identity, args: impl IntoIterator<Item = String>) -> Res
     Ok(false)
 }
 
+impl crate::http::HttpLimits {
+    /// Applies `CONV_HTTP_HEADER_TIMEOUT_MS` and `CONV_HTTP_MAX_CONNECTIONS`.
+    pub fn apply_env(&mut self, env: Env<'_>) -> Result<(), ConfigError> {
+        env_override(env, "CONV_HTTP_HEADER_TIMEOUT_MS", &mut self.header_read_timeout_ms)?;
+        env_override(env, "CONV_HTTP_MAX_CONNECTIONS", &mut self.max_connections)
+    }
+}
+
 impl NatsConfig {
-    /// Applies `NATS_URL`, `NATS_USER`, `NATS_PASSWORD`, `NATS_CREDS`.
+    /// Applies `NATS_URL`, `NATS_USER`, `NATS_PASSWORD`, `NATS_CREDS`,
+    /// `CONV_NATS_CONNECT_TIMEOUT_MS`, `CONV_NATS_REQUEST_TIMEOUT_MS`.
     pub fn apply_env(&mut self, env: Env<'_>) -> Result<(), ConfigError> {
         env_override(env, "NATS_URL", &mut self.url)?;
         env_override(env, "NATS_USER", &mut self.user)?;
         env_override(env, "NATS_PASSWORD", &mut self.password)?;
-        env_override(env, "NATS_CREDS", &mut self.creds)
+        env_override(env, "NATS_CREDS", &mut self.creds)?;
+        env_override(env, "CONV_NATS_CONNECT_TIMEOUT_MS", &mut self.connect_timeout_ms)?;
+        env_override(env, "CONV_NATS_REQUEST_TIMEOUT_MS", &mut self.request_timeout_ms)
     }
 }
 
@@ -235,7 +245,11 @@ impl TopologyConfig {
         env_override(env, "CONV_PARTITIONS", &mut self.partitions)?;
         env_override(env, "CONV_REPLICAS", &mut self.replicas)?;
         env_override(env, "CONV_JOURNAL_MAX_AGE_HOURS", &mut self.journal_max_age_hours)?;
+        env_override(env, "CONV_JOURNAL_MAX_BYTES", &mut self.journal_max_bytes)?;
         env_override(env, "CONV_AUDIT_MAX_AGE_HOURS", &mut self.audit_max_age_hours)?;
+        env_override(env, "CONV_AUDIT_MAX_BYTES", &mut self.audit_max_bytes)?;
+        env_override(env, "CONV_DLQ_MAX_AGE_HOURS", &mut self.dlq_max_age_hours)?;
+        env_override(env, "CONV_DLQ_MAX_BYTES", &mut self.dlq_max_bytes)?;
         env_override(env, "CONV_DUPLICATE_WINDOW_SECS", &mut self.duplicate_window_secs)?;
         env_override(env, "CONV_MAX_DELIVER", &mut self.max_deliver)?;
         env_override(env, "CONV_ACK_WAIT_SECS", &mut self.ack_wait_secs)?;
@@ -244,7 +258,11 @@ impl TopologyConfig {
         env_override(env, "CONV_PROJECTIONS_ACK_WAIT_SECS", &mut self.projections_ack_wait_secs)?;
         env_override(env, "CONV_PINNED_TTL_SECS", &mut self.pinned_ttl_secs)?;
         env_override(env, "CONV_OWNER_TTL_SECS", &mut self.owner_ttl_secs)?;
-        env_override(env, "CONV_MAX_MSG_BYTES", &mut self.max_msg_bytes)
+        env_override(env, "CONV_MAX_MSG_BYTES", &mut self.max_msg_bytes)?;
+        env_override(env, "CONV_RUNTIME_MAX_ACK_PENDING", &mut self.runtime_max_ack_pending)?;
+        env_override(env, "CONV_EFFECTS_MAX_ACK_PENDING", &mut self.effects_max_ack_pending)?;
+        env_override(env, "CONV_PROJECTIONS_MAX_ACK_PENDING", &mut self.projections_max_ack_pending)?;
+        env_override(env, "CONV_ENTRIES_HISTORY", &mut self.entries_history)
     }
 }
 
@@ -613,36 +631,98 @@ mod tests {
         let err = Settings::<()>::load(&id, &env).expect_err("a password needs a user");
         assert!(!err.to_string().contains("hunter2"));
 
-        // Every [topology] key has its variable.
-        let limits: HashMap<&str, &str> = [
-            ("CONV_JOURNAL_MAX_AGE_HOURS", "48"),
-            ("CONV_AUDIT_MAX_AGE_HOURS", "100"),
-            ("CONV_DUPLICATE_WINDOW_SECS", "60"),
-            ("CONV_MAX_DELIVER", "7"),
-            ("CONV_ACK_WAIT_SECS", "20"),
-            ("CONV_RUNTIME_ACK_WAIT_SECS", "4"),
-            ("CONV_EFFECTS_ACK_WAIT_SECS", "6"),
-            ("CONV_PROJECTIONS_ACK_WAIT_SECS", "8"),
-            ("CONV_PINNED_TTL_SECS", "5"),
-            ("CONV_OWNER_TTL_SECS", "3"),
-            ("CONV_MAX_MSG_BYTES", "1500000"),
-        ]
-        .into();
-        let env = |k: &str| limits.get(k).map(|v| v.to_string());
-        let t = Settings::<()>::load(&id, &env).expect("valid").topology;
-        assert_eq!(
-            (t.journal_max_age_hours, t.audit_max_age_hours, t.duplicate_window_secs, t.max_deliver, t.ack_wait_secs),
-            (48, 100, 60, 7, 20)
-        );
-        assert_eq!(
-            (t.runtime_ack_wait_secs, t.effects_ack_wait_secs, t.projections_ack_wait_secs, t.pinned_ttl_secs),
-            (4, 6, 8, 5)
-        );
-        assert_eq!((t.owner_ttl_secs, t.max_msg_bytes), (3, 1_500_000));
-
         let bad: HashMap<&str, &str> = [("CONV_PARTITIONS", "0")].into();
         let env = |k: &str| bad.get(k).map(|v| v.to_string());
         assert!(matches!(Settings::<()>::load(&id, &env), Err(ConfigError::Invalid(_))));
+    }
+
+    #[test]
+    fn every_setting_has_an_env_override() {
+        use crate::test_util::assert_every_key_has_env;
+        assert_every_key_has_env(
+            TopologyConfig::apply_env,
+            &[
+                ("partitions", "CONV_PARTITIONS", "4"),
+                ("replicas", "CONV_REPLICAS", "3"),
+                ("journal_max_age_hours", "CONV_JOURNAL_MAX_AGE_HOURS", "48"),
+                ("journal_max_bytes", "CONV_JOURNAL_MAX_BYTES", "10000000000"),
+                ("audit_max_age_hours", "CONV_AUDIT_MAX_AGE_HOURS", "100"),
+                ("audit_max_bytes", "CONV_AUDIT_MAX_BYTES", "100000000"),
+                ("dlq_max_age_hours", "CONV_DLQ_MAX_AGE_HOURS", "24"),
+                ("dlq_max_bytes", "CONV_DLQ_MAX_BYTES", "-1"),
+                ("duplicate_window_secs", "CONV_DUPLICATE_WINDOW_SECS", "60"),
+                ("max_deliver", "CONV_MAX_DELIVER", "7"),
+                ("ack_wait_secs", "CONV_ACK_WAIT_SECS", "20"),
+                ("runtime_ack_wait_secs", "CONV_RUNTIME_ACK_WAIT_SECS", "4"),
+                ("effects_ack_wait_secs", "CONV_EFFECTS_ACK_WAIT_SECS", "6"),
+                ("projections_ack_wait_secs", "CONV_PROJECTIONS_ACK_WAIT_SECS", "8"),
+                ("pinned_ttl_secs", "CONV_PINNED_TTL_SECS", "5"),
+                ("owner_ttl_secs", "CONV_OWNER_TTL_SECS", "3"),
+                ("max_msg_bytes", "CONV_MAX_MSG_BYTES", "1500000"),
+                ("runtime_max_ack_pending", "CONV_RUNTIME_MAX_ACK_PENDING", "500"),
+                ("effects_max_ack_pending", "CONV_EFFECTS_MAX_ACK_PENDING", "8192"),
+                ("projections_max_ack_pending", "CONV_PROJECTIONS_MAX_ACK_PENDING", "1000"),
+                ("entries_history", "CONV_ENTRIES_HISTORY", "4"),
+            ],
+        );
+        assert_every_key_has_env(
+            NatsConfig::apply_env,
+            &[
+                ("url", "NATS_URL", "nats://a:1,nats://b:2"),
+                ("user", "NATS_USER", "u"),
+                ("password", "NATS_PASSWORD", "p"),
+                ("creds", "NATS_CREDS", "/x.creds"),
+                ("connect_timeout_ms", "CONV_NATS_CONNECT_TIMEOUT_MS", "500"),
+                ("request_timeout_ms", "CONV_NATS_REQUEST_TIMEOUT_MS", "9000"),
+            ],
+        );
+        assert_every_key_has_env(
+            crate::http::HttpLimits::apply_env,
+            &[
+                ("header_read_timeout_ms", "CONV_HTTP_HEADER_TIMEOUT_MS", "1000"),
+                ("max_connections", "CONV_HTTP_MAX_CONNECTIONS", "10"),
+            ],
+        );
+        // `[service]`: the address has the service's own variable, the
+        // limits are checked above.
+        assert_eq!(
+            crate::test_util::section_keys::<ServiceConfig>(),
+            ["http_addr", "log_format", "http"],
+            "a new [service] key needs its variable in Settings::load"
+        );
+    }
+
+    #[test]
+    fn limits_reach_the_declared_objects() {
+        let cfg = TopologyConfig {
+            journal_max_bytes: 5 << 30,
+            dlq_max_age_hours: 12,
+            dlq_max_bytes: 64 << 20,
+            audit_max_bytes: 1 << 30,
+            runtime_max_ack_pending: 77,
+            effects_max_ack_pending: 999,
+            projections_max_ack_pending: 1234,
+            entries_history: 3,
+            ..Default::default()
+        };
+        cfg.validate().expect("valid");
+        let t = crate::topology::Topology::declare(&cfg);
+        let stream = |name: &str| t.streams.iter().find(|s| s.name == name).expect("declared");
+        assert_eq!(stream("CONV_IN").max_bytes, 5 << 30);
+        assert_eq!(stream("CONV_OUT").max_bytes, 5 << 30);
+        assert_eq!(stream("CONV_AUDIT").max_bytes, 1 << 30);
+        assert_eq!((stream("CONV_DLQ").max_bytes, stream("CONV_DLQ").max_age.as_secs()), (64 << 20, 12 * 3600));
+        let consumer = |name: &str| t.consumers.iter().find(|c| c.config.durable_name.as_deref() == Some(name));
+        assert_eq!(consumer("runtime-p0").expect("declared").config.max_ack_pending, 77);
+        assert_eq!(consumer("effects").expect("declared").config.max_ack_pending, 999);
+        assert_eq!(consumer("projections-p3").expect("declared").config.max_ack_pending, 1234);
+        let entries = t.kv.iter().find(|k| k.bucket == crate::topology::KV_ENTRIES).expect("declared");
+        assert_eq!(entries.history, 3);
+
+        let small = TopologyConfig { dlq_max_bytes: 1000, ..Default::default() };
+        assert!(small.validate().expect_err("below one message").contains("dlq_max_bytes"));
+        let none = TopologyConfig { effects_max_ack_pending: 0, ..Default::default() };
+        assert!(none.validate().is_err());
     }
 
     #[test]

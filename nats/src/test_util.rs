@@ -360,6 +360,146 @@ impl Drop for TestNats {
     }
 }
 
+/// Three `nats-server` processes in a JetStream cluster on loopback, from
+/// the shipped `nats/config/cluster-{1,2,3}.conf` on free ports
+/// ([`crate::cluster::node_config`]; anonymous clients). Each node keeps its
+/// storage across [`TestCluster::kill`] and [`TestCluster::restart`].
+pub struct TestCluster {
+    dir: tempfile::TempDir,
+    ports: [crate::cluster::NodePorts; crate::cluster::NODES],
+    nodes: Vec<Option<Child>>,
+    bin: PathBuf,
+}
+
+impl std::fmt::Debug for TestCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestCluster").field("url", &self.url()).finish()
+    }
+}
+
+impl TestCluster {
+    /// Starts the three nodes and waits until JetStream answers on each.
+    pub async fn start() -> Result<Self, Error> {
+        use crate::cluster::{NODES, NodePorts, node_config};
+        let dir = tempfile::Builder::new().prefix("conv-test-cluster").tempdir()?;
+        let mut ports = [NodePorts { client: 0, route: 0, http: 0 }; NODES];
+        for p in &mut ports {
+            *p = NodePorts { client: free_port()?, route: free_port()?, http: free_port()? };
+        }
+        for node in 0..NODES {
+            let store = dir.path().join(format!("n{}", node + 1));
+            std::fs::write(Self::conf(dir.path(), node), node_config(node, &ports, &store, false))?;
+        }
+        let mut cluster = Self { dir, ports, nodes: (0..NODES).map(|_| None).collect(), bin: server_bin() };
+        for node in 0..NODES {
+            cluster.spawn(node)?;
+        }
+        for node in 0..NODES {
+            cluster.wait_node(node).await?;
+        }
+        Ok(cluster)
+    }
+
+    fn conf(dir: &std::path::Path, node: usize) -> PathBuf {
+        dir.join(format!("cluster-{}.conf", node + 1))
+    }
+
+    fn spawn(&mut self, node: usize) -> Result<(), Error> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("n{}.log", node + 1)))?;
+        let child = Command::new(&self.bin)
+            .arg("-c")
+            .arg(Self::conf(self.dir.path(), node))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|source| Error::Spawn { bin: self.bin.display().to_string(), source })?;
+        self.nodes[node] = Some(child);
+        Ok(())
+    }
+
+    /// Waits until node `node` answers JetStream requests (a meta leader is elected).
+    async fn wait_node(&self, node: usize) -> Result<(), Error> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(client) = async_nats::connect(self.node_url(node)).await
+                && async_nats::jetstream::new(client).query_account().await.is_ok()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(Error::NotReady { port: self.ports[node].client, secs: 30 });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every node's client address, comma-separated (what services get as `NATS_URL`).
+    pub fn url(&self) -> String {
+        crate::cluster::urls(&self.ports)
+    }
+
+    /// One node's client address.
+    pub fn node_url(&self, node: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.ports[node].client)
+    }
+
+    /// A [`crate::NatsConfig`] with all three nodes.
+    pub fn config(&self) -> crate::NatsConfig {
+        crate::NatsConfig { url: self.url(), ..Default::default() }
+    }
+
+    /// A client to any node that answers, failing over like the services.
+    pub async fn client(&self) -> async_nats::Client {
+        match crate::connect(&self.config(), "conv-test").await {
+            Ok(c) => c,
+            Err(e) => panic!("test cluster at {} does not answer: {e}", self.url()),
+        }
+    }
+
+    pub async fn jetstream(&self) -> async_nats::jetstream::Context {
+        crate::jetstream(self.client().await, &self.config())
+    }
+
+    /// Applies `cfg` with three replicas of every stream and bucket.
+    pub async fn setup_with(&self, cfg: &TopologyConfig) -> Result<Report, topology::Error> {
+        let cfg = TopologyConfig { replicas: crate::cluster::NODES, ..cfg.clone() };
+        topology::apply(&self.jetstream().await, &Topology::declare(&cfg)).await
+    }
+
+    /// SIGKILL of node `node` (its storage stays).
+    pub fn kill(&mut self, node: usize) -> Result<(), Error> {
+        if let Some(mut c) = self.nodes[node].take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts a killed node again on its ports and storage and waits until it answers.
+    pub async fn restart(&mut self, node: usize) -> Result<(), Error> {
+        self.spawn(node)?;
+        self.wait_node(node).await
+    }
+
+    /// What node `node` logged so far.
+    pub fn log(&self, node: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("n{}.log", node + 1))).unwrap_or_default()
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for c in self.nodes.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// A service started in-process with its own shutdown token.
 pub struct ServiceHandle<E> {
     name: String,
@@ -602,4 +742,40 @@ pub async fn run_statuses(
         })
     })
     .boxed()
+}
+
+/// The keys of a config section, as its `Deserialize` names them (read from
+/// the error serde gives for an unknown key under `deny_unknown_fields`).
+pub fn section_keys<T: serde::de::DeserializeOwned>() -> Vec<String> {
+    let Err(e) = serde_json::from_str::<T>(r#"{"\u0001": 0}"#) else {
+        panic!("the section accepted an unknown key: is it `deny_unknown_fields`?");
+    };
+    let message = e.to_string();
+    let Some((_, expected)) = message.split_once("expected") else {
+        panic!("unexpected serde message: {message}");
+    };
+    expected.split('`').skip(1).step_by(2).map(str::to_owned).collect()
+}
+
+/// Asserts that every key of the section `T` has an environment override:
+/// `table` maps each key to its variable and a value different from the
+/// default, and setting that variable alone must change the section.
+pub fn assert_every_key_has_env<T>(
+    apply: impl Fn(&mut T, crate::service::Env<'_>) -> Result<(), crate::service::ConfigError>,
+    table: &[(&str, &str, &str)],
+) where
+    T: serde::de::DeserializeOwned + Default + PartialEq + std::fmt::Debug,
+{
+    let keys = section_keys::<T>();
+    assert!(!keys.is_empty(), "no keys read from the section");
+    for key in &keys {
+        assert!(table.iter().any(|(k, _, _)| k == key), "key `{key}` has no environment override in the table");
+    }
+    for (key, var, value) in table {
+        assert!(keys.iter().any(|k| k == key), "`{key}` is not a key of the section (keys: {keys:?})");
+        let mut section = T::default();
+        apply(&mut section, &|v: &str| (v == *var).then(|| (*value).to_owned()))
+            .unwrap_or_else(|e| panic!("{var}={value}: {e}"));
+        assert_ne!(section, T::default(), "{var}={value} did not change `{key}`");
+    }
 }

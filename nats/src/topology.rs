@@ -29,7 +29,8 @@ pub const KV_SNAPSHOTS: &str = "conv_snapshots";
 /// A few revisions are kept so a snapshot head can name the copy it was
 /// taken with while newer ones are written.
 pub const KV_ENTRIES: &str = "conv_entries";
-/// Revisions kept per key of [`KV_ENTRIES`].
+/// Revisions kept per key of [`KV_ENTRIES`] by default
+/// ([`TopologyConfig::entries_history`]).
 pub const ENTRIES_HISTORY: i64 = 8;
 /// KV bucket of partition ownership leases and membership (runtime and
 /// projections). File storage (a memory bucket would be gone after a NATS
@@ -68,8 +69,19 @@ pub struct TopologyConfig {
     pub replicas: usize,
     /// How long journal streams keep events, in hours.
     pub journal_max_age_hours: u64,
+    /// Bytes each journal stream (`CONV_IN`, `CONV_EFFECT`, `CONV_APPLIED`,
+    /// `CONV_OUT`) keeps at most; `-1` is no limit. Past it the oldest events
+    /// are discarded, and conversations that reach back to them can no longer
+    /// be replayed or rebuilt: size it for `journal_max_age_hours` of traffic.
+    pub journal_max_bytes: i64,
     /// How long `CONV_AUDIT` keeps records, in hours.
     pub audit_max_age_hours: u64,
+    /// Bytes `CONV_AUDIT` keeps at most; `-1` is no limit.
+    pub audit_max_bytes: i64,
+    /// How long `CONV_DLQ` keeps dead letters, in hours.
+    pub dlq_max_age_hours: u64,
+    /// Bytes `CONV_DLQ` keeps at most (oldest dropped first); `-1` is no limit.
+    pub dlq_max_bytes: i64,
     /// Dedupe window of every stream (the `Idempotency-Key` window), in seconds.
     pub duplicate_window_secs: u64,
     /// Deliveries before a message is dead-lettered.
@@ -92,6 +104,20 @@ pub struct TopologyConfig {
     pub owner_ttl_secs: u64,
     /// Largest message a stream accepts, in bytes (a bit above the 1 MiB event limit for headers).
     pub max_msg_bytes: i32,
+    /// Inputs a runtime partition consumer hands out before an ack: how far
+    /// the scheduler looks ahead to order by priority.
+    pub runtime_max_ack_pending: i64,
+    /// Directives the effects work queue hands out before an ack, over all
+    /// instances (running plus queued; keep it above the instances' total
+    /// `CONV_EFFECTS_CONCURRENCY` or slots stay idle).
+    pub effects_max_ack_pending: i64,
+    /// Output events a projections partition consumer hands out before an
+    /// ack (views ack after each batched write).
+    pub projections_max_ack_pending: i64,
+    /// Revisions kept per key of `conv_entries`: a snapshot names the copy of
+    /// each entry it was taken with, so fewer revisions mean more snapshots
+    /// found stale and rebuilt from the journal on load.
+    pub entries_history: i64,
 }
 
 impl Default for TopologyConfig {
@@ -100,7 +126,11 @@ impl Default for TopologyConfig {
             partitions: subject::DEFAULT_PARTITIONS,
             replicas: 1,
             journal_max_age_hours: 24 * 30,
+            journal_max_bytes: -1,
             audit_max_age_hours: 24 * 365,
+            audit_max_bytes: -1,
+            dlq_max_age_hours: 24 * 30,
+            dlq_max_bytes: 1 << 30,
             duplicate_window_secs: 120,
             max_deliver: 5,
             ack_wait_secs: 30,
@@ -110,6 +140,10 @@ impl Default for TopologyConfig {
             pinned_ttl_secs: 3,
             owner_ttl_secs: 2,
             max_msg_bytes: 2 * 1024 * 1024,
+            runtime_max_ack_pending: 1000,
+            effects_max_ack_pending: 4096,
+            projections_max_ack_pending: 20_000,
+            entries_history: ENTRIES_HISTORY,
         }
     }
 }
@@ -133,6 +167,33 @@ impl TopologyConfig {
             || self.owner_ttl_secs == 0
         {
             return Err("ack_wait_secs, duplicate_window_secs and owner_ttl_secs must be positive".into());
+        }
+        for (key, bytes) in [
+            ("journal_max_bytes", self.journal_max_bytes),
+            ("audit_max_bytes", self.audit_max_bytes),
+            ("dlq_max_bytes", self.dlq_max_bytes),
+        ] {
+            if bytes != -1 && bytes < i64::from(self.max_msg_bytes) {
+                return Err(format!(
+                    "{key} must be -1 (no limit) or at least max_msg_bytes ({}), got {bytes}",
+                    self.max_msg_bytes
+                ));
+            }
+        }
+        for (key, pending) in [
+            ("runtime_max_ack_pending", self.runtime_max_ack_pending),
+            ("effects_max_ack_pending", self.effects_max_ack_pending),
+            ("projections_max_ack_pending", self.projections_max_ack_pending),
+        ] {
+            if pending < 1 {
+                return Err(format!("{key} must be at least 1, got {pending}"));
+            }
+        }
+        if !(1..=64).contains(&self.entries_history) {
+            return Err(format!("entries_history must be 1..=64 (a NATS KV limit), got {}", self.entries_history));
+        }
+        if self.journal_max_age_hours == 0 || self.audit_max_age_hours == 0 || self.dlq_max_age_hours == 0 {
+            return Err("journal_max_age_hours, audit_max_age_hours and dlq_max_age_hours must be positive".into());
         }
         if self.journal_max_age_hours * 3600 < self.duplicate_window_secs {
             return Err("the journal must keep events at least as long as the dedupe window".into());
@@ -171,6 +232,7 @@ impl Topology {
             storage: StorageType::File,
             discard: DiscardPolicy::Old,
             max_age: hours(cfg.journal_max_age_hours),
+            max_bytes: cfg.journal_max_bytes,
             duplicate_window: Duration::from_secs(cfg.duplicate_window_secs),
             num_replicas: cfg.replicas,
             max_message_size: cfg.max_msg_bytes,
@@ -187,6 +249,7 @@ impl Topology {
         conv_out.subject_transform = Some(SubjectTransform { source: src, destination: dest });
         let mut audit = journal(STREAM_AUDIT, Kind::Audit, "conv operator actions");
         audit.max_age = hours(cfg.audit_max_age_hours);
+        audit.max_bytes = cfg.audit_max_bytes;
 
         let mut dlq_subjects = Vec::new();
         for stream in [STREAM_IN, STREAM_EFFECT, STREAM_APPLIED, STREAM_OUT, STREAM_AUDIT] {
@@ -205,7 +268,8 @@ impl Topology {
             retention: RetentionPolicy::Limits,
             storage: StorageType::File,
             discard: DiscardPolicy::Old,
-            max_age: hours(cfg.journal_max_age_hours),
+            max_age: hours(cfg.dlq_max_age_hours),
+            max_bytes: cfg.dlq_max_bytes,
             duplicate_window: Duration::from_secs(cfg.duplicate_window_secs),
             num_replicas: cfg.replicas,
             max_message_size: cfg.max_msg_bytes,
@@ -251,7 +315,7 @@ impl Topology {
             let mut main =
                 pinned(base(runtime_consumer(p), subject::in_partition_filter(p), "conv-runtime partition worker"));
             // The scheduler looks ahead this far to order by priority.
-            main.max_ack_pending = 1000;
+            main.max_ack_pending = cfg.runtime_max_ack_pending;
             consumers.push(ConsumerSpec { stream: STREAM_IN.to_owned(), config: main });
             let mut control = pinned(base(
                 runtime_control_consumer(p),
@@ -262,7 +326,7 @@ impl Topology {
             consumers.push(ConsumerSpec { stream: STREAM_IN.to_owned(), config: control });
         }
         let mut effects = base(EFFECTS_CONSUMER.to_owned(), String::new(), "conv-effects shared work queue");
-        effects.max_ack_pending = 4096;
+        effects.max_ack_pending = cfg.effects_max_ack_pending;
         effects.ack_wait = Duration::from_secs(cfg.effects_ack_wait_secs);
         consumers.push(ConsumerSpec { stream: STREAM_EFFECT.to_owned(), config: effects });
         for p in 0..cfg.partitions {
@@ -277,7 +341,7 @@ impl Topology {
             views.max_deliver = cfg.max_deliver.max(1) * 20;
             // Output is acked after each batched view write: room for a few
             // batches of a busy partition.
-            views.max_ack_pending = 20_000;
+            views.max_ack_pending = cfg.projections_max_ack_pending;
             consumers.push(ConsumerSpec { stream: STREAM_OUT.to_owned(), config: views });
         }
 
@@ -295,7 +359,7 @@ impl Topology {
             bucket(
                 KV_ENTRIES,
                 "conv conversation entries of snapshots and LLM contexts",
-                ENTRIES_HISTORY,
+                cfg.entries_history,
                 Duration::ZERO,
             ),
             kv::Config {
@@ -431,6 +495,7 @@ pub fn stream_diff(have: &stream::Config, want: &stream::Config) -> Vec<String> 
             storage,
             discard,
             max_age,
+            max_bytes,
             duplicate_window,
             num_replicas,
             max_message_size,

@@ -177,3 +177,49 @@ async fn stray_input_subjects_land_in_the_dlq() {
     let ack = js.publish("conv.in.message.c1", "x".into()).await.expect("publish").await.expect("stored");
     assert_eq!(ack.stream, subject::STREAM_IN);
 }
+
+#[tokio::test]
+async fn changed_retention_and_limits_show_as_drift_and_apply_in_place() {
+    let nats = nats().await;
+    nats.setup().await.expect("setup");
+    let js = nats.jetstream().await;
+    let changed = TopologyConfig {
+        journal_max_bytes: 8 << 30,
+        dlq_max_age_hours: 48,
+        dlq_max_bytes: 256 << 20,
+        effects_max_ack_pending: 2048,
+        entries_history: 4,
+        max_deliver: 6,
+        ..Default::default()
+    };
+    changed.validate().expect("valid");
+    let topo = Topology::declare(&changed);
+    let drift = topology::check(&js, &topo).await.expect("check");
+    let drifted: Vec<&str> =
+        drift.changes.iter().filter(|c| c.action == Action::Drifted).map(|c| c.name.as_str()).collect();
+    for name in ["CONV_IN", "CONV_OUT", "CONV_DLQ", "CONV_EFFECT", "effects", "conv_entries"] {
+        assert!(drifted.iter().any(|d| *d == name || d.ends_with(&format!("/{name}"))), "{name} drifted: {drift}");
+    }
+    assert_eq!(drift.count(Action::Missing), 0);
+    let dlq = drift.changes.iter().find(|c| c.name == "CONV_DLQ").expect("dlq");
+    assert!(dlq.fields.iter().any(|f| f.starts_with("max_bytes")), "{:?}", dlq.fields);
+    assert!(dlq.fields.iter().any(|f| f.starts_with("max_age")), "{:?}", dlq.fields);
+
+    let applied = topology::apply(&js, &topo).await.expect("applied in place");
+    assert_eq!(applied.count(Action::Updated), drift.count(Action::Drifted), "{applied}");
+    assert!(topology::check(&js, &topo).await.expect("check").is_unchanged());
+    let dlq = js.get_stream(subject::STREAM_DLQ).await.expect("dlq").get_info().await.expect("info").config;
+    assert_eq!((dlq.max_bytes, dlq.max_age), (256 << 20, Duration::from_secs(48 * 3600)));
+    let effects = js
+        .get_stream(subject::STREAM_EFFECT)
+        .await
+        .expect("stream")
+        .consumer_info("effects")
+        .await
+        .expect("consumer")
+        .config
+        .clone();
+    assert_eq!((effects.max_ack_pending, effects.max_deliver), (2048, 6));
+    let entries = js.get_key_value(topology::KV_ENTRIES).await.expect("bucket").status().await.expect("status");
+    assert_eq!(entries.history(), 4);
+}

@@ -38,12 +38,12 @@ pub struct Global {
     /// Print data as JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
-    /// Number of CONV_IN partitions of the deployment.
-    #[arg(long, global = true, env = "CONV_PARTITIONS", default_value_t = conv_contracts::subject::DEFAULT_PARTITIONS)]
-    pub partitions: u16,
-    /// Replicas of every stream and bucket (3 on the 3-node cluster).
-    #[arg(long, global = true, env = "CONV_REPLICAS", default_value_t = 1)]
-    pub replicas: usize,
+    /// Number of CONV_IN partitions of the deployment [default: 16, or `partitions` in the [topology] of CONV_CONFIG].
+    #[arg(long, global = true, env = "CONV_PARTITIONS")]
+    pub partitions: Option<u16>,
+    /// Replicas of every stream and bucket, 3 on the 3-node cluster [default: 1, or `replicas` in the [topology] of CONV_CONFIG].
+    #[arg(long, global = true, env = "CONV_REPLICAS")]
+    pub replicas: Option<usize>,
 }
 
 impl Global {
@@ -85,16 +85,39 @@ impl Global {
     }
 
     /// The topology these options describe, validated: the defaults, then
-    /// `CONV_<KEY>` from the environment for every `[topology]` key, then
-    /// `--partitions` and `--replicas`.
+    /// the `[topology]` section of the `CONV_CONFIG` file (the services'
+    /// file; its other sections are not read here), then `CONV_<KEY>` from
+    /// the environment for every `[topology]` key, then `--partitions` and
+    /// `--replicas`.
     pub fn topology(&self) -> Result<conv_nats::TopologyConfig, crate::Error> {
-        let mut cfg = conv_nats::TopologyConfig::default();
-        cfg.apply_env(&|k: &str| std::env::var(k).ok()).map_err(|e| crate::Error::Invalid(e.to_string()))?;
-        cfg.partitions = self.partitions;
-        cfg.replicas = self.replicas;
-        cfg.validate().map_err(crate::Error::Invalid)?;
-        Ok(cfg)
+        topology_from(&conv_nats::service::process_env, self.partitions, self.replicas)
     }
+}
+
+/// The `[topology]` section of a services' config file; other sections are
+/// the services' business.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct TopologyFile {
+    topology: conv_nats::TopologyConfig,
+}
+
+fn topology_from(
+    env: conv_nats::service::Env<'_>,
+    partitions: Option<u16>,
+    replicas: Option<usize>,
+) -> Result<conv_nats::TopologyConfig, crate::Error> {
+    let invalid = |e: conv_nats::service::ConfigError| crate::Error::Invalid(e.to_string());
+    let mut cfg = conv_nats::service::load_file(env, TopologyFile::default()).map_err(invalid)?.topology;
+    cfg.apply_env(env).map_err(invalid)?;
+    if let Some(p) = partitions {
+        cfg.partitions = p;
+    }
+    if let Some(r) = replicas {
+        cfg.replicas = r;
+    }
+    cfg.validate().map_err(crate::Error::Invalid)?;
+    Ok(cfg)
 }
 
 #[derive(Debug, Subcommand)]
@@ -236,7 +259,7 @@ pub struct ChaosArgs {
     #[arg(long, default_value_t = 3)]
     pub messages: usize,
     /// Faults to inject: rounds of every kind (SIGKILL of each service, SIGSTOP/SIGCONT of runtime, effects and
-    /// projections, NATS restart), each round in a seeded order.
+    /// projections, NATS restart, or on --cluster node and leader kills), each round in a seeded order.
     #[arg(long, default_value_t = 8)]
     pub faults: usize,
     /// Time between faults, in milliseconds.
@@ -251,10 +274,60 @@ pub struct ChaosArgs {
     /// A reply that has not come within this many seconds is a violation.
     #[arg(long, default_value_t = 60)]
     pub reply_deadline_secs: u64,
-    /// Reply wait p99 above this many seconds is a violation.
-    #[arg(long, default_value_t = 8.0)]
-    pub max_reply_p99_secs: f64,
+    /// Reply wait p99 above this many seconds is a violation [default: 8; 15 with --cluster: after a node dies, its
+    /// streams' followers wait NATS's Raft election timeout, 4–9 s, before they elect a new leader].
+    #[arg(long)]
+    pub max_reply_p99_secs: Option<f64>,
     /// Directory for the stack's data and logs (default: a new one under the system temp dir); kept afterwards.
     #[arg(long)]
     pub dir: Option<std::path::PathBuf>,
+    /// Run on a 3-node NATS cluster (the shipped nats/config/cluster-*.conf on free ports, R3 streams and buckets,
+    /// every node in NATS_URL); NATS faults then SIGKILL a random node or the CONV_IN stream leader and restart it.
+    #[arg(long)]
+    pub cluster: bool,
+}
+
+impl ChaosArgs {
+    /// The reply wait p99 bound in seconds (see `--max-reply-p99-secs`).
+    pub fn max_reply_p99(&self) -> f64 {
+        self.max_reply_p99_secs.unwrap_or(if self.cluster { 15.0 } else { 8.0 })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topology_layers_file_env_flags() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("conv.toml");
+        std::fs::write(
+            &path,
+            "[service]\nlog_format = \"json\"\n[options]\nsnapshot_every = 8\n[topology]\npartitions = 8\nreplicas = 3\ndlq_max_bytes = 5000000\n",
+        )
+        .expect("write");
+        let file = path.display().to_string();
+        let vars = |extra: &'static [(&'static str, &'static str)]| {
+            let file = file.clone();
+            move |k: &str| {
+                if k == "CONV_CONFIG" {
+                    return Some(file.clone());
+                }
+                extra.iter().find(|(var, _)| *var == k).map(|(_, v)| (*v).to_owned())
+            }
+        };
+        let t = topology_from(&vars(&[]), None, None).expect("file");
+        assert_eq!((t.partitions, t.replicas, t.dlq_max_bytes), (8, 3, 5_000_000));
+        let t = topology_from(&vars(&[("CONV_REPLICAS", "1"), ("CONV_DLQ_MAX_BYTES", "-1")]), None, None).expect("env");
+        assert_eq!((t.partitions, t.replicas, t.dlq_max_bytes), (8, 1, -1));
+        let t = topology_from(&vars(&[("CONV_PARTITIONS", "4")]), Some(2), None).expect("flags");
+        assert_eq!(t.partitions, 2);
+
+        std::fs::write(&path, "[topology]\npartitons = 8\n").expect("write");
+        let err = topology_from(&vars(&[]), None, None).expect_err("a typo in [topology] is refused");
+        assert!(err.to_string().contains("partitons"), "{err}");
+        let none = |_: &str| None;
+        assert_eq!(topology_from(&none, None, None).expect("defaults"), conv_nats::TopologyConfig::default());
+    }
 }

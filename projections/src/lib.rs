@@ -56,6 +56,7 @@ pub const IDENTITY: Identity = Identity {
     options_help: concat!(
         "  CONV_OUTBOUND_WEBHOOK_URL       deliver finished assistant messages to this URL (channel adapter)\n",
         "  CONV_OUTBOUND_WEBHOOK_RETRIES   delivery retries with backoff (default 5)\n",
+        "  CONV_OUTBOUND_WEBHOOK_TIMEOUT_MS  timeout of one delivery (default 5000)\n",
         "  CONV_PROJECTIONS_INSTANCE       instance id among view owners (default: a fresh UUID)\n",
         "  CONV_PROJECTIONS_HEARTBEAT_MS   view partition lease refresh (default 500)\n",
         "  CONV_PROJECTIONS_FLUSH_MS       a changed view is written after this delay (default 200)\n",

@@ -50,6 +50,7 @@ impl Options for ProjectionsOptions {
     fn apply_env(&mut self, env: Env<'_>) -> Result<(), ConfigError> {
         env_override(env, "CONV_OUTBOUND_WEBHOOK_URL", &mut self.webhook_url)?;
         env_override(env, "CONV_OUTBOUND_WEBHOOK_RETRIES", &mut self.webhook_retries)?;
+        env_override(env, "CONV_OUTBOUND_WEBHOOK_TIMEOUT_MS", &mut self.webhook_timeout_ms)?;
         env_override(env, "CONV_PROJECTIONS_INSTANCE", &mut self.instance)?;
         env_override(env, "CONV_PROJECTIONS_HEARTBEAT_MS", &mut self.heartbeat_ms)?;
         env_override(env, "CONV_PROJECTIONS_FLUSH_MS", &mut self.flush_ms)?;
@@ -77,5 +78,29 @@ impl Options for ProjectionsOptions {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_option_has_an_env_override() {
+        conv_nats::test_util::assert_every_key_has_env(
+            ProjectionsOptions::apply_env,
+            &[
+                ("webhook_url", "CONV_OUTBOUND_WEBHOOK_URL", "http://127.0.0.1:1/hook"),
+                ("webhook_retries", "CONV_OUTBOUND_WEBHOOK_RETRIES", "1"),
+                ("webhook_timeout_ms", "CONV_OUTBOUND_WEBHOOK_TIMEOUT_MS", "700"),
+                ("instance", "CONV_PROJECTIONS_INSTANCE", "p-1"),
+                ("heartbeat_ms", "CONV_PROJECTIONS_HEARTBEAT_MS", "250"),
+                ("flush_ms", "CONV_PROJECTIONS_FLUSH_MS", "50"),
+                ("sse_buffer", "CONV_SSE_BUFFER", "16"),
+                ("sse_heartbeat_ms", "CONV_SSE_HEARTBEAT_MS", "1000"),
+                ("sse_linger_ms", "CONV_SSE_LINGER_MS", "0"),
+                ("api_keys", "CONV_INGRESS_API_KEYS", "k"),
+            ],
+        );
     }
 }

@@ -30,6 +30,8 @@ pub const IDENTITY: Identity = Identity {
     options_help: "  CONV_RUNTIME_INSTANCE           instance id (default: a fresh UUID)\n  \
 CONV_RUNTIME_SNAPSHOT_EVERY     applies between snapshots of a conversation (default 32)\n  \
 CONV_RUNTIME_HEARTBEAT_MS       membership and lease refresh (default 500; keep it below a quarter of owner_ttl_secs)\n  \
+CONV_RUNTIME_IDLE_SNAPSHOT_MS   snapshot a conversation this long after its last apply (default 1000)\n  \
+CONV_RUNTIME_EVICT_AFTER_SECS   drop an idle conversation's state from memory after this (default 60)\n  \
 CONV_RUNTIME_CAUSALITY_WAIT_MS  wait for a missing cause before the DLQ (default 5000)\n",
 };
 
@@ -65,6 +67,8 @@ impl Options for RuntimeOptions {
         env_override(env, "CONV_RUNTIME_INSTANCE", &mut self.instance)?;
         env_override(env, "CONV_RUNTIME_SNAPSHOT_EVERY", &mut self.snapshot_every)?;
         env_override(env, "CONV_RUNTIME_HEARTBEAT_MS", &mut self.heartbeat_ms)?;
+        env_override(env, "CONV_RUNTIME_IDLE_SNAPSHOT_MS", &mut self.idle_snapshot_ms)?;
+        env_override(env, "CONV_RUNTIME_EVICT_AFTER_SECS", &mut self.evict_after_secs)?;
         env_override(env, "CONV_RUNTIME_CAUSALITY_WAIT_MS", &mut self.causality_wait_ms)
     }
 
@@ -151,4 +155,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     service::flush(&booted.client).await;
     tracing::info!(message = "Stopped.", service = IDENTITY.name);
     Ok(())
+}
+
+#[cfg(test)]
+mod options_tests {
+    use super::*;
+
+    #[test]
+    fn every_option_has_an_env_override() {
+        conv_nats::test_util::assert_every_key_has_env(
+            RuntimeOptions::apply_env,
+            &[
+                ("instance", "CONV_RUNTIME_INSTANCE", "r-1"),
+                ("snapshot_every", "CONV_RUNTIME_SNAPSHOT_EVERY", "8"),
+                ("heartbeat_ms", "CONV_RUNTIME_HEARTBEAT_MS", "200"),
+                ("idle_snapshot_ms", "CONV_RUNTIME_IDLE_SNAPSHOT_MS", "300"),
+                ("evict_after_secs", "CONV_RUNTIME_EVICT_AFTER_SECS", "5"),
+                ("causality_wait_ms", "CONV_RUNTIME_CAUSALITY_WAIT_MS", "100"),
+            ],
+        );
+    }
 }

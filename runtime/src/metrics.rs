@@ -14,6 +14,7 @@ pub struct Metrics {
     pub entry_writes: IntCounter,
     pub snapshot_conflicts: IntCounter,
     pub restores: IntCounter,
+    pub adopted: IntCounter,
     pub terminated: IntCounter,
 }
 
@@ -42,6 +43,10 @@ impl Metrics {
                 "snapshot writes refused: a stale owner gave its partition up",
             )?,
             restores: IntCounter::new("conv_runtime_restores_total", "conversations loaded from snapshot + journal")?,
+            adopted: IntCounter::new(
+                "conv_runtime_adopted_total",
+                "inputs applied on load because a previous owner stored their output without their markers",
+            )?,
             terminated: IntCounter::new("conv_runtime_terminated_total", "invalid inputs terminated into the DLQ")?,
         };
         registry.register(Box::new(m.apply_seconds.clone()))?;
@@ -54,6 +59,7 @@ impl Metrics {
         registry.register(Box::new(m.entry_writes.clone()))?;
         registry.register(Box::new(m.snapshot_conflicts.clone()))?;
         registry.register(Box::new(m.restores.clone()))?;
+        registry.register(Box::new(m.adopted.clone()))?;
         registry.register(Box::new(m.terminated.clone()))?;
         for p in conv_contracts::Priority::ALL {
             m.queue_depth.with_label_values(&[p.as_str()]);

@@ -130,6 +130,14 @@ async fn publish_all(
     .await
 }
 
+/// `event`, emitted for the input stored at `seq` in `CONV_IN`, naming it
+/// ([`conv_contracts::envelope::INPUT_SEQ`]): how a new owner finds the
+/// inputs of output stored without markers.
+fn with_input_seq(mut event: Envelope, seq: u64) -> Envelope {
+    event.extensions.insert(conv_contracts::envelope::INPUT_SEQ.to_owned(), seq.to_string());
+    event
+}
+
 /// Id of the applied marker of an input.
 pub fn marker_id(input_id: &str) -> String {
     derived_id(input_id, usize::MAX)
@@ -492,17 +500,74 @@ impl Worker {
         if !self.states.contains_key(conv) {
             let stored = self.shared.snapshots.load(conv.as_str()).await.map_err(|e| e.to_string())?;
             let (revision, entries) = (stored.revision, stored.entries);
-            let rebuilt = journal::rebuild(&self.shared.js, conv, stored.snapshot).await.map_err(|e| e.to_string())?;
+            let mut rebuilt =
+                journal::rebuild(&self.shared.js, conv, stored.snapshot).await.map_err(|e| e.to_string())?;
             if !rebuilt.mismatches.is_empty() {
                 tracing::error!(message = "Restored state differs from recorded hashes.", conversation_id = %conv, markers = ?rebuilt.mismatches);
             }
+            let adopted = self.adopt(conv, &mut rebuilt.snapshot).await?;
             self.shared.metrics.restores.inc();
             self.states.insert(
                 conv.clone(),
-                Loaded { snap: rebuilt.snapshot, revision, entries, dirty: rebuilt.applied, touched: Instant::now() },
+                Loaded {
+                    snap: rebuilt.snapshot,
+                    revision,
+                    entries,
+                    dirty: rebuilt.applied + adopted,
+                    touched: Instant::now(),
+                },
             );
         }
         self.states.get_mut(conv).ok_or_else(|| "state vanished".to_owned())
+    }
+
+    /// Applies the inputs whose output a previous owner stored without their
+    /// markers ([`journal::orphans`]), in its order, before anything else of
+    /// the conversation: another order would emit different output at the
+    /// same positions. Publishes what is not stored yet, then the markers.
+    /// Returns how many inputs were adopted.
+    async fn adopt(&self, conv: &ConversationId, snapshot: &mut conv_core::snapshot::Snapshot) -> Result<u64, String> {
+        let js = &self.shared.js;
+        let found = journal::orphans(js, conv, snapshot.state.pointers.outputs, snapshot.applied_seq)
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(orphans) = found else { return Ok(0) };
+        let mut adopted = 0;
+        for (seq, id) in &orphans.inputs {
+            let input = journal::input(js, *seq).await.map_err(|e| e.to_string())?;
+            if input.id != *id {
+                return Err(format!("CONV_IN #{seq} is {}, not the input {id} its output names", input.id));
+            }
+            let applied = reducer::apply(&mut snapshot.state, &input);
+            if applied.duplicate {
+                continue;
+            }
+            tracing::warn!(
+                message = "Adopting output stored without its marker: applying its input first.",
+                conversation_id = %conv,
+                event_id = %input.id,
+                seq
+            );
+            let events: Vec<Envelope> = applied
+                .emitted
+                .into_iter()
+                .filter(|e| !orphans.stored.contains(&e.id))
+                .map(|e| with_input_seq(e, *seq))
+                .collect();
+            for (_, result) in publish_all(js, events.iter().enumerate().collect()).await {
+                result.map_err(|e| format!("republishing the output of {id}: {e}"))?;
+            }
+            let state = &snapshot.state;
+            let marker = marker(&input, *seq, state.version, state.hash());
+            match publish_all(js, vec![(0, &marker)]).await.pop() {
+                Some((_, Ok(marker_seq))) => snapshot.applied_seq = snapshot.applied_seq.max(marker_seq),
+                Some((_, Err(e))) => return Err(format!("the marker of {id}: {e}")),
+                None => return Err(format!("the marker of {id} was not published")),
+            }
+            adopted += 1;
+        }
+        self.shared.metrics.adopted.inc_by(adopted);
+        Ok(adopted)
     }
 
     /// Group commit: applies a batch of scheduled inputs (in the scheduler's
@@ -560,7 +625,8 @@ impl Worker {
                 continue;
             }
             let state = &loaded.snap.state;
-            let mut events = applied.emitted;
+            let mut events: Vec<Envelope> =
+                applied.emitted.into_iter().map(|e| with_input_seq(e, pending.seq)).collect();
             events.push(marker(&pending.event, pending.seq, state.version, state.hash()));
             staged.push((pending, events));
         }

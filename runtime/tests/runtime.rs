@@ -301,3 +301,64 @@ async fn an_input_waits_for_its_cause_and_a_missing_cause_is_dead_lettered() {
     assert_eq!(again.applied_index, 3, "state restored from snapshot + journal");
     rt.shutdown().await.expect("stop");
 }
+
+/// Output of the conversation in `CONV_OUT`: (position, id), in stream order.
+async fn outputs(js: &async_nats::jetstream::Context, c: &str) -> Vec<(u64, String)> {
+    let filter = conv_contracts::subject::out_conversation_filter(&conv(c));
+    let stored = conv_nats::read::all(js, conv_contracts::subject::STREAM_OUT, &filter, false).await.expect("read");
+    stored
+        .iter()
+        .map(|m| {
+            let e = conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Limits::default())
+                .expect("valid");
+            (e.position().expect("positioned"), e.id)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn output_stored_without_its_marker_is_adopted_in_its_order() {
+    let nats = nats().await;
+    let js = nats.jetstream().await;
+    let r1 = runtime(&nats, "old-owner");
+    publish_all(&js, &[message("or-m1", "orphan", "first")]).await;
+    wait_markers(&js, 1, Duration::from_secs(20)).await;
+    r1.shutdown().await.expect("stopped");
+
+    // What an owner that lost the stream of its markers leaves behind: the
+    // output of a second message, stored without its marker.
+    let ack = conv_nats::headers::publish(&js, &message("or-m2", "orphan", "second")).await.expect("publish");
+    let m2_seq = ack.await.expect("ack").sequence;
+    let m2 = conv_store::journal::input(&js, m2_seq).await.expect("stored input");
+    let mut state = conv_store::journal::rebuild(&js, &conv("orphan"), None).await.expect("rebuild").snapshot.state;
+    let applied = conv_core::reducer::apply(&mut state, &m2);
+    let orphaned: Vec<Envelope> = applied
+        .emitted
+        .into_iter()
+        .map(|mut e| {
+            e.extensions.insert(conv_contracts::envelope::INPUT_SEQ.into(), m2_seq.to_string());
+            e
+        })
+        .collect();
+    assert!(orphaned.iter().any(|e| e.position().is_some()), "the message emits output");
+    publish_all(&js, &orphaned).await;
+    // An abort arrives next: it outranks the message, so a new owner that
+    // did not know the orphaned output would apply the abort first and emit
+    // different output at the same positions.
+    publish_all(&js, &[Envelope::new("or-abort", "/test", conv("orphan"), AbortRequested { reason: None })]).await;
+
+    let _r2 = runtime(&nats, "new-owner");
+    let markers = wait_markers(&js, 3, Duration::from_secs(30)).await;
+    let order: Vec<&str> = markers.iter().map(|m| m.input_id.as_str()).collect();
+    assert_eq!(order, ["or-m1", "or-m2", "or-abort"], "the orphaned input is applied first, in its place");
+
+    let out = outputs(&js, "orphan").await;
+    let mut positions: Vec<u64> = out.iter().map(|(p, _)| *p).collect();
+    positions.sort_unstable();
+    let expected: Vec<u64> = (1..=u64::try_from(out.len()).expect("len")).collect();
+    assert_eq!(positions, expected, "one output per position, none missing: {out:?}");
+    let ids: std::collections::HashSet<&String> = out.iter().map(|(_, id)| id).collect();
+    assert_eq!(ids.len(), out.len(), "no output stored twice");
+    let rebuilt = conv_store::journal::rebuild(&js, &conv("orphan"), None).await.expect("rebuild");
+    assert!(rebuilt.mismatches.is_empty(), "replay matches every recorded hash");
+}

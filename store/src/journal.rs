@@ -130,3 +130,88 @@ pub async fn rebuild(
     }
     Ok(Rebuilt { snapshot, applied, recorded_hash, mismatches })
 }
+
+/// Output a previous owner stored for inputs that have no applied marker:
+/// it applied them and published what they emitted, but their markers were
+/// not stored (the stream of the markers was unavailable, for example while
+/// a cluster elected its leader) before it lost the conversation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Orphans {
+    /// The inputs, in the order they were applied: `(CONV_IN sequence, id)`.
+    pub inputs: Vec<(u64, String)>,
+    /// Ids of the output events already stored (not to be published again).
+    pub stored: std::collections::HashSet<String>,
+}
+
+/// How far before the last marker's store time orphaned output may lie: a
+/// batch publishes its output within the publish timeout before its markers;
+/// the rest is room for the clocks of different cluster nodes.
+const ORPHAN_LOOKBACK: time::Duration = time::Duration::seconds(60);
+
+/// Finds [`Orphans`] of a conversation whose rebuilt state has emitted
+/// `outputs` positions and whose last applied marker is `CONV_APPLIED`
+/// sequence `marker_seq` (0: none). One direct read when there are none (the
+/// usual case); otherwise the conversation's output since shortly before
+/// that marker.
+pub async fn orphans(
+    js: &jetstream::Context,
+    conversation: &ConversationId,
+    outputs: u64,
+    marker_seq: u64,
+) -> Result<Option<Orphans>, Error> {
+    let filter = conv_contracts::subject::out_conversation_filter(conversation);
+    let out = js.get_stream_no_info(conv_contracts::subject::STREAM_OUT).await.map_err(js_err)?;
+    let last = match out.get_last_raw_message_by_subject(&filter).await {
+        Ok(m) => m,
+        Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => return Ok(None),
+        Err(e) => return Err(js_err(e)),
+    };
+    let position = |headers: &async_nats::HeaderMap| {
+        conv_nats::headers::pairs(Some(headers))
+            .into_iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(&format!("ce-{}", conv_contracts::envelope::POSITION)))
+            .and_then(|(_, v)| v.parse::<u64>().ok())
+    };
+    if position(&last.headers).is_none_or(|p| p <= outputs) {
+        return Ok(None);
+    }
+    let stored = if marker_seq == 0 {
+        conv_nats::read::all(js, conv_contracts::subject::STREAM_OUT, &filter, false).await
+    } else {
+        let applied = js.get_stream_no_info(STREAM_APPLIED).await.map_err(js_err)?;
+        let marker = applied.get_raw_message(marker_seq).await.map_err(js_err)?;
+        conv_nats::read::stored_since(
+            js,
+            conv_contracts::subject::STREAM_OUT,
+            &filter,
+            marker.time - ORPHAN_LOOKBACK,
+            false,
+        )
+        .await
+    }
+    .map_err(Error::JetStream)?;
+    let mut found: Vec<(u64, Envelope)> = Vec::new();
+    for m in stored {
+        let event = conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Limits::default())
+            .map_err(|e| Error::JetStream(format!("CONV_OUT #{} is not readable: {e}", m.seq)))?;
+        if let Some(p) = event.position().filter(|p| *p > outputs) {
+            found.push((p, event));
+        }
+    }
+    found.sort_by_key(|(p, _)| *p);
+    let mut orphans = Orphans::default();
+    for (p, event) in found {
+        let input_seq = event.extensions.get(conv_contracts::envelope::INPUT_SEQ).and_then(|s| s.parse::<u64>().ok());
+        let (Some(input_id), Some(input_seq)) = (event.causation_id.clone(), input_seq) else {
+            return Err(Error::JetStream(format!(
+                "output {} at position {p} has no marker and does not name its input",
+                event.id
+            )));
+        };
+        if orphans.inputs.last().is_none_or(|(_, id)| *id != input_id) {
+            orphans.inputs.push((input_seq, input_id));
+        }
+        orphans.stored.insert(event.id);
+    }
+    Ok(Some(orphans))
+}

@@ -76,7 +76,7 @@ async fn answers(mut config: conv_nats::NatsConfig) -> bool {
 }
 
 /// The shipped users and permissions.
-const AUTH_CONF: &str = include_str!("../../../nats/config/auth.conf");
+const AUTH_CONF: &str = conv_nats::cluster::AUTH_CONF;
 
 /// Where `convctl up` leaves the admin's credentials of the server it started.
 pub const ADMIN_ENV: &str = ".conv/admin.env";
@@ -133,7 +133,7 @@ async fn start_secured_nats(url: &str, dir: &Path) -> Result<(Child, Users), Err
 }
 
 /// Starts `nats-server` as `command` says and waits until it answers `config`.
-async fn spawn_nats(
+pub(crate) async fn spawn_nats(
     mut command: Command,
     bin: &str,
     quiet: bool,

@@ -3,7 +3,9 @@
 //! of each). Conversations talk through the HTTP API with the scripted
 //! provider while faults land on a seeded schedule — SIGKILL of each service
 //! kind (started again a second later, as a supervisor would), SIGSTOP/SIGCONT
-//! of the runtime, effects and projections, a NATS restart. After each fault
+//! of the runtime, effects and projections, a NATS restart; with `--cluster`
+//! three NATS nodes with R3 streams, where a random node and the `CONV_IN`
+//! stream leader are SIGKILLed and restarted instead. After each fault
 //! a probe message goes to every partition; the slowest probe's reply is the
 //! time to recover. Afterwards the journal and the views are checked (see
 //! [`check`]); any violation makes the exit code 1.
@@ -36,6 +38,20 @@ pub enum Action {
     Pause,
     /// SIGTERM to `nats-server`, started again on the same data after a second.
     Restart,
+    /// SIGKILL of the cluster node leading `CONV_IN`, started again after a second.
+    #[serde(rename = "kill_leader")]
+    KillLeader,
+}
+
+impl Action {
+    fn label(self) -> &'static str {
+        match self {
+            Action::Kill => "kill",
+            Action::Pause => "pause",
+            Action::Restart => "restart",
+            Action::KillLeader => "kill leader",
+        }
+    }
 }
 
 /// The faults of one round, every kind once; rounds repeat in a new order.
@@ -48,6 +64,20 @@ const KINDS: [(Action, Kind); 8] = [
     (Action::Pause, Kind::Effects),
     (Action::Pause, Kind::Projections),
     (Action::Restart, Kind::Nats),
+];
+
+/// The faults of one round on a 3-node cluster: NATS faults hit one node
+/// (SIGKILL of a random one, SIGKILL of the stream leader).
+const CLUSTER_KINDS: [(Action, Kind); 9] = [
+    (Action::Kill, Kind::Ingress),
+    (Action::Kill, Kind::Runtime),
+    (Action::Kill, Kind::Effects),
+    (Action::Kill, Kind::Projections),
+    (Action::Pause, Kind::Runtime),
+    (Action::Pause, Kind::Effects),
+    (Action::Pause, Kind::Projections),
+    (Action::Kill, Kind::Nats),
+    (Action::KillLeader, Kind::Nats),
 ];
 
 /// One fault as injected and what it cost.
@@ -70,6 +100,8 @@ pub struct Report {
     pub seed: u64,
     pub conversations: usize,
     pub instances: usize,
+    /// NATS nodes (3: a cluster with R3 streams).
+    pub nats_nodes: usize,
     /// Messages accepted (traffic and probes).
     pub messages: usize,
     pub faults: Vec<Fault>,
@@ -101,18 +133,22 @@ impl Rng {
     }
 }
 
-/// The faults of a run: rounds of every kind, each round shuffled.
-fn schedule(seed: u64, faults: usize, instances: usize) -> Vec<(Action, Kind, usize)> {
+/// The faults of a run: rounds of every kind, each round shuffled. NATS
+/// faults name the node (0 for a single server; a stream leader is found
+/// when the fault lands).
+fn schedule(seed: u64, faults: usize, instances: usize, cluster: bool) -> Vec<(Action, Kind, usize)> {
     let mut rng = Rng(seed);
     let mut out = Vec::with_capacity(faults);
+    let (kinds, nodes): (&[(Action, Kind)], usize) =
+        if cluster { (&CLUSTER_KINDS, conv_nats::cluster::NODES) } else { (&KINDS, 1) };
     while out.len() < faults {
-        let mut round = KINDS.to_vec();
+        let mut round = kinds.to_vec();
         for i in (1..round.len()).rev() {
             round.swap(i, rng.below(i + 1));
         }
         for (action, kind) in round {
             if out.len() < faults {
-                let instance = if kind == Kind::Nats { 0 } else { rng.below(instances) };
+                let instance = rng.below(if kind == Kind::Nats { nodes } else { instances });
                 out.push((action, kind, instance));
             }
         }
@@ -147,8 +183,10 @@ pub async fn run(g: &Global, args: &ChaosArgs) -> Result<Outcome, Error> {
     }
     let dir =
         args.dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("conv-chaos-{}", std::process::id())));
-    let settings = Settings { instances: args.instances, scripted_tokens: 40, scripted_token_delay_ms: 20 };
-    say(&format!("starting nats-server and {} instance(s) of every service in {}", args.instances, dir.display()));
+    let settings =
+        Settings { instances: args.instances, scripted_tokens: 40, scripted_token_delay_ms: 20, cluster: args.cluster };
+    let nats = if args.cluster { "a 3-node NATS cluster (R3)" } else { "nats-server" };
+    say(&format!("starting {nats} and {} instance(s) of every service in {}", args.instances, dir.display()));
     let mut stack = Stack::start(&dir, &settings).await?;
     let started = Instant::now();
     let result = drive(&mut stack, args).await;
@@ -160,7 +198,7 @@ pub async fn run(g: &Global, args: &ChaosArgs) -> Result<Outcome, Error> {
     if g.json {
         return Ok(Outcome { output: crate::to_json(&report), code });
     }
-    Ok(Outcome { output: text(&report, args.max_reply_p99_secs), code })
+    Ok(Outcome { output: text(&report, args.max_reply_p99()), code })
 }
 
 async fn drive(stack: &mut Stack, args: &ChaosArgs) -> Result<Report, Error> {
@@ -187,11 +225,22 @@ async fn drive(stack: &mut Stack, args: &ChaosArgs) -> Result<Report, Error> {
     let mut faults = Vec::new();
     let mut probes = Vec::new();
     let mut other = Vec::new();
-    for (round, (action, target, instance)) in schedule(args.seed, args.faults, args.instances).into_iter().enumerate()
-    {
+    let plan = schedule(args.seed, args.faults, args.instances, args.cluster);
+    for (round, (action, target, mut instance)) in plan.into_iter().enumerate() {
         tokio::time::sleep(Duration::from_millis(args.fault_interval_ms)).await;
+        if target == Kind::Nats && stack.nats_nodes() > 1 {
+            // Node faults one at a time, as an operator would: the previous
+            // one healed first (a cluster that does not heal is a violation).
+            let behind = stack.wait_in_sync(Duration::from_secs(30)).await;
+            if !behind.is_empty() {
+                other.push(format!("cluster not caught up 30 s before a node fault: {}", behind.join(", ")));
+            }
+            if action == Action::KillLeader {
+                instance = stack.in_leader().await.unwrap_or(instance);
+            }
+        }
         let at_secs = t0.elapsed().as_secs_f64();
-        say(&format!("{at_secs:6.1}s  {action:?} {} #{instance}", target.name()));
+        say(&format!("{at_secs:6.1}s  {} {} #{instance}", action.label(), target.name()));
         // A probe to every partition as the fault begins.
         let mut round_probes = Vec::new();
         for p in 0..DEFAULT_PARTITIONS {
@@ -210,7 +259,9 @@ async fn drive(stack: &mut Stack, args: &ChaosArgs) -> Result<Report, Error> {
         }
         let index = stack.procs.iter().position(|p| p.kind == target && p.index == instance);
         match (action, index) {
-            (Action::Restart, _) => stack.restart_nats(Duration::from_secs(1)).await?,
+            (Action::Restart, _) => stack.restart_nats(instance, false, Duration::from_secs(1)).await?,
+            (Action::KillLeader, _) => stack.restart_nats(instance, true, Duration::from_secs(1)).await?,
+            (Action::Kill, _) if target == Kind::Nats => stack.restart_nats(instance, true, Duration::from_secs(1)).await?,
             (Action::Kill, Some(i)) => stack.kill(i, Duration::from_secs(1)).await?,
             (Action::Pause, Some(i)) => stack.pause(i, Duration::from_secs(3)).await,
             (_, None) => {}
@@ -254,6 +305,10 @@ async fn drive(stack: &mut Stack, args: &ChaosArgs) -> Result<Report, Error> {
     }
     other.extend(stack.revive()?);
     stack.wait_ready(Duration::from_secs(60)).await?;
+    let behind = stack.wait_in_sync(Duration::from_secs(60)).await;
+    if !behind.is_empty() {
+        other.push(format!("cluster not caught up 60 s after the last fault: {}", behind.join(", ")));
+    }
 
     say(&format!("checking {} conversations against the journal", accepted.len()));
     let mut timelines = HashMap::new();
@@ -266,17 +321,18 @@ async fn drive(stack: &mut Stack, args: &ChaosArgs) -> Result<Report, Error> {
     let mut violations = check::check(&js, &accepted, &timelines).await?;
     violations.other.extend(other);
     let reply_ms_p99 = pct(&mut replies, 0.99);
-    if reply_ms_p99 > args.max_reply_p99_secs * 1000.0 {
+    if reply_ms_p99 > args.max_reply_p99() * 1000.0 {
         violations.other.push(format!(
             "reply wait p99 {:.1} s is above {:.1} s",
             reply_ms_p99 / 1000.0,
-            args.max_reply_p99_secs
+            args.max_reply_p99()
         ));
     }
     Ok(Report {
         seed: args.seed,
         conversations: args.conversations,
         instances: args.instances,
+        nats_nodes: stack.nats_nodes(),
         messages: accepted.values().map(Vec::len).sum(),
         faults,
         reply_ms_p50: pct(&mut replies, 0.5),
@@ -292,12 +348,17 @@ async fn drive(stack: &mut Stack, args: &ChaosArgs) -> Result<Report, Error> {
 fn text(r: &Report, max_p99: f64) -> String {
     let mut s = String::new();
     s.push_str(&format!(
-        "chaos run, seed {}: {} conversations, {} instance(s) of each service, {} messages, {:.0} s\n\n",
-        r.seed, r.conversations, r.instances, r.messages, r.seconds
+        "chaos run, seed {}: {} conversations, {} instance(s) of each service, {}, {} messages, {:.0} s\n\n",
+        r.seed,
+        r.conversations,
+        r.instances,
+        if r.nats_nodes > 1 { "a 3-node NATS cluster (R3)" } else { "one NATS server" },
+        r.messages,
+        r.seconds
     ));
     s.push_str("   at  fault                          recovery\n");
     for f in &r.faults {
-        let what = format!("{:?} {} #{}", f.action, f.target.name(), f.instance).to_lowercase();
+        let what = format!("{} {} #{}", f.action.label(), f.target.name(), f.instance);
         let rec = f.recovery_secs.map_or_else(|| "NONE".to_owned(), |x| format!("{x:.1} s"));
         s.push_str(&format!("{:5.1}s  {what:<30} {rec:>8}\n", f.at_secs));
     }
@@ -338,16 +399,24 @@ mod tests {
 
     #[test]
     fn the_schedule_is_seeded_and_covers_every_kind_each_round() {
-        let a = schedule(7, 16, 2);
-        assert_eq!(a, schedule(7, 16, 2), "same seed, same faults");
-        assert_ne!(a, schedule(8, 16, 2), "another seed, another order");
+        let a = schedule(7, 16, 2, false);
+        assert_eq!(a, schedule(7, 16, 2, false), "same seed, same faults");
+        assert_ne!(a, schedule(8, 16, 2, false), "another seed, another order");
         for round in a.chunks(KINDS.len()) {
             for (action, kind) in KINDS {
                 assert!(round.iter().any(|(x, k, _)| *x == action && *k == kind), "{action:?} {kind:?} in {round:?}");
             }
         }
         assert!(a.iter().all(|(_, k, i)| *i < 2 && (*k != Kind::Nats || *i == 0)));
-        assert_eq!(schedule(1, 3, 1).len(), 3);
+        assert_eq!(schedule(1, 3, 1, false).len(), 3);
+        let c = schedule(7, 18, 2, true);
+        for round in c.chunks(CLUSTER_KINDS.len()) {
+            for (action, kind) in CLUSTER_KINDS {
+                assert!(round.iter().any(|(x, k, _)| *x == action && *k == kind), "{action:?} {kind:?} in {round:?}");
+            }
+        }
+        assert!(!c.iter().any(|(a, _, _)| *a == Action::Restart), "nodes are killed, not the whole server restarted");
+        assert!(c.iter().all(|(_, k, i)| *k != Kind::Nats || *i < 3));
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! The stack a chaos run starts and breaks: one `nats-server` (JetStream,
-//! data in the run's directory) and `instances` processes of every service
-//! (the binaries next to `convctl`), each with its log file. Faults are
-//! signals sent to these processes; a killed one is started again, as a
-//! supervisor would.
+//! data in the run's directory) or, with `--cluster`, the shipped 3-node
+//! cluster (`nats/config/cluster-*.conf` on free ports, R3 streams and
+//! buckets, every node in the services' `NATS_URL`), and `instances`
+//! processes of every service (the binaries next to `convctl`), each with its
+//! log file. Faults are signals sent to these processes; a killed one is
+//! started again, as a supervisor would.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -57,6 +59,19 @@ pub struct Settings {
     /// long enough that faults land mid-stream.
     pub scripted_tokens: usize,
     pub scripted_token_delay_ms: u64,
+    /// Three NATS nodes in a cluster instead of one server.
+    pub cluster: bool,
+}
+
+/// One NATS server of the stack.
+#[derive(Debug)]
+struct Node {
+    url: String,
+    /// The cluster node's config file; `None`: a single server.
+    conf: Option<PathBuf>,
+    data: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
 }
 
 /// One service process (restartable).
@@ -72,9 +87,9 @@ pub struct Proc {
 /// The running stack.
 #[derive(Debug)]
 pub struct Stack {
-    pub dir: PathBuf,
+    /// `NATS_URL` of the services: every node, comma-separated.
     pub nats_url: String,
-    nats: Option<Child>,
+    nodes: Vec<Node>,
     pub procs: Vec<Proc>,
     bins: PathBuf,
     env: Vec<(String, String)>,
@@ -115,19 +130,54 @@ impl Stack {
                 )));
             }
         }
-        let nats_url = format!("nats://{}", free_addr()?);
-        let nats = super::super::up::start_nats(&nats_url, &dir.join("nats"), true).await?;
+        let mut nodes = Vec::new();
+        if settings.cluster {
+            use conv_nats::cluster::{NODES, NodePorts, node_config};
+            let port = || free_addr().map(|a| a.port());
+            let mut ports = [NodePorts { client: 0, route: 0, http: 0 }; NODES];
+            for p in &mut ports {
+                *p = NodePorts { client: port()?, route: port()?, http: port()? };
+            }
+            for (node, p) in ports.iter().enumerate() {
+                let data = dir.join(format!("nats-n{}", node + 1));
+                let conf = dir.join(format!("cluster-{}.conf", node + 1));
+                std::fs::write(&conf, node_config(node, &ports, &data, false)).map_err(|e| io(&conf, e))?;
+                let log = dir.join(format!("nats-n{}.log", node + 1));
+                nodes.push(Node { url: format!("nats://127.0.0.1:{}", p.client), conf: Some(conf), data, log, child: None });
+            }
+        } else {
+            let url = format!("nats://{}", free_addr()?);
+            nodes.push(Node { url, conf: None, data: dir.join("nats"), log: dir.join("nats.log"), child: None });
+        }
+        let nats_url = nodes.iter().map(|n| n.url.clone()).collect::<Vec<_>>().join(",");
+        for node in &mut nodes {
+            node.child = Some(start_node(node).await?);
+        }
+        let replicas = nodes.len();
+        let topology = conv_nats::TopologyConfig { replicas, ..Default::default() };
         let js = jetstream(&nats_url).await?;
-        conv_nats::topology::apply(&js, &conv_nats::Topology::declare(&conv_nats::TopologyConfig::default())).await?;
+        // A cluster takes JetStream requests once it has elected a meta leader.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match conv_nats::topology::apply(&js, &conv_nats::Topology::declare(&topology)).await {
+                Ok(_) => break,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(message = "Topology not applied yet.", error = %e);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         let secret = super::super::up::random_secret()?;
         let env = vec![
             ("NATS_URL".to_owned(), nats_url.clone()),
+            ("CONV_REPLICAS".to_owned(), replicas.to_string()),
             ("CONV_CALLBACK_SECRET".to_owned(), secret),
             ("CONV_SCRIPTED_TOKENS".to_owned(), settings.scripted_tokens.to_string()),
             ("CONV_SCRIPTED_TOKEN_DELAY_MS".to_owned(), settings.scripted_token_delay_ms.to_string()),
             ("RUST_LOG".to_owned(), "info".to_owned()),
         ];
-        let mut stack = Stack { dir: dir.to_owned(), nats_url, nats: Some(nats), procs: Vec::new(), bins, env };
+        let mut stack = Stack { nats_url, nodes, procs: Vec::new(), bins, env };
         for kind in Kind::SERVICES {
             for index in 0..settings.instances.max(1) {
                 let log = dir.join(format!("{}-{index}.log", kind.name()));
@@ -218,15 +268,65 @@ impl Stack {
         signal(pid, "CONT").await;
     }
 
-    /// Stops `nats-server` (SIGTERM) and starts it again on the same port
-    /// and data after `down`.
-    pub async fn restart_nats(&mut self, down: Duration) -> Result<(), Error> {
-        if let Some(mut nats) = self.nats.take() {
-            super::super::up::stop("nats-server", &mut nats).await;
+    /// NATS servers of the stack (3 with `--cluster`).
+    pub fn nats_nodes(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Stops NATS node `node` (SIGTERM, or SIGKILL when `kill`) and starts it
+    /// again on the same port and data after `down`.
+    pub async fn restart_nats(&mut self, node: usize, kill: bool, down: Duration) -> Result<(), Error> {
+        let Some(n) = self.nodes.get_mut(node) else { return Ok(()) };
+        if let Some(mut child) = n.child.take() {
+            if kill {
+                if let Some(pid) = child.id() {
+                    signal(pid, "KILL").await;
+                }
+                let _ = child.wait().await;
+            } else {
+                super::super::up::stop("nats-server", &mut child).await;
+            }
         }
         tokio::time::sleep(down).await;
-        self.nats = Some(super::super::up::start_nats(&self.nats_url, &self.dir.join("nats"), true).await?);
+        n.child = Some(start_node(n).await?);
         Ok(())
+    }
+
+    /// The cluster node leading `CONV_IN` now (`None`: a single server, or
+    /// no leader during an election).
+    pub async fn in_leader(&self) -> Option<usize> {
+        if self.nodes.len() < 2 {
+            return None;
+        }
+        let js = jetstream(&self.nats_url).await.ok()?;
+        conv_nats::cluster::stream_leader(&js, conv_contracts::subject::STREAM_IN).await.ok().flatten()
+    }
+
+    /// Waits (up to `within`) until every stream and bucket of a cluster has
+    /// a leader and all replicas caught up; returns those that did not.
+    pub async fn wait_in_sync(&self, within: Duration) -> Vec<String> {
+        if self.nodes.len() < 2 {
+            return Vec::new();
+        }
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let mut behind = Vec::new();
+            if let Ok(js) = jetstream(&self.nats_url).await {
+                let topology = conv_nats::Topology::declare(&conv_nats::TopologyConfig::default());
+                let names = topology.stream_names().map(str::to_owned);
+                for name in names.chain(topology.kv.iter().map(|b| format!("KV_{}", b.bucket))) {
+                    if !conv_nats::cluster::stream_in_sync(&js, &name).await {
+                        behind.push(name);
+                    }
+                }
+            } else {
+                behind.push("(no connection)".into());
+            }
+            if behind.is_empty() || tokio::time::Instant::now() > deadline {
+                return behind;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 
     /// Starts again any service that exited by itself (counted: a service
@@ -254,8 +354,24 @@ impl Stack {
                 super::super::up::stop(p.kind.name(), &mut child).await;
             }
         }
-        if let Some(mut nats) = self.nats.take() {
-            super::super::up::stop("nats-server", &mut nats).await;
+        for n in &mut self.nodes {
+            if let Some(mut nats) = n.child.take() {
+                super::super::up::stop("nats-server", &mut nats).await;
+            }
+        }
+    }
+}
+
+/// Starts one NATS server of the stack and waits until it takes connections.
+async fn start_node(node: &Node) -> Result<Child, Error> {
+    match &node.conf {
+        None => super::super::up::start_nats(&node.url, &node.data, true).await,
+        Some(conf) => {
+            let bin = std::env::var("CONV_NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
+            let mut command = Command::new(&bin);
+            command.arg("-c").arg(conf).arg("--log").arg(&node.log);
+            let config = conv_nats::NatsConfig { url: node.url.clone(), ..Default::default() };
+            super::super::up::spawn_nats(command, &bin, true, config).await
         }
     }
 }
