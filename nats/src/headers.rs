@@ -45,3 +45,20 @@ pub async fn publish(js: &async_nats::jetstream::Context, event: &Envelope) -> R
     let (headers, body) = encode(event);
     js.publish_with_headers(event.nats_subject(), headers, body).await
 }
+
+/// JetStream's per-subject optimistic concurrency header.
+pub const EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
+
+/// [`publish`], stored only if the last message on the event's subject is
+/// at stream sequence `last` (0: the subject has none): a writer that lost
+/// track of the subject is refused (`wrong last sequence`) instead of
+/// writing beside another one.
+pub async fn publish_expecting(
+    js: &async_nats::jetstream::Context,
+    event: &Envelope,
+    last: u64,
+) -> Result<PublishAckFuture, PublishError> {
+    let (mut headers, body) = encode(event);
+    headers.insert(EXPECTED_LAST_SUBJECT_SEQUENCE, last.to_string().as_str());
+    js.publish_with_headers(event.nats_subject(), headers, body).await
+}

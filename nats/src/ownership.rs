@@ -16,10 +16,20 @@
 //! Leases and the pinned-client consumers are not exclusivity on their own:
 //! the runtime's snapshot revision and the views' revision-checked writes are
 //! the last guard, and a worker that loses it gives its partition up.
+//!
+//! A worker also gets its [`Lease`]: how long the lease is surely still its
+//! own — the send time of the last successful create or renewal plus the
+//! bucket TTL less a quarter (the server counts the TTL from its own, later,
+//! receipt). Nobody else can take the lease before then, so a worker that
+//! checks [`Lease::valid`] before it publishes never writes beside the next
+//! owner, even when renewals stall because the bucket is unavailable (a
+//! cluster electing the bucket's leader) and nobody tells it that the lease
+//! lapsed.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
 use bytes::Bytes;
@@ -45,19 +55,67 @@ pub struct OwnershipConfig {
     /// Key prefix of the role (`""` for the runtime, `"views."` for the
     /// projections): roles share the bucket, not partitions.
     pub role: &'static str,
+    /// Time-to-live of the leases (the bucket's max age, `owner_ttl_secs`).
+    pub ttl: Duration,
     pub metrics: OwnershipMetrics,
+}
+
+/// Until when a worker's lease is surely its own (see the module docs).
+#[derive(Debug, Clone)]
+pub struct Lease(Arc<AtomicU64>);
+
+/// The instant leases count from (milliseconds after it fit an `AtomicU64`).
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+impl Lease {
+    /// A lease valid until `until`.
+    pub fn until(until: Instant) -> Self {
+        let lease = Lease(Arc::new(AtomicU64::new(0)));
+        lease.extend(until);
+        lease
+    }
+
+    /// A lease that never lapses (a worker run without ownership, in tests).
+    pub fn forever() -> Self {
+        Lease(Arc::new(AtomicU64::new(u64::MAX)))
+    }
+
+    /// Moves the end of the lease to `until` (never backwards).
+    pub fn extend(&self, until: Instant) {
+        let ms = u64::try_from(until.saturating_duration_since(epoch()).as_millis()).unwrap_or(u64::MAX);
+        self.0.fetch_max(ms, Ordering::SeqCst);
+    }
+
+    /// True while nobody else can hold the lease.
+    pub fn valid(&self) -> bool {
+        let now = u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX);
+        now < self.0.load(Ordering::SeqCst)
+    }
+}
+
+impl OwnershipConfig {
+    /// How long after sending a create or renewal the lease is surely ours.
+    fn sure_for(&self) -> Duration {
+        self.ttl.saturating_sub(self.ttl / 4)
+    }
 }
 
 /// What runs a partition once its lease is taken.
 pub trait Partitions: Send + Sync + 'static {
     /// Why a partition worker stopped by itself.
     type Stopped: std::fmt::Display + Send + 'static;
-    /// Starts the worker of `partition`; it stops when `stop` fires.
-    fn start(&self, partition: u16, stop: CancellationToken) -> JoinHandle<Result<(), Self::Stopped>>;
+    /// Starts the worker of `partition`; it stops when `stop` fires. It
+    /// must not publish once `lease` is no longer valid.
+    fn start(&self, partition: u16, stop: CancellationToken, lease: Lease)
+    -> JoinHandle<Result<(), Self::Stopped>>;
 }
 
 struct Running<E> {
     stop: CancellationToken,
+    lease: Lease,
     task: JoinHandle<Result<(), E>>,
     lease_revision: u64,
 }
@@ -157,6 +215,7 @@ pub async fn run<P: Partitions>(
         }
         // Renew what we keep (all at once: a heartbeat must not take longer
         // under load because one instance owns many partitions).
+        let sent = Instant::now();
         let renewals = running.iter().map(|(p, r)| {
             let owners = &owners;
             let value = Bytes::from(instance.clone());
@@ -168,6 +227,7 @@ pub async fn run<P: Partitions>(
                 Ok(rev) => {
                     if let Some(r) = running.get_mut(&p) {
                         r.lease_revision = rev;
+                        r.lease.extend(sent + config.sure_for());
                     }
                 }
                 Err(error) => {
@@ -190,6 +250,7 @@ pub async fn run<P: Partitions>(
             if running.contains_key(&p) {
                 continue;
             }
+            let sent = Instant::now();
             let Ok(created) =
                 tokio::time::timeout(patience, owners.create(lease_key(role, p), Bytes::from(instance.clone()))).await
             else {
@@ -200,8 +261,9 @@ pub async fn run<P: Partitions>(
             match created {
                 Ok(lease_revision) => {
                     let stop = shutdown.child_token();
-                    let task = parts.start(p, stop.clone());
-                    running.insert(p, Running { stop, task, lease_revision });
+                    let lease = Lease::until(sent + config.sure_for());
+                    let task = parts.start(p, stop.clone(), lease.clone());
+                    running.insert(p, Running { stop, lease, task, lease_revision });
                     metrics.rebalances.inc();
                     tracing::info!(message = "Partition taken.", partition = p, instance = %instance);
                 }
@@ -352,5 +414,34 @@ mod tests {
         assert!(!wakes("members.a", Put, "", &members));
         assert!(!wakes("p.3", Put, "", &members));
         assert!(!wakes("views.members.b", Put, "views.", &members));
+    }
+}
+
+#[cfg(test)]
+mod lease_tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_is_valid_until_its_end_and_only_moves_forward() {
+        let lease = Lease::until(Instant::now() + Duration::from_millis(200));
+        assert!(lease.valid());
+        lease.extend(Instant::now());
+        assert!(lease.valid(), "never moved backwards");
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(!lease.valid(), "lapsed");
+        lease.extend(Instant::now() + Duration::from_secs(5));
+        assert!(lease.valid(), "renewed");
+        assert!(Lease::forever().valid());
+        let cfg = OwnershipConfig {
+            partitions: 1,
+            heartbeat: Duration::from_millis(500),
+            role: "",
+            ttl: Duration::from_secs(2),
+            metrics: OwnershipMetrics {
+                rebalances: prometheus::IntCounter::new("r", "r").expect("metric"),
+                owned: prometheus::IntGauge::new("o", "o").expect("metric"),
+            },
+        };
+        assert_eq!(cfg.sure_for(), Duration::from_millis(1500));
     }
 }

@@ -223,3 +223,42 @@ async fn changed_retention_and_limits_show_as_drift_and_apply_in_place() {
     let entries = js.get_key_value(topology::KV_ENTRIES).await.expect("bucket").status().await.expect("status");
     assert_eq!(entries.history(), 4);
 }
+
+#[tokio::test]
+async fn a_write_expecting_another_last_message_is_refused_even_a_repeat() {
+    let nats = nats().await;
+    nats.setup().await.expect("setup");
+    let js = nats.jetstream().await;
+    let conv = ConversationId::parse("fence").expect("id");
+    let marker = |id: &str| {
+        Envelope::new(
+            id,
+            "/test",
+            conv.clone(),
+            conv_contracts::payload::Applied {
+                input_id: format!("in-{id}"),
+                input_type: "conv.in.message.received".into(),
+                input_seq: 1,
+                applied_index: 1,
+                state_version: 1,
+                state_hash: "h".into(),
+            },
+        )
+    };
+    let first = conv_nats::headers::publish_expecting(&js, &marker("m1"), 0).await.expect("publish");
+    let first = first.await.expect("the first write on the subject expects none").sequence;
+    // Another writer that still expects an empty subject is refused.
+    let second = conv_nats::headers::publish_expecting(&js, &marker("m2"), 0).await.expect("publish");
+    let refused = second.await.expect_err("refused");
+    assert!(refused.to_string().contains("wrong last sequence"), "{refused}");
+    // The expectation is checked before the dedupe: a repeat of a stored
+    // write that still expects what was last before it is refused too (the
+    // runtime then reloads the conversation and finds its marker stored).
+    let repeat = conv_nats::headers::publish_expecting(&js, &marker("m1"), 0).await.expect("publish");
+    assert!(repeat.await.is_err(), "refused, not deduped");
+    let repeat = conv_nats::headers::publish_expecting(&js, &marker("m1"), first).await.expect("publish");
+    let repeat = repeat.await.expect("expecting itself as the last: a duplicate");
+    assert!(repeat.duplicate && repeat.sequence == first, "{repeat:?}");
+    let next = conv_nats::headers::publish_expecting(&js, &marker("m3"), first).await.expect("publish");
+    assert!(next.await.expect("expects the last one").sequence > first);
+}

@@ -162,6 +162,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         let ownership = conv_nats::ownership::OwnershipConfig {
             partitions: config.topology.partitions,
             heartbeat: Duration::from_millis(o.heartbeat_ms),
+            ttl: Duration::from_secs(config.topology.owner_ttl_secs),
             role: "views.",
             metrics: ownership_metrics,
         };

@@ -81,7 +81,15 @@ pub struct Workers(pub Arc<Shared>);
 impl conv_nats::ownership::Partitions for Workers {
     type Stopped = Stopped;
 
-    fn start(&self, partition: u16, stop: CancellationToken) -> tokio::task::JoinHandle<Result<(), Stopped>> {
+    /// Views need no lease check: their writes are revision-checked and
+    /// idempotent by position, so a late write of a former owner is refused
+    /// or repeats what is there.
+    fn start(
+        &self,
+        partition: u16,
+        stop: CancellationToken,
+        _lease: conv_nats::ownership::Lease,
+    ) -> tokio::task::JoinHandle<Result<(), Stopped>> {
         tokio::spawn(run(partition, self.0.clone(), stop))
     }
 }

@@ -141,6 +141,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         let ownership = conv_nats::ownership::OwnershipConfig {
             partitions: config.topology.partitions,
             heartbeat: Duration::from_millis(o.heartbeat_ms),
+            ttl: Duration::from_secs(config.topology.owner_ttl_secs),
             role: "",
             metrics: ownership_metrics,
         };

@@ -78,8 +78,13 @@ pub struct Workers(pub Arc<Shared>);
 impl conv_nats::ownership::Partitions for Workers {
     type Stopped = Stopped;
 
-    fn start(&self, partition: u16, stop: CancellationToken) -> tokio::task::JoinHandle<Result<(), Stopped>> {
-        tokio::spawn(run(partition, self.0.clone(), stop))
+    fn start(
+        &self,
+        partition: u16,
+        stop: CancellationToken,
+        lease: conv_nats::ownership::Lease,
+    ) -> tokio::task::JoinHandle<Result<(), Stopped>> {
+        tokio::spawn(run(partition, self.0.clone(), stop, lease))
     }
 }
 
@@ -90,6 +95,11 @@ pub enum Stopped {
     Stale { partition: u16, detail: String },
     #[error("partition {partition}: {detail}")]
     Failed { partition: u16, detail: String },
+    /// The lease may have passed to another instance (renewals stalled):
+    /// nothing more is published; ownership starts a worker again once the
+    /// lease is surely this instance's.
+    #[error("partition {partition}: the lease was not renewed in time; stopped before publishing")]
+    Lapsed { partition: u16 },
 }
 
 struct Loaded {
@@ -99,6 +109,9 @@ struct Loaded {
     entries: Vec<u64>,
     /// Applies since the last snapshot write.
     dirty: u64,
+    /// The conversation's last marker in `CONV_APPLIED` (0: none): the next
+    /// marker is stored only if it is still the last.
+    last_marker: u64,
     touched: Instant,
 }
 
@@ -138,6 +151,16 @@ fn with_input_seq(mut event: Envelope, seq: u64) -> Envelope {
     event
 }
 
+/// Publishes an applied marker expecting `last` (the conversation's
+/// previous marker in `CONV_APPLIED`, 0: none) and awaits its ack.
+async fn publish_marker(js: &async_nats::jetstream::Context, marker: &Envelope, last: u64) -> Result<u64, String> {
+    let ack = conv_nats::headers::publish_expecting(js, marker, last).await.map_err(|e| e.to_string())?;
+    match conv_nats::connect::unless_disconnected(ack).await {
+        Some(acked) => acked.map(|a| a.sequence).map_err(|e| e.to_string()),
+        None => Err("the NATS connection dropped before the ack".to_owned()),
+    }
+}
+
 /// Id of the applied marker of an input.
 pub fn marker_id(input_id: &str) -> String {
     derived_id(input_id, usize::MAX)
@@ -174,6 +197,9 @@ struct Worker {
     parked: Vec<(Instant, Pending<Message>)>,
     /// What the control reader hints from: committed cancelable effects.
     board: Arc<Board>,
+    /// Until when the partition's lease is surely this instance's: checked
+    /// before each publish phase.
+    lease: conv_nats::ownership::Lease,
 }
 
 /// Aborts and stops handed from the control reader to the worker.
@@ -181,7 +207,12 @@ const CONTROL_QUEUE: usize = 1024;
 
 /// Runs partition `partition` until `stop` fires (then hands its held inputs
 /// back and snapshots what is dirty) or it finds it is a stale owner.
-pub async fn run(partition: u16, shared: Arc<Shared>, stop: CancellationToken) -> Result<(), Stopped> {
+pub async fn run(
+    partition: u16,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    lease: conv_nats::ownership::Lease,
+) -> Result<(), Stopped> {
     let failed = |detail: String| Stopped::Failed { partition, detail };
     let stream = shared.js.get_stream_no_info(STREAM_IN).await.map_err(|e| failed(e.to_string()))?;
     let main: PullConsumer =
@@ -222,6 +253,7 @@ pub async fn run(partition: u16, shared: Arc<Shared>, stop: CancellationToken) -
         depths: [0; 4],
         parked: Vec::new(),
         board,
+        lease,
     };
     // Taking over a backlog: hold every waiting control event before the
     // first input of the main consumer can be applied, so an abort recorded
@@ -505,7 +537,7 @@ impl Worker {
             if !rebuilt.mismatches.is_empty() {
                 tracing::error!(message = "Restored state differs from recorded hashes.", conversation_id = %conv, markers = ?rebuilt.mismatches);
             }
-            let adopted = self.adopt(conv, &mut rebuilt.snapshot).await?;
+            let adopted = self.adopt(conv, &mut rebuilt.snapshot, &mut rebuilt.last_marker_seq).await?;
             self.shared.metrics.restores.inc();
             self.states.insert(
                 conv.clone(),
@@ -514,6 +546,7 @@ impl Worker {
                     revision,
                     entries,
                     dirty: rebuilt.applied + adopted,
+                    last_marker: rebuilt.last_marker_seq,
                     touched: Instant::now(),
                 },
             );
@@ -526,7 +559,12 @@ impl Worker {
     /// the conversation: another order would emit different output at the
     /// same positions. Publishes what is not stored yet, then the markers.
     /// Returns how many inputs were adopted.
-    async fn adopt(&self, conv: &ConversationId, snapshot: &mut conv_core::snapshot::Snapshot) -> Result<u64, String> {
+    async fn adopt(
+        &self,
+        conv: &ConversationId,
+        snapshot: &mut conv_core::snapshot::Snapshot,
+        last_marker: &mut u64,
+    ) -> Result<u64, String> {
         let js = &self.shared.js;
         let found = journal::orphans(js, conv, snapshot.state.pointers.outputs, snapshot.applied_seq)
             .await
@@ -559,11 +597,10 @@ impl Worker {
             }
             let state = &snapshot.state;
             let marker = marker(&input, *seq, state.version, state.hash());
-            match publish_all(js, vec![(0, &marker)]).await.pop() {
-                Some((_, Ok(marker_seq))) => snapshot.applied_seq = snapshot.applied_seq.max(marker_seq),
-                Some((_, Err(e))) => return Err(format!("the marker of {id}: {e}")),
-                None => return Err(format!("the marker of {id} was not published")),
-            }
+            let marker_seq =
+                publish_marker(js, &marker, *last_marker).await.map_err(|e| format!("the marker of {id}: {e}"))?;
+            snapshot.applied_seq = snapshot.applied_seq.max(marker_seq);
+            *last_marker = marker_seq;
             adopted += 1;
         }
         self.shared.metrics.adopted.inc_by(adopted);
@@ -669,6 +706,25 @@ impl Worker {
             staged = kept;
         }
 
+        // Nothing is published once the lease may be someone else's.
+        if !self.lease.valid() {
+            for (pending, _) in staged {
+                self.forget(&pending.event.conversation_id);
+                let _ = pending.token.ack_with(AckKind::Nak(None)).await;
+            }
+            return Err(Stopped::Lapsed { partition: self.partition });
+        }
+        // Each conversation's first marker expects the conversation's last
+        // marker this worker knows: another owner's marker in between is
+        // refused (`wrong last sequence`), so no applied index is taken twice.
+        let last_markers: HashMap<ConversationId, u64> = staged
+            .iter()
+            .filter_map(|(p, _)| {
+                let conv = &p.event.conversation_id;
+                self.states.get(conv).map(|l| (conv.clone(), l.last_marker))
+            })
+            .collect();
+        let lease = self.lease.clone();
         // Publish in two phases, each pipelined with its acks awaited
         // together: first every event but the markers, then the markers of
         // the inputs all of whose events are stored. A stored marker is the
@@ -703,17 +759,25 @@ impl Worker {
                     chains.entry(conv).or_default().push((i, marker));
                 }
             }
+            // The outputs took time: markers only while the lease holds.
+            if !lease.valid() {
+                return (vec![None; staged.len()], true);
+            }
             let js = &js;
-            let stored = futures::future::join_all(chains.into_values().map(|chain| async move {
+            let last_markers = &last_markers;
+            let stored = futures::future::join_all(chains.into_iter().map(|(conv, chain)| async move {
                 let mut stored = Vec::new();
+                let mut last = last_markers.get(conv).copied().unwrap_or(0);
                 for (i, marker) in chain {
-                    match publish_all(js, vec![(i, marker)]).await.pop() {
-                        Some((i, Ok(seq))) => stored.push((i, seq)),
-                        Some((_, Err(error))) => {
-                            tracing::warn!(message = "Publishing a marker failed; will retry.", %error);
+                    match publish_marker(js, marker, last).await {
+                        Ok(seq) => {
+                            stored.push((i, seq));
+                            last = seq;
+                        }
+                        Err(error) => {
+                            tracing::warn!(message = "Publishing a marker failed; will retry.", conversation_id = %conv, %error);
                             break; // none of this conversation's later markers
                         }
-                        None => break,
                     }
                 }
                 stored
@@ -723,12 +787,13 @@ impl Worker {
             for (i, seq) in stored.into_iter().flatten() {
                 marker_seqs[i] = Some(seq);
             }
-            marker_seqs
+            (marker_seqs, false)
         };
         // Aborts and stops that arrive meanwhile are hinted by the control
         // reader and wait in its queue.
         let committed = tokio::time::timeout(self.shared.config.publish_timeout, work).await;
-        let marker_seqs = committed.unwrap_or_else(|_| vec![None; staged.len()]);
+        let (marker_seqs, lapsed) = committed.unwrap_or_else(|_| (vec![None; staged.len()], false));
+        let stale = if lapsed { Some(Stopped::Lapsed { partition: self.partition }) } else { None };
         for ((pending, _), marker_seq) in staged.iter().zip(&marker_seqs) {
             if marker_seq.is_none() {
                 failed.insert(pending.event.conversation_id.clone());
@@ -737,7 +802,7 @@ impl Worker {
 
         // Commit: record what is durable, hand back what is not, ack together.
         let mut to_ack = Vec::with_capacity(staged.len());
-        let mut stale = None;
+        let mut stale = stale;
         for ((pending, _), marker_seq) in staged.into_iter().zip(marker_seqs) {
             let conv = pending.event.conversation_id.clone();
             let Some(marker_seq) = marker_seq.filter(|_| !failed.contains(&conv)) else {
@@ -753,6 +818,7 @@ impl Worker {
             }
             let Some(loaded) = self.states.get_mut(&conv) else { return Err(vanished(self.partition)) };
             loaded.snap.applied_seq = loaded.snap.applied_seq.max(marker_seq);
+            loaded.last_marker = loaded.last_marker.max(marker_seq);
             loaded.dirty += 1;
             loaded.touched = Instant::now();
             if loaded.dirty >= self.shared.config.snapshot_every

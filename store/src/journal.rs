@@ -43,15 +43,25 @@ pub async fn markers_after(
     conversation: &ConversationId,
     after_seq: u64,
 ) -> Result<Vec<(u64, Marker)>, Error> {
+    Ok(markers_and_last(js, conversation, after_seq).await?.0)
+}
+
+/// [`markers_after`], and the sequence of the conversation's last marker in
+/// `CONV_APPLIED` (0: none stored, or all aged out).
+async fn markers_and_last(
+    js: &jetstream::Context,
+    conversation: &ConversationId,
+    after_seq: u64,
+) -> Result<(Vec<(u64, Marker)>, u64), Error> {
     let subject = marker_subject(conversation);
     let stream = js.get_stream_no_info(STREAM_APPLIED).await.map_err(js_err)?;
     let last = match stream.get_last_raw_message_by_subject(&subject).await {
         Ok(m) => m.sequence,
-        Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => return Ok((Vec::new(), 0)),
         Err(e) => return Err(js_err(e)),
     };
     if last <= after_seq {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), last));
     }
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
@@ -81,7 +91,7 @@ pub async fn markers_after(
             break;
         }
     }
-    Ok(out)
+    Ok((out, last))
 }
 
 /// The input a marker names.
@@ -102,6 +112,9 @@ pub struct Rebuilt {
     pub recorded_hash: Option<String>,
     /// Markers whose recorded hash differs from the rebuilt state's.
     pub mismatches: Vec<u64>,
+    /// The conversation's last marker in `CONV_APPLIED` (0: none): what the
+    /// next marker expects as the last one on its subject.
+    pub last_marker_seq: u64,
 }
 
 /// Rebuilds a conversation: from `from` (a snapshot) or from scratch, applying
@@ -112,7 +125,7 @@ pub async fn rebuild(
     from: Option<Snapshot>,
 ) -> Result<Rebuilt, Error> {
     let mut snapshot = from.unwrap_or_else(|| Snapshot { applied_seq: 0, state: State::new(conversation.as_str()) });
-    let markers = markers_after(js, conversation, snapshot.applied_seq).await?;
+    let (markers, last_marker_seq) = markers_and_last(js, conversation, snapshot.applied_seq).await?;
     let (mut applied, mut recorded_hash, mut mismatches) = (0, None, Vec::new());
     for (seq, marker) in markers {
         if marker.applied_index <= snapshot.state.version {
@@ -128,7 +141,7 @@ pub async fn rebuild(
         }
         recorded_hash = Some(marker.state_hash);
     }
-    Ok(Rebuilt { snapshot, applied, recorded_hash, mismatches })
+    Ok(Rebuilt { snapshot, applied, recorded_hash, mismatches, last_marker_seq })
 }
 
 /// Output a previous owner stored for inputs that have no applied marker:
