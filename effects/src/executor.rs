@@ -73,6 +73,15 @@ pub struct Executor {
 /// its directive back.
 const CONTEXT_PATIENCE: Duration = Duration::from_secs(10);
 
+/// How long a lifecycle event whose journal is unavailable is retried in
+/// place (backoff 250 ms doubling to 5 s) before the directive is handed
+/// back. A cluster's leader election or a NATS restart takes seconds; the
+/// directive's progress acks keep it meanwhile, and neither the model nor a
+/// tool is called again. Handing back at once spent the consumer's
+/// deliveries within an election and dead-lettered directives (found by
+/// `convctl chaos --cluster`).
+const JOURNAL_PATIENCE: Duration = Duration::from_secs(60);
+
 /// The directive cannot be carried out now — a lifecycle event could not be
 /// journaled, or what it reads is unavailable (NATS restarting): it is
 /// handed back and retried later, costing none of the model's attempts.
@@ -91,7 +100,26 @@ impl Executor {
             .caused_by(directive)
             .with_time(Utc::now());
         let msg_id = conv_contracts::trust::derived_msg_id(&event.conversation_id, &event.id);
-        match journal::append(&self.js, &event, &msg_id, &[], self.publish_timeout).await {
+        let started = tokio::time::Instant::now();
+        let mut backoff = Duration::from_millis(250);
+        let appended = loop {
+            match journal::append(&self.js, &event, &msg_id, &[], self.publish_timeout).await {
+                Err(journal::AppendError::Unavailable(detail)) if started.elapsed() + backoff < JOURNAL_PATIENCE => {
+                    tracing::info!(
+                        message = "Journal unavailable; retrying the event in place.",
+                        event_id = %event.id,
+                        conversation_id = %event.conversation_id,
+                        %detail,
+                        backoff_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX)
+                    );
+                    self.metrics.retries_in_place.inc();
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                other => break other,
+            }
+        };
+        match appended {
             Ok(_) => Ok(()),
             Err(journal::AppendError::TooLarge(detail)) => match too_large_outcome(&event.data, &detail) {
                 // An outcome the journal cannot take ends its effect visibly

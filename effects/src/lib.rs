@@ -626,66 +626,24 @@ async fn serve(executor: Arc<executor::Executor>, inbox: Inbox, limits: Admissio
     running.abort_all();
 }
 
-/// How long an effect whose journal or stores are unavailable is retried
-/// in place (its delivery kept alive by progress) before it is handed back.
-/// A cluster's stream leader election or a NATS restart takes seconds; each
-/// hand-back costs one of the consumer's `max_deliver` deliveries, and
-/// handing back at once dead-lettered directives during a leader election
-/// (found by `convctl chaos --cluster`).
-const RETRY_IN_PLACE: Duration = Duration::from_secs(60);
-
-/// Runs an effect, sending progress so a long one is not redelivered under
-/// it; a [`executor::RetryLater`] is retried here with backoff for up to
-/// [`RETRY_IN_PLACE`].
+/// Runs an effect, sending progress so a long one is not redelivered under it.
 async fn run_with_progress(
     executor: &executor::Executor,
     event: &conv_contracts::Envelope,
     message: &Message,
 ) -> Result<(), executor::RetryLater> {
-    let mut redelivered = message.info().map(|i| i.delivered > 1).unwrap_or(false);
-    let started = tokio::time::Instant::now();
-    let mut backoff = Duration::from_millis(250);
+    let redelivered = message.info().map(|i| i.delivered > 1).unwrap_or(false);
+    let work = executor.run(event, redelivered);
+    tokio::pin!(work);
     let mut tick = tokio::time::interval(executor.progress_every);
     tick.tick().await;
     loop {
-        let outcome = {
-            let work = executor.run(event, redelivered);
-            tokio::pin!(work);
-            loop {
-                tokio::select! {
-                    outcome = &mut work => break outcome,
-                    _ = tick.tick() => {
-                        let _ = message.ack_with(AckKind::Progress).await;
-                    }
-                }
-            }
-        };
-        let error = match outcome {
-            Ok(()) => return Ok(()),
-            Err(e) if started.elapsed() + backoff >= RETRY_IN_PLACE => return Err(e),
-            Err(e) => e,
-        };
-        tracing::info!(
-            message = "Effect failed for now; retrying in place.",
-            event_id = %event.id,
-            conversation_id = %event.conversation_id,
-            %error,
-            backoff_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX)
-        );
-        executor.metrics.retries_in_place.inc();
-        let pause = tokio::time::sleep(backoff);
-        tokio::pin!(pause);
-        loop {
-            tokio::select! {
-                _ = &mut pause => break,
-                _ = tick.tick() => {
-                    let _ = message.ack_with(AckKind::Progress).await;
-                }
+        tokio::select! {
+            outcome = &mut work => return outcome,
+            _ = tick.tick() => {
+                let _ = message.ack_with(AckKind::Progress).await;
             }
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-        // The failed run may have journaled part of its output: resume after it.
-        redelivered = true;
     }
 }
 

@@ -46,7 +46,7 @@ impl Metrics {
             )?,
             retries_in_place: IntCounter::new(
                 "conv_effects_retries_in_place_total",
-                "effects run again in place after their journal or a store was unavailable",
+                "lifecycle events retried in place while the journal was unavailable",
             )?,
             abort_latency: Histogram::with_opts(
                 HistogramOpts::new(

@@ -122,7 +122,14 @@ async fn publish_all(
     events: Vec<(usize, &Envelope)>,
 ) -> Vec<(usize, Result<u64, String>)> {
     let mut acks = Vec::new();
+    // While disconnected the client would buffer a publish and send it after
+    // the reconnect, maybe after the lease passed on: refuse at once instead.
+    let connected = js.client().connection_state() == async_nats::connection::State::Connected;
     for (i, event) in events {
+        if !connected {
+            acks.push((i, None));
+            continue;
+        }
         match conv_nats::headers::publish(js, event).await {
             Ok(ack) => acks.push((i, Some(ack))),
             Err(error) => {
@@ -154,6 +161,9 @@ fn with_input_seq(mut event: Envelope, seq: u64) -> Envelope {
 /// Publishes an applied marker expecting `last` (the conversation's
 /// previous marker in `CONV_APPLIED`, 0: none) and awaits its ack.
 async fn publish_marker(js: &async_nats::jetstream::Context, marker: &Envelope, last: u64) -> Result<u64, String> {
+    if js.client().connection_state() != async_nats::connection::State::Connected {
+        return Err("not connected to NATS".to_owned());
+    }
     let ack = conv_nats::headers::publish_expecting(js, marker, last).await.map_err(|e| e.to_string())?;
     match conv_nats::connect::unless_disconnected(ack).await {
         Some(acked) => acked.map(|a| a.sequence).map_err(|e| e.to_string()),
@@ -239,6 +249,7 @@ pub async fn run(
     let reader_stop = stop.child_token();
     let reader = tokio::spawn(read_control(
         partition,
+        control.clone(),
         control_msgs,
         board.clone(),
         shared.js.client(),
@@ -293,12 +304,24 @@ pub async fn run(
         }
         w.update_depths();
         tokio::select! {
+            biased;
             _ = stop.cancelled() => break Ok(()),
             delivered = control_rx.recv() => match delivered {
                 Some(delivered) => w.admit(delivered).await,
+                // The reader stops with the worker's own stop too.
+                None if stop.is_cancelled() => break Ok(()),
                 None => break Err(failed("the control reader stopped".to_owned())),
             },
-            m = main_msgs.next() => w.accept(m).await,
+            m = main_msgs.next() => match m {
+                Some(m) => w.accept(Some(m)).await,
+                None => {
+                    tracing::warn!(message = "Consumer stream ended; pulling again.", partition);
+                    match repull(&main, 500, &stop).await {
+                        Some(m) => main_msgs = m,
+                        None => break Ok(()),
+                    }
+                }
+            },
             _ = housekeeping.tick() => {
                 if let Err(stopped) = w.housekeeping(false).await {
                     break Err(stopped);
@@ -332,6 +355,7 @@ pub async fn run(
 /// board of a new owner does not know that (a hint not sent costs only speed).
 async fn read_control(
     partition: u16,
+    consumer: PullConsumer,
     mut messages: PullStream,
     board: Arc<Board>,
     client: async_nats::Client,
@@ -344,8 +368,14 @@ async fn read_control(
             next = messages.next() => next,
         };
         let Some(next) = next else {
-            tracing::warn!(message = "Control consumer stream ended.", partition);
-            return;
+            // The pull ends when the consumer's leader goes away (a cluster
+            // electing one): pull again rather than stop the partition.
+            tracing::warn!(message = "Control consumer stream ended; pulling again.", partition);
+            match repull(&consumer, 50, &stop).await {
+                Some(m) => messages = m,
+                None => return,
+            }
+            continue;
         };
         let Some(delivered) = Delivered::decode(partition, Some(next)) else { continue };
         let first = delivered.message.info().map(|i| i.delivered <= 1).unwrap_or(false);
@@ -376,6 +406,21 @@ async fn pull(consumer: &PullConsumer, batch: usize) -> Result<PullStream, jetst
 }
 
 type PullStream = jetstream::consumer::pull::Stream;
+
+/// Pulls again after a pull stream ended, every 250 ms until it works;
+/// `None` once `stop` fires.
+async fn repull(consumer: &PullConsumer, batch: usize, stop: &CancellationToken) -> Option<PullStream> {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+        match pull(consumer, batch).await {
+            Ok(m) => return Some(m),
+            Err(error) => tracing::warn!(message = "Cannot pull yet.", %error),
+        }
+    }
+}
 
 /// Acks inputs whose effect is durable. A plain ack, sent without waiting
 /// for the server to confirm it: the worker goes on to the next group at
@@ -566,7 +611,7 @@ impl Worker {
         last_marker: &mut u64,
     ) -> Result<u64, String> {
         let js = &self.shared.js;
-        let found = journal::orphans(js, conv, snapshot.state.pointers.outputs, snapshot.applied_seq)
+        let found = journal::orphans(js, conv, snapshot.state.pointers.outputs, *last_marker)
             .await
             .map_err(|e| e.to_string())?;
         let Some(orphans) = found else { return Ok(0) };
@@ -586,6 +631,9 @@ impl Worker {
                 event_id = %input.id,
                 seq
             );
+            if !self.lease.valid() {
+                return Err("the lease was not renewed in time".to_owned());
+            }
             let events: Vec<Envelope> = applied
                 .emitted
                 .into_iter()
@@ -597,6 +645,9 @@ impl Worker {
             }
             let state = &snapshot.state;
             let marker = marker(&input, *seq, state.version, state.hash());
+            if !self.lease.valid() {
+                return Err("the lease was not renewed in time".to_owned());
+            }
             let marker_seq =
                 publish_marker(js, &marker, *last_marker).await.map_err(|e| format!("the marker of {id}: {e}"))?;
             snapshot.applied_seq = snapshot.applied_seq.max(marker_seq);
@@ -675,6 +726,14 @@ impl Worker {
             return Ok(());
         }
 
+        // Nothing is published once the lease may be someone else's.
+        if !self.lease.valid() {
+            for (pending, _) in staged {
+                self.forget(&pending.event.conversation_id);
+                let _ = pending.token.ack_with(AckKind::Nak(None)).await;
+            }
+            return Err(Stopped::Lapsed { partition: self.partition });
+        }
         // An LLM step's context is read by reference: its entries are stored
         // before its directive is published.
         let steps: HashSet<ConversationId> = staged
@@ -706,14 +765,6 @@ impl Worker {
             staged = kept;
         }
 
-        // Nothing is published once the lease may be someone else's.
-        if !self.lease.valid() {
-            for (pending, _) in staged {
-                self.forget(&pending.event.conversation_id);
-                let _ = pending.token.ack_with(AckKind::Nak(None)).await;
-            }
-            return Err(Stopped::Lapsed { partition: self.partition });
-        }
         // Each conversation's first marker expects the conversation's last
         // marker this worker knows: another owner's marker in between is
         // refused (`wrong last sequence`), so no applied index is taken twice.

@@ -165,7 +165,10 @@ const ORPHAN_LOOKBACK: time::Duration = time::Duration::seconds(60);
 /// `outputs` positions and whose last applied marker is `CONV_APPLIED`
 /// sequence `marker_seq` (0: none). One direct read when there are none (the
 /// usual case); otherwise the conversation's output since shortly before
-/// that marker.
+/// that marker, or all of it when that marker is gone or the output found
+/// does not start right after `outputs`. Output that does not name its
+/// input (written before inputs were named) cannot be adopted: it is
+/// logged and left.
 pub async fn orphans(
     js: &jetstream::Context,
     conversation: &ConversationId,
@@ -188,22 +191,57 @@ pub async fn orphans(
     if position(&last.headers).is_none_or(|p| p <= outputs) {
         return Ok(None);
     }
-    let stored = if marker_seq == 0 {
-        conv_nats::read::all(js, conv_contracts::subject::STREAM_OUT, &filter, false).await
-    } else {
-        let applied = js.get_stream_no_info(STREAM_APPLIED).await.map_err(js_err)?;
-        let marker = applied.get_raw_message(marker_seq).await.map_err(js_err)?;
-        conv_nats::read::stored_since(
-            js,
-            conv_contracts::subject::STREAM_OUT,
-            &filter,
-            marker.time - ORPHAN_LOOKBACK,
-            false,
-        )
-        .await
+    let since = match marker_seq {
+        0 => None,
+        seq => {
+            let applied = js.get_stream_no_info(STREAM_APPLIED).await.map_err(js_err)?;
+            applied.get_raw_message(seq).await.ok().map(|m| m.time - ORPHAN_LOOKBACK)
+        }
+    };
+    let mut found = beyond(js, &filter, outputs, since).await?;
+    if since.is_some() && found.first().is_none_or(|(p, _)| *p != outputs + 1) {
+        // The window missed the start (an earlier adoption stopped half way
+        // long ago): read all of the conversation's output.
+        found = beyond(js, &filter, outputs, None).await?;
+    }
+    let mut orphans = Orphans::default();
+    for (p, event) in found {
+        let input_seq = event.extensions.get(conv_contracts::envelope::INPUT_SEQ).and_then(|s| s.parse::<u64>().ok());
+        let (Some(input_id), Some(input_seq)) = (event.causation_id.clone(), input_seq) else {
+            tracing::warn!(
+                message = "Output without a marker does not name its input; it cannot be adopted.",
+                conversation_id = %conversation,
+                event_id = %event.id,
+                position = p
+            );
+            continue;
+        };
+        if orphans.inputs.last().is_none_or(|(_, id)| *id != input_id) {
+            orphans.inputs.push((input_seq, input_id));
+        }
+        orphans.stored.insert(event.id);
+    }
+    if orphans.inputs.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(orphans))
+}
+
+/// The conversation's output at positions after `outputs`, by position,
+/// read from `since` (server time; `None`: from the start).
+async fn beyond(
+    js: &jetstream::Context,
+    filter: &str,
+    outputs: u64,
+    since: Option<time::OffsetDateTime>,
+) -> Result<Vec<(u64, Envelope)>, Error> {
+    let out = conv_contracts::subject::STREAM_OUT;
+    let stored = match since {
+        Some(t) => conv_nats::read::stored_since(js, out, filter, t, false).await,
+        None => conv_nats::read::all(js, out, filter, false).await,
     }
     .map_err(Error::JetStream)?;
-    let mut found: Vec<(u64, Envelope)> = Vec::new();
+    let mut found = Vec::new();
     for m in stored {
         let event = conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Limits::default())
             .map_err(|e| Error::JetStream(format!("CONV_OUT #{} is not readable: {e}", m.seq)))?;
@@ -212,19 +250,5 @@ pub async fn orphans(
         }
     }
     found.sort_by_key(|(p, _)| *p);
-    let mut orphans = Orphans::default();
-    for (p, event) in found {
-        let input_seq = event.extensions.get(conv_contracts::envelope::INPUT_SEQ).and_then(|s| s.parse::<u64>().ok());
-        let (Some(input_id), Some(input_seq)) = (event.causation_id.clone(), input_seq) else {
-            return Err(Error::JetStream(format!(
-                "output {} at position {p} has no marker and does not name its input",
-                event.id
-            )));
-        };
-        if orphans.inputs.last().is_none_or(|(_, id)| *id != input_id) {
-            orphans.inputs.push((input_seq, input_id));
-        }
-        orphans.stored.insert(event.id);
-    }
-    Ok(Some(orphans))
+    Ok(found)
 }
