@@ -177,6 +177,47 @@ pub async fn run<P: Partitions>(
         // restart does not stall the round (a lease not renewed within
         // this has about expired anyway).
         let patience = config.heartbeat * 3;
+        // Renew what we run first, all at once: the workers' leases must not
+        // wait for the membership calls, nor one another.
+        let sent = Instant::now();
+        let renewals = running.iter().map(|(p, r)| {
+            let owners = &owners;
+            let value = Bytes::from(instance.clone());
+            async move {
+                (*p, tokio::time::timeout(patience, owners.update(lease_key(role, *p), value, r.lease_revision)).await)
+            }
+        });
+        let mut lost = Vec::new();
+        for (p, renewed) in futures::future::join_all(renewals).await {
+            match renewed {
+                Ok(Ok(rev)) => {
+                    if let Some(r) = running.get_mut(&p) {
+                        r.lease_revision = rev;
+                        r.lease.extend(sent + config.sure_for());
+                    }
+                }
+                // The bucket did not answer (a cluster electing its leader):
+                // the lease may still be ours. The worker stops publishing
+                // when it runs out; a later renewal tells.
+                Err(_) => tracing::debug!(message = "Lease renewal timed out.", partition = p),
+                Ok(Err(error)) if unavailable(&error) => {
+                    tracing::debug!(message = "Lease renewal not answered.", partition = p, %error);
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(message = "Lease lost.", partition = p, %error);
+                    lost.push(p);
+                }
+            }
+        }
+        for p in lost {
+            if let Some(r) = running.remove(&p) {
+                r.stop.cancel();
+                if let Ok(Err(stopped)) = r.task.await {
+                    tracing::warn!(message = "Partition worker stopped.", partition = p, reason = %stopped);
+                }
+                metrics.rebalances.inc();
+            }
+        }
         if let Err(error) = within(patience, owners.put(&member_key, Bytes::from(instance.clone()))).await {
             tracing::warn!(message = "Membership heartbeat failed.", %error);
             continue;
@@ -210,38 +251,6 @@ pub async fn run<P: Partitions>(
         for p in leaving {
             if let Some(r) = running.remove(&p) {
                 stop(p, r, &owners, role).await;
-                metrics.rebalances.inc();
-            }
-        }
-        // Renew what we keep (all at once: a heartbeat must not take longer
-        // under load because one instance owns many partitions).
-        let sent = Instant::now();
-        let renewals = running.iter().map(|(p, r)| {
-            let owners = &owners;
-            let value = Bytes::from(instance.clone());
-            async move { (*p, within(patience, owners.update(lease_key(role, *p), value, r.lease_revision)).await) }
-        });
-        let mut lost = Vec::new();
-        for (p, renewed) in futures::future::join_all(renewals).await {
-            match renewed {
-                Ok(rev) => {
-                    if let Some(r) = running.get_mut(&p) {
-                        r.lease_revision = rev;
-                        r.lease.extend(sent + config.sure_for());
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(message = "Lease lost.", partition = p, %error);
-                    lost.push(p);
-                }
-            }
-        }
-        for p in lost {
-            if let Some(r) = running.remove(&p) {
-                r.stop.cancel();
-                if let Ok(Err(stopped)) = r.task.await {
-                    tracing::warn!(message = "Partition worker stopped.", partition = p, reason = %stopped);
-                }
                 metrics.rebalances.inc();
             }
         }
@@ -300,6 +309,19 @@ async fn release(owners: &kv::Store, role: &str, p: u16, revision: u64) {
 }
 
 /// `fut` given at most `patience`: its error, or the timeout, as text.
+/// True when a KV update failed because the bucket did not answer, not
+/// because the key changed.
+fn unavailable(error: &kv::UpdateError) -> bool {
+    use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+    match error.kind() {
+        kv::UpdateErrorKind::TimedOut => true,
+        kv::UpdateErrorKind::Other => std::error::Error::source(error)
+            .and_then(|s| s.downcast_ref::<PublishError>())
+            .is_some_and(|e| matches!(e.kind(), PublishErrorKind::StreamNotFound | PublishErrorKind::BrokenPipe)),
+        _ => false,
+    }
+}
+
 async fn within<T, E: std::fmt::Display>(
     patience: Duration,
     fut: impl std::future::Future<Output = Result<T, E>>,

@@ -158,6 +158,22 @@ fn with_input_seq(mut event: Envelope, seq: u64) -> Envelope {
     event
 }
 
+/// How long a worker waits for a late lease renewal before it gives up
+/// what it holds.
+const LEASE_PATIENCE: Duration = Duration::from_secs(2);
+
+/// True when the lease is valid now or is renewed within [`LEASE_PATIENCE`].
+async fn lease_holds(lease: &conv_nats::ownership::Lease) -> bool {
+    let deadline = Instant::now() + LEASE_PATIENCE;
+    while !lease.valid() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
+}
+
 /// Publishes an applied marker expecting `last` (the conversation's
 /// previous marker in `CONV_APPLIED`, 0: none) and awaits its ack.
 async fn publish_marker(js: &async_nats::jetstream::Context, marker: &Envelope, last: u64) -> Result<u64, String> {
@@ -631,7 +647,7 @@ impl Worker {
                 event_id = %input.id,
                 seq
             );
-            if !self.lease.valid() {
+            if !lease_holds(&self.lease).await {
                 return Err("the lease was not renewed in time".to_owned());
             }
             let events: Vec<Envelope> = applied
@@ -645,7 +661,7 @@ impl Worker {
             }
             let state = &snapshot.state;
             let marker = marker(&input, *seq, state.version, state.hash());
-            if !self.lease.valid() {
+            if !lease_holds(&self.lease).await {
                 return Err("the lease was not renewed in time".to_owned());
             }
             let marker_seq =
@@ -726,8 +742,9 @@ impl Worker {
             return Ok(());
         }
 
-        // Nothing is published once the lease may be someone else's.
-        if !self.lease.valid() {
+        // Nothing is published once the lease may be someone else's (a
+        // renewal that is merely late is waited for a moment).
+        if !lease_holds(&self.lease).await {
             for (pending, _) in staged {
                 self.forget(&pending.event.conversation_id);
                 let _ = pending.token.ack_with(AckKind::Nak(None)).await;
@@ -811,7 +828,7 @@ impl Worker {
                 }
             }
             // The outputs took time: markers only while the lease holds.
-            if !lease.valid() {
+            if !lease_holds(&lease).await {
                 return (vec![None; staged.len()], true);
             }
             let js = &js;
