@@ -395,8 +395,13 @@ async fn an_abort_is_hinted_to_effects_before_its_group_commit_and_the_hint_alon
 async fn a_journal_outage_of_seconds_is_retried_in_place_not_dead_lettered() {
     let s = start(EffectsOptions::default()).await;
     s.send("jo", "m1", message(r#"/tool sleep {"ms": 3000}"#)).await;
-    s.wait_for("jo", "the step asking for the tool", |i| count(i, EventType::LlmCompleted) == 1, Duration::from_secs(20))
-        .await;
+    s.wait_for(
+        "jo",
+        "the step asking for the tool",
+        |i| count(i, EventType::LlmCompleted) == 1,
+        Duration::from_secs(20),
+    )
+    .await;
     // For 9 s `CONV_IN` takes nothing: the tool's outcome finds no stream,
     // as during a cluster's leader election (5 hand-backs 1 s apart used to
     // dead-letter the directive).

@@ -74,11 +74,9 @@ fn classify(kind: PublishErrorKind, detail: String) -> AppendError {
     match kind {
         PublishErrorKind::MaxPayloadExceeded => AppendError::TooLarge(detail),
         PublishErrorKind::WrongLastMessageId | PublishErrorKind::WrongLastSequence => AppendError::Refused(detail),
-        PublishErrorKind::StreamNotFound => {
-            AppendError::Unavailable(format!(
-                "{detail}: no stream answered for this subject (a cluster electing its leader, or `convctl setup` not run)"
-            ))
-        }
+        PublishErrorKind::StreamNotFound => AppendError::Unavailable(format!(
+            "{detail}: no stream answered for this subject (a cluster electing its leader, or `convctl setup` not run)"
+        )),
         // Timeouts, a broken connection, JetStream busy or out of resources: retry later.
         _ => AppendError::Unavailable(detail),
     }

@@ -109,8 +109,7 @@ pub trait Partitions: Send + Sync + 'static {
     type Stopped: std::fmt::Display + Send + 'static;
     /// Starts the worker of `partition`; it stops when `stop` fires. It
     /// must not publish once `lease` is no longer valid.
-    fn start(&self, partition: u16, stop: CancellationToken, lease: Lease)
-    -> JoinHandle<Result<(), Self::Stopped>>;
+    fn start(&self, partition: u16, stop: CancellationToken, lease: Lease) -> JoinHandle<Result<(), Self::Stopped>>;
 }
 
 struct Running<E> {

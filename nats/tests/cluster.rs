@@ -81,7 +81,10 @@ async fn publish(
 async fn stored_ids(js: &jetstream::Context) -> HashMap<String, usize> {
     let stream = js.get_stream(STREAM_IN).await.expect("stream");
     let consumer = stream
-        .create_consumer(pull::OrderedConfig { deliver_policy: jetstream::consumer::DeliverPolicy::All, ..Default::default() })
+        .create_consumer(pull::OrderedConfig {
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
         .await
         .expect("ordered consumer");
     let total = stream.get_info().await.expect("info").state.messages;

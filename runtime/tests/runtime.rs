@@ -309,8 +309,8 @@ async fn outputs(js: &async_nats::jetstream::Context, c: &str) -> Vec<(u64, Stri
     stored
         .iter()
         .map(|m| {
-            let e = conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Limits::default())
-                .expect("valid");
+            let e =
+                conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Limits::default()).expect("valid");
             (e.position().expect("positioned"), e.id)
         })
         .collect()

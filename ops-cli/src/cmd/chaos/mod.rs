@@ -54,8 +54,8 @@ impl Action {
     }
 }
 
-/// The faults of one round, every kind once; rounds repeat in a new order.
-const KINDS: [(Action, Kind); 8] = [
+/// The service faults of every round.
+const SERVICE_FAULTS: [(Action, Kind); 7] = [
     (Action::Kill, Kind::Ingress),
     (Action::Kill, Kind::Runtime),
     (Action::Kill, Kind::Effects),
@@ -63,22 +63,19 @@ const KINDS: [(Action, Kind); 8] = [
     (Action::Pause, Kind::Runtime),
     (Action::Pause, Kind::Effects),
     (Action::Pause, Kind::Projections),
-    (Action::Restart, Kind::Nats),
 ];
 
-/// The faults of one round on a 3-node cluster: NATS faults hit one node
-/// (SIGKILL of a random one, SIGKILL of the stream leader).
-const CLUSTER_KINDS: [(Action, Kind); 9] = [
-    (Action::Kill, Kind::Ingress),
-    (Action::Kill, Kind::Runtime),
-    (Action::Kill, Kind::Effects),
-    (Action::Kill, Kind::Projections),
-    (Action::Pause, Kind::Runtime),
-    (Action::Pause, Kind::Effects),
-    (Action::Pause, Kind::Projections),
-    (Action::Kill, Kind::Nats),
-    (Action::KillLeader, Kind::Nats),
-];
+/// The faults of one round, every kind once (rounds repeat in a new order):
+/// the service faults and a NATS restart, or on a 3-node cluster a SIGKILL
+/// of a random node and one of the stream leader.
+fn kinds(cluster: bool) -> Vec<(Action, Kind)> {
+    let nats: &[(Action, Kind)] = if cluster {
+        &[(Action::Kill, Kind::Nats), (Action::KillLeader, Kind::Nats)]
+    } else {
+        &[(Action::Restart, Kind::Nats)]
+    };
+    SERVICE_FAULTS.iter().chain(nats).copied().collect()
+}
 
 /// One fault as injected and what it cost.
 #[derive(Debug, Clone, Serialize)]
@@ -139,10 +136,9 @@ impl Rng {
 fn schedule(seed: u64, faults: usize, instances: usize, cluster: bool) -> Vec<(Action, Kind, usize)> {
     let mut rng = Rng(seed);
     let mut out = Vec::with_capacity(faults);
-    let (kinds, nodes): (&[(Action, Kind)], usize) =
-        if cluster { (&CLUSTER_KINDS, conv_nats::cluster::NODES) } else { (&KINDS, 1) };
+    let nodes = if cluster { conv_nats::cluster::NODES } else { 1 };
     while out.len() < faults {
-        let mut round = kinds.to_vec();
+        let mut round = kinds(cluster);
         for i in (1..round.len()).rev() {
             round.swap(i, rng.below(i + 1));
         }
@@ -261,7 +257,9 @@ async fn drive(stack: &mut Stack, args: &ChaosArgs) -> Result<Report, Error> {
         match (action, index) {
             (Action::Restart, _) => stack.restart_nats(instance, false, Duration::from_secs(1)).await?,
             (Action::KillLeader, _) => stack.restart_nats(instance, true, Duration::from_secs(1)).await?,
-            (Action::Kill, _) if target == Kind::Nats => stack.restart_nats(instance, true, Duration::from_secs(1)).await?,
+            (Action::Kill, _) if target == Kind::Nats => {
+                stack.restart_nats(instance, true, Duration::from_secs(1)).await?
+            }
             (Action::Kill, Some(i)) => stack.kill(i, Duration::from_secs(1)).await?,
             (Action::Pause, Some(i)) => stack.pause(i, Duration::from_secs(3)).await,
             (_, None) => {}
@@ -402,16 +400,16 @@ mod tests {
         let a = schedule(7, 16, 2, false);
         assert_eq!(a, schedule(7, 16, 2, false), "same seed, same faults");
         assert_ne!(a, schedule(8, 16, 2, false), "another seed, another order");
-        for round in a.chunks(KINDS.len()) {
-            for (action, kind) in KINDS {
+        for round in a.chunks(kinds(false).len()) {
+            for (action, kind) in kinds(false) {
                 assert!(round.iter().any(|(x, k, _)| *x == action && *k == kind), "{action:?} {kind:?} in {round:?}");
             }
         }
         assert!(a.iter().all(|(_, k, i)| *i < 2 && (*k != Kind::Nats || *i == 0)));
         assert_eq!(schedule(1, 3, 1, false).len(), 3);
         let c = schedule(7, 18, 2, true);
-        for round in c.chunks(CLUSTER_KINDS.len()) {
-            for (action, kind) in CLUSTER_KINDS {
+        for round in c.chunks(kinds(true).len()) {
+            for (action, kind) in kinds(true) {
                 assert!(round.iter().any(|(x, k, _)| *x == action && *k == kind), "{action:?} {kind:?} in {round:?}");
             }
         }

@@ -143,7 +143,13 @@ impl Stack {
                 let conf = dir.join(format!("cluster-{}.conf", node + 1));
                 std::fs::write(&conf, node_config(node, &ports, &data, false)).map_err(|e| io(&conf, e))?;
                 let log = dir.join(format!("nats-n{}.log", node + 1));
-                nodes.push(Node { url: format!("nats://127.0.0.1:{}", p.client), conf: Some(conf), data, log, child: None });
+                nodes.push(Node {
+                    url: format!("nats://127.0.0.1:{}", p.client),
+                    conf: Some(conf),
+                    data,
+                    log,
+                    child: None,
+                });
             }
         } else {
             let url = format!("nats://{}", free_addr()?);
