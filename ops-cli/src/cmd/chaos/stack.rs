@@ -51,6 +51,9 @@ impl Kind {
     }
 }
 
+/// Lease TTL of a cluster run unless `CONV_OWNER_TTL_SECS` says otherwise.
+pub const CLUSTER_OWNER_TTL_SECS: u64 = 6;
+
 /// How the services are configured for the run.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -160,7 +163,20 @@ impl Stack {
             node.child = Some(start_node(node).await?);
         }
         let replicas = nodes.len();
-        let topology = conv_nats::TopologyConfig { replicas, ..Default::default() };
+        // The services read `CONV_<KEY>` from the same environment: the
+        // topology must agree with them (a lease TTL, say).
+        let mut topology = conv_nats::TopologyConfig::default();
+        // On a cluster the leases outlive a Raft election (4–9 s) unless
+        // told otherwise: a 2 s lease lapsed at every election of the
+        // leases bucket and stalled every partition (docs/reliability.md).
+        let mut extra_env = Vec::new();
+        if settings.cluster && std::env::var_os("CONV_OWNER_TTL_SECS").is_none() {
+            topology.owner_ttl_secs = CLUSTER_OWNER_TTL_SECS;
+            extra_env.push(("CONV_OWNER_TTL_SECS".to_owned(), CLUSTER_OWNER_TTL_SECS.to_string()));
+        }
+        topology.apply_env(&conv_nats::service::process_env).map_err(|e| Error::Invalid(e.to_string()))?;
+        topology.replicas = replicas;
+        topology.validate().map_err(Error::Invalid)?;
         let js = jetstream(&nats_url).await?;
         // A cluster takes JetStream requests once it has elected a meta leader.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -175,14 +191,15 @@ impl Stack {
             }
         }
         let secret = super::super::up::random_secret()?;
-        let env = vec![
+        let mut env = extra_env;
+        env.extend([
             ("NATS_URL".to_owned(), nats_url.clone()),
             ("CONV_REPLICAS".to_owned(), replicas.to_string()),
             ("CONV_CALLBACK_SECRET".to_owned(), secret),
             ("CONV_SCRIPTED_TOKENS".to_owned(), settings.scripted_tokens.to_string()),
             ("CONV_SCRIPTED_TOKEN_DELAY_MS".to_owned(), settings.scripted_token_delay_ms.to_string()),
             ("RUST_LOG".to_owned(), "info".to_owned()),
-        ];
+        ]);
         let mut stack = Stack { nats_url, nodes, procs: Vec::new(), bins, env };
         for kind in Kind::SERVICES {
             for index in 0..settings.instances.max(1) {
