@@ -330,7 +330,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             timers: timers.clone(),
             snapshots,
             context_window: o.context_window(),
-            max_answer_bytes: o.max_answer_bytes(booted.client.max_payload()),
+            max_answer_bytes: o.max_answer_bytes(conv_nats::connect::max_payload(&booted.client)),
         });
         let timer_task = tokio::spawn(timers::run(timers, booted.js.clone(), shutdown.clone()));
         serve(executor, inbox, o.admission(), shutdown.clone()).await;

@@ -147,21 +147,13 @@ pub struct Ingress {
     pub shedding: std::sync::Arc<crate::guard::Shedding>,
 }
 
-/// `max_payload` of a NATS server configured without one (1 MiB).
-const NATS_DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
-
 impl Ingress {
     /// The largest event taken: the body limit, and no more than what the
     /// connected server's `max_payload` leaves for the *outputs* the event
     /// becomes (a message's text is journaled again in its timeline entry),
     /// so nothing is accepted that could not be shown.
     pub fn limits(&self) -> Limits {
-        // The negotiated `max_payload`, kept while the client reconnects (the
-        // server info reads 0 then: a 285-byte message got 413 during a NATS
-        // restart, found by `convctl chaos`); 0 only before any connection.
-        let known = self.js.client().max_payload();
-        let max_payload = if known == 0 { NATS_DEFAULT_MAX_PAYLOAD } else { known };
-        let journal = max_payload.saturating_sub(OUTPUT_HEADROOM);
+        let journal = conv_nats::connect::max_payload(&self.js.client()).saturating_sub(OUTPUT_HEADROOM);
         Limits { max_event_bytes: self.options.max_body_bytes.min(journal) }
     }
 

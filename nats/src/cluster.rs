@@ -29,6 +29,16 @@ pub struct NodePorts {
 }
 
 impl NodePorts {
+    /// Free ports on 127.0.0.1 for every node.
+    pub fn free() -> std::io::Result<[NodePorts; NODES]> {
+        let port = || std::net::TcpListener::bind("127.0.0.1:0")?.local_addr().map(|a| a.port());
+        let mut ports = [NodePorts { client: 0, route: 0, http: 0 }; NODES];
+        for p in &mut ports {
+            *p = NodePorts { client: port()?, route: port()?, http: port()? };
+        }
+        Ok(ports)
+    }
+
     /// The shipped ports of node `node` (0-based): 4222+n, 6222+n, 8222+n.
     pub fn shipped(node: usize) -> Self {
         let n = u16::try_from(node).unwrap_or(0);

@@ -161,6 +161,20 @@ pub async fn connect_lazy(config: &NatsConfig, name: &str) -> Result<async_nats:
         .map_err(|e| ConnectError::new(config, &e))
 }
 
+/// `max_payload` of a NATS server configured without one (1 MiB).
+const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
+
+/// The largest message the client may publish: the `max_payload` it
+/// negotiated, kept while it reconnects (the server info reads 0 then: a
+/// 285-byte message got 413 during a NATS restart, found by `convctl
+/// chaos`); the NATS default before any connection.
+pub fn max_payload(client: &async_nats::Client) -> usize {
+    match client.max_payload() {
+        0 => DEFAULT_MAX_PAYLOAD,
+        known => known,
+    }
+}
+
 /// A JetStream context with the configured request timeout.
 pub fn jetstream(client: async_nats::Client, config: &NatsConfig) -> async_nats::jetstream::Context {
     async_nats::jetstream::ContextBuilder::new().timeout(config.request_timeout()).build(client)

@@ -29,6 +29,11 @@ pub fn pairs(headers: Option<&HeaderMap>) -> Vec<(&str, &str)> {
         .unwrap_or_default()
 }
 
+/// First value of header `name`, case-insensitively.
+pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    pairs(Some(headers)).into_iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v)
+}
+
 /// Decodes and validates a NATS message (either content mode) received on `subject`.
 pub fn decode(
     subject: &str,

@@ -78,11 +78,6 @@ impl Lease {
         lease
     }
 
-    /// A lease that never lapses (a worker run without ownership, in tests).
-    pub fn forever() -> Self {
-        Lease(Arc::new(AtomicU64::new(u64::MAX)))
-    }
-
     /// Moves the end of the lease to `until` (never backwards).
     pub fn extend(&self, until: Instant) {
         let ms = u64::try_from(until.saturating_duration_since(epoch()).as_millis()).unwrap_or(u64::MAX);
@@ -307,7 +302,6 @@ async fn release(owners: &kv::Store, role: &str, p: u16, revision: u64) {
     }
 }
 
-/// `fut` given at most `patience`: its error, or the timeout, as text.
 /// True when a KV update failed because the bucket did not answer, not
 /// because the key changed.
 fn unavailable(error: &kv::UpdateError) -> bool {
@@ -321,6 +315,7 @@ fn unavailable(error: &kv::UpdateError) -> bool {
     }
 }
 
+/// `fut` given at most `patience`: its error, or the timeout, as text.
 async fn within<T, E: std::fmt::Display>(
     patience: Duration,
     fut: impl std::future::Future<Output = Result<T, E>>,
@@ -452,7 +447,6 @@ mod lease_tests {
         assert!(!lease.valid(), "lapsed");
         lease.extend(Instant::now() + Duration::from_secs(5));
         assert!(lease.valid(), "renewed");
-        assert!(Lease::forever().valid());
         let cfg = OwnershipConfig {
             partitions: 1,
             heartbeat: Duration::from_millis(500),

@@ -23,10 +23,7 @@ pub struct Stored {
 impl Stored {
     /// First value of a header, case-insensitively.
     pub fn header(&self, name: &str) -> Option<&str> {
-        crate::headers::pairs(Some(&self.headers))
-            .into_iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
+        crate::headers::header(&self.headers, name)
     }
 }
 

@@ -382,10 +382,7 @@ impl TestCluster {
     pub async fn start() -> Result<Self, Error> {
         use crate::cluster::{NODES, NodePorts, node_config};
         let dir = tempfile::Builder::new().prefix("conv-test-cluster").tempdir()?;
-        let mut ports = [NodePorts { client: 0, route: 0, http: 0 }; NODES];
-        for p in &mut ports {
-            *p = NodePorts { client: free_port()?, route: free_port()?, http: free_port()? };
-        }
+        let ports = NodePorts::free()?;
         for node in 0..NODES {
             let store = dir.path().join(format!("n{}", node + 1));
             std::fs::write(Self::conf(dir.path(), node), node_config(node, &ports, &store, false))?;

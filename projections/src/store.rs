@@ -42,7 +42,7 @@ const VALUE_HEADROOM: usize = 16 * 1024;
 
 /// The largest value to write through this connection.
 pub fn max_value(js: &async_nats::jetstream::Context) -> usize {
-    js.client().max_payload().saturating_sub(VALUE_HEADROOM).max(16 * 1024)
+    conv_nats::connect::max_payload(&js.client()).saturating_sub(VALUE_HEADROOM).max(16 * 1024)
 }
 
 /// What an entry counts against a block's bytes.

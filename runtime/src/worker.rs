@@ -122,9 +122,7 @@ async fn publish_all(
     events: Vec<(usize, &Envelope)>,
 ) -> Vec<(usize, Result<u64, String>)> {
     let mut acks = Vec::new();
-    // While disconnected the client would buffer a publish and send it after
-    // the reconnect, maybe after the lease passed on: refuse at once instead.
-    let connected = js.client().connection_state() == async_nats::connection::State::Connected;
+    let connected = connected(js);
     for (i, event) in events {
         if !connected {
             acks.push((i, None));
@@ -140,14 +138,27 @@ async fn publish_all(
     }
     futures::future::join_all(acks.into_iter().map(|(i, ack)| async move {
         match ack {
-            Some(ack) => match conv_nats::connect::unless_disconnected(ack).await {
-                Some(acked) => (i, acked.map(|a| a.sequence).map_err(|e| e.to_string())),
-                None => (i, Err("the NATS connection dropped before the ack".to_owned())),
-            },
+            Some(ack) => (i, stored_at(ack).await),
             None => (i, Err("not published".to_owned())),
         }
     }))
     .await
+}
+
+/// While disconnected the client would buffer a publish and send it after
+/// the reconnect, maybe after the lease passed on: publishes are refused at
+/// once instead.
+fn connected(js: &async_nats::jetstream::Context) -> bool {
+    js.client().connection_state() == async_nats::connection::State::Connected
+}
+
+/// The stream sequence a publish was stored at, or why it was not (an ack
+/// cut off by a disconnect ends at once).
+async fn stored_at(ack: async_nats::jetstream::context::PublishAckFuture) -> Result<u64, String> {
+    match conv_nats::connect::unless_disconnected(ack).await {
+        Some(acked) => acked.map(|a| a.sequence).map_err(|e| e.to_string()),
+        None => Err("the NATS connection dropped before the ack".to_owned()),
+    }
 }
 
 /// `event`, emitted for the input stored at `seq` in `CONV_IN`, naming it
@@ -177,14 +188,10 @@ async fn lease_holds(lease: &conv_nats::ownership::Lease) -> bool {
 /// Publishes an applied marker expecting `last` (the conversation's
 /// previous marker in `CONV_APPLIED`, 0: none) and awaits its ack.
 async fn publish_marker(js: &async_nats::jetstream::Context, marker: &Envelope, last: u64) -> Result<u64, String> {
-    if js.client().connection_state() != async_nats::connection::State::Connected {
+    if !connected(js) {
         return Err("not connected to NATS".to_owned());
     }
-    let ack = conv_nats::headers::publish_expecting(js, marker, last).await.map_err(|e| e.to_string())?;
-    match conv_nats::connect::unless_disconnected(ack).await {
-        Some(acked) => acked.map(|a| a.sequence).map_err(|e| e.to_string()),
-        None => Err("the NATS connection dropped before the ack".to_owned()),
-    }
+    stored_at(conv_nats::headers::publish_expecting(js, marker, last).await.map_err(|e| e.to_string())?).await
 }
 
 /// Id of the applied marker of an input.

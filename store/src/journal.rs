@@ -182,13 +182,9 @@ pub async fn orphans(
         Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => return Ok(None),
         Err(e) => return Err(js_err(e)),
     };
-    let position = |headers: &async_nats::HeaderMap| {
-        conv_nats::headers::pairs(Some(headers))
-            .into_iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(&format!("ce-{}", conv_contracts::envelope::POSITION)))
-            .and_then(|(_, v)| v.parse::<u64>().ok())
-    };
-    if position(&last.headers).is_none_or(|p| p <= outputs) {
+    let position = conv_nats::headers::header(&last.headers, &format!("ce-{}", conv_contracts::envelope::POSITION))
+        .and_then(|v| v.parse::<u64>().ok());
+    if position.is_none_or(|p| p <= outputs) {
         return Ok(None);
     }
     let since = match marker_seq {

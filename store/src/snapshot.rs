@@ -80,7 +80,7 @@ impl Snapshots {
     pub async fn open(js: &jetstream::Context) -> Result<Self, Error> {
         let heads = js.get_key_value(KV_SNAPSHOTS).await.map_err(store_err)?;
         let entries = js.get_key_value(KV_ENTRIES).await.map_err(store_err)?;
-        let max_payload = js.client().max_payload();
+        let max_payload = conv_nats::connect::max_payload(&js.client());
         let max_value = max_payload.saturating_sub(VALUE_HEADROOM).max(16 * 1024);
         Ok(Self { heads, entries, max_value })
     }

@@ -135,12 +135,8 @@ impl Stack {
         }
         let mut nodes = Vec::new();
         if settings.cluster {
-            use conv_nats::cluster::{NODES, NodePorts, node_config};
-            let port = || free_addr().map(|a| a.port());
-            let mut ports = [NodePorts { client: 0, route: 0, http: 0 }; NODES];
-            for p in &mut ports {
-                *p = NodePorts { client: port()?, route: port()?, http: port()? };
-            }
+            use conv_nats::cluster::{NodePorts, node_config};
+            let ports = NodePorts::free().map_err(|e| Error::Invalid(format!("no free port: {e}")))?;
             for (node, p) in ports.iter().enumerate() {
                 let data = dir.join(format!("nats-n{}", node + 1));
                 let conf = dir.join(format!("cluster-{}.conf", node + 1));
