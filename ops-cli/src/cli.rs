@@ -160,6 +160,11 @@ pub enum Command {
     /// killing, pausing and restarting them on a seeded schedule, then check the journal and the views; exit 1 on any
     /// violation.
     Chaos(ChaosArgs),
+    /// Steady load for a long time against a stack of its own (no faults): resident memory of every process,
+    /// stream and bucket sizes against their limits, reply latency of the first and the last window; then every
+    /// conversation checked from the journal and the views. Exit 1 when memory grew, a store went over a limit,
+    /// latency grew or anything was lost.
+    Soak(SoakArgs),
     /// Rebuild or verify projection views (folds of CONV_OUT).
     #[command(subcommand)]
     Projections(ProjectionsCommand),
@@ -283,6 +288,50 @@ pub struct ChaosArgs {
     pub dir: Option<std::path::PathBuf>,
     /// Run on a 3-node NATS cluster (the shipped nats/config/cluster-*.conf on free ports, R3 streams and buckets,
     /// every node in NATS_URL); NATS faults then SIGKILL a random node or the CONV_IN stream leader and restart it.
+    #[arg(long)]
+    pub cluster: bool,
+}
+
+/// Options of `convctl soak`.
+#[derive(Debug, Clone, Args)]
+pub struct SoakArgs {
+    /// How long the load runs, in minutes.
+    #[arg(long, default_value_t = 30.0)]
+    pub minutes: f64,
+    /// Conversations talking at once (each sends a message, waits for the reply, sends the next).
+    #[arg(long, default_value_t = 16)]
+    pub conversations: usize,
+    /// Messages per conversation; then it ends and a new one starts in its place.
+    #[arg(long, default_value_t = 20)]
+    pub turns: usize,
+    /// Length of the first and last windows compared, in seconds (at most a third of the run).
+    #[arg(long, default_value_t = 300.0)]
+    pub window_secs: f64,
+    /// Seconds between samples of memory and store sizes.
+    #[arg(long, default_value_t = 10)]
+    pub sample_secs: u64,
+    /// Allowed growth of a service's resident memory from the second window to the last (0.2: 20 %, plus 4 MiB).
+    #[arg(long, default_value_t = 0.2)]
+    pub max_rss_growth: f64,
+    /// Allowed growth of reply latency p50 and p99 from the first window to the last (0.5: 50 %, plus 50 ms).
+    #[arg(long, default_value_t = 0.5)]
+    pub max_latency_growth: f64,
+    /// Tokens of each scripted reply.
+    #[arg(long, default_value_t = 40)]
+    pub tokens: usize,
+    /// Milliseconds between the tokens of a scripted reply.
+    #[arg(long, default_value_t = 20)]
+    pub token_delay_ms: u64,
+    /// Instances of every service.
+    #[arg(long, default_value_t = 1)]
+    pub instances: usize,
+    /// A reply that has not come within this many seconds is a violation.
+    #[arg(long, default_value_t = 60)]
+    pub reply_deadline_secs: u64,
+    /// Directory for the stack's data and logs (default: a new one under the system temp dir); kept afterwards.
+    #[arg(long)]
+    pub dir: Option<std::path::PathBuf>,
+    /// Run on a 3-node NATS cluster with R3 streams and buckets.
     #[arg(long)]
     pub cluster: bool,
 }

@@ -57,6 +57,7 @@ pub async fn run(cli: Cli) -> Result<Outcome, Error> {
             cmd::projections::verify(g, conversation.as_deref(), std::time::Duration::from_secs(settle_secs)).await
         }
         Command::Chaos(args) => cmd::chaos::run(g, &args).await,
+        Command::Soak(args) => cmd::soak::run(g, &args).await,
         Command::Replay { conversation } => cmd::replay::run(g, &conversation).await,
         Command::Trace { event_id } => cmd::trace::run(g, &event_id).await,
     }

@@ -9,5 +9,6 @@ pub mod readiness;
 pub mod replay;
 pub mod send;
 pub mod setup;
+pub mod soak;
 pub mod trace;
 pub mod up;

@@ -12,6 +12,8 @@ use serde_json::{Value, json};
 pub struct Turn {
     pub conversation: String,
     pub event_id: String,
+    /// When the first post attempt was made.
+    pub started: Instant,
     /// From the first post attempt to the reply in the timeline; `None`:
     /// no reply within the deadline.
     pub reply: Option<Duration>,
@@ -131,6 +133,22 @@ pub fn answered(timeline: &Value) -> Option<usize> {
     (!waiting).then_some(users)
 }
 
+/// Sends message `n` of `conv` (idempotency key from both) and waits for
+/// its reply: the turn, and a problem when it was not accepted or got no
+/// reply by `deadline`.
+pub async fn turn(client: &Client, conv: &str, n: usize, deadline: Instant) -> (Option<Turn>, Option<String>) {
+    let started = Instant::now();
+    let key = format!("{conv}-turn-{n}");
+    let event_id = match client.post(conv, &key, &format!("turn {n} of {conv}"), deadline).await {
+        Ok(id) => id,
+        Err(Refused(why)) => return (None, Some(format!("{conv}: message {n} not accepted: {why}"))),
+    };
+    let ok = client.wait_answered(conv, n, deadline).await;
+    let turn = Turn { conversation: conv.to_owned(), event_id, started, reply: ok.then(|| started.elapsed()) };
+    let problem = (!ok).then(|| format!("{conv}: no reply to message {n} within {:?}", deadline - started));
+    (Some(turn), problem)
+}
+
 /// Drives one conversation: at least `min_turns` messages, and more while
 /// `keep_going` says so; each waits for its reply (at most `reply_deadline`).
 pub async fn conversation(
@@ -145,20 +163,10 @@ pub async fn conversation(
         if n > min_turns && !keep_going() {
             break;
         }
-        let started = Instant::now();
-        let deadline = started + reply_deadline;
-        let key = format!("{conv}-turn-{n}");
-        let event_id = match client.post(&conv, &key, &format!("chaos turn {n} of {conv}"), deadline).await {
-            Ok(id) => id,
-            Err(Refused(why)) => {
-                problems.push(format!("{conv}: message {n} not accepted: {why}"));
-                break;
-            }
-        };
-        let ok = client.wait_answered(&conv, n, deadline).await;
-        turns.push(Turn { conversation: conv.clone(), event_id, reply: ok.then(|| started.elapsed()) });
-        if !ok {
-            problems.push(format!("{conv}: no reply to message {n} within {reply_deadline:?}"));
+        let (done, problem) = turn(&client, &conv, n, Instant::now() + reply_deadline).await;
+        turns.extend(done);
+        if let Some(p) = problem {
+            problems.push(p);
             break;
         }
     }

@@ -10,9 +10,9 @@
 //! time to recover. Afterwards the journal and the views are checked (see
 //! [`check`]); any violation makes the exit code 1.
 
-mod check;
-mod load;
-mod stack;
+pub(crate) mod check;
+pub(crate) mod load;
+pub(crate) mod stack;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -152,7 +152,7 @@ fn schedule(seed: u64, faults: usize, instances: usize, cluster: bool) -> Vec<(A
     out
 }
 
-fn pct(v: &mut [f64], p: f64) -> f64 {
+pub(crate) fn pct(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return 0.0;
     }

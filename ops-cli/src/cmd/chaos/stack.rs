@@ -287,6 +287,20 @@ impl Stack {
         signal(pid, "CONT").await;
     }
 
+    /// Every running process as (label, pid): the NATS nodes, then the
+    /// services (`conv-runtime #0`).
+    pub fn processes(&self) -> Vec<(String, u32)> {
+        let nodes = self.nodes.iter().enumerate().filter_map(|(i, n)| {
+            let label = if self.nodes.len() > 1 { format!("nats-server #{i}") } else { "nats-server".to_owned() };
+            Some((label, n.child.as_ref()?.id()?))
+        });
+        let services = self
+            .procs
+            .iter()
+            .filter_map(|p| Some((format!("{} #{}", p.kind.name(), p.index), p.child.as_ref()?.id()?)));
+        nodes.chain(services).collect()
+    }
+
     /// NATS servers of the stack (3 with `--cluster`).
     pub fn nats_nodes(&self) -> usize {
         self.nodes.len()
