@@ -124,6 +124,27 @@ async fn each_service_works_with_its_own_user_and_can_do_nothing_else() {
     // streaming, aborting) needed nothing the users may not do.
     assert_eq!(violations(&nats), "", "the services were refused something they do");
 
+    // Reads by sequence (a KV revision, a part of a large value, a journal
+    // message) go to the bare DIRECT.GET subject: a runtime that loads a
+    // snapshot after a restart reads its entries so (found by `convctl chaos
+    // --compose`, where the services run with these users).
+    let admin_js = nats.jetstream().await;
+    let entries = admin_js.get_key_value("conv_entries").await.expect("entries bucket");
+    let key = futures::StreamExt::next(&mut entries.keys().await.expect("keys")).await.expect("an entry").expect("key");
+    let revision = entries.entry(&key).await.expect("entry").expect("stored").revision;
+    for user in ["runtime", "effects", "projections"] {
+        let js = as_user(&nats, user).await;
+        let kv = js.get_key_value("conv_entries").await.expect("entries bucket");
+        let read = kv.entry_for_revision(key.as_str(), revision).await;
+        assert!(matches!(read, Ok(Some(_))), "{user} reads an entry by revision: {read:?}");
+    }
+    for (user, stream) in [("runtime", "CONV_IN"), ("runtime", "CONV_APPLIED"), ("projections", "CONV_APPLIED")] {
+        let js = as_user(&nats, user).await;
+        let read = js.get_stream(stream).await.expect("stream").get_raw_message(1).await;
+        assert!(read.is_ok(), "{user} reads {stream} #1 by sequence: {read:?}");
+    }
+    assert_eq!(violations(&nats), "", "reads by sequence were refused");
+
     // What each user may not do.
     publish_refused(&nats, "ingress", "conv.out.message.s1", "CONV_OUT").await;
     publish_refused(&nats, "ingress", "conv.effect.tool.s1", "CONV_EFFECT").await;
