@@ -273,14 +273,16 @@ pub struct ChaosArgs {
     /// Seed of the fault order and targets: the same seed gives the same schedule.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Instances of every service.
-    #[arg(long, default_value_t = 2)]
-    pub instances: usize,
+    /// Instances of every service [default: 2; 1 with --compose].
+    #[arg(long)]
+    pub instances: Option<usize>,
     /// A reply that has not come within this many seconds is a violation.
     #[arg(long, default_value_t = 60)]
     pub reply_deadline_secs: u64,
     /// Reply wait p99 above this many seconds is a violation [default: 8; 15 with --cluster: after a node dies, its
-    /// streams' followers wait NATS's Raft election timeout, 4–9 s, before they elect a new leader].
+    /// streams' followers wait NATS's Raft election timeout, 4–9 s, before they elect a new leader; 12 with
+    /// --provider http: its slow answers take 3.4 s instead of 0.8 s and its refusals add retry backoff]. Replies
+    /// retried after a visible failure are not counted.
     #[arg(long)]
     pub max_reply_p99_secs: Option<f64>,
     /// Directory for the stack's data and logs (default: a new one under the system temp dir); kept afterwards.
@@ -290,6 +292,26 @@ pub struct ChaosArgs {
     /// every node in NATS_URL); NATS faults then SIGKILL a random node or the CONV_IN stream leader and restart it.
     #[arg(long)]
     pub cluster: bool,
+    /// The model provider: the scripted one, or `http` — an OpenAI-compatible server that convctl runs, slow and
+    /// failing on a seeded draw (late first bytes, 503 and 429, connections dropped mid-stream, stalls past the
+    /// stall timeout); the clients retry visible failures as a user would.
+    #[arg(long, value_enum, default_value_t = ProviderKind::Scripted)]
+    pub provider: ProviderKind,
+    /// Break the compose stack instead of processes: compose.yaml with the images of scripts/images.sh, under a
+    /// project of its own (made-up secrets, free host ports, NATS published on loopback for the checks); faults
+    /// through docker-compose (kill -s SIGKILL and start, pause/unpause, stop/start of NATS); `down -v` at the end.
+    #[arg(long, conflicts_with = "cluster")]
+    pub compose: bool,
+    /// The compose file of --compose.
+    #[arg(long, default_value = "compose.yaml", requires = "compose")]
+    pub compose_file: std::path::PathBuf,
+}
+
+/// The model provider of a chaos run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProviderKind {
+    Scripted,
+    Http,
 }
 
 /// Options of `convctl soak`.
@@ -337,9 +359,21 @@ pub struct SoakArgs {
 }
 
 impl ChaosArgs {
+    /// Instances of every service (see `--instances`).
+    pub fn instances(&self) -> usize {
+        self.instances.unwrap_or(if self.compose { 1 } else { 2 })
+    }
+
     /// The reply wait p99 bound in seconds (see `--max-reply-p99-secs`).
     pub fn max_reply_p99(&self) -> f64 {
-        self.max_reply_p99_secs.unwrap_or(if self.cluster { 15.0 } else { 8.0 })
+        if let Some(secs) = self.max_reply_p99_secs {
+            return secs;
+        }
+        match (self.cluster, self.provider) {
+            (true, _) => 15.0,
+            (false, ProviderKind::Http) => 12.0,
+            (false, ProviderKind::Scripted) => 8.0,
+        }
     }
 }
 

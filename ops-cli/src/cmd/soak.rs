@@ -279,6 +279,8 @@ pub async fn run(g: &Global, args: &SoakArgs) -> Result<Outcome, Error> {
         scripted_tokens: args.tokens,
         scripted_token_delay_ms: args.token_delay_ms,
         cluster: args.cluster,
+        llm_base_url: None,
+        llm_stall_timeout_ms: 30_000,
     };
     say(&format!("starting NATS and {} instance(s) of every service in {}", args.instances, dir.display()));
     let mut stack = stack::Stack::start(&dir, &settings).await?;
@@ -295,7 +297,7 @@ pub async fn run(g: &Global, args: &SoakArgs) -> Result<Outcome, Error> {
 
 async fn drive(stack: &mut stack::Stack, args: &SoakArgs) -> Result<Report, Error> {
     use stack::Kind;
-    let client = load::Client::new(stack.addrs(Kind::Ingress), stack.addrs(Kind::Projections))?;
+    let client = load::Client::new(stack.addrs(Kind::Ingress), stack.addrs(Kind::Projections), None)?;
     let js = stack::jetstream(&stack.nats_url).await?;
     let duration = Duration::from_secs_f64(args.minutes * 60.0);
     let end = duration.as_secs_f64();
@@ -388,15 +390,16 @@ async fn drive(stack: &mut stack::Stack, args: &SoakArgs) -> Result<Report, Erro
     }
     let stores = growth(&samples, &mut other);
 
-    let mut accepted: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for t in &turns {
-        accepted.entry(t.conversation.clone()).or_default().push(t.event_id.clone());
+    let accepted = check::sent(&turns);
+    let retried: usize = turns.iter().map(|t| t.retries.len()).sum();
+    if retried > 0 {
+        other.push(format!("{retried} replies failed with the scripted provider (retried by the clients)"));
     }
     say(&format!("checking {} conversations against the journal", accepted.len()));
     let mut timelines = HashMap::new();
     let settle = Instant::now() + Duration::from_secs(30);
-    for (conv, ids) in &accepted {
-        client.wait_answered(conv, ids.len(), settle).await;
+    for (conv, sent) in &accepted {
+        client.wait_answered(conv, sent.messages.len(), settle).await;
         timelines.insert(conv.clone(), client.timeline(conv).await);
     }
     let mut violations = check::check(&js, &accepted, &timelines).await?;
@@ -586,6 +589,7 @@ mod tests {
             event_id: "e".into(),
             started: t0 + Duration::from_secs(at),
             reply: Some(Duration::from_millis(ms)),
+            retries: Vec::new(),
         };
         let mut turns: Vec<load::Turn> = (0..100).map(|i| turn(i % 10, 100 + i)).collect();
         turns.extend((0..100).map(|i| turn(50 + i % 10, 120 + i)));

@@ -46,19 +46,46 @@ impl Violations {
     }
 }
 
+/// What clients sent to one conversation and ingress accepted (event ids,
+/// in order).
+#[derive(Debug, Default, Clone)]
+pub struct Sent {
+    pub messages: Vec<String>,
+    /// Retries asked for after visible failures.
+    pub retries: Vec<String>,
+}
+
+impl Sent {
+    /// Every accepted input.
+    fn inputs(&self) -> impl Iterator<Item = &String> {
+        self.messages.iter().chain(&self.retries)
+    }
+}
+
+/// Groups the turns by conversation.
+pub fn sent<'a>(turns: impl IntoIterator<Item = &'a super::load::Turn>) -> BTreeMap<String, Sent> {
+    let mut out: BTreeMap<String, Sent> = BTreeMap::new();
+    for t in turns {
+        let s = out.entry(t.conversation.clone()).or_default();
+        s.messages.push(t.event_id.clone());
+        s.retries.extend(t.retries.iter().cloned());
+    }
+    out
+}
+
 fn js_err(e: impl std::fmt::Display) -> Error {
     Error::JetStream(e.to_string())
 }
 
-/// Checks every conversation in `accepted` (conversation → the event ids
-/// ingress accepted for it, in order); `timelines` gives each stored view.
+/// Checks every conversation in `accepted` (conversation → what ingress
+/// accepted for it); `timelines` gives each stored view.
 pub async fn check(
     js: &jetstream::Context,
-    accepted: &BTreeMap<String, Vec<String>>,
+    accepted: &BTreeMap<String, Sent>,
     timelines: &HashMap<String, Option<serde_json::Value>>,
 ) -> Result<Violations, Error> {
     let mut v = Violations::default();
-    for (conv, ids) in accepted {
+    for (conv, sent) in accepted {
         let id = ConversationId::parse(conv).map_err(|e| Error::Invalid(format!("{conv}: {e}")))?;
         // Applied exactly once, in an order without gaps.
         let markers = conv_store::journal::markers_after(js, &id, 0).await.map_err(js_err)?;
@@ -66,7 +93,7 @@ pub async fn check(
         for (_, m) in &markers {
             *applied.entry(m.input_id.as_str()).or_default() += 1;
         }
-        for e in ids {
+        for e in sent.inputs() {
             if !applied.contains_key(e.as_str()) {
                 v.lost.push(format!("{conv}: accepted message {e} was never applied"));
             }
@@ -107,8 +134,10 @@ pub async fn check(
         // The timeline shows every accepted message answered.
         match timelines.get(conv).and_then(Option::as_ref) {
             Some(t) => match super::load::answered(t) {
-                Some(n) if n == ids.len() => {}
-                Some(n) => v.incomplete.push(format!("{conv}: {n} messages in the timeline, {} accepted", ids.len())),
+                Some(n) if n == sent.messages.len() => {}
+                Some(n) => {
+                    v.incomplete.push(format!("{conv}: {n} messages in the timeline, {} accepted", sent.messages.len()))
+                }
                 None => v.incomplete.push(format!("{conv}: a message is not answered (run {})", t["run_status"])),
             },
             None => v.incomplete.push(format!("{conv}: no timeline")),

@@ -17,6 +17,8 @@ pub struct Turn {
     /// From the first post attempt to the reply in the timeline; `None`:
     /// no reply within the deadline.
     pub reply: Option<Duration>,
+    /// Event ids of the retries asked for after visible failures.
+    pub retries: Vec<String>,
 }
 
 /// A client of the stack's ingress and projections instances.
@@ -25,6 +27,8 @@ pub struct Client {
     http: reqwest::Client,
     ingress: Vec<SocketAddr>,
     projections: Vec<SocketAddr>,
+    /// Sent as `Authorization: Bearer` where the stack requires a key.
+    api_key: Option<String>,
 }
 
 /// Why a message was not accepted at all.
@@ -32,25 +36,51 @@ pub struct Client {
 pub struct Refused(pub String);
 
 impl Client {
-    pub fn new(ingress: Vec<SocketAddr>, projections: Vec<SocketAddr>) -> Result<Self, crate::Error> {
+    pub fn new(
+        ingress: Vec<SocketAddr>,
+        projections: Vec<SocketAddr>,
+        api_key: Option<String>,
+    ) -> Result<Self, crate::Error> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| crate::Error::Invalid(e.to_string()))?;
-        Ok(Self { http, ingress, projections })
+        Ok(Self { http, ingress, projections, api_key })
+    }
+
+    fn authorized(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.api_key {
+            Some(key) => request.bearer_auth(key),
+            None => request,
+        }
     }
 
     /// Posts `text` with `key` until an instance accepts it (202), trying
     /// the instances in turn; gives up at `deadline`. Returns the event id.
     pub async fn post(&self, conv: &str, key: &str, text: &str, deadline: Instant) -> Result<String, Refused> {
+        self.send(conv, "messages", key, &json!({ "text": text }), deadline).await
+    }
+
+    /// Asks to re-run the failed step (`POST /retry`), like [`Client::post`].
+    pub async fn retry(&self, conv: &str, key: &str, deadline: Instant) -> Result<String, Refused> {
+        self.send(conv, "retry", key, &json!({}), deadline).await
+    }
+
+    async fn send(
+        &self,
+        conv: &str,
+        what: &str,
+        key: &str,
+        body: &Value,
+        deadline: Instant,
+    ) -> Result<String, Refused> {
         let mut last = String::new();
         for attempt in 0usize.. {
             let addr = self.ingress[attempt % self.ingress.len()];
             let sent = self
-                .http
-                .post(format!("http://{addr}/v1/conversations/{conv}/messages"))
+                .authorized(self.http.post(format!("http://{addr}/v1/conversations/{conv}/{what}")))
                 .header("Idempotency-Key", key)
-                .json(&json!({ "text": text }))
+                .json(body)
                 .send()
                 .await;
             match sent {
@@ -81,7 +111,8 @@ impl Client {
     /// The stored timeline from any projections instance.
     pub async fn timeline(&self, conv: &str) -> Option<Value> {
         for addr in &self.projections {
-            if let Ok(r) = self.http.get(format!("http://{addr}/v1/conversations/{conv}/timeline")).send().await
+            let get = self.authorized(self.http.get(format!("http://{addr}/v1/conversations/{conv}/timeline")));
+            if let Ok(r) = get.send().await
                 && r.status().is_success()
                 && let Ok(v) = r.json::<Value>().await
             {
@@ -135,7 +166,9 @@ pub fn answered(timeline: &Value) -> Option<usize> {
 
 /// Sends message `n` of `conv` (idempotency key from both) and waits for
 /// its reply: the turn, and a problem when it was not accepted or got no
-/// reply by `deadline`.
+/// reply by `deadline`. A step that failed visibly (the run `failed`, as a
+/// provider that drops the connection makes it) is retried as a user would,
+/// once per failure; the retries are in the turn.
 pub async fn turn(client: &Client, conv: &str, n: usize, deadline: Instant) -> (Option<Turn>, Option<String>) {
     let started = Instant::now();
     let key = format!("{conv}-turn-{n}");
@@ -143,10 +176,36 @@ pub async fn turn(client: &Client, conv: &str, n: usize, deadline: Instant) -> (
         Ok(id) => id,
         Err(Refused(why)) => return (None, Some(format!("{conv}: message {n} not accepted: {why}"))),
     };
-    let ok = client.wait_answered(conv, n, deadline).await;
-    let turn = Turn { conversation: conv.to_owned(), event_id, started, reply: ok.then(|| started.elapsed()) };
-    let problem = (!ok).then(|| format!("{conv}: no reply to message {n} within {:?}", deadline - started));
-    (Some(turn), problem)
+    let mut turn = Turn { conversation: conv.to_owned(), event_id, started, reply: None, retries: Vec::new() };
+    loop {
+        if let Some(t) = client.timeline(conv).await {
+            if answered(&t) == Some(n) {
+                turn.reply = Some(started.elapsed());
+                return (Some(turn), None);
+            }
+            let failures = failed_steps(&t);
+            if t["run_status"] == "failed" && failures > turn.retries.len() {
+                match client.retry(conv, &format!("{key}-retry-{failures}"), deadline).await {
+                    Ok(id) => turn.retries.push(id),
+                    Err(Refused(why)) => {
+                        return (Some(turn), Some(format!("{conv}: retry of message {n} not accepted: {why}")));
+                    }
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            let problem = format!("{conv}: no reply to message {n} within {:?}", deadline - started);
+            return (Some(turn), Some(problem));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Assistant entries that failed (a model call that broke).
+fn failed_steps(timeline: &Value) -> usize {
+    timeline["entries"]
+        .as_array()
+        .map_or(0, |e| e.iter().filter(|e| e["role"] == "assistant" && e["status"] == "failed").count())
 }
 
 /// Drives one conversation: at least `min_turns` messages, and more while

@@ -11,10 +11,13 @@
 //! [`check`]); any violation makes the exit code 1.
 
 pub(crate) mod check;
+mod compose;
 pub(crate) mod load;
+mod provider;
 pub(crate) mod stack;
+mod target;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,9 +27,10 @@ use conv_contracts::ConversationId;
 use conv_contracts::subject::{DEFAULT_PARTITIONS, partition_of};
 use serde::Serialize;
 
-use crate::cli::{ChaosArgs, Global};
+use crate::cli::{ChaosArgs, Global, ProviderKind};
 use crate::{Error, Outcome};
 use stack::{Kind, Settings, Stack};
+use target::Target;
 
 /// What is done to a process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -97,14 +101,23 @@ pub struct Report {
     pub seed: u64,
     pub conversations: usize,
     pub instances: usize,
+    /// `processes` (started by convctl) or `compose` (the compose stack).
+    pub target: &'static str,
     /// NATS nodes (3: a cluster with R3 streams).
     pub nats_nodes: usize,
     /// Messages accepted (traffic and probes).
     pub messages: usize,
     pub faults: Vec<Fault>,
+    /// Reply waits of the traffic's messages (not the probes), those
+    /// retried after a visible failure left out.
     pub reply_ms_p50: f64,
     pub reply_ms_p99: f64,
     pub reply_ms_max: f64,
+    /// Steps that failed where the user sees it and were retried (`POST
+    /// /retry`); only a failing provider may cause them.
+    pub retries_after_failures: usize,
+    /// What the slow, failing HTTP provider did (`--provider http`).
+    pub provider: Option<provider::Counts>,
     pub violations: check::Violations,
     #[serde(rename = "ok")]
     pub passed: bool,
@@ -114,10 +127,10 @@ pub struct Report {
 }
 
 /// splitmix64: a seeded sequence, the same on every machine.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -125,7 +138,7 @@ impl Rng {
         z ^ (z >> 31)
     }
 
-    fn below(&mut self, n: usize) -> usize {
+    pub(crate) fn below(&mut self, n: usize) -> usize {
         usize::try_from(self.next() % u64::try_from(n.max(1)).unwrap_or(1)).unwrap_or(0)
     }
 }
@@ -174,21 +187,49 @@ fn probe_id(round: usize, partition: u16) -> String {
 }
 
 pub async fn run(g: &Global, args: &ChaosArgs) -> Result<Outcome, Error> {
-    if args.conversations == 0 || args.instances == 0 || args.messages == 0 {
+    if args.conversations == 0 || args.instances() == 0 || args.messages == 0 {
         return Err(Error::Invalid("--conversations, --messages and --instances must be at least 1".into()));
     }
     let dir =
         args.dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("conv-chaos-{}", std::process::id())));
-    let settings =
-        Settings { instances: args.instances, scripted_tokens: 40, scripted_token_delay_ms: 20, cluster: args.cluster };
-    let nats = if args.cluster { "a 3-node NATS cluster (R3)" } else { "nats-server" };
-    say(&format!("starting {nats} and {} instance(s) of every service in {}", args.instances, dir.display()));
-    let mut stack = Stack::start(&dir, &settings).await?;
+    let (llm_base_url, fake) = match args.provider {
+        ProviderKind::Scripted => (None, None),
+        ProviderKind::Http => {
+            let (url, p) = provider::start(args.seed, 40, Duration::from_millis(20), args.compose).await?;
+            say(&format!("slow, failing OpenAI-compatible provider at {url}"));
+            (Some(url), Some(p))
+        }
+    };
+    let settings = Settings {
+        instances: args.instances(),
+        scripted_tokens: 40,
+        scripted_token_delay_ms: 20,
+        cluster: args.cluster,
+        llm_base_url,
+        llm_stall_timeout_ms: provider::STALL_TIMEOUT_MS,
+    };
+    let mut stack = if args.compose {
+        say(&format!("starting {} (project logs saved in {})", args.compose_file.display(), dir.display()));
+        Target::Compose(Box::new(compose::Compose::start(&dir, &args.compose_file, &settings).await?))
+    } else {
+        let nats = if args.cluster { "a 3-node NATS cluster (R3)" } else { "nats-server" };
+        say(&format!("starting {nats} and {} instance(s) of every service in {}", args.instances(), dir.display()));
+        Target::Processes(Stack::start(&dir, &settings).await?)
+    };
     let started = Instant::now();
     let result = drive(&mut stack, args).await;
     stack.stop().await;
     let mut report = result?;
     report.seconds = started.elapsed().as_secs_f64();
+    if let Some(p) = fake {
+        report.provider = Some(p.counts());
+    } else if report.retries_after_failures > 0 {
+        report.violations.other.push(format!(
+            "{} replies failed with the scripted provider (retried by the clients)",
+            report.retries_after_failures
+        ));
+        report.passed = false;
+    }
     report.dir = dir;
     let code = u8::from(!report.passed);
     if g.json {
@@ -197,8 +238,8 @@ pub async fn run(g: &Global, args: &ChaosArgs) -> Result<Outcome, Error> {
     Ok(Outcome { output: text(&report, args.max_reply_p99()), code })
 }
 
-async fn drive(stack: &mut Stack, args: &ChaosArgs) -> Result<Report, Error> {
-    let client = load::Client::new(stack.addrs(Kind::Ingress), stack.addrs(Kind::Projections))?;
+async fn drive(stack: &mut Target, args: &ChaosArgs) -> Result<Report, Error> {
+    let client = load::Client::new(stack.addrs(Kind::Ingress), stack.addrs(Kind::Projections), stack.api_key())?;
     let reply_deadline = Duration::from_secs(args.reply_deadline_secs);
     let faults_done = Arc::new(AtomicBool::new(false));
     let t0 = Instant::now();
@@ -221,7 +262,7 @@ async fn drive(stack: &mut Stack, args: &ChaosArgs) -> Result<Report, Error> {
     let mut faults = Vec::new();
     let mut probes = Vec::new();
     let mut other = Vec::new();
-    let plan = schedule(args.seed, args.faults, args.instances, args.cluster);
+    let plan = schedule(args.seed, args.faults, args.instances(), args.cluster);
     for (round, (action, target, mut instance)) in plan.into_iter().enumerate() {
         tokio::time::sleep(Duration::from_millis(args.fault_interval_ms)).await;
         if target == Kind::Nats && stack.nats_nodes() > 1 {
@@ -243,65 +284,53 @@ async fn drive(stack: &mut Stack, args: &ChaosArgs) -> Result<Report, Error> {
             let client = client.clone();
             let conv = probe_id(round, p);
             round_probes.push(tokio::spawn(async move {
-                let started = Instant::now();
-                let deadline = started + reply_deadline;
-                let id = client.post(&conv, &format!("{conv}-1"), "probe", deadline).await;
-                let replied = match &id {
-                    Ok(_) => client.wait_answered(&conv, 1, deadline).await.then(|| started.elapsed()),
-                    Err(_) => None,
-                };
-                (conv, id.ok(), replied)
+                let deadline = Instant::now() + reply_deadline;
+                let (turn, problem) = load::turn(&client, &conv, 1, deadline).await;
+                (conv, turn, problem)
             }));
         }
-        let index = stack.procs.iter().position(|p| p.kind == target && p.index == instance);
-        match (action, index) {
-            (Action::Restart, _) => stack.restart_nats(instance, false, Duration::from_secs(1)).await?,
-            (Action::KillLeader, _) => stack.restart_nats(instance, true, Duration::from_secs(1)).await?,
-            (Action::Kill, _) if target == Kind::Nats => {
-                stack.restart_nats(instance, true, Duration::from_secs(1)).await?
-            }
-            (Action::Kill, Some(i)) => stack.kill(i, Duration::from_secs(1)).await?,
-            (Action::Pause, Some(i)) => stack.pause(i, Duration::from_secs(3)).await,
-            (_, None) => {}
-        }
+        stack.fault(action, target, instance).await?;
         faults.push(Fault { action, target, instance, at_secs, recovery_secs: None });
         probes.push(round_probes);
-        other.extend(stack.revive()?);
+        other.extend(stack.revive().await?);
     }
     faults_done.store(true, Ordering::Relaxed);
     say("faults done; letting the conversations finish");
 
-    let mut accepted: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut replies = Vec::new();
+    let mut turns = Vec::new();
     for t in talkers {
-        let (turns, problems) = t.await.map_err(|e| Error::Invalid(format!("a conversation task failed: {e}")))?;
+        let (done, problems) = t.await.map_err(|e| Error::Invalid(format!("a conversation task failed: {e}")))?;
         other.extend(problems);
-        for turn in turns {
-            if let Some(r) = turn.reply {
-                replies.push(r.as_secs_f64() * 1000.0);
-            }
-            accepted.entry(turn.conversation).or_default().push(turn.event_id);
-        }
+        turns.extend(done);
     }
+    // A reply that failed where the user sees it and was retried (a failing
+    // provider's doing) waited for the provider, not for the system.
+    let mut replies: Vec<f64> = turns
+        .iter()
+        .filter(|t| t.retries.is_empty())
+        .filter_map(|t| t.reply)
+        .map(|r| r.as_secs_f64() * 1000.0)
+        .collect();
     for (fault, round) in faults.iter_mut().zip(probes) {
         let mut slowest = Some(Duration::ZERO);
         for probe in round {
-            let (conv, id, replied) = probe.await.map_err(|e| Error::Invalid(format!("a probe failed: {e}")))?;
-            match id {
-                Some(id) => accepted.entry(conv.clone()).or_default().push(id),
-                None => other.push(format!("{conv}: probe not accepted")),
-            }
+            let (conv, turn, problem) = probe.await.map_err(|e| Error::Invalid(format!("a probe failed: {e}")))?;
+            let replied = turn.as_ref().and_then(|t| t.reply);
+            turns.extend(turn);
             slowest = match (slowest, replied) {
                 (Some(a), Some(b)) => Some(a.max(b)),
                 _ => None,
             };
-            if replied.is_none() {
+            if let Some(p) = problem {
+                other.push(format!("{p} (the probe of {:?} {})", fault.action, fault.target.name()));
+            } else if replied.is_none() {
                 other.push(format!("{conv}: no reply to the probe of {:?} {}", fault.action, fault.target.name()));
             }
         }
         fault.recovery_secs = slowest.map(|d| d.as_secs_f64());
     }
-    other.extend(stack.revive()?);
+    let accepted = check::sent(&turns);
+    other.extend(stack.revive().await?);
     stack.wait_ready(Duration::from_secs(60)).await?;
     let behind = stack.wait_in_sync(Duration::from_secs(60)).await;
     if !behind.is_empty() {
@@ -311,11 +340,11 @@ async fn drive(stack: &mut Stack, args: &ChaosArgs) -> Result<Report, Error> {
     say(&format!("checking {} conversations against the journal", accepted.len()));
     let mut timelines = HashMap::new();
     let settle = Instant::now() + Duration::from_secs(30);
-    for (conv, ids) in &accepted {
-        client.wait_answered(conv, ids.len(), settle).await;
+    for (conv, sent) in &accepted {
+        client.wait_answered(conv, sent.messages.len(), settle).await;
         timelines.insert(conv.clone(), client.timeline(conv).await);
     }
-    let js = stack::jetstream(&stack.nats_url).await?;
+    let js = stack.jetstream().await?;
     let mut violations = check::check(&js, &accepted, &timelines).await?;
     violations.other.extend(other);
     let reply_ms_p99 = pct(&mut replies, 0.99);
@@ -329,13 +358,16 @@ async fn drive(stack: &mut Stack, args: &ChaosArgs) -> Result<Report, Error> {
     Ok(Report {
         seed: args.seed,
         conversations: args.conversations,
-        instances: args.instances,
+        instances: args.instances(),
+        target: if args.compose { "compose" } else { "processes" },
         nats_nodes: stack.nats_nodes(),
-        messages: accepted.values().map(Vec::len).sum(),
+        messages: accepted.values().map(|s| s.messages.len()).sum(),
         faults,
         reply_ms_p50: pct(&mut replies, 0.5),
         reply_ms_p99,
         reply_ms_max: pct(&mut replies, 1.0),
+        retries_after_failures: turns.iter().map(|t| t.retries.len()).sum(),
+        provider: None,
         passed: violations.total() == 0,
         violations,
         dir: PathBuf::new(),
@@ -346,10 +378,11 @@ async fn drive(stack: &mut Stack, args: &ChaosArgs) -> Result<Report, Error> {
 fn text(r: &Report, max_p99: f64) -> String {
     let mut s = String::new();
     s.push_str(&format!(
-        "chaos run, seed {}: {} conversations, {} instance(s) of each service, {}, {} messages, {:.0} s\n\n",
+        "chaos run, seed {}: {} conversations, {} instance(s) of each service ({}), {}, {} messages, {:.0} s\n\n",
         r.seed,
         r.conversations,
         r.instances,
+        if r.target == "compose" { "the compose stack" } else { "processes" },
         if r.nats_nodes > 1 { "a 3-node NATS cluster (R3)" } else { "one NATS server" },
         r.messages,
         r.seconds
@@ -359,6 +392,13 @@ fn text(r: &Report, max_p99: f64) -> String {
         let what = format!("{} {} #{}", f.action.label(), f.target.name(), f.instance);
         let rec = f.recovery_secs.map_or_else(|| "NONE".to_owned(), |x| format!("{x:.1} s"));
         s.push_str(&format!("{:5.1}s  {what:<30} {rec:>8}\n", f.at_secs));
+    }
+    if let Some(p) = &r.provider {
+        s.push_str(&format!(
+            "\nHTTP provider: {} requests — {} normal, {} slow, {} answered 503, {} answered 429, {} dropped \
+             mid-stream, {} stalled; {} visible failures retried by the clients\n",
+            p.requests, p.normal, p.slow, p.unavailable, p.throttled, p.dropped, p.stalled, r.retries_after_failures
+        ));
     }
     let v = &r.violations;
     s.push_str(&format!(

@@ -64,6 +64,11 @@ pub struct Settings {
     pub scripted_token_delay_ms: u64,
     /// Three NATS nodes in a cluster instead of one server.
     pub cluster: bool,
+    /// An OpenAI-compatible provider for effects (`CONV_LLM_PROVIDER=openai`)
+    /// instead of the scripted one.
+    pub llm_base_url: Option<String>,
+    /// Effects' stall timeout with that provider.
+    pub llm_stall_timeout_ms: u64,
 }
 
 /// One NATS server of the stack.
@@ -196,6 +201,16 @@ impl Stack {
             ("CONV_SCRIPTED_TOKEN_DELAY_MS".to_owned(), settings.scripted_token_delay_ms.to_string()),
             ("RUST_LOG".to_owned(), "info".to_owned()),
         ]);
+        match &settings.llm_base_url {
+            None => env.push(("CONV_LLM_PROVIDER".to_owned(), "scripted".to_owned())),
+            Some(url) => env.extend([
+                ("CONV_LLM_PROVIDER".to_owned(), "openai".to_owned()),
+                ("CONV_LLM_BASE_URL".to_owned(), url.clone()),
+                ("CONV_LLM_MODEL".to_owned(), "chaos".to_owned()),
+                ("CONV_LLM_API_KEY".to_owned(), String::new()),
+                ("CONV_LLM_STALL_TIMEOUT_MS".to_owned(), settings.llm_stall_timeout_ms.to_string()),
+            ]),
+        }
         let mut stack = Stack { nats_url, nodes, procs: Vec::new(), bins, env };
         for kind in Kind::SERVICES {
             for index in 0..settings.instances.max(1) {
