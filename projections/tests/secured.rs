@@ -120,6 +120,11 @@ async fn each_service_works_with_its_own_user_and_can_do_nothing_else() {
     wait("s2", "the aborted run", &|t| t["run_status"] == "aborted").await;
     let r = http.get(format!("http://{projections}/v1/conversations/s1/context")).send().await.expect("context");
     assert_eq!(r.status().as_u16(), 200, "projections reads the stored context: {}", violations(&nats));
+    // The console's list reads the view headers.
+    let r = http.get(format!("http://{projections}/v1/conversations")).send().await.expect("list");
+    assert_eq!(r.status().as_u16(), 200, "projections lists conversations: {}", violations(&nats));
+    let list: Value = r.json().await.expect("json");
+    assert!(list["conversations"].as_array().is_some_and(|c| c.iter().any(|c| c["conversation_id"] == "s1")), "{list}");
     // Doing all that (taking partitions: unpin and reset; watching leases;
     // streaming, aborting) needed nothing the users may not do.
     assert_eq!(violations(&nats), "", "the services were refused something they do");

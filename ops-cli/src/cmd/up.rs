@@ -270,6 +270,10 @@ pub async fn run(g: &Global) -> Result<Outcome, Error> {
         let addr = std::env::var(var).unwrap_or_else(|_| default.to_owned());
         let mut command = Command::new(&bin);
         command.env("NATS_URL", &url).env("CONV_CALLBACK_SECRET", &callback_secret);
+        if name == "conv-projections" && std::env::var_os("CONV_INGRESS_URL").is_none() {
+            // The console forwards what it sends to this ingress.
+            command.env("CONV_INGRESS_URL", format!("http://{}", reachable(&ingress_addr())));
+        }
         match &users {
             // Each service as its own user of the server started here.
             Some(users) => {
@@ -301,10 +305,11 @@ pub async fn run(g: &Global) -> Result<Outcome, Error> {
         say(&format!("{name} on http://{addr}"));
         children.push((name, child));
     }
+    let projections = std::env::var("CONV_PROJECTIONS_ADDR").unwrap_or_else(|_| "127.0.0.1:8081".into());
     say(&format!(
-        "ready: POST http://{}/v1/conversations/<id>/messages, GET http://{}/v1/conversations/<id>/timeline|stream, or `convctl send demo \"hello\"`; Ctrl-C stops everything",
-        std::env::var("CONV_INGRESS_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".into()),
-        std::env::var("CONV_PROJECTIONS_ADDR").unwrap_or_else(|_| "127.0.0.1:8081".into()),
+        "ready: the console at http://{}/; POST http://{}/v1/conversations/<id>/messages, GET http://{projections}/v1/conversations/<id>/timeline|stream, or `convctl send demo \"hello\"`; Ctrl-C stops everything",
+        reachable(&projections),
+        ingress_addr(),
     ));
 
     // Run until a signal, or until a service dies.
@@ -334,4 +339,18 @@ pub async fn run(g: &Global) -> Result<Outcome, Error> {
     }
     say("stopped");
     Ok(Outcome { output: String::new(), code: u8::from(died.is_some()) })
+}
+
+/// Ingress's listen address (`CONV_INGRESS_ADDR`, default 127.0.0.1:8080).
+fn ingress_addr() -> String {
+    std::env::var("CONV_INGRESS_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".into())
+}
+
+/// A listen address as a client reaches it: an unspecified host (`0.0.0.0`,
+/// `[::]`) becomes loopback.
+fn reachable(addr: &str) -> String {
+    match addr.parse::<std::net::SocketAddr>() {
+        Ok(a) if a.ip().is_unspecified() => format!("127.0.0.1:{}", a.port()),
+        _ => addr.to_owned(),
+    }
 }

@@ -1,0 +1,293 @@
+//! The web console in a real browser: headless Chromium driven over
+//! WebDriver (Debian's `chromium` and `chromium-driver`, which
+//! `scripts/test.sh` installs) against the whole pipeline with client keys.
+//! A message typed into the page gets its reply streamed in (seen partway
+//! and then complete), and a long reply is aborted with the page's button —
+//! done when effects journaled the call's `canceled`, not when a badge
+//! changed.
+//!
+//! `CONV_CHROMEDRIVER` and `CONV_CHROMIUM` point at other binaries;
+//! `CONV_CONSOLE_SCREENSHOT=<file.png>` saves what the page looked like.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use conv_contracts::ConversationId;
+use conv_contracts::subject::{STREAM_IN, in_conversation_filter};
+use conv_nats::service::Settings;
+use conv_nats::test_util::{TestNats, free_addr, spawn_service, wait_http_ok};
+use serde_json::{Value, json};
+
+const KEY: &str = "console-test-key-0123456789";
+
+/// A binary from `var`, else the first of `names` found in `PATH`.
+fn binary(var: &str, names: &[&str]) -> PathBuf {
+    if let Ok(p) = std::env::var(var) {
+        return PathBuf::from(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path).chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/lib/chromium")]) {
+        for name in names {
+            let candidate = dir.join(name);
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    panic!(
+        "{} not found: install Debian's chromium and chromium-driver (scripts/test.sh does), or set {var}",
+        names[0]
+    );
+}
+
+/// A WebDriver session in headless Chromium.
+struct Browser {
+    http: reqwest::Client,
+    url: String,
+    _driver: tokio::process::Child,
+}
+
+impl Browser {
+    async fn start() -> Browser {
+        let driver = binary("CONV_CHROMEDRIVER", &["chromedriver"]);
+        let chromium = binary("CONV_CHROMIUM", &["chromium", "chromium-browser", "google-chrome"]);
+        let port = free_addr().port();
+        let child = tokio::process::Command::new(&driver)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", driver.display()));
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ready = async {
+                let v: Value = http.get(format!("{base}/status")).send().await.ok()?.json().await.ok()?;
+                v["value"]["ready"].as_bool()
+            };
+            if ready.await == Some(true) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "chromedriver did not get ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": chromium,
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                         "--window-size=1200,800"]
+            }
+        }}});
+        let session: Value =
+            http.post(format!("{base}/session")).json(&caps).send().await.expect("session").json().await.expect("json");
+        let id = session["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no session: {session}")).to_owned();
+        Browser { http, url: format!("{base}/session/{id}"), _driver: child }
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+        let mut request = self.http.request(method, format!("{}{path}", self.url));
+        if !body.is_null() {
+            request = request.json(&body);
+        }
+        let text = request.send().await.expect("webdriver").text().await.expect("webdriver body");
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("webdriver {path}: {e}: {text}"));
+        assert!(v["value"]["error"].is_null(), "webdriver {path}: {v}");
+        v["value"].clone()
+    }
+
+    async fn goto(&self, url: &str) {
+        self.call(reqwest::Method::POST, "/url", json!({"url": url})).await;
+    }
+
+    async fn js(&self, script: &str) -> Value {
+        self.call(reqwest::Method::POST, "/execute/sync", json!({"script": script, "args": []})).await
+    }
+
+    async fn element(&self, css: &str) -> String {
+        let v = self.call(reqwest::Method::POST, "/element", json!({"using": "css selector", "value": css})).await;
+        v["element-6066-11e4-a52e-4f735466cecf"].as_str().unwrap_or_else(|| panic!("no element {css}: {v}")).to_owned()
+    }
+
+    /// Types `text` into the element as keystrokes.
+    async fn type_into(&self, css: &str, text: &str) {
+        let e = self.element(css).await;
+        self.call(reqwest::Method::POST, &format!("/element/{e}/value"), json!({"text": text})).await;
+    }
+
+    async fn click(&self, css: &str) {
+        let e = self.element(css).await;
+        self.call(reqwest::Method::POST, &format!("/element/{e}/click"), json!({})).await;
+    }
+
+    /// The entries on the page: (role, status, text).
+    async fn entries(&self) -> Vec<(String, String, String)> {
+        let v = self
+            .js("return [...document.querySelectorAll('#entries .entry')].map(e => [e.dataset.role, e.dataset.status, e.querySelector('.text').textContent]);")
+            .await;
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|e| {
+                        let s = |i: usize| e[i].as_str().unwrap_or_default().to_owned();
+                        (s(0), s(1), s(2))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    async fn screenshot(&self, path: &str) {
+        let v = self.call(reqwest::Method::GET, "/screenshot", Value::Null).await;
+        let png = base64::engine::general_purpose::STANDARD.decode(v.as_str().expect("base64")).expect("png");
+        std::fs::write(path, png).expect("write the screenshot");
+    }
+
+    async fn quit(self) {
+        let _ = self.http.delete(&self.url).send().await;
+    }
+}
+
+/// The last assistant entry: (status, text).
+fn last_reply(entries: &[(String, String, String)]) -> Option<(String, String)> {
+    entries.iter().rev().find(|(role, _, _)| role == "assistant").map(|(_, s, t)| (s.clone(), t.clone()))
+}
+
+#[tokio::test]
+async fn a_message_typed_into_the_console_streams_its_reply_and_abort_stops_a_long_one() {
+    let nats = TestNats::start().await.expect("nats-server");
+    nats.setup().await.expect("topology");
+    let (ingress, projections) = (free_addr(), free_addr());
+    let keys = conv_nats::secret::Secret::new(KEY);
+    let mut ic: conv_ingress::Config = Settings::for_test(nats.config(), ingress);
+    ic.options.api_keys = keys.clone();
+    let mut rc: conv_runtime::Config = Settings::for_test(nats.config(), free_addr());
+    rc.options.heartbeat_ms = 200;
+    let mut ec: conv_effects::Config = Settings::for_test(nats.config(), free_addr());
+    // Replies of about 3 s: long enough to see them stream and to abort one.
+    ec.options.scripted_tokens = 60;
+    ec.options.scripted_token_delay_ms = 50;
+    ec.options.coalesce_ms = 50;
+    let mut pc: conv_projections::Config = Settings::for_test(nats.config(), projections);
+    pc.options.api_keys = keys;
+    pc.options.ingress_url = format!("http://{ingress}");
+    let _services = (
+        spawn_service("conv-ingress", |t| conv_ingress::run(ic, t)),
+        spawn_service("conv-runtime", |t| conv_runtime::run(rc, t)),
+        spawn_service("conv-effects", |t| conv_effects::run(ec, t)),
+        spawn_service("conv-projections", |t| conv_projections::run(pc, t)),
+    );
+    for addr in [ingress, projections] {
+        assert_eq!(wait_http_ok(&format!("http://{addr}/readyz"), Duration::from_secs(30)).await, Some(200));
+    }
+
+    let browser = Browser::start().await;
+    browser.goto(&format!("http://{projections}/#console-1")).await;
+    // The key, typed like a user would; the page keeps it for the session.
+    browser.type_into("#key", KEY).await;
+    browser.js("document.getElementById('key').dispatchEvent(new Event('change'));").await;
+
+    // A message: its reply streams in, then completes.
+    browser.type_into("#text", "hello console").await;
+    browser.click("#send").await;
+    let (mut partway, mut done) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while done.is_none() {
+        let entries = browser.entries().await;
+        match last_reply(&entries) {
+            // The first look at it while it streams.
+            Some((status, text)) if status == "streaming" && !text.is_empty() && partway.is_none() => {
+                partway = Some(text)
+            }
+            Some((status, text)) if status == "completed" => {
+                done = Some((entries, text));
+                break;
+            }
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "no completed reply on the page: {entries:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (entries, reply) = done.expect("done");
+    assert_eq!(entries[0], ("user".into(), "completed".into(), "hello console".into()), "{entries:?}");
+    assert!(reply.starts_with("You said: hello console"), "{reply}");
+    let partway = partway.expect("the reply was seen streaming, partway");
+    assert!(partway.len() < reply.len() && reply.starts_with(partway.trim_end()), "{partway:?} then {reply:?}");
+    // The page agrees with the stored view (written a moment later).
+    let settled = Instant::now() + Duration::from_secs(10);
+    loop {
+        let view: Value = reqwest::Client::new()
+            .get(format!("http://{projections}/v1/conversations/console-1/timeline"))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .expect("timeline")
+            .json()
+            .await
+            .expect("json");
+        if view["entries"][1]["status"] == "completed" {
+            assert_eq!(view["entries"][1]["text"], reply.as_str());
+            break;
+        }
+        assert!(Instant::now() < settled, "the stored view never showed the reply completed: {view}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The list shows the conversation.
+    let listed = Instant::now() + Duration::from_secs(20);
+    while browser.js("return document.querySelector('#list a[data-id=\"console-1\"]') !== null;").await != json!(true) {
+        assert!(Instant::now() < listed, "console-1 not in the list");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A long reply, aborted from the page while it streams.
+    browser.type_into("#text", "tell me a long story").await;
+    browser.click("#send").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let entries = browser.entries().await;
+        if entries.len() >= 4
+            && let Some((status, text)) = last_reply(&entries)
+            && status == "streaming"
+            && !text.is_empty()
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the second reply never streamed: {entries:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let clicked = Instant::now();
+    browser.click("#abort").await;
+    // Done when effects stopped the call: its `canceled` is in the journal.
+    let js = nats.jetstream().await;
+    let conv = ConversationId::parse("console-1").expect("id");
+    loop {
+        let inputs = conv_nats::read::all(&js, STREAM_IN, &in_conversation_filter(&conv), true).await.expect("read");
+        let canceled =
+            inputs.iter().any(|m| conv_nats::headers::header(&m.headers, "ce-type") == Some("conv.in.llm.canceled"));
+        if canceled {
+            break;
+        }
+        assert!(clicked.elapsed() < Duration::from_secs(10), "effects did not journal the call's canceled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let badge = browser.js("return document.getElementById('status').textContent;").await;
+        let entries = browser.entries().await;
+        if badge == json!("aborted") && last_reply(&entries).is_some_and(|(s, _)| s != "streaming") {
+            let (status, text) = last_reply(&entries).expect("reply");
+            assert_ne!(status, "completed", "an aborted reply is not complete: {text}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the page does not show the abort: {badge} {entries:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if let Ok(path) = std::env::var("CONV_CONSOLE_SCREENSHOT") {
+        browser.screenshot(&path).await;
+    }
+    browser.quit().await;
+}
