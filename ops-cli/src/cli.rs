@@ -173,10 +173,21 @@ pub enum Command {
         /// Conversation id.
         conversation: String,
     },
-    /// Walk the cause/effect chain of an event, both directions.
+    /// The cause tree of a conversation (every root event with its effects, dead letters included), or of one
+    /// event (its causes up to the root, its effects down the tree); indexed reads only.
     Trace {
-        /// CloudEvents id of the event.
-        event_id: String,
+        /// A conversation id, or a CloudEvents event id (ids from ingress start with `<conversation>.`).
+        target: String,
+        /// The conversation of an event id that does not start with it (a UUID given out without an
+        /// Idempotency-Key).
+        #[arg(long)]
+        conversation: Option<String>,
+    },
+    /// A conversation's events across CONV_IN, CONV_EFFECT, CONV_APPLIED, CONV_OUT and CONV_AUDIT, with its dead
+    /// letters, in time order, each with its id (for `convctl trace <event-id>`).
+    Events {
+        /// Conversation id.
+        conversation: String,
     },
 }
 

@@ -59,7 +59,8 @@ pub async fn run(cli: Cli) -> Result<Outcome, Error> {
         Command::Chaos(args) => cmd::chaos::run(g, &args).await,
         Command::Soak(args) => cmd::soak::run(g, &args).await,
         Command::Replay { conversation } => cmd::replay::run(g, &conversation).await,
-        Command::Trace { event_id } => cmd::trace::run(g, &event_id).await,
+        Command::Trace { target, conversation } => cmd::trace::run(g, &target, conversation.as_deref()).await,
+        Command::Events { conversation } => cmd::trace::events(g, &conversation).await,
     }
 }
 

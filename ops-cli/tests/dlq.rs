@@ -196,6 +196,17 @@ async fn dead_letters_are_listed_shown_and_redriven() {
     assert_eq!(summary["redriven"][0]["subject"], "conv.in.message.dlq-1");
     assert_eq!(summary["failed"][0]["id"], term_id);
     wait_for("the stray to be processed", async || processed.lock().expect("lock").len() == 2).await;
+    // The conversation's events show the audit record and the dead letter still there.
+    let rows: Vec<Value> =
+        serde_json::from_slice(&convctl(&url, &["events", "dlq-1", "--json"]).await.stdout).expect("events json");
+    assert!(rows.iter().any(|r| r["type"] == "conv.audit.dlq.redriven"), "{rows:?}");
+    let letter = rows
+        .iter()
+        .find(|r| r["type"].as_str().is_some_and(|t| t.starts_with("dead letter (terminated")))
+        .unwrap_or_else(|| panic!("the terminated dead letter in {rows:?}"));
+    assert_eq!(letter["id"], format!("dlq:{term_id}"));
+    let trace = text(&convctl(&url, &["trace", "dlq-1"]).await);
+    assert!(trace.contains("conv.audit.dlq.redriven") && trace.contains("dead letter"), "{trace}");
     assert_eq!(processed.lock().expect("lock")[1].0, "evt-stray");
     assert_eq!(count(&js, STREAM_DLQ).await, 1);
     assert_eq!(count(&js, STREAM_AUDIT).await, 2);

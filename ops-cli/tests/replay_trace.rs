@@ -89,20 +89,40 @@ async fn replay_matches_live_state_and_trace_walks_both_ways() {
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no applied events"));
 
     // Trace a delta: its cause chain goes through the directive to the message.
-    let t = json(&convctl(&url, &["trace", "delta-2", "--json"]).await);
+    // These ids do not start with their conversation, so it is named.
+    let t = json(&convctl(&url, &["trace", "delta-2", "--conversation", "rp1", "--json"]).await);
     let causes: Vec<&str> =
-        t["causes"].as_array().expect("causes").iter().map(|c| c["id"].as_str().unwrap_or("")).collect();
+        t["branch"]["causes"].as_array().expect("causes").iter().map(|c| c["id"].as_str().unwrap_or("")).collect();
     assert_eq!(causes, ["msg-1", directive], "{t}");
+    let unnamed = convctl(&url, &["trace", "msg-1"]).await;
+    assert_eq!(unnamed.status.code(), Some(1), "msg-1 read as a conversation, which has no events");
+    assert!(String::from_utf8_lossy(&unnamed.stderr).contains("--conversation"));
     // Trace the message: its effects include the marker, the directive and the deltas under it.
-    let t = json(&convctl(&url, &["trace", "msg-1", "--json"]).await);
-    let effects = t["event"]["effects"].as_array().expect("effects");
+    let t = json(&convctl(&url, &["trace", "msg-1", "--conversation", "rp1", "--json"]).await);
+    let effects = t["branch"]["event"]["effects"].as_array().expect("effects");
     let types: Vec<&str> = effects.iter().map(|e| e["type"].as_str().unwrap_or("")).collect();
     assert!(types.contains(&"conv.applied.marker.recorded"), "{types:?}");
     assert!(types.contains(&"conv.effect.llm.requested"), "{types:?}");
     let llm = effects.iter().find(|e| e["id"] == directive).expect("the directive");
     assert_eq!(llm["effects"].as_array().map(Vec::len), Some(6), "five deltas and the completion: {llm}");
-    let text = convctl(&url, &["trace", "msg-1"]).await;
+    let text = convctl(&url, &["trace", "msg-1", "--conversation", "rp1"]).await;
     assert!(String::from_utf8_lossy(&text.stdout).contains("conv.in.llm.delta delta-4"));
+    // The whole conversation: the message is the one root, everything under it.
+    let t = json(&convctl(&url, &["trace", "rp1", "--json"]).await);
+    let roots: Vec<&str> =
+        t["roots"].as_array().expect("roots").iter().map(|r| r["id"].as_str().unwrap_or("")).collect();
+    assert_eq!(roots, ["msg-1"], "{t}");
+    let events = t["events"].as_u64().expect("count");
+    assert!(events >= 7 + 3, "inputs, the directive, markers and outputs: {t}");
+    // The flat list: every event with its id, in time order.
+    let rows = json(&convctl(&url, &["events", "rp1", "--json"]).await);
+    let rows = rows.as_array().expect("rows");
+    assert_eq!(rows.len() as u64, events, "the same events as the tree");
+    assert_eq!(rows[0]["id"], "msg-1");
+    assert!(rows.iter().any(|r| r["id"] == "delta-4" && r["causation_id"] == directive));
+    let listed = String::from_utf8_lossy(&convctl(&url, &["events", "rp1"]).await.stdout).into_owned();
+    assert!(listed.lines().next().is_some_and(|l| l.starts_with("TIME")), "{listed}");
+    assert!(listed.contains("conv.effect.llm.requested") && listed.contains(directive), "{listed}");
 
     // A live state that disagrees with the journal is reported, exit 1.
     let snapshots = Snapshots::open(&js).await.expect("bucket");

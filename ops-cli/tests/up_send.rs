@@ -99,6 +99,53 @@ async fn up_then_send_prints_a_streamed_answer_and_ctrl_c_stops_everything() {
     assert!(stdout.starts_with("You said: hello."), "{stdout}");
     assert_eq!(stdout.split_whitespace().count(), 24, "the whole scripted answer: {stdout}");
 
+    // --json: what ingress answered and every event seen, the run's end last.
+    let mut send = tokio::process::Command::new(convctl);
+    send.args(["send", "demo", "again", "--json"]).env("NATS_URL", &url).env("CONV_API_KEY", &api_key);
+    for (k, v) in &addrs {
+        send.env(k, v.to_string());
+    }
+    let out =
+        tokio::time::timeout(Duration::from_secs(60), send.output()).await.expect("send in time").expect("send runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    assert_eq!(report["accepted"]["conversation_id"], "demo", "{report}");
+    assert_eq!(report["run_status"], "idle", "{report}");
+    let events = report["events"].as_array().expect("events");
+    let text: String = events
+        .iter()
+        .filter(|e| e["type"] == "conv.out.message.delta")
+        .filter_map(|e| e["data"]["text"].as_str())
+        .collect();
+    assert!(text.starts_with("You said: again."), "the streamed text: {text}");
+    assert!(events.iter().all(|e| e["id"].is_string() && e["type"].is_string()), "CloudEvents: {report}");
+    assert_eq!(events.last().map(|e| e["type"].clone()), Some("conv.out.run.status_changed".into()));
+
+    // The console is served at / of projections, and its list sees the conversation.
+    let projections = addrs[3].1;
+    let page = reqwest::get(format!("http://{projections}/")).await.expect("console");
+    assert_eq!(page.status().as_u16(), 200);
+    assert!(page.text().await.expect("page").contains("conv console"));
+    let list: serde_json::Value = reqwest::Client::new()
+        .get(format!("http://{projections}/v1/conversations"))
+        .bearer_auth(&api_key)
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(list["conversations"][0]["conversation_id"], "demo", "{list}");
+    // What the console sends reaches the ingress convctl up started (CONV_INGRESS_URL).
+    let forwarded = reqwest::Client::new()
+        .post(format!("http://{projections}/v1/conversations/demo/messages"))
+        .bearer_auth(&api_key)
+        .json(&serde_json::json!({"text": "through the console"}))
+        .send()
+        .await
+        .expect("forwarded");
+    assert_eq!(forwarded.status().as_u16(), 202, "{:?}", forwarded.text().await);
+
     // Ctrl-C: everything stops.
     let pid = up.id().expect("pid").to_string();
     tokio::process::Command::new("kill").args(["-INT", &pid]).status().await.expect("SIGINT");

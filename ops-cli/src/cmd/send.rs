@@ -1,6 +1,8 @@
 //! `convctl send <conversation> <text>`: post a message through ingress and
 //! print the reply as it streams in (from the projections' SSE stream);
-//! exits when the run ends.
+//! exits when the run ends. With `--json` it prints, at the end, what
+//! ingress answered and every event it saw on the stream (CloudEvents as
+//! JSON, text deltas included).
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -15,7 +17,7 @@ fn addr(var: &str, default: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| default.to_owned())
 }
 
-pub async fn run(_g: &Global, conversation: &str, text: &str, timeout: Duration) -> Result<Outcome, Error> {
+pub async fn run(g: &Global, conversation: &str, text: &str, timeout: Duration) -> Result<Outcome, Error> {
     conv_contracts::ConversationId::parse(conversation)
         .map_err(|e| Error::Invalid(format!("conversation id {conversation:?}: {e}")))?;
     let ingress = addr("CONV_INGRESS_ADDR", "127.0.0.1:8080");
@@ -51,6 +53,9 @@ pub async fn run(_g: &Global, conversation: &str, text: &str, timeout: Duration)
         let body: Value = posted.json().await.unwrap_or(Value::Null);
         return Err(Error::Invalid(format!("ingress answered {status}: {}", body["error"]["message"])));
     }
+    let accepted: Value = posted.json().await.unwrap_or(Value::Null);
+    let mut seen: Vec<Value> = Vec::new();
+    let mut ours = false;
 
     let stream = authorized(http.get(format!("http://{projections}/v1/conversations/{conversation}/stream")))
         .header("Last-Event-ID", position.to_string())
@@ -75,6 +80,28 @@ pub async fn run(_g: &Global, conversation: &str, text: &str, timeout: Duration)
             let block: String = buf.drain(..pos + 2).collect();
             let data: String = block.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim).collect();
             let Ok(event) = serde_json::from_str::<Value>(&data) else { continue };
+            // The stored view may lag the stream: what comes before the first
+            // output of our own message belongs to an earlier one.
+            if !ours {
+                if event["causationid"] != accepted["event_id"] {
+                    continue;
+                }
+                ours = true;
+            }
+            if g.json {
+                let status = (event["type"] == "conv.out.run.status_changed").then(|| event["data"]["status"].clone());
+                seen.push(event);
+                match status.as_ref().and_then(Value::as_str) {
+                    Some("running") => running = true,
+                    Some(status) if running => {
+                        let code = u8::from(status == "failed");
+                        let report = json!({"accepted": accepted, "run_status": status, "events": seen});
+                        return Ok(Outcome { output: crate::to_json(&report), code });
+                    }
+                    _ => {}
+                }
+                continue;
+            }
             let d = &event["data"];
             match event["type"].as_str().unwrap_or("") {
                 "conv.out.message.delta" => {

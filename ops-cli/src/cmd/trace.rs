@@ -1,11 +1,24 @@
-//! `convctl trace <event-id>`: the cause/effect chain of an event, both
-//! directions, across `CONV_IN`, `CONV_EFFECT`, `CONV_APPLIED` and `CONV_OUT`.
-//! Causes follow `causationid` upward; effects are every event whose
-//! `causationid` is this one, recursively.
+//! `convctl trace <conversation>|<event-id>` and `convctl events
+//! <conversation>`: a conversation's events across `CONV_IN`, `CONV_EFFECT`,
+//! `CONV_APPLIED`, `CONV_OUT` and `CONV_AUDIT`, with its dead letters.
+//!
+//! Every read is indexed: the journals by the conversation's subject filter
+//! (headers only), so the cost is the conversation's own size, never a scan
+//! of a whole stream. Dead letters are matched to the events they came from
+//! (`CONV_DLQ` is read whole, but it holds only what failed). An event id
+//! names its conversation when it starts with `<conversation>.` (ids from
+//! ingress and everything derived from them); for other ids (a UUID given
+//! out without an `Idempotency-Key`) pass `--conversation`.
+//!
+//! `trace` prints the cause tree: causes follow `causationid` upward,
+//! effects are the events whose `causationid` is this one, recursively; for
+//! a conversation, every root (an event without a cause in the journal)
+//! with its tree. `events` prints the same events as a flat list in time
+//! order, each with its id.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use conv_contracts::subject::{STREAM_APPLIED, STREAM_EFFECT, STREAM_IN, STREAM_OUT};
+use conv_contracts::subject::{STREAM_APPLIED, STREAM_AUDIT, STREAM_DLQ, STREAM_EFFECT, STREAM_IN, STREAM_OUT};
 use conv_contracts::{ConversationId, Kind};
 use conv_nats::read::{self, Stored};
 use serde::Serialize;
@@ -13,9 +26,15 @@ use serde::Serialize;
 use crate::cli::Global;
 use crate::{Error, Outcome};
 
-const STREAMS: [&str; 4] = [STREAM_IN, STREAM_EFFECT, STREAM_APPLIED, STREAM_OUT];
-/// Most effects shown (a long reply has many deltas).
-const MAX_NODES: usize = 2000;
+const STREAMS: [(&str, Kind); 5] = [
+    (STREAM_IN, Kind::In),
+    (STREAM_EFFECT, Kind::Effect),
+    (STREAM_APPLIED, Kind::Applied),
+    (STREAM_OUT, Kind::Out),
+    (STREAM_AUDIT, Kind::Audit),
+];
+/// Most events shown in a tree (a long reply has many delta chunks).
+const MAX_NODES: usize = 5000;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Node {
@@ -30,18 +49,6 @@ pub struct Node {
     pub effects: Vec<Node>,
 }
 
-#[derive(Debug, Serialize)]
-pub struct Trace {
-    pub conversation_id: String,
-    /// From the root cause down to the event's direct cause.
-    pub causes: Vec<Node>,
-    /// A cause named by `causationid` that is not in the journal (an external event).
-    pub external_cause: Option<String>,
-    /// The event, with its effects as a tree.
-    pub event: Node,
-    pub truncated: bool,
-}
-
 fn node(m: &Stored) -> Option<Node> {
     Some(Node {
         id: m.header("ce-id")?.to_owned(),
@@ -54,82 +61,99 @@ fn node(m: &Stored) -> Option<Node> {
     })
 }
 
-fn filter(stream: &str, conversation: &str) -> String {
-    let kind = match stream {
-        STREAM_IN => Kind::In,
-        STREAM_EFFECT => Kind::Effect,
-        STREAM_APPLIED => Kind::Applied,
-        _ => Kind::Out,
-    };
-    match ConversationId::parse(conversation) {
-        Ok(c) => conv_contracts::subject::kind_conversation_filter(kind, &c),
-        // Not a conversation id: match nothing rather than everything.
-        Err(_) => format!("{}.none", conv_contracts::subject::kind_wildcard(kind).trim_end_matches(".>")),
+/// What `trace` was asked about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Conversation(ConversationId),
+    Event { id: String, conversation: ConversationId },
+}
+
+/// Reads `arg` (with `--conversation`, if given) as a conversation or an
+/// event id. A conversation id has no dots; an event id from ingress starts
+/// with `<conversation>.`.
+pub fn target(arg: &str, conversation: Option<&str>) -> Result<Target, Error> {
+    let parse = |c: &str| ConversationId::parse(c).map_err(|e| Error::Invalid(format!("conversation id {c:?}: {e}")));
+    if let Some(c) = conversation {
+        return Ok(Target::Event { id: arg.to_owned(), conversation: parse(c)? });
+    }
+    if let Ok(c) = ConversationId::parse(arg) {
+        return Ok(Target::Conversation(c));
+    }
+    match arg.split_once('.').map(|(c, _)| ConversationId::parse(c)) {
+        Some(Ok(conversation)) => Ok(Target::Event { id: arg.to_owned(), conversation }),
+        _ => Err(Error::Invalid(format!(
+            "{arg:?} is neither a conversation id nor an event id that names its conversation; \
+             for such an event id add --conversation <id>"
+        ))),
     }
 }
 
-pub async fn trace(g: &Global, event_id: &str) -> Result<Trace, Error> {
-    let js = crate::connect(g).await?;
-    // Find the event (headers only) to learn its conversation.
-    let mut found = None;
-    for stream in STREAMS {
-        let all = read::all(&js, stream, "", true).await.map_err(Error::JetStream)?;
-        if let Some(m) = all.iter().find(|m| m.header("ce-id") == Some(event_id)) {
-            found = Some(m.header("ce-subject").unwrap_or_default().to_owned());
-            break;
-        }
-    }
-    let conversation = found.ok_or_else(|| Error::Invalid(format!("no event with id {event_id:?} in the journal")))?;
-
-    let mut nodes: HashMap<String, Node> = HashMap::new();
-    let mut children: BTreeMap<String, Vec<(String, u64, String)>> = BTreeMap::new();
-    for stream in STREAMS {
-        for m in read::all(&js, stream, &filter(stream, &conversation), true).await.map_err(Error::JetStream)? {
-            let Some(n) = node(&m) else { continue };
-            if let Some(c) = &n.causation_id {
-                children.entry(c.clone()).or_default().push((n.stream.clone(), n.seq, n.id.clone()));
-            }
-            nodes.entry(n.id.clone()).or_insert(n);
-        }
-    }
-    let event = nodes.get(event_id).cloned().ok_or_else(|| Error::Invalid(format!("event {event_id:?} vanished")))?;
-
-    let mut causes = Vec::new();
-    let mut external_cause = None;
-    let mut seen = HashSet::from([event.id.clone()]);
-    let mut cursor = event.causation_id.clone();
-    while let Some(id) = cursor {
-        if !seen.insert(id.clone()) {
-            break;
-        }
-        match nodes.get(&id) {
-            Some(n) => {
-                cursor = n.causation_id.clone();
-                causes.push(n.clone());
-            }
-            None => {
-                external_cause = Some(id);
-                break;
-            }
-        }
-    }
-    causes.reverse();
-
-    let mut budget = MAX_NODES;
-    let mut truncated = false;
-    let event = grow(event, &nodes, &children, &mut seen, &mut budget, &mut truncated);
-    Ok(Trace { conversation_id: conversation, causes, external_cause, event, truncated })
+/// A conversation's events, by id, and who each one caused.
+#[derive(Debug, Default)]
+struct Events {
+    nodes: HashMap<String, Node>,
+    /// Cause id → (stream, seq, id) of its effects.
+    children: BTreeMap<String, Vec<(String, u64, String)>>,
 }
 
-fn grow(
-    mut n: Node,
-    nodes: &HashMap<String, Node>,
-    children: &BTreeMap<String, Vec<(String, u64, String)>>,
-    seen: &mut HashSet<String>,
-    budget: &mut usize,
-    truncated: &mut bool,
-) -> Node {
-    let mut kids: Vec<(String, u64, String)> = children.get(&n.id).cloned().unwrap_or_default();
+impl Events {
+    fn add(&mut self, n: Node) {
+        if let Some(c) = &n.causation_id {
+            self.children.entry(c.clone()).or_default().push((n.stream.clone(), n.seq, n.id.clone()));
+        }
+        self.nodes.entry(n.id.clone()).or_insert(n);
+    }
+
+    /// In time order. What an input caused carries the input's time, so
+    /// ties go in pipeline order (the input, its directives, its output,
+    /// its marker), then by sequence.
+    fn in_order(&self) -> Vec<&Node> {
+        let rank = |stream: &str| {
+            [STREAM_IN, STREAM_EFFECT, STREAM_OUT, STREAM_APPLIED, STREAM_AUDIT, STREAM_DLQ]
+                .iter()
+                .position(|s| *s == stream)
+                .unwrap_or(usize::MAX)
+        };
+        let mut all: Vec<&Node> = self.nodes.values().collect();
+        all.sort_by(|a, b| (&a.time, rank(&a.stream), a.seq).cmp(&(&b.time, rank(&b.stream), b.seq)));
+        all
+    }
+}
+
+async fn load(js: &async_nats::jetstream::Context, conversation: &ConversationId) -> Result<Events, Error> {
+    let mut events = Events::default();
+    for (stream, kind) in STREAMS {
+        let filter = conv_contracts::subject::kind_conversation_filter(kind, conversation);
+        for m in read::all(js, stream, &filter, true).await.map_err(Error::JetStream)? {
+            if let Some(n) = node(&m) {
+                events.add(n);
+            }
+        }
+    }
+    // Dead letters hang under the event that died (the original's id).
+    for d in conv_nats::dlq::list(js).await.map_err(|e| Error::JetStream(e.to_string()))? {
+        let Some(original) = &d.original else { continue };
+        let ours = original.event_id.as_ref().is_some_and(|id| events.nodes.contains_key(id))
+            || original.conversation_id.as_deref() == Some(conversation.as_str());
+        if !ours {
+            continue;
+        }
+        let cause = format!("{:?}", d.cause).to_lowercase();
+        events.add(Node {
+            id: format!("dlq:{}", d.id),
+            ty: format!("dead letter ({cause}{})", d.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()),
+            stream: STREAM_DLQ.to_owned(),
+            seq: d.id,
+            time: Some(d.time.clone()),
+            causation_id: original.event_id.clone(),
+            effects: Vec::new(),
+        });
+    }
+    Ok(events)
+}
+
+fn grow(mut n: Node, events: &Events, seen: &mut HashSet<String>, budget: &mut usize, truncated: &mut bool) -> Node {
+    let mut kids: Vec<(String, u64, String)> = events.children.get(&n.id).cloned().unwrap_or_default();
     kids.sort();
     for (_, _, id) in kids {
         if *budget == 0 {
@@ -139,40 +163,219 @@ fn grow(
         if !seen.insert(id.clone()) {
             continue;
         }
-        if let Some(child) = nodes.get(&id).cloned() {
+        if let Some(child) = events.nodes.get(&id).cloned() {
             *budget -= 1;
-            n.effects.push(grow(child, nodes, children, seen, budget, truncated));
+            n.effects.push(grow(child, events, seen, budget, truncated));
         }
     }
     n
 }
 
+/// One event's place in its conversation.
+#[derive(Debug, Serialize)]
+pub struct Branch {
+    /// From the root cause down to the event's direct cause.
+    pub causes: Vec<Node>,
+    /// A cause named by `causationid` that is not in the journal (an external event).
+    pub external_cause: Option<String>,
+    /// The event, with its effects as a tree.
+    pub event: Node,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Trace {
+    pub conversation_id: String,
+    /// `trace <event-id>`: that event's branch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub branch: Option<Branch>,
+    /// `trace <conversation>`: every root event with its effects.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub roots: Vec<Node>,
+    /// Events in the conversation (dead letters included).
+    pub events: usize,
+    pub truncated: bool,
+}
+
+pub async fn trace(g: &Global, target: &Target) -> Result<Trace, Error> {
+    let js = crate::connect(g).await?;
+    let conversation = match target {
+        Target::Conversation(c) | Target::Event { conversation: c, .. } => c,
+    };
+    let events = load(&js, conversation).await?;
+    let (mut budget, mut truncated) = (MAX_NODES, false);
+    let mut trace = Trace {
+        conversation_id: conversation.to_string(),
+        branch: None,
+        roots: Vec::new(),
+        events: events.nodes.len(),
+        truncated: false,
+    };
+    match target {
+        Target::Conversation(c) => {
+            if events.nodes.is_empty() {
+                return Err(Error::Invalid(format!(
+                    "no events of conversation {c:?} in the journal (for an event id that is also a valid \
+                     conversation id, add --conversation <id>)"
+                )));
+            }
+            let mut seen = HashSet::new();
+            for n in events.in_order() {
+                let root = n.causation_id.as_ref().is_none_or(|c| !events.nodes.contains_key(c));
+                if root && seen.insert(n.id.clone()) {
+                    trace.roots.push(grow(n.clone(), &events, &mut seen, &mut budget, &mut truncated));
+                }
+            }
+        }
+        Target::Event { id, conversation } => {
+            let event = events.nodes.get(id).cloned().ok_or_else(|| {
+                Error::Invalid(format!(
+                    "no event {id:?} among the {} events of conversation {conversation} (if the id does not start \
+                     with its conversation, add --conversation <id>)",
+                    events.nodes.len()
+                ))
+            })?;
+            let (mut causes, mut external_cause) = (Vec::new(), None);
+            let mut seen = HashSet::from([event.id.clone()]);
+            let mut cursor = event.causation_id.clone();
+            while let Some(id) = cursor {
+                if !seen.insert(id.clone()) {
+                    break;
+                }
+                match events.nodes.get(&id) {
+                    Some(n) => {
+                        cursor = n.causation_id.clone();
+                        causes.push(n.clone());
+                    }
+                    None => {
+                        external_cause = Some(id);
+                        break;
+                    }
+                }
+            }
+            causes.reverse();
+            let event = grow(event, &events, &mut seen, &mut budget, &mut truncated);
+            trace.branch = Some(Branch { causes, external_cause, event });
+        }
+    }
+    trace.truncated = truncated;
+    Ok(trace)
+}
+
+fn line(n: &Node) -> String {
+    format!("{} {} ({}#{})", n.ty, n.id, n.stream, n.seq)
+}
+
 fn print(n: &Node, depth: usize, out: &mut String) {
-    out.push_str(&format!("{}{} {} ({}#{})\n", "  ".repeat(depth), n.ty, n.id, n.stream, n.seq));
+    out.push_str(&format!("{}{}\n", "  ".repeat(depth), line(n)));
     for e in &n.effects {
         print(e, depth + 1, out);
     }
 }
 
-pub async fn run(g: &Global, event_id: &str) -> Result<Outcome, Error> {
-    let t = trace(g, event_id).await?;
+pub async fn run(g: &Global, arg: &str, conversation: Option<&str>) -> Result<Outcome, Error> {
+    let t = trace(g, &target(arg, conversation)?).await?;
     if g.json {
         return Ok(Outcome::ok(crate::to_json(&t)));
     }
-    let mut out = format!("conversation {}\ncauses:\n", t.conversation_id);
-    if let Some(ext) = &t.external_cause {
-        out.push_str(&format!("  (external) {ext}\n"));
+    let mut out = format!("conversation {} ({} events)\n", t.conversation_id, t.events);
+    if let Some(b) = &t.branch {
+        out.push_str("causes:\n");
+        if let Some(ext) = &b.external_cause {
+            out.push_str(&format!("  (external) {ext}\n"));
+        }
+        for c in &b.causes {
+            out.push_str(&format!("  {}\n", line(c)));
+        }
+        if b.causes.is_empty() && b.external_cause.is_none() {
+            out.push_str("  (none: this is a root event)\n");
+        }
+        out.push_str("event and effects:\n");
+        print(&b.event, 1, &mut out);
     }
-    for c in &t.causes {
-        out.push_str(&format!("  {} {} ({}#{})\n", c.ty, c.id, c.stream, c.seq));
+    for root in &t.roots {
+        print(root, 0, &mut out);
     }
-    if t.causes.is_empty() && t.external_cause.is_none() {
-        out.push_str("  (none: this is a root event)\n");
-    }
-    out.push_str("event and effects:\n");
-    print(&t.event, 1, &mut out);
     if t.truncated {
-        out.push_str(&format!("  … more than {MAX_NODES} effects; see --json\n"));
+        out.push_str(&format!("… more than {MAX_NODES} events; see --json or `convctl events`\n"));
     }
     Ok(Outcome::ok(out.trim_end()))
+}
+
+/// One row of `convctl events`.
+#[derive(Debug, Serialize)]
+pub struct Row {
+    pub time: Option<String>,
+    pub stream: String,
+    pub seq: u64,
+    #[serde(rename = "type")]
+    pub ty: String,
+    pub id: String,
+    pub causation_id: Option<String>,
+}
+
+pub async fn events(g: &Global, conversation: &str) -> Result<Outcome, Error> {
+    let conv = ConversationId::parse(conversation)
+        .map_err(|e| Error::Invalid(format!("conversation id {conversation:?}: {e}")))?;
+    let js = crate::connect(g).await?;
+    let events = load(&js, &conv).await?;
+    if events.nodes.is_empty() {
+        return Err(Error::Invalid(format!("no events of conversation {conversation:?} in the journal")));
+    }
+    let rows: Vec<Row> = events
+        .in_order()
+        .into_iter()
+        .map(|n| Row {
+            time: n.time.clone(),
+            stream: n.stream.clone(),
+            seq: n.seq,
+            ty: n.ty.clone(),
+            id: n.id.clone(),
+            causation_id: n.causation_id.clone(),
+        })
+        .collect();
+    if g.json {
+        return Ok(Outcome::ok(crate::to_json(&rows)));
+    }
+    let width = rows.iter().map(|r| r.ty.len()).max().unwrap_or(4).max(4);
+    let at = rows.iter().map(|r| format!("{}#{}", r.stream, r.seq).len()).max().unwrap_or(6).max(6);
+    let mut out = format!("{:<30}  {:<at$}  {:<width$}  ID  (CAUSE)\n", "TIME", "STREAM", "TYPE");
+    for r in &rows {
+        let place = format!("{}#{}", r.stream, r.seq);
+        let cause = r.causation_id.as_deref().map(|c| format!("  ({c})")).unwrap_or_default();
+        out.push_str(&format!(
+            "{:<30}  {place:<at$}  {:<width$}  {}{cause}\n",
+            r.time.as_deref().unwrap_or("-"),
+            r.ty,
+            r.id
+        ));
+    }
+    Ok(Outcome::ok(out.trim_end()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_conversations_or_event_ids_that_name_theirs() {
+        let c = |s: &str| ConversationId::parse(s).expect("id");
+        assert_eq!(target("demo", None).expect("conversation"), Target::Conversation(c("demo")));
+        assert_eq!(
+            target("demo.message.received.key.k1", None).expect("event"),
+            Target::Event { id: "demo.message.received.key.k1".into(), conversation: c("demo") }
+        );
+        assert_eq!(
+            target("0190a1b2-c3d4", Some("demo")).expect("event with its conversation"),
+            Target::Event { id: "0190a1b2-c3d4".into(), conversation: c("demo") }
+        );
+        assert_eq!(
+            target("demo.message.received.key.k1~0", None).expect("a derived id"),
+            Target::Event { id: "demo.message.received.key.k1~0".into(), conversation: c("demo") },
+            "a derived id starts with its input's conversation"
+        );
+        for unnamed in ["0190a1b2-c3d4~0", "not a thing"] {
+            let err = target(unnamed, None).expect_err("names no conversation");
+            assert!(err.to_string().contains("--conversation"), "{err}");
+        }
+    }
 }
