@@ -284,7 +284,7 @@ fn provider(o: &EffectsOptions) -> Result<llm::Provider, Error> {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let registry = Registry::new();
     let metrics = metrics::Metrics::new(&registry)?;
-    let booted = service::boot(&IDENTITY, &config, registry).await?;
+    let booted = service::boot(&IDENTITY, &config, registry, &shutdown).await?;
     let server = tokio::spawn(service::serve(
         config.http_addr(),
         config.service.http,

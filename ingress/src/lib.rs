@@ -73,7 +73,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     }
     let registry = Registry::new();
     let metrics = metrics::Metrics::new(&registry)?;
-    let booted = service::boot(&IDENTITY, &config, registry).await?;
+    let booted = service::boot(&IDENTITY, &config, registry, &shutdown).await?;
     let ingress = Ingress {
         js: booted.js.clone(),
         metrics: metrics.clone(),

@@ -18,6 +18,7 @@ pub mod http;
 pub mod journal;
 pub mod keys;
 pub mod ownership;
+pub mod presence;
 pub mod read;
 pub mod secret;
 pub mod service;

@@ -477,11 +477,24 @@ pub enum BootError {
 }
 
 /// Connects to NATS (in the background: a service boots while NATS is down
-/// and reports not-ready until it answers) and sets up health and metrics.
-pub async fn boot<O: Options>(id: &Identity, settings: &Settings<O>, registry: Registry) -> Result<Booted, BootError> {
+/// and reports not-ready until it answers), sets up health and metrics, and
+/// announces the instance ([`crate::presence`]) until `shutdown`.
+pub async fn boot<O: Options>(
+    id: &Identity,
+    settings: &Settings<O>,
+    registry: Registry,
+    shutdown: &CancellationToken,
+) -> Result<Booted, BootError> {
     let client = crate::connect::connect_lazy(&settings.nats, id.name).await?;
     let js = crate::connect::jetstream(client.clone(), &settings.nats);
     let health = Health::new(id.name, client.clone(), &settings.nats, &settings.topology, registry)?;
+    crate::presence::spawn(
+        js.clone(),
+        id.name,
+        settings.http_addr(),
+        Duration::from_secs(settings.topology.owner_ttl_secs.max(1)),
+        shutdown.clone(),
+    );
     tracing::info!(message = "Booted.", service = id.name, nats = %settings.nats.display_url(), addr = %settings.http_addr());
     Ok(Booted { client, js, health })
 }

@@ -209,9 +209,15 @@ pub struct ReadinessArgs {
     /// Dead letters above which the report is not_ready (any dead letter warns).
     #[arg(long, default_value_t = 1_000)]
     pub max_dead_letters: u64,
-    /// Skip probing the services' /readyz endpoints (CONV_*_ADDR).
+    /// Dead letters added per minute since the previous report above which the report is not_ready.
+    #[arg(long, default_value_t = 10.0)]
+    pub max_dlq_growth_per_min: f64,
+    /// Skip probing the services (every instance announced in conv_leases; without NATS, CONV_*_ADDR).
     #[arg(long)]
     pub no_services: bool,
+    /// Print the kept reports (.conv/readiness.jsonl, the last 200, this one included) instead of this one.
+    #[arg(long)]
+    pub history: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -5,9 +5,17 @@ use std::process::Output;
 use conv_contracts::subject::STREAMS;
 use conv_nats::test_util::TestNats;
 
+/// Where convctl keeps its state (`.conv/`) in this test process.
+fn workdir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("convctl-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("work dir");
+    dir
+}
+
 async fn convctl(nats_url: &str, args: &[&str]) -> Output {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_convctl"))
         .args(args)
+        .current_dir(workdir())
         .env("NATS_URL", nats_url)
         .env_remove("CONV_PARTITIONS")
         .env_remove("CONV_REPLICAS")

@@ -113,7 +113,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     }
     let registry = Registry::new();
     let metrics = metrics::Metrics::new(&registry)?;
-    let booted = service::boot(&IDENTITY, &config, registry).await?;
+    let booted = service::boot(&IDENTITY, &config, registry, &shutdown).await?;
     let o = &config.options;
     let outbound = outbound::Outbound::new(o)?;
     let ready = Arc::new(OnceLock::new());

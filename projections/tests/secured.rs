@@ -125,6 +125,11 @@ async fn each_service_works_with_its_own_user_and_can_do_nothing_else() {
     assert_eq!(r.status().as_u16(), 200, "projections lists conversations: {}", violations(&nats));
     let list: Value = r.json().await.expect("json");
     assert!(list["conversations"].as_array().is_some_and(|c| c.iter().any(|c| c["conversation_id"] == "s1")), "{list}");
+    // Every service announced itself under its own user (for readiness).
+    let announced = conv_nats::presence::list(&nats.jetstream().await).await.expect("announcements");
+    for service in ["conv-ingress", "conv-runtime", "conv-effects", "conv-projections"] {
+        assert!(announced.iter().any(|a| a.service == service), "{service} announced: {announced:?}");
+    }
     // Doing all that (taking partitions: unpin and reset; watching leases;
     // streaming, aborting) needed nothing the users may not do.
     assert_eq!(violations(&nats), "", "the services were refused something they do");

@@ -1,5 +1,11 @@
 //! `convctl readiness`: one launch-readiness report from NATS, the topology,
-//! consumer pressure, the DLQ and the services' own `/readyz`.
+//! consumer pressure, the DLQ and every running service instance's own
+//! `/readyz`. Instances are found where they announce themselves
+//! (`conv_nats::presence`: `svc.<service>.<instance>` in `conv_leases`, gone
+//! within the lease TTL after an instance dies), so a service kind with no
+//! instance is `not_ready`, as is an instance that does not answer ready.
+//! Each report is kept (`.conv/readiness.jsonl`, the last 200) for
+//! `--history`.
 
 use std::time::Duration;
 
@@ -11,7 +17,7 @@ use crate::Outcome;
 use crate::cli::{Global, ReadinessArgs};
 
 /// Overall verdict; exit code 0 / 1 / 2.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Ready,
@@ -49,6 +55,8 @@ pub struct Check {
 pub struct Report {
     pub status: Status,
     pub checks: Vec<Check>,
+    /// Entries in `CONV_DLQ` (`None`: not known).
+    pub dead_letters: Option<u64>,
 }
 
 fn check(name: impl Into<String>, status: Status, detail: impl Into<String>) -> Check {
@@ -64,29 +72,38 @@ const SERVICES: [(&str, &str, &str); 4] = [
 ];
 
 /// Builds the report. Never fails: an unreachable part is a failed check.
-pub async fn report(g: &Global, args: &ReadinessArgs) -> Report {
+pub async fn report(g: &Global, args: &ReadinessArgs, previous: Option<&Kept>) -> Report {
     let mut checks = Vec::new();
+    let mut dead_letters = None;
     match (g.topology(), crate::connect(g).await) {
         (Err(e), _) => checks.push(check("options", Status::NotReady, e.to_string())),
         (_, Err(e)) => checks.push(check("nats", Status::NotReady, e.to_string())),
         (Ok(cfg), Ok(js)) => {
             checks.push(check("nats", Status::Ready, format!("connected to {}", g.display_url())));
-            nats_checks(&js, &Topology::declare(&cfg), args, &mut checks).await;
+            dead_letters = nats_checks(&js, &Topology::declare(&cfg), args, previous, &mut checks).await;
         }
     }
     if !args.no_services {
-        service_checks(&mut checks).await;
+        let js = match (g.topology(), crate::connect(g).await) {
+            (Ok(_), Ok(js)) => Some(js),
+            _ => None,
+        };
+        service_checks(js.as_ref(), &mut checks).await;
     }
     let status = checks.iter().map(|c| c.status).max().unwrap_or(Status::Ready);
-    Report { status, checks }
+    Report { status, checks, dead_letters }
 }
 
+/// Checks NATS, the topology, the DLQ and the consumers; the number of dead
+/// letters, when known.
 async fn nats_checks(
     js: &async_nats::jetstream::Context,
     topo: &Topology,
     args: &ReadinessArgs,
+    previous: Option<&Kept>,
     checks: &mut Vec<Check>,
-) {
+) -> Option<u64> {
+    let mut dead_letters = None;
     match js.query_account().await {
         Ok(account) => checks.push(check(
             "jetstream",
@@ -95,7 +112,7 @@ async fn nats_checks(
         )),
         Err(e) => {
             checks.push(check("jetstream", Status::NotReady, e.to_string()));
-            return;
+            return None;
         }
     }
     match topology::check(js, topo).await {
@@ -125,17 +142,8 @@ async fn nats_checks(
         match dlq.info().await {
             Ok(info) => {
                 let n = info.state.messages;
-                let status = match n {
-                    0 => Status::Ready,
-                    n if n > args.max_dead_letters => Status::NotReady,
-                    _ => Status::Warning,
-                };
-                let detail = if n == 0 {
-                    "no dead letters".to_owned()
-                } else {
-                    format!("{n} dead letters (`convctl dlq list`)")
-                };
-                checks.push(check("dlq", status, detail));
+                dead_letters = Some(n);
+                checks.push(dlq_check(n, previous, args, chrono::Utc::now()));
             }
             Err(e) => checks.push(check("dlq", Status::NotReady, e.to_string())),
         }
@@ -158,43 +166,259 @@ async fn nats_checks(
         };
         checks.push(check("consumers", status, detail));
     }
+    dead_letters
 }
 
-async fn service_checks(checks: &mut Vec<Check>) {
+/// Dead letters: none is ready, some is a warning (someone should look:
+/// `convctl dlq list`), more than `--max-dead-letters` or growing faster than
+/// `--max-dlq-growth-per-min` since the previous report is not ready.
+fn dlq_check(n: u64, previous: Option<&Kept>, args: &ReadinessArgs, now: chrono::DateTime<chrono::Utc>) -> Check {
+    let growth = previous.and_then(|p| {
+        let before = p.dead_letters?;
+        let then = chrono::DateTime::parse_from_rfc3339(&p.time).ok()?;
+        let minutes = (now - then.with_timezone(&chrono::Utc)).num_milliseconds() as f64 / 60_000.0;
+        // A window under a minute counts as a minute: a few dead letters
+        // right after the previous report are not a storm.
+        (n > before && minutes > 0.0).then(|| (n - before, (n - before) as f64 / minutes.max(1.0), p.time.clone()))
+    });
+    match growth {
+        Some((added, rate, since)) if rate > args.max_dlq_growth_per_min => check(
+            "dlq",
+            Status::NotReady,
+            format!("{n} dead letters, {added} more since {since} ({rate:.1}/min; `convctl dlq list`)"),
+        ),
+        _ if n > args.max_dead_letters => check(
+            "dlq",
+            Status::NotReady,
+            format!("{n} dead letters, more than {} (`convctl dlq list`)", args.max_dead_letters),
+        ),
+        _ if n > 0 => check("dlq", Status::Warning, format!("{n} dead letters (`convctl dlq list`)")),
+        _ => check("dlq", Status::Ready, "no dead letters"),
+    }
+}
+
+async fn service_checks(js: Option<&async_nats::jetstream::Context>, checks: &mut Vec<Check>) {
     let client = match reqwest::Client::builder().timeout(Duration::from_secs(2)).build() {
         Ok(c) => c,
         Err(e) => {
-            checks.push(check("services", Status::Warning, format!("cannot build an HTTP client: {e}")));
+            checks.push(check("services", Status::NotReady, format!("cannot build an HTTP client: {e}")));
             return;
         }
     };
-    for (name, var, default) in SERVICES {
-        let addr = std::env::var(var).unwrap_or_else(|_| default.to_owned());
-        let url = format!("http://{addr}/readyz");
-        let c = match client.get(&url).send().await {
-            Ok(r) if r.status().is_success() => check(name, Status::Ready, format!("ready at {addr}")),
-            Ok(r) => {
-                let status = r.status();
-                let body = r.text().await.unwrap_or_default();
-                check(name, Status::Warning, format!("not ready at {addr} ({status}): {body}"))
+    let announced = match js {
+        Some(js) => conv_nats::presence::list(js).await.map_err(|e| format!("cannot list instances: {e}")),
+        None => Err("NATS does not answer".to_owned()),
+    };
+    let announced = match announced {
+        Ok(a) => a,
+        Err(why) => {
+            // Without the announcements, the configured addresses.
+            for (name, var, default) in SERVICES {
+                let addr = std::env::var(var).unwrap_or_else(|_| default.to_owned());
+                let c = match probe(&client, &addr).await {
+                    Ok(()) => check(name, Status::Ready, format!("ready at {addr} ({why}; probed {var})")),
+                    Err(e) => {
+                        check(name, Status::NotReady, format!("{e} at {addr} ({why}; set {var} if it runs elsewhere)"))
+                    }
+                };
+                checks.push(c);
             }
-            Err(_) => check(name, Status::Warning, format!("not answering at {addr} (set {var} if it runs elsewhere)")),
-        };
-        checks.push(c);
+            return;
+        }
+    };
+    for (name, _, _) in SERVICES {
+        let instances: Vec<_> = announced.iter().filter(|a| a.service == name).collect();
+        if instances.is_empty() {
+            checks.push(check(name, Status::NotReady, "no instance running (none announced in conv_leases)"));
+            continue;
+        }
+        for a in instances {
+            // UUIDs (32 hex digits) by their last 8; other ids whole.
+            let short = if a.instance.is_ascii() && a.instance.len() > 12 {
+                &a.instance[a.instance.len() - 8..]
+            } else {
+                a.instance.as_str()
+            };
+            let c = match probe(&client, &a.addr).await {
+                Ok(()) => check(
+                    format!("{name} {short}"),
+                    Status::Ready,
+                    format!("ready at {} (up since {})", a.addr, a.started_at),
+                ),
+                Err(e) => check(format!("{name} {short}"), Status::NotReady, format!("{e} at {}", a.addr)),
+            };
+            checks.push(c);
+        }
+    }
+}
+
+/// `GET /readyz`: `Err` says how it failed.
+async fn probe(client: &reqwest::Client, addr: &str) -> Result<(), String> {
+    match client.get(format!("http://{addr}/readyz")).send().await {
+        Ok(r) if r.status().is_success() => Ok(()),
+        Ok(r) => {
+            let status = r.status();
+            let body: serde_json::Value = r.json().await.unwrap_or_default();
+            let failing: Vec<String> = body["checks"]
+                .as_array()
+                .map(|c| {
+                    c.iter()
+                        .filter(|c| c["ok"] == false)
+                        .map(|c| {
+                            format!("{}: {}", c["name"].as_str().unwrap_or("?"), c["detail"].as_str().unwrap_or(""))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            Err(format!("not ready ({status}: {})", failing.join("; ")))
+        }
+        Err(_) => Err("not answering".to_owned()),
+    }
+}
+
+/// One kept report.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Kept {
+    pub time: String,
+    pub status: Status,
+    /// `name: detail` of every check that was not ready.
+    pub problems: Vec<String>,
+    /// Dead letters at the time (for the growth rate).
+    pub dead_letters: Option<u64>,
+    /// The NATS it looked at (growth is measured against a report of the same).
+    #[serde(default)]
+    pub nats: String,
+}
+
+/// Reports kept for `--history`.
+const KEPT: usize = 200;
+
+fn history_file() -> std::path::PathBuf {
+    std::path::Path::new(".conv").join("readiness.jsonl")
+}
+
+fn read_history(path: &std::path::Path) -> Vec<Kept> {
+    std::fs::read_to_string(path)
+        .map(|s| s.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Appends `kept`, keeping the last [`KEPT`]; a report that cannot be kept
+/// is only logged.
+fn keep(path: &std::path::Path, kept: &Kept) {
+    let mut all = read_history(path);
+    all.push(kept.clone());
+    let start = all.len().saturating_sub(KEPT);
+    let text: String = all[start..].iter().filter_map(|k| serde_json::to_string(k).ok()).map(|l| l + "\n").collect();
+    let written = path.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| std::fs::write(path, text));
+    if let Err(error) = written {
+        tracing::warn!(message = "Cannot keep the readiness report.", path = %path.display(), %error);
     }
 }
 
 pub async fn run(g: &Global, args: &ReadinessArgs) -> Outcome {
-    let report = report(g, args).await;
+    let path = history_file();
+    let history = read_history(&path);
+    let nats = g.display_url();
+    let previous = history.iter().rev().find(|k| k.nats == nats);
+    let report = report(g, args, previous).await;
+    let kept = Kept {
+        time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        status: report.status,
+        problems: report
+            .checks
+            .iter()
+            .filter(|c| c.status != Status::Ready)
+            .map(|c| format!("{}: {}", c.name, c.detail))
+            .collect(),
+        dead_letters: report.dead_letters,
+        nats,
+    };
+    keep(&path, &kept);
+    let code = report.status.code();
+    if args.history {
+        let mut all = history;
+        all.push(kept);
+        let output = if g.json {
+            crate::to_json(&all)
+        } else {
+            let mut text =
+                format!("the last {} of {} kept reports ({}):\n", all.len().min(20), all.len(), path.display());
+            for k in all.iter().skip(all.len().saturating_sub(20)) {
+                text.push_str(&format!("{:<24} {:<9} {}\n", k.time, k.status.label(), k.problems.join("; ")));
+            }
+            text.trim_end().to_owned()
+        };
+        return Outcome { output, code };
+    }
     let output = if g.json {
         crate::to_json(&report)
     } else {
         let mut text = String::new();
         for c in &report.checks {
-            text.push_str(&format!("{:<9} {:<17} {}\n", c.status.label(), c.name, c.detail));
+            text.push_str(&format!("{:<9} {:<26} {}\n", c.status.label(), c.name, c.detail));
         }
         text.push_str(report.status.label());
         text
     };
-    Outcome { output, code: report.status.code() }
+    Outcome { output, code }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> ReadinessArgs {
+        ReadinessArgs {
+            max_backlog: 10_000,
+            max_dead_letters: 1_000,
+            max_dlq_growth_per_min: 10.0,
+            no_services: false,
+            history: false,
+        }
+    }
+
+    #[test]
+    fn dead_letters_warn_and_a_fast_growing_dlq_is_not_ready() {
+        let now = chrono::Utc::now();
+        let at = |minutes_ago: i64, n: u64| Kept {
+            time: (now - chrono::Duration::minutes(minutes_ago)).to_rfc3339(),
+            status: Status::Ready,
+            problems: vec![],
+            dead_letters: Some(n),
+            nats: String::new(),
+        };
+        assert_eq!(dlq_check(0, None, &args(), now).status, Status::Ready);
+        assert_eq!(dlq_check(1, None, &args(), now).status, Status::Warning, "one garbage message: look, not down");
+        assert_eq!(dlq_check(1_001, None, &args(), now).status, Status::NotReady);
+        assert_eq!(dlq_check(25, Some(&at(10, 5)), &args(), now).status, Status::Warning, "2 a minute");
+        let fast = dlq_check(305, Some(&at(10, 5)), &args(), now);
+        assert_eq!(fast.status, Status::NotReady, "30 a minute");
+        assert!(fast.detail.contains("300 more"), "{}", fast.detail);
+        assert_eq!(dlq_check(5, Some(&at(1, 50)), &args(), now).status, Status::Warning, "shrinking is fine");
+        let seconds_ago = Kept { time: (now - chrono::Duration::seconds(2)).to_rfc3339(), ..at(0, 0) };
+        assert_eq!(dlq_check(1, Some(&seconds_ago), &args(), now).status, Status::Warning, "one, just now");
+        assert_eq!(dlq_check(11, Some(&seconds_ago), &args(), now).status, Status::NotReady, "eleven, just now");
+    }
+
+    #[test]
+    fn history_keeps_the_last_reports() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join(".conv/readiness.jsonl");
+        for i in 0..(KEPT + 5) {
+            keep(
+                &path,
+                &Kept {
+                    time: i.to_string(),
+                    status: Status::Ready,
+                    problems: vec![],
+                    dead_letters: None,
+                    nats: String::new(),
+                },
+            );
+        }
+        let kept = read_history(&path);
+        assert_eq!(kept.len(), KEPT);
+        assert_eq!(kept.last().map(|k| k.time.as_str()), Some("204"));
+    }
 }
