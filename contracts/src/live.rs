@@ -54,11 +54,15 @@ pub struct LiveDelta {
     /// Byte offset of `text` within the entry's text.
     pub offset: u64,
     pub text: String,
+    /// When effects had the text from the provider, for the delta lag
+    /// metric (`conv_stream_delta_lag_seconds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl LiveDelta {
     pub fn to_bytes(&self) -> Vec<u8> {
-        // A plain struct of strings and integers: serialization cannot fail.
+        // Strings, integers and a timestamp: serialization cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
     }
 

@@ -385,6 +385,8 @@ impl Executor {
             .with_jitter()
             .with_max_times(self.retry.max_retries)
             .build();
+        let call_started = Instant::now();
+        let mut first_chunk = true;
         let mut chunks = loop {
             let started = tokio::select! {
                 biased;
@@ -448,6 +450,10 @@ impl Executor {
                 }
                 Ok(Some(Ok(chunk))) => chunk,
             };
+            if first_chunk {
+                first_chunk = false;
+                self.metrics.first_token.observe(call_started.elapsed().as_secs_f64());
+            }
             match chunk {
                 Chunk::Text(t) => {
                     let fresh = if skip >= t.len() {
@@ -466,6 +472,7 @@ impl Executor {
                             attempt,
                             offset: text.len() as u64,
                             text: fresh.to_owned(),
+                            time: Some(Utc::now()),
                         };
                         if let Err(error) = live.publish(live_subject.clone(), piece.to_bytes().into()).await {
                             tracing::debug!(message = "Live delta not sent.", %error);

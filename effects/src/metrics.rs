@@ -15,6 +15,9 @@ pub struct Metrics {
     pub deltas: IntCounter,
     pub live_deltas: IntCounter,
     pub abort_latency: Histogram,
+    /// Model call started → first chunk of its answer (the provider's time
+    /// to first token, retries included).
+    pub first_token: Histogram,
     pub context_dropped: IntCounter,
     pub retries_in_place: IntCounter,
 }
@@ -48,6 +51,13 @@ impl Metrics {
                 "conv_effects_retries_in_place_total",
                 "lifecycle events retried in place while the journal was unavailable",
             )?,
+            first_token: Histogram::with_opts(
+                HistogramOpts::new(
+                    "conv_llm_first_token_seconds",
+                    "model call started → first chunk of its answer (provider time to first token, retries included)",
+                )
+                .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
+            )?,
             abort_latency: Histogram::with_opts(
                 HistogramOpts::new(
                     "conv_effects_abort_latency_seconds",
@@ -67,6 +77,7 @@ impl Metrics {
         registry.register(Box::new(m.deltas.clone()))?;
         registry.register(Box::new(m.live_deltas.clone()))?;
         registry.register(Box::new(m.abort_latency.clone()))?;
+        registry.register(Box::new(m.first_token.clone()))?;
         registry.register(Box::new(m.context_dropped.clone()))?;
         registry.register(Box::new(m.retries_in_place.clone()))?;
         Ok(m)

@@ -427,7 +427,8 @@ async fn main() {
     let mut offset = 0u64;
     for i in 0..1000 {
         let text = format!("tok{i} ");
-        let d = LiveDelta { entry_id: "a".into(), step_id: "s".into(), attempt: 1, offset, text: text.clone() };
+        let d =
+            LiveDelta { entry_id: "a".into(), step_id: "s".into(), attempt: 1, offset, text: text.clone(), time: None };
         offset += text.len() as u64;
         let _ = tx.send(Instant::now());
         client.publish(subject.clone(), d.to_bytes().into()).await.expect("publish");

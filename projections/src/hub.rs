@@ -661,6 +661,10 @@ impl Hub {
                 Some(m) = live.next() => {
                     self.inner.metrics.live_deltas.inc();
                     if let Some(d) = LiveDelta::from_bytes(&m.payload) {
+                        if let Some(at) = d.time {
+                            let lag = (chrono::Utc::now() - at).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
+                            self.inner.metrics.delta_lag.observe(lag);
+                        }
                         topic.live(d, cap, &self.inner.metrics);
                     }
                 }

@@ -10,6 +10,9 @@ pub struct Metrics {
     pub gap_fetches: IntCounter,
     pub holes: IntCounter,
     pub view_lag: Histogram,
+    /// Provider text in effects → the live delta in this instance's SSE
+    /// fan-out (across hosts, includes their clock difference).
+    pub delta_lag: Histogram,
     pub partitions_owned: IntGauge,
     pub rebalances: IntCounter,
     pub readers: IntGauge,
@@ -37,6 +40,13 @@ impl Metrics {
                 HistogramOpts::new("conv_projections_view_lag_seconds", "event time → folded into its view")
                     .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
             )?,
+            delta_lag: Histogram::with_opts(
+                HistogramOpts::new(
+                    "conv_stream_delta_lag_seconds",
+                    "provider text received by effects → live delta in the SSE fan-out",
+                )
+                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
+            )?,
             partitions_owned: IntGauge::new("conv_projections_partitions_owned", "view partitions this instance runs")?,
             rebalances: IntCounter::new("conv_projections_rebalances_total", "view partitions taken or given up")?,
             readers: IntGauge::new("conv_projections_sse_readers", "open SSE readers on this instance")?,
@@ -54,6 +64,7 @@ impl Metrics {
         registry.register(Box::new(m.gap_fetches.clone()))?;
         registry.register(Box::new(m.holes.clone()))?;
         registry.register(Box::new(m.view_lag.clone()))?;
+        registry.register(Box::new(m.delta_lag.clone()))?;
         registry.register(Box::new(m.partitions_owned.clone()))?;
         registry.register(Box::new(m.rebalances.clone()))?;
         registry.register(Box::new(m.readers.clone()))?;

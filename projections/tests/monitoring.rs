@@ -1,0 +1,157 @@
+//! The shipped dashboards and alert rules use only metrics the services
+//! export: the pipeline runs a little traffic (a message, a rejected
+//! request, a tool aborted mid-call, a tool that fails), then every metric
+//! named in `monitoring/alerts.yml` and `monitoring/grafana/dashboards/*.json`
+//! must appear in some service's `/metrics`.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use conv_nats::service::Settings;
+use conv_nats::test_util::{TestNats, free_addr, spawn_service, wait_http_ok};
+use serde_json::{Value, json};
+
+const ALERTS: &str = include_str!("../../monitoring/alerts.yml");
+const DASHBOARD: &str = include_str!("../../monitoring/grafana/dashboards/conv.json");
+
+/// `conv_*` names in `text`.
+fn names(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("conv_") {
+        let start = i + at;
+        let boundary = start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let end = text[start..]
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .map_or(text.len(), |e| start + e);
+        if boundary {
+            out.insert(text[start..end].to_owned());
+        }
+        i = end.max(start + 1);
+    }
+    out
+}
+
+#[tokio::test]
+async fn every_metric_a_dashboard_or_an_alert_uses_is_exported() {
+    let dashboard: Value = serde_json::from_str(DASHBOARD).expect("the dashboard is JSON");
+    assert!(dashboard["panels"].as_array().is_some_and(|p| !p.is_empty()));
+    let used: BTreeSet<String> = names(ALERTS)
+        .into_iter()
+        .chain(names(DASHBOARD))
+        // Names that are not metrics: the data source uid, the dashboard uid.
+        .filter(|n| !n.ends_with('_') && n != "conv_prometheus")
+        .collect();
+    assert!(used.len() > 10, "{used:?}");
+
+    let nats = TestNats::start().await.expect("nats-server");
+    nats.setup().await.expect("topology");
+    let (ingress, runtime, effects, projections) = (free_addr(), free_addr(), free_addr(), free_addr());
+    let ic: conv_ingress::Config = Settings::for_test(nats.config(), ingress);
+    let rc: conv_runtime::Config = Settings::for_test(nats.config(), runtime);
+    let mut ec: conv_effects::Config = Settings::for_test(nats.config(), effects);
+    ec.options.scripted_tokens = 10;
+    ec.options.scripted_token_delay_ms = 5;
+    let pc: conv_projections::Config = Settings::for_test(nats.config(), projections);
+    let _services = (
+        spawn_service("conv-ingress", |t| conv_ingress::run(ic, t)),
+        spawn_service("conv-runtime", |t| conv_runtime::run(rc, t)),
+        spawn_service("conv-effects", |t| conv_effects::run(ec, t)),
+        spawn_service("conv-projections", |t| conv_projections::run(pc, t)),
+    );
+    for addr in [ingress, runtime, effects, projections] {
+        assert_eq!(wait_http_ok(&format!("http://{addr}/readyz"), Duration::from_secs(30)).await, Some(200));
+    }
+    let http = reqwest::Client::new();
+    let post = |conv: &str, what: &str, body: Value| {
+        http.post(format!("http://{ingress}/v1/conversations/{conv}/{what}")).json(&body).send()
+    };
+    let timeline = async |conv: &str| -> Value {
+        let r = http.get(format!("http://{projections}/v1/conversations/{conv}/timeline")).send().await;
+        match r {
+            Ok(r) if r.status().is_success() => r.json().await.unwrap_or(Value::Null),
+            _ => Value::Null,
+        }
+    };
+    let wait = async |conv: &str, done: &dyn Fn(&Value) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let t = timeline(conv).await;
+            if done(&t) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{conv}: {t}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    // A reply, watched on the stream (live deltas reach an instance only for
+    // conversations with a reader).
+    let mut stream = http
+        .get(format!("http://{projections}/v1/conversations/m1/stream"))
+        .send()
+        .await
+        .expect("stream")
+        .bytes_stream();
+    let reader = tokio::spawn(async move {
+        use futures::StreamExt;
+        let mut seen = String::new();
+        while let Some(Ok(chunk)) = stream.next().await {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+            if seen.contains("conv.out.message.finished") {
+                break;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(post("m1", "messages", json!({"text": "hello"})).await.expect("post").status().as_u16(), 202);
+    wait("m1", &|t| t["run_status"] == "idle" && t["entries"].as_array().is_some_and(|e| e.len() == 2)).await;
+    tokio::time::timeout(Duration::from_secs(30), reader).await.expect("the stream ends the reply").expect("reader");
+    // A rejected request.
+    assert_eq!(post("m1", "messages", json!({"txet": "typo"})).await.expect("post").status().as_u16(), 422);
+    // A tool aborted mid-call.
+    let sleep = json!({"text": r#"/tool sleep {"ms": 30000}"#});
+    assert_eq!(post("m2", "messages", sleep).await.expect("post").status().as_u16(), 202);
+    wait("m2", &|t| t.to_string().contains("sleep")).await;
+    assert_eq!(post("m2", "abort", json!({})).await.expect("post").status().as_u16(), 202);
+    wait("m2", &|t| t["run_status"] == "aborted").await;
+    // A tool that fails.
+    let bad = json!({"text": r#"/tool sleep {"ms": 999999999999}"#});
+    assert_eq!(post("m3", "messages", bad).await.expect("post").status().as_u16(), 202);
+    wait("m3", &|t| {
+        t["entries"].as_array().is_some_and(|e| e.iter().any(|e| e["role"] == "tool" && e["status"] == "failed"))
+    })
+    .await;
+
+    let mut exported = BTreeSet::new();
+    for addr in [ingress, runtime, effects, projections] {
+        let text =
+            http.get(format!("http://{addr}/metrics")).send().await.expect("metrics").text().await.expect("text");
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap_or_default();
+            exported.insert(name.to_owned());
+        }
+    }
+    let missing: Vec<&String> = used.iter().filter(|n| !exported.contains(*n)).collect();
+    assert!(
+        missing.is_empty(),
+        "used by a dashboard or an alert but not exported: {missing:?}\nexported: {exported:?}"
+    );
+}
+
+#[test]
+fn every_runbook_an_alert_names_exists() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let runbooks: Vec<&str> =
+        ALERTS.lines().filter_map(|l| l.trim().strip_prefix("runbook: ")).map(str::trim).collect();
+    assert!(runbooks.len() >= 12, "every alert names its runbook: {runbooks:?}");
+    for r in runbooks {
+        assert!(root.join(r).is_file(), "{r} is named by an alert but does not exist");
+    }
+}
+
+#[test]
+fn names_are_found_whole() {
+    let found = names("rate(conv_a_total[1m]) / conv_b_seconds_bucket{le} xconv_c conv_d");
+    assert_eq!(found.into_iter().collect::<Vec<_>>(), ["conv_a_total", "conv_b_seconds_bucket", "conv_d"]);
+}
