@@ -228,12 +228,14 @@ impl Executor {
                     }
                     None => {
                         self.metrics.failed.with_label_values(&["tool"]).inc();
+                        self.metrics.dispatch_failures.inc();
                         let error = format!("gave up after {} retries: {e}", hook.retries);
                         return self.emit(directive, ToolFailed { tool_call_id: id, error, retryable: true }).await;
                     }
                 },
                 Err(CallError::Permanent(error)) => {
                     self.metrics.failed.with_label_values(&["tool"]).inc();
+                    self.metrics.dispatch_failures.inc();
                     return self.emit(directive, ToolFailed { tool_call_id: id, error, retryable: false }).await;
                 }
             }

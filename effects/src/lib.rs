@@ -633,6 +633,9 @@ async fn run_with_progress(
     message: &Message,
 ) -> Result<(), executor::RetryLater> {
     let redelivered = message.info().map(|i| i.delivered > 1).unwrap_or(false);
+    if redelivered {
+        executor.metrics.redeliveries.inc();
+    }
     let work = executor.run(event, redelivered);
     tokio::pin!(work);
     let mut tick = tokio::time::interval(executor.progress_every);

@@ -19,12 +19,20 @@ pub struct Metrics {
     /// to first token, retries included).
     pub first_token: Histogram,
     pub context_dropped: IntCounter,
+    /// Directives delivered again after their first delivery.
+    pub redeliveries: IntCounter,
+    /// Webhook tool calls that failed for good (refused, or retries spent).
+    pub dispatch_failures: IntCounter,
     pub retries_in_place: IntCounter,
 }
 
 impl Metrics {
     pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
         let kinds = &["kind"];
+        let dispatch = IntCounterVec::new(
+            Opts::new("conv_dispatch_failures_total", "deliveries to an outside endpoint that failed for good"),
+            &["target"],
+        )?;
         let m = Self {
             in_flight: IntGauge::new("conv_effects_in_flight", "effects running on this instance")?,
             queued: IntGauge::new("conv_effects_queued", "directives waiting for a slot (progress keeps them alive)")?,
@@ -51,6 +59,11 @@ impl Metrics {
                 "conv_effects_retries_in_place_total",
                 "lifecycle events retried in place while the journal was unavailable",
             )?,
+            redeliveries: IntCounter::new(
+                "conv_redeliveries_total",
+                "messages delivered again after their first delivery",
+            )?,
+            dispatch_failures: dispatch.with_label_values(&["webhook_tool"]),
             first_token: Histogram::with_opts(
                 HistogramOpts::new(
                     "conv_llm_first_token_seconds",
@@ -67,6 +80,8 @@ impl Metrics {
             )?,
         };
         registry.register(Box::new(m.in_flight.clone()))?;
+        registry.register(Box::new(dispatch))?;
+        registry.register(Box::new(m.redeliveries.clone()))?;
         registry.register(Box::new(m.queued.clone()))?;
         registry.register(Box::new(m.duration.clone()))?;
         registry.register(Box::new(m.completed.clone()))?;

@@ -93,6 +93,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         ))
     });
 
+    let dead_letters =
+        tokio::spawn(metrics::count_dead_letters(booted.client.clone(), metrics.clone(), shutdown.clone()));
     let dlq = tokio::spawn(metrics::watch_dlq(
         booted.js.clone(),
         metrics,
@@ -108,6 +110,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let served = service::serve(config.http_addr(), config.service.http, router, shutdown.clone(), None).await;
     shutdown.cancel();
     let _ = dlq.await;
+    let _ = dead_letters.await;
     if let Some(backlog) = backlog {
         let _ = backlog.await;
     }

@@ -17,6 +17,7 @@ pub struct Metrics {
     pub duplicates: IntCounter,
     pub publish_seconds: Histogram,
     pub dlq_messages: IntGauge,
+    pub dlq_entries: IntCounterVec,
 }
 
 impl Metrics {
@@ -35,11 +36,22 @@ impl Metrics {
                 .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
         )?;
         let dlq_messages = IntGauge::new("conv_dlq_messages", "messages in CONV_DLQ")?;
+        let dlq_entries = IntCounterVec::new(
+            Opts::new(
+                "conv_dlq_entries_total",
+                "dead letters as they happen, by reason (every ingress instance counts all of them: aggregate with max)",
+            ),
+            &["reason"],
+        )?;
         registry.register(Box::new(accepted.clone()))?;
         registry.register(Box::new(rejected.clone()))?;
         registry.register(Box::new(duplicates.clone()))?;
         registry.register(Box::new(publish_seconds.clone()))?;
         registry.register(Box::new(dlq_messages.clone()))?;
+        registry.register(Box::new(dlq_entries.clone()))?;
+        for reason in ["max_deliveries", "terminated", "stray_subject", "other"] {
+            dlq_entries.with_label_values(&[reason]);
+        }
         // Pre-create every series so dashboards see zeros, not gaps.
         for family in ["message", "control", "tool", "llm", "timer"] {
             accepted.with_label_values(&[family]);
@@ -47,7 +59,7 @@ impl Metrics {
         for code in Rejection::CODES.iter().chain([&UNAVAILABLE, &"journal_refused", &"not_found"]) {
             rejected.with_label_values(&[code]);
         }
-        Ok(Self { accepted, rejected, duplicates, publish_seconds, dlq_messages })
+        Ok(Self { accepted, rejected, duplicates, publish_seconds, dlq_messages, dlq_entries })
     }
 
     pub fn reject(&self, code: &str) {
@@ -72,6 +84,31 @@ pub async fn watch_dlq(
             && let Ok(info) = dlq.info().await
         {
             metrics.dlq_messages.set(i64::try_from(info.state.messages).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+/// Counts dead letters as they happen (`conv_dlq_entries_total{reason}`):
+/// a core subscription to what `CONV_DLQ` captures, so the rate is exact
+/// while ingress runs, where the polled `conv_dlq_messages` only shows the
+/// total every few seconds.
+pub async fn count_dead_letters(client: async_nats::Client, metrics: Metrics, shutdown: CancellationToken) {
+    use futures::StreamExt;
+    let mut subscriptions = Vec::new();
+    for subject in conv_nats::topology::dlq_subjects() {
+        match client.subscribe(subject.clone()).await {
+            Ok(s) => subscriptions.push(s),
+            Err(error) => tracing::warn!(message = "Cannot watch a dead-letter subject.", subject, %error),
+        }
+    }
+    let mut all = futures::stream::select_all(subscriptions);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            next = all.next() => match next {
+                Some(m) => metrics.dlq_entries.with_label_values(&[conv_nats::topology::dlq_reason(&m.subject)]).inc(),
+                None => return,
+            },
         }
     }
 }

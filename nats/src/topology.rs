@@ -221,6 +221,33 @@ fn hours(h: u64) -> Duration {
     Duration::from_secs(h * 3600)
 }
 
+/// What `CONV_DLQ` captures: the max-deliveries and terminated advisories of
+/// every journal's consumers, `conv.dlq.>`, and stray `conv.in` subjects.
+pub fn dlq_subjects() -> Vec<String> {
+    let mut out = Vec::new();
+    for stream in [STREAM_IN, STREAM_EFFECT, STREAM_APPLIED, STREAM_OUT, STREAM_AUDIT] {
+        out.push(format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.*"));
+        out.push(format!("$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.{stream}.*"));
+    }
+    out.push(format!("{}.>", subject::DLQ_SUBJECT_PREFIX));
+    out.extend(subject::IN_STRAY_SUBJECTS.iter().map(|s| (*s).to_owned()));
+    out
+}
+
+/// Why a message on one of [`dlq_subjects`] is a dead letter:
+/// `max_deliveries`, `terminated`, `stray_subject` or `other`.
+pub fn dlq_reason(subject: &str) -> &'static str {
+    if subject.starts_with("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.") {
+        "max_deliveries"
+    } else if subject.starts_with("$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.") {
+        "terminated"
+    } else if subject.starts_with("conv.in.") {
+        "stray_subject"
+    } else {
+        "other"
+    }
+}
+
 impl Topology {
     /// The declared topology for `cfg`.
     pub fn declare(cfg: &TopologyConfig) -> Self {
@@ -251,13 +278,7 @@ impl Topology {
         audit.max_age = hours(cfg.audit_max_age_hours);
         audit.max_bytes = cfg.audit_max_bytes;
 
-        let mut dlq_subjects = Vec::new();
-        for stream in [STREAM_IN, STREAM_EFFECT, STREAM_APPLIED, STREAM_OUT, STREAM_AUDIT] {
-            dlq_subjects.push(format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.*"));
-            dlq_subjects.push(format!("$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.{stream}.*"));
-        }
-        dlq_subjects.push(format!("{}.>", subject::DLQ_SUBJECT_PREFIX));
-        dlq_subjects.extend(subject::IN_STRAY_SUBJECTS.iter().map(|s| (*s).to_owned()));
+        let dlq_subjects = dlq_subjects();
         let dlq = stream::Config {
             name: STREAM_DLQ.to_owned(),
             description: Some(

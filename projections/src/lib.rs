@@ -115,7 +115,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let metrics = metrics::Metrics::new(&registry)?;
     let booted = service::boot(&IDENTITY, &config, registry, &shutdown).await?;
     let o = &config.options;
-    let outbound = outbound::Outbound::new(o)?;
+    let outbound = outbound::Outbound::new(o, metrics.dispatch_failures.clone())?;
     let ready = Arc::new(OnceLock::new());
     let keys = Arc::new(keys);
     let forward = Arc::new(console::Forward::new(&o.ingress_url).map_err(Error::Console)?);

@@ -1,10 +1,14 @@
 //! Projections metrics (low-cardinality labels only).
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 #[derive(Debug, Clone)]
 pub struct Metrics {
     pub folded: IntCounter,
+    /// Output delivered again after its first delivery.
+    pub redeliveries: IntCounter,
+    /// Outbound webhook deliveries refused or given up.
+    pub dispatch_failures: IntCounter,
     pub repeats: IntCounter,
     pub view_writes: IntCounter,
     pub gap_fetches: IntCounter,
@@ -24,7 +28,16 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let dispatch = IntCounterVec::new(
+            Opts::new("conv_dispatch_failures_total", "deliveries to an outside endpoint that failed for good"),
+            &["target"],
+        )?;
         let m = Self {
+            redeliveries: IntCounter::new(
+                "conv_redeliveries_total",
+                "messages delivered again after their first delivery",
+            )?,
+            dispatch_failures: dispatch.with_label_values(&["outbound_webhook"]),
             folded: IntCounter::new("conv_projections_folded_total", "output events folded into views")?,
             repeats: IntCounter::new("conv_projections_repeats_total", "output events already in their view")?,
             view_writes: IntCounter::new("conv_projections_view_writes_total", "view headers written (batched)")?,
@@ -58,6 +71,8 @@ impl Metrics {
             live_deltas: IntCounter::new("conv_projections_live_deltas_total", "live-lane deltas received")?,
             resets: IntCounter::new("conv_projections_sse_resets_total", "reset events sent (live text replaced)")?,
         };
+        registry.register(Box::new(dispatch))?;
+        registry.register(Box::new(m.redeliveries.clone()))?;
         registry.register(Box::new(m.folded.clone()))?;
         registry.register(Box::new(m.repeats.clone()))?;
         registry.register(Box::new(m.view_writes.clone()))?;

@@ -20,16 +20,21 @@ pub struct Outbound {
     client: reqwest::Client,
     url: String,
     retries: usize,
+    /// Deliveries refused or given up (`conv_dispatch_failures_total`).
+    failures: prometheus::IntCounter,
 }
 
 impl Outbound {
     /// `None` when no URL is configured.
-    pub fn new(o: &crate::options::ProjectionsOptions) -> Result<Option<Self>, reqwest::Error> {
+    pub fn new(
+        o: &crate::options::ProjectionsOptions,
+        failures: prometheus::IntCounter,
+    ) -> Result<Option<Self>, reqwest::Error> {
         if o.webhook_url.is_empty() {
             return Ok(None);
         }
         let client = reqwest::Client::builder().timeout(Duration::from_millis(o.webhook_timeout_ms)).build()?;
-        Ok(Some(Self { client, url: o.webhook_url.clone(), retries: o.webhook_retries }))
+        Ok(Some(Self { client, url: o.webhook_url.clone(), retries: o.webhook_retries, failures }))
     }
 
     /// Delivers one finished message, retrying transient failures.
@@ -54,6 +59,7 @@ impl Outbound {
                 Ok(r) if r.status().is_success() => return,
                 Ok(r) if r.status().as_u16() != 429 && r.status().is_client_error() => {
                     tracing::warn!(message = "Outbound webhook refused a message.", status = %r.status(), event_id = %event.id);
+                    self.failures.inc();
                     return;
                 }
                 Ok(r) => format!("answered {}", r.status()),
@@ -63,6 +69,7 @@ impl Outbound {
                 Some(delay) => tokio::time::sleep(delay).await,
                 None => {
                     tracing::error!(message = "Outbound webhook delivery given up.", %error, event_id = %event.id);
+                    self.failures.inc();
                     return;
                 }
             }

@@ -222,7 +222,10 @@ async fn nak(m: &Message) {
 
 impl Worker {
     async fn accept(&mut self, message: Message) {
-        let seq = message.info().map(|i| i.stream_sequence).unwrap_or_default();
+        let (seq, delivered) = message.info().map(|i| (i.stream_sequence, i.delivered)).unwrap_or_default();
+        if delivered > 1 {
+            self.shared.metrics.redeliveries.inc();
+        }
         let event = match conv_nats::headers::decode(
             &message.subject,
             message.headers.as_ref(),

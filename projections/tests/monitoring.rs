@@ -123,6 +123,21 @@ async fn every_metric_a_dashboard_or_an_alert_uses_is_exported() {
     })
     .await;
 
+    // A dead letter as it happens: counted by reason.
+    let client = async_nats::connect(nats.url()).await.expect("nats");
+    client.publish("conv.dlq.test", "x".into()).await.expect("publish");
+    client.flush().await.expect("flush");
+    let counted = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text =
+            http.get(format!("http://{ingress}/metrics")).send().await.expect("metrics").text().await.expect("text");
+        if text.lines().any(|l| l == r#"conv_dlq_entries_total{reason="other"} 1"#) {
+            break;
+        }
+        assert!(Instant::now() < counted, "the dead letter was not counted:\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     let mut exported = BTreeSet::new();
     for addr in [ingress, runtime, effects, projections] {
         let text =

@@ -16,6 +16,9 @@ pub struct Metrics {
     pub restores: IntCounter,
     pub adopted: IntCounter,
     pub terminated: IntCounter,
+    /// Deliveries of an input after its first (a dead owner's, a hand-over,
+    /// an ack that came too late).
+    pub redeliveries: IntCounter,
 }
 
 impl Metrics {
@@ -48,8 +51,13 @@ impl Metrics {
                 "inputs applied on load because a previous owner stored their output without their markers",
             )?,
             terminated: IntCounter::new("conv_runtime_terminated_total", "invalid inputs terminated into the DLQ")?,
+            redeliveries: IntCounter::new(
+                "conv_redeliveries_total",
+                "messages delivered again after their first delivery",
+            )?,
         };
         registry.register(Box::new(m.apply_seconds.clone()))?;
+        registry.register(Box::new(m.redeliveries.clone()))?;
         registry.register(Box::new(m.applied.clone()))?;
         registry.register(Box::new(m.duplicates.clone()))?;
         registry.register(Box::new(m.queue_depth.clone()))?;

@@ -512,6 +512,9 @@ impl Worker {
     /// Validates a delivered message and queues it (or terminates it).
     async fn accept<E: std::fmt::Display>(&mut self, next: Option<Result<Message, E>>) {
         let Some(delivered) = Delivered::decode(self.partition, next) else { return };
+        if delivered.message.info().is_ok_and(|i| i.delivered > 1) {
+            self.shared.metrics.redeliveries.inc();
+        }
         self.admit(delivered).await;
     }
 
