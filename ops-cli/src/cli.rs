@@ -204,14 +204,20 @@ pub struct SetupArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ReadinessArgs {
     /// Consumer backlog (pending + unacked) above which the report warns.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, env = "CONV_READINESS_MAX_BACKLOG", default_value_t = 10_000)]
     pub max_backlog: u64,
     /// Dead letters above which the report is not_ready (any dead letter warns).
-    #[arg(long, default_value_t = 1_000)]
+    #[arg(long, env = "CONV_READINESS_MAX_DEAD_LETTERS", default_value_t = 1_000)]
     pub max_dead_letters: u64,
     /// Dead letters added per minute since the previous report above which the report is not_ready.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, env = "CONV_READINESS_MAX_DLQ_GROWTH_PER_MIN", default_value_t = 10.0)]
     pub max_dlq_growth_per_min: f64,
+    /// View lag p99 (journal → view, from the projections instances' metrics) above which the report warns.
+    #[arg(long, env = "CONV_READINESS_MAX_VIEW_LAG_SECS", default_value_t = 5.0)]
+    pub max_view_lag_secs: f64,
+    /// Abort latency p99 in milliseconds (from the effects instances' metrics; the SLO) above which the report warns.
+    #[arg(long, env = "CONV_READINESS_MAX_ABORT_P99_MS", default_value_t = 600.0)]
+    pub max_abort_p99_ms: f64,
     /// Skip probing the services (every instance announced in conv_leases; without NATS, CONV_*_ADDR).
     #[arg(long)]
     pub no_services: bool,

@@ -74,6 +74,12 @@ async fn a_service_that_is_down_is_not_ready_and_ready_again_when_back() {
         assert!(checks[0]["detail"].as_str().is_some_and(|d| d.contains("ready at")), "{ready:#}");
     }
 
+    // Latency from the services' own histograms.
+    for name in ["view lag", "abort latency"] {
+        let c = ready["checks"].as_array().and_then(|c| c.iter().find(|c| c["name"] == name));
+        assert!(c.is_some_and(|c| c["status"] == "ready"), "{name} judged from /metrics: {ready:#}");
+    }
+
     // Effects stops: not ready, and the report says why.
     effects.shutdown().await.expect("effects stops");
     let down = until(&url, dir.path(), "not_ready without effects", |r| r["status"] == "not_ready").await;

@@ -57,6 +57,10 @@ pub struct Report {
     pub checks: Vec<Check>,
     /// Entries in `CONV_DLQ` (`None`: not known).
     pub dead_letters: Option<u64>,
+    /// The judged histograms, summed over the instances (kept for the next
+    /// report's window).
+    #[serde(skip)]
+    pub histograms: Histograms,
 }
 
 fn check(name: impl Into<String>, status: Status, detail: impl Into<String>) -> Check {
@@ -75,6 +79,7 @@ const SERVICES: [(&str, &str, &str); 4] = [
 pub async fn report(g: &Global, args: &ReadinessArgs, previous: Option<&Kept>) -> Report {
     let mut checks = Vec::new();
     let mut dead_letters = None;
+    let mut histograms = Histograms::new();
     match (g.topology(), crate::connect(g).await) {
         (Err(e), _) => checks.push(check("options", Status::NotReady, e.to_string())),
         (_, Err(e)) => checks.push(check("nats", Status::NotReady, e.to_string())),
@@ -88,10 +93,11 @@ pub async fn report(g: &Global, args: &ReadinessArgs, previous: Option<&Kept>) -
             (Ok(_), Ok(js)) => Some(js),
             _ => None,
         };
-        service_checks(js.as_ref(), &mut checks).await;
+        histograms = service_checks(js.as_ref(), &mut checks).await;
+        latency_checks(&histograms, previous, args, &mut checks);
     }
     let status = checks.iter().map(|c| c.status).max().unwrap_or(Status::Ready);
-    Report { status, checks, dead_letters }
+    Report { status, checks, dead_letters, histograms }
 }
 
 /// Checks NATS, the topology, the DLQ and the consumers; the number of dead
@@ -197,12 +203,15 @@ fn dlq_check(n: u64, previous: Option<&Kept>, args: &ReadinessArgs, now: chrono:
     }
 }
 
-async fn service_checks(js: Option<&async_nats::jetstream::Context>, checks: &mut Vec<Check>) {
+/// Probes every instance; returns the judged histograms of those that
+/// answered, summed.
+async fn service_checks(js: Option<&async_nats::jetstream::Context>, checks: &mut Vec<Check>) -> Histograms {
+    let mut histograms = Histograms::new();
     let client = match reqwest::Client::builder().timeout(Duration::from_secs(2)).build() {
         Ok(c) => c,
         Err(e) => {
             checks.push(check("services", Status::NotReady, format!("cannot build an HTTP client: {e}")));
-            return;
+            return histograms;
         }
     };
     let announced = match js {
@@ -223,7 +232,7 @@ async fn service_checks(js: Option<&async_nats::jetstream::Context>, checks: &mu
                 };
                 checks.push(c);
             }
-            return;
+            return histograms;
         }
     };
     for (name, _, _) in SERVICES {
@@ -240,15 +249,120 @@ async fn service_checks(js: Option<&async_nats::jetstream::Context>, checks: &mu
                 a.instance.as_str()
             };
             let c = match probe(&client, &a.addr).await {
-                Ok(()) => check(
-                    format!("{name} {short}"),
-                    Status::Ready,
-                    format!("ready at {} (up since {})", a.addr, a.started_at),
-                ),
+                Ok(()) => {
+                    if let Some(text) = scrape(&client, &a.addr).await {
+                        for (key, metric) in JUDGED {
+                            add(histograms.entry(key.to_owned()).or_default(), &buckets(&text, metric));
+                        }
+                    }
+                    check(
+                        format!("{name} {short}"),
+                        Status::Ready,
+                        format!("ready at {} (up since {})", a.addr, a.started_at),
+                    )
+                }
                 Err(e) => check(format!("{name} {short}"), Status::NotReady, format!("{e} at {}", a.addr)),
             };
             checks.push(c);
         }
+    }
+    histograms
+}
+
+/// Histogram buckets: `le` as the exposition format writes it (`"0.5"`,
+/// `"+Inf"`) → cumulative count.
+pub type Buckets = Vec<(String, u64)>;
+/// Judged histograms by key.
+pub type Histograms = std::collections::BTreeMap<String, Buckets>;
+
+/// The histograms readiness judges: (key, metric).
+const JUDGED: [(&str, &str); 2] =
+    [("view_lag", "conv_projections_view_lag_seconds"), ("abort_latency", "conv_effects_abort_latency_seconds")];
+
+/// `GET /metrics` (`None` when it does not answer).
+async fn scrape(client: &reqwest::Client, addr: &str) -> Option<String> {
+    let r = client.get(format!("http://{addr}/metrics")).send().await.ok()?;
+    if !r.status().is_success() {
+        return None;
+    }
+    r.text().await.ok()
+}
+
+/// The buckets of histogram `metric` in a `/metrics` text.
+fn buckets(text: &str, metric: &str) -> Buckets {
+    let prefix = format!("{metric}_bucket{{");
+    let mut out: Buckets = Vec::new();
+    for line in text.lines().filter(|l| l.starts_with(&prefix)) {
+        let Some(le) = line.split("le=\"").nth(1).and_then(|r| r.split('"').next()) else { continue };
+        let Some(count) = line.rsplit(' ').next().and_then(|c| c.parse::<f64>().ok()) else { continue };
+        add(&mut out, &[(le.to_owned(), count as u64)]);
+    }
+    out
+}
+
+fn le(s: &str) -> f64 {
+    if s == "+Inf" { f64::INFINITY } else { s.parse().unwrap_or(f64::INFINITY) }
+}
+
+/// Adds `more` into `into`, bucket by bucket.
+fn add(into: &mut Buckets, more: &[(String, u64)]) {
+    for (l, n) in more {
+        match into.iter_mut().find(|(x, _)| x == l) {
+            Some((_, c)) => *c += n,
+            None => into.push((l.clone(), *n)),
+        }
+    }
+    into.sort_by(|a, b| le(&a.0).total_cmp(&le(&b.0)));
+}
+
+/// `now − before`, bucket by bucket; `None` when a count went down (an
+/// instance restarted, or one went away) or the buckets differ.
+fn since(now: &Buckets, before: &Buckets) -> Option<Buckets> {
+    if now.len() != before.len() {
+        return None;
+    }
+    now.iter().zip(before).map(|((l, n), (m, b))| (l == m && n >= b).then(|| (l.clone(), n - b))).collect()
+}
+
+/// The bucket bound under which `q` of the observations fall, and how many
+/// observations there are (`None`: none).
+fn quantile(b: &Buckets, q: f64) -> Option<(f64, u64)> {
+    let total = b.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let want = (q * total as f64).ceil() as u64;
+    b.iter().find(|(_, c)| *c >= want).map(|(l, _)| (le(l), total))
+}
+
+/// View lag and abort latency from the services' histograms, over the
+/// window since the previous report when the counts allow it (else since
+/// the instances started): above the threshold is a warning.
+fn latency_checks(now: &Histograms, previous: Option<&Kept>, args: &ReadinessArgs, checks: &mut Vec<Check>) {
+    let judged = [
+        ("view_lag", "view lag", "journal → view", args.max_view_lag_secs),
+        ("abort_latency", "abort latency", "abort accepted → effect told to stop", args.max_abort_p99_ms / 1000.0),
+    ];
+    for (key, name, what, max) in judged {
+        let Some(current) = now.get(key) else { continue };
+        let window = previous.and_then(|p| Some((since(current, p.histograms.get(key)?)?, p.time.clone())));
+        let (b, over) = match &window {
+            Some((b, t)) => (b, format!("since {t}")),
+            None => (current, "since the instances started".to_owned()),
+        };
+        let c = match quantile(b, 0.99) {
+            None => check(name, Status::Ready, format!("no samples {over}")),
+            Some((p99, n)) => {
+                let shown = if p99.is_finite() {
+                    format!("≤ {:.0} ms", p99 * 1000.0)
+                } else {
+                    "above every bucket".to_owned()
+                };
+                let status = if p99 > max { Status::Warning } else { Status::Ready };
+                check(name, status, format!("p99 {shown} ({what}, {n} samples {over}; bound {:.0} ms)", max * 1000.0))
+            }
+        };
+        checks.push(c);
     }
 }
 
@@ -288,6 +402,9 @@ pub struct Kept {
     /// The NATS it looked at (growth is measured against a report of the same).
     #[serde(default)]
     pub nats: String,
+    /// The judged histograms at the time.
+    #[serde(default)]
+    pub histograms: Histograms,
 }
 
 /// Reports kept for `--history`.
@@ -333,6 +450,7 @@ pub async fn run(g: &Global, args: &ReadinessArgs) -> Outcome {
             .collect(),
         dead_letters: report.dead_letters,
         nats,
+        histograms: report.histograms.clone(),
     };
     keep(&path, &kept);
     let code = report.status.code();
@@ -373,6 +491,8 @@ mod tests {
             max_backlog: 10_000,
             max_dead_letters: 1_000,
             max_dlq_growth_per_min: 10.0,
+            max_view_lag_secs: 5.0,
+            max_abort_p99_ms: 600.0,
             no_services: false,
             history: false,
         }
@@ -387,6 +507,7 @@ mod tests {
             problems: vec![],
             dead_letters: Some(n),
             nats: String::new(),
+            histograms: Histograms::new(),
         };
         assert_eq!(dlq_check(0, None, &args(), now).status, Status::Ready);
         assert_eq!(dlq_check(1, None, &args(), now).status, Status::Warning, "one garbage message: look, not down");
@@ -402,6 +523,50 @@ mod tests {
     }
 
     #[test]
+    fn latency_is_judged_from_the_histograms_over_the_window() {
+        let text = "# HELP x\nconv_projections_view_lag_seconds_bucket{le=\"0.1\"} 90\n\
+                    conv_projections_view_lag_seconds_bucket{le=\"1\"} 99\n\
+                    conv_projections_view_lag_seconds_bucket{le=\"10\"} 100\n\
+                    conv_projections_view_lag_seconds_bucket{le=\"+Inf\"} 100\n\
+                    conv_projections_view_lag_seconds_sum 12\n";
+        let mut two = buckets(text, "conv_projections_view_lag_seconds");
+        add(&mut two, &buckets(text, "conv_projections_view_lag_seconds"));
+        assert_eq!(two[0], ("0.1".to_owned(), 180));
+        assert_eq!(two.last(), Some(&("+Inf".to_owned(), 200)));
+        assert_eq!(quantile(&two, 0.99), Some((1.0, 200)));
+        assert_eq!(quantile(&two, 0.5), Some((0.1, 200)));
+
+        let now: Histograms = [("view_lag".to_owned(), two.clone())].into();
+        let mut checks = Vec::new();
+        latency_checks(&now, None, &args(), &mut checks);
+        assert_eq!(checks[0].status, Status::Ready, "{:?}", checks[0]);
+        assert!(checks[0].detail.contains("since the instances started"), "{:?}", checks[0]);
+
+        // Since the previous report, every new sample was slow.
+        let before = Kept {
+            time: "t0".into(),
+            status: Status::Ready,
+            problems: vec![],
+            dead_letters: None,
+            nats: String::new(),
+            histograms: [(
+                "view_lag".to_owned(),
+                vec![("0.1".to_owned(), 180), ("1".to_owned(), 190), ("10".to_owned(), 190), ("+Inf".to_owned(), 190)],
+            )]
+            .into(),
+        };
+        let mut checks = Vec::new();
+        latency_checks(&now, Some(&before), &args(), &mut checks);
+        assert_eq!(checks[0].status, Status::Warning, "{:?}", checks[0]);
+        assert!(checks[0].detail.contains("10 samples since t0"), "{:?}", checks[0]);
+        // A restarted instance (counts went down): judged since start again.
+        let restarted = Kept { histograms: [("view_lag".to_owned(), vec![("0.1".to_owned(), 999)])].into(), ..before };
+        let mut checks = Vec::new();
+        latency_checks(&now, Some(&restarted), &args(), &mut checks);
+        assert!(checks[0].detail.contains("since the instances started"), "{:?}", checks[0]);
+    }
+
+    #[test]
     fn history_keeps_the_last_reports() {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join(".conv/readiness.jsonl");
@@ -414,6 +579,7 @@ mod tests {
                     problems: vec![],
                     dead_letters: None,
                     nats: String::new(),
+                    histograms: Histograms::new(),
                 },
             );
         }
