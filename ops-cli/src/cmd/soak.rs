@@ -503,23 +503,8 @@ fn text(r: &Report, args: &SoakArgs) -> String {
             if g.within_limits { "" } else { "  OVER" }
         ));
     }
-    let v = &r.violations;
-    s.push_str(&format!(
-        "\n{:>6}  accepted messages lost\n{:>6}  inputs applied twice\n{:>6}  duplicate outputs\n{:>6}  incomplete \
-         timelines\n{:>6}  views differing from the journal\n{:>6}  replay mismatches\n{:>6}  dead letters\n{:>6}  \
-         other problems\n",
-        v.lost.len(),
-        v.applied_twice.len(),
-        v.duplicate_outputs.len(),
-        v.incomplete.len(),
-        v.views_differ.len(),
-        v.replay_mismatch.len(),
-        v.dead_letters,
-        v.other.len()
-    ));
-    for d in v.lost.iter().chain(&v.applied_twice).chain(&v.incomplete).chain(&v.other).take(20) {
-        s.push_str(&format!("          {d}\n"));
-    }
+    s.push('\n');
+    s.push_str(&r.violations.table());
     s.push_str(&format!(
         "\n{} (data and logs in {})",
         if r.passed { "PASSED: memory flat, stores within limits, latency stable, nothing lost" } else { "FAILED" },

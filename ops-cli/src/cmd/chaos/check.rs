@@ -34,6 +34,28 @@ pub struct Violations {
 }
 
 impl Violations {
+    /// One line per invariant with its count and the first details.
+    pub fn table(&self) -> String {
+        let rows: [(&str, &[String]); 7] = [
+            ("accepted messages lost", &self.lost),
+            ("inputs applied twice", &self.applied_twice),
+            ("duplicate outputs", &self.duplicate_outputs),
+            ("incomplete timelines", &self.incomplete),
+            ("views differing from the journal", &self.views_differ),
+            ("replay mismatches", &self.replay_mismatch),
+            ("other problems", &self.other),
+        ];
+        let mut s = String::new();
+        for (what, details) in rows {
+            s.push_str(&format!("{:>6}  {what}\n", details.len()));
+            for d in details.iter().take(10) {
+                s.push_str(&format!("          {d}\n"));
+            }
+        }
+        s.push_str(&format!("{:>6}  dead letters\n", self.dead_letters));
+        s
+    }
+
     pub fn total(&self) -> usize {
         self.lost.len()
             + self.applied_twice.len()

@@ -182,24 +182,12 @@ impl Compose {
     /// Waits until ingress and projections answer `/readyz` with 200 (the
     /// other services publish no port; the probes find out whether they work).
     pub async fn wait_ready(&self, within: Duration) -> Result<(), Error> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()
-            .map_err(|e| Error::Invalid(e.to_string()))?;
-        let deadline = tokio::time::Instant::now() + within;
-        for addr in [self.ingress, self.projections] {
-            while !http.get(format!("http://{addr}/readyz")).send().await.is_ok_and(|r| r.status().is_success()) {
-                if tokio::time::Instant::now() > deadline {
-                    return Err(Error::Invalid(format!(
-                        "{addr} not ready within {within:?}; see `{} -p {} logs`",
-                        self.program.join(" "),
-                        self.project
-                    )));
-                }
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        }
-        Ok(())
+        let hint = format!("see `{} -p {} logs`", self.program.join(" "), self.project);
+        let targets: Vec<(SocketAddr, String)> = [self.ingress, self.projections]
+            .into_iter()
+            .map(|addr| (addr, format!("{addr} not ready within {within:?}; {hint}")))
+            .collect();
+        super::stack::wait_all_ready(&targets, within).await
     }
 
     /// SIGKILL of the service's container, started again after `down` (by

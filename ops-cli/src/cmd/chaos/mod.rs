@@ -407,22 +407,7 @@ fn text(r: &Report, max_p99: f64) -> String {
         r.reply_ms_p99 / 1000.0,
         r.reply_ms_max / 1000.0
     ));
-    let rows: [(&str, usize, &[String]); 7] = [
-        ("accepted messages lost", v.lost.len(), &v.lost),
-        ("inputs applied twice", v.applied_twice.len(), &v.applied_twice),
-        ("duplicate outputs", v.duplicate_outputs.len(), &v.duplicate_outputs),
-        ("incomplete timelines", v.incomplete.len(), &v.incomplete),
-        ("views differing from the journal", v.views_differ.len(), &v.views_differ),
-        ("replay mismatches", v.replay_mismatch.len(), &v.replay_mismatch),
-        ("other problems", v.other.len(), &v.other),
-    ];
-    for (what, n, details) in rows {
-        s.push_str(&format!("{n:>6}  {what}\n"));
-        for d in details.iter().take(10) {
-            s.push_str(&format!("          {d}\n"));
-        }
-    }
-    s.push_str(&format!("{:>6}  dead letters\n", v.dead_letters));
+    s.push_str(&v.table());
     s.push_str(&format!(
         "\n{} (data and logs in {})",
         if r.passed { "PASSED: nothing lost, nothing twice, every view equal to the journal" } else { "FAILED" },

@@ -247,30 +247,14 @@ impl Stack {
 
     /// Waits until every service answers `/readyz` with 200.
     pub async fn wait_ready(&self, within: Duration) -> Result<(), Error> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()
-            .map_err(|e| Error::Invalid(e.to_string()))?;
-        let deadline = tokio::time::Instant::now() + within;
-        for p in &self.procs {
-            loop {
-                let ready =
-                    http.get(format!("http://{}/readyz", p.addr)).send().await.is_ok_and(|r| r.status().is_success());
-                if ready {
-                    break;
-                }
-                if tokio::time::Instant::now() > deadline {
-                    return Err(Error::Invalid(format!(
-                        "{} #{} not ready within {within:?}; see {}",
-                        p.kind.name(),
-                        p.index,
-                        p.log.display()
-                    )));
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-        Ok(())
+        let targets: Vec<(SocketAddr, String)> = self
+            .procs
+            .iter()
+            .map(|p| {
+                (p.addr, format!("{} #{} not ready within {within:?}; see {}", p.kind.name(), p.index, p.log.display()))
+            })
+            .collect();
+        wait_all_ready(&targets, within).await
     }
 
     /// Addresses of a kind's instances.
@@ -408,6 +392,25 @@ impl Stack {
             }
         }
     }
+}
+
+/// Waits until every address answers `/readyz` with 200; the error is the
+/// message paired with the first that did not within `within`.
+pub async fn wait_all_ready(targets: &[(SocketAddr, String)], within: Duration) -> Result<(), Error> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+    let deadline = tokio::time::Instant::now() + within;
+    for (addr, not_ready) in targets {
+        while !http.get(format!("http://{addr}/readyz")).send().await.is_ok_and(|r| r.status().is_success()) {
+            if tokio::time::Instant::now() > deadline {
+                return Err(Error::Invalid(not_ready.clone()));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
 }
 
 /// Starts one NATS server of the stack and waits until it takes connections.
