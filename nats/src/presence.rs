@@ -37,9 +37,17 @@ pub fn key(service: &str, instance: &str) -> String {
     format!("{PREFIX}{service}.{instance}")
 }
 
-/// The address others reach a listener on: an unspecified host (`0.0.0.0`,
-/// `[::]`) becomes this machine's host name (a container's, in Compose).
+/// The address others reach a listener on: `CONV_ADVERTISE_ADDR` when set;
+/// else an unspecified host (`0.0.0.0`, `[::]`) becomes this machine's own
+/// address as `/etc/hosts` maps its host name (a container's bridge address
+/// in Compose, which the host and the other containers reach), or the host
+/// name itself.
 pub fn advertised(addr: SocketAddr) -> String {
+    if let Ok(a) = std::env::var("CONV_ADVERTISE_ADDR")
+        && !a.trim().is_empty()
+    {
+        return a.trim().to_owned();
+    }
     if !addr.ip().is_unspecified() {
         return addr.to_string();
     }
@@ -47,9 +55,22 @@ pub fn advertised(addr: SocketAddr) -> String {
         .ok()
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
         .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "127.0.0.1".to_owned());
-    format!("{host}:{}", addr.port())
+        .filter(|h| !h.is_empty());
+    let Some(host) = host else { return format!("127.0.0.1:{}", addr.port()) };
+    let hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+    match own_address(&hosts, &host) {
+        Some(ip) => SocketAddr::new(ip, addr.port()).to_string(),
+        None => format!("{host}:{}", addr.port()),
+    }
+}
+
+/// The non-loopback address `/etc/hosts` gives `host`.
+fn own_address(hosts: &str, host: &str) -> Option<std::net::IpAddr> {
+    hosts.lines().find_map(|line| {
+        let mut words = line.split('#').next()?.split_whitespace();
+        let ip: std::net::IpAddr = words.next()?.parse().ok()?;
+        (!ip.is_loopback() && words.any(|w| w == host)).then_some(ip)
+    })
 }
 
 /// Announces `service` at `addr` until `shutdown`, then withdraws. Runs in
@@ -135,5 +156,9 @@ mod tests {
         assert_eq!(advertised("127.0.0.1:9101".parse().expect("addr")), "127.0.0.1:9101");
         let any = advertised("0.0.0.0:9101".parse().expect("addr"));
         assert!(any.ends_with(":9101") && !any.starts_with("0.0.0.0"), "{any}");
+        let hosts = "127.0.0.1\tlocalhost\n::1 localhost ip6-localhost\n172.18.0.5\t3f2a9c1b7d4e  # the container\n";
+        assert_eq!(own_address(hosts, "3f2a9c1b7d4e"), Some("172.18.0.5".parse().expect("ip")));
+        assert_eq!(own_address(hosts, "localhost"), None, "loopback is not an address others reach");
+        assert_eq!(own_address(hosts, "elsewhere"), None);
     }
 }

@@ -75,6 +75,15 @@ pub async fn forward(
     if let Err(e) = ConversationId::parse(&id) {
         return error(StatusCode::UNPROCESSABLE_ENTITY, "bad_conversation_id", format!("{id:?}: {e}"));
     }
+    // JSON only: a cross-site form cannot send it without a CORS preflight,
+    // which this origin never answers.
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("application/json"));
+    if !json {
+        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "send application/json");
+    }
     let mut request = f.http.post(format!("{}/v1/conversations/{id}/{action}", f.base)).body(body);
     for name in FORWARDED.iter().chain(std::iter::once(&header::HeaderName::from_static("idempotency-key"))) {
         if let Some(v) = headers.get(name) {
@@ -105,12 +114,9 @@ pub async fn forward(
 }
 
 fn unreachable(base: &str, e: &reqwest::Error) -> Response {
-    tracing::warn!(message = "Ingress did not answer a forwarded request.", ingress = base, error = %e);
-    let mut r = error(
-        StatusCode::BAD_GATEWAY,
-        "ingress_unavailable",
-        format!("ingress at {base} did not answer (set CONV_INGRESS_URL): {e}"),
-    );
+    // The details (the internal address, the error) go to the log, not to clients.
+    tracing::warn!(message = "Ingress did not answer a forwarded request (check CONV_INGRESS_URL).", ingress = base, error = %e);
+    let mut r = error(StatusCode::BAD_GATEWAY, "ingress_unavailable", "ingress did not answer; try again");
     r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     r
 }
@@ -120,6 +126,45 @@ fn unreachable(base: &str, e: &reqwest::Error) -> Response {
 pub struct Lister {
     pub js: async_nats::jetstream::Context,
     pub keys: Arc<ApiKeys>,
+    /// The last read of the view headers: (when, (sequence, id) newest first).
+    /// Shared by every caller for [`LIST_CACHE`], so open consoles cost one
+    /// read per instance, not one each.
+    pub cache: Arc<tokio::sync::Mutex<Option<(std::time::Instant, Listed)>>>,
+}
+
+/// (stream sequence of the view header, conversation id), newest first.
+type Listed = Arc<Vec<(u64, String)>>;
+
+/// How long a read of the view headers serves the list.
+pub const LIST_CACHE: Duration = Duration::from_secs(5);
+
+impl Lister {
+    pub fn new(js: async_nats::jetstream::Context, keys: Arc<ApiKeys>) -> Self {
+        Self { js, keys, cache: Arc::default() }
+    }
+
+    /// Every conversation with a view, newest first (cached for [`LIST_CACHE`]).
+    async fn all(&self) -> Result<Listed, String> {
+        let mut cache = self.cache.lock().await;
+        if let Some((at, ids)) = cache.as_ref()
+            && at.elapsed() < LIST_CACHE
+        {
+            return Ok(ids.clone());
+        }
+        let stream = format!("KV_{KV_PROJECTIONS}");
+        // One token after the bucket: the view headers (blocks are `<id>.b<k>`).
+        let filter = format!("$KV.{KV_PROJECTIONS}.*");
+        let stored = conv_nats::read::all(&self.js, &stream, &filter, true).await?;
+        let mut ids: Vec<(u64, String)> = stored
+            .into_iter()
+            .filter(|m| !matches!(conv_nats::headers::header(&m.headers, "KV-Operation"), Some("DEL" | "PURGE")))
+            .filter_map(|m| Some((m.seq, m.subject.rsplit('.').next()?.to_owned())))
+            .collect();
+        ids.sort_unstable_by_key(|(seq, _)| std::cmp::Reverse(*seq));
+        let ids = Arc::new(ids);
+        *cache = Some((std::time::Instant::now(), ids.clone()));
+        Ok(ids)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -130,9 +175,10 @@ pub struct ListQuery {
 
 /// `GET /v1/conversations?limit=N`: conversations with a stored view, most
 /// recently changed first, limited to what the caller's key covers. It reads
-/// the latest header of every view (one per conversation, values left out),
-/// so its cost grows with the number of conversations: a console's list,
-/// not an API to poll at scale.
+/// the latest header of every view (one per conversation, values left out;
+/// one read per [`LIST_CACHE`] per instance, whoever asks), so its cost grows
+/// with the number of conversations: a console's list, not an API to poll at
+/// scale.
 pub async fn list(State(l): State<Lister>, Query(q): Query<ListQuery>, headers: HeaderMap) -> Response {
     let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(conv_nats::keys::bearer);
     let prefixes = match l.keys.prefixes(bearer) {
@@ -145,23 +191,14 @@ pub async fn list(State(l): State<Lister>, Query(q): Query<ListQuery>, headers: 
         Err(KeyError::Forbidden(m)) => return error(StatusCode::FORBIDDEN, "forbidden", m),
     };
     let limit = q.limit.unwrap_or(100).clamp(1, 1_000);
-    let stream = format!("KV_{KV_PROJECTIONS}");
-    // One token after the bucket: the view headers (blocks are `<id>.b<k>`).
-    let filter = format!("$KV.{KV_PROJECTIONS}.*");
-    let stored = match conv_nats::read::all(&l.js, &stream, &filter, true).await {
-        Ok(s) => s,
+    let all = match l.all().await {
+        Ok(ids) => ids,
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
     };
-    let mut ids: Vec<(u64, String)> = stored
-        .into_iter()
-        .filter(|m| !matches!(conv_nats::headers::header(&m.headers, "KV-Operation"), Some("DEL") | Some("PURGE")))
-        .filter_map(|m| {
-            let id = m.subject.rsplit('.').next()?.to_owned();
-            let covered = prefixes.as_ref().is_none_or(|p| p.iter().any(|p| id.starts_with(p.as_str())));
-            covered.then_some((m.seq, id))
-        })
+    let ids: Vec<&(u64, String)> = all
+        .iter()
+        .filter(|(_, id)| prefixes.as_ref().is_none_or(|p| p.iter().any(|p| id.starts_with(p.as_str()))))
         .collect();
-    ids.sort_unstable_by_key(|(seq, _)| std::cmp::Reverse(*seq));
     let more = ids.len() > limit;
     let conversations: Vec<_> = ids.into_iter().take(limit).map(|(_, id)| json!({"conversation_id": id})).collect();
     axum::Json(json!({"conversations": conversations, "more": more})).into_response()

@@ -125,7 +125,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .with_state(forward);
     let list = Router::new()
         .route("/v1/conversations", get(console::list))
-        .with_state(console::Lister { js: booted.js.clone(), keys: keys.clone() });
+        .with_state(console::Lister::new(booted.js.clone(), keys.clone()));
     let router = Router::new()
         .route("/v1/conversations/{id}/timeline", get(timeline))
         .route("/v1/conversations/{id}/context", get(context))

@@ -185,6 +185,26 @@ async fn a_message_typed_into_the_console_streams_its_reply_and_abort_stops_a_lo
         assert_eq!(wait_http_ok(&format!("http://{addr}/readyz"), Duration::from_secs(30)).await, Some(200));
     }
 
+    // The console's own endpoints take the client key like every other.
+    let http = reqwest::Client::new();
+    let list = http.get(format!("http://{projections}/v1/conversations")).send().await.expect("list");
+    assert_eq!(list.status().as_u16(), 401, "listing takes a key");
+    let post = |key: Option<&str>, content_type: &str| {
+        let r = http
+            .post(format!("http://{projections}/v1/conversations/console-0/messages"))
+            .header("content-type", content_type.to_owned())
+            .body(r#"{"text": "hi"}"#);
+        match key {
+            Some(k) => r.bearer_auth(k),
+            None => r,
+        }
+        .send()
+    };
+    assert_eq!(post(None, "application/json").await.expect("post").status().as_u16(), 401);
+    assert_eq!(post(Some("not-the-key-0123456789"), "application/json").await.expect("post").status().as_u16(), 401);
+    // A cross-site form cannot forward anything: JSON only.
+    assert_eq!(post(Some(KEY), "text/plain").await.expect("post").status().as_u16(), 415);
+
     let browser = Browser::start().await;
     browser.goto(&format!("http://{projections}/#console-1")).await;
     // The key, typed like a user would; the page keeps it for the session.

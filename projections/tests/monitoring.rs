@@ -163,6 +163,16 @@ fn every_runbook_an_alert_names_exists() {
     for r in runbooks {
         assert!(root.join(r).is_file(), "{r} is named by an alert but does not exist");
     }
+    // And each runbook speaks of the alerts that send people to it.
+    let mut alert = "";
+    for line in ALERTS.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("- alert: ") {
+            alert = name.trim();
+        } else if let Some(r) = line.strip_prefix("runbook: ") {
+            let text = std::fs::read_to_string(root.join(r.trim())).expect("runbook");
+            assert!(text.contains(alert), "{r} does not mention {alert}, which sends people there");
+        }
+    }
 }
 
 #[test]

@@ -53,11 +53,33 @@ pub struct StoreSize {
     /// Per subject (the history of a bucket); -1: unlimited.
     pub max_messages_per_subject: i64,
     pub max_age_secs: u64,
+    /// The oldest sequence still stored: it rises when retention drops
+    /// messages.
+    #[serde(default)]
+    pub first_seq: u64,
 }
 
+/// A store at this share of a limit is reported before it drops anything.
+const NEAR_LIMIT: f64 = 0.9;
+
 impl StoreSize {
-    /// Why it is over a limit, if it is.
+    /// Why it is over (or within 10 % of) a limit, if it is. NATS enforces
+    /// the limits by dropping the oldest messages, so "over" shows only as
+    /// a store at its limit.
     fn over_limit(&self) -> Option<String> {
+        let near = |have: u64, max: i64| max > 0 && have as f64 >= NEAR_LIMIT * max as f64;
+        if near(self.bytes, self.max_bytes) {
+            return Some(format!(
+                "{}: {} bytes, at 90 % or more of its limit {}",
+                self.name, self.bytes, self.max_bytes
+            ));
+        }
+        if near(self.messages, self.max_messages) {
+            return Some(format!(
+                "{}: {} messages, at 90 % or more of its limit {}",
+                self.name, self.messages, self.max_messages
+            ));
+        }
         if self.max_bytes > 0 && self.bytes > self.max_bytes.unsigned_abs() {
             return Some(format!("{}: {} bytes, limit {}", self.name, self.bytes, self.max_bytes));
         }
@@ -167,6 +189,7 @@ async fn stores(js: &jetstream::Context) -> Result<Vec<StoreSize>, Error> {
             max_messages: info.config.max_messages,
             max_messages_per_subject: info.config.max_messages_per_subject,
             max_age_secs: info.config.max_age.as_secs(),
+            first_seq: info.state.first_sequence,
         });
     }
     Ok(out)
@@ -257,6 +280,15 @@ pub fn growth(samples: &[Sample], problems: &mut Vec<String>) -> Vec<Growth> {
                     problems.push(why);
                     break;
                 }
+            }
+            // A journal that lost its oldest messages during the run: retention
+            // (age or size) dropped history that replay and rebuilds need.
+            if start.name.starts_with("CONV_") && end.first_seq > start.first_seq.max(1) {
+                within = false;
+                problems.push(format!(
+                    "{}: retention dropped messages during the run (first sequence {} → {})",
+                    start.name, start.first_seq, end.first_seq
+                ));
             }
             Some(Growth {
                 bytes_per_turn: (end.bytes as f64 - start.bytes as f64) / turns,
@@ -531,6 +563,7 @@ mod tests {
             max_messages: -1,
             max_messages_per_subject: history,
             max_age_secs: 0,
+            first_seq: 1,
         }
     }
 
@@ -613,5 +646,19 @@ mod tests {
         let g = growth(&samples, &mut problems);
         assert!(g.iter().all(|g| !g.within_limits), "{g:?}");
         assert_eq!(problems.len(), 2, "{problems:?}");
+
+        // Near a limit (NATS never lets a store exceed it), and a journal
+        // whose oldest messages were dropped during the run.
+        let mut problems = Vec::new();
+        let near = store("CONV_DLQ", 9, 950, 1, 1000, -1);
+        let dropped = StoreSize { first_seq: 40, ..store("CONV_IN", 100, 1000, 10, -1, -1) };
+        let samples = vec![
+            sample(0.0, &[], 0, vec![store("CONV_DLQ", 1, 100, 1, 1000, -1), store("CONV_IN", 50, 500, 10, -1, -1)]),
+            sample(10.0, &[], 5, vec![near, dropped]),
+        ];
+        let g = growth(&samples, &mut problems);
+        assert!(g.iter().all(|g| !g.within_limits), "{g:?}");
+        assert!(problems.iter().any(|p| p.contains("90 %")), "{problems:?}");
+        assert!(problems.iter().any(|p| p.contains("first sequence 1 → 40")), "{problems:?}");
     }
 }

@@ -114,8 +114,10 @@ impl Events {
                 .position(|s| *s == stream)
                 .unwrap_or(usize::MAX)
         };
+        // Parsed: `ce-time` comes with 0 to 9 fraction digits and any offset.
+        let time = |n: &Node| n.time.as_deref().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
         let mut all: Vec<&Node> = self.nodes.values().collect();
-        all.sort_by(|a, b| (&a.time, rank(&a.stream), a.seq).cmp(&(&b.time, rank(&b.stream), b.seq)));
+        all.sort_by_key(|n| (time(n), rank(&n.stream), n.seq));
         all
     }
 }
@@ -355,6 +357,26 @@ pub async fn events(g: &Global, conversation: &str) -> Result<Outcome, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_go_in_time_order_whatever_the_precision_and_offset() {
+        let node = |id: &str, time: &str, stream: &str| Node {
+            id: id.into(),
+            ty: "t".into(),
+            stream: stream.into(),
+            seq: 1,
+            time: Some(time.into()),
+            causation_id: None,
+            effects: Vec::new(),
+        };
+        let mut events = Events::default();
+        events.add(node("c", "2026-11-28T10:00:00.123456Z", STREAM_IN));
+        events.add(node("b", "2026-11-28T10:00:00.123Z", STREAM_IN));
+        events.add(node("a", "2026-11-28T11:00:00+02:00", STREAM_IN));
+        events.add(node("b-marker", "2026-11-28T10:00:00.123Z", STREAM_APPLIED));
+        let order: Vec<&str> = events.in_order().iter().map(|n| n.id.as_str()).collect();
+        assert_eq!(order, ["a", "b", "b-marker", "c"]);
+    }
 
     #[test]
     fn targets_are_conversations_or_event_ids_that_name_theirs() {

@@ -150,9 +150,18 @@ impl Compose {
             dir: dir.to_path_buf(),
             restarts: Default::default(),
         };
-        compose.run(&["up", "-d"]).await?;
-        compose.wait_ready(Duration::from_secs(120)).await?;
-        Ok(compose)
+        let started = match compose.run(&["up", "-d"]).await {
+            Ok(_) => compose.wait_ready(Duration::from_secs(120)).await,
+            Err(e) => Err(e),
+        };
+        match started {
+            Ok(()) => Ok(compose),
+            // Nothing left running: the logs saved, the project down.
+            Err(e) => {
+                compose.stop().await;
+                Err(e)
+            }
+        }
     }
 
     /// Runs `compose <args>` for the project; its output on failure.
