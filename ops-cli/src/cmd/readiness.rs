@@ -80,19 +80,23 @@ pub async fn report(g: &Global, args: &ReadinessArgs, previous: Option<&Kept>) -
     let mut checks = Vec::new();
     let mut dead_letters = None;
     let mut histograms = Histograms::new();
-    match (g.topology(), crate::connect(g).await) {
-        (Err(e), _) => checks.push(check("options", Status::NotReady, e.to_string())),
-        (_, Err(e)) => checks.push(check("nats", Status::NotReady, e.to_string())),
+    // One connection serves the NATS checks and the instance listing.
+    let js = match (g.topology(), crate::connect(g).await) {
+        (Err(e), _) => {
+            checks.push(check("options", Status::NotReady, e.to_string()));
+            None
+        }
+        (_, Err(e)) => {
+            checks.push(check("nats", Status::NotReady, e.to_string()));
+            None
+        }
         (Ok(cfg), Ok(js)) => {
             checks.push(check("nats", Status::Ready, format!("connected to {}", g.display_url())));
             dead_letters = nats_checks(&js, &Topology::declare(&cfg), args, previous, &mut checks).await;
+            Some(js)
         }
-    }
+    };
     if !args.no_services {
-        let js = match (g.topology(), crate::connect(g).await) {
-            (Ok(_), Ok(js)) => Some(js),
-            _ => None,
-        };
         histograms = service_checks(js.as_ref(), &mut checks).await;
         latency_checks(&histograms, previous, args, &mut checks);
     }

@@ -7,7 +7,7 @@
 //! short. Afterwards every conversation is checked from the journal and the
 //! views like a chaos run. Exit 1 on any violation.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -428,13 +428,7 @@ async fn drive(stack: &mut stack::Stack, args: &SoakArgs) -> Result<Report, Erro
         other.push(format!("{retried} replies failed with the scripted provider (retried by the clients)"));
     }
     say(&format!("checking {} conversations against the journal", accepted.len()));
-    let mut timelines = HashMap::new();
-    let settle = Instant::now() + Duration::from_secs(30);
-    for (conv, sent) in &accepted {
-        client.wait_answered(conv, sent.messages.len(), settle).await;
-        timelines.insert(conv.clone(), client.timeline(conv).await);
-    }
-    let mut violations = check::check(&js, &accepted, &timelines).await?;
+    let mut violations = check::check(&js, &client, &accepted).await?;
     violations.other.extend(other);
     Ok(Report {
         minutes: args.minutes,

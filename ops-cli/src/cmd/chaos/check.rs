@@ -100,12 +100,19 @@ fn js_err(e: impl std::fmt::Display) -> Error {
 }
 
 /// Checks every conversation in `accepted` (conversation → what ingress
-/// accepted for it); `timelines` gives each stored view.
+/// accepted for it). The stored views are read through `client` first, each
+/// given time (30 s for all of them) to show its messages answered.
 pub async fn check(
     js: &jetstream::Context,
+    client: &super::load::Client,
     accepted: &BTreeMap<String, Sent>,
-    timelines: &HashMap<String, Option<serde_json::Value>>,
 ) -> Result<Violations, Error> {
+    let mut timelines = HashMap::new();
+    let settle = std::time::Instant::now() + Duration::from_secs(30);
+    for (conv, sent) in accepted {
+        client.wait_answered(conv, sent.messages.len(), settle).await;
+        timelines.insert(conv.clone(), client.timeline(conv).await);
+    }
     let mut v = Violations::default();
     for (conv, sent) in accepted {
         let id = ConversationId::parse(conv).map_err(|e| Error::Invalid(format!("{conv}: {e}")))?;

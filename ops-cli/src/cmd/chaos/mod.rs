@@ -17,7 +17,6 @@ mod provider;
 pub(crate) mod stack;
 mod target;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -338,14 +337,8 @@ async fn drive(stack: &mut Target, args: &ChaosArgs) -> Result<Report, Error> {
     }
 
     say(&format!("checking {} conversations against the journal", accepted.len()));
-    let mut timelines = HashMap::new();
-    let settle = Instant::now() + Duration::from_secs(30);
-    for (conv, sent) in &accepted {
-        client.wait_answered(conv, sent.messages.len(), settle).await;
-        timelines.insert(conv.clone(), client.timeline(conv).await);
-    }
     let js = stack.jetstream().await?;
-    let mut violations = check::check(&js, &accepted, &timelines).await?;
+    let mut violations = check::check(&js, &client, &accepted).await?;
     violations.other.extend(other);
     let reply_ms_p99 = pct(&mut replies, 0.99);
     if reply_ms_p99 > args.max_reply_p99() * 1000.0 {

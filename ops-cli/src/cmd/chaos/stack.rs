@@ -429,7 +429,11 @@ async fn start_node(node: &Node) -> Result<Child, Error> {
 
 /// A JetStream context on the run's server (no credentials: its own server).
 pub async fn jetstream(url: &str) -> Result<async_nats::jetstream::Context, Error> {
-    let config = conv_nats::NatsConfig { url: url.to_owned(), ..Default::default() };
-    let client = conv_nats::connect(&config, "convctl-chaos").await?;
-    Ok(conv_nats::jetstream(client, &config))
+    jetstream_as(&conv_nats::NatsConfig { url: url.to_owned(), ..Default::default() }).await
+}
+
+/// A JetStream context with `config`'s credentials.
+pub async fn jetstream_as(config: &conv_nats::NatsConfig) -> Result<async_nats::jetstream::Context, Error> {
+    let client = conv_nats::connect(config, "convctl-chaos").await?;
+    Ok(conv_nats::jetstream(client, config))
 }

@@ -46,10 +46,7 @@ impl Target {
     pub async fn jetstream(&self) -> Result<async_nats::jetstream::Context, Error> {
         match self {
             Target::Processes(s) => super::stack::jetstream(&s.nats_url).await,
-            Target::Compose(c) => {
-                let client = conv_nats::connect(&c.nats, "convctl-chaos").await?;
-                Ok(conv_nats::jetstream(client, &c.nats))
-            }
+            Target::Compose(c) => super::stack::jetstream_as(&c.nats).await,
         }
     }
 
