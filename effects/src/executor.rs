@@ -67,7 +67,12 @@ pub struct Executor {
     /// The longest answer text a step may stream: `llm.completed` carries
     /// it whole, so it must fit one journaled event.
     pub max_answer_bytes: usize,
+    /// A span per directive run and per event it journaled.
+    pub tracer: conv_telemetry::Tracer,
 }
+
+/// The worker name of effects' spans ([`conv_telemetry::work_span_id`]).
+const WORKER: &str = "effects";
 
 /// How long a step waits for an unavailable context store before handing
 /// its directive back.
@@ -100,6 +105,11 @@ impl Executor {
             .caused_by(directive)
             .with_time(Utc::now());
         let msg_id = conv_contracts::trust::derived_msg_id(&event.conversation_id, &event.id);
+        let span = self.tracer.event(
+            &event,
+            Some(conv_telemetry::work_span_id(&directive.id, WORKER)),
+            std::time::SystemTime::now(),
+        );
         let started = tokio::time::Instant::now();
         let mut backoff = Duration::from_millis(250);
         let appended = loop {
@@ -120,7 +130,12 @@ impl Executor {
             }
         };
         match appended {
-            Ok(_) => Ok(()),
+            Ok(a) => {
+                if let Some(span) = span.filter(|_| !a.duplicate) {
+                    self.tracer.finish(span.attr("conv.stream_seq", a.seq));
+                }
+                Ok(())
+            }
             Err(journal::AppendError::TooLarge(detail)) => match too_large_outcome(&event.data, &detail) {
                 // An outcome the journal cannot take ends its effect visibly
                 // instead of being retried forever.
@@ -141,6 +156,27 @@ impl Executor {
     /// `redelivered`: an earlier run of this directive may have journaled part
     /// of its output (its instance died); the run then resumes after it.
     pub async fn run(&self, directive: &Envelope, redelivered: bool) -> Result<(), RetryLater> {
+        let name = match &directive.data {
+            Payload::LlmRequested(_) => "effects.llm",
+            Payload::ToolRequested(_) => "effects.tool",
+            Payload::TimerScheduled(_) => "effects.timer.schedule",
+            Payload::TimerCancelRequested(_) => "effects.timer.cancel",
+            // A cancel's span is recorded where it takes effect (`cancel`).
+            _ => return self.run_inner(directive, redelivered).await,
+        };
+        let span = self.tracer.work(name, WORKER, directive, std::time::SystemTime::now());
+        let outcome = self.run_inner(directive, redelivered).await;
+        if let Some(span) = span {
+            let span = span.attr("conv.redelivered", redelivered);
+            self.tracer.finish(match &outcome {
+                Ok(()) => span,
+                Err(e) => span.failed(format!("handed back to be retried: {e}")),
+            });
+        }
+        outcome
+    }
+
+    async fn run_inner(&self, directive: &Envelope, redelivered: bool) -> Result<(), RetryLater> {
         match &directive.data {
             Payload::LlmRequested(r) => self.llm(directive, r, redelivered).await,
             Payload::ToolRequested(t) => self.tool(directive, t).await,
@@ -246,12 +282,21 @@ impl Executor {
     /// abort's (or stop's) acceptance time, so this observes the abort
     /// latency: accepted → the running effect told to stop.
     pub fn cancel(&self, directive: &Envelope, c: &CancelRequested) {
+        let mut stopped = 0usize;
         for id in &c.effect_ids {
-            if self.registry.cancel(directive.conversation_id.as_str(), id)
-                && let Some(t) = directive.time
-            {
-                let latency = (Utc::now() - t).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
-                self.metrics.abort_latency.observe(latency);
+            if self.registry.cancel(directive.conversation_id.as_str(), id) {
+                stopped += 1;
+                if let Some(t) = directive.time {
+                    let latency = (Utc::now() - t).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
+                    self.metrics.abort_latency.observe(latency);
+                }
+            }
+        }
+        // Recorded once: by the first of the cancel's copies that stops something.
+        if stopped > 0 {
+            let start = directive.time.map(std::time::SystemTime::from).unwrap_or_else(std::time::SystemTime::now);
+            if let Some(span) = self.tracer.work("effects.cancel", WORKER, directive, start) {
+                self.tracer.finish(span.attr("conv.effects_stopped", stopped));
             }
         }
     }

@@ -331,6 +331,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             snapshots,
             context_window: o.context_window(),
             max_answer_bytes: o.max_answer_bytes(conv_nats::connect::max_payload(&booted.client)),
+            tracer: booted.tracer.clone(),
         });
         let timer_task = tokio::spawn(timers::run(timers, booted.js.clone(), shutdown.clone()));
         serve(executor, inbox, o.admission(), shutdown.clone()).await;
@@ -342,7 +343,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         Ok(result) => result?,
         Err(join) => tracing::error!(message = "HTTP task failed.", error = %join),
     }
-    service::flush(&booted.client).await;
+    booted.flush().await;
     tracing::info!(message = "Stopped.", service = IDENTITY.name);
     Ok(())
 }

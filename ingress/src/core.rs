@@ -145,6 +145,8 @@ pub struct Ingress {
     pub auth: std::sync::Arc<crate::auth::Auth>,
     pub rates: std::sync::Arc<crate::guard::RateLimits>,
     pub shedding: std::sync::Arc<crate::guard::Shedding>,
+    /// A span per journaled event: the root of a user message's trace.
+    pub tracer: conv_telemetry::Tracer,
 }
 
 impl Ingress {
@@ -160,11 +162,18 @@ impl Ingress {
     /// Validates a complete event and journals it.
     pub async fn accept(&self, event: Envelope) -> Result<Accepted, IngestError> {
         let family = event.event_type().family();
+        let span = self.tracer.event(&event, None, std::time::SystemTime::now());
         let result = self.accept_inner(event).await;
         match &result {
             Ok(a) if a.duplicate => self.metrics.duplicates.inc(),
             Ok(_) => self.metrics.accepted.with_label_values(&[family]).inc(),
             Err(e) => self.metrics.reject(e.code()),
+        }
+        // Only a newly journaled event has a span: a repeat is the same event.
+        if let (Some(span), Ok(a)) = (span, &result)
+            && !a.duplicate
+        {
+            self.tracer.finish(span.kind(conv_telemetry::Kind::Server).attr("conv.stream_seq", a.stream_seq));
         }
         result
     }

@@ -81,6 +81,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         auth: std::sync::Arc::new(auth),
         rates: std::sync::Arc::new(guard::RateLimits::new(config.options.rate_per_key, config.options.rate_burst)),
         shedding: std::sync::Arc::new(guard::Shedding::default()),
+        tracer: booted.tracer.clone(),
     };
     let backlog = (config.options.shed_backlog > 0).then(|| {
         tokio::spawn(guard::watch_backlog(
@@ -120,7 +121,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             Err(join) => tracing::error!(message = "NATS API task failed.", error = %join),
         }
     }
-    service::flush(&booted.client).await;
+    booted.flush().await;
     served?;
     tracing::info!(message = "Stopped.", service = IDENTITY.name);
     Ok(())

@@ -88,6 +88,10 @@ pub struct ServiceConfig {
     pub log_format: LogFormat,
     /// Limits of the HTTP listener (`[service.http]`).
     pub http: crate::http::HttpLimits,
+    /// Trace export: from the standard `OTEL_*` variables only (off unless
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` is set).
+    #[serde(skip)]
+    pub telemetry: conv_telemetry::Config,
 }
 
 /// Service-specific settings: the `[options]` section of a service's
@@ -142,6 +146,7 @@ impl<O: Options> Settings<O> {
         settings.service.http_addr = Some(addr);
         env_override(env, "CONV_LOG_FORMAT", &mut settings.service.log_format)?;
         settings.service.http.apply_env(env)?;
+        settings.service.telemetry.apply_env(env).map_err(|e| ConfigError::Env { var: e.var, detail: e.detail })?;
         settings.nats.apply_env(env)?;
         settings.topology.apply_env(env)?;
         settings.options.apply_env(env)?;
@@ -194,8 +199,9 @@ pub fn handle_args(id: &Identity, args: impl IntoIterator<Item = String>) -> Res
                      CONV_PARTITIONS        CONV_IN partitions (default 16)\n  \
                      CONV_REPLICAS          stream replicas (default 1)\n  \
                      CONV_<KEY>             any other [topology] key, e.g. CONV_MAX_DELIVER, CONV_OWNER_TTL_SECS (README)\n  \
-                     RUST_LOG               log filter (default info)\n{options}\nStops gracefully on SIGINT or SIGTERM.",
+                     RUST_LOG               log filter (default info)\n{options}\nTraces (OpenTelemetry, OTLP/HTTP JSON; docs/observability.md):\n{otel}\n\nStops gracefully on SIGINT or SIGTERM.",
                     options = id.options_help,
+                    otel = conv_telemetry::ENV_HELP,
                     name = id.name,
                     version = env!("CARGO_PKG_VERSION"),
                     about = id.about,
@@ -465,6 +471,17 @@ pub struct Booted {
     pub client: async_nats::Client,
     pub js: async_nats::jetstream::Context,
     pub health: Health,
+    /// Trace spans go here (records nothing when traces are off).
+    pub tracer: conv_telemetry::Tracer,
+}
+
+impl Booted {
+    /// Before a service stops: sends what the client and the trace
+    /// exporter still buffer, for at most 2 s each.
+    pub async fn flush(&self) {
+        flush(&self.client).await;
+        self.tracer.flush(Duration::from_secs(2)).await;
+    }
 }
 
 /// Why a service could not start.
@@ -474,6 +491,8 @@ pub enum BootError {
     Connect(#[from] crate::connect::ConnectError),
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error(transparent)]
+    Telemetry(#[from] conv_telemetry::StartError),
 }
 
 /// Connects to NATS (in the background: a service boots while NATS is down
@@ -488,6 +507,7 @@ pub async fn boot<O: Options>(
     let client = crate::connect::connect_lazy(&settings.nats, id.name).await?;
     let js = crate::connect::jetstream(client.clone(), &settings.nats);
     let health = Health::new(id.name, client.clone(), &settings.nats, &settings.topology, registry)?;
+    let tracer = conv_telemetry::Tracer::start(&settings.service.telemetry, id.name, health.registry())?;
     crate::presence::spawn(
         js.clone(),
         id.name,
@@ -496,7 +516,7 @@ pub async fn boot<O: Options>(
         shutdown.clone(),
     );
     tracing::info!(message = "Booted.", service = id.name, nats = %settings.nats.display_url(), addr = %settings.http_addr());
-    Ok(Booted { client, js, health })
+    Ok(Booted { client, js, health, tracer })
 }
 
 /// Why an HTTP listener stopped.

@@ -173,6 +173,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             store,
             outbound,
             metrics,
+            tracer: booted.tracer.clone(),
             config: views::ViewsConfig { flush_delay: Duration::from_millis(o.flush_ms), ..Default::default() },
         });
         let ownership = conv_nats::ownership::OwnershipConfig {
@@ -190,7 +191,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         Ok(result) => result?,
         Err(join) => tracing::error!(message = "HTTP task failed.", error = %join),
     }
-    service::flush(&booted.client).await;
+    booted.flush().await;
     Ok(())
 }
 

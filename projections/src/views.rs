@@ -72,6 +72,8 @@ pub struct Shared {
     pub outbound: Option<Outbound>,
     pub metrics: Metrics,
     pub config: ViewsConfig,
+    /// A span per event folded into a view.
+    pub tracer: conv_telemetry::Tracer,
 }
 
 /// The view partitions for [`conv_nats::ownership`].
@@ -457,5 +459,10 @@ async fn fold(shared: &Shared, hot: &mut Hot, held: Held) {
     if let Some(t) = event.time {
         let lag = (Utc::now() - t).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
         shared.metrics.view_lag.observe(lag);
+    }
+    // From the event's time: the span is the view lag of this event.
+    let since = event.time.map(std::time::SystemTime::from).unwrap_or_else(std::time::SystemTime::now);
+    if let Some(span) = shared.tracer.work("projections.fold", "projections", &event, since) {
+        shared.tracer.finish(span.attr("conv.position", position).attr("conv.stream_seq", seq));
     }
 }

@@ -130,6 +130,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             js: booted.js.clone(),
             snapshots,
             metrics,
+            tracer: booted.tracer.clone(),
             config: worker::WorkerConfig {
                 snapshot_every: o.snapshot_every,
                 idle_snapshot: Duration::from_millis(o.idle_snapshot_ms),
@@ -153,7 +154,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         Ok(result) => result?,
         Err(join) => tracing::error!(message = "HTTP task failed.", error = %join),
     }
-    service::flush(&booted.client).await;
+    booted.flush().await;
     tracing::info!(message = "Stopped.", service = IDENTITY.name);
     Ok(())
 }

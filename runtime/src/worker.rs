@@ -69,6 +69,8 @@ pub struct Shared {
     pub snapshots: Snapshots,
     pub metrics: Metrics,
     pub config: WorkerConfig,
+    /// A span per committed input and per event it emitted.
+    pub tracer: conv_telemetry::Tracer,
 }
 
 /// The runtime's partitions for [`conv_nats::ownership`].
@@ -694,6 +696,7 @@ impl Worker {
     /// stored is deduped when they are applied again.
     async fn apply_batch(&mut self, batch: Vec<Pending<Message>>) -> Result<(), Stopped> {
         let started = Instant::now();
+        let started_at = std::time::SystemTime::now();
         let vanished = |partition| Stopped::Failed { partition, detail: "state vanished".into() };
         // Staged: the input, its conversation and its events (marker last).
         let mut staged: Vec<(Pending<Message>, Vec<Envelope>)> = Vec::with_capacity(batch.len());
@@ -881,7 +884,7 @@ impl Worker {
         // Commit: record what is durable, hand back what is not, ack together.
         let mut to_ack = Vec::with_capacity(staged.len());
         let mut stale = stale;
-        for ((pending, _), marker_seq) in staged.into_iter().zip(marker_seqs) {
+        for ((pending, events), marker_seq) in staged.into_iter().zip(marker_seqs) {
             let conv = pending.event.conversation_id.clone();
             let Some(marker_seq) = marker_seq.filter(|_| !failed.contains(&conv)) else {
                 // Whether or not some of it was stored, a retry republishes
@@ -907,6 +910,7 @@ impl Worker {
                 stale = Some(e);
                 continue;
             }
+            self.trace(&pending, &events, marker_seq, started_at);
             to_ack.push(pending);
         }
         // The board learns what is now durable: applied aborts and stops
@@ -930,6 +934,26 @@ impl Worker {
         match stale {
             Some(e) => Err(e),
             None => Ok(()),
+        }
+    }
+
+    /// Spans of a committed input: the apply (a child of the input's span)
+    /// and each event it emitted (children of the apply; the marker is
+    /// internal and has none).
+    fn trace(&self, input: &Pending<Message>, events: &[Envelope], marker_seq: u64, started: std::time::SystemTime) {
+        let tracer = &self.shared.tracer;
+        let Some(apply) = tracer.work("runtime.apply", "runtime", &input.event, started) else { return };
+        let parent = apply.span_id;
+        let emitted = &events[..events.len().saturating_sub(1)];
+        tracer.finish(
+            apply
+                .attr("conv.partition", self.partition)
+                .attr("conv.stream_seq", input.seq)
+                .attr("conv.marker_seq", marker_seq)
+                .attr("conv.emitted", emitted.len()),
+        );
+        for event in emitted {
+            tracer.finish(conv_telemetry::Span::event(event, Some(parent), started));
         }
     }
 

@@ -1,0 +1,79 @@
+//! The four services in-process against one test NATS, for the suites that
+//! exercise the whole pipeline through its HTTP APIs.
+
+#![allow(dead_code)] // Each suite uses part of it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use conv_nats::service::Settings;
+use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, spawn_service, wait_http_ok};
+
+/// The four services' settings before they start.
+#[derive(Debug)]
+pub struct Configs {
+    pub ingress: conv_ingress::Config,
+    pub runtime: conv_runtime::Config,
+    pub effects: conv_effects::Config,
+    pub projections: conv_projections::Config,
+}
+
+/// A running pipeline; stops when dropped.
+#[derive(Debug)]
+pub struct Pipeline {
+    pub nats: TestNats,
+    pub ingress: SocketAddr,
+    pub runtime: SocketAddr,
+    pub effects: SocketAddr,
+    pub projections: SocketAddr,
+    pub http: reqwest::Client,
+    services: (
+        ServiceHandle<conv_ingress::Error>,
+        ServiceHandle<conv_runtime::Error>,
+        ServiceHandle<conv_effects::Error>,
+        ServiceHandle<conv_projections::Error>,
+    ),
+}
+
+impl Pipeline {
+    /// Starts NATS with the topology, then the services with test settings
+    /// (scripted replies of 10 tokens, 5 ms apart; fast leases) changed by
+    /// `customize`; returns once every service is ready.
+    pub async fn start(customize: impl FnOnce(&mut Configs)) -> Pipeline {
+        let nats = TestNats::start().await.expect("nats-server");
+        nats.setup().await.expect("topology");
+        let (ingress, runtime, effects, projections) = (free_addr(), free_addr(), free_addr(), free_addr());
+        let mut c = Configs {
+            ingress: Settings::for_test(nats.config(), ingress),
+            runtime: Settings::for_test(nats.config(), runtime),
+            effects: Settings::for_test(nats.config(), effects),
+            projections: Settings::for_test(nats.config(), projections),
+        };
+        c.runtime.options.heartbeat_ms = 200;
+        c.effects.options.scripted_tokens = 10;
+        c.effects.options.scripted_token_delay_ms = 5;
+        c.projections.options.ingress_url = format!("http://{ingress}");
+        customize(&mut c);
+        let Configs { ingress: ic, runtime: rc, effects: ec, projections: pc } = c;
+        let services = (
+            spawn_service("conv-ingress", |t| conv_ingress::run(ic, t)),
+            spawn_service("conv-runtime", |t| conv_runtime::run(rc, t)),
+            spawn_service("conv-effects", |t| conv_effects::run(ec, t)),
+            spawn_service("conv-projections", |t| conv_projections::run(pc, t)),
+        );
+        for addr in [ingress, runtime, effects, projections] {
+            assert_eq!(wait_http_ok(&format!("http://{addr}/readyz"), Duration::from_secs(30)).await, Some(200));
+        }
+        Pipeline { nats, ingress, runtime, effects, projections, http: reqwest::Client::new(), services }
+    }
+
+    /// Stops the services gracefully (each flushes what it buffers) and
+    /// waits for them; each must stop cleanly.
+    pub async fn shutdown(self) {
+        let (i, r, e, p) = self.services;
+        let stopped = [i.shutdown().await, r.shutdown().await, e.shutdown().await, p.shutdown().await];
+        for result in stopped {
+            result.expect("a clean stop");
+        }
+    }
+}
