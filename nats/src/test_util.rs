@@ -201,6 +201,11 @@ impl TestNats {
         }
     }
 
+    /// Whether the server takes only the shipped users ([`Self::start_secured`]).
+    pub fn is_secured(&self) -> bool {
+        self.secured.is_some()
+    }
+
     /// A [`crate::NatsConfig`] for this server as `user` (secured servers).
     pub fn config_as(&self, user: &str) -> crate::NatsConfig {
         let password = self

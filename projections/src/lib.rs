@@ -17,6 +17,7 @@
 //!   reader ([`hub`]): output in position order and the reply's text at
 //!   token rate from the live lane; `Last-Event-ID` resumes exactly.
 
+pub mod admin;
 pub mod console;
 pub mod hub;
 pub mod metrics;
@@ -134,6 +135,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .with_state(AppState { js: booted.js.clone(), ready: ready.clone() })
         .merge(writes)
         .merge(list)
+        .merge(admin::Admin::new(&config.nats, &config.topology, addr).router())
         .route("/", get(console::page))
         .merge(booted.health.router());
     let server = tokio::spawn(service::serve(config.http_addr(), config.service.http, router, shutdown.clone(), None));

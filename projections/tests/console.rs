@@ -6,8 +6,15 @@
 //! done when effects journaled the call's `canceled`, not when a badge
 //! changed.
 //!
+//! Signed in as the NATS admin user (on a server that takes only the
+//! shipped users), the console shows a conversation's cause tree, lists the
+//! dead letters and re-drives one, and shows the readiness report.
+//!
 //! `CONV_CHROMEDRIVER` and `CONV_CHROMIUM` point at other binaries;
-//! `CONV_CONSOLE_SCREENSHOT=<file.png>` saves what the page looked like.
+//! `CONV_CONSOLE_SCREENSHOT=<file.png>` saves what the page looked like,
+//! `CONV_CONSOLE_TRACE_SCREENSHOT=<file.png>` the admin's cause tree.
+
+mod support;
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -310,4 +317,147 @@ async fn a_message_typed_into_the_console_streams_its_reply_and_abort_stops_a_lo
         browser.screenshot(&path).await;
     }
     browser.quit().await;
+}
+
+async fn wait_js(browser: &Browser, what: &str, script: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = browser.js(script).await;
+        if !v.is_null() && v != json!(false) && v != json!("") {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: {}", browser.js("return document.body.innerText;").await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn signed_in_as_admin_the_console_traces_redrives_and_reports_readiness() {
+    let nats = TestNats::start_secured().await.expect("nats-server");
+    let pipeline = support::Pipeline::start_on(nats, |_| {}).await;
+    let (projections, http) = (pipeline.projections, pipeline.http.clone());
+    let admin_password = pipeline.nats.config_as("admin").password.expose().to_owned();
+    let projections_password = pipeline.nats.config_as("projections").password.expose().to_owned();
+
+    // The admin API: NATS decides who is the admin.
+    let sign_in = |user: &str, password: &str| {
+        http.post(format!("http://{projections}/v1/admin/session"))
+            .json(&json!({"user": user, "password": password}))
+            .send()
+    };
+    assert_eq!(sign_in("admin", "wrong-password").await.expect("post").status().as_u16(), 401);
+    let service = sign_in("projections", &projections_password).await.expect("post");
+    assert_eq!(service.status().as_u16(), 403, "a service user is not an admin");
+    let dlq = http.get(format!("http://{projections}/v1/admin/dlq")).send().await.expect("get");
+    assert_eq!(dlq.status().as_u16(), 401, "no session, no dead letters");
+
+    // A dead letter: a valid message on a subject that is not an input's.
+    let js = pipeline.nats.jetstream().await;
+    let conv = ConversationId::parse("adm-1").expect("id");
+    let stray = conv_contracts::Envelope::new(
+        "adm-1.stray-1",
+        "/test",
+        conv.clone(),
+        conv_contracts::payload::MessageReceived {
+            text: "lost and found".into(),
+            role: None,
+            channel: None,
+            sender: None,
+        },
+    );
+    let (h, body) = conv_nats::headers::encode(&stray);
+    let ack = js.publish_with_headers("conv.in.0.message.adm-1", h, body).await.expect("publish").await.expect("ack");
+    assert_eq!(ack.stream, conv_contracts::subject::STREAM_DLQ);
+
+    let browser = Browser::start().await;
+    browser.goto(&format!("http://{projections}/")).await;
+    assert_eq!(browser.js("return document.getElementById('adminNav').hidden;").await, json!(true));
+    browser.click("#adminBtn").await;
+    browser.type_into("#adminPass", "wrong-password").await;
+    browser.click("#loginSubmit").await;
+    wait_js(
+        &browser,
+        "a refused sign-in says so",
+        "const t = document.getElementById('loginError').textContent; return t !== 'signing in…' && t;",
+    )
+    .await;
+    assert_eq!(browser.js("return document.getElementById('login').open;").await, json!(true));
+    browser.js("document.getElementById('adminPass').value = '';").await;
+    browser.type_into("#adminPass", &admin_password).await;
+    browser.click("#loginSubmit").await;
+    wait_js(&browser, "signed in", "return !document.getElementById('adminNav').hidden;").await;
+
+    // The dead letter, re-driven from the page: it leaves CONV_DLQ, is
+    // audited, and the conversation gets its reply.
+    browser.click("#dlqLink").await;
+    wait_js(
+        &browser,
+        "the dead letter is listed",
+        "return [...document.querySelectorAll('#adminBody tr')].some(r => r.textContent.includes('adm-1.stray-1'));",
+    )
+    .await;
+    browser.click("#adminBody button.redrive").await;
+    wait_js(
+        &browser,
+        "the re-drive is reported",
+        "const p = document.querySelector('#adminBody p.done'); return p && p.textContent;",
+    )
+    .await;
+    let mut dlq = js.get_stream(conv_contracts::subject::STREAM_DLQ).await.expect("stream");
+    assert_eq!(dlq.info().await.expect("info").state.messages, 0, "re-driven dead letters leave CONV_DLQ");
+
+    browser.type_into("#newid", "adm-1").await;
+    browser.click("#open button").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let entries = browser.entries().await;
+        if last_reply(&entries).is_some_and(|(s, t)| s == "completed" && t.contains("lost and found")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no reply to the re-driven message: {entries:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The cause tree: the audit record of the re-drive hangs under the
+    // message, and the reply's events under it.
+    browser.click("#causesTab").await;
+    wait_js(
+        &browser,
+        "the cause tree",
+        "return !!document.querySelector('#causes li[data-type=\"conv.audit.dlq.redriven\"]');",
+    )
+    .await;
+    let message = "#causes li[data-type=\"conv.in.message.received\"]";
+    assert_eq!(
+        browser
+            .js(&format!("return !!document.querySelector('{message} li[data-type=\"conv.audit.dlq.redriven\"]');"))
+            .await,
+        json!(true),
+        "the audit record is an effect of the re-driven message"
+    );
+    wait_js(
+        &browser,
+        "the reply under the message",
+        &format!("return !!document.querySelector('{message} li[data-type=\"conv.out.message.finished\"]');"),
+    )
+    .await;
+    if let Ok(path) = std::env::var("CONV_CONSOLE_TRACE_SCREENSHOT") {
+        browser.screenshot(&path).await;
+    }
+
+    // Readiness: every service instance probed.
+    browser.click("#readyLink").await;
+    for service in ["conv-ingress", "conv-runtime", "conv-effects", "conv-projections"] {
+        wait_js(&browser, service, &format!("return [...document.querySelectorAll('#adminBody tr[data-name]')].some(r => r.dataset.name.startsWith('{service} ') && r.querySelector('td').textContent === 'ready');")).await;
+    }
+    wait_js(&browser, "the NATS check", "return [...document.querySelectorAll('#adminBody tr[data-name=\"nats\"] td')].map(t => t.textContent).join(' ').startsWith('ready');").await;
+
+    // Signing out ends the session on the server too.
+    let token = browser.js("return sessionStorage.getItem('conv-admin');").await;
+    let token = token.as_str().expect("a session token").to_owned();
+    browser.click("#adminBtn").await;
+    wait_js(&browser, "signed out", "return document.getElementById('adminNav').hidden;").await;
+    let r = http.get(format!("http://{projections}/v1/admin/dlq")).bearer_auth(&token).send().await.expect("get");
+    assert_eq!(r.status().as_u16(), 401);
+    browser.quit().await;
+    pipeline.shutdown().await;
 }

@@ -40,14 +40,20 @@ impl Pipeline {
     /// (scripted replies of 10 tokens, 5 ms apart; fast leases) changed by
     /// `customize`; returns once every service is ready.
     pub async fn start(customize: impl FnOnce(&mut Configs)) -> Pipeline {
-        let nats = TestNats::start().await.expect("nats-server");
+        Pipeline::start_on(TestNats::start().await.expect("nats-server"), customize).await
+    }
+
+    /// [`Pipeline::start`] on `nats`; on a secured server each service
+    /// connects as its own user.
+    pub async fn start_on(nats: TestNats, customize: impl FnOnce(&mut Configs)) -> Pipeline {
         nats.setup().await.expect("topology");
         let (ingress, runtime, effects, projections) = (free_addr(), free_addr(), free_addr(), free_addr());
+        let user = |name: &str| if nats.is_secured() { nats.config_as(name) } else { nats.config() };
         let mut c = Configs {
-            ingress: Settings::for_test(nats.config(), ingress),
-            runtime: Settings::for_test(nats.config(), runtime),
-            effects: Settings::for_test(nats.config(), effects),
-            projections: Settings::for_test(nats.config(), projections),
+            ingress: Settings::for_test(user("ingress"), ingress),
+            runtime: Settings::for_test(user("runtime"), runtime),
+            effects: Settings::for_test(user("effects"), effects),
+            projections: Settings::for_test(user("projections"), projections),
         };
         c.runtime.options.heartbeat_ms = 200;
         c.effects.options.scripted_tokens = 10;
