@@ -107,7 +107,7 @@ impl Executor {
         let msg_id = conv_contracts::trust::derived_msg_id(&event.conversation_id, &event.id);
         let span = self.tracer.event(
             &event,
-            Some(conv_telemetry::work_span_id(&directive.id, WORKER)),
+            Some(conv_telemetry::work_span_id(directive.conversation_id.as_str(), &directive.id, WORKER)),
             std::time::SystemTime::now(),
         );
         let started = tokio::time::Instant::now();
@@ -132,7 +132,7 @@ impl Executor {
         match appended {
             Ok(a) => {
                 if let Some(span) = span.filter(|_| !a.duplicate) {
-                    self.tracer.finish(span.attr("conv.stream_seq", a.seq));
+                    self.tracer.finish(span.attr(conv_telemetry::attr::STREAM_SEQ, a.seq));
                 }
                 Ok(())
             }
@@ -167,10 +167,14 @@ impl Executor {
         let span = self.tracer.work(name, WORKER, directive, std::time::SystemTime::now());
         let outcome = self.run_inner(directive, redelivered).await;
         if let Some(span) = span {
-            let span = span.attr("conv.redelivered", redelivered);
+            let span = span.attr(conv_telemetry::attr::REDELIVERED, redelivered);
             self.tracer.finish(match &outcome {
                 Ok(()) => span,
-                Err(e) => span.failed(format!("handed back to be retried: {e}")),
+                // The run that ends the directive has the id its events
+                // link to; an attempt handed back is a sibling of its own.
+                Err(e) => {
+                    span.with_id(conv_telemetry::SpanId::unique()).failed(format!("handed back to be retried: {e}"))
+                }
             });
         }
         outcome
@@ -193,6 +197,7 @@ impl Executor {
                         .timestamp_millis()
                         .saturating_add(i64::try_from(t.delay_ms.min(MAX_DELAY_MS)).unwrap_or(i64::MAX)),
                     directive_id: directive.id.clone(),
+                    correlation_id: directive.correlation_id.clone(),
                 };
                 crate::timers::schedule(&self.timers, &timer).await.map_err(RetryLater)
             }
@@ -237,7 +242,7 @@ impl Executor {
                     self.metrics.canceled.with_label_values(&["tool"]).inc();
                     return self.emit(directive, ToolCanceled { tool_call_id: id, reason: Some("canceled".into()) }).await;
                 }
-                a = call(&self.http, hook, directive.conversation_id.as_str(), &id, &t.args, token.as_deref()) => a,
+                a = call(&self.http, hook, directive, &id, &t.args, token.as_deref()) => a,
             };
             if let Err(CallError::Transient(e)) = &attempt
                 && e.contains("timed out")
@@ -292,11 +297,14 @@ impl Executor {
                 }
             }
         }
-        // Recorded once: by the first of the cancel's copies that stops something.
+        // Once per instance: by the first of the cancel's copies that stops
+        // something here (every instance sees a cancel; each has its share).
         if stopped > 0 {
             let start = directive.time.map(std::time::SystemTime::from).unwrap_or_else(std::time::SystemTime::now);
             if let Some(span) = self.tracer.work("effects.cancel", WORKER, directive, start) {
-                self.tracer.finish(span.attr("conv.effects_stopped", stopped));
+                self.tracer.finish(
+                    span.with_id(conv_telemetry::SpanId::unique()).attr(conv_telemetry::attr::STOPPED, stopped),
+                );
             }
         }
     }

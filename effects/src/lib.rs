@@ -333,7 +333,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             max_answer_bytes: o.max_answer_bytes(conv_nats::connect::max_payload(&booted.client)),
             tracer: booted.tracer.clone(),
         });
-        let timer_task = tokio::spawn(timers::run(timers, booted.js.clone(), shutdown.clone()));
+        let timer_task = tokio::spawn(timers::run(timers, booted.js.clone(), booted.tracer.clone(), shutdown.clone()));
         serve(executor, inbox, o.admission(), shutdown.clone()).await;
         shutdown.cancel();
         let _ = timer_task.await;

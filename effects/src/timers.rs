@@ -30,6 +30,9 @@ pub struct Timer {
     pub fire_at_ms: i64,
     /// The directive that scheduled it (the fired event's cause).
     pub directive_id: String,
+    /// The directive's causal chain (the fired event stays in its trace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
 }
 
 pub fn key(conversation: &str, timer_id: &str) -> String {
@@ -48,7 +51,12 @@ pub async fn cancel(store: &kv::Store, conversation: &str, timer_id: &str) -> Re
 }
 
 /// Watches the bucket and fires due timers until `shutdown`.
-pub async fn run(store: kv::Store, js: async_nats::jetstream::Context, shutdown: CancellationToken) {
+pub async fn run(
+    store: kv::Store,
+    js: async_nats::jetstream::Context,
+    tracer: conv_telemetry::Tracer,
+    shutdown: CancellationToken,
+) {
     let mut watch = match store.watch_with_history(">").await {
         Ok(w) => w,
         Err(error) => {
@@ -83,7 +91,7 @@ pub async fn run(store: kv::Store, js: async_nats::jetstream::Context, shutdown:
                     .map(|(k, (t, r))| (k.clone(), t.clone(), *r))
                     .collect();
                 for (k, timer, revision) in due {
-                    if fire(&js, &timer).await.is_ok() {
+                    if fire(&js, &tracer, &timer).await.is_ok() {
                         let _ = store.delete_expect_revision(&k, Some(revision)).await;
                         pending.remove(&k);
                     }
@@ -93,7 +101,11 @@ pub async fn run(store: kv::Store, js: async_nats::jetstream::Context, shutdown:
     }
 }
 
-async fn fire(js: &async_nats::jetstream::Context, timer: &Timer) -> Result<(), String> {
+async fn fire(
+    js: &async_nats::jetstream::Context,
+    tracer: &conv_telemetry::Tracer,
+    timer: &Timer,
+) -> Result<(), String> {
     let conversation = ConversationId::parse(&timer.conversation_id).map_err(|e| e.to_string())?;
     let mut event = Envelope::new(
         format!("{}.timer.{}.fired", timer.conversation_id, timer.timer_id),
@@ -103,7 +115,9 @@ async fn fire(js: &async_nats::jetstream::Context, timer: &Timer) -> Result<(), 
     )
     .with_time(Utc::now());
     event.causation_id = Some(timer.directive_id.clone());
-    conv_nats::journal::append(
+    event.correlation_id = timer.correlation_id.clone().or_else(|| Some(timer.directive_id.clone()));
+    let span = tracer.event(&event, None, std::time::SystemTime::now());
+    let appended = conv_nats::journal::append(
         js,
         &event,
         &conv_contracts::trust::derived_msg_id(&event.conversation_id, &event.id),
@@ -111,6 +125,9 @@ async fn fire(js: &async_nats::jetstream::Context, timer: &Timer) -> Result<(), 
         Duration::from_secs(5),
     )
     .await
-    .map(drop)
-    .map_err(|e| e.to_string())
+    .map_err(|e| e.to_string())?;
+    if let Some(span) = span.filter(|_| !appended.duplicate) {
+        tracer.finish(span.attr(conv_telemetry::attr::STREAM_SEQ, appended.seq));
+    }
+    Ok(())
 }

@@ -89,20 +89,26 @@ pub fn signature(secret: &str, body: &[u8]) -> String {
     format!("sha256={}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
 }
 
-/// One attempt of a call.
+/// One attempt of the call `directive` asks for. The body names the
+/// directive (`causation_id`, `correlation_id`): a tool that answers later
+/// sends them back as `Causation-Id` / `Correlation-Id` headers, and its
+/// outcome stays in the message's trace.
 pub async fn call(
     client: &reqwest::Client,
     tool: &WebhookTool,
-    conversation: &str,
+    directive: &conv_contracts::Envelope,
     tool_call_id: &str,
     args: &Value,
     callback_token: Option<&str>,
 ) -> Result<Answer, CallError> {
+    let conversation = directive.conversation_id.as_str();
     let mut body = json!({
         "conversation_id": conversation,
         "tool_call_id": tool_call_id,
         "name": tool.name,
         "args": args,
+        "causation_id": directive.id,
+        "correlation_id": directive.correlation_id.as_deref().unwrap_or(&directive.id),
     });
     if let Some(token) = callback_token {
         body["callback_token"] = Value::String(token.to_owned());

@@ -173,7 +173,8 @@ impl Ingress {
         if let (Some(span), Ok(a)) = (span, &result)
             && !a.duplicate
         {
-            self.tracer.finish(span.kind(conv_telemetry::Kind::Server).attr("conv.stream_seq", a.stream_seq));
+            self.tracer
+                .finish(span.kind(conv_telemetry::Kind::Server).attr(conv_telemetry::attr::STREAM_SEQ, a.stream_seq));
         }
         result
     }

@@ -84,9 +84,8 @@ impl NatsConfig {
 
     async fn options(&self, name: &str) -> Result<async_nats::ConnectOptions, ConnectError> {
         let base = if !self.creds.is_empty() {
-            async_nats::ConnectOptions::with_credentials_file(&self.creds).await.map_err(|e| ConnectError {
-                url: self.display_url(),
-                detail: format!("cannot read the credentials file {}: {e}", self.creds),
+            async_nats::ConnectOptions::with_credentials_file(&self.creds).await.map_err(|e| {
+                ConnectError::config(self, format!("cannot read the credentials file {}: {e}", self.creds))
             })?
         } else if !self.user.is_empty() {
             // Replies to this user's requests come to its own prefix, the
@@ -133,19 +132,29 @@ pub async fn unless_disconnected<F: std::future::IntoFuture>(fut: F) -> Option<F
 pub struct ConnectError {
     pub url: String,
     pub detail: String,
+    /// The server refused the credentials (an authorization violation).
+    pub refused: bool,
 }
 
 impl ConnectError {
     fn new(config: &NatsConfig, source: &async_nats::ConnectError) -> Self {
         // The client's message may quote the URL it was given.
         let detail = source.to_string().replace(&config.url, &config.display_url());
-        Self { url: config.display_url(), detail }
+        let refused = matches!(
+            source.kind(),
+            async_nats::ConnectErrorKind::AuthorizationViolation | async_nats::ConnectErrorKind::Authentication
+        );
+        Self { url: config.display_url(), detail, refused }
+    }
+
+    fn config(config: &NatsConfig, detail: String) -> Self {
+        Self { url: config.display_url(), detail, refused: false }
     }
 }
 
 /// Connects once and fails if NATS does not answer (for CLIs and tests).
 pub async fn connect(config: &NatsConfig, name: &str) -> Result<async_nats::Client, ConnectError> {
-    let servers = config.servers().map_err(|detail| ConnectError { url: config.display_url(), detail })?;
+    let servers = config.servers().map_err(|detail| ConnectError::config(config, detail))?;
     config.options(name).await?.connect(servers).await.map_err(|e| ConnectError::new(config, &e))
 }
 
@@ -156,7 +165,7 @@ pub async fn connect_lazy(config: &NatsConfig, name: &str) -> Result<async_nats:
         .options(name)
         .await?
         .retry_on_initial_connect()
-        .connect(config.servers().map_err(|detail| ConnectError { url: config.display_url(), detail })?)
+        .connect(config.servers().map_err(|detail| ConnectError::config(config, detail))?)
         .await
         .map_err(|e| ConnectError::new(config, &e))
 }

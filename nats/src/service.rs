@@ -199,7 +199,7 @@ pub fn handle_args(id: &Identity, args: impl IntoIterator<Item = String>) -> Res
                      CONV_PARTITIONS        CONV_IN partitions (default 16)\n  \
                      CONV_REPLICAS          stream replicas (default 1)\n  \
                      CONV_<KEY>             any other [topology] key, e.g. CONV_MAX_DELIVER, CONV_OWNER_TTL_SECS (README)\n  \
-                     RUST_LOG               log filter (default info)\n{options}\nTraces (OpenTelemetry, OTLP/HTTP JSON; docs/observability.md):\n{otel}\n\nStops gracefully on SIGINT or SIGTERM.",
+                     RUST_LOG               log filter (default info)\n{options}\nTraces (OpenTelemetry, OTLP/HTTP JSON; README \"Traces\"):\n{otel}\n\nStops gracefully on SIGINT or SIGTERM.",
                     options = id.options_help,
                     otel = conv_telemetry::ENV_HELP,
                     name = id.name,

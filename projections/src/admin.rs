@@ -9,15 +9,21 @@
 //! the admin user and password (`POST /v1/admin/session`), projections
 //! opens a NATS connection *as that user* and keeps it for the session
 //! (15 minutes idle at most), and every admin request runs through it. NATS
-//! checks the password and decides what is allowed; projections stores no
-//! admin secret. A user that cannot read the dead letters (a service user)
-//! is refused at sign-in (its read of `CONV_DLQ` is not answered). On a NATS server that takes anyone (no
-//! authorization), sign-in is allowed only while projections listens on a
-//! loopback address — the rule client keys follow.
+//! checks the password and decides what is allowed; projections writes no
+//! admin secret anywhere (the session's client keeps it in memory to
+//! reconnect, and is drained when the session ends). A user that cannot read
+//! the dead letters (a service user) is refused at sign-in (its read of
+//! `CONV_DLQ` is not answered), with the same answer as a wrong password.
+//! On a NATS server that takes anyone (no authorization), sign-in is allowed
+//! only while projections listens on a loopback address and the request
+//! names a loopback host (no DNS rebinding) — the rule client keys follow.
 //!
-//! Sessions are bearer tokens (256 random bits) sent as
-//! `Authorization: Bearer <token>` on `/v1/admin/*`; failed sign-ins are
-//! slowed down and, past 10 a minute on an instance, refused for a while.
+//! Sessions are bearer tokens (244 random bits, two UUIDv4) sent as
+//! `Authorization: Bearer <token>` on `/v1/admin/*`, held by the instance
+//! that made them (behind a load balancer, keep an admin on one instance).
+//! Sign-ins are taken one at a time; each failure is answered after half a
+//! second, and past 10 attempts that failed in a minute the instance refuses
+//! sign-ins for the rest of that minute (`convctl` still works).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -48,9 +54,14 @@ struct Session {
     user: String,
     js: async_nats::jetstream::Context,
     used: Instant,
-    /// The previous readiness report: the window of the next one.
-    previous: Option<Kept>,
+    /// The report readiness is judged against (DLQ growth, latencies): at
+    /// least [`BASELINE_AGE`] old once there is one that old.
+    baseline: Option<(Instant, Kept)>,
 }
+
+/// A readiness baseline is replaced once it is this old, so the window a
+/// report is judged over is 5–10 minutes (the console polls every 10 s).
+const BASELINE_AGE: Duration = Duration::from_secs(5 * 60);
 
 /// The admin pages' state, cheap to clone.
 #[derive(Debug, Clone)]
@@ -61,6 +72,18 @@ pub struct Admin {
     loopback: bool,
     sessions: Arc<Mutex<HashMap<String, Session>>>,
     failures: Arc<Mutex<Vec<Instant>>>,
+    /// Sign-ins one at a time (no burst of parallel guesses).
+    signing_in: Arc<tokio::sync::Semaphore>,
+}
+
+/// Ends sessions: their NATS connections are drained (no reconnects).
+fn end(sessions: impl IntoIterator<Item = Session>) {
+    for s in sessions {
+        let client = s.js.client();
+        tokio::spawn(async move {
+            let _ = client.drain().await;
+        });
+    }
 }
 
 fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
@@ -72,14 +95,39 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Admin {
-    pub fn new(nats: &NatsConfig, topology: &conv_nats::TopologyConfig, addr: std::net::SocketAddr) -> Self {
-        Admin {
+    /// The admin pages; sessions idle for [`IDLE`] end within a minute,
+    /// all of them at `shutdown`.
+    pub fn new(
+        nats: &NatsConfig,
+        topology: &conv_nats::TopologyConfig,
+        addr: std::net::SocketAddr,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Self {
+        let admin = Admin {
             nats: nats.clone(),
             topology: topology.clone(),
             loopback: addr.ip().is_loopback(),
             sessions: Arc::default(),
             failures: Arc::default(),
-        }
+            signing_in: Arc::new(tokio::sync::Semaphore::new(1)),
+        };
+        let sessions = admin.sessions.clone();
+        tokio::spawn(async move {
+            let mut sweep = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = sweep.tick() => {
+                        let mut all = lock(&sessions);
+                        let idle: Vec<String> =
+                            all.iter().filter(|(_, s)| s.used.elapsed() >= IDLE).map(|(t, _)| t.clone()).collect();
+                        end(idle.iter().filter_map(|t| all.remove(t)).collect::<Vec<_>>());
+                    }
+                }
+            }
+            end(std::mem::take(&mut *lock(&sessions)).into_values().collect::<Vec<_>>());
+        });
+        admin
     }
 
     /// `/v1/admin/*`.
@@ -102,24 +150,34 @@ impl Admin {
             .and_then(conv_nats::keys::bearer)
             .ok_or(Denied::NoSession)?;
         let mut sessions = lock(&self.sessions);
-        sessions.retain(|_, s| s.used.elapsed() < IDLE);
         match sessions.get_mut(token) {
-            Some(s) => {
+            Some(s) if s.used.elapsed() < IDLE => {
                 s.used = Instant::now();
                 Ok((s.user.clone(), s.js.clone()))
+            }
+            Some(_) => {
+                end(sessions.remove(token));
+                Err(Denied::Ended)
             }
             None => Err(Denied::Ended),
         }
     }
 
-    /// Counts a failed sign-in; `true` when too many failed lately.
-    fn throttled(&self, failed: bool) -> bool {
+    /// Counts a sign-in attempt as failed until it succeeds (so attempts
+    /// cannot outrun the count); `false` when too many failed lately.
+    fn attempt(&self) -> bool {
         let mut failures = lock(&self.failures);
         failures.retain(|t| t.elapsed() < Duration::from_secs(60));
-        if failed {
-            failures.push(Instant::now());
+        if failures.len() >= MAX_FAILURES_PER_MIN {
+            return false;
         }
-        failures.len() >= MAX_FAILURES_PER_MIN
+        failures.push(Instant::now());
+        true
+    }
+
+    /// The attempt succeeded: it is not a failure.
+    fn succeeded(&self) {
+        lock(&self.failures).pop();
     }
 }
 
@@ -146,24 +204,42 @@ struct SignIn {
     password: String,
 }
 
+/// The one answer to every refused sign-in (wrong password, unknown user,
+/// a user that is not the admin): nothing to tell them apart by.
+const REFUSED: &str = "sign-in refused: wrong user or password, or not the NATS admin user";
+
+/// Whether the request names this machine (`localhost`, `127.0.0.1`,
+/// `[::1]`, with any port).
+fn loopback_host(headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else { return false };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.split(':').next().unwrap_or_default(),
+    };
+    matches!(name, "localhost" | "127.0.0.1" | "::1")
+}
+
 /// `POST /v1/admin/session` `{"user", "password"}` → `{"token", "user"}`.
 async fn sign_in(
     State(admin): State<Admin>,
+    headers: HeaderMap,
     body: Result<Json<SignIn>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Ok(Json(creds)) = body else {
         return error(StatusCode::BAD_REQUEST, "bad_request", r#"send {"user": "admin", "password": "…"} as JSON"#);
     };
-    if admin.throttled(false) {
+    let Ok(_one_at_a_time) = admin.signing_in.acquire().await else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "shutting down");
+    };
+    if !admin.attempt() {
         return error(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many failed sign-ins; wait a minute");
     }
-    let refuse = async |status: StatusCode, code: &str, message: String| {
-        admin.throttled(true);
+    let refused = async |status: StatusCode, code: &str, message: &str| {
         tokio::time::sleep(FAILURE_DELAY).await;
         error(status, code, message)
     };
     if creds.user.trim().is_empty() || creds.password.is_empty() {
-        return refuse(StatusCode::UNAUTHORIZED, "unauthorized", "user and password are required".into()).await;
+        return refused(StatusCode::UNAUTHORIZED, "unauthorized", REFUSED).await;
     }
     let config = NatsConfig {
         user: creds.user.clone(),
@@ -173,43 +249,59 @@ async fn sign_in(
     };
     let client = match conv_nats::connect(&config, "conv-projections-admin").await {
         Ok(c) => c,
-        Err(e) => {
+        Err(e) if e.refused => {
             tracing::warn!(message = "Admin sign-in refused by NATS.", user = %creds.user);
-            // NATS says why (authorization violation, or unreachable); the URL is redacted.
-            return refuse(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()).await;
+            return refused(StatusCode::UNAUTHORIZED, "unauthorized", REFUSED).await;
+        }
+        Err(e) => {
+            tracing::warn!(message = "Admin sign-in: NATS unavailable.", error = %e);
+            return refused(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "NATS is unavailable; try again").await;
         }
     };
-    if !client.server_info().auth_required && !admin.loopback {
-        return refuse(
+    let trusted = client.server_info().auth_required || (admin.loopback && loopback_host(&headers));
+    if !trusted {
+        let _ = client.drain().await;
+        return refused(
             StatusCode::FORBIDDEN,
             "forbidden",
-            "NATS takes anyone (no authorization): admin sign-in is allowed only while projections listens on loopback"
-                .into(),
+            "NATS takes anyone (no authorization): admin sign-in works only on a loopback address, asked for by \
+             localhost, 127.0.0.1 or [::1]",
         )
         .await;
     }
     // Only a user that may read the dead letters is an admin here: a
     // service user's request is dropped by NATS (a permissions violation,
-    // answered by nothing), the admin's gets JetStream's answer.
+    // answered by nothing); the admin's gets JetStream's answer — the first
+    // dead letter, or "no message found" (10037).
     let probe = client
         .request(format!("$JS.API.STREAM.MSG.GET.{}", conv_contracts::subject::STREAM_DLQ), r#"{"seq":1}"#.into());
-    if !matches!(tokio::time::timeout(Duration::from_secs(2), probe).await, Ok(Ok(_))) {
-        return refuse(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("user {} may not read the dead letters; sign in as the NATS admin user", creds.user),
-        )
-        .await;
+    let answer = match tokio::time::timeout(Duration::from_secs(2), probe).await {
+        Ok(Ok(m)) => serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap_or_default(),
+        _ => serde_json::Value::Null,
+    };
+    let allowed = answer.is_object() && (answer["error"].is_null() || answer["error"]["err_code"] == 10037);
+    if !allowed {
+        let _ = client.drain().await;
+        if answer["error"]["err_code"] == 10059 {
+            return refused(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "CONV_DLQ does not exist: run `convctl setup`",
+            )
+            .await;
+        }
+        tracing::warn!(message = "Admin sign-in refused: not an admin.", user = %creds.user);
+        return refused(StatusCode::UNAUTHORIZED, "unauthorized", REFUSED).await;
     }
+    admin.succeeded();
     let js = conv_nats::jetstream(client, &config);
     let token = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
     let mut sessions = lock(&admin.sessions);
-    sessions.retain(|_, s| s.used.elapsed() < IDLE);
     while sessions.len() >= MAX_SESSIONS {
         let Some(oldest) = sessions.iter().min_by_key(|(_, s)| s.used).map(|(t, _)| t.clone()) else { break };
-        sessions.remove(&oldest);
+        end(sessions.remove(&oldest));
     }
-    sessions.insert(token.clone(), Session { user: creds.user.clone(), js, used: Instant::now(), previous: None });
+    sessions.insert(token.clone(), Session { user: creds.user.clone(), js, used: Instant::now(), baseline: None });
     tracing::info!(message = "Admin signed in.", user = %creds.user);
     (StatusCode::CREATED, Json(json!({"token": token, "user": creds.user, "idle_timeout_secs": IDLE.as_secs()})))
         .into_response()
@@ -228,7 +320,7 @@ async fn sign_out(State(admin): State<Admin>, headers: HeaderMap) -> Response {
     if let Some(token) =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(conv_nats::keys::bearer)
     {
-        lock(&admin.sessions).remove(token);
+        end(lock(&admin.sessions).remove(token));
     }
     StatusCode::NO_CONTENT.into_response()
 }
@@ -336,21 +428,23 @@ async fn redrive(
 }
 
 /// `GET /v1/admin/readiness`: the report of `convctl readiness --json`,
-/// judged over the window since this session's previous report.
+/// judged over the window since this session's baseline report (5–10
+/// minutes old once the session is that old).
 async fn readiness(State(admin): State<Admin>, headers: HeaderMap) -> Response {
     let token = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(conv_nats::keys::bearer);
     let (_, js) = match admin.session(&headers) {
         Ok(s) => s,
         Err(r) => return r.into_response(),
     };
-    let previous = token.and_then(|t| lock(&admin.sessions).get(t).and_then(|s| s.previous.clone()));
+    let baseline = token.and_then(|t| lock(&admin.sessions).get(t).and_then(|s| s.baseline.clone()));
     let url = admin.nats.display_url();
-    let report =
-        readiness::report(Ok((&js, &admin.topology)), &url, &Thresholds::default(), true, previous.as_ref()).await;
+    let previous = baseline.as_ref().map(|(_, k)| k);
+    let report = readiness::report(Ok((&js, &admin.topology)), &url, &Thresholds::default(), true, previous).await;
     if let Some(t) = token
         && let Some(s) = lock(&admin.sessions).get_mut(t)
+        && s.baseline.as_ref().is_none_or(|(at, _)| at.elapsed() >= BASELINE_AGE)
     {
-        s.previous = Some(Kept::of(&report, &url));
+        s.baseline = Some((Instant::now(), Kept::of(&report, &url)));
     }
     Json(report).into_response()
 }

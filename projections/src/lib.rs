@@ -135,7 +135,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .with_state(AppState { js: booted.js.clone(), ready: ready.clone() })
         .merge(writes)
         .merge(list)
-        .merge(admin::Admin::new(&config.nats, &config.topology, addr).router())
+        .merge(admin::Admin::new(&config.nats, &config.topology, addr, shutdown.clone()).router())
         .route("/", get(console::page))
         .merge(booted.health.router());
     let server = tokio::spawn(service::serve(config.http_addr(), config.service.http, router, shutdown.clone(), None));

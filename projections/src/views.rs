@@ -463,6 +463,8 @@ async fn fold(shared: &Shared, hot: &mut Hot, held: Held) {
     // From the event's time: the span is the view lag of this event.
     let since = event.time.map(std::time::SystemTime::from).unwrap_or_else(std::time::SystemTime::now);
     if let Some(span) = shared.tracer.work("projections.fold", "projections", &event, since) {
-        shared.tracer.finish(span.attr("conv.position", position).attr("conv.stream_seq", seq));
+        shared
+            .tracer
+            .finish(span.attr(conv_telemetry::attr::POSITION, position).attr(conv_telemetry::attr::STREAM_SEQ, seq));
     }
 }

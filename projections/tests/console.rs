@@ -345,9 +345,13 @@ async fn signed_in_as_admin_the_console_traces_redrives_and_reports_readiness() 
             .json(&json!({"user": user, "password": password}))
             .send()
     };
-    assert_eq!(sign_in("admin", "wrong-password").await.expect("post").status().as_u16(), 401);
+    let wrong = sign_in("admin", "wrong-password").await.expect("post");
+    assert_eq!(wrong.status().as_u16(), 401);
+    let wrong: Value = wrong.json().await.expect("json");
     let service = sign_in("projections", &projections_password).await.expect("post");
-    assert_eq!(service.status().as_u16(), 403, "a service user is not an admin");
+    assert_eq!(service.status().as_u16(), 401, "a service user is not an admin");
+    let service: Value = service.json().await.expect("json");
+    assert_eq!(wrong, service, "a service user's right password looks like a wrong one");
     let dlq = http.get(format!("http://{projections}/v1/admin/dlq")).send().await.expect("get");
     assert_eq!(dlq.status().as_u16(), 401, "no session, no dead letters");
 

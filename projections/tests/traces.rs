@@ -75,7 +75,7 @@ async fn collector() -> (String, Collected) {
 /// The spans of the trace whose root is ingress's span of `event_id`.
 fn trace_of(seen: &Collected, event_id: &str) -> Option<(String, Vec<Received>)> {
     let all = seen.lock().expect("lock").clone();
-    let root = all.iter().find(|s| s.service == "conv-ingress" && s.attr("conv.event_id") == Some(event_id))?;
+    let root = all.iter().find(|s| s.service == "conv-ingress" && s.attr("event.id") == Some(event_id))?;
     let trace = root.span["traceId"].as_str()?.to_owned();
     let spans = all.into_iter().filter(|s| s.span["traceId"] == trace.as_str()).collect();
     Some((trace, spans))
@@ -164,6 +164,12 @@ async fn a_user_message_is_one_trace_across_every_service() {
     let completed = spans.iter().find(|s| s.name() == "conv.in.llm.completed").expect("completed");
     let run = completed.parent().and_then(|p| by_id.get(p)).expect("its parent");
     assert_eq!((run.service.as_str(), run.name()), ("conv-effects", "effects.llm"));
+    // Each span once: no two share an id.
+    let mut ids: Vec<&str> = spans.iter().map(Received::id).collect();
+    ids.sort_unstable();
+    let before = ids.len();
+    ids.dedup();
+    assert_eq!(ids.len(), before, "span ids repeat: {:?}", names(&spans));
     // Every span is well formed.
     for s in &spans {
         let (start, end) = (&s.span["startTimeUnixNano"], &s.span["endTimeUnixNano"]);
@@ -172,7 +178,7 @@ async fn a_user_message_is_one_trace_across_every_service() {
             end.as_str().and_then(|v| v.parse().ok()).expect("end"),
         );
         assert!(start > 0 && end >= start, "{s:?}");
-        assert_eq!(s.attr("conv.conversation_id"), Some("tr1"));
+        assert_eq!(s.attr("conversation.id"), Some("tr1"));
     }
 
     // The second message is a trace of its own.

@@ -947,10 +947,10 @@ impl Worker {
         let emitted = &events[..events.len().saturating_sub(1)];
         tracer.finish(
             apply
-                .attr("conv.partition", self.partition)
-                .attr("conv.stream_seq", input.seq)
-                .attr("conv.marker_seq", marker_seq)
-                .attr("conv.emitted", emitted.len()),
+                .attr(conv_telemetry::attr::PARTITION, self.partition)
+                .attr(conv_telemetry::attr::STREAM_SEQ, input.seq)
+                .attr(conv_telemetry::attr::MARKER_SEQ, marker_seq)
+                .attr(conv_telemetry::attr::EMITTED, emitted.len()),
         );
         for event in emitted {
             tracer.finish(conv_telemetry::Span::event(event, Some(parent), started));

@@ -83,14 +83,24 @@ pub const ENV_HELP: &str = "\
 
 impl Config {
     /// Applies the `OTEL_*` variables (an empty value counts as unset).
+    /// Nothing else is read, or refused, unless an endpoint is set and
+    /// `OTEL_SDK_DISABLED` is not `true`: variables a platform sets for
+    /// every process never stop a service whose traces are off.
     pub fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         let get = |var: &str| env(var).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
         let bad = |var: &str, detail: String| ConfigError { var: var.to_owned(), detail };
+        if get("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+            self.endpoint = None;
+            return Ok(());
+        }
         if let Some(url) = get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
             self.endpoint = Some(check_url("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &url)?);
         } else if let Some(base) = get("OTEL_EXPORTER_OTLP_ENDPOINT") {
             let base = check_url("OTEL_EXPORTER_OTLP_ENDPOINT", &base)?;
             self.endpoint = Some(format!("{}/v1/traces", base.trim_end_matches('/')));
+        }
+        if self.endpoint.is_none() {
+            return Ok(());
         }
         for var in ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"] {
             if let Some(protocol) = get(var) {
@@ -152,15 +162,15 @@ impl Config {
         if let Some(list) = get("OTEL_RESOURCE_ATTRIBUTES") {
             self.resource.extend(pairs("OTEL_RESOURCE_ATTRIBUTES", &list)?);
         }
-        if get("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
-            self.endpoint = None;
-        }
-        self.validate().map_err(|detail| bad("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", detail))
+        self.validate().map_err(|detail| bad("OTEL_BSP_*", detail))
     }
 
     pub fn validate(&self) -> Result<(), String> {
         if self.max_batch == 0 || self.max_queue == 0 {
             return Err("the span queue and the export batch must hold at least one span".into());
+        }
+        if self.schedule_delay.is_zero() {
+            return Err("OTEL_BSP_SCHEDULE_DELAY must be at least 1 ms".into());
         }
         Ok(())
     }
@@ -168,6 +178,18 @@ impl Config {
     /// Whether spans are exported at all.
     pub fn enabled(&self) -> bool {
         self.endpoint.is_some() && self.sampler != Sampler::AlwaysOff
+    }
+}
+
+/// `url` without user and password, for logs.
+pub(crate) fn redacted(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.to_string()
+        }
+        Err(_) => "(not a URL)".into(),
     }
 }
 
@@ -238,17 +260,31 @@ mod tests {
         let e = load(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")])
             .expect_err("grpc");
         assert!(e.detail.contains("http/json"), "{e}");
-        assert!(load(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")]).is_ok());
-        let e = load(&[("OTEL_TRACES_SAMPLER", "traceidratio"), ("OTEL_TRACES_SAMPLER_ARG", "2")]).expect_err("ratio");
+        let on = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318");
+        assert!(load(&[on, ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")]).is_ok());
+        let e =
+            load(&[on, ("OTEL_TRACES_SAMPLER", "traceidratio"), ("OTEL_TRACES_SAMPLER_ARG", "2")]).expect_err("ratio");
         assert_eq!(e.var, "OTEL_TRACES_SAMPLER_ARG");
-        let e = load(&[("OTEL_EXPORTER_OTLP_HEADERS", "novalue")]).expect_err("pairs");
+        let e = load(&[on, ("OTEL_EXPORTER_OTLP_HEADERS", "novalue")]).expect_err("pairs");
         assert!(!e.to_string().contains("novalue"), "the value is not repeated: {e}");
-        assert!(load(&[("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "0")]).is_err());
+        assert!(load(&[on, ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "0")]).is_err());
+        assert!(load(&[on, ("OTEL_BSP_SCHEDULE_DELAY", "0")]).is_err());
+        // With traces off, what a platform sets for every process is not read.
+        for (var, value) in [
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_TRACES_SAMPLER", "jaeger_remote"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "0"),
+        ] {
+            assert!(load(&[(var, value)]).is_ok(), "{var} with traces off");
+            assert!(load(&[on, (var, value), ("OTEL_SDK_DISABLED", "true")]).is_ok(), "{var} with traces disabled");
+        }
+        assert_eq!(redacted("https://user:secret@collector:4318/v1/traces"), "https://collector:4318/v1/traces");
     }
 
     #[test]
     fn reads_the_rest() {
         let c = load(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
             ("OTEL_EXPORTER_OTLP_HEADERS", "x-api-key=a%20b, tenant=t1"),
             ("OTEL_EXPORTER_OTLP_TIMEOUT", "1500"),
             ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),

@@ -59,7 +59,7 @@ impl Exporter {
     /// full, every `delay`, and on a flush.
     pub(crate) async fn run(mut self, mut commands: mpsc::Receiver<Command>, delay: Duration, max_batch: usize) {
         let mut batch: Vec<Span> = Vec::with_capacity(max_batch);
-        let mut tick = tokio::time::interval(delay);
+        let mut tick = tokio::time::interval(delay.max(Duration::from_millis(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -111,7 +111,12 @@ impl Exporter {
                 self.spans.with_label_values(&["failed"]).inc_by(n);
                 if self.warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
                     self.warned = Some(Instant::now());
-                    tracing::warn!(message = "Trace export failed; spans dropped.", endpoint = %self.endpoint, spans = n, %detail);
+                    tracing::warn!(
+                        message = "Trace export failed; spans dropped.",
+                        endpoint = %crate::config::redacted(&self.endpoint),
+                        spans = n,
+                        %detail
+                    );
                 }
             }
         }
@@ -127,7 +132,7 @@ impl Exporter {
             .body(body)
             .send()
             .await
-            .map_err(|e| (true, e.to_string()))?;
+            .map_err(|e| (true, e.without_url().to_string()))?;
         let status = response.status();
         if status.is_success() {
             return Ok(());
@@ -202,7 +207,7 @@ mod tests {
             kind: Kind::Consumer,
             start,
             end: Some(start + Duration::from_millis(2)),
-            attributes: vec![("conv.seq", Value::Int(42)), ("conv.duplicate", Value::Bool(false))],
+            attributes: vec![("stream.sequence", Value::Int(42)), ("duplicate", Value::Bool(false))],
             error: Some("journal unavailable".into()),
         };
         let body = request(&json!({"attributes": []}), &[span]);
@@ -213,7 +218,7 @@ mod tests {
         assert_eq!(s["kind"], 5);
         assert_eq!(s["startTimeUnixNano"], "1700000000123456789");
         assert_eq!(s["endTimeUnixNano"], "1700000000125456789");
-        assert_eq!(s["attributes"][0], json!({"key": "conv.seq", "value": {"intValue": "42"}}));
+        assert_eq!(s["attributes"][0], json!({"key": "stream.sequence", "value": {"intValue": "42"}}));
         assert_eq!(s["status"], json!({"code": 2, "message": "journal unavailable"}));
     }
 }

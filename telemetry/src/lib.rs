@@ -33,6 +33,25 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use config::{Config, ConfigError, ENV_HELP, Sampler};
 
+/// Span attribute keys (OpenTelemetry style: dotted, lower case).
+pub mod attr {
+    pub const CONVERSATION_ID: &str = "conversation.id";
+    pub const EVENT_ID: &str = "event.id";
+    pub const EVENT_TYPE: &str = "event.type";
+    /// The event's sequence in the stream that stored it.
+    pub const STREAM_SEQ: &str = "stream.sequence";
+    pub const PARTITION: &str = "partition";
+    /// The applied marker's `CONV_APPLIED` sequence.
+    pub const MARKER_SEQ: &str = "marker.sequence";
+    /// Events an input emitted.
+    pub const EMITTED: &str = "emitted";
+    /// An output's position in its conversation.
+    pub const POSITION: &str = "position";
+    pub const REDELIVERED: &str = "redelivered";
+    /// Effects a cancel stopped on this instance.
+    pub const STOPPED: &str = "effects.stopped";
+}
+
 /// A 16-byte trace id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TraceId(pub [u8; 16]);
@@ -60,10 +79,11 @@ fn nonzero<const N: usize>(mut id: [u8; N]) -> [u8; N] {
 
 impl TraceId {
     /// The trace of the causal chain `event` belongs to: its correlation id
-    /// (the root's id), or its own id when it is a root.
+    /// (the root's id), or its own id when it is a root — within its
+    /// conversation (ids clients choose repeat across conversations).
     pub fn of(event: &Envelope) -> TraceId {
         let root = event.correlation_id.as_deref().unwrap_or(&event.id);
-        let d = digest(&["conv.trace", root]);
+        let d = digest(&["conv-trace", event.conversation_id.as_str(), root]);
         let mut id = [0u8; 16];
         id.copy_from_slice(&d[..16]);
         TraceId(nonzero(id))
@@ -78,6 +98,16 @@ impl SpanId {
     pub fn hex(&self) -> String {
         hex(&self.0)
     }
+
+    /// An id of its own for a span no one links to by id (an attempt that
+    /// was handed back, one instance's share of a cancel): from the time,
+    /// this process and a counter.
+    pub fn unique() -> SpanId {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
+        span_id(&["conv-unique", &std::process::id().to_string(), &nanos.to_string(), &n.to_string()])
+    }
 }
 
 fn span_id(parts: &[&str]) -> SpanId {
@@ -87,14 +117,14 @@ fn span_id(parts: &[&str]) -> SpanId {
     SpanId(nonzero(id))
 }
 
-/// The span of the event with this id (recorded by its producer).
-pub fn event_span_id(event_id: &str) -> SpanId {
-    span_id(&["conv.event", event_id])
+/// The span of the event with this id in `conversation` (recorded by its producer).
+pub fn event_span_id(conversation: &str, event_id: &str) -> SpanId {
+    span_id(&["conv-event", conversation, event_id])
 }
 
-/// The span of `worker`'s work on the event with this id.
-pub fn work_span_id(event_id: &str, worker: &str) -> SpanId {
-    span_id(&["conv.work", worker, event_id])
+/// The span of `worker`'s work on the event with this id in `conversation`.
+pub fn work_span_id(conversation: &str, event_id: &str, worker: &str) -> SpanId {
+    span_id(&["conv-work", worker, conversation, event_id])
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -184,10 +214,11 @@ impl Span {
     /// type, a child of `parent` (the work that emitted it; `None`: the
     /// span of its cause, if any).
     pub fn event(event: &Envelope, parent: Option<SpanId>, start: SystemTime) -> Span {
-        let parent = parent.or_else(|| event.causation_id.as_deref().map(event_span_id));
+        let conversation = event.conversation_id.as_str();
+        let parent = parent.or_else(|| event.causation_id.as_deref().map(|c| event_span_id(conversation, c)));
         Span {
             trace_id: TraceId::of(event),
-            span_id: event_span_id(&event.id),
+            span_id: event_span_id(conversation, &event.id),
             parent,
             name: Cow::Borrowed(event.event_type().as_str()),
             kind: Kind::Producer,
@@ -201,10 +232,11 @@ impl Span {
 
     /// The span of `worker`'s work on `event`, a child of the event's span.
     pub fn work(name: &'static str, worker: &str, event: &Envelope, start: SystemTime) -> Span {
+        let conversation = event.conversation_id.as_str();
         Span {
             trace_id: TraceId::of(event),
-            span_id: work_span_id(&event.id, worker),
-            parent: Some(event_span_id(&event.id)),
+            span_id: work_span_id(conversation, &event.id, worker),
+            parent: Some(event_span_id(conversation, &event.id)),
             name: Cow::Borrowed(name),
             kind: Kind::Consumer,
             start,
@@ -216,13 +248,19 @@ impl Span {
     }
 
     fn with_event(self, event: &Envelope) -> Span {
-        self.attr("conv.conversation_id", event.conversation_id.as_str())
-            .attr("conv.event_id", event.id.as_str())
-            .attr("conv.event_type", event.event_type().as_str())
+        self.attr(attr::CONVERSATION_ID, event.conversation_id.as_str())
+            .attr(attr::EVENT_ID, event.id.as_str())
+            .attr(attr::EVENT_TYPE, event.event_type().as_str())
     }
 
     pub fn attr(mut self, key: &'static str, value: impl Into<Value>) -> Span {
         self.attributes.push((key, value.into()));
+        self
+    }
+
+    /// The same span under another id (its children link to the id it had).
+    pub fn with_id(mut self, id: SpanId) -> Span {
+        self.span_id = id;
         self
     }
 
@@ -283,9 +321,9 @@ impl Tracer {
             Sampler::Ratio(r) => (false, (r.max(0.0) * u64::MAX as f64) as u64),
         };
         let (queue, commands) = mpsc::channel(config.max_queue);
-        let exporter = export::Exporter::new(config, endpoint, service, spans.clone())?;
+        let exporter = export::Exporter::new(config, endpoint.clone(), service, spans.clone())?;
         tokio::spawn(exporter.run(commands, config.schedule_delay, config.max_batch));
-        tracing::info!(message = "Exporting traces.", endpoint = %config.endpoint.as_deref().unwrap_or_default());
+        tracing::info!(message = "Exporting traces.", endpoint = %config::redacted(&endpoint));
         Ok(Tracer { inner: Some(Arc::new(Inner { queue, keep_below, keep_all, spans })) })
     }
 
@@ -376,9 +414,14 @@ mod tests {
         let emitted = Span::event(&step, Some(work.span_id), SystemTime::now());
         assert_eq!(emitted.parent, Some(work.span_id));
         // Without a known producer, the cause's span is the parent.
-        assert_eq!(Span::event(&effect, None, SystemTime::now()).parent, Some(event_span_id("d1")));
-        assert_ne!(work_span_id("u1", "runtime"), work_span_id("u1", "projections"));
-        assert_eq!(event_span_id("u1").hex().len(), 16);
+        assert_eq!(Span::event(&effect, None, SystemTime::now()).parent, Some(event_span_id("c1", "d1")));
+        assert_ne!(work_span_id("c1", "u1", "runtime"), work_span_id("c1", "u1", "projections"));
+        assert_eq!(event_span_id("c1", "u1").hex().len(), 16);
+        // The same client-chosen id in another conversation is another trace.
+        let mut elsewhere = message("u1");
+        elsewhere.conversation_id = ConversationId::parse("c2").expect("id");
+        assert_ne!(TraceId::of(&user), TraceId::of(&elsewhere));
+        assert_ne!(event_span_id("c1", "u1"), event_span_id("c2", "u1"));
         assert_eq!(TraceId::of(&user).hex().len(), 32);
     }
 
