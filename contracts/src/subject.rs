@@ -22,6 +22,15 @@ pub const STREAMS: [&str; 6] = [STREAM_IN, STREAM_EFFECT, STREAM_APPLIED, STREAM
 /// Subjects under which conv writes its own dead-letter records into `CONV_DLQ`.
 pub const DLQ_SUBJECT_PREFIX: &str = "conv.dlq";
 
+/// The NATS service group of ingress's request API (`conv.ingress.event`,
+/// `conv.ingress.message`).
+pub const INGRESS_API_GROUP: &str = "conv.ingress";
+
+/// Whether `subject` is in the input namespace (`conv.in.…`), well formed or not.
+pub fn is_input(subject: &str) -> bool {
+    subject.starts_with("conv.in.")
+}
+
 /// What `CONV_IN` captures: exactly the well-shaped input subjects
 /// `conv.in.<family>.<conversation_id>`.
 pub const IN_SUBJECTS: &str = "conv.in.*.*";

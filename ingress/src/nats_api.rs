@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::{IngestError, Ingress, Meta, SOURCE_NATS, build};
 
-pub const GROUP: &str = "conv.ingress";
+pub const GROUP: &str = conv_contracts::subject::INGRESS_API_GROUP;
 
 /// Why the NATS API could not run.
 #[derive(Debug, thiserror::Error)]

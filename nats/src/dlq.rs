@@ -190,7 +190,7 @@ pub async fn get(js: &jetstream::Context, id: u64) -> Result<DeadLetter, Error> 
             original_error,
         });
     }
-    let stray = subject.starts_with("conv.in.");
+    let stray = subject::is_input(&subject);
     Ok(DeadLetter {
         id,
         time,

@@ -762,7 +762,7 @@ mod tests {
     fn config_file_layer() {
         let dir = std::env::temp_dir().join(format!("conv-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("conv.toml");
+        let path = dir.join("service.toml");
         std::fs::write(&path, "[service]\nhttp_addr = \"127.0.0.1:7000\"\n[topology]\npartitions = 8\n")
             .expect("write");
         let id = Identity {

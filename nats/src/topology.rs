@@ -241,7 +241,7 @@ pub fn dlq_reason(subject: &str) -> &'static str {
         "max_deliveries"
     } else if subject.starts_with("$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.") {
         "terminated"
-    } else if subject.starts_with("conv.in.") {
+    } else if subject::is_input(subject) {
         "stray_subject"
     } else {
         "other"

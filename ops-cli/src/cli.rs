@@ -144,7 +144,7 @@ pub enum Command {
     /// Inspect and re-drive dead letters in CONV_DLQ (re-drive is audited in CONV_AUDIT).
     #[command(subcommand)]
     Dlq(DlqCommand),
-    /// Benchmark the whole pipeline (own nats-server, services in-process) against raw JetStream in the same run.
+    /// Benchmark the whole pipeline (own nats-server, one process of each service) against raw JetStream in the same run.
     Bench {
         /// Conversations running at once.
         #[arg(long, default_value_t = 20)]
@@ -407,7 +407,7 @@ mod tests {
     #[test]
     fn topology_layers_file_env_flags() {
         let dir = tempfile::tempdir().expect("dir");
-        let path = dir.path().join("conv.toml");
+        let path = dir.path().join("service.toml");
         std::fs::write(
             &path,
             "[service]\nlog_format = \"json\"\n[options]\nsnapshot_every = 8\n[topology]\npartitions = 8\nreplicas = 3\ndlq_max_bytes = 5000000\n",

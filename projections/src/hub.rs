@@ -815,6 +815,7 @@ impl Drop for ReaderGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use conv_contracts::EventType;
     use conv_contracts::payload::*;
 
     fn conv() -> ConversationId {
@@ -848,9 +849,9 @@ mod tests {
             let s = String::from_utf8(f.to_vec()).expect("utf8");
             let data: serde_json::Value =
                 serde_json::from_str(s.lines().find_map(|l| l.strip_prefix("data: ")).expect("data")).expect("json");
-            match data["type"].as_str() {
-                Some("conv.out.message.delta") => text.push_str(data["data"]["text"].as_str().expect("text")),
-                Some("conv.out.message.reset") => {
+            match data["type"].as_str().and_then(|t| t.parse::<EventType>().ok()) {
+                Some(EventType::OutMessageDelta) => text.push_str(data["data"]["text"].as_str().expect("text")),
+                Some(EventType::OutMessageReset) => {
                     text.truncate(data["data"]["offset"].as_u64().expect("offset") as usize)
                 }
                 _ => {}

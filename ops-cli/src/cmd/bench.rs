@@ -1,8 +1,9 @@
 //! `convctl bench`: the whole pipeline under load, next to raw JetStream on
 //! the same server in the same run.
 //!
-//! It starts its own `nats-server` (temp dir, free port) and every service
-//! in-process (scripted provider, 0 ms per token), then:
+//! It starts its own `nats-server` (temp dir, free port) and one process of
+//! every service (the binaries next to `convctl`; scripted provider, 0 ms
+//! per token), then:
 //! 1. N conversations × M turns through HTTP, each conversation reading its
 //!    SSE stream: turns/s, first-delta latency (message accepted → first
 //!    delta on the stream), journal writes per turn;
@@ -14,10 +15,10 @@
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
+use conv_contracts::EventType;
 use futures::StreamExt;
 use serde::Serialize;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
 use crate::cli::Global;
 use crate::{Error, Outcome};
@@ -53,44 +54,20 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     v[(((v.len() - 1) as f64) * p).round() as usize]
 }
 
-/// Reads SSE events (type, data) from a response body.
-struct Sse {
-    body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
-    buf: String,
-}
-
-impl Sse {
-    async fn next(&mut self) -> Option<(String, Value)> {
-        loop {
-            if let Some(pos) = self.buf.find("\n\n") {
-                let block: String = self.buf.drain(..pos + 2).collect();
-                let mut ty = String::new();
-                let mut data = String::new();
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("event:") {
-                        ty = v.trim().to_owned();
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        data.push_str(v.trim());
-                    }
-                }
-                if ty.is_empty() {
-                    continue;
-                }
-                return Some((ty, serde_json::from_str(&data).unwrap_or(Value::Null)));
-            }
-            let chunk = tokio::time::timeout(Duration::from_secs(30), self.body.next()).await.ok()??.ok()?;
-            self.buf.push_str(&String::from_utf8_lossy(&chunk));
-        }
-    }
-}
-
-async fn sse(http: &reqwest::Client, projections: SocketAddr, conv: &str) -> Result<Sse, Error> {
-    let r = http
-        .get(format!("http://{projections}/v1/conversations/{conv}/stream"))
-        .send()
+async fn sse(http: &reqwest::Client, projections: SocketAddr, conv: &str) -> Result<Events, Error> {
+    let stream = conv_client::EventStream::open(http, &format!("http://{projections}"), conv, None, None)
         .await
         .map_err(|e| Error::Invalid(e.to_string()))?;
-    Ok(Sse { body: r.bytes_stream().boxed(), buf: String::new() })
+    Ok(Events(stream))
+}
+
+/// A conversation's stream; `None` when it ended, broke or fell silent for 30 s.
+struct Events(conv_client::EventStream);
+
+impl Events {
+    async fn next(&mut self) -> Option<conv_client::Event> {
+        tokio::time::timeout(Duration::from_secs(30), self.0.next()).await.ok()??.ok()
+    }
 }
 
 async fn post(http: &reqwest::Client, ingress: SocketAddr, conv: &str, what: &str, body: Value) -> Result<(), Error> {
@@ -169,32 +146,57 @@ async fn bench(url: &str, conversations: usize, turns: usize, aborts: usize) -> 
     let js = conv_nats::jetstream(client, &nats);
     conv_nats::topology::apply(&js, &conv_nats::Topology::declare(&conv_nats::TopologyConfig::default())).await?;
 
-    let shutdown = CancellationToken::new();
     let (ingress, projections) = (free_addr()?, free_addr()?);
-    let mut tasks = Vec::new();
-    let ic: conv_ingress::Config = conv_nats::service::Settings::for_test(nats.clone(), ingress);
-    tasks.push(tokio::spawn({
-        let t = shutdown.clone();
-        async move { conv_ingress::run(ic, t).await.map_err(|e| e.to_string()) }
-    }));
-    let mut rc: conv_runtime::Config = conv_nats::service::Settings::for_test(nats.clone(), free_addr()?);
-    rc.options.heartbeat_ms = 200;
-    tasks.push(tokio::spawn({
-        let t = shutdown.clone();
-        async move { conv_runtime::run(rc, t).await.map_err(|e| e.to_string()) }
-    }));
-    let mut ec: conv_effects::Config = conv_nats::service::Settings::for_test(nats.clone(), free_addr()?);
-    ec.options.scripted_token_delay_ms = 0;
-    ec.options.concurrency = 256;
-    tasks.push(tokio::spawn({
-        let t = shutdown.clone();
-        async move { conv_effects::run(ec, t).await.map_err(|e| e.to_string()) }
-    }));
-    let pc: conv_projections::Config = conv_nats::service::Settings::for_test(nats.clone(), projections);
-    tasks.push(tokio::spawn({
-        let t = shutdown.clone();
-        async move { conv_projections::run(pc, t).await.map_err(|e| e.to_string()) }
-    }));
+    let mut services = Vec::new();
+    let dir = super::up::bin_dir()?;
+    let callback_secret = super::up::random_secret()?;
+    for (name, var, addr) in [
+        ("conv-ingress", "CONV_INGRESS_ADDR", ingress),
+        ("conv-runtime", "CONV_RUNTIME_ADDR", free_addr()?),
+        ("conv-effects", "CONV_EFFECTS_ADDR", free_addr()?),
+        ("conv-projections", "CONV_PROJECTIONS_ADDR", projections),
+    ] {
+        let bin = dir.join(name);
+        let child = tokio::process::Command::new(&bin)
+            .env("NATS_URL", url)
+            .env(var, addr.to_string())
+            .env("CONV_CALLBACK_SECRET", &callback_secret)
+            .env("CONV_RUNTIME_HEARTBEAT_MS", "200")
+            .env("CONV_SCRIPTED_TOKEN_DELAY_MS", "0")
+            .env("RUST_LOG", "warn")
+            .env_remove("CONV_CONFIG")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn();
+        match child {
+            Ok(c) => services.push((name, c)),
+            Err(e) => {
+                for (n, mut c) in services {
+                    super::up::stop(n, &mut c).await;
+                }
+                return Err(Error::Invalid(format!(
+                    "cannot start {} ({e}); build the services with `cargo build --workspace`",
+                    bin.display()
+                )));
+            }
+        }
+    }
+    // Children left on an early return are killed when dropped.
+    measure(&js, services, ingress, projections, conversations, turns, aborts).await
+}
+
+async fn measure(
+    js: &async_nats::jetstream::Context,
+    services: Vec<(&'static str, tokio::process::Child)>,
+    ingress: SocketAddr,
+    projections: SocketAddr,
+    conversations: usize,
+    turns: usize,
+    aborts: usize,
+) -> Result<Report, Error> {
     let http = reqwest::Client::new();
     for addr in [ingress, projections] {
         for _ in 0..100 {
@@ -208,7 +210,7 @@ async fn bench(url: &str, conversations: usize, turns: usize, aborts: usize) -> 
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     // 1. Turns.
-    let writes_before = stream_messages(&js).await;
+    let writes_before = stream_messages(js).await;
     let phase = Instant::now();
     let mut workers = Vec::new();
     for c in 0..conversations {
@@ -223,16 +225,16 @@ async fn bench(url: &str, conversations: usize, turns: usize, aborts: usize) -> 
                 let mut seen_delta = false;
                 let mut running = false;
                 loop {
-                    let Some((ty, data)) = events.next().await else {
+                    let Some(event) = events.next().await else {
                         return Err(Error::Invalid(format!("{conv}: the stream ended")));
                     };
-                    match ty.as_str() {
-                        "conv.out.message.delta" if !seen_delta => {
+                    match event.ty {
+                        EventType::OutMessageDelta if !seen_delta => {
                             seen_delta = true;
                             first.push(t0.elapsed().as_secs_f64() * 1000.0);
                         }
-                        "conv.out.run.status_changed" => {
-                            let status = data["data"]["status"].as_str().unwrap_or("");
+                        EventType::OutRunStatus => {
+                            let status = event.data()["status"].as_str().unwrap_or("");
                             if status == "running" {
                                 running = true;
                             } else if running {
@@ -251,7 +253,7 @@ async fn bench(url: &str, conversations: usize, turns: usize, aborts: usize) -> 
         first_delta.extend(w.await.map_err(|e| Error::Invalid(e.to_string()))??);
     }
     let turn_secs = phase.elapsed().as_secs_f64();
-    let writes = stream_messages(&js).await - writes_before;
+    let writes = stream_messages(js).await - writes_before;
     let total_turns = conversations * turns;
 
     // 2. Aborts during a long tool call.
@@ -264,7 +266,7 @@ async fn bench(url: &str, conversations: usize, turns: usize, aborts: usize) -> 
             post(&http, ingress, &conv, "messages", json!({"text": "/tool sleep {\"ms\": 30000}"})).await?;
             loop {
                 match events.next().await {
-                    Some((ty, _)) if ty == "conv.out.tool.called" => break,
+                    Some(e) if e.ty == EventType::OutToolCalled => break,
                     Some(_) => {}
                     None => return Err(Error::Invalid(format!("{conv}: the stream ended"))),
                 }
@@ -273,7 +275,7 @@ async fn bench(url: &str, conversations: usize, turns: usize, aborts: usize) -> 
             post(&http, ingress, &conv, "abort", json!({})).await?;
             loop {
                 match events.next().await {
-                    Some((ty, d)) if ty == "conv.out.tool.result" && d["data"]["outcome"] == "canceled" => {
+                    Some(e) if e.ty == EventType::OutToolResult && e.data()["outcome"] == "canceled" => {
                         return Ok(t0.elapsed().as_secs_f64() * 1000.0);
                     }
                     Some(_) => {}
@@ -286,9 +288,9 @@ async fn bench(url: &str, conversations: usize, turns: usize, aborts: usize) -> 
     for w in workers {
         abort_ms.push(w.await.map_err(|e| Error::Invalid(e.to_string()))??);
     }
-    shutdown.cancel();
-    for t in tasks {
-        let _ = t.await;
+    // The raw baseline runs on a server the services have left.
+    for (name, mut child) in services {
+        super::up::stop(name, &mut child).await;
     }
 
     // 3. Raw JetStream on the same server, as many messages as the pipeline journaled.

@@ -7,7 +7,7 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use conv_contracts::EventType;
 use serde_json::{Value, json};
 
 use crate::cli::Global;
@@ -57,79 +57,74 @@ pub async fn run(g: &Global, conversation: &str, text: &str, timeout: Duration) 
     let mut seen: Vec<Value> = Vec::new();
     let mut ours = false;
 
-    let stream = authorized(http.get(format!("http://{projections}/v1/conversations/{conversation}/stream")))
-        .header("Last-Event-ID", position.to_string())
-        .send()
-        .await
-        .map_err(|e| unreachable("conv-projections", &projections, e))?;
-    let mut body = stream.bytes_stream();
-    let mut buf = String::new();
+    let mut events = conv_client::EventStream::open(
+        &http,
+        &format!("http://{projections}"),
+        conversation,
+        Some(&position.to_string()),
+        key.as_deref(),
+    )
+    .await
+    .map_err(|e| Error::Invalid(format!("{e}; is the stack up (`convctl up`)?")))?;
     let mut out = std::io::stdout();
     let deadline = Instant::now() + timeout;
     let mut running = false;
     loop {
-        let chunk = tokio::time::timeout_at(deadline.into(), body.next())
+        let next = tokio::time::timeout_at(deadline.into(), events.next())
             .await
             .map_err(|_| Error::Invalid(format!("no end of the run within {}s", timeout.as_secs())))?;
-        let Some(chunk) = chunk else {
+        let Some(event) = next else {
             return Err(Error::Invalid("the stream closed before the run ended".into()));
         };
-        let chunk = chunk.map_err(|e| Error::Invalid(format!("stream broke: {e}")))?;
-        buf.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(pos) = buf.find("\n\n") {
-            let block: String = buf.drain(..pos + 2).collect();
-            let data: String = block.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim).collect();
-            let Ok(event) = serde_json::from_str::<Value>(&data) else { continue };
-            // The stored view may lag the stream: what comes before the first
-            // output of our own message belongs to an earlier one.
-            if !ours {
-                if event["causationid"] != accepted["event_id"] {
-                    continue;
-                }
-                ours = true;
-            }
-            if g.json {
-                let status = (event["type"] == "conv.out.run.status_changed").then(|| event["data"]["status"].clone());
-                seen.push(event);
-                match status.as_ref().and_then(Value::as_str) {
-                    Some("running") => running = true,
-                    Some(status) if running => {
-                        let code = u8::from(status == "failed");
-                        let report = json!({"accepted": accepted, "run_status": status, "events": seen});
-                        return Ok(Outcome { output: crate::to_json(&report), code });
-                    }
-                    _ => {}
-                }
+        let event = event.map_err(|e| Error::Invalid(e.to_string()))?;
+        // The stored view may lag the stream: what comes before the first
+        // output of our own message belongs to an earlier one.
+        if !ours {
+            if event.causation_id() != accepted["event_id"].as_str() {
                 continue;
             }
-            let d = &event["data"];
-            match event["type"].as_str().unwrap_or("") {
-                "conv.out.message.delta" => {
-                    let _ = write!(out, "{}", d["text"].as_str().unwrap_or(""));
-                    let _ = out.flush();
-                }
-                "conv.out.tool.called" => {
-                    let _ = writeln!(out, "\n[tool {} {}]", d["name"].as_str().unwrap_or("?"), d["args"]);
-                }
-                "conv.out.tool.result" => {
-                    let _ = writeln!(out, "[{} → {}]", d["outcome"].as_str().unwrap_or("?"), d["result"]);
-                }
-                "conv.out.run.status_changed" => {
-                    let status = d["status"].as_str().unwrap_or("");
-                    if status == "running" {
-                        running = true;
-                    } else if running {
-                        let _ = writeln!(out);
-                        let code = u8::from(status == "failed");
-                        let output = if status == "idle" { String::new() } else { format!("(run {status})") };
-                        return Ok(Outcome { output, code });
-                    }
-                }
-                "conv.out.message.appended" if d["role"] == "system" && d["status"] == "failed" => {
-                    let _ = writeln!(out, "\n{}", d["text"].as_str().unwrap_or(""));
-                }
-                _ => {}
+            ours = true;
+        }
+        let d = event.data().clone();
+        // The run ended: its status went to running and then to anything else.
+        let ended = match (event.ty, d["status"].as_str()) {
+            (EventType::OutRunStatus, Some("running")) => {
+                running = true;
+                None
             }
+            (EventType::OutRunStatus, Some(status)) if running => Some(status.to_owned()),
+            _ => None,
+        };
+        if g.json {
+            seen.push(event.raw);
+            if let Some(status) = ended {
+                let code = u8::from(status == "failed");
+                let report = json!({"accepted": accepted, "run_status": status, "events": seen});
+                return Ok(Outcome { output: crate::to_json(&report), code });
+            }
+            continue;
+        }
+        match event.ty {
+            EventType::OutMessageDelta => {
+                let _ = write!(out, "{}", d["text"].as_str().unwrap_or(""));
+                let _ = out.flush();
+            }
+            EventType::OutToolCalled => {
+                let _ = writeln!(out, "\n[tool {} {}]", d["name"].as_str().unwrap_or("?"), d["args"]);
+            }
+            EventType::OutToolResult => {
+                let _ = writeln!(out, "[{} → {}]", d["outcome"].as_str().unwrap_or("?"), d["result"]);
+            }
+            EventType::OutMessageAppended if d["role"] == "system" && d["status"] == "failed" => {
+                let _ = writeln!(out, "\n{}", d["text"].as_str().unwrap_or(""));
+            }
+            _ => {}
+        }
+        if let Some(status) = ended {
+            let _ = writeln!(out);
+            let code = u8::from(status == "failed");
+            let output = if status == "idle" { String::new() } else { format!("(run {status})") };
+            return Ok(Outcome { output, code });
         }
     }
 }

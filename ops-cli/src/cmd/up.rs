@@ -58,7 +58,7 @@ pub(crate) fn random_secret() -> Result<String, Error> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn bin_dir() -> Result<PathBuf, Error> {
+pub(crate) fn bin_dir() -> Result<PathBuf, Error> {
     let exe = std::env::current_exe().map_err(|e| Error::Invalid(format!("cannot locate convctl: {e}")))?;
     Ok(exe.parent().map(Path::to_path_buf).unwrap_or_default())
 }
