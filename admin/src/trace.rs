@@ -32,8 +32,8 @@ pub enum Error {
     /// No such conversation or event in the journal.
     #[error("{0}")]
     NotFound(String),
-    #[error("reading {stream}: {detail}")]
-    Read { stream: &'static str, detail: String },
+    #[error(transparent)]
+    Read(#[from] conv_nats::read::ReadError),
     #[error(transparent)]
     DeadLetters(#[from] conv_nats::dlq::Error),
 }
@@ -138,7 +138,7 @@ async fn load(js: &async_nats::jetstream::Context, conversation: &ConversationId
     let mut events = Events::default();
     for (stream, kind) in STREAMS {
         let filter = conv_contracts::subject::kind_conversation_filter(kind, conversation);
-        for m in read::all(js, stream, &filter, true).await.map_err(|detail| Error::Read { stream, detail })? {
+        for m in read::all(js, stream, &filter, true).await? {
             if let Some(n) = node(&m) {
                 events.add(n);
             }

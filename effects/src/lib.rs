@@ -212,25 +212,25 @@ impl Options for EffectsOptions {
         Ok(())
     }
 
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), conv_nats::service::Invalid> {
         match self.llm_provider.as_str() {
             "scripted" => {}
             "openai" if self.llm_base_url.is_empty() || self.llm_model.is_empty() => {
                 return Err("CONV_LLM_PROVIDER=openai needs CONV_LLM_BASE_URL and CONV_LLM_MODEL".into());
             }
             "openai" => {}
-            other => return Err(format!("CONV_LLM_PROVIDER={other:?}: use `scripted` or `openai`")),
+            other => return Err(format!("CONV_LLM_PROVIDER={other:?}: use `scripted` or `openai`").into()),
         }
         if self.llm_stall_timeout_ms == 0 || self.llm_retry_min_ms == 0 {
             return Err("options.llm_stall_timeout_ms and options.llm_retry_min_ms must be positive".into());
         }
         for tool in &self.tools {
             if ["echo", "sleep", TIMER_TOOL].contains(&tool.name.as_str()) || tool.name.is_empty() {
-                return Err(format!("webhook tool name {:?} is empty or taken by a built-in tool", tool.name));
+                return Err(format!("webhook tool name {:?} is empty or taken by a built-in tool", tool.name).into());
             }
             if !(tool.url.starts_with("http://") || tool.url.starts_with("https://")) {
                 // The URL may carry credentials: it is not repeated.
-                return Err(format!("webhook tool {}: its url is not http(s)", tool.name));
+                return Err(format!("webhook tool {}: its url is not http(s)", tool.name).into());
             }
         }
         if self.concurrency == 0

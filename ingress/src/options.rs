@@ -72,12 +72,12 @@ impl Options for IngressOptions {
         env_override(env, "CONV_INGRESS_SHED_POLL_MS", &mut self.shed_poll_ms)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), conv_nats::service::Invalid> {
         // Consumers validate events against the 1 MiB contract limit, so a
         // larger body would be accepted here and dead-lettered there.
         let max = conv_contracts::rejection::DEFAULT_MAX_EVENT_BYTES;
         if self.max_body_bytes == 0 || self.max_body_bytes > max {
-            return Err(format!("options.max_body_bytes must be 1..={max}, got {}", self.max_body_bytes));
+            return Err(format!("options.max_body_bytes must be 1..={max}, got {}", self.max_body_bytes).into());
         }
         if self.publish_timeout_ms == 0 || self.dlq_poll_secs == 0 {
             return Err("options.publish_timeout_ms and options.dlq_poll_secs must be positive".into());

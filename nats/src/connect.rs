@@ -40,7 +40,7 @@ impl Default for NatsConfig {
 }
 
 impl NatsConfig {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), crate::service::Invalid> {
         if self.url.trim().is_empty() {
             return Err("nats.url must not be empty".into());
         }
@@ -60,17 +60,18 @@ impl NatsConfig {
     /// The servers of `url`: one, or several separated by commas (the NATS
     /// convention, e.g. the three nodes of a cluster); the client connects
     /// to one of them and fails over to the others.
-    pub fn servers(&self) -> Result<Vec<async_nats::ServerAddr>, String> {
+    pub fn servers(&self) -> Result<Vec<async_nats::ServerAddr>, crate::service::Invalid> {
         self.url
             .split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
             .map(|s| {
-                s.parse::<async_nats::ServerAddr>()
-                    .map_err(|e| format!("nats.url (NATS_URL): {:?} is not a server address: {e}", redact_url(s)))
+                s.parse::<async_nats::ServerAddr>().map_err(|e| {
+                    format!("nats.url (NATS_URL): {:?} is not a server address: {e}", redact_url(s)).into()
+                })
             })
             .collect::<Result<Vec<_>, _>>()
-            .and_then(|v| if v.is_empty() { Err("nats.url (NATS_URL) names no server".to_owned()) } else { Ok(v) })
+            .and_then(|v| if v.is_empty() { Err("nats.url (NATS_URL) names no server".into()) } else { Ok(v) })
     }
 
     /// The URL for logs and errors: credentials replaced by `***`.
@@ -154,7 +155,7 @@ impl ConnectError {
 
 /// Connects once and fails if NATS does not answer (for CLIs and tests).
 pub async fn connect(config: &NatsConfig, name: &str) -> Result<async_nats::Client, ConnectError> {
-    let servers = config.servers().map_err(|detail| ConnectError::config(config, detail))?;
+    let servers = config.servers().map_err(|detail| ConnectError::config(config, detail.0))?;
     config.options(name).await?.connect(servers).await.map_err(|e| ConnectError::new(config, &e))
 }
 
@@ -165,7 +166,7 @@ pub async fn connect_lazy(config: &NatsConfig, name: &str) -> Result<async_nats:
         .options(name)
         .await?
         .retry_on_initial_connect()
-        .connect(config.servers().map_err(|detail| ConnectError::config(config, detail))?)
+        .connect(config.servers().map_err(|detail| ConnectError::config(config, detail.0))?)
         .await
         .map_err(|e| ConnectError::new(config, &e))
 }
@@ -209,9 +210,9 @@ mod tests {
     #[test]
     fn a_bad_server_in_the_list_is_named_without_its_credentials() {
         let err = with_url("nats://127.0.0.1:4222,nats://admin:hunter2@h:notaport").validate().expect_err("refused");
-        assert!(err.contains("NATS_URL"), "{err}");
-        assert!(err.contains("***@h:notaport"), "{err}");
-        assert!(!err.contains("hunter2"), "{err}");
+        assert!(err.0.contains("NATS_URL"), "{err}");
+        assert!(err.0.contains("***@h:notaport"), "{err}");
+        assert!(!err.0.contains("hunter2"), "{err}");
         assert!(with_url(" , ").validate().is_err());
     }
 }

@@ -56,7 +56,7 @@ impl Default for HttpLimits {
 }
 
 impl HttpLimits {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), crate::service::Invalid> {
         if self.header_read_timeout_ms == 0 || self.max_connections == 0 {
             return Err("service.header_read_timeout_ms and service.max_connections must be positive".into());
         }

@@ -38,6 +38,30 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// A setting that cannot be used, and why (for the operator; no value is
+/// repeated that could be a secret).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+impl From<&str> for Invalid {
+    fn from(why: &str) -> Self {
+        Invalid(why.to_owned())
+    }
+}
+
+impl From<String> for Invalid {
+    fn from(why: String) -> Self {
+        Invalid(why)
+    }
+}
+
+impl From<Invalid> for ConfigError {
+    fn from(e: Invalid) -> Self {
+        ConfigError::Invalid(e.0)
+    }
+}
+
 /// Log output format. Env override: `CONV_LOG_FORMAT` (`pretty` or `json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -103,7 +127,7 @@ pub trait Options: DeserializeOwned + Default + Clone + std::fmt::Debug + Send +
         Ok(())
     }
 
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), Invalid> {
         Ok(())
     }
 }
@@ -165,10 +189,10 @@ impl<O: Options> Settings<O> {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.nats.validate().map_err(ConfigError::Invalid)?;
-        self.topology.validate().map_err(ConfigError::Invalid)?;
-        self.options.validate().map_err(ConfigError::Invalid)?;
-        self.service.http.validate().map_err(ConfigError::Invalid)?;
+        self.nats.validate()?;
+        self.topology.validate()?;
+        self.options.validate()?;
+        self.service.http.validate()?;
         if self.service.http_addr.is_none() {
             return Err(ConfigError::Invalid("service.http_addr is not set".into()));
         }
@@ -753,7 +777,7 @@ mod tests {
         assert_eq!(entries.history, 3);
 
         let small = TopologyConfig { dlq_max_bytes: 1000, ..Default::default() };
-        assert!(small.validate().expect_err("below one message").contains("dlq_max_bytes"));
+        assert!(small.validate().expect_err("below one message").0.contains("dlq_max_bytes"));
         let none = TopologyConfig { effects_max_ack_pending: 0, ..Default::default() };
         assert!(none.validate().is_err());
     }

@@ -149,12 +149,12 @@ impl Default for TopologyConfig {
 }
 
 impl TopologyConfig {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), crate::service::Invalid> {
         if !(1..=1024).contains(&self.partitions) {
-            return Err(format!("partitions must be 1..=1024, got {}", self.partitions));
+            return Err(format!("partitions must be 1..=1024, got {}", self.partitions).into());
         }
         if !(1..=5).contains(&self.replicas) {
-            return Err(format!("replicas must be 1..=5, got {}", self.replicas));
+            return Err(format!("replicas must be 1..=5, got {}", self.replicas).into());
         }
         if self.max_deliver < 1 {
             return Err("max_deliver must be at least 1".into());
@@ -177,7 +177,8 @@ impl TopologyConfig {
                 return Err(format!(
                     "{key} must be -1 (no limit) or at least max_msg_bytes ({}), got {bytes}",
                     self.max_msg_bytes
-                ));
+                )
+                .into());
             }
         }
         for (key, pending) in [
@@ -186,11 +187,13 @@ impl TopologyConfig {
             ("projections_max_ack_pending", self.projections_max_ack_pending),
         ] {
             if pending < 1 {
-                return Err(format!("{key} must be at least 1, got {pending}"));
+                return Err(format!("{key} must be at least 1, got {pending}").into());
             }
         }
         if !(1..=64).contains(&self.entries_history) {
-            return Err(format!("entries_history must be 1..=64 (a NATS KV limit), got {}", self.entries_history));
+            return Err(
+                format!("entries_history must be 1..=64 (a NATS KV limit), got {}", self.entries_history).into()
+            );
         }
         if self.journal_max_age_hours == 0 || self.audit_max_age_hours == 0 || self.dlq_max_age_hours == 0 {
             return Err("journal_max_age_hours, audit_max_age_hours and dlq_max_age_hours must be positive".into());

@@ -75,7 +75,7 @@ impl Global {
             creds: self.nats_creds.clone(),
             ..Default::default()
         };
-        cfg.validate().map_err(crate::Error::Invalid)?;
+        cfg.validate().map_err(|e| crate::Error::Invalid(e.0))?;
         Ok(cfg)
     }
 
@@ -116,7 +116,7 @@ fn topology_from(
     if let Some(r) = replicas {
         cfg.replicas = r;
     }
-    cfg.validate().map_err(crate::Error::Invalid)?;
+    cfg.validate().map_err(|e| crate::Error::Invalid(e.0))?;
     Ok(cfg)
 }
 

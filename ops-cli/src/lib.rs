@@ -35,6 +35,10 @@ pub enum Error {
     Invalid(String),
     #[error("JetStream: {0}")]
     JetStream(String),
+    #[error(transparent)]
+    Read(#[from] conv_nats::read::ReadError),
+    #[error(transparent)]
+    Views(#[from] conv_projections::ReadError),
 }
 
 /// Runs one parsed command line.

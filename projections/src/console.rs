@@ -144,7 +144,7 @@ impl Lister {
     }
 
     /// Every conversation with a view, newest first (cached for [`LIST_CACHE`]).
-    async fn all(&self) -> Result<Listed, String> {
+    async fn all(&self) -> Result<Listed, conv_nats::read::ReadError> {
         let mut cache = self.cache.lock().await;
         if let Some((at, ids)) = cache.as_ref()
             && at.elapsed() < LIST_CACHE
@@ -193,7 +193,7 @@ pub async fn list(State(l): State<Lister>, Query(q): Query<ListQuery>, headers: 
     let limit = q.limit.unwrap_or(100).clamp(1, 1_000);
     let all = match l.all().await {
         Ok(ids) => ids,
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
     };
     let ids: Vec<&(u64, String)> = all
         .iter()

@@ -509,7 +509,7 @@ pub enum StreamError {
     #[error("cannot subscribe to the conversation: {0}")]
     Subscribe(String),
     #[error("cannot read the conversation's output: {0}")]
-    Read(String),
+    Read(#[from] crate::ReadError),
 }
 
 impl Hub {
@@ -611,8 +611,7 @@ impl Hub {
         // Short conversations are read whole, so new readers need no history
         // read of their own; long ones start at the stored view.
         let cap = inner.config.buffer;
-        let head =
-            crate::store::head(&inner.store, conv.as_str()).await.map_err(|e| StreamError::Read(e.to_string()))?;
+        let head = crate::store::head(&inner.store, conv.as_str()).await.map_err(crate::ReadError::from)?;
         if let Some(head) = head.filter(|h| h.position > (cap / 2) as u64) {
             let mut st = lock(&topic.state);
             st.text.position = head.position;
@@ -636,11 +635,11 @@ impl Hub {
         } else {
             crate::store::head(&self.inner.store, topic.conv.as_str())
                 .await
-                .map_err(|e| StreamError::Read(e.to_string()))?
+                .map_err(crate::ReadError::from)?
                 .filter(|h| h.position <= position)
                 .map_or(0, |h| h.resume_seq)
         };
-        let stored = crate::journal_from(&self.inner.js, &topic.conv, start).await.map_err(StreamError::Read)?;
+        let stored = crate::journal_from(&self.inner.js, &topic.conv, start).await?;
         for (_, event) in stored {
             topic.durable(event, self.inner.config.buffer);
         }
@@ -716,7 +715,7 @@ impl Hub {
         let mut first = Vec::new();
         if cursor.position < base {
             // Older than what the topic keeps: read it back from the stream.
-            let stored = crate::journal_from(&self.inner.js, conv, 0).await.map_err(StreamError::Read)?;
+            let stored = crate::journal_from(&self.inner.js, conv, 0).await?;
             let mut events: BTreeMap<u64, Envelope> = BTreeMap::new();
             for (_, e) in stored {
                 if let Some(p) = e.position()

@@ -302,6 +302,17 @@ async fn stream(State(app): State<AppState>, Path(id): Path<String>, headers: He
         .map_err(unavailable)
 }
 
+/// Why the journal or the views could not be read (rebuild, verify, lists).
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Journal(#[from] conv_nats::read::ReadError),
+    #[error("the views bucket: {0}")]
+    Bucket(#[from] async_nats::jetstream::context::KeyValueError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+}
+
 /// A conversation's output stored at or after `CONV_OUT` sequence `start`
 /// (0: all of it), decoded, oldest first, with each event's sequence.
 /// Messages that do not decode are left out (the view workers dead-letter them).
@@ -309,7 +320,7 @@ pub(crate) async fn journal_from(
     js: &async_nats::jetstream::Context,
     conversation: &ConversationId,
     start: u64,
-) -> Result<Vec<(u64, Envelope)>, String> {
+) -> Result<Vec<(u64, Envelope)>, ReadError> {
     let stored =
         conv_nats::read::from(js, STREAM_OUT, &subject::out_conversation_filter(conversation), start, false).await?;
     Ok(stored
@@ -328,13 +339,13 @@ pub(crate) async fn journal_from(
 pub async fn rebuild(
     js: &async_nats::jetstream::Context,
     conversation: &ConversationId,
-) -> Result<(Timeline, usize), String> {
-    let bucket = js.get_key_value(KV_PROJECTIONS).await.map_err(|e| e.to_string())?;
+) -> Result<(Timeline, usize), ReadError> {
+    let bucket = js.get_key_value(KV_PROJECTIONS).await?;
     let events = journal_from(js, conversation, 0).await?;
     let last_seq = events.iter().map(|(s, _)| *s).max().unwrap_or(0);
     let view = timeline::fold(conversation.as_str(), events.iter().map(|(_, e)| e), None);
     let folded = events.iter().filter(|(_, e)| e.position().is_some_and(|p| p <= view.position)).count();
-    store::replace(&bucket, view.clone(), last_seq + 1, store::max_value(js)).await.map_err(|e| e.to_string())?;
+    store::replace(&bucket, view.clone(), last_seq + 1, store::max_value(js)).await?;
     Ok((view, folded))
 }
 
@@ -386,13 +397,13 @@ pub async fn verify(
     js: &async_nats::jetstream::Context,
     conversation: &ConversationId,
     settle: Duration,
-) -> Result<Verified, String> {
-    let bucket = js.get_key_value(KV_PROJECTIONS).await.map_err(|e| e.to_string())?;
+) -> Result<Verified, ReadError> {
+    let bucket = js.get_key_value(KV_PROJECTIONS).await?;
     let deadline = Instant::now() + settle;
     loop {
         let events = journal_from(js, conversation, 0).await?;
         let journal_position = events.iter().filter_map(|(_, e)| e.position()).max().unwrap_or(0);
-        let stored = store::read(&bucket, conversation.as_str()).await.map_err(|e| e.to_string())?;
+        let stored = store::read(&bucket, conversation.as_str()).await?;
         let view_position = stored.as_ref().map_or(0, |t| t.position);
         let mut differences = Vec::new();
         if view_position < journal_position && Instant::now() < deadline {
@@ -421,7 +432,7 @@ pub async fn verify(
 }
 
 /// Every conversation with output in `CONV_OUT`.
-pub async fn conversations(js: &async_nats::jetstream::Context) -> Result<Vec<ConversationId>, String> {
+pub async fn conversations(js: &async_nats::jetstream::Context) -> Result<Vec<ConversationId>, ReadError> {
     let mut ids: Vec<ConversationId> = conv_nats::read::all(js, STREAM_OUT, "", true)
         .await?
         .iter()

@@ -65,16 +65,16 @@ impl Options for ProjectionsOptions {
         env_override(env, "CONV_INGRESS_URL", &mut self.ingress_url)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), conv_nats::service::Invalid> {
         if !self.webhook_url.is_empty()
             && !self.webhook_url.starts_with("http://")
             && !self.webhook_url.starts_with("https://")
         {
-            return Err(format!("CONV_OUTBOUND_WEBHOOK_URL {:?} is not an http(s) URL", self.webhook_url));
+            return Err(format!("CONV_OUTBOUND_WEBHOOK_URL {:?} is not an http(s) URL", self.webhook_url).into());
         }
         conv_nats::keys::ApiKeys::new(&self.api_keys)?;
         if !self.ingress_url.starts_with("http://") && !self.ingress_url.starts_with("https://") {
-            return Err(format!("CONV_INGRESS_URL {:?} is not an http(s) URL", self.ingress_url));
+            return Err(format!("CONV_INGRESS_URL {:?} is not an http(s) URL", self.ingress_url).into());
         }
         if self.webhook_timeout_ms == 0 {
             return Err("options.webhook_timeout_ms must be positive".into());

@@ -72,12 +72,12 @@ impl Options for RuntimeOptions {
         env_override(env, "CONV_RUNTIME_CAUSALITY_WAIT_MS", &mut self.causality_wait_ms)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), conv_nats::service::Invalid> {
         if self.snapshot_every == 0 || self.heartbeat_ms == 0 {
             return Err("options.snapshot_every and options.heartbeat_ms must be positive".into());
         }
         if self.instance.contains(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_')) {
-            return Err(format!("options.instance {:?} must be [A-Za-z0-9_-]", self.instance));
+            return Err(format!("options.instance {:?} must be [A-Za-z0-9_-]", self.instance).into());
         }
         Ok(())
     }

@@ -117,12 +117,39 @@ struct Loaded {
     touched: Instant,
 }
 
+/// Why an event or a marker is not stored (or a state not loaded).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreFailed {
+    #[error("not connected to NATS (or the connection dropped meanwhile)")]
+    Disconnected,
+    #[error("not published")]
+    NotPublished,
+    #[error("the NATS connection dropped before the ack")]
+    AckCutOff,
+    #[error("publish: {0}")]
+    Publish(#[from] async_nats::jetstream::context::PublishError),
+    #[error("loading the snapshot: {0}")]
+    Snapshot(#[from] conv_store::snapshot::Error),
+    #[error("restoring from the journal: {0}")]
+    Journal(#[from] conv_store::journal::Error),
+    #[error("CONV_IN #{seq} is {found}, not the input {expected} its output names")]
+    WrongInput { seq: u64, found: String, expected: String },
+    #[error("the lease was not renewed in time")]
+    LeaseLapsed,
+    #[error("republishing the output of {input}: {source}")]
+    Republish { input: String, source: Box<StoreFailed> },
+    #[error("the marker of {input}: {source}")]
+    Marker { input: String, source: Box<StoreFailed> },
+    #[error("state vanished")]
+    Vanished,
+}
+
 /// Publishes every event pipelined, then awaits all the acks: the stream
 /// sequence of each, or why it is not stored, tagged as given.
 async fn publish_all(
     js: &async_nats::jetstream::Context,
     events: Vec<(usize, &Envelope)>,
-) -> Vec<(usize, Result<u64, String>)> {
+) -> Vec<(usize, Result<u64, StoreFailed>)> {
     let mut acks = Vec::new();
     let connected = connected(js);
     for (i, event) in events {
@@ -141,7 +168,7 @@ async fn publish_all(
     futures::future::join_all(acks.into_iter().map(|(i, ack)| async move {
         match ack {
             Some(ack) => (i, stored_at(ack).await),
-            None => (i, Err("not published".to_owned())),
+            None => (i, Err(StoreFailed::NotPublished)),
         }
     }))
     .await
@@ -156,10 +183,10 @@ fn connected(js: &async_nats::jetstream::Context) -> bool {
 
 /// The stream sequence a publish was stored at, or why it was not (an ack
 /// cut off by a disconnect ends at once).
-async fn stored_at(ack: async_nats::jetstream::context::PublishAckFuture) -> Result<u64, String> {
+async fn stored_at(ack: async_nats::jetstream::context::PublishAckFuture) -> Result<u64, StoreFailed> {
     match conv_nats::connect::unless_disconnected(ack).await {
-        Some(acked) => acked.map(|a| a.sequence).map_err(|e| e.to_string()),
-        None => Err("the NATS connection dropped before the ack".to_owned()),
+        Some(acked) => Ok(acked?.sequence),
+        None => Err(StoreFailed::AckCutOff),
     }
 }
 
@@ -189,11 +216,11 @@ async fn lease_holds(lease: &conv_nats::ownership::Lease) -> bool {
 
 /// Publishes an applied marker expecting `last` (the conversation's
 /// previous marker in `CONV_APPLIED`, 0: none) and awaits its ack.
-async fn publish_marker(js: &async_nats::jetstream::Context, marker: &Envelope, last: u64) -> Result<u64, String> {
+async fn publish_marker(js: &async_nats::jetstream::Context, marker: &Envelope, last: u64) -> Result<u64, StoreFailed> {
     if !connected(js) {
-        return Err("not connected to NATS".to_owned());
+        return Err(StoreFailed::Disconnected);
     }
-    stored_at(conv_nats::headers::publish_expecting(js, marker, last).await.map_err(|e| e.to_string())?).await
+    stored_at(conv_nats::headers::publish_expecting(js, marker, last).await?).await
 }
 
 /// Id of the applied marker of an input.
@@ -601,12 +628,11 @@ impl Worker {
     }
 
     /// The conversation's state: cached, or restored from snapshot + journal.
-    async fn load(&mut self, conv: &ConversationId) -> Result<&mut Loaded, String> {
+    async fn load(&mut self, conv: &ConversationId) -> Result<&mut Loaded, StoreFailed> {
         if !self.states.contains_key(conv) {
-            let stored = self.shared.snapshots.load(conv.as_str()).await.map_err(|e| e.to_string())?;
+            let stored = self.shared.snapshots.load(conv.as_str()).await?;
             let (revision, entries) = (stored.revision, stored.entries);
-            let mut rebuilt =
-                journal::rebuild(&self.shared.js, conv, stored.snapshot).await.map_err(|e| e.to_string())?;
+            let mut rebuilt = journal::rebuild(&self.shared.js, conv, stored.snapshot).await?;
             if !rebuilt.mismatches.is_empty() {
                 tracing::error!(message = "Restored state differs from recorded hashes.", conversation_id = %conv, markers = ?rebuilt.mismatches);
             }
@@ -624,7 +650,7 @@ impl Worker {
                 },
             );
         }
-        self.states.get_mut(conv).ok_or_else(|| "state vanished".to_owned())
+        self.states.get_mut(conv).ok_or(StoreFailed::Vanished)
     }
 
     /// Applies the inputs whose output a previous owner stored without their
@@ -637,17 +663,15 @@ impl Worker {
         conv: &ConversationId,
         snapshot: &mut conv_core::snapshot::Snapshot,
         last_marker: &mut u64,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, StoreFailed> {
         let js = &self.shared.js;
-        let found = journal::orphans(js, conv, snapshot.state.pointers.outputs, *last_marker)
-            .await
-            .map_err(|e| e.to_string())?;
+        let found = journal::orphans(js, conv, snapshot.state.pointers.outputs, *last_marker).await?;
         let Some(orphans) = found else { return Ok(0) };
         let mut adopted = 0;
         for (seq, id) in &orphans.inputs {
-            let input = journal::input(js, *seq).await.map_err(|e| e.to_string())?;
+            let input = journal::input(js, *seq).await?;
             if input.id != *id {
-                return Err(format!("CONV_IN #{seq} is {}, not the input {id} its output names", input.id));
+                return Err(StoreFailed::WrongInput { seq: *seq, found: input.id, expected: id.clone() });
             }
             let applied = reducer::apply(&mut snapshot.state, &input);
             if applied.duplicate {
@@ -660,7 +684,7 @@ impl Worker {
                 seq
             );
             if !lease_holds(&self.lease).await {
-                return Err("the lease was not renewed in time".to_owned());
+                return Err(StoreFailed::LeaseLapsed);
             }
             let events: Vec<Envelope> = applied
                 .emitted
@@ -669,15 +693,16 @@ impl Worker {
                 .map(|e| with_input_seq(e, *seq))
                 .collect();
             for (_, result) in publish_all(js, events.iter().enumerate().collect()).await {
-                result.map_err(|e| format!("republishing the output of {id}: {e}"))?;
+                result.map_err(|e| StoreFailed::Republish { input: id.clone(), source: Box::new(e) })?;
             }
             let state = &snapshot.state;
             let marker = marker(&input, *seq, state.version, state.hash());
             if !lease_holds(&self.lease).await {
-                return Err("the lease was not renewed in time".to_owned());
+                return Err(StoreFailed::LeaseLapsed);
             }
-            let marker_seq =
-                publish_marker(js, &marker, *last_marker).await.map_err(|e| format!("the marker of {id}: {e}"))?;
+            let marker_seq = publish_marker(js, &marker, *last_marker)
+                .await
+                .map_err(|e| StoreFailed::Marker { input: id.clone(), source: Box::new(e) })?;
             snapshot.applied_seq = snapshot.applied_seq.max(marker_seq);
             *last_marker = marker_seq;
             adopted += 1;
@@ -711,7 +736,7 @@ impl Worker {
                 continue;
             }
             let loaded = conv_nats::connect::unless_disconnected(self.load(&conv)).await;
-            if let Err(error) = loaded.unwrap_or_else(|| Err("the NATS connection dropped while loading".into())) {
+            if let Err(error) = loaded.unwrap_or(Err(StoreFailed::Disconnected)) {
                 tracing::warn!(message = "Cannot load state; will retry.", conversation_id = %conv, %error);
                 let _ = pending.token.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
                 failed.insert(conv);

@@ -236,7 +236,7 @@ async fn beyond(
         Some(t) => conv_nats::read::stored_since(js, out, filter, t, false).await,
         None => conv_nats::read::all(js, out, filter, false).await,
     }
-    .map_err(Error::JetStream)?;
+    .map_err(js_err)?;
     let mut found = Vec::new();
     for m in stored {
         let event = conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Limits::default())

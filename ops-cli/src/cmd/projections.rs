@@ -23,7 +23,7 @@ async fn targets(
 ) -> Result<Vec<ConversationId>, Error> {
     Ok(match conversation {
         Some(c) => vec![ConversationId::parse(c).map_err(|e| Error::Invalid(format!("conversation id {c:?}: {e}")))?],
-        None => conv_projections::conversations(js).await.map_err(Error::JetStream)?,
+        None => conv_projections::conversations(js).await?,
     })
 }
 
@@ -32,7 +32,7 @@ pub async fn verify(g: &Global, conversation: Option<&str>, settle: std::time::D
     let targets = targets(&js, conversation).await?;
     let mut all = Vec::new();
     for conv in &targets {
-        all.push(conv_projections::verify(&js, conv, settle).await.map_err(Error::JetStream)?);
+        all.push(conv_projections::verify(&js, conv, settle).await?);
     }
     if let (Some(one), Some(v)) = (conversation, all.first())
         && v.view_position == 0
@@ -74,7 +74,7 @@ pub async fn rebuild(g: &Global, conversation: Option<&str>) -> Result<Outcome, 
     let targets = targets(&js, conversation).await?;
     let mut done = Vec::new();
     for conv in targets {
-        let (view, events) = conv_projections::rebuild(&js, &conv).await.map_err(Error::JetStream)?;
+        let (view, events) = conv_projections::rebuild(&js, &conv).await?;
         done.push(Rebuilt {
             conversation_id: conv.to_string(),
             events,

@@ -141,9 +141,7 @@ pub async fn check(
             }
         }
         // Each output stored once.
-        let out = conv_nats::read::all(js, STREAM_OUT, &subject::out_conversation_filter(&id), false)
-            .await
-            .map_err(Error::JetStream)?;
+        let out = conv_nats::read::all(js, STREAM_OUT, &subject::out_conversation_filter(&id), false).await?;
         let (mut ids_seen, mut positions) = (HashSet::new(), HashSet::new());
         for m in &out {
             let Ok(event) = conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Limits::default())
@@ -172,7 +170,7 @@ pub async fn check(
             None => v.incomplete.push(format!("{conv}: no timeline")),
         }
         // The stored view is the fold of the journal.
-        let verified = conv_projections::verify(js, &id, Duration::from_secs(10)).await.map_err(Error::JetStream)?;
+        let verified = conv_projections::verify(js, &id, Duration::from_secs(10)).await?;
         for d in verified.differences {
             v.views_differ.push(format!("{conv}: {d}"));
         }

@@ -177,7 +177,7 @@ impl Stack {
         }
         topology.apply_env(&conv_nats::service::process_env).map_err(|e| Error::Invalid(e.to_string()))?;
         topology.replicas = replicas;
-        topology.validate().map_err(Error::Invalid)?;
+        topology.validate().map_err(|e| Error::Invalid(e.0))?;
         let js = jetstream(&nats_url).await?;
         // A cluster takes JetStream requests once it has elected a meta leader.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
