@@ -404,8 +404,18 @@ fn latency_checks(now: &Histograms, previous: Option<&Kept>, thresholds: &Thresh
     }
 }
 
-/// `GET /readyz`: `Err` says how it failed.
-async fn probe(client: &reqwest::Client, addr: &str) -> Result<(), String> {
+/// How an instance failed its probe.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum ProbeError {
+    #[error("not answering")]
+    NotAnswering,
+    /// `/readyz` answered `status` with these failing checks.
+    #[error("not ready ({status}: {})", failing.join("; "))]
+    NotReady { status: reqwest::StatusCode, failing: Vec<String> },
+}
+
+/// `GET /readyz`.
+async fn probe(client: &reqwest::Client, addr: &str) -> Result<(), ProbeError> {
     match client.get(format!("http://{addr}/readyz")).send().await {
         Ok(r) if r.status().is_success() => Ok(()),
         Ok(r) => {
@@ -422,9 +432,9 @@ async fn probe(client: &reqwest::Client, addr: &str) -> Result<(), String> {
                         .collect()
                 })
                 .unwrap_or_default();
-            Err(format!("not ready ({status}: {})", failing.join("; ")))
+            Err(ProbeError::NotReady { status, failing })
         }
-        Err(_) => Err("not answering".to_owned()),
+        Err(_) => Err(ProbeError::NotAnswering),
     }
 }
 

@@ -367,7 +367,7 @@ pub(crate) fn validate(mut raw: RawEvent) -> Result<Envelope, Rejection> {
             }
             Ok(SchemaVersion::Conv(_)) => {}
             Err(detail) => {
-                return Err(Rejection::BadAttribute { name: "dataschema".into(), detail });
+                return Err(Rejection::BadAttribute { name: "dataschema".into(), detail: detail.to_string() });
             }
         }
     }
@@ -403,7 +403,8 @@ pub(crate) fn validate(mut raw: RawEvent) -> Result<Envelope, Rejection> {
         None | Some(Value::Null) => Value::Object(Map::new()),
         Some(d) => d,
     };
-    let data = Payload::from_json(ty, data).map_err(|detail| Rejection::PayloadSchema { event_type: ty, detail })?;
+    let data = Payload::from_json(ty, data)
+        .map_err(|detail| Rejection::PayloadSchema { event_type: ty, detail: detail.to_string() })?;
     Ok(Envelope { id, source, conversation_id, time, dataschema, causation_id, correlation_id, extensions, data })
 }
 

@@ -29,3 +29,21 @@ pub use id::ConversationId;
 pub use payload::Payload;
 pub use rejection::{Limits, Rejection};
 pub use types::{EventType, Kind, Priority};
+
+/// Something that is not valid — a field, an id, a setting — and why, in
+/// words for whoever sent it (never repeating a value that may be secret).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+impl From<&str> for Invalid {
+    fn from(why: &str) -> Self {
+        Invalid(why.to_owned())
+    }
+}
+
+impl From<String> for Invalid {
+    fn from(why: String) -> Self {
+        Invalid(why)
+    }
+}

@@ -412,11 +412,9 @@ macro_rules! payloads {
             }
 
             /// Decodes the JSON `data` of an event of type `ty`.
-            pub fn from_json(ty: EventType, data: Value) -> Result<Payload, String> {
+            pub fn from_json(ty: EventType, data: Value) -> Result<Payload, PayloadError> {
                 let payload = match ty {
-                    $(EventType::$variant => Payload::$variant(
-                        serde_json::from_value(data).map_err(|e| e.to_string())?,
-                    ),)+
+                    $(EventType::$variant => Payload::$variant(serde_json::from_value(data)?),)+
                 };
                 payload.check()?;
                 Ok(payload)
@@ -448,13 +446,24 @@ payloads! {
     DlqRedriven,
 }
 
-fn non_empty(field: &str, value: &str) -> Result<(), String> {
-    if value.trim().is_empty() { Err(format!("field `{field}` must not be empty")) } else { Ok(()) }
+/// Why `data` is not the payload of its type.
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    /// Not the shape of the type (a missing or mistyped field).
+    #[error("{0}")]
+    Shape(#[from] serde_json::Error),
+    /// A rule serde cannot express.
+    #[error(transparent)]
+    Invalid(#[from] crate::Invalid),
+}
+
+fn non_empty(field: &str, value: &str) -> Result<(), crate::Invalid> {
+    if value.trim().is_empty() { Err(format!("field `{field}` must not be empty").into()) } else { Ok(()) }
 }
 
 impl Payload {
     /// Rules serde cannot express. Returns a message naming the field.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), crate::Invalid> {
         match self {
             Payload::MessageReceived(p) => non_empty("text", &p.text),
             Payload::AbortRequested(_)
@@ -535,22 +544,22 @@ mod tests {
     #[test]
     fn message_needs_text() {
         let err = Payload::from_json(EventType::MessageReceived, json!({})).unwrap_err();
-        assert!(err.contains("text"), "{err}");
+        assert!(err.to_string().contains("text"), "{err}");
         let err = Payload::from_json(EventType::MessageReceived, json!({"text": "  "})).unwrap_err();
-        assert!(err.contains("text"), "{err}");
+        assert!(err.to_string().contains("text"), "{err}");
         let err = Payload::from_json(EventType::MessageReceived, json!({"text": 5})).unwrap_err();
-        assert!(err.contains("invalid type"), "{err}");
+        assert!(err.to_string().contains("invalid type"), "{err}");
         let err =
             Payload::from_json(EventType::MessageReceived, json!({"text": "hi", "role": "assistant"})).unwrap_err();
-        assert!(err.contains("assistant"), "{err}");
+        assert!(err.to_string().contains("assistant"), "{err}");
     }
 
     #[test]
     fn unknown_fields_are_ignored_for_forward_compatibility() {
         let p = Payload::from_json(EventType::MessageReceived, json!({"text": "hi", "v2_field": [1, 2]}));
         assert_eq!(
-            p,
-            Ok(Payload::MessageReceived(MessageReceived {
+            p.ok(),
+            Some(Payload::MessageReceived(MessageReceived {
                 text: "hi".into(),
                 role: None,
                 channel: None,

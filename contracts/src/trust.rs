@@ -52,14 +52,15 @@ pub fn derived_msg_id(conversation: &ConversationId, id: &str) -> String {
 /// ingress derives from keys (idempotency, natural keys) and every effect
 /// outcome id start with `<conversation>.`, runtime-derived ids contain `~`
 /// (ingress's other ids are fresh UUIDv7s).
-pub fn check_client_id(conversation: &ConversationId, id: &str) -> Result<(), String> {
+pub fn check_client_id(conversation: &ConversationId, id: &str) -> Result<(), crate::Invalid> {
     if id.contains('~') {
         return Err("`~` is reserved for ids conv derives".into());
     }
     if id.strip_prefix(conversation.as_str()).is_some_and(|rest| rest.starts_with('.')) {
         return Err(format!(
             "ids starting with \"{conversation}.\" are reserved for ids conv derives; choose another (a UUID, say)"
-        ));
+        )
+        .into());
     }
     Ok(())
 }

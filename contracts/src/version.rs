@@ -43,18 +43,18 @@ pub enum SchemaVersion {
 
 /// Interprets `dataschema`. Returns `Err(detail)` for a conv URI that is
 /// malformed or names another type.
-pub fn parse_schema(ty: EventType, dataschema: &str) -> Result<SchemaVersion, String> {
+pub fn parse_schema(ty: EventType, dataschema: &str) -> Result<SchemaVersion, crate::Invalid> {
     let Some(rest) = dataschema.strip_prefix(SCHEMA_PREFIX) else {
         return Ok(SchemaVersion::Foreign);
     };
     let (named_type, version) =
         rest.rsplit_once(":v").ok_or_else(|| format!("dataschema {dataschema:?} is not {SCHEMA_PREFIX}<type>:v<N>"))?;
     if named_type != ty.as_str() {
-        return Err(format!("dataschema {dataschema:?} names type {named_type:?}, the event is {ty}"));
+        return Err(format!("dataschema {dataschema:?} names type {named_type:?}, the event is {ty}").into());
     }
     let version: u32 = version.parse().map_err(|_| format!("dataschema {dataschema:?} has no numeric version"))?;
     if version == 0 {
-        return Err(format!("dataschema {dataschema:?}: versions start at 1"));
+        return Err(format!("dataschema {dataschema:?}: versions start at 1").into());
     }
     Ok(SchemaVersion::Conv(version))
 }

@@ -199,12 +199,12 @@ impl Executor {
                     directive_id: directive.id.clone(),
                     correlation_id: directive.correlation_id.clone(),
                 };
-                crate::timers::schedule(&self.timers, &timer).await.map_err(RetryLater)
+                crate::timers::schedule(&self.timers, &timer).await.map_err(|e| RetryLater(e.to_string()))
             }
             Payload::TimerCancelRequested(t) => {
                 crate::timers::cancel(&self.timers, directive.conversation_id.as_str(), &t.timer_id)
                     .await
-                    .map_err(RetryLater)
+                    .map_err(|e| RetryLater(e.to_string()))
             }
             _ => Ok(()),
         }

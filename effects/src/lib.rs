@@ -271,7 +271,7 @@ fn provider(o: &EffectsOptions) -> Result<llm::Provider, Error> {
                 Duration::from_millis(o.llm_connect_timeout_ms),
                 openai::tool_specs(&o.tools),
             )
-            .map_err(Error::Provider)?,
+            .map_err(|e| Error::Provider(e.to_string()))?,
         ),
         _ => llm::Provider::Scripted(scripted::Scripted {
             tokens: o.scripted_tokens,

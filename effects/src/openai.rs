@@ -56,8 +56,8 @@ impl OpenAi {
         api_key: &str,
         connect_timeout: Duration,
         tools: Vec<Value>,
-    ) -> Result<Self, String> {
-        let client = reqwest::Client::builder().connect_timeout(connect_timeout).build().map_err(|e| e.to_string())?;
+    ) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder().connect_timeout(connect_timeout).build()?;
         Ok(Self {
             client,
             base_url: base_url.trim_end_matches('/').to_owned(),

@@ -39,15 +39,31 @@ pub fn key(conversation: &str, timer_id: &str) -> String {
     format!("{conversation}.{timer_id}")
 }
 
+/// Why a timer could not be stored, deleted or fired.
+#[derive(Debug, thiserror::Error)]
+pub enum TimerError {
+    #[error("encoding the timer: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("storing the timer: {0}")]
+    Put(#[from] kv::PutError),
+    #[error("deleting the timer: {0}")]
+    Delete(#[from] kv::DeleteError),
+    #[error("the timer names no valid conversation: {0}")]
+    Conversation(#[from] conv_contracts::id::IdError),
+    #[error("journaling timer.fired: {0}")]
+    Journal(#[from] conv_nats::journal::AppendError),
+}
+
 /// Stores a timer.
-pub async fn schedule(store: &kv::Store, timer: &Timer) -> Result<(), String> {
-    let value = Bytes::from(serde_json::to_vec(timer).unwrap_or_default());
-    store.put(key(&timer.conversation_id, &timer.timer_id), value).await.map(drop).map_err(|e| e.to_string())
+pub async fn schedule(store: &kv::Store, timer: &Timer) -> Result<(), TimerError> {
+    let value = Bytes::from(serde_json::to_vec(timer)?);
+    store.put(key(&timer.conversation_id, &timer.timer_id), value).await?;
+    Ok(())
 }
 
 /// Deletes a timer (it will not fire).
-pub async fn cancel(store: &kv::Store, conversation: &str, timer_id: &str) -> Result<(), String> {
-    store.delete(key(conversation, timer_id)).await.map_err(|e| e.to_string())
+pub async fn cancel(store: &kv::Store, conversation: &str, timer_id: &str) -> Result<(), TimerError> {
+    Ok(store.delete(key(conversation, timer_id)).await?)
 }
 
 /// Watches the bucket and fires due timers until `shutdown`.
@@ -105,8 +121,8 @@ async fn fire(
     js: &async_nats::jetstream::Context,
     tracer: &conv_telemetry::Tracer,
     timer: &Timer,
-) -> Result<(), String> {
-    let conversation = ConversationId::parse(&timer.conversation_id).map_err(|e| e.to_string())?;
+) -> Result<(), TimerError> {
+    let conversation = ConversationId::parse(&timer.conversation_id)?;
     let mut event = Envelope::new(
         format!("{}.timer.{}.fired", timer.conversation_id, timer.timer_id),
         crate::executor::SOURCE,
@@ -124,8 +140,7 @@ async fn fire(
         &[],
         Duration::from_secs(5),
     )
-    .await
-    .map_err(|e| e.to_string())?;
+    .await?;
     if let Some(span) = span.filter(|_| !appended.duplicate) {
         tracer.finish(span.attr(conv_telemetry::attr::STREAM_SEQ, appended.seq));
     }

@@ -56,7 +56,7 @@ impl Presented<'_> {
 impl Auth {
     /// From `CONV_INGRESS_API_KEYS` (`key` or `key:prefix`, comma-separated)
     /// and `CONV_CALLBACK_SECRET`. Errors never quote a key.
-    pub fn new(api_keys: &Secret, callback_secret: &Secret) -> Result<Self, String> {
+    pub fn new(api_keys: &Secret, callback_secret: &Secret) -> Result<Self, conv_nats::service::Invalid> {
         let keys = ApiKeys::new(api_keys)?;
         let callback_secret = (!callback_secret.is_empty()).then(|| callback_secret.clone());
         if callback_secret.as_ref().is_some_and(|s| s.expose().len() < 16) {
@@ -246,7 +246,7 @@ mod tests {
     #[test]
     fn bad_keys_are_refused_without_quoting_them() {
         let err = Auth::new(&Secret::new("short"), &Secret::default()).expect_err("too short");
-        assert!(!err.contains("short") && err.contains("entry 1"), "{err}");
+        assert!(!err.0.contains("short") && err.0.contains("entry 1"), "{err}");
         assert!(Auth::new(&Secret::default(), &Secret::new("tiny")).is_err());
     }
 

@@ -213,7 +213,7 @@ impl Ingress {
     /// must stay out of the namespaces conv derives ids in.
     pub fn check_client_event(&self, event: &Envelope) -> Result<(), IngestError> {
         conv_contracts::trust::check_client_id(&event.conversation_id, &event.id)
-            .map_err(|detail| Rejection::BadAttribute { name: "id".into(), detail }.into())
+            .map_err(|detail| Rejection::BadAttribute { name: "id".into(), detail: detail.to_string() }.into())
     }
 
     /// Authenticates the request that carries `event` and applies the
@@ -262,7 +262,7 @@ pub fn build(
         }
     }
     let data = Payload::from_json(ty, Value::Object(object))
-        .map_err(|detail| Rejection::PayloadSchema { event_type: ty, detail })?;
+        .map_err(|detail| Rejection::PayloadSchema { event_type: ty, detail: detail.to_string() })?;
     let id = event_id(ty, &conversation_id, &data, meta.idempotency_key.as_deref())?;
     let mut event = Envelope::new(id, meta.source, conversation_id, data).with_time(Utc::now());
     event.causation_id = meta.causation_id.clone();

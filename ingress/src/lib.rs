@@ -61,7 +61,8 @@ pub enum Error {
 
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    let auth = auth::Auth::new(&config.options.api_keys, &config.options.callback_secret).map_err(Error::Insecure)?;
+    let auth =
+        auth::Auth::new(&config.options.api_keys, &config.options.callback_secret).map_err(|e| Error::Insecure(e.0))?;
     let addr = config.http_addr();
     if auth.is_open() && !addr.ip().is_loopback() {
         return Err(Error::Insecure(format!(

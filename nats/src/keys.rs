@@ -43,7 +43,7 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
 
 impl ApiKeys {
     /// Parses the configured list.
-    pub fn new(list: &Secret) -> Result<Self, String> {
+    pub fn new(list: &Secret) -> Result<Self, crate::service::Invalid> {
         let mut keys = Vec::new();
         for (i, entry) in list.expose().split(',').map(str::trim).enumerate() {
             if entry.is_empty() {
@@ -55,7 +55,8 @@ impl ApiKeys {
                     "CONV_INGRESS_API_KEYS entry {} is not a usable key: keys are at least 16 printable \
                      ASCII characters, optionally followed by :<conversation-id prefix>",
                     i + 1
-                ));
+                )
+                .into());
             }
             keys.push(ApiKey { digest: digest(key.as_bytes()), prefix: prefix.to_owned() });
         }
@@ -145,7 +146,7 @@ mod tests {
     #[test]
     fn bad_keys_are_refused_without_quoting_them() {
         let err = ApiKeys::new(&Secret::new("short")).expect_err("too short");
-        assert!(!err.contains("short") && err.contains("entry 1"), "{err}");
+        assert!(!err.0.contains("short") && err.0.contains("entry 1"), "{err}");
     }
 
     #[test]

@@ -315,15 +315,30 @@ fn unavailable(error: &kv::UpdateError) -> bool {
     }
 }
 
-/// `fut` given at most `patience`: its error, or the timeout, as text.
-async fn within<T, E: std::fmt::Display>(
-    patience: Duration,
-    fut: impl std::future::Future<Output = Result<T, E>>,
-) -> Result<T, String> {
+/// Why a lease-bucket operation did not complete.
+#[derive(Debug, thiserror::Error)]
+enum Slow<E> {
+    #[error("timed out")]
+    TimedOut,
+    #[error(transparent)]
+    Failed(E),
+}
+
+/// `fut` given at most `patience`.
+async fn within<T, E>(patience: Duration, fut: impl std::future::Future<Output = Result<T, E>>) -> Result<T, Slow<E>> {
     match tokio::time::timeout(patience, fut).await {
-        Ok(result) => result.map_err(|e| e.to_string()),
-        Err(_) => Err("timed out".to_owned()),
+        Ok(result) => result.map_err(Slow::Failed),
+        Err(_) => Err(Slow::TimedOut),
     }
+}
+
+/// Why the members could not be listed.
+#[derive(Debug, thiserror::Error)]
+enum ListError {
+    #[error("listing the lease keys: {0}")]
+    Keys(#[from] kv::HistoryError),
+    #[error("listing the lease keys: {0}")]
+    Key(#[from] kv::WatcherError),
 }
 
 /// What a new owner of a partition does to its pinned consumer before it
@@ -385,12 +400,12 @@ fn wakes(key: &str, operation: kv::Operation, role: &str, members: &[String]) ->
     }
 }
 
-async fn live_members(owners: &kv::Store, role: &str) -> Result<Vec<String>, String> {
+async fn live_members(owners: &kv::Store, role: &str) -> Result<Vec<String>, ListError> {
     let prefix = format!("{role}members.");
-    let mut keys = owners.keys().await.map_err(|e| e.to_string())?;
+    let mut keys = owners.keys().await?;
     let mut members = Vec::new();
     while let Some(key) = keys.next().await {
-        let key = key.map_err(|e| e.to_string())?;
+        let key = key?;
         if let Some(id) = key.strip_prefix(prefix.as_str()) {
             members.push(id.to_owned());
         }

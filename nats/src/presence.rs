@@ -122,13 +122,26 @@ pub fn spawn(
     })
 }
 
+/// Why the instances could not be listed.
+#[derive(Debug, thiserror::Error)]
+pub enum ListError {
+    #[error("{KV_LEASES}: {0}")]
+    Bucket(#[from] jetstream::context::KeyValueError),
+    #[error("{KV_LEASES} keys: {0}")]
+    Keys(#[from] jetstream::kv::HistoryError),
+    #[error("{KV_LEASES} keys: {0}")]
+    Key(#[from] jetstream::kv::WatcherError),
+    #[error("{key}: {source}")]
+    Entry { key: String, source: jetstream::kv::EntryError },
+}
+
 /// Every instance announced now.
-pub async fn list(js: &jetstream::Context) -> Result<Vec<Announcement>, String> {
-    let kv = js.get_key_value(KV_LEASES).await.map_err(|e| format!("{KV_LEASES}: {e}"))?;
-    let mut keys = kv.keys().await.map_err(|e| format!("{KV_LEASES} keys: {e}"))?;
+pub async fn list(js: &jetstream::Context) -> Result<Vec<Announcement>, ListError> {
+    let kv = js.get_key_value(KV_LEASES).await?;
+    let mut keys = kv.keys().await?;
     let mut out = Vec::new();
     while let Some(key) = keys.next().await {
-        let key = key.map_err(|e| format!("{KV_LEASES} keys: {e}"))?;
+        let key = key?;
         if !key.starts_with(PREFIX) {
             continue;
         }
@@ -139,7 +152,7 @@ pub async fn list(js: &jetstream::Context) -> Result<Vec<Announcement>, String> 
             },
             // Expired or withdrawn since the listing.
             Ok(None) => {}
-            Err(e) => return Err(format!("{key}: {e}")),
+            Err(source) => return Err(ListError::Entry { key, source }),
         }
     }
     out.sort_by(|a, b| (&a.service, &a.started_at, &a.instance).cmp(&(&b.service, &b.started_at, &b.instance)));

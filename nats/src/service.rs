@@ -40,21 +40,7 @@ pub enum ConfigError {
 
 /// A setting that cannot be used, and why (for the operator; no value is
 /// repeated that could be a secret).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Invalid(pub String);
-
-impl From<&str> for Invalid {
-    fn from(why: &str) -> Self {
-        Invalid(why.to_owned())
-    }
-}
-
-impl From<String> for Invalid {
-    fn from(why: String) -> Self {
-        Invalid(why)
-    }
-}
+pub use conv_contracts::Invalid;
 
 impl From<Invalid> for ConfigError {
     fn from(e: Invalid) -> Self {
@@ -208,7 +194,7 @@ impl<O: Options> Settings<O> {
 /// Handles `--help` and `--version` of a service binary (services are
 /// configured by env and file, not flags). Returns `true` when the process
 /// should exit.
-pub fn handle_args(id: &Identity, args: impl IntoIterator<Item = String>) -> Result<bool, String> {
+pub fn handle_args(id: &Identity, args: impl IntoIterator<Item = String>) -> Result<bool, Invalid> {
     if let Some(arg) = args.into_iter().nth(1) {
         match arg.as_str() {
             "-h" | "--help" => {
@@ -240,7 +226,7 @@ pub fn handle_args(id: &Identity, args: impl IntoIterator<Item = String>) -> Res
                 return Ok(true);
             }
             other => {
-                return Err(format!("unexpected argument {other:?}; see `{} --help`", id.name));
+                return Err(format!("unexpected argument {other:?}; see `{} --help`", id.name).into());
             }
         }
     }

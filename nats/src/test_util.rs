@@ -502,6 +502,17 @@ impl Drop for TestCluster {
     }
 }
 
+/// How a service started in-process did not stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum StopError<E: std::fmt::Display> {
+    #[error("{name} failed: {source}")]
+    Failed { name: String, source: E },
+    #[error("{name} panicked: {join}")]
+    Panicked { name: String, join: tokio::task::JoinError },
+    #[error("{name} did not stop within 15s of shutdown")]
+    Hung { name: String },
+}
+
 /// A service started in-process with its own shutdown token.
 pub struct ServiceHandle<E> {
     name: String,
@@ -538,16 +549,17 @@ impl<E: std::fmt::Display> ServiceHandle<E> {
     }
 
     /// Cancels the token and waits (up to 15 s) for `run` to return its result.
-    pub async fn shutdown(mut self) -> Result<(), String> {
+    pub async fn shutdown(mut self) -> Result<(), StopError<E>> {
         self.token.cancel();
         let Some(task) = self.task.take() else {
             return Ok(());
         };
+        let name = self.name.clone();
         match tokio::time::timeout(Duration::from_secs(15), task).await {
             Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(e))) => Err(format!("{} failed: {e}", self.name)),
-            Ok(Err(join)) => Err(format!("{} panicked: {join}", self.name)),
-            Err(_) => Err(format!("{} did not stop within 15s of shutdown", self.name)),
+            Ok(Ok(Err(source))) => Err(StopError::Failed { name, source }),
+            Ok(Err(join)) => Err(StopError::Panicked { name, join }),
+            Err(_) => Err(StopError::Hung { name }),
         }
     }
 

@@ -105,7 +105,7 @@ struct AppState {
 
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    let keys = conv_nats::keys::ApiKeys::new(&config.options.api_keys).map_err(Error::Insecure)?;
+    let keys = conv_nats::keys::ApiKeys::new(&config.options.api_keys).map_err(|e| Error::Insecure(e.0))?;
     let addr = config.http_addr();
     if keys.is_open() && !addr.ip().is_loopback() {
         return Err(Error::Insecure(format!(

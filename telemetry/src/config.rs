@@ -162,15 +162,19 @@ impl Config {
         if let Some(list) = get("OTEL_RESOURCE_ATTRIBUTES") {
             self.resource.extend(pairs("OTEL_RESOURCE_ATTRIBUTES", &list)?);
         }
-        self.validate().map_err(|detail| bad("OTEL_BSP_*", detail))
+        self.validate()
     }
 
-    pub fn validate(&self) -> Result<(), String> {
-        if self.max_batch == 0 || self.max_queue == 0 {
-            return Err("the span queue and the export batch must hold at least one span".into());
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |var: &str, detail: &str| ConfigError { var: var.to_owned(), detail: detail.to_owned() };
+        if self.max_batch == 0 {
+            return Err(bad("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "the export batch must hold at least one span"));
+        }
+        if self.max_queue == 0 {
+            return Err(bad("OTEL_BSP_MAX_QUEUE_SIZE", "the span queue must hold at least one span"));
         }
         if self.schedule_delay.is_zero() {
-            return Err("OTEL_BSP_SCHEDULE_DELAY must be at least 1 ms".into());
+            return Err(bad("OTEL_BSP_SCHEDULE_DELAY", "must be at least 1 ms"));
         }
         Ok(())
     }

@@ -101,13 +101,13 @@ impl Exporter {
             }
         };
         let mut outcome = self.post(body.clone()).await;
-        if let Err((true, _)) = &outcome {
+        if outcome.as_ref().is_err_and(PostError::retryable) {
             tokio::time::sleep(Duration::from_secs(1)).await;
             outcome = self.post(body).await;
         }
         match outcome {
             Ok(()) => self.spans.with_label_values(&["exported"]).inc_by(n),
-            Err((_, detail)) => {
+            Err(detail) => {
                 self.spans.with_label_values(&["failed"]).inc_by(n);
                 if self.warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
                     self.warned = Some(Instant::now());
@@ -122,8 +122,7 @@ impl Exporter {
         }
     }
 
-    /// `Err((retryable, detail))`.
-    async fn post(&self, body: Vec<u8>) -> Result<(), (bool, String)> {
+    async fn post(&self, body: Vec<u8>) -> Result<(), PostError> {
         let response = self
             .http
             .post(&self.endpoint)
@@ -132,13 +131,32 @@ impl Exporter {
             .body(body)
             .send()
             .await
-            .map_err(|e| (true, e.without_url().to_string()))?;
+            .map_err(|e| PostError::Unreachable(e.without_url()))?;
         let status = response.status();
         if status.is_success() {
             return Ok(());
         }
-        let retryable = matches!(status.as_u16(), 429 | 502..=504);
-        Err((retryable, format!("the collector answered {status}")))
+        Err(PostError::Refused(status))
+    }
+}
+
+/// Why an export request failed.
+#[derive(Debug, thiserror::Error)]
+enum PostError {
+    #[error("{0}")]
+    Unreachable(reqwest::Error),
+    #[error("the collector answered {0}")]
+    Refused(reqwest::StatusCode),
+}
+
+impl PostError {
+    /// Worth one more try: a connection error, or a refusal the collector
+    /// calls transient (429, 502–504).
+    fn retryable(&self) -> bool {
+        match self {
+            PostError::Unreachable(_) => true,
+            PostError::Refused(status) => matches!(status.as_u16(), 429 | 502..=504),
+        }
     }
 }
 

@@ -77,7 +77,12 @@ impl Pipeline {
     /// waits for them; each must stop cleanly.
     pub async fn shutdown(self) {
         let (i, r, e, p) = self.services;
-        let stopped = [i.shutdown().await, r.shutdown().await, e.shutdown().await, p.shutdown().await];
+        let stopped = [
+            i.shutdown().await.map_err(|e| e.to_string()),
+            r.shutdown().await.map_err(|e| e.to_string()),
+            e.shutdown().await.map_err(|e| e.to_string()),
+            p.shutdown().await.map_err(|e| e.to_string()),
+        ];
         for result in stopped {
             result.expect("a clean stop");
         }
