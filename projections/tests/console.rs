@@ -23,8 +23,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use conv_contracts::ConversationId;
 use conv_contracts::subject::{STREAM_IN, in_conversation_filter};
-use conv_nats::service::Settings;
-use conv_nats::test_util::{TestNats, free_addr, spawn_service, wait_http_ok};
+use conv_nats::test_util::{TestNats, free_addr};
 use serde_json::{Value, json};
 
 const KEY: &str = "console-test-key-0123456789";
@@ -166,31 +165,17 @@ fn last_reply(entries: &[(String, String, String)]) -> Option<(String, String)> 
 
 #[tokio::test]
 async fn a_message_typed_into_the_console_streams_its_reply_and_abort_stops_a_long_one() {
-    let nats = TestNats::start().await.expect("nats-server");
-    nats.setup().await.expect("topology");
-    let (ingress, projections) = (free_addr(), free_addr());
     let keys = conv_nats::secret::Secret::new(KEY);
-    let mut ic: conv_ingress::Config = Settings::for_test(nats.config(), ingress);
-    ic.options.api_keys = keys.clone();
-    let mut rc: conv_runtime::Config = Settings::for_test(nats.config(), free_addr());
-    rc.options.heartbeat_ms = 200;
-    let mut ec: conv_effects::Config = Settings::for_test(nats.config(), free_addr());
-    // Replies of about 3 s: long enough to see them stream and to abort one.
-    ec.options.scripted_tokens = 60;
-    ec.options.scripted_token_delay_ms = 50;
-    ec.options.coalesce_ms = 50;
-    let mut pc: conv_projections::Config = Settings::for_test(nats.config(), projections);
-    pc.options.api_keys = keys;
-    pc.options.ingress_url = format!("http://{ingress}");
-    let _services = (
-        spawn_service("conv-ingress", |t| conv_ingress::run(ic, t)),
-        spawn_service("conv-runtime", |t| conv_runtime::run(rc, t)),
-        spawn_service("conv-effects", |t| conv_effects::run(ec, t)),
-        spawn_service("conv-projections", |t| conv_projections::run(pc, t)),
-    );
-    for addr in [ingress, projections] {
-        assert_eq!(wait_http_ok(&format!("http://{addr}/readyz"), Duration::from_secs(30)).await, Some(200));
-    }
+    let pipeline = support::Pipeline::start(|c| {
+        c.ingress.options.api_keys = keys.clone();
+        c.projections.options.api_keys = keys;
+        // Replies of about 3 s: long enough to see them stream and to abort one.
+        c.effects.options.scripted_tokens = 60;
+        c.effects.options.scripted_token_delay_ms = 50;
+        c.effects.options.coalesce_ms = 50;
+    })
+    .await;
+    let (nats, projections) = (&pipeline.nats, pipeline.projections);
 
     // The console's own endpoints take the client key like every other.
     let http = reqwest::Client::new();

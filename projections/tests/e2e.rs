@@ -3,51 +3,33 @@
 //! stop end runs with the partial text kept; a tool round trip; the SSE
 //! stream resumes exactly after `Last-Event-ID`; replay matches live state.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use conv_contracts::ConversationId;
 use conv_nats::service::Settings;
-use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, spawn_service, wait_http_ok};
+use conv_nats::test_util::{TestNats, free_addr, spawn_service, wait_http_ok};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
 struct Stack {
-    nats: TestNats,
     ingress: SocketAddr,
     projections: SocketAddr,
     http: reqwest::Client,
-    _services: (
-        ServiceHandle<conv_ingress::Error>,
-        ServiceHandle<conv_runtime::Error>,
-        ServiceHandle<conv_effects::Error>,
-        ServiceHandle<conv_projections::Error>,
-    ),
+    pipeline: support::Pipeline,
 }
 
 async fn start() -> Stack {
-    let nats = TestNats::start().await.expect("test NATS");
-    nats.setup().await.expect("topology");
-    let (ingress, projections) = (free_addr(), free_addr());
-    let ic: conv_ingress::Config = Settings::for_test(nats.config(), ingress);
-    let mut rc: conv_runtime::Config = Settings::for_test(nats.config(), free_addr());
-    rc.options.heartbeat_ms = 200;
-    let mut ec: conv_effects::Config = Settings::for_test(nats.config(), free_addr());
-    ec.options.scripted_tokens = 60;
-    ec.options.scripted_token_delay_ms = 25;
-    // Journal a chunk every 200 ms, so the timeline shows streamed text.
-    ec.options.coalesce_ms = 200;
-    let pc: conv_projections::Config = Settings::for_test(nats.config(), projections);
-    let services = (
-        spawn_service("conv-ingress", |t| conv_ingress::run(ic, t)),
-        spawn_service("conv-runtime", |t| conv_runtime::run(rc, t)),
-        spawn_service("conv-effects", |t| conv_effects::run(ec, t)),
-        spawn_service("conv-projections", |t| conv_projections::run(pc, t)),
-    );
-    for addr in [ingress, projections] {
-        assert_eq!(wait_http_ok(&format!("http://{addr}/readyz"), Duration::from_secs(20)).await, Some(200));
-    }
-    Stack { nats, ingress, projections, http: reqwest::Client::new(), _services: services }
+    let pipeline = support::Pipeline::start(|c| {
+        c.effects.options.scripted_tokens = 60;
+        c.effects.options.scripted_token_delay_ms = 25;
+        // Journal a chunk every 200 ms, so the timeline shows streamed text.
+        c.effects.options.coalesce_ms = 200;
+    })
+    .await;
+    Stack { ingress: pipeline.ingress, projections: pipeline.projections, http: reqwest::Client::new(), pipeline }
 }
 
 impl Stack {
@@ -222,7 +204,7 @@ async fn the_whole_pipeline_over_http() {
 
     // A lost view is rebuilt from CONV_OUT alone, identical.
     let (_, before) = s.get("p4", "timeline").await;
-    let js0 = s.nats.jetstream().await;
+    let js0 = s.pipeline.nats.jetstream().await;
     let bucket = js0.get_key_value(conv_nats::topology::KV_PROJECTIONS).await.expect("bucket");
     bucket.purge("p4").await.expect("purge");
     assert_eq!(s.get("p4", "timeline").await.0, 404);
@@ -233,7 +215,7 @@ async fn the_whole_pipeline_over_http() {
     assert_eq!(s.get("p4", "timeline").await.1, before);
 
     // Replay of every conversation matches the live state.
-    let js = s.nats.jetstream().await;
+    let js = s.pipeline.nats.jetstream().await;
     for c in ["p1", "p2", "p3", "p4"] {
         let conv = ConversationId::parse(c).expect("id");
         let replay = conv_store::journal::rebuild(&js, &conv, None).await.expect("replay");
@@ -269,7 +251,7 @@ async fn an_id_squatted_in_another_conversation_does_not_stop_the_victims_reply(
         .await;
     assert!(last_assistant(&t)["text"].as_str().is_some_and(|x| x.starts_with("You said: hello.")), "{t}");
     // The squatted id really is the victim's completion.
-    let js = s.nats.jetstream().await;
+    let js = s.pipeline.nats.jetstream().await;
     let victim = ConversationId::parse("victim").expect("id");
     let journal = conv_nats::read::all(&js, "CONV_IN", &conv_contracts::subject::in_conversation_filter(&victim), true)
         .await

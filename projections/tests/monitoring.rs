@@ -7,8 +7,8 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use conv_nats::service::Settings;
-use conv_nats::test_util::{TestNats, free_addr, spawn_service, wait_http_ok};
+mod support;
+
 use serde_json::{Value, json};
 
 const ALERTS: &str = include_str!("../../monitoring/alerts.yml");
@@ -45,24 +45,9 @@ async fn every_metric_a_dashboard_or_an_alert_uses_is_exported() {
         .collect();
     assert!(used.len() > 10, "{used:?}");
 
-    let nats = TestNats::start().await.expect("nats-server");
-    nats.setup().await.expect("topology");
-    let (ingress, runtime, effects, projections) = (free_addr(), free_addr(), free_addr(), free_addr());
-    let ic: conv_ingress::Config = Settings::for_test(nats.config(), ingress);
-    let rc: conv_runtime::Config = Settings::for_test(nats.config(), runtime);
-    let mut ec: conv_effects::Config = Settings::for_test(nats.config(), effects);
-    ec.options.scripted_tokens = 10;
-    ec.options.scripted_token_delay_ms = 5;
-    let pc: conv_projections::Config = Settings::for_test(nats.config(), projections);
-    let _services = (
-        spawn_service("conv-ingress", |t| conv_ingress::run(ic, t)),
-        spawn_service("conv-runtime", |t| conv_runtime::run(rc, t)),
-        spawn_service("conv-effects", |t| conv_effects::run(ec, t)),
-        spawn_service("conv-projections", |t| conv_projections::run(pc, t)),
-    );
-    for addr in [ingress, runtime, effects, projections] {
-        assert_eq!(wait_http_ok(&format!("http://{addr}/readyz"), Duration::from_secs(30)).await, Some(200));
-    }
+    let pipeline = support::Pipeline::start(|_| {}).await;
+    let (ingress, runtime, effects, projections) =
+        (pipeline.ingress, pipeline.runtime, pipeline.effects, pipeline.projections);
     let http = reqwest::Client::new();
     let post = |conv: &str, what: &str, body: Value| {
         http.post(format!("http://{ingress}/v1/conversations/{conv}/{what}")).json(&body).send()
@@ -124,7 +109,7 @@ async fn every_metric_a_dashboard_or_an_alert_uses_is_exported() {
     .await;
 
     // A dead letter as it happens: counted by reason.
-    let client = async_nats::connect(nats.url()).await.expect("nats");
+    let client = async_nats::connect(pipeline.nats.url()).await.expect("nats");
     client.publish("conv.dlq.test", "x".into()).await.expect("publish");
     client.flush().await.expect("flush");
     let counted = Instant::now() + Duration::from_secs(10);

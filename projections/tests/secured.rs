@@ -5,9 +5,10 @@
 
 use std::time::{Duration, Instant};
 
+mod support;
+
 use conv_nats::NatsConfig;
-use conv_nats::service::Settings;
-use conv_nats::test_util::{TestNats, free_addr, spawn_service, wait_http_ok};
+use conv_nats::test_util::TestNats;
 use serde_json::{Value, json};
 
 /// A user's JetStream context with a short request timeout, so that a
@@ -62,24 +63,12 @@ async fn each_service_works_with_its_own_user_and_can_do_nothing_else() {
     assert!(conv_nats::connect(&wrong, "wrong").await.is_err(), "a wrong password was accepted");
 
     // The pipeline, each service as its own user.
-    let (ingress, projections) = (free_addr(), free_addr());
-    let ic: conv_ingress::Config = Settings::for_test(nats.config_as("ingress"), ingress);
-    let mut rc: conv_runtime::Config = Settings::for_test(nats.config_as("runtime"), free_addr());
-    rc.options.heartbeat_ms = 200;
-    let mut ec: conv_effects::Config = Settings::for_test(nats.config_as("effects"), free_addr());
-    ec.options.scripted_tokens = 30;
-    ec.options.scripted_token_delay_ms = 5;
-    ec.options.coalesce_ms = 100;
-    let pc: conv_projections::Config = Settings::for_test(nats.config_as("projections"), projections);
-    let _services = (
-        spawn_service("conv-ingress", |t| conv_ingress::run(ic, t)),
-        spawn_service("conv-runtime", |t| conv_runtime::run(rc, t)),
-        spawn_service("conv-effects", |t| conv_effects::run(ec, t)),
-        spawn_service("conv-projections", |t| conv_projections::run(pc, t)),
-    );
-    for addr in [ingress, projections] {
-        assert_eq!(wait_http_ok(&format!("http://{addr}/readyz"), Duration::from_secs(30)).await, Some(200));
-    }
+    let pipeline = support::Pipeline::start_on(nats, |c| {
+        c.effects.options.scripted_tokens = 30;
+        c.effects.options.coalesce_ms = 100;
+    })
+    .await;
+    let (nats, ingress, projections) = (&pipeline.nats, pipeline.ingress, pipeline.projections);
     let http = reqwest::Client::new();
     let post = |conv: &str, what: &str, body: Value| {
         http.post(format!("http://{ingress}/v1/conversations/{conv}/{what}")).json(&body).send()
@@ -100,7 +89,7 @@ async fn each_service_works_with_its_own_user_and_can_do_nothing_else() {
             {
                 return t;
             }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}; server log:\n{}", violations(&nats));
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; server log:\n{}", violations(nats));
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
@@ -119,10 +108,10 @@ async fn each_service_works_with_its_own_user_and_can_do_nothing_else() {
     assert_eq!(r.status().as_u16(), 202);
     wait("s2", "the aborted run", &|t| t["run_status"] == "aborted").await;
     let r = http.get(format!("http://{projections}/v1/conversations/s1/context")).send().await.expect("context");
-    assert_eq!(r.status().as_u16(), 200, "projections reads the stored context: {}", violations(&nats));
+    assert_eq!(r.status().as_u16(), 200, "projections reads the stored context: {}", violations(nats));
     // The console's list reads the view headers.
     let r = http.get(format!("http://{projections}/v1/conversations")).send().await.expect("list");
-    assert_eq!(r.status().as_u16(), 200, "projections lists conversations: {}", violations(&nats));
+    assert_eq!(r.status().as_u16(), 200, "projections lists conversations: {}", violations(nats));
     let list: Value = r.json().await.expect("json");
     assert!(list["conversations"].as_array().is_some_and(|c| c.iter().any(|c| c["conversation_id"] == "s1")), "{list}");
     // Every service announced itself under its own user (for readiness).
@@ -132,7 +121,7 @@ async fn each_service_works_with_its_own_user_and_can_do_nothing_else() {
     }
     // Doing all that (taking partitions: unpin and reset; watching leases;
     // streaming, aborting) needed nothing the users may not do.
-    assert_eq!(violations(&nats), "", "the services were refused something they do");
+    assert_eq!(violations(nats), "", "the services were refused something they do");
 
     // Reads by sequence (a KV revision, a part of a large value, a journal
     // message) go to the bare DIRECT.GET subject: a runtime that loads a
@@ -143,32 +132,32 @@ async fn each_service_works_with_its_own_user_and_can_do_nothing_else() {
     let key = futures::StreamExt::next(&mut entries.keys().await.expect("keys")).await.expect("an entry").expect("key");
     let revision = entries.entry(&key).await.expect("entry").expect("stored").revision;
     for user in ["runtime", "effects", "projections"] {
-        let js = as_user(&nats, user).await;
+        let js = as_user(nats, user).await;
         let kv = js.get_key_value("conv_entries").await.expect("entries bucket");
         let read = kv.entry_for_revision(key.as_str(), revision).await;
         assert!(matches!(read, Ok(Some(_))), "{user} reads an entry by revision: {read:?}");
     }
     for (user, stream) in [("runtime", "CONV_IN"), ("runtime", "CONV_APPLIED"), ("projections", "CONV_APPLIED")] {
-        let js = as_user(&nats, user).await;
+        let js = as_user(nats, user).await;
         let read = js.get_stream(stream).await.expect("stream").get_raw_message(1).await;
         assert!(read.is_ok(), "{user} reads {stream} #1 by sequence: {read:?}");
     }
-    assert_eq!(violations(&nats), "", "reads by sequence were refused");
+    assert_eq!(violations(nats), "", "reads by sequence were refused");
 
     // What each user may not do.
-    publish_refused(&nats, "ingress", "conv.out.message.s1", "CONV_OUT").await;
-    publish_refused(&nats, "ingress", "conv.effect.tool.s1", "CONV_EFFECT").await;
-    publish_refused(&nats, "effects", "conv.out.message.s1", "CONV_OUT").await;
-    publish_refused(&nats, "effects", "conv.in.message.s1", "CONV_IN").await;
-    publish_refused(&nats, "projections", "conv.in.message.s1", "CONV_IN").await;
-    publish_refused(&nats, "runtime", "conv.in.message.s1", "CONV_IN").await;
-    publish_refused(&nats, "ingress", "conv.audit.dlq.1.redriven", "CONV_AUDIT").await;
-    kv_read_refused(&nats, "ingress", "conv_snapshots").await;
-    kv_read_refused(&nats, "ingress", "conv_projections").await;
-    kv_read_refused(&nats, "effects", "conv_projections").await;
-    kv_read_refused(&nats, "projections", "conv_timers").await;
+    publish_refused(nats, "ingress", "conv.out.message.s1", "CONV_OUT").await;
+    publish_refused(nats, "ingress", "conv.effect.tool.s1", "CONV_EFFECT").await;
+    publish_refused(nats, "effects", "conv.out.message.s1", "CONV_OUT").await;
+    publish_refused(nats, "effects", "conv.in.message.s1", "CONV_IN").await;
+    publish_refused(nats, "projections", "conv.in.message.s1", "CONV_IN").await;
+    publish_refused(nats, "runtime", "conv.in.message.s1", "CONV_IN").await;
+    publish_refused(nats, "ingress", "conv.audit.dlq.1.redriven", "CONV_AUDIT").await;
+    kv_read_refused(nats, "ingress", "conv_snapshots").await;
+    kv_read_refused(nats, "ingress", "conv_projections").await;
+    kv_read_refused(nats, "effects", "conv_projections").await;
+    kv_read_refused(nats, "projections", "conv_timers").await;
     for user in ["ingress", "runtime", "effects", "projections"] {
-        let js = as_user(&nats, user).await;
+        let js = as_user(nats, user).await;
         let audit = messages(&nats, "CONV_AUDIT").await;
         let purged = async {
             js.get_stream("CONV_AUDIT").await.map_err(|e| e.to_string())?.purge().await.map_err(|e| e.to_string())
@@ -179,7 +168,7 @@ async fn each_service_works_with_its_own_user_and_can_do_nothing_else() {
     }
     // Durable consumers are admin's: no service may delete or create one.
     for user in ["runtime", "effects", "projections"] {
-        let js = as_user(&nats, user).await;
+        let js = as_user(nats, user).await;
         let stream = js.get_stream_no_info("CONV_IN").await.expect("stream handle");
         assert!(stream.delete_consumer("runtime-p0").await.is_err(), "{user} could delete runtime-p0");
         let durable = async_nats::jetstream::consumer::pull::Config {
