@@ -3,7 +3,10 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// The runtime's clock: the same as std's, and paused in tests.
+use tokio::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
@@ -67,5 +70,31 @@ impl Registry {
             }
             _ => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn cancels_stop_what_runs_once_and_are_remembered_for_a_while() {
+        let r = Registry::default();
+        // A cancel that comes first: the effect never starts.
+        assert!(!r.cancel("c1", "early"), "nothing ran, nothing was stopped");
+        assert!(r.start("c1", "early").is_none());
+        // A running effect: stopped by the first copy of the cancel only.
+        let token = r.start("c1", "e1").expect("starts");
+        assert!(r.cancel("c1", "e1"));
+        assert!(token.is_cancelled());
+        assert!(!r.cancel("c1", "e1"), "the second copy counts nothing");
+        assert!(r.start("c2", "e1").is_some(), "another conversation's effect is another effect");
+        // Remembered for REMEMBER, then forgotten (pruned by a later cancel).
+        tokio::time::advance(REMEMBER - Duration::from_secs(1)).await;
+        r.cancel("c9", "other");
+        assert!(r.start("c1", "early").is_none(), "still remembered");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        r.cancel("c9", "another");
+        assert!(r.start("c1", "early").is_some(), "forgotten after {REMEMBER:?}");
     }
 }
