@@ -158,12 +158,12 @@ async fn each_service_works_with_its_own_user_and_can_do_nothing_else() {
     kv_read_refused(nats, "projections", "conv_timers").await;
     for user in ["ingress", "runtime", "effects", "projections"] {
         let js = as_user(nats, user).await;
-        let audit = messages(&nats, "CONV_AUDIT").await;
+        let audit = messages(nats, "CONV_AUDIT").await;
         let purged = async {
             js.get_stream("CONV_AUDIT").await.map_err(|e| e.to_string())?.purge().await.map_err(|e| e.to_string())
         };
         assert!(purged.await.is_err(), "{user} could purge CONV_AUDIT");
-        assert_eq!(messages(&nats, "CONV_AUDIT").await, audit);
+        assert_eq!(messages(nats, "CONV_AUDIT").await, audit);
         assert!(js.delete_stream("CONV_IN").await.is_err(), "{user} could delete CONV_IN");
     }
     // Durable consumers are admin's: no service may delete or create one.
