@@ -194,7 +194,7 @@ async fn each_service_works_with_its_own_user_and_can_do_nothing_else() {
     let heard = tokio::time::timeout(Duration::from_millis(500), futures::StreamExt::next(&mut hints)).await;
     assert!(heard.is_err(), "a service other than the runtime sent a cancel hint");
     // Ingress cannot read the journal.
-    let js = as_user(&nats, "ingress").await;
+    let js = as_user(nats, "ingress").await;
     let read = conv_nats::read::all(&js, "CONV_IN", "", false).await;
     assert!(read.is_err(), "ingress could read CONV_IN");
 }
