@@ -90,6 +90,11 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
     (status, Json(json!({"error": {"code": code, "message": message.into()}}))).into_response()
 }
 
+/// The session token of `Authorization: Bearer <token>`.
+fn session_token(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(conv_nats::keys::bearer)
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -144,11 +149,7 @@ impl Admin {
 
     /// The session the request's bearer token names (and marks it used).
     fn session(&self, headers: &HeaderMap) -> Result<(String, async_nats::jetstream::Context), Denied> {
-        let token = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(conv_nats::keys::bearer)
-            .ok_or(Denied::NoSession)?;
+        let token = session_token(headers).ok_or(Denied::NoSession)?;
         let mut sessions = lock(&self.sessions);
         match sessions.get_mut(token) {
             Some(s) if s.used.elapsed() < IDLE => {
@@ -317,9 +318,7 @@ async fn whoami(State(admin): State<Admin>, headers: HeaderMap) -> Response {
 
 /// `DELETE /v1/admin/session`: signs out (closes the NATS connection).
 async fn sign_out(State(admin): State<Admin>, headers: HeaderMap) -> Response {
-    if let Some(token) =
-        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(conv_nats::keys::bearer)
-    {
+    if let Some(token) = session_token(&headers) {
         end(lock(&admin.sessions).remove(token));
     }
     StatusCode::NO_CONTENT.into_response()
@@ -431,7 +430,7 @@ async fn redrive(
 /// judged over the window since this session's baseline report (5–10
 /// minutes old once the session is that old).
 async fn readiness(State(admin): State<Admin>, headers: HeaderMap) -> Response {
-    let token = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(conv_nats::keys::bearer);
+    let token = session_token(&headers);
     let (_, js) = match admin.session(&headers) {
         Ok(s) => s,
         Err(r) => return r.into_response(),
