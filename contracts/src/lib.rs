@@ -11,12 +11,14 @@
 //! `cloudevents-sdk` [`cloudevents::Event`] is accepted and produced at the
 //! edges (see [`cloudevent`]).
 
+pub mod api;
 pub mod binding;
 pub mod cloudevent;
 pub mod envelope;
 pub mod id;
 pub mod live;
 pub mod payload;
+pub mod records;
 pub mod rejection;
 pub mod subject;
 pub mod trust;

@@ -14,6 +14,8 @@ pub const STREAM_EFFECT: &str = "CONV_EFFECT";
 pub const STREAM_APPLIED: &str = "CONV_APPLIED";
 pub const STREAM_OUT: &str = "CONV_OUT";
 pub const STREAM_AUDIT: &str = "CONV_AUDIT";
+/// The streams one turn writes to: inputs, directives, applied markers, output.
+pub const JOURNAL_STREAMS: [&str; 4] = [STREAM_IN, STREAM_EFFECT, STREAM_APPLIED, STREAM_OUT];
 pub const STREAM_DLQ: &str = "CONV_DLQ";
 
 /// Every pinned stream name.

@@ -7,7 +7,9 @@
 //! `conv.in.timer.fired` (id `<conversation>.timer.<id>.fired`, so instances
 //! that fire the same timer at once produce one event) and then deletes the
 //! key with its revision. Timers live in JetStream, so they survive restarts
-//! of every effects instance.
+//! of every effects instance. A timer that cannot be journaled is retried
+//! with a back-off (200 ms doubling to 10 s); one that can never fire (it
+//! names no valid conversation) is logged and dropped.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -18,26 +20,9 @@ use chrono::Utc;
 use conv_contracts::payload::TimerFired;
 use conv_contracts::{ConversationId, Envelope};
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-/// A stored timer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Timer {
-    pub conversation_id: String,
-    pub timer_id: String,
-    /// Unix milliseconds.
-    pub fire_at_ms: i64,
-    /// The directive that scheduled it (the fired event's cause).
-    pub directive_id: String,
-    /// The directive's causal chain (the fired event stays in its trace).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub correlation_id: Option<String>,
-}
-
-pub fn key(conversation: &str, timer_id: &str) -> String {
-    format!("{conversation}.{timer_id}")
-}
+pub use conv_contracts::records::{Timer, timer_key as key};
 
 /// Why a timer could not be stored, deleted or fired.
 #[derive(Debug, thiserror::Error)]
@@ -80,18 +65,20 @@ pub async fn run(
             return;
         }
     };
-    let mut pending: HashMap<String, (Timer, u64)> = HashMap::new();
+    let mut pending: HashMap<String, Pending> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             entry = watch.next() => match entry {
                 Some(Ok(e)) => match e.operation {
-                    kv::Operation::Put => {
-                        if let Ok(t) = serde_json::from_slice::<Timer>(&e.value) {
-                            pending.insert(e.key.clone(), (t, e.revision));
+                    kv::Operation::Put => match serde_json::from_slice::<Timer>(&e.value) {
+                        Ok(timer) => {
+                            let due_ms = timer.fire_at_ms;
+                            pending.insert(e.key.clone(), Pending { timer, revision: e.revision, due_ms, failures: 0 });
                         }
-                    }
+                        Err(error) => tracing::warn!(message = "A stored timer does not decode; it cannot fire.", key = %e.key, %error),
+                    },
                     kv::Operation::Delete | kv::Operation::Purge => {
                         pending.remove(&e.key);
                     }
@@ -101,20 +88,59 @@ pub async fn run(
             },
             _ = tick.tick() => {
                 let now = Utc::now().timestamp_millis();
-                let due: Vec<(String, Timer, u64)> = pending
-                    .iter()
-                    .filter(|(_, (t, _))| t.fire_at_ms <= now)
-                    .map(|(k, (t, r))| (k.clone(), t.clone(), *r))
-                    .collect();
-                for (k, timer, revision) in due {
-                    if fire(&js, &tracer, &timer).await.is_ok() {
-                        let _ = store.delete_expect_revision(&k, Some(revision)).await;
-                        pending.remove(&k);
+                for key in due(&pending, now) {
+                    let Some(p) = pending.get_mut(&key) else { continue };
+                    match fire(&js, &tracer, &p.timer).await {
+                        Ok(()) => {
+                            // Fired: the stored timer goes (unless it was
+                            // replaced meanwhile: then the new one stays).
+                            if let Err(error) = store.delete_expect_revision(&key, Some(p.revision)).await {
+                                tracing::debug!(message = "Fired timer not deleted.", %key, %error);
+                            }
+                            pending.remove(&key);
+                        }
+                        Err(error @ TimerError::Conversation(_)) => {
+                            tracing::error!(message = "A timer that can never fire is dropped.", %key, %error);
+                            if let Err(error) = store.delete_expect_revision(&key, Some(p.revision)).await {
+                                tracing::warn!(message = "Dropped timer not deleted.", %key, %error);
+                            }
+                            pending.remove(&key);
+                        }
+                        Err(error) => {
+                            p.failures += 1;
+                            p.due_ms = now + retry_after_ms(p.failures);
+                            tracing::warn!(message = "Timer not fired; will retry.", %key, failures = p.failures, %error);
+                        }
                     }
                 }
             }
         }
     }
+}
+
+/// A stored timer waiting to fire.
+#[derive(Debug)]
+struct Pending {
+    timer: Timer,
+    /// The revision fired (deleted after it, unless replaced meanwhile).
+    revision: u64,
+    /// When to (try to) fire it next, ms since the epoch.
+    due_ms: i64,
+    /// Failed attempts so far.
+    failures: u32,
+}
+
+/// The keys of the timers due at `now_ms`, the earliest first.
+fn due(pending: &HashMap<String, Pending>, now_ms: i64) -> Vec<String> {
+    let mut due: Vec<(i64, &String)> =
+        pending.iter().filter(|(_, p)| p.due_ms <= now_ms).map(|(k, p)| (p.due_ms, k)).collect();
+    due.sort();
+    due.into_iter().map(|(_, k)| k.clone()).collect()
+}
+
+/// Back-off after `failures` failed attempts: 200 ms doubling, 10 s at most.
+fn retry_after_ms(failures: u32) -> i64 {
+    (100i64 << failures.min(7)).min(10_000)
 }
 
 async fn fire(
@@ -145,4 +171,40 @@ async fn fire(
         tracer.finish(span.attr(conv_telemetry::attr::STREAM_SEQ, appended.seq));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(at: i64) -> Pending {
+        let timer = Timer {
+            conversation_id: "c1".into(),
+            timer_id: format!("t{at}"),
+            fire_at_ms: at,
+            directive_id: "d1".into(),
+            correlation_id: None,
+        };
+        Pending { timer, revision: 1, due_ms: at, failures: 0 }
+    }
+
+    #[test]
+    fn due_timers_come_earliest_first_and_a_retry_waits_its_back_off() {
+        let mut all: HashMap<String, Pending> = [300, 100, 200, 900].map(|t| (format!("k{t}"), pending(t))).into();
+        assert_eq!(due(&all, 50), Vec::<String>::new());
+        assert_eq!(due(&all, 300), vec!["k100", "k200", "k300"]);
+        // A failed attempt at 300 moves the timer back by its back-off.
+        let p = all.get_mut("k100").expect("k100");
+        p.failures = 1;
+        p.due_ms = 300 + retry_after_ms(1);
+        assert_eq!(due(&all, 300), vec!["k200", "k300"]);
+        assert_eq!(due(&all, 500), vec!["k200", "k300", "k100"]);
+        assert_eq!(due(&all, 1_000).len(), 4);
+    }
+
+    #[test]
+    fn back_off_doubles_up_to_ten_seconds() {
+        let steps: Vec<i64> = (1..=9).map(retry_after_ms).collect();
+        assert_eq!(steps, vec![200, 400, 800, 1600, 3200, 6400, 10_000, 10_000, 10_000]);
+    }
 }

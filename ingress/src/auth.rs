@@ -42,9 +42,7 @@ impl Presented<'_> {
         let mut p = Presented::default();
         for (name, value) in pairs {
             if name.eq_ignore_ascii_case("authorization") {
-                let value = value.trim();
-                p.bearer =
-                    value.get(..7).filter(|scheme| scheme.eq_ignore_ascii_case("bearer ")).map(|_| value[7..].trim());
+                p.bearer = conv_nats::keys::bearer(value);
             } else if name.eq_ignore_ascii_case(trust::CALLBACK_TOKEN_HEADER) {
                 p.callback_token = Some(value.trim());
             }

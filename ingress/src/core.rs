@@ -10,7 +10,6 @@ use chrono::Utc;
 use conv_contracts::id::check_event_id;
 use conv_contracts::{ConversationId, Envelope, EventType, Limits, Payload, Rejection, binding};
 use conv_nats::journal::{self, AppendError};
-use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::metrics::{self, Metrics};
@@ -20,14 +19,7 @@ use crate::options::IngressOptions;
 pub const SOURCE_HTTP: &str = "/conv/ingress/http";
 pub const SOURCE_NATS: &str = "/conv/ingress/nats";
 
-/// The 202 answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct Accepted {
-    pub event_id: String,
-    pub conversation_id: String,
-    pub stream_seq: u64,
-    pub duplicate: bool,
-}
+pub use conv_contracts::api::Accepted;
 
 /// Why a request was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -10,7 +10,6 @@ use axum::routing::post;
 use bytes::{Bytes, BytesMut};
 use conv_contracts::{EventType, Rejection, binding};
 use futures::StreamExt;
-use serde_json::json;
 
 use crate::auth::Presented;
 use crate::core::{Accepted, IngestError, Ingress, Meta, SOURCE_HTTP, build};
@@ -54,8 +53,7 @@ fn respond(result: Result<Accepted, IngestError>) -> Response {
 
 pub fn error_response(error: &IngestError) -> Response {
     let status = StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let body = axum::Json(json!({"error": {"code": error.code(), "message": error.to_string()}}));
-    let mut response = (status, body).into_response();
+    let mut response = conv_nats::http::error(status, error.code(), error.to_string());
     if status == StatusCode::SERVICE_UNAVAILABLE {
         response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
@@ -273,6 +271,6 @@ async fn not_found(State(ing): State<Ingress>) -> Response {
 }
 
 async fn method_not_allowed() -> Response {
-    let body = axum::Json(json!({"error": {"code": "method_not_allowed", "message": "this endpoint takes POST"}}));
+    let body = axum::Json(conv_contracts::api::ErrorBody::new("method_not_allowed", "this endpoint takes POST"));
     (StatusCode::METHOD_NOT_ALLOWED, body).into_response()
 }

@@ -64,8 +64,29 @@ impl HttpLimits {
     }
 }
 
-fn error(status: StatusCode, code: &str, message: String) -> Response {
-    (status, axum::Json(serde_json::json!({"error": {"code": code, "message": message}}))).into_response()
+/// The bearer token of a request's `Authorization` header, if it has one.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(crate::keys::bearer)
+}
+
+/// The answer to a client key that does not cover a request: 401 with
+/// `WWW-Authenticate: Bearer`, or 403.
+pub fn refused(e: crate::keys::KeyError) -> Response {
+    match e {
+        crate::keys::KeyError::Unauthorized(m) => {
+            let mut r = error(StatusCode::UNAUTHORIZED, "unauthorized", m);
+            r.headers_mut()
+                .insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+            r
+        }
+        crate::keys::KeyError::Forbidden(m) => error(StatusCode::FORBIDDEN, "forbidden", m),
+    }
+}
+
+/// An error answer with the JSON error body of every endpoint
+/// ([`conv_contracts::api::ErrorBody`]).
+pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (status, axum::Json(conv_contracts::api::ErrorBody::new(code, message))).into_response()
 }
 
 /// Refuses oversized request lines and headers with the JSON error body.

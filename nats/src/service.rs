@@ -58,13 +58,13 @@ pub enum LogFormat {
 }
 
 impl FromStr for LogFormat {
-    type Err = String;
+    type Err = Invalid;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.to_ascii_lowercase().as_str() {
             "pretty" | "text" => Ok(LogFormat::Pretty),
             "json" => Ok(LogFormat::Json),
-            other => Err(format!("expected `pretty` or `json`, got {other:?}")),
+            other => Err(Invalid(format!("expected `pretty` or `json`, got {other:?}"))),
         }
     }
 }

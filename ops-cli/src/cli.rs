@@ -75,7 +75,7 @@ impl Global {
             creds: self.nats_creds.clone(),
             ..Default::default()
         };
-        cfg.validate().map_err(|e| crate::Error::Invalid(e.0))?;
+        cfg.validate()?;
         Ok(cfg)
     }
 
@@ -107,16 +107,15 @@ fn topology_from(
     partitions: Option<u16>,
     replicas: Option<usize>,
 ) -> Result<conv_nats::TopologyConfig, crate::Error> {
-    let invalid = |e: conv_nats::service::ConfigError| crate::Error::Invalid(e.to_string());
-    let mut cfg = conv_nats::service::load_file(env, TopologyFile::default()).map_err(invalid)?.topology;
-    cfg.apply_env(env).map_err(invalid)?;
+    let mut cfg = conv_nats::service::load_file(env, TopologyFile::default())?.topology;
+    cfg.apply_env(env)?;
     if let Some(p) = partitions {
         cfg.partitions = p;
     }
     if let Some(r) = replicas {
         cfg.replicas = r;
     }
-    cfg.validate().map_err(|e| crate::Error::Invalid(e.0))?;
+    cfg.validate()?;
     Ok(cfg)
 }
 

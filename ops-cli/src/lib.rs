@@ -24,6 +24,9 @@ impl Outcome {
     }
 }
 
+/// A source error of any kind (what async-nats returns differs per call).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// Why a command failed (printed as one line, exit 1).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -31,14 +34,69 @@ pub enum Error {
     Connect(#[from] conv_nats::connect::ConnectError),
     #[error(transparent)]
     Topology(#[from] conv_nats::topology::Error),
-    #[error("invalid option: {0}")]
-    Invalid(String),
-    #[error("JetStream: {0}")]
-    JetStream(String),
     #[error(transparent)]
     Read(#[from] conv_nats::read::ReadError),
     #[error(transparent)]
-    Views(#[from] conv_projections::ReadError),
+    Views(#[from] conv_store::views::ReadError),
+    #[error(transparent)]
+    Dlq(#[from] conv_nats::dlq::Error),
+    #[error(transparent)]
+    Trace(#[from] conv_admin::trace::Error),
+    #[error(transparent)]
+    Config(#[from] conv_nats::service::ConfigError),
+    /// What the operator asked for cannot be done as asked.
+    #[error("invalid option: {0}")]
+    Invalid(String),
+    /// A file, a process or the OS failed us.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A JetStream request failed.
+    #[error("JetStream: {what}: {source}")]
+    JetStream {
+        what: String,
+        #[source]
+        source: BoxError,
+    },
+    /// A service's HTTP API failed.
+    #[error("{what}: {source}")]
+    Http {
+        what: String,
+        #[source]
+        source: BoxError,
+    },
+    /// A run (bench, chaos, soak, send) went wrong on the way.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<conv_contracts::Invalid> for Error {
+    fn from(e: conv_contracts::Invalid) -> Self {
+        Self::Invalid(e.0)
+    }
+}
+
+impl Error {
+    /// `map_err` for an I/O error, saying what was being done.
+    pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let what = what.into();
+        move |source| Self::Io { what, source }
+    }
+
+    /// `map_err` for a JetStream error, saying what was being done.
+    pub fn js<E: Into<BoxError>>(what: impl Into<String>) -> impl FnOnce(E) -> Self {
+        let what = what.into();
+        move |source| Self::JetStream { what, source: source.into() }
+    }
+
+    /// `map_err` for an HTTP error, saying what was being done.
+    pub fn http<E: Into<BoxError>>(what: impl Into<String>) -> impl FnOnce(E) -> Self {
+        let what = what.into();
+        move |source| Self::Http { what, source: source.into() }
+    }
 }
 
 /// Runs one parsed command line.

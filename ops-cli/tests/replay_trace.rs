@@ -172,9 +172,9 @@ async fn projections_verify_reports_a_view_that_differs_from_the_journal() {
 
     // A stored view that disagrees with the journal: exit 1, the difference named.
     let bucket = js.get_key_value(conv_nats::topology::KV_PROJECTIONS).await.expect("bucket");
-    let mut view = conv_projections::store::read(&bucket, "vf1").await.expect("read").expect("a view");
+    let mut view = conv_store::views::read(&bucket, "vf1").await.expect("read").expect("a view");
     view.entries[0].text = "tampered".into();
-    assert!(conv_projections::store::replace(&bucket, view, 0, 1 << 20).await.expect("overwrite"));
+    assert!(conv_store::views::replace(&bucket, view, 0, 1 << 20).await.expect("overwrite"));
     let bad = convctl(&url, &["projections", "verify", "vf1", "--settle-secs", "0"]).await;
     assert_eq!(bad.status.code(), Some(1), "{}", String::from_utf8_lossy(&bad.stdout));
     let text = String::from_utf8_lossy(&bad.stdout);

@@ -36,6 +36,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use conv_admin::readiness::{self, Kept, Thresholds};
 use conv_nats::NatsConfig;
+use conv_nats::http::{bearer as session_token, error};
 use conv_nats::secret::Secret;
 use serde::Deserialize;
 use serde_json::json;
@@ -84,15 +85,6 @@ fn end(sessions: impl IntoIterator<Item = Session>) {
             let _ = client.drain().await;
         });
     }
-}
-
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    (status, Json(json!({"error": {"code": code, "message": message.into()}}))).into_response()
-}
-
-/// The session token of `Authorization: Bearer <token>`.
-fn session_token(headers: &HeaderMap) -> Option<&str> {
-    headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(conv_nats::keys::bearer)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

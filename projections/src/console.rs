@@ -15,6 +15,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use conv_contracts::ConversationId;
+use conv_nats::http::error;
 use conv_nats::keys::{ApiKeys, KeyError};
 use conv_nats::topology::KV_PROJECTIONS;
 use serde::Deserialize;
@@ -36,10 +37,6 @@ pub async fn page() -> Response {
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     r
-}
-
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    (status, axum::Json(json!({"error": {"code": code, "message": message.into()}}))).into_response()
 }
 
 /// Where writes go.

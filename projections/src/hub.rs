@@ -24,7 +24,7 @@
 //! Joining those deltas (applying resets) gives the final text byte for
 //! byte, also across a reconnect with `Last-Event-ID`, which resumes after
 //! the position and, within a streaming entry, after the offset. A reader
-//! that falls `sse_buffer` items behind gets a final `conv.stream.closed`
+//! that falls `sse_buffer` items behind gets a final `conv.stream.closed` ([`StreamClosed`])
 //! event and is closed; it resumes where it was by reconnecting.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -35,12 +35,12 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
+use conv_contracts::api::StreamClosed;
 use conv_contracts::live::LiveDelta;
 use conv_contracts::payload::{EntryRole, EntryStatus, OutMessageDelta, OutMessageReset};
 use conv_contracts::subject;
 use conv_contracts::{ConversationId, Envelope, Limits, Payload, binding};
 use futures::{Stream, StreamExt};
-use serde_json::json;
 use tokio::sync::{OnceCell, broadcast};
 use tokio_util::sync::CancellationToken;
 
@@ -509,7 +509,7 @@ pub enum StreamError {
     #[error("cannot subscribe to the conversation: {0}")]
     Subscribe(String),
     #[error("cannot read the conversation's output: {0}")]
-    Read(#[from] crate::ReadError),
+    Read(#[from] conv_store::views::ReadError),
 }
 
 impl Hub {
@@ -611,7 +611,8 @@ impl Hub {
         // Short conversations are read whole, so new readers need no history
         // read of their own; long ones start at the stored view.
         let cap = inner.config.buffer;
-        let head = crate::store::head(&inner.store, conv.as_str()).await.map_err(crate::ReadError::from)?;
+        let head =
+            conv_store::views::head(&inner.store, conv.as_str()).await.map_err(conv_store::views::ReadError::from)?;
         if let Some(head) = head.filter(|h| h.position > (cap / 2) as u64) {
             let mut st = lock(&topic.state);
             st.text.position = head.position;
@@ -633,13 +634,13 @@ impl Hub {
         let start = if position == 0 {
             0
         } else {
-            crate::store::head(&self.inner.store, topic.conv.as_str())
+            conv_store::views::head(&self.inner.store, topic.conv.as_str())
                 .await
-                .map_err(crate::ReadError::from)?
+                .map_err(conv_store::views::ReadError::from)?
                 .filter(|h| h.position <= position)
                 .map_or(0, |h| h.resume_seq)
         };
-        let stored = crate::journal_from(&self.inner.js, &topic.conv, start).await?;
+        let stored = conv_store::views::journal_from(&self.inner.js, &topic.conv, start).await?;
         for (_, event) in stored {
             topic.durable(event, self.inner.config.buffer);
         }
@@ -715,7 +716,7 @@ impl Hub {
         let mut first = Vec::new();
         if cursor.position < base {
             // Older than what the topic keeps: read it back from the stream.
-            let stored = crate::journal_from(&self.inner.js, conv, 0).await?;
+            let stored = conv_store::views::journal_from(&self.inner.js, conv, 0).await?;
             let mut events: BTreeMap<u64, Envelope> = BTreeMap::new();
             for (_, e) in stored {
                 if let Some(p) = e.position()
@@ -767,16 +768,13 @@ impl Hub {
                     }
                     Ok(Err(broadcast::error::RecvError::Lagged(n))) => {
                         r.guard.metrics.lagged_readers.inc();
-                        let data = json!({
-                            "reason": "lagged",
-                            "message": format!(
+                        let data = StreamClosed {
+                            reason: "lagged".into(),
+                            message: format!(
                                 "this reader fell {n} events behind (buffer {buffer}); reconnect with Last-Event-ID to resume"
                             ),
-                        });
-                        let mut s = String::from("event: conv.stream.closed\ndata: ");
-                        s.push_str(&data.to_string());
-                        s.push_str("\n\n");
-                        r.pending.push_back(Bytes::from(s));
+                        };
+                        r.pending.push_back(Bytes::from(data.frame()));
                         r.closed = true;
                     }
                     Ok(Err(broadcast::error::RecvError::Closed)) => return None,

@@ -5,9 +5,10 @@
 //! * **timeline** — view workers ([`views`]) own `CONV_OUT` partitions like
 //!   the runtime owns `CONV_IN` ones, fold each conversation's output in
 //!   position order into an in-memory view and write it in batches to the
-//!   `conv_projections` bucket ([`store`]); `GET /v1/conversations/{id}/timeline`
-//!   reads it from any instance. The view is the fold of `CONV_OUT`
-//!   ([`timeline::fold`]); `convctl projections verify` checks exactly that.
+//!   `conv_projections` bucket ([`conv_store::views`]); `GET
+//!   /v1/conversations/{id}/timeline` reads it from any instance. The view
+//!   is the fold of `CONV_OUT` ([`conv_core::timeline::fold`]); `convctl
+//!   projections verify` checks exactly that (`conv_store::views::verify`).
 //! * **context** — `GET /v1/conversations/{id}/context`: the LLM thread (role /
 //!   content messages, an aborted tool call with its canceled result), rebuilt
 //!   from the runtime's snapshot and journal tail with the same function the
@@ -23,13 +24,11 @@ pub mod hub;
 pub mod metrics;
 pub mod options;
 pub mod outbound;
-pub mod store;
-pub mod timeline;
 pub mod views;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use axum::Router;
@@ -38,16 +37,15 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use conv_contracts::subject::{self, STREAM_OUT};
-use conv_contracts::{ConversationId, Envelope, Limits};
+use conv_contracts::ConversationId;
+use conv_contracts::subject::STREAM_OUT;
 use conv_nats::service::{self, BootError, Identity, ServeError, Settings};
 use conv_nats::topology::{KV_LEASES, KV_PROJECTIONS};
 use prometheus::Registry;
-use serde::Serialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::timeline::Timeline;
+use conv_store::views as store;
 
 /// Name, address variable and default address of this service.
 pub const IDENTITY: Identity = Identity {
@@ -218,7 +216,7 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, "not_found", m),
             ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
         };
-        let mut r = (status, axum::Json(json!({"error": {"code": code, "message": message}}))).into_response();
+        let mut r = conv_nats::http::error(status, code, message);
         if status == StatusCode::SERVICE_UNAVAILABLE {
             r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         }
@@ -237,18 +235,10 @@ async fn authorize(
         return next.run(request).await;
     }
     let conversation = request.uri().path().split('/').nth(3).unwrap_or_default().to_owned();
-    let bearer =
-        request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(conv_nats::keys::bearer);
-    let (status, code, message) = match keys.check(&conversation, bearer) {
-        Ok(_) => return next.run(request).await,
-        Err(conv_nats::keys::KeyError::Unauthorized(m)) => (StatusCode::UNAUTHORIZED, "unauthorized", m),
-        Err(conv_nats::keys::KeyError::Forbidden(m)) => (StatusCode::FORBIDDEN, "forbidden", m),
-    };
-    let mut r = (status, axum::Json(json!({"error": {"code": code, "message": message}}))).into_response();
-    if status == StatusCode::UNAUTHORIZED {
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+    match keys.check(&conversation, conv_nats::http::bearer(request.headers())) {
+        Ok(_) => next.run(request).await,
+        Err(e) => conv_nats::http::refused(e),
     }
-    r
 }
 
 fn unavailable(e: impl std::fmt::Display) -> ApiError {
@@ -300,145 +290,4 @@ async fn stream(State(app): State<AppState>, Path(id): Path<String>, headers: He
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(body))
         .map_err(unavailable)
-}
-
-/// Why the journal or the views could not be read (rebuild, verify, lists).
-#[derive(Debug, thiserror::Error)]
-pub enum ReadError {
-    #[error(transparent)]
-    Journal(#[from] conv_nats::read::ReadError),
-    #[error("the views bucket: {0}")]
-    Bucket(#[from] async_nats::jetstream::context::KeyValueError),
-    #[error(transparent)]
-    Store(#[from] store::StoreError),
-}
-
-/// A conversation's output stored at or after `CONV_OUT` sequence `start`
-/// (0: all of it), decoded, oldest first, with each event's sequence.
-/// Messages that do not decode are left out (the view workers dead-letter them).
-pub(crate) async fn journal_from(
-    js: &async_nats::jetstream::Context,
-    conversation: &ConversationId,
-    start: u64,
-) -> Result<Vec<(u64, Envelope)>, ReadError> {
-    let stored =
-        conv_nats::read::from(js, STREAM_OUT, &subject::out_conversation_filter(conversation), start, false).await?;
-    Ok(stored
-        .into_iter()
-        .filter_map(|m| {
-            conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Limits::default())
-                .ok()
-                .map(|e| (m.seq, e))
-        })
-        .collect())
-}
-
-/// Rebuilds a conversation's timeline from scratch (the fold of all its
-/// `CONV_OUT` events) and stores it, unless the stored view is already
-/// further along. Returns the view and the number of events folded.
-pub async fn rebuild(
-    js: &async_nats::jetstream::Context,
-    conversation: &ConversationId,
-) -> Result<(Timeline, usize), ReadError> {
-    let bucket = js.get_key_value(KV_PROJECTIONS).await?;
-    let events = journal_from(js, conversation, 0).await?;
-    let last_seq = events.iter().map(|(s, _)| *s).max().unwrap_or(0);
-    let view = timeline::fold(conversation.as_str(), events.iter().map(|(_, e)| e), None);
-    let folded = events.iter().filter(|(_, e)| e.position().is_some_and(|p| p <= view.position)).count();
-    store::replace(&bucket, view.clone(), last_seq + 1, store::max_value(js)).await?;
-    Ok((view, folded))
-}
-
-/// The outcome of comparing a stored view with the fold of the journal.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Verified {
-    pub conversation_id: String,
-    /// Position of the stored view (0: none stored).
-    pub view_position: u64,
-    /// Last output position in `CONV_OUT`.
-    pub journal_position: u64,
-    /// What differs, one line each; empty when the view is the fold.
-    pub differences: Vec<String>,
-}
-
-impl Verified {
-    pub fn ok(&self) -> bool {
-        self.differences.is_empty()
-    }
-}
-
-fn compare(stored: &Timeline, folded: &Timeline, out: &mut Vec<String>) {
-    if stored.run_status != folded.run_status {
-        out.push(format!("run_status: view {:?}, journal {:?}", stored.run_status, folded.run_status));
-    }
-    if stored.entries.len() != folded.entries.len() {
-        out.push(format!("entries: view has {}, journal {}", stored.entries.len(), folded.entries.len()));
-    }
-    for (i, (a, b)) in stored.entries.iter().zip(&folded.entries).enumerate() {
-        if a != b {
-            let what = if a.id != b.id {
-                format!("id {:?} vs {:?}", a.id, b.id)
-            } else if a.status != b.status {
-                format!("status {:?} vs {:?}", a.status, b.status)
-            } else if a.text != b.text {
-                format!("text of {} bytes vs {} bytes", a.text.len(), b.text.len())
-            } else {
-                "role or tool fields".to_owned()
-            };
-            out.push(format!("entry {i} ({}): view and journal differ: {what}", b.id));
-        }
-    }
-}
-
-/// Compares the stored view of `conversation` with the fold of its output in
-/// `CONV_OUT`, at the view's position. A view behind the journal is read
-/// again until `settle` has passed; still behind, that is a difference.
-pub async fn verify(
-    js: &async_nats::jetstream::Context,
-    conversation: &ConversationId,
-    settle: Duration,
-) -> Result<Verified, ReadError> {
-    let bucket = js.get_key_value(KV_PROJECTIONS).await?;
-    let deadline = Instant::now() + settle;
-    loop {
-        let events = journal_from(js, conversation, 0).await?;
-        let journal_position = events.iter().filter_map(|(_, e)| e.position()).max().unwrap_or(0);
-        let stored = store::read(&bucket, conversation.as_str()).await?;
-        let view_position = stored.as_ref().map_or(0, |t| t.position);
-        let mut differences = Vec::new();
-        if view_position < journal_position && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        }
-        match &stored {
-            None if journal_position > 0 => differences.push("no stored view".to_owned()),
-            None => {}
-            Some(view) => {
-                let folded = timeline::fold(conversation.as_str(), events.iter().map(|(_, e)| e), Some(view.position));
-                compare(view, &folded, &mut differences);
-                if view_position < journal_position {
-                    differences
-                        .push(format!("the view is at position {view_position}, the journal at {journal_position}"));
-                }
-            }
-        }
-        return Ok(Verified {
-            conversation_id: conversation.to_string(),
-            view_position,
-            journal_position,
-            differences,
-        });
-    }
-}
-
-/// Every conversation with output in `CONV_OUT`.
-pub async fn conversations(js: &async_nats::jetstream::Context) -> Result<Vec<ConversationId>, ReadError> {
-    let mut ids: Vec<ConversationId> = conv_nats::read::all(js, STREAM_OUT, "", true)
-        .await?
-        .iter()
-        .filter_map(|m| m.header("ce-subject").and_then(|s| ConversationId::parse(s).ok()))
-        .collect();
-    ids.sort();
-    ids.dedup();
-    Ok(ids)
 }

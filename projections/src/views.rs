@@ -12,7 +12,7 @@
 //!
 //! Writes are batched: a changed view is written `flush_delay` after its
 //! first unwritten change (header, plus a block now and then, see
-//! [`crate::store`]), with the expected revision; the events folded into it
+//! [`conv_store::views`]), with the expected revision; the events folded into it
 //! are acked only after that write. A revision conflict means another
 //! instance wrote the view: this one is a stale owner and gives the
 //! partition up.
@@ -32,8 +32,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::outbound::Outbound;
-use crate::store::{self, StoreError, Stored};
-use crate::timeline::Touched;
+use conv_core::timeline::Touched;
+use conv_store::views::{self as store, StoreError, Stored};
 
 /// Tuning of the view workers.
 #[derive(Debug, Clone)]
@@ -384,7 +384,7 @@ impl Worker {
             let (from, upto) = (hot.position(), hot.pending.last_key_value().map(|(p, _)| *p).unwrap_or(0));
             hot.fetched_at = Some(Instant::now());
             self.shared.metrics.gap_fetches.inc();
-            let stored = match crate::journal_from(&self.shared.js, &conv, hot.stored.resume_seq).await {
+            let stored = match store::journal_from(&self.shared.js, &conv, hot.stored.resume_seq).await {
                 Ok(s) => s,
                 Err(error) => {
                     tracing::warn!(message = "Cannot read output back to fill a gap.", conversation_id = %conv, %error);

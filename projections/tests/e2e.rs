@@ -8,10 +8,10 @@ mod support;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use conv_contracts::ConversationId;
+use conv_client::{Event, EventStream, Text};
+use conv_contracts::{ConversationId, EventType};
 use conv_nats::service::Settings;
 use conv_nats::test_util::{TestNats, free_addr, spawn_service, wait_http_ok};
-use futures::StreamExt;
 use serde_json::{Value, json};
 
 struct Stack {
@@ -70,67 +70,25 @@ impl Stack {
 
     /// Reads a conversation's SSE stream (after `last_event_id`) until
     /// `done` holds for what arrived, with a deadline.
-    async fn sse_until(&self, conv: &str, last_event_id: Option<&str>, done: impl Fn(&[Sse]) -> bool) -> Vec<Sse> {
-        let mut req = self.http.get(format!("http://{}/v1/conversations/{conv}/stream", self.projections));
-        if let Some(id) = last_event_id {
-            req = req.header("Last-Event-ID", id);
-        }
-        let resp = req.send().await.expect("stream");
-        assert_eq!(resp.headers().get("content-type").and_then(|v| v.to_str().ok()), Some("text/event-stream"));
-        let mut body = resp.bytes_stream();
-        let mut buf = String::new();
+    async fn sse_until(&self, conv: &str, last_event_id: Option<&str>, done: impl Fn(&[Event]) -> bool) -> Vec<Event> {
+        let base = format!("http://{}", self.projections);
+        let mut stream = EventStream::open(&self.http, &base, conv, last_event_id, None).await.expect("stream");
         let mut out = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(20);
         while !done(&out) {
-            let chunk = tokio::time::timeout_at(deadline.into(), body.next())
+            let event = tokio::time::timeout_at(deadline.into(), stream.next())
                 .await
                 .unwrap_or_else(|_| panic!("stream of {conv}: condition not met in time; got {out:?}"))
                 .expect("open")
-                .expect("bytes");
-            buf.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(pos) = buf.find("\n\n") {
-                let block: String = buf.drain(..pos + 2).collect();
-                let mut e = Sse { id: String::new(), ty: String::new(), data: Value::Null };
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("id:") {
-                        e.id = v.trim().to_owned();
-                    } else if let Some(v) = line.strip_prefix("event:") {
-                        e.ty = v.trim().to_owned();
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        e.data = serde_json::from_str(v.trim()).unwrap_or(Value::Null);
-                    }
-                }
-                if !e.id.is_empty() {
-                    out.push(e);
-                }
-            }
+                .expect("an event");
+            out.push(event);
         }
         out
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
-struct Sse {
-    id: String,
-    ty: String,
-    data: Value,
-}
-
-/// The text a reader ends up with: deltas joined, resets applied.
-fn joined(events: &[Sse]) -> String {
-    let mut text = String::new();
-    for e in events {
-        if e.ty.contains("delta") {
-            text.push_str(e.data["data"]["text"].as_str().unwrap_or(""));
-        } else if e.ty.ends_with("reset") {
-            text.truncate(e.data["data"]["offset"].as_u64().unwrap_or(0) as usize);
-        }
-    }
-    text
-}
-
-fn run_ended(events: &[Sse]) -> bool {
-    events.iter().any(|e| e.ty == "conv.out.run.status_changed" && e.data["data"]["status"] != "running")
+fn run_ended(events: &[Event]) -> bool {
+    events.iter().any(|e| e.is(EventType::OutRunStatus) && e.data()["status"] != "running")
 }
 
 fn last_assistant(t: &Value) -> Value {
@@ -160,13 +118,17 @@ async fn the_whole_pipeline_over_http() {
     assert_eq!(ctx["messages"][1]["role"], "assistant");
 
     // The SSE stream from the start, then resumed after the 3rd event.
+    let stream =
+        s.http.get(format!("http://{}/v1/conversations/p1/stream", s.projections)).send().await.expect("stream");
+    assert_eq!(stream.headers().get("content-type").and_then(|v| v.to_str().ok()), Some("text/event-stream"));
+    drop(stream);
     let all = s.sse_until("p1", None, run_ended).await;
-    assert_eq!(all[0].ty, "conv.out.message.appended");
-    let positions: Vec<u64> = all.iter().filter_map(|e| e.id.parse::<u64>().ok()).collect();
+    assert!(all[0].is(EventType::OutMessageAppended), "{all:?}");
+    let positions: Vec<u64> = all.iter().filter_map(|e| e.id.as_deref()?.parse::<u64>().ok()).collect();
     assert!(positions.windows(2).all(|w| w[0] < w[1]), "in order: {all:?}");
     let final_text = last_assistant(&t)["text"].as_str().unwrap_or("").to_owned();
-    assert_eq!(joined(&all), final_text, "the deltas joined are the final text");
-    let resumed = s.sse_until("p1", Some(&all[2].id), run_ended).await;
+    assert_eq!(Text::of(&all), final_text, "the deltas joined are the final text");
+    let resumed = s.sse_until("p1", all[2].id.as_deref(), run_ended).await;
     assert_eq!(resumed, all[3..].to_vec(), "exactly the events after Last-Event-ID");
 
     // Abort mid-reply: run aborted, partial text kept, nothing after.
@@ -209,7 +171,7 @@ async fn the_whole_pipeline_over_http() {
     bucket.purge("p4").await.expect("purge");
     assert_eq!(s.get("p4", "timeline").await.0, 404);
     let (view, events) =
-        conv_projections::rebuild(&js0, &ConversationId::parse("p4").expect("id")).await.expect("rebuild");
+        conv_store::views::rebuild(&js0, &ConversationId::parse("p4").expect("id")).await.expect("rebuild");
     assert!(events > 0);
     assert_eq!(serde_json::to_value(&view).expect("json"), before);
     assert_eq!(s.get("p4", "timeline").await.1, before);

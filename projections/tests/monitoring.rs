@@ -72,18 +72,12 @@ async fn every_metric_a_dashboard_or_an_alert_uses_is_exported() {
     };
     // A reply, watched on the stream (live deltas reach an instance only for
     // conversations with a reader).
-    let mut stream = http
-        .get(format!("http://{projections}/v1/conversations/m1/stream"))
-        .send()
+    let mut stream = conv_client::EventStream::open(&http, &format!("http://{projections}"), "m1", None, None)
         .await
-        .expect("stream")
-        .bytes_stream();
+        .expect("stream");
     let reader = tokio::spawn(async move {
-        use futures::StreamExt;
-        let mut seen = String::new();
-        while let Some(Ok(chunk)) = stream.next().await {
-            seen.push_str(&String::from_utf8_lossy(&chunk));
-            if seen.contains("conv.out.message.finished") {
+        while let Some(Ok(event)) = stream.next().await {
+            if event.is(conv_contracts::EventType::OutMessageFinished) {
                 break;
             }
         }

@@ -2,14 +2,17 @@
 //! events" and "Reading a conversation" run, command by command, against a
 //! stack (the README's `localhost:8080` / `localhost:8081` pointed at its
 //! ingress and projections), and every request must succeed (2xx; the
-//! stream is cut off after a moment, having sent events).
+//! stream is cut off after a moment, having sent events) with the body the
+//! README's comments describe.
 
 mod support;
 
 use std::time::Duration;
 
 use conv_contracts::ConversationId;
+use conv_contracts::api::{Accepted, Timeline};
 use conv_contracts::trust::{CallbackTarget, callback_token};
+use serde_json::Value;
 
 const README: &str = include_str!("../../README.md");
 const SECRET: &str = "readme-callback-secret-0123456789";
@@ -62,6 +65,7 @@ async fn the_readme_curl_examples_work_as_written() {
     let views = format!("http://{}/v1/conversations/demo/timeline", pipeline.projections);
     let mut commands: Vec<(&String, bool)> = sending.iter().map(|c| (c, false)).collect();
     commands.extend(reading.iter().map(|c| (c, true)));
+    let mut first_message: Option<Accepted> = None;
     for (command, reads) in commands {
         // What was sent is read once its view is stored.
         if reads {
@@ -73,29 +77,55 @@ async fn the_readme_curl_examples_work_as_written() {
         }
         assert!(command.starts_with("curl "), "{command}");
         let stream = command.starts_with("curl -N");
-        // Exactly the README's request, pointed at this stack; curl says
-        // the status and fails on an error.
+        // Exactly the README's request, pointed at this stack (no ~/.curlrc);
+        // curl says the status; a stream is cut off after 3 s.
+        let max_time = if stream { 3 } else { 30 };
         let run = command
             .replace("localhost:8080", &pipeline.ingress.to_string())
             .replace("localhost:8081", &pipeline.projections.to_string())
-            .replacen("curl ", "curl -sS --max-time 3 -w '\\n%{http_code}' ", 1);
+            .replacen("curl ", &format!("curl -q -sS --max-time {max_time} -w '\\n%{{http_code}}' "), 1);
         let output = tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio::process::Command::new("sh").arg("-c").arg(&run).envs(env.clone()).output(),
+            Duration::from_secs(60),
+            tokio::process::Command::new("sh").arg("-c").arg(&run).envs(env.clone()).kill_on_drop(true).output(),
         )
         .await
         .expect("curl returns")
         .expect("curl runs");
         let text = String::from_utf8_lossy(&output.stdout);
-        let status = text.lines().last().unwrap_or_default();
+        let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
         assert!(status.starts_with('2'), "{command}\n→ {status}: {text}{}", String::from_utf8_lossy(&output.stderr));
         if stream {
             // Cut off by --max-time (exit 28), having streamed the output.
             assert_eq!(output.status.code(), Some(28), "{command}: {text}");
             assert!(text.contains("data: "), "{command}: {text}");
-        } else {
-            assert!(output.status.success(), "{command}: {text}");
+            continue;
+        }
+        assert!(output.status.success(), "{command}: {text}");
+        // The bodies the README's comments describe.
+        if command.contains("Idempotency-Key: m-1") {
+            let accepted: Accepted = serde_json::from_str(body).unwrap_or_else(|e| panic!("{command}: {e}: {body}"));
+            match &first_message {
+                None => {
+                    assert!(!accepted.duplicate, "{body}");
+                    first_message = Some(accepted);
+                }
+                Some(first) => {
+                    assert!(accepted.duplicate, "the same key again is a duplicate: {body}");
+                    assert_eq!((accepted.stream_seq, &accepted.event_id), (first.stream_seq, &first.event_id));
+                }
+            }
+        } else if command.contains("/timeline") {
+            let t: Timeline = serde_json::from_str(body).unwrap_or_else(|e| panic!("{command}: {e}: {body}"));
+            assert!(t.conversation_id == "demo" && !t.entries.is_empty() && t.position > 0, "{body}");
+        } else if command.contains("/context") {
+            let c: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{command}: {e}: {body}"));
+            assert!(c["conversation_id"] == "demo" && c["version"].as_u64() > Some(0), "{body}");
+            assert!(c["messages"][0]["role"].is_string() && c["messages"][0]["content"].is_string(), "{body}");
+        } else if command.contains("-XPOST") {
+            let accepted: Result<Accepted, _> = serde_json::from_str(body);
+            assert!(accepted.is_ok(), "{command}: a 202 body: {body}");
         }
     }
+    assert!(first_message.is_some(), "the README sends a message with an Idempotency-Key");
     pipeline.shutdown().await;
 }

@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use conv_contracts::ConversationId;
+use conv_client::{Event, EventStream, Text};
+use conv_contracts::{ConversationId, EventType};
 use conv_nats::TopologyConfig;
 use conv_nats::service::Settings;
 use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, spawn_isolated, spawn_service, wait_http_ok};
@@ -120,7 +121,7 @@ async fn wait_complete(
 
 async fn verify_all(js: &async_nats::jetstream::Context, convs: &[String]) {
     for c in convs {
-        let v = conv_projections::verify(js, &ConversationId::parse(c).expect("id"), Duration::from_secs(10))
+        let v = conv_store::views::verify(js, &ConversationId::parse(c).expect("id"), Duration::from_secs(10))
             .await
             .expect("verify");
         assert!(v.ok(), "{c}: {:?}", v.differences);
@@ -199,69 +200,32 @@ async fn durable_writes(js: &async_nats::jetstream::Context) -> u64 {
     total
 }
 
-#[derive(Debug, Clone, PartialEq)]
-struct Sse {
-    id: String,
-    ty: String,
-    data: Value,
-}
-
 /// Reads SSE events until `done` holds (or the stream ends); with a deadline.
 async fn read_sse(
     http: &reqwest::Client,
     at: SocketAddr,
     conv: &str,
     last_event_id: Option<&str>,
-    done: impl Fn(&[Sse]) -> bool,
-) -> Vec<Sse> {
-    let mut req = http.get(format!("http://{at}/v1/conversations/{conv}/stream"));
-    if let Some(id) = last_event_id {
-        req = req.header("Last-Event-ID", id);
-    }
-    let mut body = req.send().await.expect("stream").bytes_stream();
-    let mut buf = String::new();
+    done: impl Fn(&[Event]) -> bool,
+) -> Vec<Event> {
+    let mut stream = EventStream::open(http, &format!("http://{at}"), conv, last_event_id, None).await.expect("stream");
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !done(&out) {
-        let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline.into(), body.next()).await else {
+        let Ok(Some(Ok(event))) = tokio::time::timeout_at(deadline.into(), stream.next()).await else {
             panic!("stream of {conv} ended or stalled before the condition; {} events", out.len());
         };
-        buf.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(pos) = buf.find("\n\n") {
-            let block: String = buf.drain(..pos + 2).collect();
-            let mut e = Sse { id: String::new(), ty: String::new(), data: Value::Null };
-            for line in block.lines() {
-                if let Some(v) = line.strip_prefix("id: ") {
-                    e.id = v.to_owned();
-                } else if let Some(v) = line.strip_prefix("event: ") {
-                    e.ty = v.to_owned();
-                } else if let Some(v) = line.strip_prefix("data: ") {
-                    e.data = serde_json::from_str(v).unwrap_or(Value::Null);
-                }
-            }
-            if !e.ty.is_empty() {
-                out.push(e);
-            }
-        }
+        out.push(event);
     }
     out
 }
 
-fn run_ended(events: &[Sse]) -> bool {
-    events.iter().any(|e| e.ty == "conv.out.run.status_changed" && e.data["data"]["status"] == "idle")
+fn run_ended(events: &[Event]) -> bool {
+    events.iter().any(|e| e.is(EventType::OutRunStatus) && e.data()["status"] == "idle")
 }
 
-/// Deltas joined, resets applied: what a reader shows.
-fn joined(events: &[Sse]) -> String {
-    let mut text = String::new();
-    for e in events {
-        if e.ty.contains("delta") {
-            text.push_str(e.data["data"]["text"].as_str().unwrap_or(""));
-        } else if e.ty.ends_with("reset") {
-            text.truncate(e.data["data"]["offset"].as_u64().unwrap_or(0) as usize);
-        }
-    }
-    text
+fn deltas(events: &[Event]) -> usize {
+    events.iter().filter(|e| e.is(EventType::OutMessageDelta)).count()
 }
 
 fn final_text(t: &Value) -> String {
@@ -294,9 +258,8 @@ async fn a_long_reply_streams_at_token_rate_with_few_durable_writes() {
     let resumer = tokio::spawn({
         let http = http.clone();
         async move {
-            let part =
-                read_sse(&http, at, "long", None, |e| e.iter().filter(|e| e.ty.contains("delta")).count() >= 60).await;
-            let last = part.last().map(|e| e.id.clone()).expect("an id");
+            let part = read_sse(&http, at, "long", None, |e| deltas(e) >= 60).await;
+            let last = part.last().and_then(|e| e.id.clone()).expect("an id");
             let rest = read_sse(&http, at, "long", Some(&last), run_ended).await;
             (part, rest)
         }
@@ -309,12 +272,12 @@ async fn a_long_reply_streams_at_token_rate_with_few_durable_writes() {
     assert_eq!(wait_complete(&http, at, &["long".to_owned()], 1, Duration::from_secs(30)).await, 0);
     let t = timeline(&http, at, "long").await.expect("timeline");
     let text = final_text(&t);
-    let deltas = events.iter().filter(|e| e.ty.contains("delta")).count();
+    let deltas = deltas(&events);
     assert!(deltas >= 100, "the client got {deltas} delta events");
-    assert_eq!(joined(&events), text, "deltas joined == final text");
+    assert_eq!(Text::of(&events), text, "deltas joined == final text");
     let mut both = part.clone();
     both.extend(rest);
-    assert_eq!(joined(&both), text, "resumed text == final text");
+    assert_eq!(Text::of(&both), text, "resumed text == final text");
 
     // Durable writes of the whole turn, once everything has settled.
     let mut writes = durable_writes(&js).await - before;
@@ -362,7 +325,7 @@ async fn two_thousand_readers_of_one_conversation_get_every_event() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     post(&http, ingress, "crowd", "hello everyone").await;
-    let mut first: Option<Arc<Vec<Sse>>> = None;
+    let mut first: Option<Arc<Vec<Event>>> = None;
     for r in readers {
         let got = r.await.expect("reader");
         match &first {
@@ -373,7 +336,7 @@ async fn two_thousand_readers_of_one_conversation_get_every_event() {
     // The view is written shortly after the stream ends: wait for it.
     assert_eq!(wait_complete(&http, at, &["crowd".to_owned()], 1, Duration::from_secs(30)).await, 0);
     let t = timeline(&http, at, "crowd").await.expect("timeline");
-    assert_eq!(joined(first.as_deref().expect("readers")), final_text(&t));
+    assert_eq!(Text::of(first.as_deref().expect("readers")), final_text(&t));
 }
 
 #[tokio::test]
@@ -392,9 +355,7 @@ async fn a_reply_resumed_after_an_effects_crash_reads_as_its_final_text() {
     });
     let watcher = tokio::spawn({
         let http = http.clone();
-        async move {
-            read_sse(&http, at, "crash", None, |e| e.iter().filter(|e| e.ty.contains("delta")).count() >= 40).await
-        }
+        async move { read_sse(&http, at, "crash", None, |e| deltas(e) >= 40).await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     post(&http, ingress, "crash", "a long answer please").await;
@@ -405,7 +366,7 @@ async fn a_reply_resumed_after_an_effects_crash_reads_as_its_final_text() {
     let events = reader.await.expect("reader");
     assert_eq!(wait_complete(&http, at, &["crash".to_owned()], 1, Duration::from_secs(30)).await, 0);
     let t = timeline(&http, at, "crash").await.expect("timeline");
-    assert_eq!(joined(&events), final_text(&t), "no duplicated or garbled text");
+    assert_eq!(Text::of(&events), final_text(&t), "no duplicated or garbled text");
 }
 
 #[tokio::test]

@@ -8,7 +8,10 @@
 //! * [`parts`]: values larger than one store value, split (both the
 //!   entries and the projections' views use it);
 //! * [`context`]: an LLM step's context read by reference from the stored
-//!   entries, newest first, within a provider's window.
+//!   entries, newest first, within a provider's window;
+//! * [`views`]: the projections' timelines in `conv_projections` (a write
+//!   costs the same at entry 10 and 10 000), rebuilt from and verified
+//!   against the journal.
 //!
 //! The runtime writes; effects, projections (`GET …/context`) and `convctl`
 //! read. The pure parts (state, reducer, codec) are `conv-core`.
@@ -16,6 +19,7 @@ pub mod context;
 pub mod journal;
 pub mod parts;
 pub mod snapshot;
+pub mod views;
 
 pub use snapshot::{Loaded, Snapshots};
 

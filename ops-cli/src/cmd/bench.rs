@@ -24,7 +24,7 @@ use crate::cli::Global;
 use crate::{Error, Outcome};
 
 fn free_addr() -> Result<SocketAddr, Error> {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| Error::Invalid(e.to_string()))
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(Error::io("no free port"))
 }
 
 #[derive(Debug, Serialize)]
@@ -57,7 +57,7 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 async fn sse(http: &reqwest::Client, projections: SocketAddr, conv: &str) -> Result<Events, Error> {
     let stream = conv_client::EventStream::open(http, &format!("http://{projections}"), conv, None, None)
         .await
-        .map_err(|e| Error::Invalid(e.to_string()))?;
+        .map_err(Error::http(format!("the stream of {conv}")))?;
     Ok(Events(stream))
 }
 
@@ -76,23 +76,21 @@ async fn post(http: &reqwest::Client, ingress: SocketAddr, conv: &str, what: &st
         .json(&body)
         .send()
         .await
-        .map_err(|e| Error::Invalid(e.to_string()))?;
+        .map_err(Error::http(format!("POST {what} of {conv}")))?;
     if r.status().as_u16() != 202 {
-        return Err(Error::Invalid(format!("ingress answered {}", r.status())));
+        return Err(Error::Failed(format!("ingress answered {} to {what} of {conv}", r.status())));
     }
     Ok(())
 }
 
-async fn stream_messages(js: &async_nats::jetstream::Context) -> u64 {
+/// Messages in the journal's streams.
+async fn stream_messages(js: &async_nats::jetstream::Context) -> Result<u64, Error> {
     let mut total = 0;
-    for s in ["CONV_IN", "CONV_EFFECT", "CONV_APPLIED", "CONV_OUT"] {
-        if let Ok(mut st) = js.get_stream(s).await
-            && let Ok(info) = st.info().await
-        {
-            total += info.state.messages;
-        }
+    for s in conv_contracts::subject::JOURNAL_STREAMS {
+        let mut stream = js.get_stream(s).await.map_err(Error::js(s))?;
+        total += stream.info().await.map_err(Error::js(s))?.state.messages;
     }
-    total
+    Ok(total)
 }
 
 pub async fn run(g: &Global, conversations: usize, turns: usize, aborts: usize) -> Result<Outcome, Error> {
@@ -101,7 +99,12 @@ pub async fn run(g: &Global, conversations: usize, turns: usize, aborts: usize) 
     let port = free_addr()?.port();
     let url = format!("nats://127.0.0.1:{port}");
     let mut nats = super::up::start_nats(&url, &dir, true).await?;
-    let result = bench(&url, conversations, turns, aborts).await;
+    // On SIGINT/SIGTERM the bench is dropped, and with it the services
+    // (killed on drop); the server is stopped here either way.
+    let result = tokio::select! {
+        r = bench(&url, conversations, turns, aborts) => r,
+        () = super::up::signalled() => Err(Error::Failed("interrupted".into())),
+    };
     super::up::stop("nats-server", &mut nats).await;
     let _ = std::fs::remove_dir_all(&dir);
     let mut report = result?;
@@ -146,51 +149,97 @@ async fn bench(url: &str, conversations: usize, turns: usize, aborts: usize) -> 
     let js = conv_nats::jetstream(client, &nats);
     conv_nats::topology::apply(&js, &conv_nats::Topology::declare(&conv_nats::TopologyConfig::default())).await?;
 
-    let (ingress, projections) = (free_addr()?, free_addr()?);
+    let (ingress, projections, runtime) = (free_addr()?, free_addr()?, free_addr()?);
     let mut services = Vec::new();
     let dir = super::up::bin_dir()?;
     let callback_secret = super::up::random_secret()?;
     for (name, var, addr) in [
         ("conv-ingress", "CONV_INGRESS_ADDR", ingress),
-        ("conv-runtime", "CONV_RUNTIME_ADDR", free_addr()?),
+        ("conv-runtime", "CONV_RUNTIME_ADDR", runtime),
         ("conv-effects", "CONV_EFFECTS_ADDR", free_addr()?),
         ("conv-projections", "CONV_PROJECTIONS_ADDR", projections),
     ] {
         let bin = dir.join(name);
-        let child = tokio::process::Command::new(&bin)
-            .env("NATS_URL", url)
-            .env(var, addr.to_string())
-            .env("CONV_CALLBACK_SECRET", &callback_secret)
-            .env("CONV_RUNTIME_HEARTBEAT_MS", "200")
-            .env("CONV_SCRIPTED_TOKEN_DELAY_MS", "0")
-            .env("RUST_LOG", "warn")
-            .env_remove("CONV_CONFIG")
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        // Nothing of the operator's environment (a real provider, API keys,
+        // partitions, trace export) reaches the services: only what the
+        // bench sets, with every other option at its default.
+        let mut command = tokio::process::Command::new(&bin);
+        command.env_clear().envs(BENCH_ENV).env("NATS_URL", url).env(var, addr.to_string());
+        command.env("CONV_CALLBACK_SECRET", &callback_secret);
+        let child = command
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::inherit())
             .kill_on_drop(true)
-            .spawn();
-        match child {
-            Ok(c) => services.push((name, c)),
-            Err(e) => {
-                for (n, mut c) in services {
-                    super::up::stop(n, &mut c).await;
-                }
-                return Err(Error::Invalid(format!(
-                    "cannot start {} ({e}); build the services with `cargo build --workspace`",
-                    bin.display()
-                )));
+            .spawn()
+            .map_err(Error::io(format!(
+                "cannot start {} (build the services with `cargo build --release --workspace --bins`)",
+                bin.display()
+            )))?;
+        services.push((name, addr, child));
+    }
+    // From here on, children left on an early return are killed when dropped.
+    ready(&mut services, runtime, conv_nats::TopologyConfig::default().partitions).await?;
+    measure(&js, services, ingress, projections, conversations, turns, aborts).await
+}
+
+/// What the services run with in a bench: the scripted provider answering
+/// 24 tokens at once, runtime heartbeats as in the tests, warnings only.
+const BENCH_ENV: [(&str, &str); 5] = [
+    ("CONV_LLM_PROVIDER", "scripted"),
+    ("CONV_SCRIPTED_TOKENS", "24"),
+    ("CONV_SCRIPTED_TOKEN_DELAY_MS", "0"),
+    ("CONV_RUNTIME_HEARTBEAT_MS", "200"),
+    ("RUST_LOG", "warn"),
+];
+
+type Services = Vec<(&'static str, SocketAddr, tokio::process::Child)>;
+
+/// Waits (30 s at most) until every service answers `/readyz` and the
+/// runtime runs all `partitions`; fails at once when a service exits.
+async fn ready(services: &mut Services, runtime: SocketAddr, partitions: u16) -> Result<(), Error> {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut waiting = None;
+        for (name, addr, child) in services.iter_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(Error::Failed(format!("{name} exited ({status}) before it was ready")));
+            }
+            let ok = http.get(format!("http://{addr}/readyz")).send().await.is_ok_and(|r| r.status().is_success());
+            if !ok && waiting.is_none() {
+                waiting = Some(format!("{name} is not ready at http://{addr}/readyz"));
             }
         }
+        if waiting.is_none() {
+            let owned = owned_partitions(&http, runtime).await;
+            if owned == Some(u64::from(partitions)) {
+                return Ok(());
+            }
+            waiting = Some(format!("the runtime runs {} of {partitions} partitions", owned.unwrap_or(0)));
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Failed(format!(
+                "the stack did not get ready within 30 s: {}",
+                waiting.unwrap_or_default()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Children left on an early return are killed when dropped.
-    measure(&js, services, ingress, projections, conversations, turns, aborts).await
+}
+
+/// `conv_runtime_partitions_owned` from the runtime's `/metrics`.
+async fn owned_partitions(http: &reqwest::Client, runtime: SocketAddr) -> Option<u64> {
+    let text = http.get(format!("http://{runtime}/metrics")).send().await.ok()?.text().await.ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("conv_runtime_partitions_owned "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
 }
 
 async fn measure(
     js: &async_nats::jetstream::Context,
-    services: Vec<(&'static str, tokio::process::Child)>,
+    services: Services,
     ingress: SocketAddr,
     projections: SocketAddr,
     conversations: usize,
@@ -198,19 +247,8 @@ async fn measure(
     aborts: usize,
 ) -> Result<Report, Error> {
     let http = reqwest::Client::new();
-    for addr in [ingress, projections] {
-        for _ in 0..100 {
-            if http.get(format!("http://{addr}/readyz")).send().await.is_ok_and(|r| r.status().is_success()) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    // Let the runtime take its partitions.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-
     // 1. Turns.
-    let writes_before = stream_messages(js).await;
+    let writes_before = stream_messages(js).await?;
     let phase = Instant::now();
     let mut workers = Vec::new();
     for c in 0..conversations {
@@ -226,14 +264,14 @@ async fn measure(
                 let mut running = false;
                 loop {
                     let Some(event) = events.next().await else {
-                        return Err(Error::Invalid(format!("{conv}: the stream ended")));
+                        return Err(Error::Failed(format!("{conv}: the stream ended")));
                     };
                     match event.ty {
-                        EventType::OutMessageDelta if !seen_delta => {
+                        Some(EventType::OutMessageDelta) if !seen_delta => {
                             seen_delta = true;
                             first.push(t0.elapsed().as_secs_f64() * 1000.0);
                         }
-                        EventType::OutRunStatus => {
+                        Some(EventType::OutRunStatus) => {
                             let status = event.data()["status"].as_str().unwrap_or("");
                             if status == "running" {
                                 running = true;
@@ -250,10 +288,10 @@ async fn measure(
     }
     let mut first_delta = Vec::new();
     for w in workers {
-        first_delta.extend(w.await.map_err(|e| Error::Invalid(e.to_string()))??);
+        first_delta.extend(w.await.map_err(|e| Error::Failed(format!("a bench task failed: {e}")))??);
     }
     let turn_secs = phase.elapsed().as_secs_f64();
-    let writes = stream_messages(js).await - writes_before;
+    let writes = stream_messages(js).await? - writes_before;
     let total_turns = conversations * turns;
 
     // 2. Aborts during a long tool call.
@@ -266,30 +304,30 @@ async fn measure(
             post(&http, ingress, &conv, "messages", json!({"text": "/tool sleep {\"ms\": 30000}"})).await?;
             loop {
                 match events.next().await {
-                    Some(e) if e.ty == EventType::OutToolCalled => break,
+                    Some(e) if e.is(EventType::OutToolCalled) => break,
                     Some(_) => {}
-                    None => return Err(Error::Invalid(format!("{conv}: the stream ended"))),
+                    None => return Err(Error::Failed(format!("{conv}: the stream ended"))),
                 }
             }
             let t0 = Instant::now();
             post(&http, ingress, &conv, "abort", json!({})).await?;
             loop {
                 match events.next().await {
-                    Some(e) if e.ty == EventType::OutToolResult && e.data()["outcome"] == "canceled" => {
+                    Some(e) if e.is(EventType::OutToolResult) && e.data()["outcome"] == "canceled" => {
                         return Ok(t0.elapsed().as_secs_f64() * 1000.0);
                     }
                     Some(_) => {}
-                    None => return Err(Error::Invalid(format!("{conv}: the stream ended"))),
+                    None => return Err(Error::Failed(format!("{conv}: the stream ended"))),
                 }
             }
         }));
     }
     let mut abort_ms = Vec::new();
     for w in workers {
-        abort_ms.push(w.await.map_err(|e| Error::Invalid(e.to_string()))??);
+        abort_ms.push(w.await.map_err(|e| Error::Failed(format!("a bench task failed: {e}")))??);
     }
     // The raw baseline runs on a server the services have left.
-    for (name, mut child) in services {
+    for (name, _, mut child) in services {
         super::up::stop(name, &mut child).await;
     }
 
@@ -302,24 +340,20 @@ async fn measure(
             ..Default::default()
         })
         .await
-        .map_err(|e| Error::JetStream(e.to_string()))?;
+        .map_err(Error::js("create BENCH_RAW"))?;
     let body = bytes::Bytes::from(vec![b'x'; 300]);
     let t0 = Instant::now();
     let mut acks = Vec::new();
     for i in 0..n {
-        acks.push(
-            js.publish(format!("bench.raw.{}", i % 64), body.clone())
-                .await
-                .map_err(|e| Error::JetStream(e.to_string()))?,
-        );
+        acks.push(js.publish(format!("bench.raw.{}", i % 64), body.clone()).await.map_err(Error::js("raw publish"))?);
         if acks.len() >= 1000 {
             for a in acks.drain(..) {
-                a.await.map_err(|e| Error::JetStream(e.to_string()))?;
+                a.await.map_err(Error::js("raw publish ack"))?;
             }
         }
     }
     for a in acks {
-        a.await.map_err(|e| Error::JetStream(e.to_string()))?;
+        a.await.map_err(Error::js("raw publish ack"))?;
     }
     let publish_rate = n as f64 / t0.elapsed().as_secs_f64();
     let consumer = raw
@@ -329,16 +363,16 @@ async fn measure(
             ..Default::default()
         })
         .await
-        .map_err(|e| Error::JetStream(e.to_string()))?;
+        .map_err(Error::js("create the raw consumer"))?;
     let t0 = Instant::now();
-    let mut messages = consumer.messages().await.map_err(|e| Error::JetStream(e.to_string()))?;
+    let mut messages = consumer.messages().await.map_err(Error::js("raw consume"))?;
     for _ in 0..n {
         let m = messages
             .next()
             .await
-            .ok_or_else(|| Error::JetStream("raw stream ended".into()))?
-            .map_err(|e| Error::JetStream(e.to_string()))?;
-        m.ack().await.map_err(|e| Error::JetStream(e.to_string()))?;
+            .ok_or_else(|| Error::Failed("the raw consumer ended".into()))?
+            .map_err(Error::js("raw consume"))?;
+        m.ack().await.map_err(Error::js("raw ack"))?;
     }
     let consume_rate = n as f64 / t0.elapsed().as_secs_f64();
 

@@ -9,7 +9,7 @@ use crate::{Error, Outcome};
 pub async fn run(g: &Global) -> Result<Outcome, Error> {
     let topo = Topology::declare(&g.topology()?);
     let js = crate::connect(g).await?;
-    let checkpoints = collect(&js, &topo).await.map_err(|e| Error::JetStream(e.to_string()))?;
+    let checkpoints = collect(&js, &topo).await.map_err(Error::js("the consumers' state"))?;
     if g.json {
         return Ok(Outcome::ok(crate::to_json(&checkpoints)));
     }

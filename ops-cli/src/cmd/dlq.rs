@@ -12,10 +12,6 @@ use crate::{Error, Outcome};
 /// Time allowed for each republish to be acknowledged.
 const APPEND_TIMEOUT: Duration = Duration::from_secs(5);
 
-fn dlq_err(e: dlq::Error) -> Error {
-    Error::JetStream(e.to_string())
-}
-
 pub async fn run(g: &Global, command: &DlqCommand) -> Result<Outcome, Error> {
     let js = crate::connect(g).await?;
     match command {
@@ -41,7 +37,7 @@ fn one_line(text: &str, max: usize) -> String {
 }
 
 async fn list(g: &Global, js: &async_nats::jetstream::Context) -> Result<Outcome, Error> {
-    let letters = dlq::list(js).await.map_err(dlq_err)?;
+    let letters = dlq::list(js).await?;
     if g.json {
         return Ok(Outcome::ok(crate::to_json(&letters)));
     }
@@ -77,7 +73,7 @@ async fn list(g: &Global, js: &async_nats::jetstream::Context) -> Result<Outcome
 }
 
 async fn show(g: &Global, js: &async_nats::jetstream::Context, id: u64) -> Result<Outcome, Error> {
-    let d = dlq::get(js, id).await.map_err(dlq_err)?;
+    let d = dlq::get(js, id).await?;
     let verdict = dlq::validate_original(&d, conv_contracts::Limits::default());
     if g.json {
         #[derive(Serialize)]
@@ -141,7 +137,7 @@ async fn redrive_one(
     dry_run: bool,
     force: bool,
 ) -> Result<Outcome, Error> {
-    let r = dlq::redrive(js, id, dry_run, force, APPEND_TIMEOUT).await.map_err(dlq_err)?;
+    let r = dlq::redrive(js, id, dry_run, force, APPEND_TIMEOUT).await?;
     Ok(Outcome::ok(if g.json { crate::to_json(&r) } else { describe(&r) }))
 }
 
@@ -194,7 +190,7 @@ async fn redrive_all(
     dry_run: bool,
     force: bool,
 ) -> Result<Outcome, Error> {
-    let letters = dlq::list(js).await.map_err(dlq_err)?;
+    let letters = dlq::list(js).await?;
     let progress = Progress::new(letters.len());
     let mut summary = Summary { redriven: Vec::new(), failed: Vec::new(), dry_run };
     for (i, d) in letters.iter().enumerate() {

@@ -23,7 +23,7 @@ async fn targets(
 ) -> Result<Vec<ConversationId>, Error> {
     Ok(match conversation {
         Some(c) => vec![ConversationId::parse(c).map_err(|e| Error::Invalid(format!("conversation id {c:?}: {e}")))?],
-        None => conv_projections::conversations(js).await?,
+        None => conv_store::views::conversations(js).await?,
     })
 }
 
@@ -32,13 +32,13 @@ pub async fn verify(g: &Global, conversation: Option<&str>, settle: std::time::D
     let targets = targets(&js, conversation).await?;
     let mut all = Vec::new();
     for conv in &targets {
-        all.push(conv_projections::verify(&js, conv, settle).await?);
+        all.push(conv_store::views::verify(&js, conv, settle).await?);
     }
     if let (Some(one), Some(v)) = (conversation, all.first())
         && v.view_position == 0
         && v.journal_position == 0
     {
-        return Err(Error::Invalid(format!("conversation {one:?} has no output in CONV_OUT and no stored view")));
+        return Err(Error::Failed(format!("conversation {one:?} has no output in CONV_OUT and no stored view")));
     }
     let differing = all.iter().filter(|v| !v.ok()).count();
     let code = u8::from(differing > 0);
@@ -74,7 +74,7 @@ pub async fn rebuild(g: &Global, conversation: Option<&str>) -> Result<Outcome, 
     let targets = targets(&js, conversation).await?;
     let mut done = Vec::new();
     for conv in targets {
-        let (view, events) = conv_projections::rebuild(&js, &conv).await?;
+        let (view, events) = conv_store::views::rebuild(&js, &conv).await?;
         done.push(Rebuilt {
             conversation_id: conv.to_string(),
             events,

@@ -37,15 +37,15 @@ pub async fn report(g: &Global, conversation: &str) -> Result<Report, Error> {
 /// [`report`] on an open connection.
 pub async fn report_on(js: &async_nats::jetstream::Context, conv: &ConversationId) -> Result<Report, Error> {
     let (js, conv) = (js.clone(), conv.clone());
-    let replayed = journal::rebuild(&js, &conv, None).await.map_err(|e| Error::JetStream(e.to_string()))?;
+    let replayed = journal::rebuild(&js, &conv, None).await.map_err(Error::js("the journal"))?;
     if replayed.applied == 0 {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Failed(format!(
             "no applied events for conversation {conv} (unknown, or nothing applied yet)"
         )));
     }
     let replay_hash = replayed.snapshot.state.hash();
-    let snapshots = Snapshots::open(&js).await.map_err(|e| Error::JetStream(e.to_string()))?;
-    let stored = snapshots.load(conv.as_str()).await.map_err(|e| Error::JetStream(e.to_string()))?.snapshot;
+    let snapshots = Snapshots::open(&js).await.map_err(Error::js("the snapshots bucket"))?;
+    let stored = snapshots.load(conv.as_str()).await.map_err(Error::js("the stored snapshot"))?.snapshot;
     let snapshot_version = stored.as_ref().map(|s| s.state.version);
     // The live state: the stored snapshot plus the journal after it. Its
     // chain must equal the replayed chain, and its whole content too.
@@ -53,7 +53,7 @@ pub async fn report_on(js: &async_nats::jetstream::Context, conv: &ConversationI
         Some(snapshot) => {
             let live = journal::rebuild(&js, &conv, Some(snapshot))
                 .await
-                .map_err(|e| Error::JetStream(e.to_string()))?
+                .map_err(Error::js("the journal after the snapshot"))?
                 .snapshot
                 .state;
             (live.hash(), live.digest() == replayed.snapshot.state.digest())

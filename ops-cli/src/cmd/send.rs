@@ -8,6 +8,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use conv_contracts::EventType;
+use conv_contracts::api::{Accepted, ErrorBody, Timeline};
 use serde_json::{Value, json};
 
 use crate::cli::Global;
@@ -30,57 +31,58 @@ pub async fn run(g: &Global, conversation: &str, text: &str, timeout: Duration) 
         Some(k) => r.bearer_auth(k),
         None => r,
     };
-    let unreachable = |what: &str, a: &str, e: reqwest::Error| {
-        Error::Invalid(format!("{what} does not answer at {a} ({e}); is the stack up (`convctl up`)?"))
-    };
+    let unreachable =
+        |what: &str, a: &str| Error::http(format!("{what} does not answer at {a}; is the stack up (`convctl up`)?"));
 
     // Where the conversation's output stands now: the reply starts after it.
     let timeline = authorized(http.get(format!("http://{projections}/v1/conversations/{conversation}/timeline")))
         .send()
         .await
-        .map_err(|e| unreachable("conv-projections", &projections, e))?;
-    let position = if timeline.status().is_success() {
-        timeline.json::<Value>().await.ok().and_then(|t| t["position"].as_u64()).unwrap_or(0)
-    } else {
-        0
+        .map_err(unreachable("conv-projections", &projections))?;
+    let position = match timeline.status().as_u16() {
+        200 => timeline.json::<Timeline>().await.map_err(Error::http("the timeline"))?.position,
+        404 => 0,
+        _ => return Err(refused("conv-projections", timeline).await),
     };
 
     let post = authorized(http.post(format!("http://{ingress}/v1/conversations/{conversation}/messages")));
-    let posted =
-        post.json(&json!({"text": text})).send().await.map_err(|e| unreachable("conv-ingress", &ingress, e))?;
+    let posted = post.json(&json!({"text": text})).send().await.map_err(unreachable("conv-ingress", &ingress))?;
     if posted.status().as_u16() != 202 {
-        let status = posted.status();
-        let body: Value = posted.json().await.unwrap_or(Value::Null);
-        return Err(Error::Invalid(format!("ingress answered {status}: {}", body["error"]["message"])));
+        return Err(refused("conv-ingress", posted).await);
     }
-    let accepted: Value = posted.json().await.unwrap_or(Value::Null);
+    let accepted: Accepted = posted.json().await.map_err(Error::http("ingress's answer"))?;
     let mut seen: Vec<Value> = Vec::new();
     let mut ours = false;
 
-    let mut events = conv_client::EventStream::open(
-        &http,
-        &format!("http://{projections}"),
-        conversation,
-        Some(&position.to_string()),
-        key.as_deref(),
-    )
-    .await
-    .map_err(|e| Error::Invalid(format!("{e}; is the stack up (`convctl up`)?")))?;
+    let base = format!("http://{projections}");
+    let mut events =
+        conv_client::EventStream::open(&http, &base, conversation, Some(&position.to_string()), key.as_deref())
+            .await
+            .map_err(|e| stream_failed(e, &projections))?;
     let mut out = std::io::stdout();
+    let mut text = conv_client::Text::default();
     let deadline = Instant::now() + timeout;
     let mut running = false;
     loop {
         let next = tokio::time::timeout_at(deadline.into(), events.next())
             .await
-            .map_err(|_| Error::Invalid(format!("no end of the run within {}s", timeout.as_secs())))?;
-        let Some(event) = next else {
-            return Err(Error::Invalid("the stream closed before the run ended".into()));
+            .map_err(|_| Error::Failed(format!("no end of the run within {}s", timeout.as_secs())))?;
+        let event = match next {
+            None => return Err(Error::Failed("the stream closed before the run ended".into())),
+            Some(Err(conv_client::Error::Closed(why))) => {
+                // The server let this reader go (it fell behind): resume
+                // after the last event read.
+                eprintln!("[convctl] {}; resuming", why.message);
+                events.reconnect().await.map_err(|e| stream_failed(e, &projections))?;
+                continue;
+            }
+            Some(Err(e)) => return Err(stream_failed(e, &projections)),
+            Some(Ok(event)) => event,
         };
-        let event = event.map_err(|e| Error::Invalid(e.to_string()))?;
         // The stored view may lag the stream: what comes before the first
         // output of our own message belongs to an earlier one.
         if !ours {
-            if event.causation_id() != accepted["event_id"].as_str() {
+            if event.causation_id() != Some(accepted.event_id.as_str()) {
                 continue;
             }
             ours = true;
@@ -88,11 +90,11 @@ pub async fn run(g: &Global, conversation: &str, text: &str, timeout: Duration) 
         let d = event.data().clone();
         // The run ended: its status went to running and then to anything else.
         let ended = match (event.ty, d["status"].as_str()) {
-            (EventType::OutRunStatus, Some("running")) => {
+            (Some(EventType::OutRunStatus), Some("running")) => {
                 running = true;
                 None
             }
-            (EventType::OutRunStatus, Some(status)) if running => Some(status.to_owned()),
+            (Some(EventType::OutRunStatus), Some(status)) if running => Some(status.to_owned()),
             _ => None,
         };
         if g.json {
@@ -104,21 +106,32 @@ pub async fn run(g: &Global, conversation: &str, text: &str, timeout: Duration) 
             }
             continue;
         }
-        match event.ty {
-            EventType::OutMessageDelta => {
-                let _ = write!(out, "{}", d["text"].as_str().unwrap_or(""));
-                let _ = out.flush();
+        // What the terminal shows; a failed write to stdout (a closed pipe)
+        // does not stop the run from being followed to its end.
+        let shown = match event.ty {
+            Some(EventType::OutMessageDelta) => {
+                text.apply(&event);
+                write!(out, "{}", d["text"].as_str().unwrap_or(""))
             }
-            EventType::OutToolCalled => {
-                let _ = writeln!(out, "\n[tool {} {}]", d["name"].as_str().unwrap_or("?"), d["args"]);
+            Some(EventType::OutMessageReset) => {
+                // The model's answer differs from what was streamed (an
+                // effects worker took over): show the text again from the cut.
+                text.apply(&event);
+                write!(out, "\n[the reply restarts]\n{}", text.0)
             }
-            EventType::OutToolResult => {
-                let _ = writeln!(out, "[{} → {}]", d["outcome"].as_str().unwrap_or("?"), d["result"]);
+            Some(EventType::OutToolCalled) => {
+                writeln!(out, "\n[tool {} {}]", d["name"].as_str().unwrap_or("?"), d["args"])
             }
-            EventType::OutMessageAppended if d["role"] == "system" && d["status"] == "failed" => {
-                let _ = writeln!(out, "\n{}", d["text"].as_str().unwrap_or(""));
+            Some(EventType::OutToolResult) => {
+                writeln!(out, "[{} → {}]", d["outcome"].as_str().unwrap_or("?"), d["result"])
             }
-            _ => {}
+            Some(EventType::OutMessageAppended) if d["role"] == "system" && d["status"] == "failed" => {
+                writeln!(out, "\n{}", d["text"].as_str().unwrap_or(""))
+            }
+            _ => Ok(()),
+        };
+        if shown.and_then(|()| out.flush()).is_err() {
+            tracing::debug!("stdout is closed");
         }
         if let Some(status) = ended {
             let _ = writeln!(out);
@@ -126,5 +139,26 @@ pub async fn run(g: &Global, conversation: &str, text: &str, timeout: Duration) 
             let output = if status == "idle" { String::new() } else { format!("(run {status})") };
             return Ok(Outcome { output, code });
         }
+    }
+}
+
+/// A service's refusal: its status and the message of its error body.
+async fn refused(service: &str, response: reqwest::Response) -> Error {
+    let status = response.status();
+    let message = match response.json::<ErrorBody>().await {
+        Ok(body) => body.error.message,
+        Err(_) => "no error body".to_owned(),
+    };
+    Error::Failed(format!("{service} answered {status}: {message}"))
+}
+
+/// A stream that could not be opened or read; only a service that does not
+/// answer gets the hint to start the stack.
+fn stream_failed(e: conv_client::Error, projections: &str) -> Error {
+    match e {
+        conv_client::Error::Unreachable { .. } => Error::http(format!(
+            "conv-projections does not answer at {projections}; is the stack up (`convctl up`)?"
+        ))(e),
+        other => Error::http("the stream")(other),
     }
 }

@@ -12,7 +12,7 @@ async fn connect_within(g: &Global, wait: std::time::Duration) -> Result<async_n
         let attempt = async {
             let js = crate::connect(g).await?;
             // JetStream answers only once the server (or its cluster) is ready.
-            js.query_account().await.map_err(|e| Error::Invalid(format!("JetStream does not answer: {e}")))?;
+            js.query_account().await.map_err(Error::js("JetStream does not answer"))?;
             Ok::<_, Error>(js)
         };
         match attempt.await {

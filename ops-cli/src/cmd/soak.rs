@@ -178,8 +178,8 @@ async fn stores(js: &jetstream::Context) -> Result<Vec<StoreSize>, Error> {
         .collect();
     let mut out = Vec::with_capacity(names.len());
     for name in names {
-        let mut stream = js.get_stream(&name).await.map_err(|e| Error::JetStream(format!("{name}: {e}")))?;
-        let info = stream.info().await.map_err(|e| Error::JetStream(format!("{name}: {e}")))?;
+        let mut stream = js.get_stream(&name).await.map_err(Error::js(name.as_str()))?;
+        let info = stream.info().await.map_err(Error::js(name.as_str()))?;
         out.push(StoreSize {
             name,
             messages: info.state.messages,
@@ -398,7 +398,7 @@ async fn drive(stack: &mut stack::Stack, args: &SoakArgs) -> Result<Report, Erro
 
     let mut turns = Vec::new();
     for t in talkers {
-        let (done, problems) = t.await.map_err(|e| Error::Invalid(format!("a conversation task failed: {e}")))?;
+        let (done, problems) = t.await.map_err(|e| Error::Failed(format!("a conversation task failed: {e}")))?;
         turns.extend(done);
         other.extend(problems);
     }

@@ -7,13 +7,6 @@ use conv_contracts::ConversationId;
 use crate::cli::Global;
 use crate::{Error, Outcome};
 
-fn failed(e: trace::Error) -> Error {
-    match e {
-        trace::Error::Target(m) | trace::Error::NotFound(m) => Error::Invalid(m),
-        other => Error::JetStream(other.to_string()),
-    }
-}
-
 fn line(n: &Node) -> String {
     format!("{} {} ({}#{})", n.ty, n.id, n.stream, n.seq)
 }
@@ -26,9 +19,9 @@ fn print(n: &Node, depth: usize, out: &mut String) {
 }
 
 pub async fn run(g: &Global, arg: &str, conversation: Option<&str>) -> Result<Outcome, Error> {
-    let target = trace::target(arg, conversation).map_err(failed)?;
+    let target = trace::target(arg, conversation)?;
     let js = crate::connect(g).await?;
-    let t = trace::trace(&js, &target).await.map_err(failed)?;
+    let t = trace::trace(&js, &target).await?;
     if g.json {
         return Ok(Outcome::ok(crate::to_json(&t)));
     }
@@ -60,7 +53,7 @@ pub async fn events(g: &Global, conversation: &str) -> Result<Outcome, Error> {
     let conv = ConversationId::parse(conversation)
         .map_err(|e| Error::Invalid(format!("conversation id {conversation:?}: {e}")))?;
     let js = crate::connect(g).await?;
-    let rows = trace::events(&js, &conv).await.map_err(failed)?;
+    let rows = trace::events(&js, &conv).await?;
     if g.json {
         return Ok(Outcome::ok(crate::to_json(&rows)));
     }

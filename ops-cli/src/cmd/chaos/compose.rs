@@ -79,7 +79,7 @@ fn free_port() -> Result<u16, Error> {
     std::net::TcpListener::bind("0.0.0.0:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
-        .map_err(|e| Error::Invalid(format!("no free port: {e}")))
+        .map_err(Error::io("no free port"))
 }
 
 impl Compose {
@@ -98,7 +98,7 @@ impl Compose {
                 file.display()
             )));
         }
-        std::fs::create_dir_all(dir).map_err(|e| Error::Invalid(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(Error::io(dir.display().to_string()))?;
         let program = program().await?;
         let (ingress, projections, nats_port) = (free_port()?, free_port()?, free_port()?);
         let mut effects_env = format!(
@@ -119,8 +119,7 @@ impl Compose {
              effects:\n    extra_hosts: [\"host.docker.internal:host-gateway\"]\n    environment:\n{effects_env}"
         );
         let override_file = dir.join("compose.chaos.yaml");
-        std::fs::write(&override_file, overrides)
-            .map_err(|e| Error::Invalid(format!("{}: {e}", override_file.display())))?;
+        std::fs::write(&override_file, overrides).map_err(Error::io(override_file.display().to_string()))?;
         let admin = secret()?;
         let api_key = format!("chaos-{}", secret()?);
         let mut env = vec![
@@ -176,9 +175,9 @@ impl Compose {
             .stdin(Stdio::null())
             .output()
             .await
-            .map_err(|e| Error::Invalid(format!("cannot run {}: {e}", self.program.join(" "))))?;
+            .map_err(Error::io(format!("cannot run {}", self.program.join(" "))))?;
         if !out.status.success() {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Failed(format!(
                 "`{} {}` failed: {}",
                 self.program.join(" "),
                 args.join(" "),
@@ -244,7 +243,7 @@ impl Compose {
                 .args(["inspect", "-f", "{{.RestartCount}} {{.Name}}", id])
                 .output()
                 .await
-                .map_err(|e| Error::Invalid(format!("docker inspect: {e}")))?;
+                .map_err(Error::io("docker inspect"))?;
             let line = String::from_utf8_lossy(&out.stdout);
             let mut words = line.split_whitespace();
             let count: u64 = words.next().and_then(|c| c.parse().ok()).unwrap_or(0);

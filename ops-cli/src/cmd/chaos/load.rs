@@ -44,7 +44,7 @@ impl Client {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .build()
-            .map_err(|e| crate::Error::Invalid(e.to_string()))?;
+            .map_err(crate::Error::http("an HTTP client"))?;
         Ok(Self { http, ingress, projections, api_key })
     }
 

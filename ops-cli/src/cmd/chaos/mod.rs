@@ -298,7 +298,7 @@ async fn drive(stack: &mut Target, args: &ChaosArgs) -> Result<Report, Error> {
 
     let mut turns = Vec::new();
     for t in talkers {
-        let (done, problems) = t.await.map_err(|e| Error::Invalid(format!("a conversation task failed: {e}")))?;
+        let (done, problems) = t.await.map_err(|e| Error::Failed(format!("a conversation task failed: {e}")))?;
         other.extend(problems);
         turns.extend(done);
     }
@@ -313,7 +313,7 @@ async fn drive(stack: &mut Target, args: &ChaosArgs) -> Result<Report, Error> {
     for (fault, round) in faults.iter_mut().zip(probes) {
         let mut slowest = Some(Duration::ZERO);
         for probe in round {
-            let (conv, turn, problem) = probe.await.map_err(|e| Error::Invalid(format!("a probe failed: {e}")))?;
+            let (conv, turn, problem) = probe.await.map_err(|e| Error::Failed(format!("a probe failed: {e}")))?;
             let replied = turn.as_ref().and_then(|t| t.reply);
             turns.extend(turn);
             slowest = match (slowest, replied) {

@@ -77,9 +77,8 @@ pub async fn start(seed: u64, tokens: usize, gap: Duration, public: bool) -> Res
     let app = Router::new().route("/v1/chat/completions", post(complete)).with_state(provider.clone());
     let listener = tokio::net::TcpListener::bind(if public { "0.0.0.0:0" } else { "127.0.0.1:0" })
         .await
-        .map_err(|e| Error::Invalid(format!("cannot start the chaos provider: {e}")))?;
-    let addr: SocketAddr =
-        listener.local_addr().map_err(|e| Error::Invalid(format!("cannot start the chaos provider: {e}")))?;
+        .map_err(Error::io("cannot start the chaos provider"))?;
+    let addr: SocketAddr = listener.local_addr().map_err(Error::io("cannot start the chaos provider"))?;
     tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app).await {
             tracing::error!(message = "The chaos provider stopped.", %error);

@@ -104,13 +104,11 @@ pub struct Stack {
 }
 
 fn free_addr() -> Result<SocketAddr, Error> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| Error::Invalid(format!("no free port: {e}")))
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(Error::io("no free port"))
 }
 
 fn io(what: &Path, e: std::io::Error) -> Error {
-    Error::Invalid(format!("{}: {e}", what.display()))
+    Error::io(what.display().to_string())(e)
 }
 
 /// Sends `signal` (`KILL`, `STOP`, `CONT`, `TERM`) to `pid`.
@@ -125,15 +123,15 @@ impl Stack {
     pub async fn start(dir: &Path, settings: &Settings) -> Result<Stack, Error> {
         std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
         let bins = std::env::current_exe()
-            .map_err(|e| Error::Invalid(format!("cannot locate convctl: {e}")))?
+            .map_err(Error::io("cannot locate convctl"))?
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_default();
         for kind in Kind::SERVICES {
             let bin = bins.join(kind.name());
             if !bin.exists() {
-                return Err(Error::Invalid(format!(
-                    "{} is missing; build it with `cargo build --workspace`",
+                return Err(Error::Failed(format!(
+                    "{} is missing; build it with `cargo build --workspace --bins`",
                     bin.display()
                 )));
             }
@@ -141,7 +139,7 @@ impl Stack {
         let mut nodes = Vec::new();
         if settings.cluster {
             use conv_nats::cluster::{NodePorts, node_config};
-            let ports = NodePorts::free().map_err(|e| Error::Invalid(format!("no free port: {e}")))?;
+            let ports = NodePorts::free().map_err(Error::io("no free port"))?;
             for (node, p) in ports.iter().enumerate() {
                 let data = dir.join(format!("nats-n{}", node + 1));
                 let conf = dir.join(format!("cluster-{}.conf", node + 1));
@@ -175,9 +173,9 @@ impl Stack {
             topology.owner_ttl_secs = CLUSTER_OWNER_TTL_SECS;
             extra_env.push(("CONV_OWNER_TTL_SECS".to_owned(), CLUSTER_OWNER_TTL_SECS.to_string()));
         }
-        topology.apply_env(&conv_nats::service::process_env).map_err(|e| Error::Invalid(e.to_string()))?;
+        topology.apply_env(&conv_nats::service::process_env)?;
         topology.replicas = replicas;
-        topology.validate().map_err(|e| Error::Invalid(e.0))?;
+        topology.validate()?;
         let js = jetstream(&nats_url).await?;
         // A cluster takes JetStream requests once it has elected a meta leader.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -240,7 +238,7 @@ impl Stack {
             .stderr(Stdio::from(err))
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| Error::Invalid(format!("cannot start {}: {e}", bin.display())))?;
+            .map_err(Error::io(format!("cannot start {}", bin.display())))?;
         p.child = Some(child);
         Ok(())
     }
@@ -397,15 +395,13 @@ impl Stack {
 /// Waits until every address answers `/readyz` with 200; the error is the
 /// message paired with the first that did not within `within`.
 pub async fn wait_all_ready(targets: &[(SocketAddr, String)], within: Duration) -> Result<(), Error> {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()
-        .map_err(|e| Error::Invalid(e.to_string()))?;
+    let http =
+        reqwest::Client::builder().timeout(Duration::from_secs(2)).build().map_err(Error::http("an HTTP client"))?;
     let deadline = tokio::time::Instant::now() + within;
     for (addr, not_ready) in targets {
         while !http.get(format!("http://{addr}/readyz")).send().await.is_ok_and(|r| r.status().is_success()) {
             if tokio::time::Instant::now() > deadline {
-                return Err(Error::Invalid(not_ready.clone()));
+                return Err(Error::Failed(not_ready.clone()));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

@@ -21,16 +21,21 @@
 //! events whatever the length of the conversation.
 
 use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use conv_contracts::payload::{EntryStatus, RunStatus};
+use conv_contracts::subject::{self, STREAM_OUT};
+use conv_contracts::{ConversationId, Envelope, Limits};
 use conv_core::snapshot as codec;
-use conv_store::parts::{self, PartsError};
+use conv_core::timeline::{Entry, Indexed, Timeline};
 use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
-use crate::timeline::{Entry, Indexed, Timeline};
+use conv_nats::topology::KV_PROJECTIONS;
+
+use crate::parts::{self, PartsError};
 
 /// Entries per sealed block (at most).
 pub const BLOCK: usize = 64;
@@ -109,7 +114,7 @@ impl Stored {
 }
 
 /// A value and its revision, its parts (if split) put back together
-/// (`conv_store::parts`). A part replaced while it was read (the bucket
+/// ([`crate::parts`]). A part replaced while it was read (the bucket
 /// keeps one revision) makes the read start again.
 async fn get_value(store: &kv::Store, key: &str) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
     for _ in 0..5 {
@@ -124,7 +129,7 @@ async fn get_value(store: &kv::Store, key: &str) -> Result<Option<(Vec<u8>, u64)
     Err(StoreError::Unreadable { conversation: key.to_owned(), detail: "its parts kept changing while read".into() })
 }
 
-/// Writes the parts of a value larger than `max_value` (`conv_store::parts`)
+/// Writes the parts of a value larger than `max_value` ([`crate::parts`])
 /// and returns the first value, for the caller to write at `key`.
 async fn put_parts(store: &kv::Store, key: &str, bytes: Vec<u8>, max_value: usize) -> Result<Bytes, StoreError> {
     parts::write(store, key, &codec::encode_value(bytes, max_value)).await.map_err(|e| parts_error(key, e))
@@ -335,4 +340,151 @@ impl Header {
             tail: Vec::new(),
         }
     }
+}
+
+// The journal side: rebuild a view from the output, verify a stored one.
+
+/// Why the journal or the views could not be read (rebuild, verify, lists).
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Journal(#[from] conv_nats::read::ReadError),
+    #[error("the views bucket: {0}")]
+    Bucket(#[from] async_nats::jetstream::context::KeyValueError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A conversation's output stored at or after `CONV_OUT` sequence `start`
+/// (0: all of it), decoded, oldest first, with each event's sequence.
+/// Messages that do not decode are left out (the view workers dead-letter them).
+pub async fn journal_from(
+    js: &async_nats::jetstream::Context,
+    conversation: &ConversationId,
+    start: u64,
+) -> Result<Vec<(u64, Envelope)>, ReadError> {
+    let stored =
+        conv_nats::read::from(js, STREAM_OUT, &subject::out_conversation_filter(conversation), start, false).await?;
+    Ok(stored
+        .into_iter()
+        .filter_map(|m| {
+            conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Limits::default())
+                .ok()
+                .map(|e| (m.seq, e))
+        })
+        .collect())
+}
+
+/// Rebuilds a conversation's timeline from scratch (the fold of all its
+/// `CONV_OUT` events) and stores it, unless the stored view is already
+/// further along. Returns the view and the number of events folded.
+pub async fn rebuild(
+    js: &async_nats::jetstream::Context,
+    conversation: &ConversationId,
+) -> Result<(Timeline, usize), ReadError> {
+    let bucket = js.get_key_value(KV_PROJECTIONS).await?;
+    let events = journal_from(js, conversation, 0).await?;
+    let last_seq = events.iter().map(|(s, _)| *s).max().unwrap_or(0);
+    let view = conv_core::timeline::fold(conversation.as_str(), events.iter().map(|(_, e)| e), None);
+    let folded = events.iter().filter(|(_, e)| e.position().is_some_and(|p| p <= view.position)).count();
+    replace(&bucket, view.clone(), last_seq + 1, max_value(js)).await?;
+    Ok((view, folded))
+}
+
+/// The outcome of comparing a stored view with the fold of the journal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Verified {
+    pub conversation_id: String,
+    /// Position of the stored view (0: none stored).
+    pub view_position: u64,
+    /// Last output position in `CONV_OUT`.
+    pub journal_position: u64,
+    /// What differs, one line each; empty when the view is the fold.
+    pub differences: Vec<String>,
+}
+
+impl Verified {
+    pub fn ok(&self) -> bool {
+        self.differences.is_empty()
+    }
+}
+
+fn compare(stored: &Timeline, folded: &Timeline, out: &mut Vec<String>) {
+    if stored.run_status != folded.run_status {
+        out.push(format!("run_status: view {:?}, journal {:?}", stored.run_status, folded.run_status));
+    }
+    if stored.entries.len() != folded.entries.len() {
+        out.push(format!("entries: view has {}, journal {}", stored.entries.len(), folded.entries.len()));
+    }
+    for (i, (a, b)) in stored.entries.iter().zip(&folded.entries).enumerate() {
+        if a != b {
+            let what = if a.id != b.id {
+                format!("id {:?} vs {:?}", a.id, b.id)
+            } else if a.status != b.status {
+                format!("status {:?} vs {:?}", a.status, b.status)
+            } else if a.text != b.text {
+                format!("text of {} bytes vs {} bytes", a.text.len(), b.text.len())
+            } else {
+                "role or tool fields".to_owned()
+            };
+            out.push(format!("entry {i} ({}): view and journal differ: {what}", b.id));
+        }
+    }
+}
+
+/// Compares the stored view of `conversation` with the fold of its output in
+/// `CONV_OUT`, at the view's position. A view behind the journal is read
+/// again until `settle` has passed; still behind, that is a difference.
+pub async fn verify(
+    js: &async_nats::jetstream::Context,
+    conversation: &ConversationId,
+    settle: Duration,
+) -> Result<Verified, ReadError> {
+    let bucket = js.get_key_value(KV_PROJECTIONS).await?;
+    let deadline = Instant::now() + settle;
+    loop {
+        let events = journal_from(js, conversation, 0).await?;
+        let journal_position = events.iter().filter_map(|(_, e)| e.position()).max().unwrap_or(0);
+        let stored = read(&bucket, conversation.as_str()).await?;
+        let view_position = stored.as_ref().map_or(0, |t| t.position);
+        let mut differences = Vec::new();
+        if view_position < journal_position && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        match &stored {
+            None if journal_position > 0 => differences.push("no stored view".to_owned()),
+            None => {}
+            Some(view) => {
+                let folded = conv_core::timeline::fold(
+                    conversation.as_str(),
+                    events.iter().map(|(_, e)| e),
+                    Some(view.position),
+                );
+                compare(view, &folded, &mut differences);
+                if view_position < journal_position {
+                    differences
+                        .push(format!("the view is at position {view_position}, the journal at {journal_position}"));
+                }
+            }
+        }
+        return Ok(Verified {
+            conversation_id: conversation.to_string(),
+            view_position,
+            journal_position,
+            differences,
+        });
+    }
+}
+
+/// Every conversation with output in `CONV_OUT`.
+pub async fn conversations(js: &async_nats::jetstream::Context) -> Result<Vec<ConversationId>, ReadError> {
+    let mut ids: Vec<ConversationId> = conv_nats::read::all(js, STREAM_OUT, "", true)
+        .await?
+        .iter()
+        .filter_map(|m| m.header("ce-subject").and_then(|s| ConversationId::parse(s).ok()))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    Ok(ids)
 }

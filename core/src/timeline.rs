@@ -1,7 +1,7 @@
 //! The timeline projection: a pure fold of a conversation's `conv.out.*`
 //! events, in the order of their output position, into what a user sees.
 //!
-//! [`Timeline::apply`] folds one event; it is O(1) in the size of the
+//! [`Indexed::apply`] folds one event; it is O(1) in the size of the
 //! timeline (entries are found through an index, text is appended). The
 //! order is the caller's business: [`fold`] sorts stored events by position
 //! (what `convctl projections verify` and rebuilds use), the views' partition
@@ -11,30 +11,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use conv_contracts::payload::{EntryRole, EntryStatus, RunStatus, ToolOutcome};
 use conv_contracts::{Envelope, Payload};
-use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Entry {
-    pub id: String,
-    pub role: EntryRole,
-    pub text: String,
-    pub status: EntryStatus,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tool_call_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tool_name: Option<String>,
-}
-
-/// What `GET /v1/conversations/{id}/timeline` returns.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Timeline {
-    pub conversation_id: String,
-    pub run_status: RunStatus,
-    pub entries: Vec<Entry>,
-    /// Output position of the last event folded in: the view is the fold of
-    /// positions 1..=position (a stream reader can resume after it).
-    pub position: u64,
-}
+pub use conv_contracts::api::{Entry, Timeline};
 
 /// A timeline with an index from entry id to place, for O(1) updates.
 #[derive(Debug, Clone)]
