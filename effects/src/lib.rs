@@ -38,7 +38,7 @@ use async_nats::jetstream::{AckKind, Message};
 use conv_contracts::payload::CancelRequested;
 use conv_contracts::subject::STREAM_EFFECT;
 use conv_contracts::{Limits, Payload};
-use conv_nats::service::{self, BootError, ConfigError, Env, Identity, Options, ServeError, Settings, env_override};
+use conv_nats::service::{self, ConfigError, Env, Identity, Options, Settings, env_override};
 use conv_nats::topology::EFFECTS_CONSUMER;
 use futures::StreamExt;
 use prometheus::Registry;
@@ -249,17 +249,7 @@ impl Options for EffectsOptions {
 pub type Config = Settings<EffectsOptions>;
 
 /// Why the service stopped with an error.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Boot(#[from] BootError),
-    #[error(transparent)]
-    Serve(#[from] ServeError),
-    #[error("metrics: {0}")]
-    Metrics(#[from] prometheus::Error),
-    #[error("LLM provider: {0}")]
-    Provider(String),
-}
+pub type Error = service::ServiceError;
 
 fn provider(o: &EffectsOptions) -> Result<llm::Provider, Error> {
     Ok(match o.llm_provider.as_str() {
@@ -271,7 +261,7 @@ fn provider(o: &EffectsOptions) -> Result<llm::Provider, Error> {
                 Duration::from_millis(o.llm_connect_timeout_ms),
                 openai::tool_specs(&o.tools),
             )
-            .map_err(|e| Error::Provider(e.to_string()))?,
+            .map_err(Error::part("LLM provider"))?,
         ),
         _ => llm::Provider::Scripted(scripted::Scripted {
             tokens: o.scripted_tokens,
@@ -284,14 +274,8 @@ fn provider(o: &EffectsOptions) -> Result<llm::Provider, Error> {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let registry = Registry::new();
     let metrics = metrics::Metrics::new(&registry)?;
-    let booted = service::boot(&IDENTITY, &config, registry, &shutdown).await?;
-    let server = tokio::spawn(service::serve(
-        config.http_addr(),
-        config.service.http,
-        booted.health.router(),
-        shutdown.clone(),
-        None,
-    ));
+    let running = service::Running::start(&IDENTITY, &config, registry, &shutdown).await?;
+    let booted = &running.booted;
     let o = &config.options;
     if !o.tools.is_empty() && o.callback_secret.is_empty() {
         tracing::warn!(
@@ -303,7 +287,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let http = reqwest::Client::builder()
         .connect_timeout(Duration::from_millis(o.llm_connect_timeout_ms))
         .build()
-        .map_err(|e| Error::Provider(e.to_string()))?;
+        .map_err(Error::part("HTTP client of webhook tools"))?;
     // Until `convctl setup` ran there is nothing to consume: wait, not ready.
     let attached = service::wait_for(&shutdown, || attach(&booted.js)).await;
     if let Some(Attached { inbox, timers, snapshots }) = attached {
@@ -336,16 +320,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         let timer_task = tokio::spawn(timers::run(timers, booted.js.clone(), booted.tracer.clone(), shutdown.clone()));
         serve(executor, inbox, o.admission(), shutdown.clone()).await;
         shutdown.cancel();
-        let _ = timer_task.await;
+        service::joined("timers", timer_task).await;
     }
-    shutdown.cancel();
-    match server.await {
-        Ok(result) => result?,
-        Err(join) => tracing::error!(message = "HTTP task failed.", error = %join),
-    }
-    booted.flush().await;
-    tracing::info!(message = "Stopped.", service = IDENTITY.name);
-    Ok(())
+    running.stop().await
 }
 
 type Messages = async_nats::jetstream::consumer::pull::Stream;

@@ -25,7 +25,7 @@ pub mod options;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use conv_nats::service::{self, BootError, Identity, ServeError, Settings};
+use conv_nats::service::{self, Identity, Settings};
 use prometheus::Registry;
 use tokio_util::sync::CancellationToken;
 
@@ -45,27 +45,15 @@ pub const IDENTITY: Identity = Identity {
 pub type Config = Settings<IngressOptions>;
 
 /// Why the service stopped with an error.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Boot(#[from] BootError),
-    #[error(transparent)]
-    Serve(#[from] ServeError),
-    #[error(transparent)]
-    NatsApi(#[from] nats_api::Error),
-    #[error("metrics: {0}")]
-    Metrics(#[from] prometheus::Error),
-    #[error("{0}")]
-    Insecure(String),
-}
+pub type Error = service::ServiceError;
 
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let auth =
-        auth::Auth::new(&config.options.api_keys, &config.options.callback_secret).map_err(|e| Error::Insecure(e.0))?;
+        auth::Auth::new(&config.options.api_keys, &config.options.callback_secret).map_err(|e| Error::Refused(e.0))?;
     let addr = config.http_addr();
     if auth.is_open() && !addr.ip().is_loopback() {
-        return Err(Error::Insecure(format!(
+        return Err(Error::Refused(format!(
             "refusing to serve on {addr} without client keys: set CONV_INGRESS_API_KEYS, or listen on a loopback address"
         )));
     }
@@ -74,16 +62,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     }
     let registry = Registry::new();
     let metrics = metrics::Metrics::new(&registry)?;
-    let booted = service::boot(&IDENTITY, &config, registry, &shutdown).await?;
-    let ingress = Ingress {
-        js: booted.js.clone(),
-        metrics: metrics.clone(),
-        options: config.options.clone(),
-        auth: std::sync::Arc::new(auth),
-        rates: std::sync::Arc::new(guard::RateLimits::new(config.options.rate_per_key, config.options.rate_burst)),
-        shedding: std::sync::Arc::new(guard::Shedding::default()),
-        tracer: booted.tracer.clone(),
-    };
+    let (running, ingress) = service::Running::start_with(&IDENTITY, &config, registry, &shutdown, |booted| {
+        let ingress = Ingress {
+            js: booted.js.clone(),
+            metrics: metrics.clone(),
+            options: config.options.clone(),
+            auth: std::sync::Arc::new(auth),
+            rates: std::sync::Arc::new(guard::RateLimits::new(config.options.rate_per_key, config.options.rate_burst)),
+            shedding: std::sync::Arc::new(guard::Shedding::default()),
+            tracer: booted.tracer.clone(),
+        };
+        (http::router(ingress.clone()), ingress)
+    })
+    .await?;
+    let booted = &running.booted;
     let backlog = (config.options.shed_backlog > 0).then(|| {
         tokio::spawn(guard::watch_backlog(
             booted.js.clone(),
@@ -108,22 +100,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .nats_api
         .then(|| tokio::spawn(nats_api::serve(booted.client.clone(), ingress.clone(), shutdown.clone())));
 
-    let router = http::router(ingress).merge(booted.health.router());
-    let served = service::serve(config.http_addr(), config.service.http, router, shutdown.clone(), None).await;
-    shutdown.cancel();
-    let _ = dlq.await;
-    let _ = dead_letters.await;
+    // Serve until shutdown (or until the listener fails, which cancels it).
+    shutdown.cancelled().await;
+    service::joined("DLQ watch", dlq).await;
+    service::joined("dead-letter counter", dead_letters).await;
     if let Some(backlog) = backlog {
-        let _ = backlog.await;
+        service::joined("backlog watch", backlog).await;
     }
-    if let Some(nats) = nats {
-        match nats.await {
-            Ok(result) => result?,
-            Err(join) => tracing::error!(message = "NATS API task failed.", error = %join),
-        }
-    }
-    booted.flush().await;
-    served?;
-    tracing::info!(message = "Stopped.", service = IDENTITY.name);
-    Ok(())
+    let nats_api = match nats {
+        Some(task) => service::joined("NATS API", task).await.unwrap_or(Ok(())),
+        None => Ok(()),
+    };
+    running.stop().await?;
+    nats_api.map_err(Error::part("NATS service API"))
 }

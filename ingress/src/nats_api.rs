@@ -25,7 +25,7 @@ pub const GROUP: &str = conv_contracts::subject::INGRESS_API_GROUP;
 /// Why the NATS API could not run.
 #[derive(Debug, thiserror::Error)]
 #[error("NATS service API: {0}")]
-pub struct Error(String);
+pub struct Error(#[source] async_nats::Error);
 
 /// Serves the endpoints until `shutdown`.
 pub async fn serve(client: async_nats::Client, ingress: Ingress, shutdown: CancellationToken) -> Result<(), Error> {
@@ -34,11 +34,11 @@ pub async fn serve(client: async_nats::Client, ingress: Ingress, shutdown: Cance
         .description("conv ingress: validate and append events to CONV_IN")
         .start("conv-ingress", env!("CARGO_PKG_VERSION"))
         .await
-        .map_err(|e| Error(e.to_string()))?;
+        .map_err(Error)?;
     let group = service.group_with_queue_group(GROUP, "conv-ingress");
-    let mut event = group.endpoint("event").await.map_err(|e| Error(e.to_string()))?;
-    let mut message = group.endpoint("message").await.map_err(|e| Error(e.to_string()))?;
-    let mut control = group.endpoint("control").await.map_err(|e| Error(e.to_string()))?;
+    let mut event = group.endpoint("event").await.map_err(Error)?;
+    let mut message = group.endpoint("message").await.map_err(Error)?;
+    let mut control = group.endpoint("control").await.map_err(Error)?;
     loop {
         let (kind, request) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -65,7 +65,7 @@ pub async fn serve(client: async_nats::Client, ingress: Ingress, shutdown: Cance
             }
         });
     }
-    service.stop().await.map_err(|e| Error(e.to_string()))
+    service.stop().await.map_err(Error)
 }
 
 #[derive(Debug, Clone, Copy)]

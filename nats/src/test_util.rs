@@ -697,6 +697,57 @@ pub async fn assert_binary_boots_and_stops(bin: &str, addr: SocketAddr, envs: &[
     stderr
 }
 
+/// Starts `bin` with its address (`addr_env`) taken by another listener:
+/// it must exit with an error that says so, not run without its health
+/// endpoints.
+pub async fn assert_binary_exits_when_its_address_is_taken(bin: &str, addr_env: &str, nats_url: String) {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
+    let addr = taken.local_addr().unwrap_or_else(|e| panic!("addr: {e}"));
+    let child = tokio::process::Command::new(bin)
+        .env("NATS_URL", nats_url)
+        .env(addr_env, addr.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{bin} still runs 20 s after its address was found taken"))
+        .unwrap_or_else(|e| panic!("wait {bin}: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{bin} exits 1; stderr:\n{stderr}");
+    assert!(stderr.contains(&format!("cannot listen on {addr}")), "{bin} says why; stderr:\n{stderr}");
+    drop(taken);
+}
+
+/// The boot tests of a service binary (`env!("CARGO_BIN_EXE_<name>")`, its
+/// address variable): it boots against NATS, serves its health endpoints,
+/// logs JSON when asked and stops cleanly on SIGTERM; and it exits with an
+/// error when its address is taken.
+#[macro_export]
+macro_rules! binary_boot_tests {
+    ($bin:expr, $addr_env:expr) => {
+        #[tokio::test]
+        async fn binary_boots_and_stops_on_sigterm() {
+            let nats = $crate::test_util::TestNats::start().await.expect("test NATS");
+            let addr = $crate::test_util::free_addr();
+            let env = [("NATS_URL", nats.url()), ($addr_env, addr.to_string()), ("CONV_LOG_FORMAT", "json".into())];
+            let stderr = $crate::test_util::assert_binary_boots_and_stops($bin, addr, &env).await;
+            for said in [r#""message":"Shutdown signal received.""#, r#""message":"Stopped.""#] {
+                assert!(stderr.contains(said), "json logs with {said}: {stderr}");
+            }
+        }
+
+        #[tokio::test]
+        async fn binary_exits_when_its_address_is_taken() {
+            let nats = $crate::test_util::TestNats::start().await.expect("test NATS");
+            $crate::test_util::assert_binary_exits_when_its_address_is_taken($bin, $addr_env, nats.url()).await;
+        }
+    };
+}
+
 /// Every event of a conversation in `CONV_IN` (any family), decoded, in record order.
 pub async fn inputs(js: &async_nats::jetstream::Context, conversation: &str) -> Vec<conv_contracts::Envelope> {
     let conv = conv_contracts::ConversationId::parse(conversation).unwrap_or_else(|e| panic!("conversation id: {e}"));

@@ -39,7 +39,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use conv_contracts::ConversationId;
 use conv_contracts::subject::STREAM_OUT;
-use conv_nats::service::{self, BootError, Identity, ServeError, Settings};
+use conv_nats::service::{self, Identity, Settings};
 use conv_nats::topology::{KV_LEASES, KV_PROJECTIONS};
 use prometheus::Registry;
 use serde_json::json;
@@ -72,21 +72,7 @@ pub const IDENTITY: Identity = Identity {
 pub type Config = Settings<options::ProjectionsOptions>;
 
 /// Why the service stopped with an error.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Boot(#[from] BootError),
-    #[error(transparent)]
-    Serve(#[from] ServeError),
-    #[error("metrics: {0}")]
-    Metrics(#[from] prometheus::Error),
-    #[error("outbound webhook: {0}")]
-    Outbound(#[from] reqwest::Error),
-    #[error("console forwarding to ingress: {0}")]
-    Console(reqwest::Error),
-    #[error("{0}")]
-    Insecure(String),
-}
+pub type Error = service::ServiceError;
 
 /// What the HTTP handlers need once the topology exists.
 #[derive(Debug)]
@@ -103,40 +89,45 @@ struct AppState {
 
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    let keys = conv_nats::keys::ApiKeys::new(&config.options.api_keys).map_err(|e| Error::Insecure(e.0))?;
+    let keys = conv_nats::keys::ApiKeys::new(&config.options.api_keys).map_err(|e| Error::Refused(e.0))?;
     let addr = config.http_addr();
     if keys.is_open() && !addr.ip().is_loopback() {
-        return Err(Error::Insecure(format!(
+        return Err(Error::Refused(format!(
             "refusing to serve conversations on {addr} without client keys: set CONV_INGRESS_API_KEYS, or listen on a loopback address"
         )));
     }
     let registry = Registry::new();
     let metrics = metrics::Metrics::new(&registry)?;
-    let booted = service::boot(&IDENTITY, &config, registry, &shutdown).await?;
     let o = &config.options;
-    let outbound = outbound::Outbound::new(o, metrics.dispatch_failures.clone())?;
+    let outbound =
+        outbound::Outbound::new(o, metrics.dispatch_failures.clone()).map_err(Error::part("outbound webhook"))?;
     let ready = Arc::new(OnceLock::new());
     let keys = Arc::new(keys);
-    let forward = Arc::new(console::Forward::new(&o.ingress_url).map_err(Error::Console)?);
-    let writes = Router::new()
-        .route("/v1/conversations/{id}/{action}", axum::routing::post(console::forward))
-        .route_layer(axum::middleware::from_fn_with_state(keys.clone(), authorize))
-        .with_state(forward);
-    let list = Router::new()
-        .route("/v1/conversations", get(console::list))
-        .with_state(console::Lister::new(booted.js.clone(), keys.clone()));
-    let router = Router::new()
-        .route("/v1/conversations/{id}/timeline", get(timeline))
-        .route("/v1/conversations/{id}/context", get(context))
-        .route("/v1/conversations/{id}/stream", get(stream))
-        .route_layer(axum::middleware::from_fn_with_state(keys, authorize))
-        .with_state(AppState { js: booted.js.clone(), ready: ready.clone() })
-        .merge(writes)
-        .merge(list)
-        .merge(admin::Admin::new(&config.nats, &config.topology, addr, shutdown.clone()).router())
-        .route("/", get(console::page))
-        .merge(booted.health.router());
-    let server = tokio::spawn(service::serve(config.http_addr(), config.service.http, router, shutdown.clone(), None));
+    let forward =
+        Arc::new(console::Forward::new(&o.ingress_url).map_err(Error::part("console forwarding to ingress"))?);
+    let admin = admin::Admin::new(&config.nats, &config.topology, addr, shutdown.clone());
+    let (running, ()) = service::Running::start_with(&IDENTITY, &config, registry, &shutdown, |booted| {
+        let writes = Router::new()
+            .route("/v1/conversations/{id}/{action}", axum::routing::post(console::forward))
+            .route_layer(axum::middleware::from_fn_with_state(keys.clone(), authorize))
+            .with_state(forward);
+        let list = Router::new()
+            .route("/v1/conversations", get(console::list))
+            .with_state(console::Lister::new(booted.js.clone(), keys.clone()));
+        let router = Router::new()
+            .route("/v1/conversations/{id}/timeline", get(timeline))
+            .route("/v1/conversations/{id}/context", get(context))
+            .route("/v1/conversations/{id}/stream", get(stream))
+            .route_layer(axum::middleware::from_fn_with_state(keys, authorize))
+            .with_state(AppState { js: booted.js.clone(), ready: ready.clone() })
+            .merge(writes)
+            .merge(list)
+            .merge(admin.router())
+            .route("/", get(console::page));
+        (router, ())
+    })
+    .await?;
+    let booted = &running.booted;
 
     let attached = service::wait_for(&shutdown, || async {
         let store = booted.js.get_key_value(KV_PROJECTIONS).await.ok()?;
@@ -186,13 +177,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         conv_nats::ownership::run(instance, leases, Arc::new(views::Workers(shared)), ownership, shutdown.clone())
             .await;
     }
-    shutdown.cancel();
-    match server.await {
-        Ok(result) => result?,
-        Err(join) => tracing::error!(message = "HTTP task failed.", error = %join),
-    }
-    booted.flush().await;
-    Ok(())
+    running.stop().await
 }
 
 /// Why a request is answered with an error: `{"error": {"code", "message"}}`.

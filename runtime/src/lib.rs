@@ -15,7 +15,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use conv_nats::service::{self, BootError, ConfigError, Env, Identity, Options, ServeError, Settings, env_override};
+use conv_nats::service::{self, ConfigError, Env, Identity, Options, Settings, env_override};
 use conv_nats::topology::KV_LEASES;
 use prometheus::Registry;
 use serde::Deserialize;
@@ -87,28 +87,14 @@ impl Options for RuntimeOptions {
 pub type Config = Settings<RuntimeOptions>;
 
 /// Why the service stopped with an error.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Boot(#[from] BootError),
-    #[error(transparent)]
-    Serve(#[from] ServeError),
-    #[error("metrics: {0}")]
-    Metrics(#[from] prometheus::Error),
-}
+pub type Error = service::ServiceError;
 
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let registry = Registry::new();
     let metrics = metrics::Metrics::new(&registry)?;
-    let booted = service::boot(&IDENTITY, &config, registry, &shutdown).await?;
-    let server = tokio::spawn(service::serve(
-        config.http_addr(),
-        config.service.http,
-        booted.health.router(),
-        shutdown.clone(),
-        None,
-    ));
+    let running = service::Running::start(&IDENTITY, &config, registry, &shutdown).await?;
+    let booted = &running.booted;
 
     // The buckets exist once `convctl setup` ran; until then, wait (not ready).
     let ready = service::wait_for(&shutdown, || async {
@@ -149,14 +135,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         conv_nats::ownership::run(instance, owners, Arc::new(worker::Workers(shared)), ownership, shutdown.clone())
             .await;
     }
-    shutdown.cancel();
-    match server.await {
-        Ok(result) => result?,
-        Err(join) => tracing::error!(message = "HTTP task failed.", error = %join),
-    }
-    booted.flush().await;
-    tracing::info!(message = "Stopped.", service = IDENTITY.name);
-    Ok(())
+    running.stop().await
 }
 
 #[cfg(test)]

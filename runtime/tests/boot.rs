@@ -1,5 +1,5 @@
 //! The service skeleton: readiness follows NATS and the topology; the
-//! binary stops cleanly on SIGTERM.
+//! binary stops cleanly on SIGTERM and exits when its address is taken.
 
 use std::time::Duration;
 
@@ -67,15 +67,4 @@ async fn boots_without_nats_and_reports_not_ready() {
     service.shutdown().await.expect("clean shutdown");
 }
 
-#[tokio::test]
-async fn binary_boots_and_stops_on_sigterm() {
-    let nats = TestNats::start().await.expect("test NATS");
-    let addr = free_addr();
-    let stderr = conv_nats::test_util::assert_binary_boots_and_stops(
-        env!("CARGO_BIN_EXE_conv-runtime"),
-        addr,
-        &[("NATS_URL", nats.url()), ("CONV_RUNTIME_ADDR", addr.to_string()), ("CONV_LOG_FORMAT", "json".into())],
-    )
-    .await;
-    assert!(stderr.contains(r#""message":"Shutdown signal received.""#), "json logs: {stderr}");
-}
+conv_nats::binary_boot_tests!(env!("CARGO_BIN_EXE_conv-runtime"), "CONV_RUNTIME_ADDR");

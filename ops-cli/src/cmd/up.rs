@@ -189,27 +189,7 @@ pub(crate) async fn start_nats(url: &str, dir: &Path, quiet: bool) -> Result<Chi
     spawn_nats(command, &bin, quiet, conv_nats::NatsConfig { url: url.to_owned(), ..Default::default() }).await
 }
 
-/// SIGINT or SIGTERM.
-#[cfg(unix)]
-pub(crate) async fn signalled() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
-        (Ok(mut i), Ok(mut t)) => {
-            tokio::select! {
-                _ = i.recv() => {}
-                _ = t.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
-#[cfg(not(unix))]
-pub(crate) async fn signalled() {
-    let _ = tokio::signal::ctrl_c().await;
-}
+pub(crate) use conv_nats::service::signalled;
 
 /// SIGTERM, then up to 10 s, then SIGKILL. Says so on stderr (stdout may
 /// be a command's `--json`).
