@@ -7,14 +7,17 @@
 //!
 //! cargo run --release -p conv-effects --example bench_effects -- [conversations=1000]
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use conv_contracts::payload::*;
 use conv_contracts::{ConversationId, Envelope, EventType, Limits, Payload};
 use conv_effects::EffectsOptions;
-use conv_nats::service::Settings;
-use conv_nats::test_util::{TestNats, free_addr, spawn_service};
+use conv_nats::test_util::TestNats;
+use support::Stack;
 
 async fn inputs(js: &async_nats::jetstream::Context, filter: &str) -> Vec<Envelope> {
     conv_nats::read::all(js, "CONV_IN", filter, false)
@@ -48,22 +51,9 @@ fn message(conv: &str, id: &str) -> Envelope {
     e
 }
 
-struct Stack {
-    nats: TestNats,
-    runtime: conv_nats::test_util::ServiceHandle<conv_runtime::Error>,
-    effects: conv_nats::test_util::ServiceHandle<conv_effects::Error>,
-}
-
 async fn stack(options: EffectsOptions) -> Stack {
     let nats = TestNats::start_process().await.expect("nats-server (scripts/ensure-nats.sh)");
-    nats.setup().await.expect("topology");
-    let mut rc: conv_runtime::Config = Settings::for_test(nats.config(), free_addr());
-    rc.options.heartbeat_ms = 200;
-    let runtime = spawn_service("conv-runtime", |t| conv_runtime::run(rc, t));
-    let mut ec: conv_effects::Config = Settings::for_test(nats.config(), free_addr());
-    ec.options = options;
-    let effects = spawn_service("conv-effects", |t| conv_effects::run(ec, t));
-    Stack { nats, runtime, effects }
+    Stack::start_on(nats, options).await
 }
 
 async fn events_per_reply(delay_ms: u64) -> (usize, usize) {
@@ -81,8 +71,7 @@ async fn events_per_reply(delay_ms: u64) -> (usize, usize) {
     };
     let deltas = journal.iter().filter(|e| e.event_type() == EventType::LlmDelta).count();
     let lifecycle = journal.len() - 1; // all but the message
-    let _ = s.effects.shutdown().await;
-    let _ = s.runtime.shutdown().await;
+    s.stop().await;
     (deltas, lifecycle)
 }
 
@@ -191,8 +180,7 @@ async fn main() {
     let mut to_hint: Vec<f64> =
         seen.iter().filter_map(|(c, at)| Some((*at - *sent.get(c)?).num_microseconds()? as f64 / 1000.0)).collect();
     to_hint.sort_by(|a, b| a.total_cmp(b));
-    let _ = s.effects.shutdown().await;
-    let _ = s.runtime.shutdown().await;
+    s.stop().await;
     let _ = Payload::from(StopRequested {});
 
     println!("conv-effects benchmark");

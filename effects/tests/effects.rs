@@ -4,79 +4,21 @@
 
 use std::time::{Duration, Instant};
 
+mod support;
+
 use conv_contracts::payload::*;
-use conv_contracts::{ConversationId, Envelope, EventType};
+use conv_contracts::{Envelope, EventType};
 use conv_effects::EffectsOptions;
-use conv_nats::service::Settings;
-use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, spawn_service};
 use futures::StreamExt;
-
-struct Stack {
-    nats: TestNats,
-    js: async_nats::jetstream::Context,
-    _runtime: ServiceHandle<conv_runtime::Error>,
-    _effects: ServiceHandle<conv_effects::Error>,
-}
-
-async fn start(options: EffectsOptions) -> Stack {
-    let nats = TestNats::start().await.expect("test NATS");
-    nats.setup().await.expect("topology");
-    let js = nats.jetstream().await;
-    let mut rc: conv_runtime::Config = Settings::for_test(nats.config(), free_addr());
-    rc.options.heartbeat_ms = 200;
-    let runtime = spawn_service("conv-runtime", |t| conv_runtime::run(rc, t));
-    let mut ec: conv_effects::Config = Settings::for_test(nats.config(), free_addr());
-    ec.options = options;
-    let effects = spawn_service("conv-effects", |t| conv_effects::run(ec, t));
-    Stack { nats, js, _runtime: runtime, _effects: effects }
-}
-
-fn conv(c: &str) -> ConversationId {
-    ConversationId::parse(c).expect("id")
-}
-
-impl Stack {
-    async fn send(&self, c: &str, id: &str, data: impl Into<conv_contracts::Payload>) {
-        let mut e = Envelope::new(id, "/test", conv(c), data);
-        e.time = Some(chrono::Utc::now());
-        conv_nats::headers::publish(&self.js, &e).await.expect("publish").await.expect("ack");
-    }
-
-    /// Every input of the conversation journaled so far, in record order.
-    async fn inputs(&self, c: &str) -> Vec<Envelope> {
-        conv_nats::test_util::inputs(&self.js, c).await
-    }
-
-    async fn wait_for(
-        &self,
-        c: &str,
-        what: &str,
-        pred: impl Fn(&[Envelope]) -> bool,
-        within: Duration,
-    ) -> Vec<Envelope> {
-        conv_nats::test_util::wait_inputs(&self.js, c, what, within, pred).await
-    }
-
-    async fn state(&self, c: &str) -> conv_core::state::State {
-        conv_store::journal::rebuild(&self.js, &conv(c), None).await.expect("rebuild").snapshot.state
-    }
-}
+use support::{Stack, conv, count, message};
 
 fn types(inputs: &[Envelope]) -> Vec<&'static str> {
     inputs.iter().map(|e| e.event_type().as_str()).collect()
 }
 
-fn count(inputs: &[Envelope], ty: EventType) -> usize {
-    inputs.iter().filter(|e| e.event_type() == ty).count()
-}
-
-fn message(text: &str) -> MessageReceived {
-    MessageReceived { text: text.into(), role: None, channel: None, sender: None }
-}
-
 #[tokio::test]
 async fn a_message_gets_a_streamed_coalesced_reply() {
-    let s = start(EffectsOptions { coalesce_ms: 100, ..EffectsOptions::default() }).await;
+    let s = Stack::start(EffectsOptions { coalesce_ms: 100, ..EffectsOptions::default() }).await;
     // The live lane: every piece of text at once, on core NATS.
     let mut live =
         s.nats.client().await.subscribe(conv_contracts::subject::live_subject(&conv("e1"))).await.expect("sub");
@@ -139,7 +81,7 @@ async fn a_message_gets_a_streamed_coalesced_reply() {
 
 #[tokio::test]
 async fn a_tool_round_trip() {
-    let s = start(EffectsOptions::default()).await;
+    let s = Stack::start(EffectsOptions::default()).await;
     s.send("e2", "m1", message(r#"/tool echo {"x": 1}"#)).await;
     s.wait_for("e2", "the answer after the tool", |i| count(i, EventType::LlmCompleted) == 2, Duration::from_secs(20))
         .await;
@@ -154,7 +96,7 @@ async fn a_tool_round_trip() {
 
 #[tokio::test]
 async fn abort_stops_a_thirty_second_sleep_promptly() {
-    let s = start(EffectsOptions::default()).await;
+    let s = Stack::start(EffectsOptions::default()).await;
     s.send("e3", "m1", message(r#"/tool sleep {"ms": 30000}"#)).await;
     s.wait_for("e3", "the tool to start", |i| count(i, EventType::ToolStarted) == 1, Duration::from_secs(20)).await;
     let asked = Instant::now();
@@ -172,7 +114,8 @@ async fn abort_stops_a_thirty_second_sleep_promptly() {
 
 #[tokio::test]
 async fn abort_stops_a_ten_second_stream_promptly() {
-    let s = start(EffectsOptions { scripted_tokens: 500, scripted_token_delay_ms: 20, ..Default::default() }).await;
+    let s =
+        Stack::start(EffectsOptions { scripted_tokens: 500, scripted_token_delay_ms: 20, ..Default::default() }).await;
     s.send("e4", "m1", message("tell me a long story")).await;
     s.wait_for("e4", "the first delta", |i| count(i, EventType::LlmDelta) >= 1, Duration::from_secs(20)).await;
     let asked = Instant::now();
@@ -196,7 +139,7 @@ async fn abort_stops_a_ten_second_stream_promptly() {
 #[tokio::test]
 async fn aborts_never_wait_for_a_slot_and_queued_calls_never_run() {
     // 16 slots for tool calls; model steps have their own.
-    let s = start(EffectsOptions { tool_concurrency: 16, ..EffectsOptions::default() }).await;
+    let s = Stack::start(EffectsOptions { tool_concurrency: 16, ..EffectsOptions::default() }).await;
     let convs: Vec<String> = (0..24).map(|i| format!("slot{i}")).collect();
     for (i, c) in convs.iter().enumerate() {
         s.send(c, &format!("m{i}"), message("/tool sleep {\"ms\": 8000}")).await;
@@ -266,7 +209,7 @@ async fn aborts_never_wait_for_a_slot_and_queued_calls_never_run() {
 
 #[tokio::test]
 async fn a_sleep_longer_than_a_day_fails_with_a_clear_error() {
-    let s = start(EffectsOptions::default()).await;
+    let s = Stack::start(EffectsOptions::default()).await;
     s.send("long", "m1", message("/tool sleep {\"ms\": 100000000000}")).await;
     let i =
         s.wait_for("long", "the failed call", |i| count(i, EventType::ToolFailed) == 1, Duration::from_secs(20)).await;
@@ -285,7 +228,7 @@ async fn an_answer_too_long_for_the_journal_ends_the_step_with_a_clear_failure()
     // The scripted model repeats the message's words as tokens: two words of
     // 100 000 bytes make an answer of 200 KB, over the 150 KB configured
     // (the default bound is what one journaled event holds).
-    let s = start(EffectsOptions {
+    let s = Stack::start(EffectsOptions {
         scripted_tokens: 12,
         scripted_token_delay_ms: 1,
         llm_max_answer_bytes: 150_000,
@@ -320,7 +263,7 @@ async fn an_answer_too_long_for_the_journal_ends_the_step_with_a_clear_failure()
 
 #[tokio::test]
 async fn a_message_larger_than_the_context_window_fails_the_step_visibly() {
-    let s = start(EffectsOptions { llm_max_context_bytes: 1000, ..EffectsOptions::default() }).await;
+    let s = Stack::start(EffectsOptions { llm_max_context_bytes: 1000, ..EffectsOptions::default() }).await;
     s.send("wide", "m1", message(&"y".repeat(5000))).await;
     let i =
         s.wait_for("wide", "the failed step", |i| count(i, EventType::LlmFailed) == 1, Duration::from_secs(20)).await;
@@ -336,7 +279,8 @@ async fn a_message_larger_than_the_context_window_fails_the_step_visibly() {
 
 #[tokio::test]
 async fn a_stopped_step_can_be_retried_and_the_retry_runs() {
-    let s = start(EffectsOptions { scripted_tokens: 200, scripted_token_delay_ms: 20, ..Default::default() }).await;
+    let s =
+        Stack::start(EffectsOptions { scripted_tokens: 200, scripted_token_delay_ms: 20, ..Default::default() }).await;
     s.send("sr", "m1", message("a long one please")).await;
     s.wait_for("sr", "the first delta", |i| count(i, EventType::LlmDelta) >= 1, Duration::from_secs(20)).await;
     s.send("sr", "stop-1", StopRequested {}).await;
@@ -354,7 +298,8 @@ async fn a_stopped_step_can_be_retried_and_the_retry_runs() {
 
 #[tokio::test]
 async fn an_abort_is_hinted_to_effects_before_its_group_commit_and_the_hint_alone_stops_a_stream() {
-    let s = start(EffectsOptions { scripted_tokens: 500, scripted_token_delay_ms: 20, ..Default::default() }).await;
+    let s =
+        Stack::start(EffectsOptions { scripted_tokens: 500, scripted_token_delay_ms: 20, ..Default::default() }).await;
     let client = s.nats.client().await;
     let mut hints = client.subscribe(conv_contracts::subject::live_cancel_filter()).await.expect("subscribe");
 
@@ -393,7 +338,7 @@ async fn an_abort_is_hinted_to_effects_before_its_group_commit_and_the_hint_alon
 
 #[tokio::test]
 async fn a_journal_outage_of_seconds_is_retried_in_place_not_dead_lettered() {
-    let s = start(EffectsOptions::default()).await;
+    let s = Stack::start(EffectsOptions::default()).await;
     s.send("jo", "m1", message(r#"/tool sleep {"ms": 3000}"#)).await;
     s.wait_for(
         "jo",

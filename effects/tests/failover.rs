@@ -2,37 +2,31 @@
 //! another instance, which resumes after what was already journaled; the
 //! step completes once and no lifecycle event is duplicated.
 
-use std::process::Stdio;
+mod support;
+
 use std::time::{Duration, Instant};
 
 use conv_contracts::payload::*;
 use conv_contracts::{ConversationId, Envelope, EventType, Payload};
-use conv_nats::service::Settings;
-use conv_nats::test_util::{TestNats, free_addr, spawn_service};
+use conv_nats::test_util::{TestNats, free_addr};
+use support::count;
 
 fn effects(nats: &TestNats) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_conv-effects"))
-        .env("NATS_URL", nats.url())
-        .env("CONV_EFFECTS_ADDR", free_addr().to_string())
-        .env("CONV_SCRIPTED_TOKENS", "100")
-        .env("CONV_SCRIPTED_TOKEN_DELAY_MS", "30")
-        .env("CONV_EFFECTS_PROGRESS_MS", "500")
-        .env("CONV_EFFECTS_COALESCE_MS", "150")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn conv-effects")
+    conv_nats::test_util::spawn_binary(
+        env!("CARGO_BIN_EXE_conv-effects"),
+        &[
+            ("NATS_URL", nats.url()),
+            ("CONV_EFFECTS_ADDR", free_addr().to_string()),
+            ("CONV_SCRIPTED_TOKENS", "100".into()),
+            ("CONV_SCRIPTED_TOKEN_DELAY_MS", "30".into()),
+            ("CONV_EFFECTS_PROGRESS_MS", "500".into()),
+            ("CONV_EFFECTS_COALESCE_MS", "150".into()),
+        ],
+    )
 }
 
 async fn inputs(js: &async_nats::jetstream::Context) -> Vec<Envelope> {
     conv_nats::test_util::inputs(js, "fx").await
-}
-
-fn count(i: &[Envelope], ty: EventType) -> usize {
-    i.iter().filter(|e| e.event_type() == ty).count()
 }
 
 #[tokio::test]
@@ -40,9 +34,7 @@ async fn a_killed_instance_is_replaced_and_the_reply_completes_once() {
     let nats = TestNats::start().await.expect("test NATS");
     nats.setup().await.expect("topology");
     let js = nats.jetstream().await;
-    let mut rc: conv_runtime::Config = Settings::for_test(nats.config(), free_addr());
-    rc.options.heartbeat_ms = 200;
-    let _runtime = spawn_service("conv-runtime", |t| conv_runtime::run(rc, t));
+    let _runtime = support::runtime(&nats);
     let mut first = effects(&nats);
 
     let mut m = Envelope::new(

@@ -2,6 +2,8 @@
 //! Chat Completions streaming protocol (SSE `data:` events, `[DONE]`, tool
 //! call deltas). The server is a test helper; the code under test is real.
 
+mod support;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,11 +17,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use conv_contracts::payload::*;
-use conv_contracts::{ConversationId, Envelope, EventType, Payload};
+use conv_contracts::{Envelope, EventType, Payload};
 use conv_effects::EffectsOptions;
-use conv_nats::service::Settings;
-use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, spawn_service};
 use serde_json::{Value, json};
+use support::{count, message};
 
 #[derive(Default)]
 struct Provider {
@@ -132,64 +133,43 @@ async fn completions(State(p): State<Arc<Provider>>, body: String) -> Response {
     }
 }
 
+/// The runtime and effects with the `openai` provider pointed at a local
+/// server that answers as `model` says.
 struct Stack {
-    js: async_nats::jetstream::Context,
+    inner: support::Stack,
     provider: Arc<Provider>,
-    _nats: TestNats,
-    _runtime: ServiceHandle<conv_runtime::Error>,
-    _effects: ServiceHandle<conv_effects::Error>,
 }
 
 async fn start(model: &str) -> Stack {
     let provider = Arc::new(Provider::default());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let port = listener.local_addr().expect("addr").port();
     let app = Router::new().route("/v1/chat/completions", post(completions)).with_state(provider.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-
-    let nats = TestNats::start().await.expect("test NATS");
-    nats.setup().await.expect("topology");
-    let js = nats.jetstream().await;
-    let mut rc: conv_runtime::Config = Settings::for_test(nats.config(), free_addr());
-    rc.options.heartbeat_ms = 200;
-    let runtime = spawn_service("conv-runtime", |t| conv_runtime::run(rc, t));
-    let mut ec: conv_effects::Config = Settings::for_test(nats.config(), free_addr());
-    ec.options = EffectsOptions {
+    let addr = conv_nats::test_util::serve_local(app).await;
+    let inner = support::Stack::start(EffectsOptions {
         llm_provider: "openai".into(),
-        llm_base_url: format!("http://127.0.0.1:{port}/v1"),
+        llm_base_url: format!("http://{addr}/v1"),
         llm_model: model.into(),
         llm_max_retries: 2,
         llm_retry_min_ms: 20,
         llm_retry_max_ms: 100,
         llm_stall_timeout_ms: 500,
         ..Default::default()
-    };
-    let effects = spawn_service("conv-effects", |t| conv_effects::run(ec, t));
-    Stack { js, provider, _nats: nats, _runtime: runtime, _effects: effects }
+    })
+    .await;
+    Stack { inner, provider }
 }
 
 impl Stack {
     async fn send(&self, id: &str, data: impl Into<Payload>) {
-        let mut e = Envelope::new(id, "/test", ConversationId::parse("oa").expect("id"), data);
-        e.time = Some(chrono::Utc::now());
-        conv_nats::headers::publish(&self.js, &e).await.expect("publish").await.expect("ack");
+        self.inner.send("oa", id, data).await;
     }
 
     async fn wait(&self, what: &str, pred: impl Fn(&[Envelope]) -> bool) -> Vec<Envelope> {
-        conv_nats::test_util::wait_inputs(&self.js, "oa", what, Duration::from_secs(20), pred).await
+        self.inner.wait_for("oa", what, pred, Duration::from_secs(20)).await
     }
 
     fn requests(&self, model: &str) -> usize {
         self.provider.requests.lock().map(|r| r.get(model).copied().unwrap_or(0)).unwrap_or(0)
     }
-}
-
-fn has(i: &[Envelope], ty: EventType) -> usize {
-    i.iter().filter(|e| e.event_type() == ty).count()
-}
-
-fn message(t: &str) -> MessageReceived {
-    MessageReceived { text: t.into(), role: None, channel: None, sender: None }
 }
 
 fn completed_text(i: &[Envelope]) -> Vec<String> {
@@ -205,7 +185,7 @@ fn completed_text(i: &[Envelope]) -> Vec<String> {
 async fn a_streamed_answer() {
     let s = start("stream").await;
     s.send("m1", message("hi")).await;
-    let i = s.wait("completion", |i| has(i, EventType::LlmCompleted) == 1).await;
+    let i = s.wait("completion", |i| count(i, EventType::LlmCompleted) == 1).await;
     assert_eq!(completed_text(&i), ["Hello from the model"]);
 }
 
@@ -213,7 +193,7 @@ async fn a_streamed_answer() {
 async fn a_tool_call_round_trip() {
     let s = start("tool").await;
     s.send("m1", message("use a tool")).await;
-    let i = s.wait("the second completion", |i| has(i, EventType::LlmCompleted) == 2).await;
+    let i = s.wait("the second completion", |i| count(i, EventType::LlmCompleted) == 2).await;
     let tool = i.iter().find_map(|e| match &e.data {
         Payload::ToolCompleted(t) => Some(t.clone()),
         _ => None,
@@ -226,17 +206,17 @@ async fn a_tool_call_round_trip() {
 async fn rate_limits_are_retried_until_success() {
     let s = start("flaky").await;
     s.send("m1", message("hi")).await;
-    let i = s.wait("completion", |i| has(i, EventType::LlmCompleted) == 1).await;
+    let i = s.wait("completion", |i| count(i, EventType::LlmCompleted) == 1).await;
     assert_eq!(completed_text(&i), ["finally"]);
     assert_eq!(s.requests("flaky"), 3, "two 429s, then success");
-    assert_eq!(has(&i, EventType::LlmFailed), 0);
+    assert_eq!(count(&i, EventType::LlmFailed), 0);
 }
 
 #[tokio::test]
 async fn server_errors_exhaust_the_retries_and_fail_the_step() {
     let s = start("down").await;
     s.send("m1", message("hi")).await;
-    let i = s.wait("failure", |i| has(i, EventType::LlmFailed) == 1).await;
+    let i = s.wait("failure", |i| count(i, EventType::LlmFailed) == 1).await;
     let failed = i.iter().find_map(|e| match &e.data {
         Payload::LlmFailed(f) => Some(f.clone()),
         _ => None,
@@ -250,7 +230,7 @@ async fn server_errors_exhaust_the_retries_and_fail_the_step() {
 async fn client_errors_fail_at_once() {
     let s = start("refused").await;
     s.send("m1", message("hi")).await;
-    let i = s.wait("failure", |i| has(i, EventType::LlmFailed) == 1).await;
+    let i = s.wait("failure", |i| count(i, EventType::LlmFailed) == 1).await;
     assert!(i.iter().any(|e| matches!(&e.data, Payload::LlmFailed(f) if !f.retryable)));
     assert_eq!(s.requests("refused"), 1);
 }
@@ -259,7 +239,7 @@ async fn client_errors_fail_at_once() {
 async fn a_stalled_stream_times_out() {
     let s = start("stall").await;
     s.send("m1", message("hi")).await;
-    let i = s.wait("failure", |i| has(i, EventType::LlmFailed) == 1).await;
+    let i = s.wait("failure", |i| count(i, EventType::LlmFailed) == 1).await;
     assert!(i.iter().any(|e| matches!(&e.data, Payload::LlmFailed(f) if f.error.contains("stalled"))));
 }
 
@@ -267,10 +247,10 @@ async fn a_stalled_stream_times_out() {
 async fn abort_mid_stream_closes_the_provider_connection() {
     let s = start("slow").await;
     s.send("m1", message("hi")).await;
-    s.wait("first delta", |i| has(i, EventType::LlmDelta) >= 1).await;
+    s.wait("first delta", |i| count(i, EventType::LlmDelta) >= 1).await;
     assert!(!s.provider.disconnected.load(Ordering::SeqCst));
     s.send("abort-1", AbortRequested { reason: None }).await;
-    s.wait("canceled", |i| has(i, EventType::LlmCanceled) == 1).await;
+    s.wait("canceled", |i| count(i, EventType::LlmCanceled) == 1).await;
     let deadline = Instant::now() + Duration::from_secs(3);
     while !s.provider.disconnected.load(Ordering::SeqCst) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -1,6 +1,8 @@
 //! Webhook tools against a local HTTP server: inline and later answers,
 //! HMAC signatures, retries, permanent failures and timeouts.
 
+mod support;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,12 +13,11 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use conv_contracts::payload::*;
-use conv_contracts::{ConversationId, Envelope, EventType, Payload};
+use conv_contracts::{Envelope, EventType, Payload};
 use conv_effects::EffectsOptions;
 use conv_effects::webhook::{WebhookTool, signature};
-use conv_nats::service::Settings;
-use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, spawn_service};
 use serde_json::{Value, json};
+use support::{count, message};
 
 const CALLBACK_SECRET: &str = "webhook-test-callback-secret";
 
@@ -61,37 +62,26 @@ async fn hook(State(h): State<Arc<Hooks>>, Path(kind): Path<String>, headers: He
     }
 }
 
+/// The runtime and effects with webhook tools pointed at a local server.
 struct Stack {
-    js: async_nats::jetstream::Context,
+    inner: support::Stack,
     hooks: Arc<Hooks>,
-    _nats: TestNats,
-    _rt: ServiceHandle<conv_runtime::Error>,
-    _fx: ServiceHandle<conv_effects::Error>,
 }
 
 async fn start() -> Stack {
     let hooks = Arc::new(Hooks::default());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let port = listener.local_addr().expect("addr").port();
     let app = Router::new().route("/hooks/{kind}", post(hook)).with_state(hooks.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let addr = conv_nats::test_util::serve_local(app).await;
     let tool = |name: &str, timeout_ms: u64, retries: usize| WebhookTool {
         name: name.into(),
-        url: format!("http://127.0.0.1:{port}/hooks/{name}"),
+        url: format!("http://{addr}/hooks/{name}"),
         timeout_ms,
         retries,
         hmac_secret: Some("s3cret".into()),
         description: None,
         parameters: None,
     };
-    let nats = TestNats::start().await.expect("test NATS");
-    nats.setup().await.expect("topology");
-    let js = nats.jetstream().await;
-    let mut rc: conv_runtime::Config = Settings::for_test(nats.config(), free_addr());
-    rc.options.heartbeat_ms = 200;
-    let rt = spawn_service("conv-runtime", |t| conv_runtime::run(rc, t));
-    let mut ec: conv_effects::Config = Settings::for_test(nats.config(), free_addr());
-    ec.options = EffectsOptions {
+    let inner = support::Stack::start(EffectsOptions {
         tools: vec![
             tool("inline", 2000, 2),
             tool("later", 2000, 2),
@@ -104,32 +94,23 @@ async fn start() -> Stack {
         llm_retry_max_ms: 50,
         callback_secret: CALLBACK_SECRET.into(),
         ..Default::default()
-    };
-    let fx = spawn_service("conv-effects", |t| conv_effects::run(ec, t));
-    Stack { js, hooks, _nats: nats, _rt: rt, _fx: fx }
+    })
+    .await;
+    Stack { inner, hooks }
 }
 
 impl Stack {
     async fn send(&self, conv: &str, id: &str, data: impl Into<Payload>) {
-        let e = Envelope::new(id, "/test", ConversationId::parse(conv).expect("id"), data);
-        conv_nats::headers::publish(&self.js, &e).await.expect("publish").await.expect("ack");
+        self.inner.send(conv, id, data).await;
     }
 
     async fn wait(&self, conv: &str, what: &str, pred: impl Fn(&[Envelope]) -> bool) -> Vec<Envelope> {
-        conv_nats::test_util::wait_inputs(&self.js, conv, what, Duration::from_secs(20), pred).await
+        self.inner.wait_for(conv, what, pred, Duration::from_secs(20)).await
     }
 
     fn calls(&self, kind: &str) -> usize {
         self.hooks.calls.lock().map(|c| c.get(kind).copied().unwrap_or(0)).unwrap_or(0)
     }
-}
-
-fn message(t: &str) -> MessageReceived {
-    MessageReceived { text: t.into(), role: None, channel: None, sender: None }
-}
-
-fn has(i: &[Envelope], ty: EventType) -> usize {
-    i.iter().filter(|e| e.event_type() == ty).count()
 }
 
 fn tool_result(i: &[Envelope]) -> Option<Payload> {
@@ -143,7 +124,7 @@ async fn webhook_tools() {
     let s = start().await;
     // Inline answer, signed request, idempotency key.
     s.send("w1", "w1-m1", message(r#"/tool inline {"q": 1}"#)).await;
-    let i = s.wait("w1", "the answer after the tool", |i| has(i, EventType::LlmCompleted) == 2).await;
+    let i = s.wait("w1", "the answer after the tool", |i| count(i, EventType::LlmCompleted) == 2).await;
     match tool_result(&i) {
         Some(Payload::ToolCompleted(t)) => {
             assert_eq!(t.result["got"], json!({"q": 1}));
@@ -151,7 +132,7 @@ async fn webhook_tools() {
             // The call carries the token that lets the webhook post this result later.
             let expected = conv_contracts::trust::callback_token(
                 CALLBACK_SECRET.as_bytes(),
-                &ConversationId::parse("w1").expect("id"),
+                &support::conv("w1"),
                 conv_contracts::trust::CallbackTarget::Tool { tool_call_id: &t.tool_call_id },
             );
             assert_eq!(t.result["token_header"], expected);
@@ -161,11 +142,11 @@ async fn webhook_tools() {
     }
     // Answered later through the callback (as ingress would journal it).
     s.send("w2", "w2-m1", message("/tool later {}")).await;
-    let i = s.wait("w2", "the tool to start", |i| has(i, EventType::ToolStarted) == 1).await;
+    let i = s.wait("w2", "the tool to start", |i| count(i, EventType::ToolStarted) == 1).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(has(&i, EventType::ToolCompleted), 0, "no inline result");
+    assert_eq!(count(&i, EventType::ToolCompleted), 0, "no inline result");
     s.send("w2", "w2-cb", ToolCompleted { tool_call_id: "r1.s1.call1".into(), result: json!("done later") }).await;
-    s.wait("w2", "the answer after the callback", |i| has(i, EventType::LlmCompleted) == 2).await;
+    s.wait("w2", "the answer after the callback", |i| count(i, EventType::LlmCompleted) == 2).await;
     // 503 twice, then success.
     s.send("w3", "w3-m1", message("/tool flaky {}")).await;
     let i = s.wait("w3", "the tool result", |i| tool_result(i).is_some()).await;

@@ -667,6 +667,29 @@ pub async fn http_get_status(url: &str) -> Option<u16> {
     head.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Serves `app` on a free loopback port (a local stand-in for an LLM
+/// provider, a webhook, a collector); returns its address.
+pub async fn serve_local(app: axum::Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("bind: {e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("local addr: {e}"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+/// Starts a binary with `envs` (and `RUST_LOG=warn`), its output dropped,
+/// killed when the handle is dropped.
+pub fn spawn_binary(bin: &str, envs: &[(&str, String)]) -> tokio::process::Child {
+    tokio::process::Command::new(bin)
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {bin}: {e}"))
+}
+
 /// Starts a service binary with `envs`, waits for `/healthz` on `addr`,
 /// sends SIGTERM and asserts a clean exit within 15 s. Returns the binary's stderr.
 pub async fn assert_binary_boots_and_stops(bin: &str, addr: SocketAddr, envs: &[(&str, String)]) -> String {

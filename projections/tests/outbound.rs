@@ -1,6 +1,8 @@
 //! The outbound webhook channel: finished assistant messages are delivered
 //! to the configured URL, retried when the receiver fails.
 
+mod support;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -10,8 +12,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use conv_contracts::payload::MessageReceived;
 use conv_contracts::{ConversationId, Envelope};
-use conv_nats::service::Settings;
-use conv_nats::test_util::{TestNats, free_addr, spawn_service};
 use serde_json::Value;
 
 #[derive(Default)]
@@ -40,22 +40,13 @@ async fn receive(State(r): State<Arc<Receiver>>, headers: HeaderMap, body: Strin
 #[tokio::test]
 async fn finished_assistant_messages_are_delivered_with_retries() {
     let receiver = Arc::new(Receiver::default());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let port = listener.local_addr().expect("addr").port();
     let app = Router::new().route("/out", post(receive)).with_state(receiver.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-
-    let nats = TestNats::start().await.expect("test NATS");
-    nats.setup().await.expect("topology");
-    let js = nats.jetstream().await;
-    let mut rc: conv_runtime::Config = Settings::for_test(nats.config(), free_addr());
-    rc.options.heartbeat_ms = 200;
-    let _rt = spawn_service("conv-runtime", |t| conv_runtime::run(rc, t));
-    let ec: conv_effects::Config = Settings::for_test(nats.config(), free_addr());
-    let _fx = spawn_service("conv-effects", |t| conv_effects::run(ec, t));
-    let mut pc: conv_projections::Config = Settings::for_test(nats.config(), free_addr());
-    pc.options.webhook_url = format!("http://127.0.0.1:{port}/out");
-    let _pj = spawn_service("conv-projections", |t| conv_projections::run(pc, t));
+    let addr = conv_nats::test_util::serve_local(app).await;
+    let pipeline = support::Pipeline::start(|c| {
+        c.projections.options.webhook_url = format!("http://{addr}/out");
+    })
+    .await;
+    let js = pipeline.nats.jetstream().await;
 
     for c in ["o1", "o2"] {
         let e = Envelope::new(

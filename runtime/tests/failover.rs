@@ -2,7 +2,6 @@
 //! partitions over within seconds, nothing is lost, nothing applied twice.
 
 use std::collections::HashMap;
-use std::process::Stdio;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
@@ -14,19 +13,16 @@ use conv_nats::test_util::{TestNats, free_addr};
 use futures::StreamExt;
 
 fn spawn(nats: &TestNats, instance: &str) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_conv-runtime"))
-        .env("NATS_URL", nats.url())
-        .env("CONV_RUNTIME_ADDR", free_addr().to_string())
-        .env("CONV_RUNTIME_INSTANCE", instance)
-        .env("CONV_RUNTIME_HEARTBEAT_MS", "250")
-        .env("CONV_RUNTIME_SNAPSHOT_EVERY", "4")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn conv-runtime")
+    conv_nats::test_util::spawn_binary(
+        env!("CARGO_BIN_EXE_conv-runtime"),
+        &[
+            ("NATS_URL", nats.url()),
+            ("CONV_RUNTIME_ADDR", free_addr().to_string()),
+            ("CONV_RUNTIME_INSTANCE", instance.into()),
+            ("CONV_RUNTIME_HEARTBEAT_MS", "250".into()),
+            ("CONV_RUNTIME_SNAPSHOT_EVERY", "4".into()),
+        ],
+    )
 }
 
 async fn markers(js: &async_nats::jetstream::Context) -> Vec<Applied> {
