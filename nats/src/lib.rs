@@ -9,6 +9,7 @@
 //! `test-util` feature, [`test_util`] (a real NATS per test and in-process
 //! service handles).
 
+pub mod baseline;
 pub mod cluster;
 pub mod connect;
 pub mod consume;

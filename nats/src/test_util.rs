@@ -667,6 +667,42 @@ pub async fn http_get_status(url: &str) -> Option<u16> {
     head.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Publishes `events` (binary mode) with up to 1 000 acks outstanding and
+/// waits for all; returns how long it took.
+pub async fn publish_all(js: &async_nats::jetstream::Context, events: &[conv_contracts::Envelope]) -> Duration {
+    let started = Instant::now();
+    for chunk in events.chunks(1000) {
+        let mut acks = Vec::with_capacity(chunk.len());
+        for e in chunk {
+            acks.push(crate::headers::publish(js, e).await.unwrap_or_else(|e| panic!("publish: {e}")));
+        }
+        for a in acks {
+            a.await.unwrap_or_else(|e| panic!("publish ack: {e}"));
+        }
+    }
+    started.elapsed()
+}
+
+/// Every file-backed stream's last sequence, summed: durable writes so far.
+pub async fn durable_writes(js: &async_nats::jetstream::Context) -> u64 {
+    use futures::StreamExt;
+    let mut names = js.stream_names();
+    let mut total = 0;
+    while let Some(name) = names.next().await {
+        let name = name.expect("name");
+        // Lease heartbeats are not journal writes (ADR 0007).
+        if name == format!("KV_{}", crate::topology::KV_LEASES) {
+            continue;
+        }
+        let mut s = js.get_stream(name).await.expect("stream");
+        let info = s.info().await.expect("info");
+        if info.config.storage == async_nats::jetstream::stream::StorageType::File {
+            total += info.state.last_sequence;
+        }
+    }
+    total
+}
+
 /// Serves `app` on a free loopback port (a local stand-in for an LLM
 /// provider, a webhook, a collector); returns its address.
 pub async fn serve_local(app: axum::Router) -> SocketAddr {

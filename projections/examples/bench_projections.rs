@@ -20,13 +20,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use conv_client::{Event, EventStream, Text};
 use conv_contracts::live::LiveDelta;
 use conv_contracts::payload::*;
 use conv_contracts::subject::STREAM_OUT;
-use conv_contracts::{ConversationId, Envelope};
+use conv_contracts::{ConversationId, Envelope, EventType, Payload};
 use conv_nats::service::Settings;
-use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, spawn_service, wait_http_ok};
-use futures::StreamExt;
+use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, publish_all, spawn_service, wait_http_ok};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
@@ -52,8 +52,6 @@ fn out(conv: &ConversationId, position: u64, data: impl Into<Payload>) -> Envelo
     e.time = Some(chrono::Utc::now());
     e
 }
-
-use conv_contracts::Payload;
 
 /// A realistic mix: per turn a user entry, running, an assistant entry,
 /// `deltas` chunks, finished, idle.
@@ -103,41 +101,11 @@ fn turns(conv: &ConversationId, events: usize, deltas: usize) -> Vec<Envelope> {
     v
 }
 
-async fn publish_all(js: &async_nats::jetstream::Context, events: &[Envelope]) -> Duration {
-    let started = Instant::now();
-    for chunk in events.chunks(1000) {
-        let mut acks = Vec::with_capacity(chunk.len());
-        for e in chunk {
-            acks.push(conv_nats::headers::publish(js, e).await.expect("publish"));
-        }
-        for a in acks {
-            a.await.expect("ack");
-        }
-    }
-    started.elapsed()
-}
-
 /// Raw consume + ack of every message in CONV_OUT with a fresh consumer.
 async fn raw_consume_ack(js: &async_nats::jetstream::Context, n: usize) -> f64 {
-    let stream = js.get_stream(STREAM_OUT).await.expect("stream");
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::Config {
-            durable_name: Some("bench-raw".into()),
-            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
-            max_ack_pending: 20_000,
-            ..Default::default()
-        })
+    conv_nats::baseline::consume(js, STREAM_OUT, "bench-raw", n, conv_nats::baseline::Ack::Sent)
         .await
-        .expect("consumer");
-    let mut messages = consumer.stream().max_messages_per_batch(1000).messages().await.expect("messages");
-    let started = Instant::now();
-    for _ in 0..n {
-        let m = messages.next().await.expect("message").expect("ok");
-        m.ack().await.expect("ack");
-    }
-    let rate = n as f64 / started.elapsed().as_secs_f64();
-    stream.delete_consumer("bench-raw").await.expect("delete");
-    rate
+        .expect("baseline")
 }
 
 async fn metric(http: &reqwest::Client, at: SocketAddr, name: &str) -> f64 {
@@ -191,15 +159,9 @@ async fn raw_reader(addr: SocketAddr, conv: String, frames: Arc<AtomicUsize>, co
     }
 }
 
-fn sse_events(buf: &mut String, out: &mut Vec<(String, Value)>) {
-    while let Some(pos) = buf.find("\n\n") {
-        let block: String = buf.drain(..pos + 2).collect();
-        let ty = block.lines().find_map(|l| l.strip_prefix("event: ")).unwrap_or("").to_owned();
-        let data = block.lines().find_map(|l| l.strip_prefix("data: ")).and_then(|d| serde_json::from_str(d).ok());
-        if let Some(d) = data {
-            out.push((ty, d));
-        }
-    }
+/// A conversation's stream, read with the shared client.
+async fn open_stream(http: &reqwest::Client, at: SocketAddr, conv: &str) -> EventStream {
+    EventStream::open(http, &format!("http://{at}"), conv, None, None).await.expect("stream")
 }
 
 /// Reads the child's `connected frames` progress lines.
@@ -384,8 +346,7 @@ async fn main() {
 
     // ---- 4. live-lane latency: publish → SSE reader
     let live = ConversationId::parse("live").expect("id");
-    let mut body =
-        http.get(format!("http://{at}/v1/conversations/live/stream")).send().await.expect("stream").bytes_stream();
+    let mut stream = open_stream(&http, at, "live").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     publish_all(
         &js,
@@ -406,20 +367,14 @@ async fn main() {
     let subject = conv_contracts::subject::live_subject(&live);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
     let reader = tokio::spawn(async move {
-        let mut buf = String::new();
-        let mut got = Vec::new();
         let mut lat = Vec::new();
         while lat.len() < 1000 {
-            let Ok(Some(Ok(chunk))) = tokio::time::timeout(Duration::from_secs(10), body.next()).await else { break };
+            let Ok(Some(Ok(event))) = tokio::time::timeout(Duration::from_secs(10), stream.next()).await else { break };
             let now = Instant::now();
-            buf.push_str(&String::from_utf8_lossy(&chunk));
-            sse_events(&mut buf, &mut got);
-            for (ty, _) in got.drain(..) {
-                if ty.contains("delta")
-                    && let Some(sent) = rx.recv().await
-                {
-                    lat.push(now.duration_since(sent).as_secs_f64() * 1000.0);
-                }
+            if event.is(EventType::OutMessageDelta)
+                && let Some(sent) = rx.recv().await
+            {
+                lat.push(now.duration_since(sent).as_secs_f64() * 1000.0);
             }
         }
         lat
@@ -463,26 +418,9 @@ async fn main() {
     assert_eq!(wait_http_ok(&format!("http://{ingress_addr}/readyz"), Duration::from_secs(20)).await, Some(200));
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let writes = |js: async_nats::jetstream::Context| async move {
-        let mut names = js.stream_names();
-        let mut total = 0;
-        while let Some(name) = names.next().await {
-            let name = name.expect("name");
-            // Lease heartbeats are not journal writes (ADR 0007).
-            if name == format!("KV_{}", conv_nats::topology::KV_LEASES) {
-                continue;
-            }
-            let mut s = js.get_stream(name).await.expect("stream");
-            let info = s.info().await.expect("info");
-            if info.config.storage == async_nats::jetstream::stream::StorageType::File {
-                total += info.state.last_sequence;
-            }
-        }
-        total
-    };
+    let writes = |js: async_nats::jetstream::Context| async move { conv_nats::test_util::durable_writes(&js).await };
     let before = writes(js.clone()).await;
-    let mut body =
-        http.get(format!("http://{at}/v1/conversations/turn/stream")).send().await.expect("stream").bytes_stream();
+    let mut stream = open_stream(&http, at, "turn").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let r = http
         .post(format!("http://{ingress_addr}/v1/conversations/turn/messages"))
@@ -491,20 +429,17 @@ async fn main() {
         .await
         .expect("post");
     assert_eq!(r.status().as_u16(), 202);
-    let mut buf = String::new();
     let mut got = Vec::new();
-    while !got.iter().any(|(ty, d): &(String, Value)| ty.ends_with("status_changed") && d["data"]["status"] == "idle") {
-        let Ok(Some(Ok(chunk))) = tokio::time::timeout(Duration::from_secs(30), body.next()).await else { break };
-        buf.push_str(&String::from_utf8_lossy(&chunk));
-        sse_events(&mut buf, &mut got);
+    while !got.iter().any(|e: &Event| e.is(EventType::OutRunStatus) && e.data()["status"] == "idle") {
+        let Ok(Some(Ok(event))) = tokio::time::timeout(Duration::from_secs(30), stream.next()).await else { break };
+        got.push(event);
     }
-    let delta_events = got.iter().filter(|(ty, _)| ty.contains("delta")).count();
-    let joined: String =
-        got.iter().filter(|(ty, _)| ty.contains("delta")).filter_map(|(_, d)| d["data"]["text"].as_str()).collect();
+    let delta_events = got.iter().filter(|e| e.is(EventType::OutMessageDelta)).count();
+    let joined = Text::of(&got);
     let final_text = got
         .iter()
-        .find(|(ty, _)| ty.ends_with("finished"))
-        .and_then(|(_, d)| d["data"]["text"].as_str())
+        .find(|e| e.is(EventType::OutMessageFinished))
+        .and_then(|e| e.data()["text"].as_str())
         .unwrap_or("")
         .to_owned();
     let mut turn_writes = writes(js.clone()).await - before;

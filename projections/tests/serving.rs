@@ -12,8 +12,9 @@ use conv_client::{Event, EventStream, Text};
 use conv_contracts::{ConversationId, EventType};
 use conv_nats::TopologyConfig;
 use conv_nats::service::Settings;
-use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, spawn_isolated, spawn_service, wait_http_ok};
-use futures::StreamExt;
+use conv_nats::test_util::{
+    ServiceHandle, TestNats, durable_writes, free_addr, spawn_isolated, spawn_service, wait_http_ok,
+};
 use serde_json::{Value, json};
 
 fn runtime(nats: &TestNats) -> ServiceHandle<conv_runtime::Error> {
@@ -179,25 +180,6 @@ async fn views_converge_after_a_projections_kill_and_a_nats_restart() {
     }
     assert_eq!(wait_complete(&http, b, &convs, 3, Duration::from_secs(120)).await, 0, "incomplete timelines");
     verify_all(&nats.jetstream().await, &convs).await;
-}
-
-/// Every file-backed stream's last sequence, summed: durable writes so far.
-async fn durable_writes(js: &async_nats::jetstream::Context) -> u64 {
-    let mut names = js.stream_names();
-    let mut total = 0;
-    while let Some(name) = names.next().await {
-        let name = name.expect("name");
-        // Lease heartbeats are not journal writes (ADR 0007).
-        if name == format!("KV_{}", conv_nats::topology::KV_LEASES) {
-            continue;
-        }
-        let mut s = js.get_stream(name).await.expect("stream");
-        let info = s.info().await.expect("info");
-        if info.config.storage == async_nats::jetstream::stream::StorageType::File {
-            total += info.state.last_sequence;
-        }
-    }
-    total
 }
 
 /// Reads SSE events until `done` holds (or the stream ends); with a deadline.

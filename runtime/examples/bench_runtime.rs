@@ -15,15 +15,12 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer::{AckPolicy, pull};
-use async_nats::jetstream::stream;
 use bytes::Bytes;
 use conv_contracts::payload::{LlmCompleted, LlmDelta, MessageReceived};
 use conv_contracts::{ConversationId, Envelope};
 use conv_core::reducer::apply;
 use conv_core::state::State;
 use conv_nats::test_util::{TestNats, free_addr, spawn_service};
-use futures::StreamExt;
 
 fn conversation(c: usize, deltas: u64) -> Vec<Envelope> {
     let conv = ConversationId::parse(&format!("bench-{c}")).expect("id");
@@ -182,75 +179,18 @@ async fn main() {
     let js = nats.jetstream().await;
     let convs = inputs / 100;
     let e2e: Vec<Envelope> = (0..convs).flat_map(|c| conversation(c, 98)).collect();
-    let mut acks = Vec::new();
-    for e in &e2e {
-        acks.push(conv_nats::headers::publish(&js, e).await.expect("publish"));
-        if acks.len() > 1000 {
-            for a in acks.drain(..) {
-                a.await.expect("ack");
-            }
-        }
-    }
-    for a in acks {
-        a.await.expect("ack");
-    }
+    conv_nats::test_util::publish_all(&js, &e2e).await;
 
-    // Raw baseline: the same count of messages, one consumer, consume + ack each.
-    js.create_stream(stream::Config { name: "RAW".into(), subjects: vec!["raw.>".into()], ..Default::default() })
-        .await
-        .expect("raw stream");
+    // Raw baseline: the same count of messages, one consumer, consume + ack
+    // each: with confirmed acks (like each partition worker) and without.
     let body = Bytes::from(vec![b'x'; 120]);
-    let mut acks = Vec::new();
-    for i in 0..e2e.len() {
-        acks.push(js.publish(format!("raw.{}", i % 16), body.clone()).await.expect("publish"));
-        if acks.len() >= 1000 {
-            for a in acks.drain(..) {
-                a.await.expect("ack");
-            }
-        }
-    }
-    for a in acks {
-        a.await.expect("ack");
-    }
-    let raw = js
-        .get_stream("RAW")
+    conv_nats::baseline::publish(&js, "RAW", "raw", e2e.len(), body, 1000).await.expect("raw publish");
+    let raw_rate = conv_nats::baseline::consume(&js, "RAW", "raw", e2e.len(), conv_nats::baseline::Ack::Confirmed)
         .await
-        .expect("raw")
-        .create_consumer(pull::Config {
-            durable_name: Some("raw".into()),
-            ack_policy: AckPolicy::Explicit,
-            max_ack_pending: 1000,
-            ..Default::default()
-        })
+        .expect("raw");
+    let raw_fast_rate = conv_nats::baseline::consume(&js, "RAW", "raw-fast", e2e.len(), conv_nats::baseline::Ack::Sent)
         .await
-        .expect("consumer");
-    let started = Instant::now();
-    let mut messages = raw.messages().await.expect("messages");
-    for _ in 0..e2e.len() {
-        let m = messages.next().await.expect("message").expect("ok");
-        m.double_ack().await.expect("ack");
-    }
-    let raw_rate = e2e.len() as f64 / started.elapsed().as_secs_f64();
-    // ... and with fire-and-forget acks (the fastest a single consumer goes).
-    let raw_fast = js
-        .get_stream("RAW")
-        .await
-        .expect("raw")
-        .create_consumer(pull::Config {
-            durable_name: Some("raw-fast".into()),
-            ack_policy: AckPolicy::Explicit,
-            max_ack_pending: 1000,
-            ..Default::default()
-        })
-        .await
-        .expect("consumer");
-    let started = Instant::now();
-    let mut messages = raw_fast.messages().await.expect("messages");
-    for _ in 0..e2e.len() {
-        let m = messages.next().await.expect("message").expect("ok");
-        m.ack().await.expect("ack");
-    }
-    let raw_fast_rate = e2e.len() as f64 / started.elapsed().as_secs_f64();
+        .expect("raw");
 
     let mut config: conv_runtime::Config = conv_nats::service::Settings::for_test(nats.config(), free_addr());
     config.options.instance = "bench".into();

@@ -9,7 +9,7 @@ use conv_contracts::payload::*;
 use conv_contracts::subject::STREAM_APPLIED;
 use conv_contracts::{ConversationId, Envelope, Limits, Payload};
 use conv_nats::TopologyConfig;
-use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, spawn_service};
+use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, publish_all, spawn_service};
 use conv_runtime::{Config, RuntimeOptions};
 use futures::StreamExt;
 use serde_json::json;
@@ -43,21 +43,6 @@ fn message(id: &str, c: &str, text: &str) -> Envelope {
 
 fn delta(id: &str, c: &str, seq: u64) -> Envelope {
     Envelope::new(id, "/test", conv(c), LlmDelta { step_id: "r1.s1".into(), attempt: 1, seq, text: format!("t{seq} ") })
-}
-
-async fn publish_all(js: &async_nats::jetstream::Context, events: &[Envelope]) {
-    let mut acks = Vec::new();
-    for e in events {
-        acks.push(conv_nats::headers::publish(js, e).await.expect("publish"));
-        if acks.len() >= 512 {
-            for a in acks.drain(..) {
-                a.await.expect("ack");
-            }
-        }
-    }
-    for a in acks {
-        a.await.expect("ack");
-    }
 }
 
 /// Every applied marker in the journal, in applied order.

@@ -16,7 +16,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 use conv_contracts::EventType;
-use futures::StreamExt;
+use conv_nats::baseline;
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -333,48 +333,11 @@ async fn measure(
 
     // 3. Raw JetStream on the same server, as many messages as the pipeline journaled.
     let n = usize::try_from(writes.max(1000)).unwrap_or(1000);
-    let raw = js
-        .create_stream(async_nats::jetstream::stream::Config {
-            name: "BENCH_RAW".into(),
-            subjects: vec!["bench.raw.>".into()],
-            ..Default::default()
-        })
-        .await
-        .map_err(Error::js("create BENCH_RAW"))?;
     let body = bytes::Bytes::from(vec![b'x'; 300]);
-    let t0 = Instant::now();
-    let mut acks = Vec::new();
-    for i in 0..n {
-        acks.push(js.publish(format!("bench.raw.{}", i % 64), body.clone()).await.map_err(Error::js("raw publish"))?);
-        if acks.len() >= 1000 {
-            for a in acks.drain(..) {
-                a.await.map_err(Error::js("raw publish ack"))?;
-            }
-        }
-    }
-    for a in acks {
-        a.await.map_err(Error::js("raw publish ack"))?;
-    }
-    let publish_rate = n as f64 / t0.elapsed().as_secs_f64();
-    let consumer = raw
-        .create_consumer(async_nats::jetstream::consumer::pull::Config {
-            durable_name: Some("bench".into()),
-            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
-            ..Default::default()
-        })
-        .await
-        .map_err(Error::js("create the raw consumer"))?;
-    let t0 = Instant::now();
-    let mut messages = consumer.messages().await.map_err(Error::js("raw consume"))?;
-    for _ in 0..n {
-        let m = messages
-            .next()
-            .await
-            .ok_or_else(|| Error::Failed("the raw consumer ended".into()))?
-            .map_err(Error::js("raw consume"))?;
-        m.ack().await.map_err(Error::js("raw ack"))?;
-    }
-    let consume_rate = n as f64 / t0.elapsed().as_secs_f64();
+    let publish_rate =
+        baseline::publish(js, "BENCH_RAW", "bench.raw", n, body, 1000).await.map_err(Error::js("baseline"))?;
+    let consume_rate =
+        baseline::consume(js, "BENCH_RAW", "bench", n, baseline::Ack::Sent).await.map_err(Error::js("baseline"))?;
 
     let write_rate = writes as f64 / turn_secs;
     Ok(Report {
