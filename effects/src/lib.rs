@@ -38,7 +38,7 @@ use async_nats::jetstream::{AckKind, Message};
 use conv_contracts::payload::CancelRequested;
 use conv_contracts::subject::STREAM_EFFECT;
 use conv_contracts::{Limits, Payload};
-use conv_nats::service::{self, ConfigError, Env, Identity, Options, Settings, env_override};
+use conv_nats::service::{self, ConfigError, Env, Identity, Options, Settings};
 use conv_nats::topology::EFFECTS_CONSUMER;
 use futures::StreamExt;
 use prometheus::Registry;
@@ -59,7 +59,8 @@ pub const IDENTITY: Identity = Identity {
         "  CONV_LLM_API_KEY                bearer token for openai (may be empty for local servers)\n",
         "  CONV_LLM_MAX_RETRIES            retries of a failing model call (default 3)\n",
         "  CONV_LLM_STALL_TIMEOUT_MS       a stream silent this long fails (default 30000)\n",
-        "  CONV_LLM_RETRY_MIN_MS / _MAX_MS backoff between retries (default 200 / 5000)\n",
+        "  CONV_LLM_RETRY_MIN_MS           backoff between retries: first delay (default 200)\n",
+        "  CONV_LLM_RETRY_MAX_MS           backoff between retries: longest delay (default 5000)\n",
         "  CONV_LLM_CONNECT_TIMEOUT_MS     connect timeout of one attempt (default 10000)\n",
         "  CONV_LLM_MAX_CONTEXT_BYTES      context window: the newest messages up to this many bytes are sent,\n",
         "                                  older ones dropped whole (default: openai 400000, scripted 262144)\n",
@@ -177,26 +178,11 @@ impl EffectsOptions {
 
 impl Options for EffectsOptions {
     fn apply_env(&mut self, env: Env<'_>) -> Result<(), ConfigError> {
-        env_override(env, "CONV_LLM_PROVIDER", &mut self.llm_provider)?;
-        env_override(env, "CONV_SCRIPTED_TOKENS", &mut self.scripted_tokens)?;
-        env_override(env, "CONV_SCRIPTED_TOKEN_DELAY_MS", &mut self.scripted_token_delay_ms)?;
-        env_override(env, "CONV_EFFECTS_CONCURRENCY", &mut self.concurrency)?;
-        env_override(env, "CONV_EFFECTS_LLM_CONCURRENCY", &mut self.llm_concurrency)?;
-        env_override(env, "CONV_EFFECTS_TOOL_CONCURRENCY", &mut self.tool_concurrency)?;
-        env_override(env, "CONV_EFFECTS_COALESCE_MS", &mut self.coalesce_ms)?;
-        env_override(env, "CONV_EFFECTS_COALESCE_BYTES", &mut self.coalesce_bytes)?;
-        env_override(env, "CONV_LLM_BASE_URL", &mut self.llm_base_url)?;
-        env_override(env, "CONV_LLM_MODEL", &mut self.llm_model)?;
-        env_override(env, "CONV_LLM_API_KEY", &mut self.llm_api_key)?;
-        env_override(env, "CONV_LLM_MAX_RETRIES", &mut self.llm_max_retries)?;
-        env_override(env, "CONV_LLM_STALL_TIMEOUT_MS", &mut self.llm_stall_timeout_ms)?;
-        env_override(env, "CONV_LLM_RETRY_MIN_MS", &mut self.llm_retry_min_ms)?;
-        env_override(env, "CONV_LLM_RETRY_MAX_MS", &mut self.llm_retry_max_ms)?;
-        env_override(env, "CONV_LLM_CONNECT_TIMEOUT_MS", &mut self.llm_connect_timeout_ms)?;
-        env_override(env, "CONV_LLM_MAX_CONTEXT_BYTES", &mut self.llm_max_context_bytes)?;
-        env_override(env, "CONV_LLM_MAX_ANSWER_BYTES", &mut self.llm_max_answer_bytes)?;
-        env_override(env, "CONV_EFFECTS_PROGRESS_MS", &mut self.progress_ms)?;
-        env_override(env, "CONV_CALLBACK_SECRET", &mut self.callback_secret)?;
+        conv_nats::env_overrides!(env, self, "CONV_": llm_provider, scripted_tokens, scripted_token_delay_ms,
+            llm_base_url, llm_model, llm_api_key, llm_max_retries, llm_stall_timeout_ms, llm_retry_min_ms,
+            llm_retry_max_ms, llm_connect_timeout_ms, llm_max_context_bytes, llm_max_answer_bytes, callback_secret);
+        conv_nats::env_overrides!(env, self, "CONV_EFFECTS_": concurrency, llm_concurrency, tool_concurrency,
+            coalesce_ms, coalesce_bytes, progress_ms);
         if let Some(json) = env("CONV_WEBHOOK_TOOLS") {
             // The error names the place, not the text there: it may hold an HMAC secret.
             self.tools = serde_json::from_str(&json).map_err(|e| ConfigError::Env {
@@ -634,31 +620,6 @@ mod options_tests {
 
     #[test]
     fn every_option_has_an_env_override() {
-        conv_nats::test_util::assert_every_key_has_env(
-            EffectsOptions::apply_env,
-            &[
-                ("llm_provider", "CONV_LLM_PROVIDER", "openai"),
-                ("scripted_tokens", "CONV_SCRIPTED_TOKENS", "3"),
-                ("scripted_token_delay_ms", "CONV_SCRIPTED_TOKEN_DELAY_MS", "1"),
-                ("concurrency", "CONV_EFFECTS_CONCURRENCY", "10"),
-                ("llm_concurrency", "CONV_EFFECTS_LLM_CONCURRENCY", "5"),
-                ("tool_concurrency", "CONV_EFFECTS_TOOL_CONCURRENCY", "5"),
-                ("coalesce_ms", "CONV_EFFECTS_COALESCE_MS", "100"),
-                ("coalesce_bytes", "CONV_EFFECTS_COALESCE_BYTES", "100"),
-                ("llm_base_url", "CONV_LLM_BASE_URL", "http://127.0.0.1:1/v1"),
-                ("llm_model", "CONV_LLM_MODEL", "m"),
-                ("llm_api_key", "CONV_LLM_API_KEY", "sk"),
-                ("llm_max_retries", "CONV_LLM_MAX_RETRIES", "0"),
-                ("llm_retry_min_ms", "CONV_LLM_RETRY_MIN_MS", "10"),
-                ("llm_retry_max_ms", "CONV_LLM_RETRY_MAX_MS", "100"),
-                ("llm_stall_timeout_ms", "CONV_LLM_STALL_TIMEOUT_MS", "1000"),
-                ("llm_connect_timeout_ms", "CONV_LLM_CONNECT_TIMEOUT_MS", "1000"),
-                ("llm_max_context_bytes", "CONV_LLM_MAX_CONTEXT_BYTES", "1000"),
-                ("llm_max_answer_bytes", "CONV_LLM_MAX_ANSWER_BYTES", "1000"),
-                ("progress_ms", "CONV_EFFECTS_PROGRESS_MS", "500"),
-                ("tools", "CONV_WEBHOOK_TOOLS", r#"[{"name":"w","url":"http://127.0.0.1:1/w"}]"#),
-                ("callback_secret", "CONV_CALLBACK_SECRET", "s"),
-            ],
-        );
+        conv_nats::test_util::assert_every_key_has_env(EffectsOptions::apply_env, Some(IDENTITY.options_help));
     }
 }

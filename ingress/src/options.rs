@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use conv_nats::secret::Secret;
-use conv_nats::service::{ConfigError, Env, Options, env_override};
+use conv_nats::service::{ConfigError, Env, Options};
 use serde::Deserialize;
 
 /// Settings of conv-ingress beyond the common ones.
@@ -60,16 +60,10 @@ impl IngressOptions {
 
 impl Options for IngressOptions {
     fn apply_env(&mut self, env: Env<'_>) -> Result<(), ConfigError> {
-        env_override(env, "CONV_INGRESS_MAX_BODY_BYTES", &mut self.max_body_bytes)?;
-        env_override(env, "CONV_INGRESS_PUBLISH_TIMEOUT_MS", &mut self.publish_timeout_ms)?;
-        env_override(env, "CONV_INGRESS_NATS_API", &mut self.nats_api)?;
-        env_override(env, "CONV_INGRESS_DLQ_POLL_SECS", &mut self.dlq_poll_secs)?;
-        env_override(env, "CONV_INGRESS_API_KEYS", &mut self.api_keys)?;
-        env_override(env, "CONV_CALLBACK_SECRET", &mut self.callback_secret)?;
-        env_override(env, "CONV_INGRESS_RATE_PER_KEY", &mut self.rate_per_key)?;
-        env_override(env, "CONV_INGRESS_RATE_BURST", &mut self.rate_burst)?;
-        env_override(env, "CONV_INGRESS_SHED_BACKLOG", &mut self.shed_backlog)?;
-        env_override(env, "CONV_INGRESS_SHED_POLL_MS", &mut self.shed_poll_ms)
+        conv_nats::env_overrides!(env, self, "CONV_INGRESS_": max_body_bytes, publish_timeout_ms, nats_api,
+            dlq_poll_secs, api_keys, rate_per_key, rate_burst, shed_backlog, shed_poll_ms);
+        conv_nats::env_overrides!(env, self, "CONV_": callback_secret);
+        Ok(())
     }
 
     fn validate(&self) -> Result<(), conv_nats::service::Invalid> {
@@ -108,20 +102,6 @@ mod tests {
 
     #[test]
     fn every_option_has_an_env_override() {
-        conv_nats::test_util::assert_every_key_has_env(
-            IngressOptions::apply_env,
-            &[
-                ("max_body_bytes", "CONV_INGRESS_MAX_BODY_BYTES", "4096"),
-                ("publish_timeout_ms", "CONV_INGRESS_PUBLISH_TIMEOUT_MS", "100"),
-                ("nats_api", "CONV_INGRESS_NATS_API", "false"),
-                ("dlq_poll_secs", "CONV_INGRESS_DLQ_POLL_SECS", "3"),
-                ("api_keys", "CONV_INGRESS_API_KEYS", "k1,k2"),
-                ("callback_secret", "CONV_CALLBACK_SECRET", "s"),
-                ("rate_per_key", "CONV_INGRESS_RATE_PER_KEY", "5"),
-                ("rate_burst", "CONV_INGRESS_RATE_BURST", "9"),
-                ("shed_backlog", "CONV_INGRESS_SHED_BACKLOG", "0"),
-                ("shed_poll_ms", "CONV_INGRESS_SHED_POLL_MS", "250"),
-            ],
-        );
+        conv_nats::test_util::assert_every_key_has_env(IngressOptions::apply_env, Some(HELP));
     }
 }

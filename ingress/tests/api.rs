@@ -556,7 +556,7 @@ async fn idle_connections_are_closed_by_the_header_timeout_while_requests_are_se
     let addr = free_addr();
     let mut config: Config = Settings::for_test(nats.config(), addr);
     config.options = options();
-    config.service.http.header_read_timeout_ms = 1_000;
+    config.service.http.header_timeout_ms = 1_000;
     let _ingress = conv_nats::test_util::spawn_service("conv-ingress", |token| conv_ingress::run(config, token));
     assert_eq!(wait_http_ok(&format!("http://{addr}/readyz"), Duration::from_secs(15)).await, Some(200));
 

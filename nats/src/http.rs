@@ -43,22 +43,23 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpLimits {
-    /// A request head must arrive within this (also between keep-alive requests).
-    pub header_read_timeout_ms: u64,
+    /// A request head must arrive within this (also between keep-alive
+    /// requests).
+    pub header_timeout_ms: u64,
     /// Open connections at most; more are closed at once.
     pub max_connections: usize,
 }
 
 impl Default for HttpLimits {
     fn default() -> Self {
-        Self { header_read_timeout_ms: 30_000, max_connections: 4096 }
+        Self { header_timeout_ms: 30_000, max_connections: 4096 }
     }
 }
 
 impl HttpLimits {
     pub fn validate(&self) -> Result<(), crate::service::Invalid> {
-        if self.header_read_timeout_ms == 0 || self.max_connections == 0 {
-            return Err("service.header_read_timeout_ms and service.max_connections must be positive".into());
+        if self.header_timeout_ms == 0 || self.max_connections == 0 {
+            return Err("service.header_timeout_ms and service.max_connections must be positive".into());
         }
         Ok(())
     }
@@ -124,7 +125,7 @@ pub async fn serve(
     tracing::info!(
         message = "Listening.",
         addr = %local,
-        header_read_timeout_ms = limits.header_read_timeout_ms,
+        header_timeout_ms = limits.header_timeout_ms,
         max_connections = limits.max_connections
     );
     if let Some(tx) = bound {
@@ -132,7 +133,7 @@ pub async fn serve(
     }
     let router = router.layer(axum::middleware::from_fn(guard));
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms));
+    http.timer(TokioTimer::new()).header_read_timeout(Duration::from_millis(limits.header_timeout_ms));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut refused: u64 = 0;

@@ -882,24 +882,40 @@ pub fn section_keys<T: serde::de::DeserializeOwned>() -> Vec<String> {
 }
 
 /// Asserts that every key of the section `T` has an environment override:
-/// `table` maps each key to its variable and a value different from the
-/// default, and setting that variable alone must change the section.
+/// `apply` reads a variable named after each key (`…_<KEY>`), each
+/// variable it reads changes the section on its own, and `help` (a
+/// service's `--help` text, when given) lists every one.
 pub fn assert_every_key_has_env<T>(
     apply: impl Fn(&mut T, crate::service::Env<'_>) -> Result<(), crate::service::ConfigError>,
-    table: &[(&str, &str, &str)],
+    help: Option<&str>,
 ) where
     T: serde::de::DeserializeOwned + Default + PartialEq + std::fmt::Debug,
 {
+    // The variables `apply` reads.
+    let read = std::sync::Mutex::new(Vec::<String>::new());
+    let record = |var: &str| {
+        read.lock().unwrap_or_else(|e| e.into_inner()).push(var.to_owned());
+        None
+    };
+    apply(&mut T::default(), &record).unwrap_or_else(|e| panic!("no variable set: {e}"));
+    let vars = read.into_inner().unwrap_or_else(|e| e.into_inner());
     let keys = section_keys::<T>();
     assert!(!keys.is_empty(), "no keys read from the section");
     for key in &keys {
-        assert!(table.iter().any(|(k, _, _)| k == key), "key `{key}` has no environment override in the table");
+        let name = key.to_ascii_uppercase();
+        let named = |v: &&String| **v == name || v.ends_with(&format!("_{name}"));
+        assert!(vars.iter().any(|v| named(&v)), "key `{key}` has no environment override (…_{name}); read: {vars:?}");
     }
-    for (key, var, value) in table {
-        assert!(keys.iter().any(|k| k == key), "`{key}` is not a key of the section (keys: {keys:?})");
-        let mut section = T::default();
-        apply(&mut section, &|v: &str| (v == *var).then(|| (*value).to_owned()))
-            .unwrap_or_else(|e| panic!("{var}={value}: {e}"));
-        assert_ne!(section, T::default(), "{var}={value} did not change `{key}`");
+    // Values to try, until one parses and changes the section.
+    const TRY: [&str; 5] = ["7", "true", "false", "json", r#"[{"name": "t", "url": "http://127.0.0.1:1/t"}]"#];
+    for var in &vars {
+        let changes = TRY.iter().any(|value| {
+            let mut section = T::default();
+            apply(&mut section, &|v: &str| (v == var).then(|| (*value).to_owned())).is_ok() && section != T::default()
+        });
+        assert!(changes, "{var} does not change the section with any of {TRY:?}");
+        if let Some(help) = help {
+            assert!(help.contains(var.as_str()), "--help does not list {var}");
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! Projections settings beyond the common ones (`[options]`, env overrides).
 
 use conv_nats::secret::Secret;
-use conv_nats::service::{ConfigError, Env, Options, env_override};
+use conv_nats::service::{ConfigError, Env, Options};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -52,17 +52,11 @@ impl Default for ProjectionsOptions {
 
 impl Options for ProjectionsOptions {
     fn apply_env(&mut self, env: Env<'_>) -> Result<(), ConfigError> {
-        env_override(env, "CONV_OUTBOUND_WEBHOOK_URL", &mut self.webhook_url)?;
-        env_override(env, "CONV_OUTBOUND_WEBHOOK_RETRIES", &mut self.webhook_retries)?;
-        env_override(env, "CONV_OUTBOUND_WEBHOOK_TIMEOUT_MS", &mut self.webhook_timeout_ms)?;
-        env_override(env, "CONV_PROJECTIONS_INSTANCE", &mut self.instance)?;
-        env_override(env, "CONV_PROJECTIONS_HEARTBEAT_MS", &mut self.heartbeat_ms)?;
-        env_override(env, "CONV_PROJECTIONS_FLUSH_MS", &mut self.flush_ms)?;
-        env_override(env, "CONV_SSE_BUFFER", &mut self.sse_buffer)?;
-        env_override(env, "CONV_SSE_HEARTBEAT_MS", &mut self.sse_heartbeat_ms)?;
-        env_override(env, "CONV_SSE_LINGER_MS", &mut self.sse_linger_ms)?;
-        env_override(env, "CONV_INGRESS_API_KEYS", &mut self.api_keys)?;
-        env_override(env, "CONV_INGRESS_URL", &mut self.ingress_url)
+        conv_nats::env_overrides!(env, self, "CONV_OUTBOUND_": webhook_url, webhook_retries, webhook_timeout_ms);
+        conv_nats::env_overrides!(env, self, "CONV_PROJECTIONS_": instance, heartbeat_ms, flush_ms);
+        conv_nats::env_overrides!(env, self, "CONV_": sse_buffer, sse_heartbeat_ms, sse_linger_ms, ingress_url);
+        conv_nats::env_overrides!(env, self, "CONV_INGRESS_": api_keys);
+        Ok(())
     }
 
     fn validate(&self) -> Result<(), conv_nats::service::Invalid> {
@@ -97,19 +91,7 @@ mod tests {
     fn every_option_has_an_env_override() {
         conv_nats::test_util::assert_every_key_has_env(
             ProjectionsOptions::apply_env,
-            &[
-                ("webhook_url", "CONV_OUTBOUND_WEBHOOK_URL", "http://127.0.0.1:1/hook"),
-                ("webhook_retries", "CONV_OUTBOUND_WEBHOOK_RETRIES", "1"),
-                ("webhook_timeout_ms", "CONV_OUTBOUND_WEBHOOK_TIMEOUT_MS", "700"),
-                ("instance", "CONV_PROJECTIONS_INSTANCE", "p-1"),
-                ("heartbeat_ms", "CONV_PROJECTIONS_HEARTBEAT_MS", "250"),
-                ("flush_ms", "CONV_PROJECTIONS_FLUSH_MS", "50"),
-                ("sse_buffer", "CONV_SSE_BUFFER", "16"),
-                ("sse_heartbeat_ms", "CONV_SSE_HEARTBEAT_MS", "1000"),
-                ("sse_linger_ms", "CONV_SSE_LINGER_MS", "0"),
-                ("api_keys", "CONV_INGRESS_API_KEYS", "k"),
-                ("ingress_url", "CONV_INGRESS_URL", "http://127.0.0.1:9/"),
-            ],
+            Some(crate::IDENTITY.options_help),
         );
     }
 }

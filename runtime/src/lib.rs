@@ -15,7 +15,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use conv_nats::service::{self, ConfigError, Env, Identity, Options, Settings, env_override};
+use conv_nats::service::{self, ConfigError, Env, Identity, Options, Settings};
 use conv_nats::topology::KV_LEASES;
 use prometheus::Registry;
 use serde::Deserialize;
@@ -64,12 +64,9 @@ impl Default for RuntimeOptions {
 
 impl Options for RuntimeOptions {
     fn apply_env(&mut self, env: Env<'_>) -> Result<(), ConfigError> {
-        env_override(env, "CONV_RUNTIME_INSTANCE", &mut self.instance)?;
-        env_override(env, "CONV_RUNTIME_SNAPSHOT_EVERY", &mut self.snapshot_every)?;
-        env_override(env, "CONV_RUNTIME_HEARTBEAT_MS", &mut self.heartbeat_ms)?;
-        env_override(env, "CONV_RUNTIME_IDLE_SNAPSHOT_MS", &mut self.idle_snapshot_ms)?;
-        env_override(env, "CONV_RUNTIME_EVICT_AFTER_SECS", &mut self.evict_after_secs)?;
-        env_override(env, "CONV_RUNTIME_CAUSALITY_WAIT_MS", &mut self.causality_wait_ms)
+        conv_nats::env_overrides!(env, self, "CONV_RUNTIME_": instance, snapshot_every, heartbeat_ms,
+            idle_snapshot_ms, evict_after_secs, causality_wait_ms);
+        Ok(())
     }
 
     fn validate(&self) -> Result<(), conv_nats::service::Invalid> {
@@ -144,16 +141,6 @@ mod options_tests {
 
     #[test]
     fn every_option_has_an_env_override() {
-        conv_nats::test_util::assert_every_key_has_env(
-            RuntimeOptions::apply_env,
-            &[
-                ("instance", "CONV_RUNTIME_INSTANCE", "r-1"),
-                ("snapshot_every", "CONV_RUNTIME_SNAPSHOT_EVERY", "8"),
-                ("heartbeat_ms", "CONV_RUNTIME_HEARTBEAT_MS", "200"),
-                ("idle_snapshot_ms", "CONV_RUNTIME_IDLE_SNAPSHOT_MS", "300"),
-                ("evict_after_secs", "CONV_RUNTIME_EVICT_AFTER_SECS", "5"),
-                ("causality_wait_ms", "CONV_RUNTIME_CAUSALITY_WAIT_MS", "100"),
-            ],
-        );
+        conv_nats::test_util::assert_every_key_has_env(RuntimeOptions::apply_env, Some(IDENTITY.options_help));
     }
 }

@@ -67,6 +67,24 @@ pub fn process_env(var: &str) -> Option<String> {
     std::env::var(var).ok()
 }
 
+/// The environment overrides of a settings section, named after its fields:
+/// `env_overrides!(env, self, "CONV_RUNTIME_": heartbeat_ms, instance)`
+/// reads `CONV_RUNTIME_HEARTBEAT_MS` into `self.heartbeat_ms`, and so on
+/// ([`env_override`] each, `?` on the first error).
+/// `test_util::assert_every_key_has_env` checks that every field has one.
+#[macro_export]
+macro_rules! env_overrides {
+    ($env:expr, $this:expr, $prefix:literal : $($field:ident),+ $(,)?) => {
+        $(
+            $crate::service::env_override(
+                $env,
+                &::std::format!("{}{}", $prefix, ::std::stringify!($field).to_ascii_uppercase()),
+                &mut $this.$field,
+            )?;
+        )+
+    };
+}
+
 /// Overrides `target` with the parsed value of `var` when it is set.
 pub fn env_override<T: FromStr>(env: Env<'_>, var: &str, target: &mut T) -> Result<(), ConfigError>
 where
@@ -184,8 +202,8 @@ impl<O: Options> Settings<O> {
 impl crate::http::HttpLimits {
     /// Applies `CONV_HTTP_HEADER_TIMEOUT_MS` and `CONV_HTTP_MAX_CONNECTIONS`.
     pub fn apply_env(&mut self, env: Env<'_>) -> Result<(), ConfigError> {
-        env_override(env, "CONV_HTTP_HEADER_TIMEOUT_MS", &mut self.header_read_timeout_ms)?;
-        env_override(env, "CONV_HTTP_MAX_CONNECTIONS", &mut self.max_connections)
+        crate::env_overrides!(env, self, "CONV_HTTP_": header_timeout_ms, max_connections);
+        Ok(())
     }
 }
 
@@ -193,12 +211,9 @@ impl NatsConfig {
     /// Applies `NATS_URL`, `NATS_USER`, `NATS_PASSWORD`, `NATS_CREDS`,
     /// `CONV_NATS_CONNECT_TIMEOUT_MS`, `CONV_NATS_REQUEST_TIMEOUT_MS`.
     pub fn apply_env(&mut self, env: Env<'_>) -> Result<(), ConfigError> {
-        env_override(env, "NATS_URL", &mut self.url)?;
-        env_override(env, "NATS_USER", &mut self.user)?;
-        env_override(env, "NATS_PASSWORD", &mut self.password)?;
-        env_override(env, "NATS_CREDS", &mut self.creds)?;
-        env_override(env, "CONV_NATS_CONNECT_TIMEOUT_MS", &mut self.connect_timeout_ms)?;
-        env_override(env, "CONV_NATS_REQUEST_TIMEOUT_MS", &mut self.request_timeout_ms)
+        crate::env_overrides!(env, self, "NATS_": url, user, password, creds);
+        crate::env_overrides!(env, self, "CONV_NATS_": connect_timeout_ms, request_timeout_ms);
+        Ok(())
     }
 }
 
@@ -206,27 +221,12 @@ impl TopologyConfig {
     /// Applies `CONV_<KEY>` for every `[topology]` key (`CONV_PARTITIONS`,
     /// `CONV_REPLICAS`, `CONV_JOURNAL_MAX_AGE_HOURS`, …).
     pub fn apply_env(&mut self, env: Env<'_>) -> Result<(), ConfigError> {
-        env_override(env, "CONV_PARTITIONS", &mut self.partitions)?;
-        env_override(env, "CONV_REPLICAS", &mut self.replicas)?;
-        env_override(env, "CONV_JOURNAL_MAX_AGE_HOURS", &mut self.journal_max_age_hours)?;
-        env_override(env, "CONV_JOURNAL_MAX_BYTES", &mut self.journal_max_bytes)?;
-        env_override(env, "CONV_AUDIT_MAX_AGE_HOURS", &mut self.audit_max_age_hours)?;
-        env_override(env, "CONV_AUDIT_MAX_BYTES", &mut self.audit_max_bytes)?;
-        env_override(env, "CONV_DLQ_MAX_AGE_HOURS", &mut self.dlq_max_age_hours)?;
-        env_override(env, "CONV_DLQ_MAX_BYTES", &mut self.dlq_max_bytes)?;
-        env_override(env, "CONV_DUPLICATE_WINDOW_SECS", &mut self.duplicate_window_secs)?;
-        env_override(env, "CONV_MAX_DELIVER", &mut self.max_deliver)?;
-        env_override(env, "CONV_ACK_WAIT_SECS", &mut self.ack_wait_secs)?;
-        env_override(env, "CONV_RUNTIME_ACK_WAIT_SECS", &mut self.runtime_ack_wait_secs)?;
-        env_override(env, "CONV_EFFECTS_ACK_WAIT_SECS", &mut self.effects_ack_wait_secs)?;
-        env_override(env, "CONV_PROJECTIONS_ACK_WAIT_SECS", &mut self.projections_ack_wait_secs)?;
-        env_override(env, "CONV_PINNED_TTL_SECS", &mut self.pinned_ttl_secs)?;
-        env_override(env, "CONV_OWNER_TTL_SECS", &mut self.owner_ttl_secs)?;
-        env_override(env, "CONV_MAX_MSG_BYTES", &mut self.max_msg_bytes)?;
-        env_override(env, "CONV_RUNTIME_MAX_ACK_PENDING", &mut self.runtime_max_ack_pending)?;
-        env_override(env, "CONV_EFFECTS_MAX_ACK_PENDING", &mut self.effects_max_ack_pending)?;
-        env_override(env, "CONV_PROJECTIONS_MAX_ACK_PENDING", &mut self.projections_max_ack_pending)?;
-        env_override(env, "CONV_ENTRIES_HISTORY", &mut self.entries_history)
+        crate::env_overrides!(env, self, "CONV_": partitions, replicas, journal_max_age_hours, journal_max_bytes,
+            audit_max_age_hours, audit_max_bytes, dlq_max_age_hours, dlq_max_bytes, duplicate_window_secs,
+            max_deliver, ack_wait_secs, runtime_ack_wait_secs, effects_ack_wait_secs, projections_ack_wait_secs,
+            pinned_ttl_secs, owner_ttl_secs, max_msg_bytes, runtime_max_ack_pending, effects_max_ack_pending,
+            projections_max_ack_pending, entries_history);
+        Ok(())
     }
 }
 
@@ -304,50 +304,11 @@ mod tests {
     #[test]
     fn every_setting_has_an_env_override() {
         use crate::test_util::assert_every_key_has_env;
-        assert_every_key_has_env(
-            TopologyConfig::apply_env,
-            &[
-                ("partitions", "CONV_PARTITIONS", "4"),
-                ("replicas", "CONV_REPLICAS", "3"),
-                ("journal_max_age_hours", "CONV_JOURNAL_MAX_AGE_HOURS", "48"),
-                ("journal_max_bytes", "CONV_JOURNAL_MAX_BYTES", "10000000000"),
-                ("audit_max_age_hours", "CONV_AUDIT_MAX_AGE_HOURS", "100"),
-                ("audit_max_bytes", "CONV_AUDIT_MAX_BYTES", "100000000"),
-                ("dlq_max_age_hours", "CONV_DLQ_MAX_AGE_HOURS", "24"),
-                ("dlq_max_bytes", "CONV_DLQ_MAX_BYTES", "-1"),
-                ("duplicate_window_secs", "CONV_DUPLICATE_WINDOW_SECS", "60"),
-                ("max_deliver", "CONV_MAX_DELIVER", "7"),
-                ("ack_wait_secs", "CONV_ACK_WAIT_SECS", "20"),
-                ("runtime_ack_wait_secs", "CONV_RUNTIME_ACK_WAIT_SECS", "4"),
-                ("effects_ack_wait_secs", "CONV_EFFECTS_ACK_WAIT_SECS", "6"),
-                ("projections_ack_wait_secs", "CONV_PROJECTIONS_ACK_WAIT_SECS", "8"),
-                ("pinned_ttl_secs", "CONV_PINNED_TTL_SECS", "5"),
-                ("owner_ttl_secs", "CONV_OWNER_TTL_SECS", "3"),
-                ("max_msg_bytes", "CONV_MAX_MSG_BYTES", "1500000"),
-                ("runtime_max_ack_pending", "CONV_RUNTIME_MAX_ACK_PENDING", "500"),
-                ("effects_max_ack_pending", "CONV_EFFECTS_MAX_ACK_PENDING", "8192"),
-                ("projections_max_ack_pending", "CONV_PROJECTIONS_MAX_ACK_PENDING", "1000"),
-                ("entries_history", "CONV_ENTRIES_HISTORY", "4"),
-            ],
-        );
-        assert_every_key_has_env(
-            NatsConfig::apply_env,
-            &[
-                ("url", "NATS_URL", "nats://a:1,nats://b:2"),
-                ("user", "NATS_USER", "u"),
-                ("password", "NATS_PASSWORD", "p"),
-                ("creds", "NATS_CREDS", "/x.creds"),
-                ("connect_timeout_ms", "CONV_NATS_CONNECT_TIMEOUT_MS", "500"),
-                ("request_timeout_ms", "CONV_NATS_REQUEST_TIMEOUT_MS", "9000"),
-            ],
-        );
-        assert_every_key_has_env(
-            crate::http::HttpLimits::apply_env,
-            &[
-                ("header_read_timeout_ms", "CONV_HTTP_HEADER_TIMEOUT_MS", "1000"),
-                ("max_connections", "CONV_HTTP_MAX_CONNECTIONS", "10"),
-            ],
-        );
+        // `--help` names NATS_* and CONV_PARTITIONS / CONV_REPLICAS, and
+        // "CONV_<KEY>" for the other [topology] keys: not each variable.
+        assert_every_key_has_env(TopologyConfig::apply_env, None);
+        assert_every_key_has_env(NatsConfig::apply_env, None);
+        assert_every_key_has_env(crate::http::HttpLimits::apply_env, None);
         // `[service]`: the address has the service's own variable, the
         // limits are checked above.
         assert_eq!(
