@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use conv_contracts::Rejection;
 use conv_contracts::subject::STREAM_DLQ;
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use conv_nats::metrics::Registrar;
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, Registry};
 use tokio_util::sync::CancellationToken;
 
 /// Code used for "journal unavailable" in `conv_ingress_rejected_total`.
@@ -22,44 +23,35 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
-        let accepted = IntCounterVec::new(
-            Opts::new("conv_ingress_accepted_total", "events journaled, by input family"),
-            &["family"],
-        )?;
-        let rejected = IntCounterVec::new(
-            Opts::new("conv_ingress_rejected_total", "requests refused, by reason code"),
-            &["reason"],
-        )?;
-        let duplicates = IntCounter::new("conv_ingress_duplicates_total", "repeats answered from the dedupe window")?;
-        let publish_seconds = Histogram::with_opts(
-            HistogramOpts::new("conv_ingress_publish_seconds", "publish until JetStream ack")
-                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
-        )?;
-        let dlq_messages = IntGauge::new("conv_dlq_messages", "messages in CONV_DLQ")?;
-        let dlq_entries = IntCounterVec::new(
-            Opts::new(
+        let r = Registrar(registry);
+        let publish_buckets = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+        let m = Self {
+            accepted: r.counters("conv_ingress_accepted_total", "events journaled, by input family", &["family"])?,
+            rejected: r.counters("conv_ingress_rejected_total", "requests refused, by reason code", &["reason"])?,
+            duplicates: r.counter("conv_ingress_duplicates_total", "repeats answered from the dedupe window")?,
+            publish_seconds: r.histogram(
+                "conv_ingress_publish_seconds",
+                "publish until JetStream ack",
+                &publish_buckets,
+            )?,
+            dlq_messages: r.gauge("conv_dlq_messages", "messages in CONV_DLQ")?,
+            dlq_entries: r.counters(
                 "conv_dlq_entries_total",
                 "dead letters as they happen, by reason (every ingress instance counts all of them: aggregate with max)",
-            ),
-            &["reason"],
-        )?;
-        registry.register(Box::new(accepted.clone()))?;
-        registry.register(Box::new(rejected.clone()))?;
-        registry.register(Box::new(duplicates.clone()))?;
-        registry.register(Box::new(publish_seconds.clone()))?;
-        registry.register(Box::new(dlq_messages.clone()))?;
-        registry.register(Box::new(dlq_entries.clone()))?;
-        for reason in ["max_deliveries", "terminated", "stray_subject", "other"] {
-            dlq_entries.with_label_values(&[reason]);
-        }
+                &["reason"],
+            )?,
+        };
         // Pre-create every series so dashboards see zeros, not gaps.
+        for reason in ["max_deliveries", "terminated", "stray_subject", "other"] {
+            m.dlq_entries.with_label_values(&[reason]);
+        }
         for family in ["message", "control", "tool", "llm", "timer"] {
-            accepted.with_label_values(&[family]);
+            m.accepted.with_label_values(&[family]);
         }
         for code in Rejection::CODES.iter().chain([&UNAVAILABLE, &"journal_refused", &"not_found"]) {
-            rejected.with_label_values(&[code]);
+            m.rejected.with_label_values(&[code]);
         }
-        Ok(Self { accepted, rejected, duplicates, publish_seconds, dlq_messages, dlq_entries })
+        Ok(m)
     }
 
     pub fn reject(&self, code: &str) {

@@ -154,10 +154,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         let instance =
             if o.instance.is_empty() { uuid::Uuid::now_v7().simple().to_string() } else { o.instance.clone() };
         tracing::info!(message = "Projections instance up.", instance = %instance);
-        let ownership_metrics = conv_nats::ownership::OwnershipMetrics {
-            rebalances: metrics.rebalances.clone(),
-            owned: metrics.partitions_owned.clone(),
-        };
+        let ownership_metrics = metrics.ownership.clone();
         let shared = Arc::new(views::Shared {
             js: booted.js.clone(),
             max_value: store::max_value(&booted.js),

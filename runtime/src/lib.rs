@@ -105,10 +105,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         let instance =
             if o.instance.is_empty() { uuid::Uuid::now_v7().simple().to_string() } else { o.instance.clone() };
         tracing::info!(message = "Runtime instance up.", instance = %instance, partitions = config.topology.partitions);
-        let ownership_metrics = conv_nats::ownership::OwnershipMetrics {
-            rebalances: metrics.rebalances.clone(),
-            owned: metrics.partitions_owned.clone(),
-        };
+        let ownership_metrics = metrics.ownership.clone();
         let shared = Arc::new(worker::Shared {
             js: booted.js.clone(),
             snapshots,
