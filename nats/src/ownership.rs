@@ -60,6 +60,31 @@ pub struct OwnershipConfig {
     pub metrics: OwnershipMetrics,
 }
 
+impl OwnershipConfig {
+    /// The partitions of `topology`, leases refreshed every `heartbeat_ms`
+    /// and expiring after its `owner_ttl_secs`.
+    pub fn of(
+        topology: &crate::TopologyConfig,
+        heartbeat_ms: u64,
+        role: &'static str,
+        metrics: OwnershipMetrics,
+    ) -> Self {
+        OwnershipConfig {
+            partitions: topology.partitions,
+            heartbeat: Duration::from_millis(heartbeat_ms),
+            ttl: Duration::from_secs(topology.owner_ttl_secs),
+            role,
+            metrics,
+        }
+    }
+}
+
+/// The instance id a service owns partitions as: the configured one, else a
+/// fresh UUID (a restarted process is a new member).
+pub fn instance_id(configured: &str) -> String {
+    if configured.is_empty() { uuid::Uuid::now_v7().simple().to_string() } else { configured.to_owned() }
+}
+
 /// Until when a worker's lease is surely its own (see the module docs).
 #[derive(Debug, Clone)]
 pub struct Lease(Arc<AtomicU64>);

@@ -151,10 +151,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             shutdown.clone(),
         );
         let _ = ready.set(Ready { store: store.clone(), hub });
-        let instance =
-            if o.instance.is_empty() { uuid::Uuid::now_v7().simple().to_string() } else { o.instance.clone() };
+        let instance = conv_nats::ownership::instance_id(&o.instance);
         tracing::info!(message = "Projections instance up.", instance = %instance);
-        let ownership_metrics = metrics.ownership.clone();
+        let ownership = conv_nats::ownership::OwnershipConfig::of(
+            &config.topology,
+            o.heartbeat_ms,
+            "views.",
+            metrics.ownership.clone(),
+        );
         let shared = Arc::new(views::Shared {
             js: booted.js.clone(),
             max_value: store::max_value(&booted.js),
@@ -164,13 +168,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             tracer: booted.tracer.clone(),
             config: views::ViewsConfig { flush_delay: Duration::from_millis(o.flush_ms), ..Default::default() },
         });
-        let ownership = conv_nats::ownership::OwnershipConfig {
-            partitions: config.topology.partitions,
-            heartbeat: Duration::from_millis(o.heartbeat_ms),
-            ttl: Duration::from_secs(config.topology.owner_ttl_secs),
-            role: "views.",
-            metrics: ownership_metrics,
-        };
         conv_nats::ownership::run(instance, leases, Arc::new(views::Workers(shared)), ownership, shutdown.clone())
             .await;
     }

@@ -34,26 +34,13 @@ async fn start() -> Stack {
 
 impl Stack {
     async fn post(&self, conv: &str, what: &str, body: Value) -> Value {
-        let r = self
-            .http
-            .post(format!("http://{}/v1/conversations/{conv}/{what}", self.ingress))
-            .json(&body)
-            .send()
-            .await
-            .expect("post");
-        assert_eq!(r.status().as_u16(), 202);
-        r.json().await.expect("json")
+        let (status, answer) = self.pipeline.post(conv, what, &body).await;
+        assert_eq!(status, 202, "{answer}");
+        answer
     }
 
     async fn get(&self, conv: &str, what: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .get(format!("http://{}/v1/conversations/{conv}/{what}", self.projections))
-            .send()
-            .await
-            .expect("get");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        self.pipeline.get(conv, what).await
     }
 
     async fn timeline_until(&self, conv: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {

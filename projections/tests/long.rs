@@ -3,55 +3,26 @@
 //! (context by reference within the provider's window, snapshots of any
 //! size restored after a restart), and replay still matches.
 
-use std::net::SocketAddr;
+mod support;
+
 use std::time::{Duration, Instant};
 
 use conv_contracts::ConversationId;
 use conv_contracts::payload::RunStatus;
-use conv_nats::service::Settings;
-use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, spawn_service, wait_http_ok};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-struct Stack {
-    nats: TestNats,
-    ingress: SocketAddr,
-    projections: SocketAddr,
-    http: reqwest::Client,
-    runtime: Option<ServiceHandle<conv_runtime::Error>>,
-    _services: (
-        ServiceHandle<conv_ingress::Error>,
-        ServiceHandle<conv_effects::Error>,
-        ServiceHandle<conv_projections::Error>,
-    ),
-}
-
-fn runtime(nats: &TestNats) -> ServiceHandle<conv_runtime::Error> {
-    let mut rc: conv_runtime::Config = Settings::for_test(nats.config(), free_addr());
-    rc.options.heartbeat_ms = 200;
-    spawn_service("conv-runtime", |t| conv_runtime::run(rc, t))
-}
+struct Stack(support::Pipeline);
 
 async fn start(window: usize) -> Stack {
-    let nats = TestNats::start().await.expect("test NATS");
-    nats.setup().await.expect("topology");
-    let (ingress, projections) = (free_addr(), free_addr());
-    let ic: conv_ingress::Config = Settings::for_test(nats.config(), ingress);
-    let mut ec: conv_effects::Config = Settings::for_test(nats.config(), free_addr());
-    ec.options.scripted_tokens = 8;
-    ec.options.scripted_token_delay_ms = 1;
-    ec.options.llm_max_context_bytes = window;
-    let pc: conv_projections::Config = Settings::for_test(nats.config(), projections);
-    let services = (
-        spawn_service("conv-ingress", |t| conv_ingress::run(ic, t)),
-        spawn_service("conv-effects", |t| conv_effects::run(ec, t)),
-        spawn_service("conv-projections", |t| conv_projections::run(pc, t)),
-    );
-    let runtime = Some(runtime(&nats));
-    for addr in [ingress, projections] {
-        assert_eq!(wait_http_ok(&format!("http://{addr}/readyz"), Duration::from_secs(20)).await, Some(200));
-    }
-    Stack { nats, ingress, projections, http: reqwest::Client::new(), runtime, _services: services }
+    Stack(
+        support::Pipeline::start(|c| {
+            c.effects.options.scripted_tokens = 8;
+            c.effects.options.scripted_token_delay_ms = 1;
+            c.effects.options.llm_max_context_bytes = window;
+        })
+        .await,
+    )
 }
 
 impl Stack {
@@ -64,14 +35,8 @@ impl Stack {
         text: &str,
     ) -> Duration {
         let started = Instant::now();
-        let r = self
-            .http
-            .post(format!("http://{}/v1/conversations/{conv}/messages", self.ingress))
-            .json(&json!({ "text": text }))
-            .send()
-            .await
-            .expect("post");
-        assert_eq!(r.status().as_u16(), 202, "{:?}", r.text().await);
+        let (status, body) = self.0.post(conv, "messages", &json!({ "text": text })).await;
+        assert_eq!(status, 202, "{body}");
         let want = format!("r{run}");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
@@ -86,18 +51,8 @@ impl Stack {
         }
     }
 
-    async fn try_get(&self, conv: &str, what: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .get(format!("http://{}/v1/conversations/{conv}/{what}", self.projections))
-            .send()
-            .await
-            .expect("get");
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-    }
-
     async fn get(&self, conv: &str, what: &str) -> Value {
-        let (status, body) = self.try_get(conv, what).await;
+        let (status, body) = self.0.get(conv, what).await;
         assert_eq!(status, 200, "{body}");
         body
     }
@@ -107,7 +62,7 @@ impl Stack {
     async fn timeline_complete(&self, conv: &str, n: usize) -> Value {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let (status, t) = self.try_get(conv, "timeline").await;
+            let (status, t) = self.0.get(conv, "timeline").await;
             let entries = t["entries"].as_array().map(Vec::as_slice).unwrap_or_default();
             if status == 200 && entries.len() == n && entries.iter().all(|e| e["status"] == "completed") {
                 return t;
@@ -119,7 +74,7 @@ impl Stack {
 
     /// Replay from the journal alone equals the live state (snapshot + tail).
     async fn replay_matches(&self, conv: &str) {
-        let js = self.nats.jetstream().await;
+        let js = self.0.nats.jetstream().await;
         let conv = ConversationId::parse(conv).expect("id");
         let replayed = conv_store::journal::rebuild(&js, &conv, None).await.expect("replay");
         assert!(replayed.mismatches.is_empty(), "recorded hashes differ at {:?}", replayed.mismatches);
@@ -138,7 +93,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 async fn three_hundred_turns_of_8_kb_cost_the_same_at_the_end_as_at_the_start() {
     let stack = start(0).await; // the scripted provider's default window
     let conv = "long-300";
-    let mut runs = conv_nats::test_util::run_statuses(&stack.nats, conv).await;
+    let mut runs = conv_nats::test_util::run_statuses(&stack.0.nats, conv).await;
     let mut latencies = Vec::new();
     for i in 1..=300u64 {
         let text = format!("turn {i} {}", "lorem ipsum ".repeat(8192 / 12));
@@ -164,7 +119,7 @@ async fn three_hundred_turns_of_8_kb_cost_the_same_at_the_end_as_at_the_start() 
 async fn ten_megabytes_of_history_work_and_survive_a_runtime_restart() {
     let mut stack = start(1 << 20).await;
     let conv = "long-10mb";
-    let mut runs = conv_nats::test_util::run_statuses(&stack.nats, conv).await;
+    let mut runs = conv_nats::test_util::run_statuses(&stack.0.nats, conv).await;
     // Eleven messages of a million bytes each (the request limit is 1 MiB),
     // with a window that holds the newest one.
     let big = |i: u64| format!("{i:02} {}", "x".repeat(1_000_000 - 3));
@@ -173,10 +128,7 @@ async fn ten_megabytes_of_history_work_and_survive_a_runtime_restart() {
     }
     // A restart restores the state from its snapshot (head + entries) and
     // the journal tail, then goes on.
-    if let Some(rt) = stack.runtime.take() {
-        rt.shutdown().await.expect("runtime stops");
-    }
-    stack.runtime = Some(runtime(&stack.nats));
+    stack.0.restart_runtime().await;
     for i in 7..=11 {
         stack.turn(&mut runs, conv, i, &big(i)).await;
     }
@@ -190,7 +142,7 @@ async fn ten_megabytes_of_history_work_and_survive_a_runtime_restart() {
     stack.replay_matches(conv).await;
 
     // The stored snapshot is readable whole.
-    let js = stack.nats.jetstream().await;
+    let js = stack.0.nats.jetstream().await;
     let loaded = conv_store::Snapshots::open(&js).await.expect("store").load(conv).await.expect("load");
     if let Some(s) = loaded.snapshot {
         assert!(s.state.entries.len() >= 20, "{} entries", s.state.entries.len());

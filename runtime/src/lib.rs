@@ -102,10 +102,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     .await;
     if let Some((owners, snapshots)) = ready {
         let o = &config.options;
-        let instance =
-            if o.instance.is_empty() { uuid::Uuid::now_v7().simple().to_string() } else { o.instance.clone() };
+        let instance = conv_nats::ownership::instance_id(&o.instance);
         tracing::info!(message = "Runtime instance up.", instance = %instance, partitions = config.topology.partitions);
-        let ownership_metrics = metrics.ownership.clone();
+        let ownership =
+            conv_nats::ownership::OwnershipConfig::of(&config.topology, o.heartbeat_ms, "", metrics.ownership.clone());
         let shared = Arc::new(worker::Shared {
             js: booted.js.clone(),
             snapshots,
@@ -119,13 +119,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                 ..Default::default()
             },
         });
-        let ownership = conv_nats::ownership::OwnershipConfig {
-            partitions: config.topology.partitions,
-            heartbeat: Duration::from_millis(o.heartbeat_ms),
-            ttl: Duration::from_secs(config.topology.owner_ttl_secs),
-            role: "",
-            metrics: ownership_metrics,
-        };
         conv_nats::ownership::run(instance, owners, Arc::new(worker::Workers(shared)), ownership, shutdown.clone())
             .await;
     }

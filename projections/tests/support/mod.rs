@@ -6,8 +6,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use conv_nats::service::Settings;
+use conv_nats::service::{ServiceError, Settings};
 use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, spawn_service, wait_http_ok};
+use serde_json::Value;
 
 /// The four services' settings before they start.
 #[derive(Debug)]
@@ -27,11 +28,14 @@ pub struct Pipeline {
     pub effects: SocketAddr,
     pub projections: SocketAddr,
     pub http: reqwest::Client,
+    /// The runtime's settings, to start it again.
+    runtime_config: conv_runtime::Config,
+    /// Ingress, runtime (`None` while stopped), effects, projections.
     services: (
-        ServiceHandle<conv_ingress::Error>,
-        ServiceHandle<conv_runtime::Error>,
-        ServiceHandle<conv_effects::Error>,
-        ServiceHandle<conv_projections::Error>,
+        ServiceHandle<ServiceError>,
+        Option<ServiceHandle<ServiceError>>,
+        ServiceHandle<ServiceError>,
+        ServiceHandle<ServiceError>,
     ),
 }
 
@@ -61,30 +65,62 @@ impl Pipeline {
         c.projections.options.ingress_url = format!("http://{ingress}");
         customize(&mut c);
         let Configs { ingress: ic, runtime: rc, effects: ec, projections: pc } = c;
+        let runtime_config = rc.clone();
         let services = (
             spawn_service("conv-ingress", |t| conv_ingress::run(ic, t)),
-            spawn_service("conv-runtime", |t| conv_runtime::run(rc, t)),
+            Some(spawn_service("conv-runtime", |t| conv_runtime::run(rc, t))),
             spawn_service("conv-effects", |t| conv_effects::run(ec, t)),
             spawn_service("conv-projections", |t| conv_projections::run(pc, t)),
         );
         for addr in [ingress, runtime, effects, projections] {
             assert_eq!(wait_http_ok(&format!("http://{addr}/readyz"), Duration::from_secs(30)).await, Some(200));
         }
-        Pipeline { nats, ingress, runtime, effects, projections, http: reqwest::Client::new(), services }
+        Pipeline {
+            nats,
+            ingress,
+            runtime,
+            effects,
+            projections,
+            http: reqwest::Client::new(),
+            runtime_config,
+            services,
+        }
+    }
+
+    /// Stops the runtime gracefully and starts it again with its settings.
+    pub async fn restart_runtime(&mut self) {
+        if let Some(rt) = self.services.1.take() {
+            rt.shutdown().await.expect("the runtime stops cleanly");
+        }
+        let rc = self.runtime_config.clone();
+        self.services.1 = Some(spawn_service("conv-runtime", |t| conv_runtime::run(rc, t)));
+    }
+
+    /// `GET /v1/conversations/{conv}/{what}` on projections: the status and
+    /// the JSON body (`null` when there is none).
+    pub async fn get(&self, conv: &str, what: &str) -> (u16, Value) {
+        let url = format!("http://{}/v1/conversations/{conv}/{what}", self.projections);
+        let r = self.http.get(url).send().await.expect("GET");
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `POST /v1/conversations/{conv}/{what}` on ingress with a JSON body:
+    /// the status and the JSON answer.
+    pub async fn post(&self, conv: &str, what: &str, body: &Value) -> (u16, Value) {
+        let url = format!("http://{}/v1/conversations/{conv}/{what}", self.ingress);
+        let r = self.http.post(url).json(body).send().await.expect("POST");
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
     /// Stops the services gracefully (each flushes what it buffers) and
     /// waits for them; each must stop cleanly.
     pub async fn shutdown(self) {
         let (i, r, e, p) = self.services;
-        let stopped = [
-            i.shutdown().await.map_err(|e| e.to_string()),
-            r.shutdown().await.map_err(|e| e.to_string()),
-            e.shutdown().await.map_err(|e| e.to_string()),
-            p.shutdown().await.map_err(|e| e.to_string()),
-        ];
-        for result in stopped {
-            result.expect("a clean stop");
+        i.shutdown().await.expect("ingress stops cleanly");
+        if let Some(r) = r {
+            r.shutdown().await.expect("the runtime stops cleanly");
         }
+        e.shutdown().await.expect("effects stop cleanly");
+        p.shutdown().await.expect("projections stop cleanly");
     }
 }
