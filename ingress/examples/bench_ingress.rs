@@ -50,25 +50,23 @@ impl Run {
     }
 }
 
-/// Raw JetStream: `concurrency` tasks, each publish → await ack, like ingress does per request.
-async fn raw_request_shaped(js: &async_nats::jetstream::Context, events: usize, concurrency: usize, tag: &str) -> Run {
+/// `concurrency` tasks, each calling `request(task, i)` `events /
+/// concurrency` times one after another; the latency of every call.
+async fn closed_loop<F, Fut>(name: &'static str, events: usize, concurrency: usize, request: F) -> Run
+where
+    F: Fn(usize, usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
     let per = events / concurrency;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for t in 0..concurrency {
-        let js = js.clone();
-        let tag = tag.to_owned();
+        let request = request.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(per);
             for i in 0..per {
-                let mut h = async_nats::HeaderMap::new();
-                h.insert("Nats-Msg-Id", format!("{tag}-{t}-{i}").as_str());
                 let s = Instant::now();
-                let ack = js
-                    .publish_with_headers(format!("conv.in.message.bench-{t}"), h, Bytes::from_static(BODY.as_bytes()))
-                    .await
-                    .expect("publish");
-                ack.await.expect("ack");
+                request(t, i).await;
                 lat.push(s.elapsed());
             }
             lat
@@ -78,12 +76,25 @@ async fn raw_request_shaped(js: &async_nats::jetstream::Context, events: usize, 
     for t in tasks {
         latencies.extend(t.await.expect("task"));
     }
-    Run {
-        name: "raw JetStream publish+ack, same concurrency",
-        events: per * concurrency,
-        elapsed: started.elapsed(),
-        latencies,
-    }
+    Run { name, events: per * concurrency, elapsed: started.elapsed(), latencies }
+}
+
+/// Raw JetStream: `concurrency` tasks, each publish → await ack, like ingress does per request.
+async fn raw_request_shaped(js: &async_nats::jetstream::Context, events: usize, concurrency: usize, tag: &str) -> Run {
+    let (js, tag) = (js.clone(), tag.to_owned());
+    closed_loop("raw JetStream publish+ack, same concurrency", events, concurrency, move |t, i| {
+        let (js, tag) = (js.clone(), tag.clone());
+        async move {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Nats-Msg-Id", format!("{tag}-{t}-{i}").as_str());
+            let ack = js
+                .publish_with_headers(format!("conv.in.message.bench-{t}"), h, Bytes::from_static(BODY.as_bytes()))
+                .await
+                .expect("publish");
+            ack.await.expect("ack");
+        }
+    })
+    .await
 }
 
 /// Raw JetStream, pipelined: async publish with a window of outstanding acks.
@@ -113,40 +124,17 @@ async fn raw_pipelined(js: &async_nats::jetstream::Context, events: usize, windo
 /// The HTTP ingress: `concurrency` clients, each POST → 202.
 async fn http(base: &str, events: usize, concurrency: usize) -> Run {
     let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build().expect("client");
-    let per = events / concurrency;
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for t in 0..concurrency {
-        let client = client.clone();
-        let url = format!("{base}/v1/conversations/bench-{t}/messages");
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::with_capacity(per);
-            for _ in 0..per {
-                let s = Instant::now();
-                let resp = client
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(BODY)
-                    .send()
-                    .await
-                    .expect("request");
-                assert_eq!(resp.status().as_u16(), 202);
-                let _ = resp.bytes().await;
-                lat.push(s.elapsed());
-            }
-            lat
-        }));
-    }
-    let mut latencies = Vec::new();
-    for t in tasks {
-        latencies.extend(t.await.expect("task"));
-    }
-    Run {
-        name: "conv-ingress HTTP POST /messages → 202",
-        events: per * concurrency,
-        elapsed: started.elapsed(),
-        latencies,
-    }
+    let base = base.to_owned();
+    closed_loop("conv-ingress HTTP POST /messages → 202", events, concurrency, move |t, _| {
+        let (client, url) = (client.clone(), format!("{base}/v1/conversations/bench-{t}/messages"));
+        async move {
+            let resp =
+                client.post(&url).header("content-type", "application/json").body(BODY).send().await.expect("request");
+            assert_eq!(resp.status().as_u16(), 202);
+            let _ = resp.bytes().await;
+        }
+    })
+    .await
 }
 
 #[tokio::main]

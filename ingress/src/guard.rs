@@ -106,13 +106,8 @@ pub async fn watch_backlog(
     shedding: std::sync::Arc<Shedding>,
     shutdown: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(every);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let Ok(stream) = js.get_stream_no_info(STREAM_IN).await else { continue };
+    conv_nats::service::every(every, &shutdown, || async {
+        let Ok(stream) = js.get_stream_no_info(STREAM_IN).await else { return };
         let mut backlog = 0u64;
         let mut seen = false;
         for p in 0..partitions {
@@ -129,7 +124,8 @@ pub async fn watch_backlog(
         if seen {
             shedding.set(backlog, bound);
         }
-    }
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -66,18 +66,14 @@ pub async fn watch_dlq(
     every: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(every);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    conv_nats::service::every(every, &shutdown, || async {
         if let Ok(mut dlq) = js.get_stream(STREAM_DLQ).await
             && let Ok(info) = dlq.info().await
         {
             metrics.dlq_messages.set(i64::try_from(info.state.messages).unwrap_or(i64::MAX));
         }
-    }
+    })
+    .await;
 }
 
 /// Counts dead letters as they happen (`conv_dlq_entries_total{reason}`):

@@ -161,9 +161,17 @@ impl TestNats {
     /// Starts a `nats-server` process with JetStream in a fresh temp dir.
     pub async fn start_process() -> Result<Self, Error> {
         let dir = tempfile::Builder::new().prefix("conv-test-nats").tempdir()?;
-        let port = free_port()?;
-        let bin = server_bin();
-        let mut nats = Self { port, server: Server::Process { child: None, dir, bin }, secured: None };
+        Self::run_process(free_port()?, dir, None).await
+    }
+
+    /// Runs `nats-server` on `port` with its files in `dir` (a
+    /// `secured.conf` there when `secured`) and waits until it answers.
+    async fn run_process(
+        port: u16,
+        dir: tempfile::TempDir,
+        secured: Option<Vec<(String, String)>>,
+    ) -> Result<Self, Error> {
+        let mut nats = Self { port, server: Server::Process { child: None, dir, bin: server_bin() }, secured };
         nats.spawn_process()?;
         nats.wait_ready().await?;
         Ok(nats)
@@ -176,7 +184,6 @@ impl TestNats {
     pub async fn start_secured() -> Result<Self, Error> {
         let dir = tempfile::Builder::new().prefix("conv-test-nats").tempdir()?;
         let port = free_port()?;
-        let bin = server_bin();
         let passwords = USERS.iter().map(|u| ((*u).to_owned(), format!("{u}-{}", uuid_like(port)))).collect::<Vec<_>>();
         // Includes are relative to the including file: the shipped file, copied.
         std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/config/auth.conf"), dir.path().join("auth.conf"))?;
@@ -187,10 +194,7 @@ impl TestNats {
                 dir.path().join("data")
             ),
         )?;
-        let mut nats = Self { port, server: Server::Process { child: None, dir, bin }, secured: Some(passwords) };
-        nats.spawn_process()?;
-        nats.wait_ready().await?;
-        Ok(nats)
+        Self::run_process(port, dir, Some(passwords)).await
     }
 
     /// What a secured server logged so far (its permission violations).

@@ -159,6 +159,22 @@ impl Running {
     }
 }
 
+/// Runs `poll` every `period` (the first time at once) until `shutdown`:
+/// the background refreshers of a service (a gauge, a backlog reading).
+pub async fn every<F, Fut>(period: Duration, shutdown: &CancellationToken, mut poll: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => poll().await,
+        }
+    }
+}
+
 /// Waits for a task of a service; a task that panicked is logged (its
 /// `what`) and yields `None`.
 pub async fn joined<T>(what: &str, task: tokio::task::JoinHandle<T>) -> Option<T> {

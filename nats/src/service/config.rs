@@ -251,15 +251,20 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    #[test]
-    fn layered_settings() {
-        let id = Identity {
+    /// A service `conv-x` on `CONV_X_ADDR`, default 127.0.0.1:9100.
+    fn identity() -> Identity {
+        Identity {
             name: "conv-x",
             about: "test",
             addr_env: "CONV_X_ADDR",
             default_addr: "127.0.0.1:9100".parse().expect("addr"),
             options_help: "",
-        };
+        }
+    }
+
+    #[test]
+    fn layered_settings() {
+        let id = identity();
         let none = |_: &str| None;
         let s = Settings::<()>::load(&id, &none).expect("defaults are valid");
         assert_eq!(s.http_addr().port(), 9100);
@@ -358,13 +363,7 @@ mod tests {
         let path = dir.join("service.toml");
         std::fs::write(&path, "[service]\nhttp_addr = \"127.0.0.1:7000\"\n[topology]\npartitions = 8\n")
             .expect("write");
-        let id = Identity {
-            name: "x",
-            about: "",
-            addr_env: "CONV_X_ADDR",
-            default_addr: "127.0.0.1:1".parse().expect("addr"),
-            options_help: "",
-        };
+        let id = identity();
         let p = path.display().to_string();
         let env = |k: &str| (k == CONFIG_FILE_ENV).then(|| p.clone());
         let s = Settings::<()>::load(&id, &env).expect("valid");
