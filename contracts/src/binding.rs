@@ -219,11 +219,24 @@ pub fn decode_nats<'a>(
     Ok(event)
 }
 
+/// An event in binary content mode: what is published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    /// `ce-` headers and `content-type`.
+    pub headers: Vec<(String, String)>,
+    /// The JSON `data`.
+    pub body: Vec<u8>,
+}
+
 /// Validates an event built in code (ids, attributes, payload rules, size)
-/// exactly as if it had arrived on the wire.
-pub fn check(event: &Envelope, limits: Limits) -> Result<(), Rejection> {
-    decode_structured(&encode_structured(event), limits)?;
-    check_header_size(event)
+/// exactly as if it had arrived on the wire: the bytes that will be
+/// published are decoded like any NATS message. Publish what this returns:
+/// one encode per hop.
+pub fn check(event: &Envelope, limits: Limits) -> Result<Encoded, Rejection> {
+    let (headers, body) = encode_binary(event);
+    check_header_size(&headers)?;
+    decode_binary(headers.iter().map(|(k, v)| (k.as_str(), v.as_str())), &body, limits)?;
+    Ok(Encoded { headers, body })
 }
 
 /// Most bytes an event's attributes may take as NATS headers: the server
@@ -233,8 +246,7 @@ pub const MAX_HEADER_BYTES: usize = 60 * 1024;
 
 /// Refuses an event whose attributes would not fit in NATS headers (a
 /// problem no retry fixes, so it must never look like an outage).
-pub fn check_header_size(event: &Envelope) -> Result<(), Rejection> {
-    let (pairs, _) = encode_binary(event);
+fn check_header_size(pairs: &[(String, String)]) -> Result<(), Rejection> {
     // `NATS/1.0\r\n`, then `name: value\r\n` per header, then `\r\n`.
     let size = 12 + pairs.iter().map(|(k, v)| k.len() + v.len() + 4).sum::<usize>();
     if size > MAX_HEADER_BYTES {

@@ -172,6 +172,17 @@ proptest! {
     }
 
     #[test]
+    fn check_returns_the_bytes_it_validated(env in envelope()) {
+        let encoded = conv_contracts::binding::check(&env, Limits::default()).expect("a valid event");
+        prop_assert_eq!(decode_binary(headers_ref(&encoded.headers), &encoded.body, Limits::default()), Ok(env.clone()));
+        let (headers, body) = encode_binary(&env);
+        prop_assert_eq!((encoded.headers, encoded.body), (headers, body));
+        // What the wire refuses, check refuses: here a size over the limit.
+        let small = Limits { max_event_bytes: 16 };
+        prop_assert_eq!(conv_contracts::binding::check(&env, small).map(drop).map_err(|r| r.code()), Err("oversize"));
+    }
+
+    #[test]
     fn sdk_round_trip(env in envelope()) {
         let event = to_event(&env).expect("sdk accepts our events");
         prop_assert_eq!(from_event(&event, Limits::default()), Ok(env));

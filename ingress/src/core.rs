@@ -175,10 +175,12 @@ impl Ingress {
         let event = binding::require_input(event)?;
         self.shedding.check(&event.data)?;
         let ty = event.event_type();
-        binding::check(&event, self.limits())?;
+        // Checked as the bytes it is published as: encoded once.
+        let encoded = binding::check(&event, self.limits())?;
         let started = Instant::now();
         let msg_id = conv_contracts::trust::ingress_msg_id(&event.conversation_id, &event.source, &event.id);
-        let appended = journal::append(&self.js, &event, &msg_id, &[], self.options.publish_timeout()).await;
+        let timeout = self.options.publish_timeout();
+        let appended = journal::append_encoded(&self.js, event.nats_subject(), encoded, &msg_id, &[], timeout).await;
         self.metrics.publish_seconds.observe(started.elapsed().as_secs_f64());
         let appended = appended.map_err(|e| match e {
             AppendError::Unavailable(m) => IngestError::Unavailable(m),

@@ -14,12 +14,18 @@ pub const MSG_ID: &str = "Nats-Msg-Id";
 /// conversation).
 pub fn encode(event: &Envelope) -> (HeaderMap, Bytes) {
     let (pairs, body) = conv_contracts::encode_binary(event);
+    let mut headers = header_map(&pairs);
+    headers.insert(MSG_ID, conv_contracts::trust::derived_msg_id(&event.conversation_id, &event.id).as_str());
+    (headers, Bytes::from(body))
+}
+
+/// NATS headers from `(name, value)` pairs.
+pub fn header_map(pairs: &[(String, String)]) -> HeaderMap {
     let mut headers = HeaderMap::new();
     for (name, value) in pairs {
         headers.insert(name.as_str(), value.as_str());
     }
-    headers.insert(MSG_ID, conv_contracts::trust::derived_msg_id(&event.conversation_id, &event.id).as_str());
-    (headers, Bytes::from(body))
+    headers
 }
 
 /// Header pairs of a message, first value of each name.

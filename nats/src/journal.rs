@@ -48,15 +48,31 @@ pub async fn append(
     extra: &[(&str, &str)],
     timeout: Duration,
 ) -> Result<Appended, AppendError> {
+    let (headers, body) = conv_contracts::encode_binary(event);
+    let encoded = conv_contracts::binding::Encoded { headers, body };
+    append_encoded(js, event.nats_subject(), encoded, msg_id, extra, timeout).await
+}
+
+/// [`append`] of an event already encoded (and checked:
+/// `conv_contracts::binding::check`) for `subject`: nothing is encoded
+/// again.
+pub async fn append_encoded(
+    js: &async_nats::jetstream::Context,
+    subject: String,
+    encoded: conv_contracts::binding::Encoded,
+    msg_id: &str,
+    extra: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<Appended, AppendError> {
     if js.client().connection_state() != async_nats::connection::State::Connected {
         return Err(AppendError::Unavailable("not connected to NATS".into()));
     }
-    let (mut hdrs, body): (HeaderMap, _) = headers::encode(event);
+    let mut hdrs: HeaderMap = headers::header_map(&encoded.headers);
     hdrs.insert(MSG_ID, msg_id);
     for (name, value) in extra {
         hdrs.insert(*name, *value);
     }
-    let subject = event.nats_subject();
+    let body = bytes::Bytes::from(encoded.body);
     let publish = async {
         let ack = js.publish_with_headers(subject, hdrs, body).await.map_err(|e| classify(e.kind(), e.to_string()))?;
         crate::connect::unless_disconnected(ack)
