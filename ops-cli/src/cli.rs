@@ -38,12 +38,28 @@ pub struct Global {
     /// Print data as JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
+}
+
+/// The deployment's topology, for the commands that declare or check it.
+#[derive(Debug, Clone, Default, Args)]
+pub struct TopologyArgs {
     /// Number of CONV_IN partitions of the deployment [default: 16, or `partitions` in the [topology] of CONV_CONFIG].
-    #[arg(long, global = true, env = "CONV_PARTITIONS")]
+    #[arg(long, env = "CONV_PARTITIONS")]
     pub partitions: Option<u16>,
     /// Replicas of every stream and bucket, 3 on the 3-node cluster [default: 1, or `replicas` in the [topology] of CONV_CONFIG].
-    #[arg(long, global = true, env = "CONV_REPLICAS")]
+    #[arg(long, env = "CONV_REPLICAS")]
     pub replicas: Option<usize>,
+}
+
+impl TopologyArgs {
+    /// The topology these options describe, validated: the defaults, then
+    /// the `[topology]` section of the `CONV_CONFIG` file (the services'
+    /// file; its other sections are not read here), then `CONV_<KEY>` from
+    /// the environment for every `[topology]` key, then `--partitions` and
+    /// `--replicas`.
+    pub fn topology(&self) -> Result<conv_nats::TopologyConfig, crate::Error> {
+        topology_from(&conv_nats::service::process_env, self.partitions, self.replicas)
+    }
 }
 
 impl Global {
@@ -83,15 +99,6 @@ impl Global {
     pub fn display_url(&self) -> String {
         conv_nats::secret::redact_url(&self.nats_url)
     }
-
-    /// The topology these options describe, validated: the defaults, then
-    /// the `[topology]` section of the `CONV_CONFIG` file (the services'
-    /// file; its other sections are not read here), then `CONV_<KEY>` from
-    /// the environment for every `[topology]` key, then `--partitions` and
-    /// `--replicas`.
-    pub fn topology(&self) -> Result<conv_nats::TopologyConfig, crate::Error> {
-        topology_from(&conv_nats::service::process_env, self.partitions, self.replicas)
-    }
 }
 
 /// The `[topology]` section of a services' config file; other sections are
@@ -124,11 +131,11 @@ pub enum Command {
     /// Create or update the whole JetStream topology (streams, consumers, KV buckets). Idempotent.
     Setup(SetupArgs),
     /// Each consumer's ack floor, pending and redelivered counts.
-    Checkpoints,
+    Checkpoints(TopologyArgs),
     /// One launch-readiness report: ready / warning / not_ready (exit 0 / 1 / 2).
     Readiness(ReadinessArgs),
     /// Run the local stack: NATS (started if none answers, one user per service; admin credentials in .conv/admin.env, which other commands here use), setup, every service; Ctrl-C stops all.
-    Up,
+    Up(TopologyArgs),
     /// Post a message and print the streamed reply as it arrives; exits when the run ends
     /// (CONV_INGRESS_ADDR, CONV_PROJECTIONS_ADDR; CONV_API_KEY when ingress takes client keys).
     Send {
@@ -198,10 +205,14 @@ pub struct SetupArgs {
     /// Wait up to this many seconds for NATS (and JetStream) to answer first, e.g. when started with it.
     #[arg(long, default_value_t = 0)]
     pub wait: u64,
+    #[command(flatten)]
+    pub topology: TopologyArgs,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct ReadinessArgs {
+    #[command(flatten)]
+    pub topology: TopologyArgs,
     /// Consumer backlog (pending + unacked) above which the report warns.
     #[arg(long, env = "CONV_READINESS_MAX_BACKLOG", default_value_t = 10_000)]
     pub max_backlog: u64,
@@ -402,6 +413,24 @@ impl ChaosArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn topology_flags_belong_to_the_commands_that_use_them() {
+        use clap::CommandFactory;
+        let mut cli = Cli::command();
+        cli.build(); // propagates the global flags to every subcommand
+        let takes = |sub: &str, flag: &str| {
+            let cmd = cli.find_subcommand(sub).unwrap_or_else(|| panic!("{sub}"));
+            cmd.get_arguments().any(|a| a.get_long() == Some(flag))
+        };
+        for sub in ["setup", "up", "checkpoints", "readiness"] {
+            assert!(takes(sub, "partitions") && takes(sub, "replicas"), "{sub} takes --partitions/--replicas");
+        }
+        for sub in ["send", "replay", "trace", "events", "bench", "dlq"] {
+            assert!(!takes(sub, "partitions") && !takes(sub, "replicas"), "{sub} has no --partitions/--replicas");
+        }
+        assert!(takes("send", "nats-url"), "the connection flags stay global");
+    }
 
     #[test]
     fn topology_layers_file_env_flags() {

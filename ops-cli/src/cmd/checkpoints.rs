@@ -3,11 +3,11 @@
 use conv_admin::checkpoints::collect;
 use conv_nats::topology::Topology;
 
-use crate::cli::Global;
+use crate::cli::{Global, TopologyArgs};
 use crate::{Error, Outcome};
 
-pub async fn run(g: &Global) -> Result<Outcome, Error> {
-    let topo = Topology::declare(&g.topology()?);
+pub async fn run(g: &Global, topology: &TopologyArgs) -> Result<Outcome, Error> {
+    let topo = Topology::declare(&topology.topology()?);
     let js = crate::connect(g).await?;
     let checkpoints = collect(&js, &topo).await.map_err(Error::js("the consumers' state"))?;
     if g.json {

@@ -46,7 +46,7 @@ pub async fn run(g: &Global, args: &ReadinessArgs) -> Outcome {
         max_abort_p99_ms: args.max_abort_p99_ms,
     };
     // One connection serves the NATS checks and the instance listing.
-    let connected = match (g.topology(), crate::connect(g).await) {
+    let connected = match (args.topology.topology(), crate::connect(g).await) {
         (Err(e), _) => Err(readiness::check("options", Status::NotReady, e.to_string())),
         (_, Err(e)) => Err(readiness::check("nats", Status::NotReady, e.to_string())),
         (Ok(cfg), Ok(js)) => Ok((js, cfg)),

@@ -27,7 +27,7 @@ async fn connect_within(g: &Global, wait: std::time::Duration) -> Result<async_n
 }
 
 pub async fn run(g: &Global, args: &SetupArgs) -> Result<Outcome, Error> {
-    let cfg = g.topology()?;
+    let cfg = args.topology.topology()?;
     let js = connect_within(g, std::time::Duration::from_secs(args.wait)).await?;
     let topo = Topology::declare(&cfg);
     let report = if args.check { topology::check(&js, &topo).await? } else { topology::apply(&js, &topo).await? };

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::cli::Global;
+use crate::cli::{Global, TopologyArgs};
 use crate::{Error, Outcome};
 
 const SERVICES: [(&str, &str, &str); 4] = [
@@ -203,7 +203,7 @@ pub(crate) async fn stop(name: &str, child: &mut Child) {
     }
 }
 
-pub async fn run(g: &Global) -> Result<Outcome, Error> {
+pub async fn run(g: &Global, topology: &TopologyArgs) -> Result<Outcome, Error> {
     let url = g.nats_url.clone();
     let (mut nats, users) = if nats_answers(g).await {
         say(&format!("using the NATS server at {}", g.display_url()));
@@ -224,7 +224,7 @@ pub async fn run(g: &Global) -> Result<Outcome, Error> {
     }
     let g = &admin;
     let js = crate::connect(g).await?;
-    let report = conv_nats::topology::apply(&js, &conv_nats::Topology::declare(&g.topology()?)).await?;
+    let report = conv_nats::topology::apply(&js, &conv_nats::Topology::declare(&topology.topology()?)).await?;
     say(&format!("topology: {}", report.to_string().lines().last().unwrap_or_default()));
 
     // Ingress and effects share the secret of the callback tokens; one made
