@@ -719,29 +719,27 @@ pub async fn serve_local(app: axum::Router) -> SocketAddr {
 /// Starts a binary with `envs` (and `RUST_LOG=warn`), its output dropped,
 /// killed when the handle is dropped.
 pub fn spawn_binary(bin: &str, envs: &[(&str, String)]) -> tokio::process::Child {
-    tokio::process::Command::new(bin)
+    binary(bin, envs, "warn").stderr(Stdio::null()).spawn().unwrap_or_else(|e| panic!("spawn {bin}: {e}"))
+}
+
+/// `bin` with `envs` and `RUST_LOG=log`, no stdin or stdout, killed when
+/// its handle is dropped.
+fn binary(bin: &str, envs: &[(&str, String)], log: &str) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(bin);
+    command
         .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", log)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {bin}: {e}"))
+        .kill_on_drop(true);
+    command
 }
 
 /// Starts a service binary with `envs`, waits for `/healthz` on `addr`,
 /// sends SIGTERM and asserts a clean exit within 15 s. Returns the binary's stderr.
 pub async fn assert_binary_boots_and_stops(bin: &str, addr: SocketAddr, envs: &[(&str, String)]) -> String {
-    let mut child = tokio::process::Command::new(bin)
-        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+    let mut child =
+        binary(bin, envs, "info").stderr(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
     let status = wait_http_ok(&format!("http://{addr}/healthz"), Duration::from_secs(20)).await;
     assert_eq!(status, Some(200), "{bin} serves /healthz on {addr}");
     let pid = child.id().map(|p| p.to_string()).unwrap_or_default();
@@ -766,15 +764,8 @@ pub async fn assert_binary_boots_and_stops(bin: &str, addr: SocketAddr, envs: &[
 pub async fn assert_binary_exits_when_its_address_is_taken(bin: &str, addr_env: &str, nats_url: String) {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
     let addr = taken.local_addr().unwrap_or_else(|e| panic!("addr: {e}"));
-    let child = tokio::process::Command::new(bin)
-        .env("NATS_URL", nats_url)
-        .env(addr_env, addr.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+    let env = [("NATS_URL", nats_url), (addr_env, addr.to_string())];
+    let child = binary(bin, &env, "info").stderr(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
     let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
         .await
         .unwrap_or_else(|_| panic!("{bin} still runs 20 s after its address was found taken"))
