@@ -27,14 +27,8 @@ pub const MAX_DELAY_MS: u64 = conv_contracts::payload::MAX_DELAY_MS;
 /// CloudEvents `source` of lifecycle events.
 pub const SOURCE: &str = "/conv/effects";
 
-/// The durable lane's coalescing: text is journaled as an `llm.delta` chunk
-/// once the oldest unjournaled byte is this old or this many bytes wait.
-/// Every piece of text also goes out at once on the live lane.
-#[derive(Debug, Clone)]
-pub struct Coalesce {
-    pub max_delay: Duration,
-    pub max_bytes: usize,
-}
+pub use crate::coalesce::Coalesce;
+use crate::coalesce::{self, Coalescer};
 
 /// How far before a directive's time a resumed stream looks for its
 /// journaled chunks: the input's time is stamped by ingress, the journal's
@@ -483,34 +477,41 @@ impl Executor {
         let mut skip = already.len();
         let mut text = already;
         let mut tool_calls = Vec::new();
-        let mut buffer = String::new();
+        let mut durable = Coalescer::new(self.coalesce.clone());
         let mut seq = next_seq;
-        let mut buffered_since: Option<Instant> = None;
+        let mut stall_at = tokio::time::Instant::now() + self.retry.stall_timeout;
         loop {
             let next = tokio::select! {
                 biased;
                 // Returning drops `chunks`, and with it the provider connection.
                 _ = cancel.cancelled() => return self.canceled(directive, &step_id, attempt).await,
-                n = tokio::time::timeout(self.retry.stall_timeout, chunks.next()) => n,
+                // Buffered text is journaled when due, also while the provider is quiet.
+                () = coalesce::until(durable.deadline()) => None,
+                n = tokio::time::timeout_at(stall_at, chunks.next()) => Some(n),
             };
             let chunk = match next {
-                Err(_) => {
+                None => None,
+                Some(Err(_)) => {
                     self.metrics.timeouts.with_label_values(&["llm"]).inc();
                     let error = format!("the stream stalled: nothing for {} ms", self.retry.stall_timeout.as_millis());
                     return self.failed(directive, &step_id, attempt, error, true).await;
                 }
-                Ok(None) => break,
-                Ok(Some(Err(e))) => {
+                Some(Ok(None)) => break,
+                Some(Ok(Some(Err(e)))) => {
                     return self.failed(directive, &step_id, attempt, e.to_string(), e.is_transient()).await;
                 }
-                Ok(Some(Ok(chunk))) => chunk,
+                Some(Ok(Some(Ok(chunk)))) => {
+                    stall_at = tokio::time::Instant::now() + self.retry.stall_timeout;
+                    Some(chunk)
+                }
             };
-            if first_chunk {
+            if chunk.is_some() && first_chunk {
                 first_chunk = false;
                 self.metrics.first_token.observe(call_started.elapsed().as_secs_f64());
             }
             match chunk {
-                Chunk::Text(t) => {
+                None => {}
+                Some(Chunk::Text(t)) => {
                     let fresh = if skip >= t.len() {
                         skip -= t.len();
                         ""
@@ -543,17 +544,14 @@ impl Executor {
                             );
                             return self.failed(directive, &step_id, attempt, error, false).await;
                         }
-                        buffer.push_str(fresh);
-                        buffered_since.get_or_insert_with(Instant::now);
+                        durable.push(fresh);
                     }
                 }
-                Chunk::ToolCall(call) => tool_calls.push(call),
+                Some(Chunk::ToolCall(call)) => tool_calls.push(call),
             }
-            let due = buffered_since.is_some_and(|at| at.elapsed() >= self.coalesce.max_delay)
-                || buffer.len() >= self.coalesce.max_bytes;
-            if due && !buffer.is_empty() {
+            if let Some(chunk_text) = durable.take_due() {
                 // The durable lane: a chunk through the journal.
-                let delta = LlmDelta { step_id: step_id.clone(), attempt, seq, text: std::mem::take(&mut buffer) };
+                let delta = LlmDelta { step_id: step_id.clone(), attempt, seq, text: chunk_text };
                 // Under load the ack of a chunk can take a while: a cancel
                 // does not wait for it. The chunk is journaled before the
                 // `canceled` or not at all (same connection, in order), and
@@ -565,7 +563,6 @@ impl Executor {
                 }
                 self.metrics.deltas.inc();
                 seq += 1;
-                buffered_since = None;
             }
         }
         drop(chunks);

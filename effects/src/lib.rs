@@ -16,6 +16,7 @@
 //! and `sleep`, HTTP webhook tools ([`webhook`]), durable timers ([`timers`]).
 
 pub mod cancel;
+pub mod coalesce;
 pub mod executor;
 pub mod llm;
 pub mod metrics;

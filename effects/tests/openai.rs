@@ -128,6 +128,9 @@ async fn completions(State(p): State<Arc<Provider>>, body: String) -> Response {
         "down" => (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response(),
         "refused" => (StatusCode::BAD_REQUEST, "bad model").into_response(),
         "stall" => stream(p, vec![text("Hel"), text("lo")], ms, Some(1)),
+        // Quiet for 300 ms between chunks: longer than the coalescing delay,
+        // shorter than the stall timeout.
+        "pause" => stream(p, vec![text("Hel"), text("lo")], Duration::from_millis(300), None),
         "slow" => stream(p, (0..100).map(|i| text(&format!("w{i} "))).collect(), Duration::from_millis(100), None),
         _ => (StatusCode::NOT_FOUND, "unknown model").into_response(),
     }
@@ -152,6 +155,7 @@ async fn start(model: &str) -> Stack {
         llm_retry_min_ms: 20,
         llm_retry_max_ms: 100,
         llm_stall_timeout_ms: 500,
+        coalesce_ms: 100,
         ..Default::default()
     })
     .await;
@@ -241,6 +245,23 @@ async fn a_stalled_stream_times_out() {
     s.send("m1", message("hi")).await;
     let i = s.wait("failure", |i| count(i, EventType::LlmFailed) == 1).await;
     assert!(i.iter().any(|e| matches!(&e.data, Payload::LlmFailed(f) if f.error.contains("stalled"))));
+}
+
+#[tokio::test]
+async fn text_is_journaled_when_due_while_the_provider_is_quiet() {
+    let s = start("pause").await;
+    s.send("m1", message("hi")).await;
+    let i = s.wait("the answer", |i| count(i, EventType::LlmCompleted) == 1).await;
+    let deltas: Vec<&str> = i
+        .iter()
+        .filter_map(|e| match &e.data {
+            Payload::LlmDelta(d) => Some(d.text.as_str()),
+            _ => None,
+        })
+        .collect();
+    // "Hel" is 100 ms old long before "lo" comes: it does not wait for it.
+    assert_eq!(deltas.first(), Some(&"Hel"), "deltas: {deltas:?}");
+    assert_eq!(completed_text(&i), ["Hello"]);
 }
 
 #[tokio::test]
