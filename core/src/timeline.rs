@@ -102,14 +102,29 @@ impl Indexed {
                 self.timeline.run_status = r.status;
                 Touched::Header
             }
-            Payload::OutToolCalled(c) => self.push(Entry {
-                id: format!("call.{}", c.tool_call_id),
-                role: EntryRole::Tool,
-                text: format!("{}({})", c.name, c.args),
-                status: EntryStatus::Streaming,
-                tool_call_id: Some(c.tool_call_id.clone()),
-                tool_name: Some(c.name.clone()),
-            }),
+            Payload::OutToolCalled(c) => {
+                let call = Entry {
+                    id: format!("call.{}", c.tool_call_id),
+                    role: EntryRole::Tool,
+                    text: format!("{}({})", c.name, c.args),
+                    status: EntryStatus::Streaming,
+                    tool_call_id: Some(c.tool_call_id.clone()),
+                    tool_name: Some(c.name.clone()),
+                };
+                // A step that only called tools finished an empty assistant
+                // entry just before: its first call takes that place, so
+                // the view shows no empty answer.
+                match self.timeline.entries.last() {
+                    Some(last) if is_empty_answer(last) => {
+                        let at = self.timeline.entries.len() - 1;
+                        let empty = std::mem::replace(&mut self.timeline.entries[at], call);
+                        self.index.remove(&empty.id);
+                        self.index.insert(self.timeline.entries[at].id.clone(), at);
+                        Touched::Entry(at)
+                    }
+                    _ => self.push(call),
+                }
+            }
             Payload::OutToolResult(r) => {
                 let status = match r.outcome {
                     ToolOutcome::Completed => EntryStatus::Completed,
@@ -138,6 +153,11 @@ impl Indexed {
     }
 }
 
+/// An assistant entry that finished without text (the model only called tools).
+fn is_empty_answer(e: &Entry) -> bool {
+    e.role == EntryRole::Assistant && e.status == EntryStatus::Completed && e.text.is_empty()
+}
+
 /// The fold of a conversation's stored output: events ordered by position
 /// (the first stored copy of a position wins; events without a position are
 /// not output of the runtime and are left out), folded up to `upto`.
@@ -163,6 +183,7 @@ mod tests {
     use super::*;
     use conv_contracts::ConversationId;
     use conv_contracts::payload::*;
+    use serde_json::json;
 
     fn out(position: u64, data: impl Into<Payload>) -> Envelope {
         let conv = ConversationId::parse("c").expect("id");
@@ -219,6 +240,48 @@ mod tests {
         let t = fold("c", &reply(), Some(4));
         assert_eq!(t.position, 4);
         assert_eq!((t.entries[1].text.as_str(), t.entries[1].status), ("Hel", EntryStatus::Streaming));
+    }
+
+    #[test]
+    fn a_step_that_only_calls_tools_leaves_no_empty_answer() {
+        let appended = |id: &str| OutMessageAppended {
+            entry_id: id.into(),
+            role: EntryRole::Assistant,
+            text: String::new(),
+            status: EntryStatus::Streaming,
+        };
+        let finished = |id: &str, text: &str| OutMessageFinished {
+            entry_id: id.into(),
+            status: EntryStatus::Completed,
+            text: text.into(),
+        };
+        let called = |id: &str| OutToolCalled { tool_call_id: id.into(), name: "echo".into(), args: json!({}) };
+        let result =
+            |id: &str| OutToolResult { tool_call_id: id.into(), outcome: ToolOutcome::Completed, result: json!(1) };
+        let mut events = reply()[..2].to_vec();
+        events.extend([
+            out(3, appended("a1")),
+            out(4, finished("a1", "")),
+            out(5, called("t1")),
+            out(6, called("t2")),
+            out(7, result("t1")),
+            out(8, result("t2")),
+            out(9, appended("a2")),
+            out(10, finished("a2", "done")),
+        ]);
+        let t = fold("c", &events, None);
+        let ids: Vec<&str> = t.entries.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["u1", "call.t1", "call.t2", "a2"], "the empty answer's place went to the first call");
+        assert_eq!(t.entries[1].status, EntryStatus::Completed, "results find their calls: {t:?}");
+        // The index follows: a late event of the replaced entry changes nothing.
+        let mut v = Indexed::from_timeline(t.clone());
+        assert_eq!(v.apply(11, &finished("a1", "late").into()), Touched::Nothing);
+        assert_eq!(v.timeline, Timeline { position: 11, ..t });
+        // An answer with text keeps its entry before its calls.
+        let mut spoken = reply()[..2].to_vec();
+        spoken.extend([out(3, appended("a1")), out(4, finished("a1", "let me look")), out(5, called("t1"))]);
+        let ids: Vec<String> = fold("c", &spoken, None).entries.into_iter().map(|e| e.id).collect();
+        assert_eq!(ids, ["u1", "a1", "call.t1"]);
     }
 
     #[test]
