@@ -322,6 +322,11 @@ pub struct Applied {
     pub applied_index: u64,
     pub state_version: u64,
     pub state_hash: String,
+    /// The reducer rules the conversation runs under (`conv_core::state::RULES`;
+    /// absent in markers of versions before rules existed: 1). A replay
+    /// from scratch starts with the rules of the first marker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

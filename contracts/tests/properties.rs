@@ -89,6 +89,7 @@ fn payload() -> impl Strategy<Value = Payload> {
                 applied_index: u64::from(seq) + 1,
                 state_version: version,
                 state_hash: hash,
+                rules: (seq % 2 == 0).then_some(2),
             })
         }),
         (text(), "\\PC{0,40}").prop_map(|(entry_id, text)| Payload::from(OutMessageFinished {

@@ -134,7 +134,11 @@ pub fn apply(state: &mut State, input: &Envelope) -> Applied {
 }
 
 fn message(s: &mut State, cx: &mut Ctx<'_>, m: &MessageReceived) {
-    let entry_id = format!("u{}", s.version);
+    s.user_entries += 1;
+    let entry_id = match s.rules {
+        1 => format!("u{}", s.version),
+        _ => format!("u{}", s.user_entries),
+    };
     s.push_entry(Entry {
         id: entry_id.clone(),
         role: EntryRole::User,

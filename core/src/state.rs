@@ -24,6 +24,17 @@ use sha2::{Digest, Sha256};
 /// and the state rebuilt from the journal.
 pub const SNAPSHOT_FORMAT: u32 = 2;
 
+/// The reducer rules a new conversation starts under. A conversation keeps
+/// the rules it started with for life (they are in its snapshot and its
+/// markers), so replaying its journal gives exactly the output it gave:
+/// * 1: a user entry is `u<inputs applied>` (`u1`, `u17`, …);
+/// * 2: a user entry is `u<user entries so far>` (`u1`, `u2`, …).
+pub const RULES: u32 = 2;
+
+fn first_rules() -> u32 {
+    1
+}
+
 /// How many recently applied input ids are remembered for dedupe.
 pub const RECENT_IDS: usize = 4096;
 
@@ -93,6 +104,13 @@ pub struct State {
     pub conversation_id: String,
     /// Number of inputs applied.
     pub version: u64,
+    /// The reducer rules this conversation runs under ([`RULES`]; 1 in
+    /// snapshots of versions before rules existed).
+    #[serde(default = "first_rules")]
+    pub rules: u32,
+    /// User entries so far (rules 2 number them).
+    #[serde(default)]
+    pub user_entries: u64,
     pub run_status: RunStatus,
     pub run: Option<Run>,
     /// Runs started so far (run ids are `r<n>`).
@@ -196,11 +214,19 @@ impl<'de> Deserialize<'de> for RecentIds {
 }
 
 impl State {
+    /// A new conversation, under the current [`RULES`].
     pub fn new(conversation_id: &str) -> Self {
+        Self::with_rules(conversation_id, RULES)
+    }
+
+    /// A conversation that started under `rules` (replaying an older one).
+    pub fn with_rules(conversation_id: &str, rules: u32) -> Self {
         Self {
             format: SNAPSHOT_FORMAT,
             conversation_id: conversation_id.to_owned(),
             version: 0,
+            rules,
+            user_entries: 0,
             run_status: RunStatus::Idle,
             run: None,
             runs: 0,

@@ -242,6 +242,7 @@ async fn a_write_expecting_another_last_message_is_refused_even_a_repeat() {
                 applied_index: 1,
                 state_version: 1,
                 state_hash: "h".into(),
+                rules: Some(2),
             },
         )
     };

@@ -229,8 +229,8 @@ pub fn marker_id(input_id: &str) -> String {
 }
 
 /// The applied marker of `input` (stored at `seq` in `CONV_IN`), after which
-/// the state is at `version` with hash `state_hash`.
-fn marker(input: &Envelope, seq: u64, version: u64, state_hash: String) -> Envelope {
+/// the conversation is at `state` (its version, hash and rules).
+fn marker(input: &Envelope, seq: u64, state: &State) -> Envelope {
     let mut marker = Envelope::new(
         marker_id(&input.id),
         reducer::SOURCE,
@@ -239,9 +239,10 @@ fn marker(input: &Envelope, seq: u64, version: u64, state_hash: String) -> Envel
             input_id: input.id.clone(),
             input_type: input.event_type().as_str().to_owned(),
             input_seq: seq,
-            applied_index: version,
-            state_version: version,
-            state_hash,
+            applied_index: state.version,
+            state_version: state.version,
+            state_hash: state.hash(),
+            rules: Some(state.rules),
         },
     )
     .caused_by(input);
@@ -696,7 +697,7 @@ impl Worker {
                 result.map_err(|e| StoreFailed::Republish { input: id.clone(), source: Box::new(e) })?;
             }
             let state = &snapshot.state;
-            let marker = marker(&input, *seq, state.version, state.hash());
+            let marker = marker(&input, *seq, &state);
             if !lease_holds(&self.lease).await {
                 return Err(StoreFailed::LeaseLapsed);
             }
@@ -769,7 +770,7 @@ impl Worker {
             let state = &loaded.snap.state;
             let mut events: Vec<Envelope> =
                 applied.emitted.into_iter().map(|e| with_input_seq(e, pending.seq)).collect();
-            events.push(marker(&pending.event, pending.seq, state.version, state.hash()));
+            events.push(marker(&pending.event, pending.seq, state));
             staged.push((pending, events));
         }
         for pending in &duplicates {

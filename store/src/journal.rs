@@ -124,8 +124,14 @@ pub async fn rebuild(
     conversation: &ConversationId,
     from: Option<Snapshot>,
 ) -> Result<Rebuilt, Error> {
-    let mut snapshot = from.unwrap_or_else(|| Snapshot { applied_seq: 0, state: State::new(conversation.as_str()) });
-    let (markers, last_marker_seq) = markers_and_last(js, conversation, snapshot.applied_seq).await?;
+    let after = from.as_ref().map_or(0, |s| s.applied_seq);
+    let (markers, last_marker_seq) = markers_and_last(js, conversation, after).await?;
+    // From scratch: under the rules the conversation started with (those
+    // of its first marker; 1 before markers named them).
+    let mut snapshot = from.unwrap_or_else(|| {
+        let rules = markers.first().map_or(conv_core::state::RULES, |(_, m)| m.rules.unwrap_or(1));
+        Snapshot { applied_seq: 0, state: State::with_rules(conversation.as_str(), rules) }
+    });
     let (mut applied, mut recorded_hash, mut mismatches) = (0, None, Vec::new());
     for (seq, marker) in markers {
         if marker.applied_index <= snapshot.state.version {
