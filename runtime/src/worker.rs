@@ -697,7 +697,7 @@ impl Worker {
                 result.map_err(|e| StoreFailed::Republish { input: id.clone(), source: Box::new(e) })?;
             }
             let state = &snapshot.state;
-            let marker = marker(&input, *seq, &state);
+            let marker = marker(&input, *seq, state);
             if !lease_holds(&self.lease).await {
                 return Err(StoreFailed::LeaseLapsed);
             }
