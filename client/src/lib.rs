@@ -62,7 +62,13 @@ pub enum Error {
     Closed(StreamClosed),
     #[error("this stream was not opened by URL and cannot be reopened")]
     NotReopenable,
+    /// More than [`MAX_FRAME_BYTES`] without the end of a frame.
+    #[error("the stream sent more than {MAX_FRAME_BYTES} bytes without ending a frame")]
+    FrameTooLarge,
 }
+
+/// The longest frame read (an event is at most 1 MiB on the wire).
+pub const MAX_FRAME_BYTES: usize = 16 << 20;
 
 /// Where a stream was opened, to open it again.
 #[derive(Debug, Clone)]
@@ -78,6 +84,8 @@ pub struct EventStream {
     /// Bytes of frames not complete yet (a character may be split between
     /// two chunks: frames are decoded once whole).
     buf: Vec<u8>,
+    /// The last byte read was a CR (its LF, if it comes, is the same line end).
+    after_cr: bool,
     last_id: Option<String>,
     origin: Option<Origin>,
 }
@@ -105,13 +113,19 @@ impl EventStream {
             key: key.map(str::to_owned),
         };
         let body = origin.connect(last_event_id).await?;
-        Ok(EventStream { body, buf: Vec::new(), last_id: last_event_id.map(str::to_owned), origin: Some(origin) })
+        Ok(EventStream {
+            body,
+            buf: Vec::new(),
+            after_cr: false,
+            last_id: last_event_id.map(str::to_owned),
+            origin: Some(origin),
+        })
     }
 
     /// Reads events from an SSE body (for a body fetched otherwise; such a
     /// stream cannot [`reconnect`](Self::reconnect)).
     pub fn from_body(body: BoxStream<'static, reqwest::Result<Bytes>>) -> EventStream {
-        EventStream { body, buf: Vec::new(), last_id: None, origin: None }
+        EventStream { body, buf: Vec::new(), after_cr: false, last_id: None, origin: None }
     }
 
     /// The id of the last event read (or the one the stream was opened
@@ -126,6 +140,7 @@ impl EventStream {
         let origin = self.origin.as_ref().ok_or(Error::NotReopenable)?;
         self.body = origin.connect(self.last_id.as_deref()).await?;
         self.buf.clear();
+        self.after_cr = false;
         Ok(())
     }
 
@@ -134,20 +149,42 @@ impl EventStream {
         loop {
             while let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
                 let frame: Vec<u8> = self.buf.drain(..end + 2).collect();
-                match parse(&String::from_utf8_lossy(&frame)) {
-                    Frame::Event(event) => {
-                        if event.id.is_some() {
-                            self.last_id.clone_from(&event.id);
-                        }
-                        return Some(Ok(event));
-                    }
+                let (id, frame) = parse(&String::from_utf8_lossy(&frame));
+                // Every frame with an id moves the resume point, events or not.
+                if let Some(id) = id {
+                    self.last_id = Some(id);
+                }
+                match frame {
+                    Frame::Event(event) => return Some(Ok(event)),
                     Frame::Closed(why) => return Some(Err(Error::Closed(why))),
                     Frame::Skip => {}
                 }
             }
+            if self.buf.len() > MAX_FRAME_BYTES {
+                return Some(Err(Error::FrameTooLarge));
+            }
             match self.body.next().await? {
-                Ok(chunk) => self.buf.extend_from_slice(&chunk),
+                Ok(chunk) => self.push(&chunk),
                 Err(e) => return Some(Err(Error::Broken(e))),
+            }
+        }
+    }
+}
+
+impl EventStream {
+    /// Buffers `chunk` with its line ends made LF (SSE allows CRLF, LF, CR).
+    fn push(&mut self, chunk: &[u8]) {
+        for &b in chunk {
+            match (b, self.after_cr) {
+                (b'\n', true) => self.after_cr = false,
+                (b'\r', _) => {
+                    self.buf.push(b'\n');
+                    self.after_cr = true;
+                }
+                (b, _) => {
+                    self.buf.push(b);
+                    self.after_cr = false;
+                }
             }
         }
     }
@@ -180,9 +217,9 @@ enum Frame {
     Skip,
 }
 
-/// One SSE frame.
-fn parse(frame: &str) -> Frame {
-    let (mut id, mut name, mut data) = (None, None, String::new());
+/// One SSE frame: its id (when it names one) and what it holds.
+fn parse(frame: &str) -> (Option<String>, Frame) {
+    let (mut id, mut name, mut data): (Option<String>, Option<String>, String) = (None, None, String::new());
     for line in frame.lines() {
         let field = |name: &str| line.strip_prefix(name).map(|v| v.strip_prefix(' ').unwrap_or(v));
         if let Some(v) = field("id:") {
@@ -196,49 +233,66 @@ fn parse(frame: &str) -> Frame {
             data.push_str(v);
         }
     }
+    let id = id.filter(|i: &String| !i.is_empty());
     if name.as_deref() == Some(STREAM_CLOSED) {
         let why =
             serde_json::from_str(&data).unwrap_or_else(|_| StreamClosed { reason: "unknown".into(), message: data });
-        return Frame::Closed(why);
+        return (id, Frame::Closed(why));
     }
-    let Ok(raw) = serde_json::from_str::<Value>(&data) else { return Frame::Skip };
+    let Ok(raw) = serde_json::from_str::<Value>(&data) else { return (id, Frame::Skip) };
     let ty = name.as_deref().or_else(|| raw["type"].as_str()).and_then(|t| t.parse::<EventType>().ok());
-    Frame::Event(Event { id, ty, raw })
+    (id.clone(), Frame::Event(Event { id, ty, raw }))
 }
 
-/// A reply's text as a reader shows it: deltas appended, resets applied
-/// (a reset cuts the text back to its offset; what follows replaces it).
+/// The text of a reply's entries as a reader shows them: deltas appended
+/// to their entry, resets applied to theirs (a reset cuts its entry back to
+/// `offset` bytes; what follows replaces it).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Text(pub String);
+pub struct Text {
+    /// `(entry id, text)`, in the order the entries first streamed.
+    entries: Vec<(String, String)>,
+}
 
 impl Text {
-    /// Folds one event in; returns whether the text changed.
-    pub fn apply(&mut self, event: &Event) -> bool {
-        match event.ty {
-            Some(EventType::OutMessageDelta) => {
-                self.0.push_str(event.data()["text"].as_str().unwrap_or_default());
-                true
+    /// Folds one event in; returns the id of the entry it changed.
+    pub fn apply(&mut self, event: &Event) -> Option<&str> {
+        let entry = event.data()["entry_id"].as_str().unwrap_or_default();
+        let at = match self.entries.iter().position(|(id, _)| id == entry) {
+            Some(at) => at,
+            None if matches!(event.ty, Some(EventType::OutMessageDelta | EventType::OutMessageReset)) => {
+                self.entries.push((entry.to_owned(), String::new()));
+                self.entries.len() - 1
             }
+            None => return None,
+        };
+        let text = &mut self.entries[at].1;
+        match event.ty {
+            Some(EventType::OutMessageDelta) => text.push_str(event.data()["text"].as_str().unwrap_or_default()),
             Some(EventType::OutMessageReset) => {
                 let offset = usize::try_from(event.data()["offset"].as_u64().unwrap_or(0)).unwrap_or(usize::MAX);
-                let mut cut = offset.min(self.0.len());
-                while !self.0.is_char_boundary(cut) {
+                let mut cut = offset.min(text.len());
+                while !text.is_char_boundary(cut) {
                     cut -= 1;
                 }
-                self.0.truncate(cut);
-                true
+                text.truncate(cut);
             }
-            _ => false,
+            _ => return None,
         }
+        Some(&self.entries[at].0)
     }
 
-    /// The text of `events` joined.
+    /// The text of entry `id` so far.
+    pub fn of_entry(&self, id: &str) -> &str {
+        self.entries.iter().find(|(e, _)| e == id).map_or("", |(_, t)| t.as_str())
+    }
+
+    /// The text of every entry of `events`, joined in the order they streamed.
     pub fn of<'a>(events: impl IntoIterator<Item = &'a Event>) -> String {
         let mut text = Text::default();
         for e in events {
             text.apply(e);
         }
-        text.0
+        text.entries.into_iter().map(|(_, t)| t).collect()
     }
 }
 
@@ -279,6 +333,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn any_line_end_and_any_frame_with_an_id_count() {
+        let delta = EventType::OutMessageDelta.as_str();
+        // CRLF line ends (a proxy's), a frame whose data is not JSON, an empty id.
+        let text = format!(
+            "id: 1\r\nevent: {delta}\r\ndata: {{\"data\":{{\"text\":\"a\"}}}}\r\n\r\n\
+             id: 2\r\nevent: {delta}\r\ndata: not json\r\n\r\n\
+             id:\revent: {delta}\rdata: {{\"data\":{{\"text\":\"b\"}}}}\r\r"
+        );
+        for cut in 1..=text.len() {
+            let mut s = EventStream::from_body(body(&text, cut));
+            let first = s.next().await.expect("one").expect("ok");
+            assert_eq!((first.id.as_deref(), first.data()["text"].as_str()), (Some("1"), Some("a")), "cut {cut}");
+            let second = s.next().await.expect("two").expect("ok");
+            assert_eq!((second.id.as_deref(), second.data()["text"].as_str()), (None, Some("b")), "cut {cut}");
+            assert_eq!(s.last_event_id(), Some("2"), "the skipped frame's id counts, the empty one does not");
+            assert!(s.next().await.is_none());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_frame_that_never_ends_is_refused() {
+        let endless = futures::stream::iter((0..17).map(|_| Ok(Bytes::from(vec![b'x'; 1 << 20])))).boxed();
+        let mut s = EventStream::from_body(endless);
+        assert!(matches!(s.next().await, Some(Err(Error::FrameTooLarge))));
+    }
+
+    #[tokio::test]
     async fn a_closed_stream_says_why_and_where_to_resume() {
         let delta = EventType::OutMessageDelta.as_str();
         let closed = StreamClosed { reason: "lagged".into(), message: "fell 10 events behind".into() };
@@ -294,19 +375,34 @@ mod tests {
     }
 
     #[test]
-    fn text_joins_deltas_and_applies_resets() {
+    fn text_joins_deltas_and_applies_resets_per_entry() {
         let ev = |ty: EventType, data: Value| Event { id: None, ty: Some(ty), raw: serde_json::json!({"data": data}) };
+        let delta = |entry: &str, text: &str| {
+            ev(EventType::OutMessageDelta, serde_json::json!({"entry_id": entry, "text": text}))
+        };
+        let reset = |entry: &str, offset: u64| {
+            ev(EventType::OutMessageReset, serde_json::json!({"entry_id": entry, "offset": offset}))
+        };
         let events = [
-            ev(EventType::OutMessageDelta, serde_json::json!({"text": "héllo"})),
-            ev(EventType::OutMessageDelta, serde_json::json!({"text": " wrld"})),
-            ev(EventType::OutMessageReset, serde_json::json!({"offset": 6})),
-            ev(EventType::OutMessageDelta, serde_json::json!({"text": " world"})),
+            delta("a1", "Let me look. "),
+            delta("a2", "héllo"),
+            delta("a2", " wrld"),
+            // The offset counts from the start of its own entry.
+            reset("a2", 6),
+            delta("a2", " world"),
             ev(EventType::OutRunStatus, serde_json::json!({"status": "idle"})),
         ];
-        assert_eq!(Text::of(&events), "héllo world");
+        assert_eq!(Text::of(&events), "Let me look. héllo world");
+        let mut t = Text::default();
+        for e in &events {
+            t.apply(e);
+        }
+        assert_eq!((t.of_entry("a1"), t.of_entry("a2")), ("Let me look. ", "héllo world"));
         // An offset inside a character cuts before it.
-        let mut t = Text("é".into());
-        assert!(t.apply(&ev(EventType::OutMessageReset, serde_json::json!({"offset": 1}))));
-        assert_eq!(t.0, "");
+        let mut t = Text::default();
+        t.apply(&delta("a3", "é"));
+        assert_eq!(t.apply(&reset("a3", 1)), Some("a3"));
+        assert_eq!(t.of_entry("a3"), "");
+        assert_eq!(t.apply(&events[5]), None, "other events change no text");
     }
 }

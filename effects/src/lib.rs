@@ -259,22 +259,23 @@ fn provider(o: &EffectsOptions) -> Result<llm::Provider, Error> {
 
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let o = &config.options;
+    // What cannot start fails before anything runs.
+    let provider = provider(o)?;
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_millis(o.llm_connect_timeout_ms))
+        .build()
+        .map_err(Error::part("HTTP client of webhook tools"))?;
     let registry = Registry::new();
     let metrics = metrics::Metrics::new(&registry)?;
     let running = service::Running::start(&IDENTITY, &config, registry, &shutdown).await?;
     let booted = &running.booted;
-    let o = &config.options;
     if !o.tools.is_empty() && o.callback_secret.is_empty() {
         tracing::warn!(
             message = "Webhook tools are configured without CONV_CALLBACK_SECRET: a webhook that answers 202 gets no callback token, and ingress refuses its result.",
             tools = o.tools.len()
         );
     }
-    let provider = provider(o)?;
-    let http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_millis(o.llm_connect_timeout_ms))
-        .build()
-        .map_err(Error::part("HTTP client of webhook tools"))?;
     // Until `convctl setup` ran there is nothing to consume: wait, not ready.
     let attached = service::wait_for(&shutdown, || attach(&booted.js)).await;
     if let Some(Attached { inbox, timers, snapshots }) = attached {

@@ -112,5 +112,5 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         None => Ok(()),
     };
     running.stop().await?;
-    nats_api.map_err(Error::part("NATS service API"))
+    nats_api.map_err(Error::part("ingress"))
 }

@@ -44,7 +44,8 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 #[serde(deny_unknown_fields, default)]
 pub struct HttpLimits {
     /// A request head must arrive within this (also between keep-alive
-    /// requests).
+    /// requests). Files of older versions call it `header_read_timeout_ms`.
+    #[serde(alias = "header_read_timeout_ms")]
     pub header_timeout_ms: u64,
     /// Open connections at most; more are closed at once.
     pub max_connections: usize,

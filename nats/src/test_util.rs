@@ -877,9 +877,9 @@ pub fn section_keys<T: serde::de::DeserializeOwned>() -> Vec<String> {
 }
 
 /// Asserts that every key of the section `T` has an environment override:
-/// `apply` reads a variable named after each key (`…_<KEY>`), each
-/// variable it reads changes the section on its own, and `help` (a
-/// service's `--help` text, when given) lists every one.
+/// each variable `apply` reads changes exactly one key on its own, that key
+/// is the one it is named after (`…_<KEY>`), every key has one, and `help`
+/// (a service's `--help` text, when given) lists every variable.
 pub fn assert_every_key_has_env<T>(
     apply: impl Fn(&mut T, crate::service::Env<'_>) -> Result<(), crate::service::ConfigError>,
     help: Option<&str>,
@@ -894,23 +894,56 @@ pub fn assert_every_key_has_env<T>(
     };
     apply(&mut T::default(), &record).unwrap_or_else(|e| panic!("no variable set: {e}"));
     let vars = read.into_inner().unwrap_or_else(|e| e.into_inner());
-    let keys = section_keys::<T>();
+    // The section's keys (serde's, less aliases: the fields `Debug` shows).
+    let fields = debug_fields(&T::default());
+    let keys: Vec<String> = section_keys::<T>().into_iter().filter(|k| fields.iter().any(|(f, _)| f == k)).collect();
     assert!(!keys.is_empty(), "no keys read from the section");
-    for key in &keys {
-        let name = key.to_ascii_uppercase();
-        let named = |v: &&String| **v == name || v.ends_with(&format!("_{name}"));
-        assert!(vars.iter().any(|v| named(&v)), "key `{key}` has no environment override (…_{name}); read: {vars:?}");
-    }
     // Values to try, until one parses and changes the section.
     const TRY: [&str; 5] = ["7", "true", "false", "json", r#"[{"name": "t", "url": "http://127.0.0.1:1/t"}]"#];
+    let mut covered = Vec::new();
     for var in &vars {
-        let changes = TRY.iter().any(|value| {
+        let changed = TRY.iter().find_map(|value| {
             let mut section = T::default();
-            apply(&mut section, &|v: &str| (v == var).then(|| (*value).to_owned())).is_ok() && section != T::default()
+            let applied = apply(&mut section, &|v: &str| (v == var).then(|| (*value).to_owned()));
+            (applied.is_ok() && section != T::default()).then(|| changed_fields(&T::default(), &section))
         });
-        assert!(changes, "{var} does not change the section with any of {TRY:?}");
+        let Some(changed) = changed else { panic!("{var} does not change the section with any of {TRY:?}") };
+        assert_eq!(changed.len(), 1, "{var} changes one key, not {changed:?}");
+        let key = &changed[0];
+        let name = key.to_ascii_uppercase();
+        assert!(
+            *var == name || var.ends_with(&format!("_{name}")),
+            "{var} sets `{key}`: it is named after another key"
+        );
         if let Some(help) = help {
             assert!(help.contains(var.as_str()), "--help does not list {var}");
         }
+        covered.push(key.clone());
     }
+    for key in &keys {
+        assert!(covered.contains(key), "key `{key}` has no environment override; read: {vars:?}");
+    }
+}
+
+/// The top-level fields of `value` as `{:#?}` shows them: `(name, text)`.
+fn debug_fields<T: std::fmt::Debug>(value: &T) -> Vec<(String, String)> {
+    let mut fields: Vec<(String, String)> = Vec::new();
+    for line in format!("{value:#?}").lines().skip(1) {
+        let top = line.strip_prefix("    ").filter(|l| !l.starts_with(' '));
+        match top.and_then(|l| l.split_once(": ")) {
+            Some((name, rest)) => fields.push((name.to_owned(), rest.to_owned())),
+            None => {
+                if let Some((_, text)) = fields.last_mut() {
+                    text.push_str(line);
+                }
+            }
+        }
+    }
+    fields
+}
+
+/// The names of the top-level fields that differ between `a` and `b`.
+fn changed_fields<T: std::fmt::Debug>(a: &T, b: &T) -> Vec<String> {
+    let (a, b) = (debug_fields(a), debug_fields(b));
+    b.iter().filter(|f| !a.contains(f)).map(|(name, _)| name.clone()).collect()
 }

@@ -135,15 +135,12 @@ impl Running {
         let booted = boot(id, settings, registry, shutdown).await?;
         let (router, made) = api(&booted);
         let router = router.merge(booted.health.router());
-        // A listener that cannot bind stops the whole service: nothing runs
-        // without its health endpoints.
+        // However the listener ends (it cannot bind, it panicked) the whole
+        // service stops: nothing runs without its health endpoints.
         let (addr, limits, stop) = (settings.http_addr(), settings.service.http, shutdown.clone());
         let server = tokio::spawn(async move {
-            let served = serve(addr, limits, router, stop.clone(), None).await;
-            if served.is_err() {
-                stop.cancel();
-            }
-            served
+            let _stops_the_service = stop.clone().drop_guard();
+            serve(addr, limits, router, stop, None).await
         });
         Ok((Running { booted, server, shutdown: shutdown.clone(), name: id.name }, made))
     }
@@ -152,10 +149,13 @@ impl Running {
     /// for the HTTP server to drain, flushes NATS and traces.
     pub async fn stop(self) -> Result<(), ServiceError> {
         self.shutdown.cancel();
-        let served = joined("HTTP server", self.server).await.unwrap_or(Ok(()));
+        let served = joined("HTTP server", self.server).await;
         self.booted.flush().await;
         tracing::info!(message = "Stopped.", service = self.name);
-        Ok(served?)
+        match served {
+            Some(served) => Ok(served?),
+            None => Err(ServiceError::Part { what: "HTTP server", source: "the task panicked".into() }),
+        }
     }
 }
 

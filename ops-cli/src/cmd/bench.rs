@@ -61,12 +61,19 @@ async fn sse(http: &reqwest::Client, projections: SocketAddr, conv: &str) -> Res
     Ok(Events(stream))
 }
 
-/// A conversation's stream; `None` when it ended, broke or fell silent for 30 s.
+/// A conversation's stream, with a deadline for each event.
 struct Events(conv_client::EventStream);
 
 impl Events {
-    async fn next(&mut self) -> Option<conv_client::Event> {
-        tokio::time::timeout(Duration::from_secs(30), self.0.next()).await.ok()??.ok()
+    /// The next event; an error says why there is none (the server ended
+    /// or closed the stream, it broke, or nothing came for 30 s).
+    async fn next(&mut self, conv: &str) -> Result<conv_client::Event, Error> {
+        match tokio::time::timeout(Duration::from_secs(30), self.0.next()).await {
+            Err(_) => Err(Error::Failed(format!("{conv}: nothing on the stream for 30 s"))),
+            Ok(None) => Err(Error::Failed(format!("{conv}: the server ended the stream"))),
+            Ok(Some(Err(e))) => Err(Error::Failed(format!("{conv}: {e}"))),
+            Ok(Some(Ok(event))) => Ok(event),
+        }
     }
 }
 
@@ -263,9 +270,7 @@ async fn measure(
                 let mut seen_delta = false;
                 let mut running = false;
                 loop {
-                    let Some(event) = events.next().await else {
-                        return Err(Error::Failed(format!("{conv}: the stream ended")));
-                    };
+                    let event = events.next(&conv).await?;
                     match event.ty {
                         Some(EventType::OutMessageDelta) if !seen_delta => {
                             seen_delta = true;
@@ -302,22 +307,13 @@ async fn measure(
             let conv = format!("abort-{c}");
             let mut events = sse(&http, projections, &conv).await?;
             post(&http, ingress, &conv, "messages", json!({"text": "/tool sleep {\"ms\": 30000}"})).await?;
-            loop {
-                match events.next().await {
-                    Some(e) if e.is(EventType::OutToolCalled) => break,
-                    Some(_) => {}
-                    None => return Err(Error::Failed(format!("{conv}: the stream ended"))),
-                }
-            }
+            while !events.next(&conv).await?.is(EventType::OutToolCalled) {}
             let t0 = Instant::now();
             post(&http, ingress, &conv, "abort", json!({})).await?;
             loop {
-                match events.next().await {
-                    Some(e) if e.is(EventType::OutToolResult) && e.data()["outcome"] == "canceled" => {
-                        return Ok(t0.elapsed().as_secs_f64() * 1000.0);
-                    }
-                    Some(_) => {}
-                    None => return Err(Error::Failed(format!("{conv}: the stream ended"))),
+                let e = events.next(&conv).await?;
+                if e.is(EventType::OutToolResult) && e.data()["outcome"] == "canceled" {
+                    return Ok::<f64, Error>(t0.elapsed().as_secs_f64() * 1000.0);
                 }
             }
         }));

@@ -31,8 +31,12 @@ pub async fn run(g: &Global, conversation: &str, text: &str, timeout: Duration) 
         Some(k) => r.bearer_auth(k),
         None => r,
     };
-    let unreachable =
-        |what: &str, a: &str| Error::http(format!("{what} does not answer at {a}; is the stack up (`convctl up`)?"));
+    let unreachable = |what: &'static str, a: &str| {
+        let a = a.to_owned();
+        move |e: reqwest::Error| {
+            Error::Failed(format!("{what} does not answer at {a} ({e}); is the stack up (`convctl up`)?"))
+        }
+    };
 
     // Where the conversation's output stands now: the reply starts after it.
     let timeline = authorized(http.get(format!("http://{projections}/v1/conversations/{conversation}/timeline")))
@@ -58,7 +62,7 @@ pub async fn run(g: &Global, conversation: &str, text: &str, timeout: Duration) 
     let mut events =
         conv_client::EventStream::open(&http, &base, conversation, Some(&position.to_string()), key.as_deref())
             .await
-            .map_err(|e| stream_failed(e, &projections))?;
+            .map_err(stream_failed)?;
     let mut out = std::io::stdout();
     let mut text = conv_client::Text::default();
     let deadline = Instant::now() + timeout;
@@ -73,10 +77,10 @@ pub async fn run(g: &Global, conversation: &str, text: &str, timeout: Duration) 
                 // The server let this reader go (it fell behind): resume
                 // after the last event read.
                 eprintln!("[convctl] {}; resuming", why.message);
-                events.reconnect().await.map_err(|e| stream_failed(e, &projections))?;
+                events.reconnect().await.map_err(stream_failed)?;
                 continue;
             }
-            Some(Err(e)) => return Err(stream_failed(e, &projections)),
+            Some(Err(e)) => return Err(stream_failed(e)),
             Some(Ok(event)) => event,
         };
         // The stored view may lag the stream: what comes before the first
@@ -115,9 +119,9 @@ pub async fn run(g: &Global, conversation: &str, text: &str, timeout: Duration) 
             }
             Some(EventType::OutMessageReset) => {
                 // The model's answer differs from what was streamed (an
-                // effects worker took over): show the text again from the cut.
-                text.apply(&event);
-                write!(out, "\n[the reply restarts]\n{}", text.0)
+                // effects worker took over): show the entry again from the cut.
+                let entry = text.apply(&event).unwrap_or_default().to_owned();
+                write!(out, "\n[the reply restarts]\n{}", text.of_entry(&entry))
             }
             Some(EventType::OutToolCalled) => {
                 writeln!(out, "\n[tool {} {}]", d["name"].as_str().unwrap_or("?"), d["args"])
@@ -154,11 +158,9 @@ async fn refused(service: &str, response: reqwest::Response) -> Error {
 
 /// A stream that could not be opened or read; only a service that does not
 /// answer gets the hint to start the stack.
-fn stream_failed(e: conv_client::Error, projections: &str) -> Error {
+fn stream_failed(e: conv_client::Error) -> Error {
     match e {
-        conv_client::Error::Unreachable { .. } => Error::http(format!(
-            "conv-projections does not answer at {projections}; is the stack up (`convctl up`)?"
-        ))(e),
+        conv_client::Error::Unreachable { .. } => Error::Failed(format!("{e}; is the stack up (`convctl up`)?")),
         other => Error::http("the stream")(other),
     }
 }

@@ -224,7 +224,8 @@ pub async fn run(g: &Global, topology: &TopologyArgs) -> Result<Outcome, Error> 
     }
     let g = &admin;
     let js = crate::connect(g).await?;
-    let report = conv_nats::topology::apply(&js, &conv_nats::Topology::declare(&topology.topology()?)).await?;
+    let topology = topology.topology()?;
+    let report = conv_nats::topology::apply(&js, &conv_nats::Topology::declare(&topology)).await?;
     say(&format!("topology: {}", report.to_string().lines().last().unwrap_or_default()));
 
     // Ingress and effects share the secret of the callback tokens; one made
@@ -250,6 +251,9 @@ pub async fn run(g: &Global, topology: &TopologyArgs) -> Result<Outcome, Error> 
         let addr = std::env::var(var).unwrap_or_else(|_| default.to_owned());
         let mut command = Command::new(&bin);
         command.env("NATS_URL", &url).env("CONV_CALLBACK_SECRET", &callback_secret);
+        // The services run the topology declared here (flags included).
+        command.env("CONV_PARTITIONS", topology.partitions.to_string());
+        command.env("CONV_REPLICAS", topology.replicas.to_string());
         if name == "conv-projections" && std::env::var_os("CONV_INGRESS_URL").is_none() {
             // The console forwards what it sends to this ingress.
             command.env("CONV_INGRESS_URL", format!("http://{}", reachable(&ingress_addr())));
