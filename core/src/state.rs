@@ -214,6 +214,20 @@ impl<'de> Deserialize<'de> for RecentIds {
 }
 
 impl State {
+    /// The applied marker of `input` (stored at `seq` in `CONV_IN`) once
+    /// this state has applied it: its version, hash and rules.
+    pub fn marker(&self, input: &conv_contracts::Envelope, seq: u64) -> conv_contracts::payload::Applied {
+        conv_contracts::payload::Applied {
+            input_id: input.id.clone(),
+            input_type: input.event_type().as_str().to_owned(),
+            input_seq: seq,
+            applied_index: self.version,
+            state_version: self.version,
+            state_hash: self.hash(),
+            rules: Some(self.rules),
+        }
+    }
+
     /// A new conversation, under the current [`RULES`].
     pub fn new(conversation_id: &str) -> Self {
         Self::with_rules(conversation_id, RULES)

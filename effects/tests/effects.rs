@@ -10,7 +10,7 @@ use conv_contracts::payload::*;
 use conv_contracts::{Envelope, EventType};
 use conv_effects::EffectsOptions;
 use futures::StreamExt;
-use support::{Stack, conv, count, message};
+use support::{Stack, conv, count, failure, message};
 
 fn types(inputs: &[Envelope]) -> Vec<&'static str> {
     inputs.iter().map(|e| e.event_type().as_str()).collect()
@@ -213,13 +213,7 @@ async fn a_sleep_longer_than_a_day_fails_with_a_clear_error() {
     s.send("long", "m1", message("/tool sleep {\"ms\": 100000000000}")).await;
     let i =
         s.wait_for("long", "the failed call", |i| count(i, EventType::ToolFailed) == 1, Duration::from_secs(20)).await;
-    let error = i
-        .iter()
-        .find_map(|e| match &e.data {
-            conv_contracts::Payload::ToolFailed(f) => Some(f.error.clone()),
-            _ => None,
-        })
-        .expect("failed");
+    let error = failure(&i).expect("failed");
     assert!(error.contains("24 h"), "{error}");
 }
 
@@ -267,13 +261,7 @@ async fn a_message_larger_than_the_context_window_fails_the_step_visibly() {
     s.send("wide", "m1", message(&"y".repeat(5000))).await;
     let i =
         s.wait_for("wide", "the failed step", |i| count(i, EventType::LlmFailed) == 1, Duration::from_secs(20)).await;
-    let error = i
-        .iter()
-        .find_map(|e| match &e.data {
-            conv_contracts::Payload::LlmFailed(f) => Some(f.error.clone()),
-            _ => None,
-        })
-        .expect("failed");
+    let error = failure(&i).expect("failed");
     assert!(error.contains("window holds 1000"), "{error}");
 }
 

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, AckKind, Message};
-use conv_contracts::payload::Applied as Marker;
 use conv_contracts::subject::STREAM_IN;
 use conv_contracts::{ConversationId, Envelope, Limits};
 use conv_nats::topology::{RUNTIME_GROUP, runtime_consumer, runtime_control_consumer};
@@ -231,21 +230,9 @@ pub fn marker_id(input_id: &str) -> String {
 /// The applied marker of `input` (stored at `seq` in `CONV_IN`), after which
 /// the conversation is at `state` (its version, hash and rules).
 fn marker(input: &Envelope, seq: u64, state: &State) -> Envelope {
-    let mut marker = Envelope::new(
-        marker_id(&input.id),
-        reducer::SOURCE,
-        input.conversation_id.clone(),
-        Marker {
-            input_id: input.id.clone(),
-            input_type: input.event_type().as_str().to_owned(),
-            input_seq: seq,
-            applied_index: state.version,
-            state_version: state.version,
-            state_hash: state.hash(),
-            rules: Some(state.rules),
-        },
-    )
-    .caused_by(input);
+    let mut marker =
+        Envelope::new(marker_id(&input.id), reducer::SOURCE, input.conversation_id.clone(), state.marker(input, seq))
+            .caused_by(input);
     marker.time = input.time;
     marker
 }

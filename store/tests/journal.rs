@@ -29,15 +29,7 @@ async fn journal(js: &async_nats::jetstream::Context, conv: &ConversationId, rul
     for input in inputs(conv) {
         let seq = conv_nats::headers::publish(js, &input).await.expect("publish").await.expect("ack").sequence;
         reducer::apply(&mut state, &input);
-        let marker = Applied {
-            input_id: input.id.clone(),
-            input_type: input.event_type().as_str().to_owned(),
-            input_seq: seq,
-            applied_index: state.version,
-            state_version: state.version,
-            state_hash: state.hash(),
-            rules: named.then_some(rules),
-        };
+        let marker = Applied { rules: named.then_some(rules), ..state.marker(&input, seq) };
         let marker = Envelope::new(format!("{}~marker", input.id), "/test", conv.clone(), marker).caused_by(&input);
         conv_nats::headers::publish(js, &marker).await.expect("publish").await.expect("ack");
     }

@@ -93,6 +93,15 @@ pub fn count(inputs: &[Envelope], ty: EventType) -> usize {
     inputs.iter().filter(|e| e.event_type() == ty).count()
 }
 
+/// The error of the first failed tool call or model step in `inputs`.
+pub fn failure(inputs: &[Envelope]) -> Option<String> {
+    inputs.iter().find_map(|e| match &e.data {
+        Payload::ToolFailed(f) => Some(f.error.clone()),
+        Payload::LlmFailed(f) => Some(f.error.clone()),
+        _ => None,
+    })
+}
+
 /// A user's message.
 pub fn message(text: &str) -> MessageReceived {
     MessageReceived { text: text.into(), role: None, channel: None, sender: None }
