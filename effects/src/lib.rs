@@ -602,18 +602,7 @@ async fn run_with_progress(
     if redelivered {
         executor.metrics.redeliveries.inc();
     }
-    let work = executor.run(event, redelivered);
-    tokio::pin!(work);
-    let mut tick = tokio::time::interval(executor.progress_every);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            outcome = &mut work => return outcome,
-            _ = tick.tick() => {
-                let _ = message.ack_with(AckKind::Progress).await;
-            }
-        }
-    }
+    conv_nats::consume::with_progress(message, executor.progress_every, executor.run(event, redelivered)).await
 }
 
 #[cfg(test)]

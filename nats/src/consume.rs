@@ -122,23 +122,7 @@ where
             Some(Ok(message)) => message,
         };
         let (stream_seq, delivered) = message.info().map(|i| (i.stream_sequence, i.delivered)).unwrap_or((0, 1));
-        let outcome = {
-            let work = handler(message.clone());
-            tokio::pin!(work);
-            let mut ticker = tokio::time::interval(options.progress_every);
-            ticker.tick().await; // the first tick is immediate
-            loop {
-                tokio::select! {
-                    outcome = &mut work => break outcome,
-                    _ = ticker.tick() => {
-                        if let Err(error) = message.ack_with(AckKind::Progress).await {
-                            stats.errors += 1;
-                            tracing::warn!(message = "Failed to send progress.", %error, stream_seq);
-                        }
-                    }
-                }
-            }
-        };
+        let outcome = with_progress(&message, options.progress_every, handler(message.clone())).await;
         let sent = match outcome {
             Ok(()) if options.confirm_acks => message.double_ack().await.map(|()| stats.acked += 1),
             Ok(()) => message.ack().await.map(|()| stats.acked += 1),
@@ -160,6 +144,28 @@ where
         }
     }
     stats
+}
+
+/// Runs `work` for `message`, sending progress (`+WPI`) every `every`
+/// while it runs so the message is not redelivered under it: what every
+/// consume loop of conv does with a message it is working on (this one, the
+/// effects admission loop). A progress that fails is logged; the work goes
+/// on (at worst the message is redelivered, and handled idempotently).
+pub async fn with_progress<T>(message: &Message, every: Duration, work: impl Future<Output = T>) -> T {
+    tokio::pin!(work);
+    let mut ticker = tokio::time::interval(every);
+    ticker.tick().await; // the first tick is immediate
+    loop {
+        tokio::select! {
+            outcome = &mut work => return outcome,
+            _ = ticker.tick() => {
+                if let Err(error) = message.ack_with(AckKind::Progress).await {
+                    let stream_seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+                    tracing::warn!(message = "Failed to send progress.", %error, stream_seq);
+                }
+            }
+        }
+    }
 }
 
 /// Like [`run`], but every message is first decoded and validated as a conv
