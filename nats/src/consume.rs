@@ -146,6 +146,25 @@ where
     stats
 }
 
+/// Sends `kind` (a nak, progress, …) for `message`; a failure is logged with
+/// the message's stream sequence and `what` was meant (the server
+/// redelivers the message after its ack wait, so nothing is lost).
+pub async fn settle(message: &Message, kind: AckKind, what: &str) {
+    if let Err(error) = message.ack_with(kind).await {
+        let stream_seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+        tracing::debug!(message = "Could not settle a message; it will be redelivered.", what, stream_seq, %error);
+    }
+}
+
+/// [`term_with_reason`], its failure logged: the message is then
+/// redelivered and terminated again.
+pub async fn term_or_log(message: &Message, reason: &str) {
+    if let Err(error) = term_with_reason(message, reason).await {
+        let stream_seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+        tracing::warn!(message = "Could not terminate a message; it will be redelivered.", reason, stream_seq, %error);
+    }
+}
+
 /// Runs `work` for `message`, sending progress (`+WPI`) every `every`
 /// while it runs so the message is not redelivered under it: what every
 /// consume loop of conv does with a message it is working on (this one, the

@@ -374,11 +374,11 @@ pub async fn run(
     reader_stop.cancel();
     let _ = reader.await;
     while let Ok(delivered) = control_rx.try_recv() {
-        let _ = delivered.message.ack_with(AckKind::Nak(None)).await;
+        conv_nats::consume::settle(&delivered.message, AckKind::Nak(None), "hand back").await;
     }
     let parked: Vec<Pending<Message>> = std::mem::take(&mut w.parked).into_iter().map(|(_, p)| p).collect();
     for pending in w.scheduler.drain().into_iter().chain(parked) {
-        let _ = pending.token.ack_with(AckKind::Nak(None)).await;
+        conv_nats::consume::settle(&pending.token, AckKind::Nak(None), "hand back").await;
     }
     w.update_depths();
     if result.is_ok() {
@@ -543,7 +543,7 @@ impl Worker {
                 self.shared.metrics.terminated.inc();
                 tracing::warn!(message = "Invalid input terminated.", partition = self.partition, seq, reason = %rejection);
                 let reason = format!("{}: {rejection}", rejection.code());
-                let _ = conv_nats::consume::term_with_reason(&message, &reason).await;
+                conv_nats::consume::term_or_log(&message, &reason).await;
             }
             Ok(event) if self.scheduler.contains(&event.id) => {
                 // The same control event through the control and the main consumer.
@@ -557,7 +557,7 @@ impl Worker {
 
     async fn progress(&self) {
         for message in self.scheduler.tokens().chain(self.parked.iter().map(|(_, p)| &p.token)) {
-            let _ = message.ack_with(AckKind::Progress).await;
+            conv_nats::consume::settle(message, AckKind::Progress, "progress").await;
         }
     }
 
@@ -597,7 +597,7 @@ impl Worker {
                     );
                     tracing::warn!(message = "Input dead-lettered: its cause never came.", conversation_id = %conv, %reason);
                     self.shared.metrics.terminated.inc();
-                    let _ = conv_nats::consume::term_with_reason(&pending.token, &reason).await;
+                    conv_nats::consume::term_or_log(&pending.token, &reason).await;
                 }
                 Some(_) => self.parked.push((since, pending)),
             }
@@ -720,13 +720,15 @@ impl Worker {
         for pending in batch {
             let conv = pending.event.conversation_id.clone();
             if failed.contains(&conv) {
-                let _ = pending.token.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
+                conv_nats::consume::settle(&pending.token, AckKind::Nak(Some(Duration::from_millis(500))), "retry")
+                    .await;
                 continue;
             }
             let loaded = conv_nats::connect::unless_disconnected(self.load(&conv)).await;
             if let Err(error) = loaded.unwrap_or(Err(StoreFailed::Disconnected)) {
                 tracing::warn!(message = "Cannot load state; will retry.", conversation_id = %conv, %error);
-                let _ = pending.token.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
+                conv_nats::consume::settle(&pending.token, AckKind::Nak(Some(Duration::from_millis(500))), "retry")
+                    .await;
                 failed.insert(conv);
                 continue;
             }
@@ -773,7 +775,7 @@ impl Worker {
         if !lease_holds(&self.lease).await {
             for (pending, _) in staged {
                 self.forget(&pending.event.conversation_id);
-                let _ = pending.token.ack_with(AckKind::Nak(None)).await;
+                conv_nats::consume::settle(&pending.token, AckKind::Nak(None), "hand back").await;
             }
             return Err(Stopped::Lapsed { partition: self.partition });
         }
@@ -800,7 +802,8 @@ impl Worker {
             for (pending, events) in staged {
                 if failed.contains(&pending.event.conversation_id) {
                     self.forget(&pending.event.conversation_id);
-                    let _ = pending.token.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
+                    conv_nats::consume::settle(&pending.token, AckKind::Nak(Some(Duration::from_millis(500))), "retry")
+                        .await;
                 } else {
                     kept.push((pending, events));
                 }
@@ -903,11 +906,12 @@ impl Worker {
                 // Whether or not some of it was stored, a retry republishes
                 // the same ids (deduped) after restoring from the journal.
                 self.forget(&conv);
-                let _ = pending.token.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
+                conv_nats::consume::settle(&pending.token, AckKind::Nak(Some(Duration::from_millis(500))), "retry")
+                    .await;
                 continue;
             };
             if stale.is_some() {
-                let _ = pending.token.ack_with(AckKind::Nak(None)).await;
+                conv_nats::consume::settle(&pending.token, AckKind::Nak(None), "hand back").await;
                 continue;
             }
             let Some(loaded) = self.states.get_mut(&conv) else { return Err(vanished(self.partition)) };
@@ -919,7 +923,7 @@ impl Worker {
                 && let Err(e) = self.save(&conv).await
             {
                 // Hand the input back at once: the rightful owner applies it.
-                let _ = pending.token.ack_with(AckKind::Nak(None)).await;
+                conv_nats::consume::settle(&pending.token, AckKind::Nak(None), "hand back").await;
                 stale = Some(e);
                 continue;
             }
