@@ -132,6 +132,19 @@ pub trait Partitions: Send + Sync + 'static {
     fn start(&self, partition: u16, stop: CancellationToken, lease: Lease) -> JoinHandle<Result<(), Self::Stopped>>;
 }
 
+/// Any function that starts a partition's worker is a [`Partitions`].
+impl<F, E> Partitions for F
+where
+    F: Fn(u16, CancellationToken, Lease) -> JoinHandle<Result<(), E>> + Send + Sync + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    type Stopped = E;
+
+    fn start(&self, partition: u16, stop: CancellationToken, lease: Lease) -> JoinHandle<Result<(), E>> {
+        self(partition, stop, lease)
+    }
+}
+
 struct Running<E> {
     stop: CancellationToken,
     lease: Lease,

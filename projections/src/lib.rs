@@ -168,8 +168,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             tracer: booted.tracer.clone(),
             config: views::ViewsConfig { flush_delay: Duration::from_millis(o.flush_ms), ..Default::default() },
         });
-        conv_nats::ownership::run(instance, leases, Arc::new(views::Workers(shared)), ownership, shutdown.clone())
-            .await;
+        let workers = move |partition, stop, _lease| views::start(&shared, partition, stop);
+        conv_nats::ownership::run(instance, leases, Arc::new(workers), ownership, shutdown.clone()).await;
     }
     running.stop().await
 }

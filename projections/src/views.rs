@@ -76,24 +76,16 @@ pub struct Shared {
     pub tracer: conv_telemetry::Tracer,
 }
 
-/// The view partitions for [`conv_nats::ownership`].
-#[derive(Debug)]
-pub struct Workers(pub Arc<Shared>);
-
-impl conv_nats::ownership::Partitions for Workers {
-    type Stopped = Stopped;
-
-    /// Views need no lease check: their writes are revision-checked and
-    /// idempotent by position, so a late write of a former owner is refused
-    /// or repeats what is there.
-    fn start(
-        &self,
-        partition: u16,
-        stop: CancellationToken,
-        _lease: conv_nats::ownership::Lease,
-    ) -> tokio::task::JoinHandle<Result<(), Stopped>> {
-        tokio::spawn(run(partition, self.0.clone(), stop))
-    }
+/// Starts the view worker of `partition` (for [`conv_nats::ownership`]).
+/// Views need no lease check: their writes are revision-checked and
+/// idempotent by position, so a late write of a former owner is refused or
+/// repeats what is there.
+pub fn start(
+    shared: &Arc<Shared>,
+    partition: u16,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), Stopped>> {
+    tokio::spawn(run(partition, shared.clone(), stop))
 }
 
 /// Why a view worker stopped.

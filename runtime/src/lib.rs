@@ -119,8 +119,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                 ..Default::default()
             },
         });
-        conv_nats::ownership::run(instance, owners, Arc::new(worker::Workers(shared)), ownership, shutdown.clone())
-            .await;
+        let workers = move |partition, stop, lease| worker::start(&shared, partition, stop, lease);
+        conv_nats::ownership::run(instance, owners, Arc::new(workers), ownership, shutdown.clone()).await;
     }
     running.stop().await
 }

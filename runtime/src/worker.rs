@@ -72,21 +72,15 @@ pub struct Shared {
     pub tracer: conv_telemetry::Tracer,
 }
 
-/// The runtime's partitions for [`conv_nats::ownership`].
-#[derive(Debug)]
-pub struct Workers(pub Arc<Shared>);
-
-impl conv_nats::ownership::Partitions for Workers {
-    type Stopped = Stopped;
-
-    fn start(
-        &self,
-        partition: u16,
-        stop: CancellationToken,
-        lease: conv_nats::ownership::Lease,
-    ) -> tokio::task::JoinHandle<Result<(), Stopped>> {
-        tokio::spawn(run(partition, self.0.clone(), stop, lease))
-    }
+/// Starts the worker of `partition` (for [`conv_nats::ownership`]); it
+/// publishes only while `lease` is valid.
+pub fn start(
+    shared: &Arc<Shared>,
+    partition: u16,
+    stop: CancellationToken,
+    lease: conv_nats::ownership::Lease,
+) -> tokio::task::JoinHandle<Result<(), Stopped>> {
+    tokio::spawn(run(partition, shared.clone(), stop, lease))
 }
 
 /// Why a worker stopped.
