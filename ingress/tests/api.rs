@@ -40,11 +40,17 @@ async fn start() -> Stack {
 }
 
 async fn start_with(options: IngressOptions) -> Stack {
+    start_configured(|config| config.options = options).await
+}
+
+/// Ingress with the test options, changed by `customize`; ready.
+async fn start_configured(customize: impl FnOnce(&mut Config)) -> Stack {
     let nats = TestNats::start().await.expect("test NATS");
     nats.setup().await.expect("topology");
     let addr = free_addr();
     let mut config: Config = Settings::for_test(nats.config(), addr);
-    config.options = options;
+    config.options = options();
+    customize(&mut config);
     let ingress = conv_nats::test_util::spawn_service("conv-ingress", |token| conv_ingress::run(config, token));
     assert_eq!(wait_http_ok(&format!("http://{addr}/readyz"), Duration::from_secs(15)).await, Some(200));
     Stack { nats, addr, http: reqwest::Client::new(), _ingress: ingress }
@@ -551,14 +557,8 @@ async fn what_retrying_cannot_fix_is_a_4xx_with_a_json_body() {
 #[tokio::test]
 async fn idle_connections_are_closed_by_the_header_timeout_while_requests_are_served() {
     use tokio::io::AsyncReadExt;
-    let nats = TestNats::start().await.expect("test NATS");
-    nats.setup().await.expect("topology");
-    let addr = free_addr();
-    let mut config: Config = Settings::for_test(nats.config(), addr);
-    config.options = options();
-    config.service.http.header_timeout_ms = 1_000;
-    let _ingress = conv_nats::test_util::spawn_service("conv-ingress", |token| conv_ingress::run(config, token));
-    assert_eq!(wait_http_ok(&format!("http://{addr}/readyz"), Duration::from_secs(15)).await, Some(200));
+    let s = start_configured(|c| c.service.http.header_timeout_ms = 1_000).await;
+    let addr = s.addr;
 
     // 2 000 connections that never send a request (fewer if this process
     // may not open that many files: both ends live here).
@@ -594,14 +594,8 @@ async fn idle_connections_are_closed_by_the_header_timeout_while_requests_are_se
 #[tokio::test]
 async fn past_the_connection_limit_new_connections_are_closed_at_once() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let nats = TestNats::start().await.expect("test NATS");
-    nats.setup().await.expect("topology");
-    let addr = free_addr();
-    let mut config: Config = Settings::for_test(nats.config(), addr);
-    config.options = options();
-    config.service.http.max_connections = 20;
-    let _ingress = conv_nats::test_util::spawn_service("conv-ingress", |token| conv_ingress::run(config, token));
-    assert_eq!(wait_http_ok(&format!("http://{addr}/readyz"), Duration::from_secs(15)).await, Some(200));
+    let s = start_configured(|c| c.service.http.max_connections = 20).await;
+    let addr = s.addr;
     let mut held = Vec::new();
     for _ in 0..20 {
         held.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
