@@ -707,6 +707,23 @@ pub async fn durable_writes(js: &async_nats::jetstream::Context) -> u64 {
     total
 }
 
+/// How many of the first `partitions` partition leases of `role` (`""`:
+/// the runtime, `"views."`: projections) each instance holds now.
+pub async fn lease_counts(
+    js: &async_nats::jetstream::Context,
+    role: &str,
+    partitions: u16,
+) -> std::collections::HashMap<String, usize> {
+    let owners = js.get_key_value(crate::topology::KV_LEASES).await.unwrap_or_else(|e| panic!("leases: {e}"));
+    let mut counts = std::collections::HashMap::new();
+    for p in 0..partitions {
+        if let Ok(Some(v)) = owners.get(format!("{role}p.{p}")).await {
+            *counts.entry(String::from_utf8_lossy(&v).into_owned()).or_default() += 1;
+        }
+    }
+    counts
+}
+
 /// Serves `app` on a free loopback port (a local stand-in for an LLM
 /// provider, a webhook, a collector); returns its address.
 pub async fn serve_local(app: axum::Router) -> SocketAddr {

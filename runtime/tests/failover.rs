@@ -57,16 +57,7 @@ async fn sigkill_of_one_instance_loses_nothing_and_applies_nothing_twice() {
     let fast = TopologyConfig { owner_ttl_secs: 3, runtime_ack_wait_secs: 4, pinned_ttl_secs: 3, ..Default::default() };
     nats.setup_with(&fast).await.expect("topology");
     let js = nats.jetstream().await;
-    let owners = js.get_key_value(conv_nats::topology::KV_LEASES).await.expect("bucket");
-    let lease_counts = || async {
-        let mut counts: HashMap<String, usize> = HashMap::new();
-        for p in 0..16 {
-            if let Ok(Some(v)) = owners.get(format!("p.{p}")).await {
-                *counts.entry(String::from_utf8_lossy(&v).into_owned()).or_default() += 1;
-            }
-        }
-        counts
-    };
+    let lease_counts = || conv_nats::test_util::lease_counts(&js, "", 16);
 
     let mut a = spawn(&nats, "a");
     let _b = spawn(&nats, "b");

@@ -167,16 +167,7 @@ async fn an_abort_behind_ten_thousand_deltas_is_applied_first() {
 async fn two_instances_split_the_partitions_and_a_third_joins() {
     let nats = nats().await;
     let js = nats.jetstream().await;
-    let owners = js.get_key_value(conv_nats::topology::KV_LEASES).await.expect("bucket");
-    let leases = || async {
-        let mut counts: HashMap<String, usize> = HashMap::new();
-        for p in 0..16 {
-            if let Ok(Some(v)) = owners.get(format!("p.{p}")).await {
-                *counts.entry(String::from_utf8_lossy(&v).into_owned()).or_default() += 1;
-            }
-        }
-        counts
-    };
+    let leases = || conv_nats::test_util::lease_counts(&js, "", 16);
     let wait_split = |want: Vec<(&'static str, usize)>| {
         let leases = &leases;
         async move {
