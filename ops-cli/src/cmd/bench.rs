@@ -90,6 +90,22 @@ async fn post(http: &reqwest::Client, ingress: SocketAddr, conv: &str, what: &st
     Ok(())
 }
 
+/// Runs `work` for conversations `<prefix>-0` … `<prefix>-<n-1>` at once;
+/// their results in that order, or the first error.
+async fn each<T, F, Fut>(n: usize, prefix: &str, http: &reqwest::Client, work: F) -> Result<Vec<T>, Error>
+where
+    T: Send + 'static,
+    F: Fn(reqwest::Client, String) -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>> + Send + 'static,
+{
+    let tasks: Vec<_> = (0..n).map(|c| tokio::spawn(work(http.clone(), format!("{prefix}-{c}")))).collect();
+    let mut out = Vec::with_capacity(n);
+    for task in tasks {
+        out.push(task.await.map_err(|e| Error::Failed(format!("a bench task failed: {e}")))??);
+    }
+    Ok(out)
+}
+
 /// Messages in the journal's streams.
 async fn stream_messages(js: &async_nats::jetstream::Context) -> Result<u64, Error> {
     let mut total = 0;
@@ -257,71 +273,56 @@ async fn measure(
     // 1. Turns.
     let writes_before = stream_messages(js).await?;
     let phase = Instant::now();
-    let mut workers = Vec::new();
-    for c in 0..conversations {
-        let http = http.clone();
-        workers.push(tokio::spawn(async move {
-            let conv = format!("bench-{c}");
-            let mut events = sse(&http, projections, &conv).await?;
-            let mut first = Vec::new();
-            for t in 0..turns {
-                let t0 = Instant::now();
-                post(&http, ingress, &conv, "messages", json!({"text": format!("turn {t}")})).await?;
-                let mut seen_delta = false;
-                let mut running = false;
-                loop {
-                    let event = events.next(&conv).await?;
-                    match event.ty {
-                        Some(EventType::OutMessageDelta) if !seen_delta => {
-                            seen_delta = true;
-                            first.push(t0.elapsed().as_secs_f64() * 1000.0);
-                        }
-                        Some(EventType::OutRunStatus) => {
-                            let status = event.data()["status"].as_str().unwrap_or("");
-                            if status == "running" {
-                                running = true;
-                            } else if running {
-                                break;
-                            }
-                        }
-                        _ => {}
+    let per_conversation = each(conversations, "bench", &http, move |http, conv| async move {
+        let mut events = sse(&http, projections, &conv).await?;
+        let mut first = Vec::new();
+        for t in 0..turns {
+            let t0 = Instant::now();
+            post(&http, ingress, &conv, "messages", json!({"text": format!("turn {t}")})).await?;
+            let mut seen_delta = false;
+            let mut running = false;
+            loop {
+                let event = events.next(&conv).await?;
+                match event.ty {
+                    Some(EventType::OutMessageDelta) if !seen_delta => {
+                        seen_delta = true;
+                        first.push(t0.elapsed().as_secs_f64() * 1000.0);
                     }
+                    Some(EventType::OutRunStatus) => {
+                        let status = event.data()["status"].as_str().unwrap_or("");
+                        if status == "running" {
+                            running = true;
+                        } else if running {
+                            break;
+                        }
+                    }
+                    _ => {}
                 }
             }
-            Ok::<Vec<f64>, Error>(first)
-        }));
-    }
-    let mut first_delta = Vec::new();
-    for w in workers {
-        first_delta.extend(w.await.map_err(|e| Error::Failed(format!("a bench task failed: {e}")))??);
-    }
+        }
+        Ok(first)
+    })
+    .await?;
+    let mut first_delta: Vec<f64> = per_conversation.into_iter().flatten().collect();
     let turn_secs = phase.elapsed().as_secs_f64();
     let writes = stream_messages(js).await? - writes_before;
     let total_turns = conversations * turns;
 
     // 2. Aborts during a long tool call.
-    let mut workers = Vec::new();
-    for c in 0..aborts {
-        let http = http.clone();
-        workers.push(tokio::spawn(async move {
-            let conv = format!("abort-{c}");
-            let mut events = sse(&http, projections, &conv).await?;
-            post(&http, ingress, &conv, "messages", json!({"text": "/tool sleep {\"ms\": 30000}"})).await?;
-            while !events.next(&conv).await?.is(EventType::OutToolCalled) {}
-            let t0 = Instant::now();
-            post(&http, ingress, &conv, "abort", json!({})).await?;
-            loop {
-                let e = events.next(&conv).await?;
-                if e.is(EventType::OutToolResult) && e.data()["outcome"] == "canceled" {
-                    return Ok::<f64, Error>(t0.elapsed().as_secs_f64() * 1000.0);
-                }
+    let mut abort_ms = each(aborts, "abort", &http, move |http, conv| async move {
+        let mut events = sse(&http, projections, &conv).await?;
+        post(&http, ingress, &conv, "messages", json!({"text": "/tool sleep {\"ms\": 30000}"})).await?;
+        while !events.next(&conv).await?.is(EventType::OutToolCalled) {}
+        let t0 = Instant::now();
+        post(&http, ingress, &conv, "abort", json!({})).await?;
+        loop {
+            let e = events.next(&conv).await?;
+            if e.is(EventType::OutToolResult) && e.data()["outcome"] == "canceled" {
+                return Ok(t0.elapsed().as_secs_f64() * 1000.0);
             }
-        }));
-    }
-    let mut abort_ms = Vec::new();
-    for w in workers {
-        abort_ms.push(w.await.map_err(|e| Error::Failed(format!("a bench task failed: {e}")))??);
-    }
+        }
+    })
+    .await?;
     // The raw baseline runs on a server the services have left.
     for (name, _, mut child) in services {
         super::up::stop(name, &mut child).await;

@@ -530,12 +530,8 @@ fn text(r: &Report, args: &SoakArgs) -> String {
         ));
     }
     s.push('\n');
-    s.push_str(&r.violations.table());
-    s.push_str(&format!(
-        "\n{} (data and logs in {})",
-        if r.passed { "PASSED: memory flat, stores within limits, latency stable, nothing lost" } else { "FAILED" },
-        r.dir.display()
-    ));
+    let held = "memory flat, stores within limits, latency stable, nothing lost";
+    s.push_str(&r.violations.verdict(r.passed, held, &r.dir));
     s
 }
 

@@ -56,6 +56,13 @@ impl Violations {
         s
     }
 
+    /// The table, then the verdict: `passed` (what held) or FAILED, and
+    /// where the run left its data and logs.
+    pub fn verdict(&self, passed: bool, held: &str, dir: &std::path::Path) -> String {
+        let verdict = if passed { format!("PASSED: {held}") } else { "FAILED".to_owned() };
+        format!("{}\n{verdict} (data and logs in {})", self.table(), dir.display())
+    }
+
     pub fn total(&self) -> usize {
         self.lost.len()
             + self.applied_twice.len()

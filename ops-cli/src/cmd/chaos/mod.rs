@@ -400,12 +400,7 @@ fn text(r: &Report, max_p99: f64) -> String {
         r.reply_ms_p99 / 1000.0,
         r.reply_ms_max / 1000.0
     ));
-    s.push_str(&v.table());
-    s.push_str(&format!(
-        "\n{} (data and logs in {})",
-        if r.passed { "PASSED: nothing lost, nothing twice, every view equal to the journal" } else { "FAILED" },
-        r.dir.display()
-    ));
+    s.push_str(&v.verdict(r.passed, "nothing lost, nothing twice, every view equal to the journal", &r.dir));
     s
 }
 
