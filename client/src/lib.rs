@@ -14,7 +14,7 @@
 
 use bytes::Bytes;
 use conv_contracts::EventType;
-use conv_contracts::api::{STREAM_CLOSED, StreamClosed};
+use conv_contracts::api::{ErrorBody, STREAM_CLOSED, StreamClosed};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use serde_json::Value;
@@ -169,9 +169,7 @@ impl EventStream {
             }
         }
     }
-}
 
-impl EventStream {
     /// Buffers `chunk` with its line ends made LF (SSE allows CRLF, LF, CR).
     fn push(&mut self, chunk: &[u8]) {
         for &b in chunk {
@@ -202,8 +200,7 @@ impl Origin {
         let response = request.send().await.map_err(|source| Error::Unreachable { url: self.url.clone(), source })?;
         let status = response.status();
         if !status.is_success() {
-            let body: Value = response.json().await.unwrap_or(Value::Null);
-            let message = body["error"]["message"].as_str().unwrap_or_default().to_owned();
+            let message = response.json::<ErrorBody>().await.map(|b| b.error.message).unwrap_or_default();
             return Err(Error::Refused { status: status.as_u16(), message });
         }
         Ok(response.bytes_stream().boxed())

@@ -12,7 +12,7 @@
 //! 3. raw JetStream async publish and consume+ack of the same number of
 //!    messages as the pipeline journaled, on the same server.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use conv_contracts::EventType;
@@ -20,12 +20,9 @@ use conv_nats::baseline;
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use super::chaos::stack::free_addr;
 use crate::cli::Global;
 use crate::{Error, Outcome};
-
-fn free_addr() -> Result<SocketAddr, Error> {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(Error::io("no free port"))
-}
 
 #[derive(Debug, Serialize)]
 pub struct Report {

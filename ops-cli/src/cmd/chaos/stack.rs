@@ -103,7 +103,8 @@ pub struct Stack {
     env: Vec<(String, String)>,
 }
 
-fn free_addr() -> Result<SocketAddr, Error> {
+/// A loopback address with a port nobody listens on now.
+pub(crate) fn free_addr() -> Result<SocketAddr, Error> {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(Error::io("no free port"))
 }
 
