@@ -107,8 +107,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     if let Some(backlog) = backlog {
         service::joined("backlog watch", backlog).await;
     }
-    let nats_api = match nats {
-        Some(task) => service::joined("NATS API", task).await.unwrap_or(Ok(())),
+    // A NATS API that failed or panicked fails the service, as the HTTP server does.
+    let nats_api: Result<(), service::BoxError> = match nats {
+        Some(task) => match service::joined("NATS API", task).await {
+            Some(served) => served.map_err(Into::into),
+            None => Err("the NATS API task panicked".into()),
+        },
         None => Ok(()),
     };
     running.stop().await?;
