@@ -156,23 +156,15 @@ async fn nats_checks(
     }
     match topology::check(js, topo).await {
         Ok(r) if r.is_unchanged() => checks.push(check("topology", Status::Ready, r.to_string())),
-        Ok(r) if r.count(Action::Missing) > 0 => {
-            let missing: Vec<&str> =
-                r.changes.iter().filter(|c| c.action == Action::Missing).map(|c| c.name.as_str()).collect();
-            checks.push(check(
-                "topology",
-                Status::NotReady,
-                format!("missing: {} (run `convctl setup`)", missing.join(", ")),
-            ));
-        }
         Ok(r) => {
-            let drifted: Vec<&str> =
-                r.changes.iter().filter(|c| c.action == Action::Drifted).map(|c| c.name.as_str()).collect();
-            checks.push(check(
-                "topology",
-                Status::Warning,
-                format!("drifted: {} (see `convctl setup --check`)", drifted.join(", ")),
-            ));
+            // Missing pieces stop the service; drifted ones only warn.
+            let (action, status, what, hint) = if r.count(Action::Missing) > 0 {
+                (Action::Missing, Status::NotReady, "missing", "run `convctl setup`")
+            } else {
+                (Action::Drifted, Status::Warning, "drifted", "see `convctl setup --check`")
+            };
+            let names: Vec<&str> = r.changes.iter().filter(|c| c.action == action).map(|c| c.name.as_str()).collect();
+            checks.push(check("topology", status, format!("{what}: {} ({hint})", names.join(", "))));
         }
         Err(e) => checks.push(check("topology", Status::NotReady, e.to_string())),
     }

@@ -38,41 +38,32 @@ pub enum Rejection {
     NotAnInput { event_type: EventType },
 }
 
-impl Rejection {
-    /// Stable, low-cardinality code of the reason.
-    pub fn code(&self) -> &'static str {
-        match self {
-            Rejection::Malformed { .. } => "malformed",
-            Rejection::MissingField { .. } => "missing_field",
-            Rejection::BadSpecVersion { .. } => "bad_specversion",
-            Rejection::BadAttribute { .. } => "bad_attribute",
-            Rejection::UnknownType { .. } => "unknown_type",
-            Rejection::BadConversationId { .. } => "bad_conversation_id",
-            Rejection::SubjectTypeMismatch { .. } => "subject_type_mismatch",
-            Rejection::PayloadSchema { .. } => "payload_schema",
-            Rejection::Oversize { .. } => "oversize",
-            Rejection::UnsupportedContentType { .. } => "unsupported_content_type",
-            Rejection::UnsupportedVersion { .. } => "unsupported_version",
-            Rejection::NotAnInput { .. } => "not_an_input",
+/// `code()` and `CODES` from one list.
+macro_rules! codes {
+    ($($variant:ident => $code:literal),* $(,)?) => {
+        impl Rejection {
+            /// Stable, low-cardinality code of the reason.
+            pub fn code(&self) -> &'static str {
+                match self {
+                    $(Rejection::$variant { .. } => $code,)*
+                }
+            }
+
+            /// All codes, for metrics pre-registration and docs.
+            pub const CODES: &'static [&'static str] = &[$($code),*];
         }
-    }
+    };
+}
 
-    /// All codes, for metrics pre-registration and docs.
-    pub const CODES: [&'static str; 12] = [
-        "malformed",
-        "missing_field",
-        "bad_specversion",
-        "bad_attribute",
-        "unknown_type",
-        "bad_conversation_id",
-        "subject_type_mismatch",
-        "payload_schema",
-        "oversize",
-        "unsupported_content_type",
-        "unsupported_version",
-        "not_an_input",
-    ];
+codes! {
+    Malformed => "malformed", MissingField => "missing_field", BadSpecVersion => "bad_specversion",
+    BadAttribute => "bad_attribute", UnknownType => "unknown_type", BadConversationId => "bad_conversation_id",
+    SubjectTypeMismatch => "subject_type_mismatch", PayloadSchema => "payload_schema", Oversize => "oversize",
+    UnsupportedContentType => "unsupported_content_type", UnsupportedVersion => "unsupported_version",
+    NotAnInput => "not_an_input",
+}
 
+impl Rejection {
     /// The HTTP status an edge answers with.
     pub fn http_status(&self) -> u16 {
         match self {

@@ -28,6 +28,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    #[rustfmt::skip] // a table: one metric a line
     pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
         let r = Registrar(registry);
         let kinds = &["kind"];
@@ -45,26 +46,12 @@ impl Metrics {
             timeouts: r.counters("conv_effects_timeouts_total", "stalled streams and timed-out calls", kinds)?,
             deltas: r.counter("conv_effects_deltas_total", "coalesced deltas journaled (durable lane)")?,
             live_deltas: r.counter("conv_effects_live_deltas_total", "text pieces sent on the live lane")?,
-            context_dropped: r.counter(
-                "conv_effects_context_dropped_total",
-                "older context messages left out by the context window",
-            )?,
-            retries_in_place: r.counter(
-                "conv_effects_retries_in_place_total",
-                "lifecycle events retried in place while the journal was unavailable",
-            )?,
+            context_dropped: r.counter("conv_effects_context_dropped_total", "older context messages left out by the context window")?,
+            retries_in_place: r.counter("conv_effects_retries_in_place_total", "lifecycle events retried in place while the journal was unavailable")?,
             redeliveries: r.redeliveries()?,
             dispatch_failures: r.dispatch_failures("webhook_tool")?,
-            first_token: r.histogram(
-                "conv_llm_first_token_seconds",
-                "model call started → first chunk of its answer (provider time to first token, retries included)",
-                &first_token_buckets,
-            )?,
-            abort_latency: r.histogram(
-                "conv_effects_abort_latency_seconds",
-                "abort/stop accepted → running effect told to stop",
-                &abort_buckets,
-            )?,
+            first_token: r.histogram("conv_llm_first_token_seconds", "model call started → first chunk of its answer (provider time to first token, retries included)", &first_token_buckets)?,
+            abort_latency: r.histogram("conv_effects_abort_latency_seconds", "abort/stop accepted → running effect told to stop", &abort_buckets)?,
         })
     }
 }

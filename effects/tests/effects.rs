@@ -10,7 +10,7 @@ use conv_contracts::payload::*;
 use conv_contracts::{Envelope, EventType};
 use conv_effects::EffectsOptions;
 use futures::StreamExt;
-use support::{Stack, conv, count, failure, message};
+use support::{Stack, conv, count, first, message};
 
 fn types(inputs: &[Envelope]) -> Vec<&'static str> {
     inputs.iter().map(|e| e.event_type().as_str()).collect()
@@ -28,13 +28,7 @@ async fn a_message_gets_a_streamed_coalesced_reply() {
     // The durable lane: a few coalesced chunks, then the completion.
     let deltas = count(&inputs, EventType::LlmDelta);
     assert!((1..24).contains(&deltas), "24 tokens coalesced into a handful of deltas, got {deltas}");
-    let completed = inputs
-        .iter()
-        .find_map(|e| match &e.data {
-            conv_contracts::Payload::LlmCompleted(c) => Some(c.text.clone()),
-            _ => None,
-        })
-        .expect("completed");
+    let completed = first!(inputs, LlmCompleted).map(|p| p.text).expect("completed");
     let chunks: String = inputs
         .iter()
         .filter_map(|e| match &e.data {
@@ -116,8 +110,7 @@ async fn abort_stops_a_thirty_second_sleep_promptly() {
 async fn abort_stops_a_ten_second_stream_promptly() {
     let s =
         Stack::start(EffectsOptions { scripted_tokens: 500, scripted_token_delay_ms: 20, ..Default::default() }).await;
-    s.send("e4", "m1", message("tell me a long story")).await;
-    s.wait_for("e4", "the first delta", |i| count(i, EventType::LlmDelta) >= 1, Duration::from_secs(20)).await;
+    s.streaming("e4", "tell me a long story").await;
     let asked = Instant::now();
     s.send("e4", "abort-1", AbortRequested { reason: None }).await;
     let inputs = s
@@ -210,10 +203,8 @@ async fn aborts_never_wait_for_a_slot_and_queued_calls_never_run() {
 #[tokio::test]
 async fn a_sleep_longer_than_a_day_fails_with_a_clear_error() {
     let s = Stack::start(EffectsOptions::default()).await;
-    s.send("long", "m1", message("/tool sleep {\"ms\": 100000000000}")).await;
-    let i =
-        s.wait_for("long", "the failed call", |i| count(i, EventType::ToolFailed) == 1, Duration::from_secs(20)).await;
-    let error = failure(&i).expect("failed");
+    let (i, error) = s.fails("long", "/tool sleep {\"ms\": 100000000000}", Duration::from_secs(20)).await;
+    assert_eq!(count(&i, EventType::ToolFailed), 1);
     assert!(error.contains("24 h"), "{error}");
 }
 
@@ -230,17 +221,9 @@ async fn an_answer_too_long_for_the_journal_ends_the_step_with_a_clear_failure()
     })
     .await;
     let words: Vec<String> = (0..2).map(|i| format!("{i}{}", "w".repeat(99_999))).collect();
-    s.send("huge", "m1", message(&words.join(" "))).await;
-    let i =
-        s.wait_for("huge", "the failed step", |i| count(i, EventType::LlmFailed) == 1, Duration::from_secs(60)).await;
+    let (i, _) = s.fails("huge", &words.join(" "), Duration::from_secs(60)).await;
     assert_eq!(count(&i, EventType::LlmCompleted), 0);
-    let failed = i
-        .iter()
-        .find_map(|e| match &e.data {
-            conv_contracts::Payload::LlmFailed(f) => Some(f.clone()),
-            _ => None,
-        })
-        .expect("failed");
+    let failed = first!(i, LlmFailed).expect("failed");
     assert!(!failed.retryable && failed.error.contains("passed 150000 bytes"), "{failed:?}");
     // The user sees it: the run ends failed, the answer entry too.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -258,10 +241,8 @@ async fn an_answer_too_long_for_the_journal_ends_the_step_with_a_clear_failure()
 #[tokio::test]
 async fn a_message_larger_than_the_context_window_fails_the_step_visibly() {
     let s = Stack::start(EffectsOptions { llm_max_context_bytes: 1000, ..EffectsOptions::default() }).await;
-    s.send("wide", "m1", message(&"y".repeat(5000))).await;
-    let i =
-        s.wait_for("wide", "the failed step", |i| count(i, EventType::LlmFailed) == 1, Duration::from_secs(20)).await;
-    let error = failure(&i).expect("failed");
+    let (i, error) = s.fails("wide", &"y".repeat(5000), Duration::from_secs(20)).await;
+    assert_eq!(count(&i, EventType::LlmFailed), 1);
     assert!(error.contains("window holds 1000"), "{error}");
 }
 
@@ -269,8 +250,7 @@ async fn a_message_larger_than_the_context_window_fails_the_step_visibly() {
 async fn a_stopped_step_can_be_retried_and_the_retry_runs() {
     let s =
         Stack::start(EffectsOptions { scripted_tokens: 200, scripted_token_delay_ms: 20, ..Default::default() }).await;
-    s.send("sr", "m1", message("a long one please")).await;
-    s.wait_for("sr", "the first delta", |i| count(i, EventType::LlmDelta) >= 1, Duration::from_secs(20)).await;
+    s.streaming("sr", "a long one please").await;
     s.send("sr", "stop-1", StopRequested {}).await;
     s.wait_for("sr", "the stream to stop", |i| count(i, EventType::LlmCanceled) == 1, Duration::from_secs(10)).await;
     // The retry is the same step, a new attempt: the earlier cancel must not stop it.
@@ -293,8 +273,7 @@ async fn an_abort_is_hinted_to_effects_before_its_group_commit_and_the_hint_alon
 
     // The runtime hints an abort of a streaming conversation, naming what
     // its cancel directive names.
-    s.send("h1", "m1", message("tell me a long story")).await;
-    s.wait_for("h1", "the first delta", |i| count(i, EventType::LlmDelta) >= 1, Duration::from_secs(20)).await;
+    s.streaming("h1", "tell me a long story").await;
     s.send("h1", "abort-1", AbortRequested { reason: None }).await;
     let m = tokio::time::timeout(Duration::from_secs(10), hints.next()).await.expect("a hint").expect("message");
     let hint = conv_contracts::live::LiveCancel::from_bytes(&m.payload).expect("a cancel hint");

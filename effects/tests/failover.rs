@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use conv_contracts::payload::*;
 use conv_contracts::{ConversationId, Envelope, EventType, Payload};
 use conv_nats::test_util::{TestNats, free_addr};
-use support::count;
+use support::{count, first};
 
 fn effects(nats: &TestNats) -> tokio::process::Child {
     conv_nats::test_util::spawn_binary(
@@ -31,9 +31,7 @@ async fn inputs(js: &async_nats::jetstream::Context) -> Vec<Envelope> {
 
 #[tokio::test]
 async fn a_killed_instance_is_replaced_and_the_reply_completes_once() {
-    let nats = TestNats::start().await.expect("test NATS");
-    nats.setup().await.expect("topology");
-    let js = nats.jetstream().await;
+    let (nats, js) = TestNats::set_up().await;
     let _runtime = support::runtime(&nats);
     let mut first = effects(&nats);
 
@@ -82,13 +80,7 @@ async fn a_killed_instance_is_replaced_and_the_reply_completes_once() {
     let seqs: Vec<u64> = deltas.iter().map(|d| d.seq).collect();
     assert_eq!(seqs, (0..deltas.len() as u64).collect::<Vec<_>>(), "delta positions run on without gap or repeat");
     let streamed: String = deltas.iter().map(|d| d.text.as_str()).collect();
-    let completed = journal
-        .iter()
-        .find_map(|e| match &e.data {
-            Payload::LlmCompleted(c) => Some(c.text.clone()),
-            _ => None,
-        })
-        .expect("completed");
+    let completed = first!(journal, LlmCompleted).map(|p| p.text).expect("completed");
     // The durable chunks are the start of the answer byte for byte; the
     // completion carries the rest that was still being coalesced.
     assert!(completed.starts_with(&streamed), "the resumed stream continues exactly where the dead one stopped");

@@ -20,7 +20,7 @@ use conv_contracts::payload::*;
 use conv_contracts::{Envelope, EventType, Payload};
 use conv_effects::EffectsOptions;
 use serde_json::{Value, json};
-use support::{count, message};
+use support::{count, first, message};
 
 #[derive(Default)]
 struct Provider {
@@ -162,6 +162,15 @@ async fn start(model: &str) -> Stack {
     Stack { inner, provider }
 }
 
+/// Starts a stack answering as `model`, sends `text` and waits until `n`
+/// inputs of type `ty` are journaled.
+async fn ask(model: &str, text: &str, ty: EventType, n: usize) -> (Stack, Vec<Envelope>) {
+    let s = start(model).await;
+    s.send("m1", message(text)).await;
+    let i = s.wait(ty.as_str(), |i| count(i, ty) == n).await;
+    (s, i)
+}
+
 impl Stack {
     async fn send(&self, id: &str, data: impl Into<Payload>) {
         self.inner.send("oa", id, data).await;
@@ -187,30 +196,21 @@ fn completed_text(i: &[Envelope]) -> Vec<String> {
 
 #[tokio::test]
 async fn a_streamed_answer() {
-    let s = start("stream").await;
-    s.send("m1", message("hi")).await;
-    let i = s.wait("completion", |i| count(i, EventType::LlmCompleted) == 1).await;
+    let (_s, i) = ask("stream", "hi", EventType::LlmCompleted, 1).await;
     assert_eq!(completed_text(&i), ["Hello from the model"]);
 }
 
 #[tokio::test]
 async fn a_tool_call_round_trip() {
-    let s = start("tool").await;
-    s.send("m1", message("use a tool")).await;
-    let i = s.wait("the second completion", |i| count(i, EventType::LlmCompleted) == 2).await;
-    let tool = i.iter().find_map(|e| match &e.data {
-        Payload::ToolCompleted(t) => Some(t.clone()),
-        _ => None,
-    });
+    let (_s, i) = ask("tool", "use a tool", EventType::LlmCompleted, 2).await;
+    let tool = first!(i, ToolCompleted);
     assert_eq!(tool.map(|t| (t.tool_call_id, t.result)), Some(("call_1".to_owned(), json!({"x": 1}))));
     assert_eq!(completed_text(&i)[1], r#"echo said {"x":1}"#);
 }
 
 #[tokio::test]
 async fn rate_limits_are_retried_until_success() {
-    let s = start("flaky").await;
-    s.send("m1", message("hi")).await;
-    let i = s.wait("completion", |i| count(i, EventType::LlmCompleted) == 1).await;
+    let (s, i) = ask("flaky", "hi", EventType::LlmCompleted, 1).await;
     assert_eq!(completed_text(&i), ["finally"]);
     assert_eq!(s.requests("flaky"), 3, "two 429s, then success");
     assert_eq!(count(&i, EventType::LlmFailed), 0);
@@ -218,13 +218,8 @@ async fn rate_limits_are_retried_until_success() {
 
 #[tokio::test]
 async fn server_errors_exhaust_the_retries_and_fail_the_step() {
-    let s = start("down").await;
-    s.send("m1", message("hi")).await;
-    let i = s.wait("failure", |i| count(i, EventType::LlmFailed) == 1).await;
-    let failed = i.iter().find_map(|e| match &e.data {
-        Payload::LlmFailed(f) => Some(f.clone()),
-        _ => None,
-    });
+    let (s, i) = ask("down", "hi", EventType::LlmFailed, 1).await;
+    let failed = first!(i, LlmFailed);
     let failed = failed.expect("failed");
     assert!(failed.retryable && failed.error.contains("500"), "{failed:?}");
     assert_eq!(s.requests("down"), 3, "the first attempt and two retries");
@@ -232,26 +227,20 @@ async fn server_errors_exhaust_the_retries_and_fail_the_step() {
 
 #[tokio::test]
 async fn client_errors_fail_at_once() {
-    let s = start("refused").await;
-    s.send("m1", message("hi")).await;
-    let i = s.wait("failure", |i| count(i, EventType::LlmFailed) == 1).await;
+    let (s, i) = ask("refused", "hi", EventType::LlmFailed, 1).await;
     assert!(i.iter().any(|e| matches!(&e.data, Payload::LlmFailed(f) if !f.retryable)));
     assert_eq!(s.requests("refused"), 1);
 }
 
 #[tokio::test]
 async fn a_stalled_stream_times_out() {
-    let s = start("stall").await;
-    s.send("m1", message("hi")).await;
-    let i = s.wait("failure", |i| count(i, EventType::LlmFailed) == 1).await;
+    let (_s, i) = ask("stall", "hi", EventType::LlmFailed, 1).await;
     assert!(i.iter().any(|e| matches!(&e.data, Payload::LlmFailed(f) if f.error.contains("stalled"))));
 }
 
 #[tokio::test]
 async fn text_is_journaled_when_due_while_the_provider_is_quiet() {
-    let s = start("pause").await;
-    s.send("m1", message("hi")).await;
-    let i = s.wait("the answer", |i| count(i, EventType::LlmCompleted) == 1).await;
+    let (_s, i) = ask("pause", "hi", EventType::LlmCompleted, 1).await;
     let deltas: Vec<&str> = i
         .iter()
         .filter_map(|e| match &e.data {

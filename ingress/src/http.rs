@@ -34,8 +34,14 @@ pub fn router(ingress: Ingress) -> Router {
         .route("/v1/conversations/{id}/abort", post(abort))
         .route("/v1/conversations/{id}/stop", post(stop))
         .route("/v1/conversations/{id}/retry", post(retry))
-        .route("/v1/conversations/{id}/tools/{tool_call_id}/{outcome}", post(tool))
-        .route("/v1/conversations/{id}/llm/{step_id}/{outcome}", post(llm))
+        .route(
+            "/v1/conversations/{id}/tools/{tool_call_id}/{outcome}",
+            post(|State(ing), Path(p), headers, body| Callback::Tool.handle(ing, p, headers, body)),
+        )
+        .route(
+            "/v1/conversations/{id}/llm/{step_id}/{outcome}",
+            post(|State(ing), Path(p), headers, body| Callback::Llm.handle(ing, p, headers, body)),
+        )
         .route("/v1/conversations/{id}/timers/{timer_id}/fired", post(timer))
         .route("/v1/events", post(event))
         .fallback(not_found)
@@ -164,53 +170,54 @@ async fn retry(State(ing): State<Ingress>, Path(id): Path<String>, headers: Head
     ingest(ing, EventType::RetryRequested, &id, &[], headers, body).await
 }
 
-/// The event type of a tool or LLM lifecycle callback, by URL outcome.
-pub fn callback_type(family: &str, outcome: &str) -> Option<EventType> {
-    Some(match (family, outcome) {
-        ("tool", "started") => EventType::ToolStarted,
-        ("tool", "progress") => EventType::ToolProgress,
-        ("tool", "completed") => EventType::ToolCompleted,
-        ("tool", "failed") => EventType::ToolFailed,
-        ("tool", "canceled") => EventType::ToolCanceled,
-        ("llm", "started") => EventType::LlmStarted,
-        ("llm", "delta") => EventType::LlmDelta,
-        ("llm", "completed") => EventType::LlmCompleted,
-        ("llm", "failed") => EventType::LlmFailed,
-        ("llm", "canceled") => EventType::LlmCanceled,
-        _ => return None,
-    })
+/// The two families of lifecycle callbacks: `tools/{tool_call_id}/{outcome}`
+/// and `llm/{step_id}/{outcome}`.
+#[derive(Debug, Clone, Copy)]
+enum Callback {
+    Tool,
+    Llm,
 }
 
-fn unknown_outcome(ing: &Ingress, family: &str, outcome: &str) -> Response {
-    let allowed = if family == "tool" {
-        "started, progress, completed, failed, canceled"
-    } else {
-        "started, delta, completed, failed, canceled"
-    };
-    respond(Err(ing.refuse(IngestError::NotFound(format!("unknown {family} outcome {outcome:?}; one of: {allowed}")))))
-}
-
-async fn tool(
-    State(ing): State<Ingress>,
-    Path((id, tool_call_id, outcome)): Path<(String, String, String)>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    match callback_type("tool", &outcome) {
-        Some(ty) => ingest(ing, ty, &id, &[("tool_call_id", &tool_call_id)], headers, body).await,
-        None => unknown_outcome(&ing, "tool", &outcome),
+impl Callback {
+    /// The attribute the URL's second segment fills.
+    fn key(self) -> &'static str {
+        match self {
+            Callback::Tool => "tool_call_id",
+            Callback::Llm => "step_id",
+        }
     }
-}
 
-async fn llm(
-    State(ing): State<Ingress>,
-    Path((id, step_id, outcome)): Path<(String, String, String)>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    match callback_type("llm", &outcome) {
-        Some(ty) => ingest(ing, ty, &id, &[("step_id", &step_id)], headers, body).await,
-        None => unknown_outcome(&ing, "llm", &outcome),
+    /// The outcomes and their event types.
+    fn outcomes(self) -> [(&'static str, EventType); 5] {
+        use EventType::*;
+        let (started, last, completed, failed, canceled) = match self {
+            Callback::Tool => (ToolStarted, ("progress", ToolProgress), ToolCompleted, ToolFailed, ToolCanceled),
+            Callback::Llm => (LlmStarted, ("delta", LlmDelta), LlmCompleted, LlmFailed, LlmCanceled),
+        };
+        [("started", started), last, ("completed", completed), ("failed", failed), ("canceled", canceled)]
+    }
+
+    /// `POST /v1/conversations/{id}/<family>/{key}/{outcome}`.
+    async fn handle(
+        self,
+        ing: Ingress,
+        (id, key, outcome): (String, String, String),
+        headers: HeaderMap,
+        body: Body,
+    ) -> Response {
+        let outcomes = self.outcomes();
+        match outcomes.iter().find(|(name, _)| *name == outcome) {
+            Some((_, ty)) => ingest(ing, *ty, &id, &[(self.key(), &key)], headers, body).await,
+            None => {
+                let allowed = outcomes.map(|(name, _)| name).join(", ");
+                let family = match self {
+                    Callback::Tool => "tool",
+                    Callback::Llm => "llm",
+                };
+                let error = IngestError::NotFound(format!("unknown {family} outcome {outcome:?}; one of: {allowed}"));
+                respond(Err(ing.refuse(error)))
+            }
+        }
     }
 }
 

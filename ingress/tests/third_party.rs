@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
-use conv_contracts::subject::{self, STREAM_DLQ, STREAM_IN};
+use conv_contracts::subject::{self, STREAM_IN};
 use conv_contracts::{ConversationId, Envelope, Limits};
 use conv_ingress::Config;
 use conv_nats::consume::{self, Options};
@@ -19,9 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::test]
 async fn python_cloudevents_binary_mode_is_consumed_like_ingress_events() {
-    let nats = TestNats::start().await.expect("test NATS");
-    nats.setup().await.expect("topology");
-    let js = nats.jetstream().await;
+    let (nats, js) = TestNats::set_up().await;
     let addr = free_addr();
     let config: Config = Settings::for_test(nats.config(), addr);
     let _ingress = spawn_service("conv-ingress", |token| conv_ingress::run(config, token));
@@ -99,14 +97,7 @@ async fn python_cloudevents_binary_mode_is_consumed_like_ingress_events() {
     assert_eq!(from_python, seen[0], "decoded exactly like the event that came through ingress");
 
     // The invalid one is in the DLQ with its reason.
-    let mut dlq = js.get_stream(STREAM_DLQ).await.expect("dlq");
-    for _ in 0..100 {
-        if dlq.info().await.expect("info").state.messages == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let letters = conv_nats::dlq::list(&js).await.expect("list");
+    let letters = conv_nats::test_util::wait_dead_letters(&js, 1, Duration::from_secs(10)).await;
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].cause, conv_nats::dlq::Cause::Terminated);
     assert!(letters[0].reason.as_deref().is_some_and(|r| r.starts_with("bad_conversation_id")), "{:?}", letters[0]);

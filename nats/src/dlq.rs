@@ -94,10 +94,12 @@ struct Advisory {
 }
 
 /// Why the DLQ could not be read or an entry not re-driven.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("JetStream: {0}")]
-    JetStream(String),
+    #[error("JetStream: {doing}: {source}")]
+    JetStream { doing: &'static str, source: crate::service::BoxError },
+    #[error("dead letter {id}: the advisory is not readable: {detail}")]
+    BadAdvisory { id: u64, detail: String },
     #[error("dead letter {0} does not exist")]
     NotFound(u64),
     #[error("dead letter {id}: the original is no longer stored ({detail})")]
@@ -113,8 +115,9 @@ pub enum Error {
     SubjectMismatch { id: u64, subject: String, conversation: String },
 }
 
-fn js_err(e: impl std::fmt::Display) -> Error {
-    Error::JetStream(e.to_string())
+/// `map_err(failed("reading X"))`: a JetStream failure and what was being done.
+fn failed<E: Into<crate::service::BoxError>>(doing: &'static str) -> impl FnOnce(E) -> Error {
+    move |e| Error::JetStream { doing, source: e.into() }
 }
 
 fn rfc3339(msg: &StreamMessage) -> String {
@@ -157,19 +160,19 @@ fn original_of(stream: &str, msg: &StreamMessage) -> Original {
 
 /// Reads one dead letter (and its original) by id.
 pub async fn get(js: &jetstream::Context, id: u64) -> Result<DeadLetter, Error> {
-    let dlq = js.get_stream_no_info(STREAM_DLQ).await.map_err(js_err)?;
+    let dlq = js.get_stream_no_info(STREAM_DLQ).await.map_err(failed("opening CONV_DLQ"))?;
     let msg = dlq.get_raw_message(id).await.map_err(|e| {
         if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound {
             Error::NotFound(id)
         } else {
-            js_err(e)
+            failed("reading a dead letter")(e)
         }
     })?;
     let time = rfc3339(&msg);
     let subject = msg.subject.to_string();
     if subject.starts_with("$JS.EVENT.ADVISORY.") {
-        let advisory: Advisory = serde_json::from_slice(&msg.payload)
-            .map_err(|e| Error::JetStream(format!("advisory {id} is not readable: {e}")))?;
+        let advisory: Advisory =
+            serde_json::from_slice(&msg.payload).map_err(|e| Error::BadAdvisory { id, detail: e.to_string() })?;
         let cause = if advisory.kind.ends_with(".max_deliver") { Cause::MaxDeliveries } else { Cause::Terminated };
         let (original, original_error) = match js.get_stream_no_info(&advisory.stream).await {
             Ok(stream) => match stream.get_raw_message(advisory.stream_seq).await {
@@ -206,8 +209,8 @@ pub async fn get(js: &jetstream::Context, id: u64) -> Result<DeadLetter, Error> 
 
 /// Every dead letter, oldest first.
 pub async fn list(js: &jetstream::Context) -> Result<Vec<DeadLetter>, Error> {
-    let mut dlq = js.get_stream(STREAM_DLQ).await.map_err(js_err)?;
-    let state = dlq.info().await.map_err(js_err)?.state.clone();
+    let mut dlq = js.get_stream(STREAM_DLQ).await.map_err(failed("opening CONV_DLQ"))?;
+    let state = dlq.info().await.map_err(failed("reading CONV_DLQ's state"))?.state.clone();
     let mut out = Vec::new();
     if state.messages == 0 {
         return Ok(out);
@@ -328,8 +331,8 @@ pub async fn redrive(
     let audit_msg_id = conv_contracts::trust::derived_msg_id(&audit.conversation_id, &audit.id);
     journal::append(js, &audit, &audit_msg_id, &[], timeout).await.map_err(|source| Error::Append { id, source })?;
 
-    let dlq = js.get_stream_no_info(STREAM_DLQ).await.map_err(js_err)?;
-    dlq.delete_message(id).await.map_err(js_err)?;
+    let dlq = js.get_stream_no_info(STREAM_DLQ).await.map_err(failed("opening CONV_DLQ"))?;
+    dlq.delete_message(id).await.map_err(failed("deleting the re-driven dead letter"))?;
     tracing::info!(message = "Re-driven.", dlq_id = id, event_id = %event.id, conversation_id = %event.conversation_id);
     Ok(done)
 }

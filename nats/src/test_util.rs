@@ -122,6 +122,15 @@ fn server_bin() -> PathBuf {
 }
 
 impl TestNats {
+    /// [`TestNats::start`] with the default topology set up, and a
+    /// JetStream context; panics if either fails.
+    pub async fn set_up() -> (Self, async_nats::jetstream::Context) {
+        let nats = Self::start().await.unwrap_or_else(|e| panic!("test NATS: {e}"));
+        nats.setup().await.unwrap_or_else(|e| panic!("topology: {e}"));
+        let js = nats.jetstream().await;
+        (nats, js)
+    }
+
     /// Starts a server on the backend chosen by `CONV_TEST_NATS`.
     pub async fn start() -> Result<Self, Error> {
         let mode = std::env::var("CONV_TEST_NATS").unwrap_or_default();
@@ -685,6 +694,23 @@ pub async fn publish_all(js: &async_nats::jetstream::Context, events: &[conv_con
         }
     }
     started.elapsed()
+}
+
+/// Polls `CONV_DLQ` until it holds `n` dead letters (panics after `within`).
+pub async fn wait_dead_letters(
+    js: &async_nats::jetstream::Context,
+    n: usize,
+    within: Duration,
+) -> Vec<crate::dlq::DeadLetter> {
+    let deadline = Instant::now() + within;
+    loop {
+        let letters = crate::dlq::list(js).await.unwrap_or_else(|e| panic!("reading the DLQ: {e}"));
+        if letters.len() >= n {
+            return letters;
+        }
+        assert!(Instant::now() < deadline, "{} of {n} dead letters within {within:?}: {letters:?}", letters.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Every file-backed stream's last sequence, summed: durable writes so far.

@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use async_nats::jetstream;
 use async_nats::jetstream::consumer::pull;
-use async_nats::jetstream::{self, stream};
 use conv_contracts::subject::STREAM_DLQ;
 use conv_nats::consume::{self, HandlerError, Options};
 use conv_nats::test_util::TestNats;
@@ -18,9 +18,7 @@ async fn setup(
     max_deliver: i64,
     ack_wait: Duration,
 ) -> (TestNats, jetstream::Context, jetstream::consumer::PullConsumer) {
-    let nats = TestNats::start().await.expect("test NATS");
-    nats.setup().await.expect("topology");
-    let js = nats.jetstream().await;
+    let (nats, js) = TestNats::set_up().await;
     let stream = js.get_stream(STREAM).await.expect("stream");
     let consumer = stream
         .create_consumer(pull::Config {
@@ -59,35 +57,43 @@ async fn dlq_subjects(js: &jetstream::Context, n: u64) -> Vec<String> {
     subjects
 }
 
+/// Runs the consume loop over `consumer` in a task. `handler` gets each
+/// message, how many calls came before it and the loop's shutdown token
+/// (cancel it to stop the loop). Returns the task, that token and the
+/// number of calls.
+async fn spawn_loop<H, Fut>(
+    consumer: &jetstream::consumer::PullConsumer,
+    options: Options,
+    handler: H,
+) -> (tokio::task::JoinHandle<consume::Stats>, CancellationToken, Arc<AtomicU32>)
+where
+    H: Fn(jetstream::Message, u32, CancellationToken) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    let shutdown = CancellationToken::new();
+    let calls = Arc::new(AtomicU32::new(0));
+    let (counted, stop) = (calls.clone(), shutdown.clone());
+    let messages = consumer.messages().await.expect("messages");
+    let run = tokio::spawn(consume::run(
+        messages,
+        move |m| handler(m, counted.fetch_add(1, Ordering::SeqCst), stop.clone()),
+        options,
+        shutdown.clone(),
+    ));
+    (run, shutdown, calls)
+}
+
 #[tokio::test]
 async fn ok_acks_and_poison_terms_into_the_dlq() {
     let (_nats, js, consumer) = setup(5, Duration::from_secs(30)).await;
     publish(&js, 3).await;
-    let shutdown = CancellationToken::new();
-    let seen = Arc::new(AtomicU32::new(0));
-    let handler_seen = seen.clone();
-    let stop = shutdown.clone();
-    let messages = consumer.messages().await.expect("messages");
-    let run = tokio::spawn(consume::run(
-        messages,
-        move |m: jetstream::Message| {
-            let seen = handler_seen.clone();
-            let stop = stop.clone();
-            async move {
-                let n = seen.fetch_add(1, Ordering::SeqCst) + 1;
-                if n == 3 {
-                    stop.cancel();
-                }
-                if m.payload.as_ref() == b"1" {
-                    Err(HandlerError::Poison("payload 1 is poison".into()))
-                } else {
-                    Ok(())
-                }
-            }
-        },
-        Options::default(),
-        shutdown.clone(),
-    ));
+    let (run, _, _) = spawn_loop(&consumer, Options::default(), |m, before, stop| async move {
+        if before + 1 == 3 {
+            stop.cancel();
+        }
+        if m.payload.as_ref() == b"1" { Err(HandlerError::Poison("payload 1 is poison".into())) } else { Ok(()) }
+    })
+    .await;
     let stats = tokio::time::timeout(Duration::from_secs(20), run).await.expect("finishes").expect("no panic");
     assert_eq!((stats.acked, stats.termed, stats.naked), (2, 1, 0));
 
@@ -103,24 +109,10 @@ async fn ok_acks_and_poison_terms_into_the_dlq() {
 async fn transient_failures_retry_until_max_deliver_then_dead_letter() {
     let (_nats, js, consumer) = setup(3, Duration::from_secs(30)).await;
     publish(&js, 1).await;
-    let shutdown = CancellationToken::new();
-    let attempts = Arc::new(AtomicU32::new(0));
-    let a = attempts.clone();
-    let messages = consumer.messages().await.expect("messages");
     let opts =
         Options { nak_min: Duration::from_millis(20), nak_max: Duration::from_millis(100), ..Default::default() };
-    let run = tokio::spawn(consume::run(
-        messages,
-        move |_m| {
-            let a = a.clone();
-            async move {
-                a.fetch_add(1, Ordering::SeqCst);
-                Err(HandlerError::Transient("dependency down".into()))
-            }
-        },
-        opts,
-        shutdown.clone(),
-    ));
+    let (run, shutdown, attempts) =
+        spawn_loop(&consumer, opts, |_, _, _| async { Err(HandlerError::Transient("dependency down".into())) }).await;
     let subjects = dlq_subjects(&js, 1).await;
     assert_eq!(subjects, vec![format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM}.test-worker")]);
     // Nothing is delivered after max_deliver.
@@ -136,28 +128,14 @@ async fn transient_failures_retry_until_max_deliver_then_dead_letter() {
 async fn progress_keeps_long_work_from_being_redelivered() {
     let (_nats, js, consumer) = setup(5, Duration::from_secs(1)).await;
     publish(&js, 1).await;
-    let shutdown = CancellationToken::new();
-    let deliveries = Arc::new(AtomicU32::new(0));
-    let d = deliveries.clone();
-    let stop = shutdown.clone();
-    let messages = consumer.messages().await.expect("messages");
     let opts = Options { progress_every: Duration::from_millis(250), ..Default::default() };
-    let run = tokio::spawn(consume::run(
-        messages,
-        move |_m| {
-            let d = d.clone();
-            let stop = stop.clone();
-            async move {
-                d.fetch_add(1, Ordering::SeqCst);
-                // Three times the ack wait.
-                tokio::time::sleep(Duration::from_secs(3)).await;
-                stop.cancel();
-                Ok(())
-            }
-        },
-        opts,
-        shutdown.clone(),
-    ));
+    let (run, _, deliveries) = spawn_loop(&consumer, opts, |_, _, stop| async move {
+        // Three times the ack wait.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        stop.cancel();
+        Ok(())
+    })
+    .await;
     let stats = tokio::time::timeout(Duration::from_secs(20), run).await.expect("finishes").expect("no panic");
     assert_eq!(stats.acked, 1);
     assert_eq!(deliveries.load(Ordering::SeqCst), 1);
@@ -169,5 +147,4 @@ async fn progress_keeps_long_work_from_being_redelivered() {
     let mut again =
         consumer.fetch().max_messages(1).expires(Duration::from_millis(300)).messages().await.expect("fetch");
     assert!(again.next().await.is_none());
-    let _: Option<stream::Config> = None;
 }

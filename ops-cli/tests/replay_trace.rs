@@ -24,9 +24,7 @@ fn json(o: &Output) -> Value {
 
 #[tokio::test]
 async fn replay_matches_live_state_and_trace_walks_both_ways() {
-    let nats = TestNats::start().await.expect("test NATS");
-    nats.setup().await.expect("topology");
-    let js = nats.jetstream().await;
+    let (nats, js) = TestNats::set_up().await;
     let mut config: conv_runtime::Config = conv_nats::service::Settings::for_test(nats.config(), free_addr());
     config.options.snapshot_every = 3;
     let rt = spawn_service("conv-runtime", |t| conv_runtime::run(config, t));
@@ -139,9 +137,7 @@ async fn replay_matches_live_state_and_trace_walks_both_ways() {
 
 #[tokio::test]
 async fn projections_verify_reports_a_view_that_differs_from_the_journal() {
-    let nats = TestNats::start().await.expect("test NATS");
-    nats.setup().await.expect("topology");
-    let js = nats.jetstream().await;
+    let (nats, js) = TestNats::set_up().await;
     let rc: conv_runtime::Config = conv_nats::service::Settings::for_test(nats.config(), free_addr());
     let _rt = spawn_service("conv-runtime", |t| conv_runtime::run(rc, t));
     let pc: conv_projections::Config = conv_nats::service::Settings::for_test(nats.config(), free_addr());

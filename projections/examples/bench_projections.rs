@@ -193,6 +193,17 @@ async fn readers_mode(args: &[String]) {
     }
 }
 
+/// Posts a user message through ingress; it must be accepted.
+async fn post_message(http: &reqwest::Client, ingress: std::net::SocketAddr, conversation: &str, text: &str) {
+    let r = http
+        .post(format!("http://{ingress}/v1/conversations/{conversation}/messages"))
+        .json(&json!({ "text": text }))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 202, "message to {conversation} accepted");
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -422,13 +433,7 @@ async fn main() {
     let before = writes(js.clone()).await;
     let mut stream = open_stream(&http, at, "turn").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let r = http
-        .post(format!("http://{ingress_addr}/v1/conversations/turn/messages"))
-        .json(&json!({"text": "a long story"}))
-        .send()
-        .await
-        .expect("post");
-    assert_eq!(r.status().as_u16(), 202);
+    post_message(&http, ingress_addr, "turn", "a long story").await;
     let mut got = Vec::new();
     while !got.iter().any(|e: &Event| e.is(EventType::OutRunStatus) && e.data()["status"] == "idle") {
         let Ok(Some(Ok(event))) = tokio::time::timeout(Duration::from_secs(30), stream.next()).await else { break };
@@ -459,13 +464,7 @@ async fn main() {
     // 200 conversations streaming, all aborted together.
     let n = 200;
     for i in 0..n {
-        let r = http
-            .post(format!("http://{ingress_addr}/v1/conversations/ab-{i}/messages"))
-            .json(&json!({"text": "go"}))
-            .send()
-            .await
-            .expect("post");
-        assert_eq!(r.status().as_u16(), 202);
+        post_message(&http, ingress_addr, &format!("ab-{i}"), "go").await;
     }
     // Until every one is streaming.
     let deadline = Instant::now() + Duration::from_secs(60);

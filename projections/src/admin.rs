@@ -351,14 +351,16 @@ fn dlq_error(e: conv_nats::dlq::Error) -> Response {
     let status = match &e {
         E::NotFound(_) | E::OriginalGone { .. } => StatusCode::NOT_FOUND,
         E::Invalid { .. } | E::SubjectMismatch { .. } => StatusCode::CONFLICT,
-        E::JetStream(_) | E::Append { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        E::JetStream { .. } | E::Append { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        E::BadAdvisory { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     };
     let code = match &e {
         E::NotFound(_) => "not_found",
         E::OriginalGone { .. } => "original_gone",
         E::Invalid { .. } => "not_redrivable",
         E::SubjectMismatch { .. } => "subject_mismatch",
-        E::JetStream(_) | E::Append { .. } => "unavailable",
+        E::JetStream { .. } | E::Append { .. } => "unavailable",
+        E::BadAdvisory { .. } => "unreadable",
     };
     error(status, code, e.to_string())
 }

@@ -29,6 +29,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    #[rustfmt::skip] // a table: one metric a line
     pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
         let r = Registrar(registry);
         let lag_buckets = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -39,24 +40,10 @@ impl Metrics {
             folded: r.counter("conv_projections_folded_total", "output events folded into views")?,
             repeats: r.counter("conv_projections_repeats_total", "output events already in their view")?,
             view_writes: r.counter("conv_projections_view_writes_total", "view headers written (batched)")?,
-            gap_fetches: r.counter(
-                "conv_projections_gap_fetches_total",
-                "output read back from CONV_OUT to fill a gap in positions",
-            )?,
-            holes: r.counter(
-                "conv_projections_holes_total",
-                "positions never found in CONV_OUT and skipped after the hole wait",
-            )?,
-            view_lag: r.histogram(
-                "conv_projections_view_lag_seconds",
-                "event time → folded into its view",
-                &lag_buckets,
-            )?,
-            delta_lag: r.histogram(
-                "conv_stream_delta_lag_seconds",
-                "provider text received by effects → live delta in the SSE fan-out",
-                &delta_buckets,
-            )?,
+            gap_fetches: r.counter("conv_projections_gap_fetches_total", "output read back from CONV_OUT to fill a gap in positions")?,
+            holes: r.counter("conv_projections_holes_total", "positions never found in CONV_OUT and skipped after the hole wait")?,
+            view_lag: r.histogram("conv_projections_view_lag_seconds", "event time → folded into its view", &lag_buckets)?,
+            delta_lag: r.histogram("conv_stream_delta_lag_seconds", "provider text received by effects → live delta in the SSE fan-out", &delta_buckets)?,
             ownership: r.ownership("conv_projections", "view partitions")?,
             readers: r.gauge("conv_projections_sse_readers", "open SSE readers on this instance")?,
             topics: r.gauge("conv_projections_sse_topics", "conversations with SSE readers on this instance")?,

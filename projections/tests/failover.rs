@@ -66,9 +66,7 @@ async fn lease_holders(js: &async_nats::jetstream::Context) -> Vec<Option<String
 
 #[tokio::test]
 async fn a_killed_runtime_is_replaced_and_the_next_reply_comes_within_seconds() {
-    let nats = TestNats::start().await.expect("test NATS");
-    nats.setup().await.expect("topology"); // default leases and ack waits
-    let js = nats.jetstream().await;
+    let (nats, js) = TestNats::set_up().await; // default leases and ack waits
     let ingress = free_addr();
     let ic: conv_ingress::Config = Settings::for_test(nats.config(), ingress);
     let _ingress: ServiceHandle<conv_ingress::Error> = spawn_service("conv-ingress", |t| conv_ingress::run(ic, t));
@@ -113,9 +111,7 @@ async fn a_killed_runtime_is_replaced_and_the_next_reply_comes_within_seconds() 
 
 #[tokio::test]
 async fn a_killed_effects_instance_mid_stream_is_resumed_by_the_other_within_seconds() {
-    let nats = TestNats::start().await.expect("test NATS");
-    nats.setup().await.expect("topology"); // default ack waits and progress
-    let js = nats.jetstream().await;
+    let (nats, js) = TestNats::set_up().await; // default ack waits and progress
     let mut rc: conv_runtime::Config = Settings::for_test(nats.config(), free_addr());
     rc.options.heartbeat_ms = 200;
     let _runtime: ServiceHandle<conv_runtime::Error> = spawn_service("conv-runtime", |t| conv_runtime::run(rc, t));

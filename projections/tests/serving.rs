@@ -221,9 +221,7 @@ fn final_text(t: &Value) -> String {
 
 #[tokio::test]
 async fn a_long_reply_streams_at_token_rate_with_few_durable_writes() {
-    let nats = TestNats::start().await.expect("test NATS");
-    nats.setup().await.expect("topology");
-    let js = nats.jetstream().await;
+    let (nats, js) = TestNats::set_up().await;
     let (ingress, _i) = ingress(&nats).await;
     // Default durable coalescing: what the contract's budget is about.
     let defaults = conv_effects::EffectsOptions::default();
@@ -357,9 +355,7 @@ async fn a_reader_too_slow_to_keep_up_is_closed_with_a_final_event() {
     use conv_contracts::payload::{EntryRole, EntryStatus, OutMessageAppended};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let nats = TestNats::start().await.expect("test NATS");
-    nats.setup().await.expect("topology");
-    let js = nats.jetstream().await;
+    let (nats, js) = TestNats::set_up().await;
     let addr = free_addr();
     let mut c = projections_config(&nats, addr);
     c.options.sse_buffer = 32;

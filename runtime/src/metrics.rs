@@ -24,37 +24,21 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    #[rustfmt::skip] // a table: one metric a line
     pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
         let r = Registrar(registry);
         let apply_buckets = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.04, 0.1, 0.25, 1.0];
         let m = Self {
-            apply_seconds: r.histogram(
-                "conv_runtime_apply_seconds",
-                "input taken → effects, marker durable, acked",
-                &apply_buckets,
-            )?,
+            apply_seconds: r.histogram("conv_runtime_apply_seconds", "input taken → effects, marker durable, acked", &apply_buckets)?,
             applied: r.counter("conv_runtime_applied_total", "inputs applied")?,
             duplicates: r.counter("conv_runtime_duplicates_total", "inputs skipped as already applied")?,
-            queue_depth: r.gauges(
-                "conv_runtime_queue_depth",
-                "inputs held by the scheduler, by priority",
-                &["priority"],
-            )?,
+            queue_depth: r.gauges("conv_runtime_queue_depth", "inputs held by the scheduler, by priority", &["priority"])?,
             ownership: r.ownership("conv_runtime", "partitions")?,
             snapshot_writes: r.counter("conv_runtime_snapshot_writes_total", "snapshots written")?,
-            entry_writes: r.counter(
-                "conv_runtime_entry_writes_total",
-                "conversation entries written to conv_entries (snapshots and LLM contexts)",
-            )?,
-            snapshot_conflicts: r.counter(
-                "conv_runtime_snapshot_conflicts_total",
-                "snapshot writes refused: a stale owner gave its partition up",
-            )?,
+            entry_writes: r.counter("conv_runtime_entry_writes_total", "conversation entries written to conv_entries (snapshots and LLM contexts)")?,
+            snapshot_conflicts: r.counter("conv_runtime_snapshot_conflicts_total", "snapshot writes refused: a stale owner gave its partition up")?,
             restores: r.counter("conv_runtime_restores_total", "conversations loaded from snapshot + journal")?,
-            adopted: r.counter(
-                "conv_runtime_adopted_total",
-                "inputs applied on load because a previous owner stored their output without their markers",
-            )?,
+            adopted: r.counter("conv_runtime_adopted_total", "inputs applied on load because a previous owner stored their output without their markers")?,
             terminated: r.counter("conv_runtime_terminated_total", "invalid inputs terminated into the DLQ")?,
             redeliveries: r.redeliveries()?,
         };

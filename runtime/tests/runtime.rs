@@ -33,6 +33,21 @@ fn runtime(nats: &TestNats, instance: &str) -> ServiceHandle<conv_runtime::Error
     spawn_service(instance, |token| conv_runtime::run(config, token))
 }
 
+/// A runtime `instance` that has applied one message (`id` to conversation
+/// `c`), and the server.
+async fn one_applied(
+    instance: &str,
+    id: &str,
+    c: &str,
+) -> (TestNats, async_nats::jetstream::Context, ServiceHandle<conv_runtime::Error>) {
+    let nats = nats().await;
+    let js = nats.jetstream().await;
+    let rt = runtime(&nats, instance);
+    publish_all(&js, &[message(id, c, "tell me a long story")]).await;
+    assert_eq!(wait_markers(&js, 1, Duration::from_secs(20)).await.len(), 1);
+    (nats, js, rt)
+}
+
 fn conv(id: &str) -> ConversationId {
     ConversationId::parse(id).expect("id")
 }
@@ -136,11 +151,7 @@ async fn inputs_are_applied_once_in_order_with_their_effects() {
 
 #[tokio::test]
 async fn an_abort_behind_ten_thousand_deltas_is_applied_first() {
-    let nats = nats().await;
-    let js = nats.jetstream().await;
-    let rt = runtime(&nats, "a");
-    publish_all(&js, &[message("m", "busy", "tell me a long story")]).await;
-    assert_eq!(wait_markers(&js, 1, Duration::from_secs(20)).await.len(), 1);
+    let (nats, js, rt) = one_applied("a", "m", "busy").await;
     rt.shutdown().await.expect("stop");
 
     // While no runtime runs: 10,000 token deltas, then an abort.
@@ -257,14 +268,7 @@ async fn an_input_waits_for_its_cause_and_a_missing_cause_is_dead_lettered() {
     let markers = wait_markers(&js, 2, Duration::from_secs(20)).await;
     let order: Vec<&str> = markers.iter().map(|m| m.input_id.as_str()).collect();
     assert_eq!(order, ["late-msg", "early"], "the cause first, then what it caused");
-    let mut dlq = js.get_stream("CONV_DLQ").await.expect("dlq");
-    for _ in 0..100 {
-        if dlq.info().await.expect("info").state.messages == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let letters = conv_nats::dlq::list(&js).await.expect("list");
+    let letters = conv_nats::test_util::wait_dead_letters(&js, 1, Duration::from_secs(10)).await;
     assert_eq!(letters.len(), 1);
     assert!(letters[0].reason.as_deref().is_some_and(|r| r.starts_with("causality_timeout")), "{:?}", letters[0]);
     assert_eq!(letters[0].original.as_ref().and_then(|o| o.event_id.as_deref()), Some("ghost-effect"));
@@ -294,11 +298,7 @@ async fn outputs(js: &async_nats::jetstream::Context, c: &str) -> Vec<(u64, Stri
 
 #[tokio::test]
 async fn output_stored_without_its_marker_is_adopted_in_its_order() {
-    let nats = nats().await;
-    let js = nats.jetstream().await;
-    let r1 = runtime(&nats, "old-owner");
-    publish_all(&js, &[message("or-m1", "orphan", "first")]).await;
-    wait_markers(&js, 1, Duration::from_secs(20)).await;
+    let (nats, js, r1) = one_applied("old-owner", "or-m1", "orphan").await;
     r1.shutdown().await.expect("stopped");
 
     // What an owner that lost the stream of its markers leaves behind: the

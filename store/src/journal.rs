@@ -17,18 +17,24 @@ use conv_core::reducer;
 use conv_core::snapshot::Snapshot;
 use conv_core::state::State;
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// A source error of any kind (what async-nats returns differs per call).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+#[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("journal: {0}")]
-    JetStream(String),
+    #[error("journal: {doing}: {source}")]
+    JetStream { doing: &'static str, source: BoxError },
     #[error("applied marker #{seq} is not readable: {detail}")]
     BadMarker { seq: u64, detail: String },
+    #[error("output CONV_OUT #{seq} is not readable: {detail}")]
+    BadOutput { seq: u64, detail: String },
     #[error("input CONV_IN #{seq} named by an applied marker is not readable: {detail}")]
     MissingInput { seq: u64, detail: String },
 }
 
-fn js_err(e: impl std::fmt::Display) -> Error {
-    Error::JetStream(e.to_string())
+/// `map_err(failed("reading X"))`: a JetStream failure and what was being done.
+fn failed<E: Into<BoxError>>(doing: &'static str) -> impl FnOnce(E) -> Error {
+    move |e| Error::JetStream { doing, source: e.into() }
 }
 
 /// Subject of a conversation's applied markers.
@@ -54,11 +60,11 @@ async fn markers_and_last(
     after_seq: u64,
 ) -> Result<(Vec<(u64, Marker)>, u64), Error> {
     let subject = marker_subject(conversation);
-    let stream = js.get_stream_no_info(STREAM_APPLIED).await.map_err(js_err)?;
+    let stream = js.get_stream_no_info(STREAM_APPLIED).await.map_err(failed("opening CONV_APPLIED"))?;
     let last = match stream.get_last_raw_message_by_subject(&subject).await {
         Ok(m) => m.sequence,
         Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => return Ok((Vec::new(), 0)),
-        Err(e) => return Err(js_err(e)),
+        Err(e) => return Err(failed("reading the last applied marker")(e)),
     };
     if last <= after_seq {
         return Ok((Vec::new(), last));
@@ -70,16 +76,16 @@ async fn markers_and_last(
             ..Default::default()
         })
         .await
-        .map_err(js_err)?;
-    let mut messages = consumer.messages().await.map_err(js_err)?;
+        .map_err(failed("reading applied markers"))?;
+    let mut messages = consumer.messages().await.map_err(failed("reading applied markers"))?;
     let mut out = Vec::new();
     loop {
         let next = tokio::time::timeout(Duration::from_secs(10), messages.next())
             .await
-            .map_err(|_| Error::JetStream("reading applied markers timed out".into()))?;
+            .map_err(failed("reading applied markers (10 s)"))?;
         let Some(message) = next else { break };
-        let message = message.map_err(js_err)?;
-        let seq = message.info().map(|i| i.stream_sequence).map_err(js_err)?;
+        let message = message.map_err(failed("reading applied markers"))?;
+        let seq = message.info().map(|i| i.stream_sequence).map_err(failed("reading an applied marker's sequence"))?;
         let event =
             conv_nats::headers::decode(&message.subject, message.headers.as_ref(), &message.payload, Limits::default())
                 .map_err(|e| Error::BadMarker { seq, detail: e.to_string() })?;
@@ -96,7 +102,7 @@ async fn markers_and_last(
 
 /// The input a marker names.
 pub async fn input(js: &jetstream::Context, seq: u64) -> Result<Envelope, Error> {
-    let stream = js.get_stream_no_info(STREAM_IN).await.map_err(js_err)?;
+    let stream = js.get_stream_no_info(STREAM_IN).await.map_err(failed("opening CONV_IN"))?;
     let m = stream.get_raw_message(seq).await.map_err(|e| Error::MissingInput { seq, detail: e.to_string() })?;
     conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Limits::default())
         .map_err(|e| Error::MissingInput { seq, detail: e.to_string() })
@@ -182,11 +188,11 @@ pub async fn orphans(
     marker_seq: u64,
 ) -> Result<Option<Orphans>, Error> {
     let filter = conv_contracts::subject::out_conversation_filter(conversation);
-    let out = js.get_stream_no_info(conv_contracts::subject::STREAM_OUT).await.map_err(js_err)?;
+    let out = js.get_stream_no_info(conv_contracts::subject::STREAM_OUT).await.map_err(failed("opening CONV_OUT"))?;
     let last = match out.get_last_raw_message_by_subject(&filter).await {
         Ok(m) => m,
         Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => return Ok(None),
-        Err(e) => return Err(js_err(e)),
+        Err(e) => return Err(failed("reading the last output")(e)),
     };
     let position = conv_nats::headers::header(&last.headers, &format!("ce-{}", conv_contracts::envelope::POSITION))
         .and_then(|v| v.parse::<u64>().ok());
@@ -196,7 +202,7 @@ pub async fn orphans(
     let since = match marker_seq {
         0 => None,
         seq => {
-            let applied = js.get_stream_no_info(STREAM_APPLIED).await.map_err(js_err)?;
+            let applied = js.get_stream_no_info(STREAM_APPLIED).await.map_err(failed("opening CONV_APPLIED"))?;
             applied.get_raw_message(seq).await.ok().map(|m| m.time - ORPHAN_LOOKBACK)
         }
     };
@@ -242,11 +248,11 @@ async fn beyond(
         Some(t) => conv_nats::read::stored_since(js, out, filter, t, false).await,
         None => conv_nats::read::all(js, out, filter, false).await,
     }
-    .map_err(js_err)?;
+    .map_err(failed("reading CONV_OUT"))?;
     let mut found = Vec::new();
     for m in stored {
         let event = conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Limits::default())
-            .map_err(|e| Error::JetStream(format!("CONV_OUT #{} is not readable: {e}", m.seq)))?;
+            .map_err(|e| Error::BadOutput { seq: m.seq, detail: e.to_string() })?;
         if let Some(p) = event.position().filter(|p| *p > outputs) {
             found.push((p, event));
         }

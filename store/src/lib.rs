@@ -34,7 +34,7 @@ pub async fn current(
     Ok(journal::rebuild(js, conversation, loaded.snapshot).await?)
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum CurrentError {
     #[error(transparent)]
     Snapshot(#[from] snapshot::Error),

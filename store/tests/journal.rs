@@ -42,9 +42,7 @@ fn user_ids(state: &State) -> Vec<&str> {
 
 #[tokio::test]
 async fn replay_keeps_the_rules_a_conversation_started_with() {
-    let nats = TestNats::start().await.expect("test NATS");
-    nats.setup().await.expect("topology");
-    let js = nats.jetstream().await;
+    let (_nats, js) = TestNats::set_up().await;
     for (conv, rules, named) in [("old", 1, false), ("new", RULES, true)] {
         let conv = ConversationId::parse(conv).expect("id");
         let live = journal(&js, &conv, rules, named).await;

@@ -77,6 +77,24 @@ impl Stack {
         conv_nats::test_util::wait_inputs(&self.js, c, what, within, pred).await
     }
 
+    /// Sends `text` as conversation `c`'s first message and waits until its
+    /// answer streams (the first delta is journaled).
+    #[allow(dead_code)] // not every suite uses it
+    pub async fn streaming(&self, c: &str, text: &str) {
+        self.send(c, "m1", message(text)).await;
+        self.wait_for(c, "the first delta", |i| count(i, EventType::LlmDelta) >= 1, Duration::from_secs(20)).await;
+    }
+
+    /// Sends `text` as conversation `c`'s first message and waits for a
+    /// tool call or model step to fail: the inputs and the failure's error.
+    #[allow(dead_code)] // not every suite uses it
+    pub async fn fails(&self, c: &str, text: &str, within: Duration) -> (Vec<Envelope>, String) {
+        self.send(c, "m1", message(text)).await;
+        let i = self.wait_for(c, "a failure", |i| failure(i).is_some(), within).await;
+        let error = failure(&i).expect("failed");
+        (i, error)
+    }
+
     /// The conversation's state, replayed from the journal.
     pub async fn state(&self, c: &str) -> conv_core::state::State {
         conv_store::journal::rebuild(&self.js, &conv(c), None).await.expect("rebuild").snapshot.state
@@ -92,6 +110,19 @@ pub fn conv(c: &str) -> ConversationId {
 pub fn count(inputs: &[Envelope], ty: EventType) -> usize {
     inputs.iter().filter(|e| e.event_type() == ty).count()
 }
+
+/// The payload of the first input of a variant: `first!(inputs, LlmFailed)`.
+#[allow(unused_macros)] // not every suite uses it
+macro_rules! first {
+    ($inputs:expr, $variant:ident) => {
+        $inputs.iter().find_map(|e| match &e.data {
+            conv_contracts::Payload::$variant(p) => Some(p.clone()),
+            _ => None,
+        })
+    };
+}
+#[allow(unused_imports)] // not every suite uses it
+pub(crate) use first;
 
 /// The error of the first failed tool call or model step in `inputs`.
 pub fn failure(inputs: &[Envelope]) -> Option<String> {

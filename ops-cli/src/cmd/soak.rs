@@ -396,12 +396,8 @@ async fn drive(stack: &mut stack::Stack, args: &SoakArgs) -> Result<Report, Erro
     stop.store(true, Ordering::Relaxed);
     say("load done; letting the last messages finish");
 
-    let mut turns = Vec::new();
-    for t in talkers {
-        let (done, problems) = t.await.map_err(|e| Error::Failed(format!("a conversation task failed: {e}")))?;
-        turns.extend(done);
-        other.extend(problems);
-    }
+    let (turns, problems) = load::join(talkers).await?;
+    other.extend(problems);
     let first = window(&turns, t0, 0.0, window_secs);
     let last = window(&turns, t0, end - window_secs, f64::INFINITY);
     let latency_stable = stable(&first, &last, args.max_latency_growth);

@@ -235,6 +235,20 @@ pub async fn conversation(
     (turns, problems)
 }
 
+/// Waits for every conversation task: all their turns and problems, in
+/// task order.
+pub async fn join(
+    talkers: Vec<tokio::task::JoinHandle<(Vec<Turn>, Vec<String>)>>,
+) -> Result<(Vec<Turn>, Vec<String>), crate::Error> {
+    let (mut turns, mut problems) = (Vec::new(), Vec::new());
+    for t in talkers {
+        let (done, found) = t.await.map_err(|e| crate::Error::Failed(format!("a conversation task failed: {e}")))?;
+        turns.extend(done);
+        problems.extend(found);
+    }
+    Ok((turns, problems))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -296,12 +296,8 @@ async fn drive(stack: &mut Target, args: &ChaosArgs) -> Result<Report, Error> {
     faults_done.store(true, Ordering::Relaxed);
     say("faults done; letting the conversations finish");
 
-    let mut turns = Vec::new();
-    for t in talkers {
-        let (done, problems) = t.await.map_err(|e| Error::Failed(format!("a conversation task failed: {e}")))?;
-        other.extend(problems);
-        turns.extend(done);
-    }
+    let (mut turns, problems) = load::join(talkers).await?;
+    other.extend(problems);
     // A reply that failed where the user sees it and was retried (a failing
     // provider's doing) waited for the provider, not for the system.
     let mut replies: Vec<f64> = turns
