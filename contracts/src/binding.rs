@@ -31,7 +31,7 @@ pub const CONTENT_TYPE: &str = "content-type";
 /// and (implicitly) everything outside ASCII.
 const HEADER_VALUE: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b'%');
 
-const CONTEXT_ATTRIBUTES: [&str; 8] =
+pub(crate) const CONTEXT_ATTRIBUTES: [&str; 8] =
     ["specversion", "id", "source", "type", "subject", "time", "datacontenttype", "dataschema"];
 
 /// Percent-encodes a header value.
@@ -81,8 +81,7 @@ pub fn to_structured_json(event: &Envelope) -> Value {
 
 /// Structured-mode bytes (`application/cloudevents+json`).
 pub fn encode_structured(event: &Envelope) -> Vec<u8> {
-    // A `Value` always serializes.
-    serde_json::to_vec(&to_structured_json(event)).unwrap_or_default()
+    crate::json::bytes(&to_structured_json(event))
 }
 
 /// Binary mode: `ce-` headers plus `content-type`, and the JSON `data` as body.
@@ -92,7 +91,7 @@ pub fn encode_binary(event: &Envelope) -> (Vec<(String, String)>, Vec<u8>) {
         headers.push((format!("{HEADER_PREFIX}{name}"), encode_header_value(&value)));
     }
     headers.push((CONTENT_TYPE.to_owned(), JSON.to_owned()));
-    let body = serde_json::to_vec(&event.data.to_json()).unwrap_or_default();
+    let body = crate::json::bytes(&event.data.to_json());
     (headers, body)
 }
 
@@ -332,7 +331,7 @@ fn json_kind(v: &Value) -> &'static str {
     }
 }
 
-fn is_extension_name(name: &str) -> bool {
+pub(crate) fn is_extension_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 20 && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 

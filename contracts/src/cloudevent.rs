@@ -53,7 +53,8 @@ mod tests {
             "/test",
             conv,
             MessageReceived { text: "hi".into(), role: None, channel: None, sender: None },
-        );
+        )
+        .expect("valid event");
         let event = to_event(&env).unwrap();
         assert_eq!(event.ty(), "conv.in.message.received");
         assert_eq!(event.subject(), Some("demo"));

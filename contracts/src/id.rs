@@ -73,6 +73,36 @@ pub fn check_event_id(raw: &str) -> Result<(), IdError> {
     Ok(())
 }
 
+fn fnv1a(text: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+/// The id of the `tag`-th event derived from the event `base`:
+/// `<base>~<tag>` (the scheduler reads the tag back to find a cause), or,
+/// when `base` is longer than 200 characters or not a valid id itself,
+/// `h<FNV-1a of base>.<tag>`. A valid id for any tag of at most 40
+/// printable ASCII characters, and the same for the same arguments (dedupe
+/// and replay rely on it).
+pub fn derived_id(base: &str, tag: impl std::fmt::Display) -> String {
+    if base.len() <= 200 && check_event_id(base).is_ok() {
+        format!("{base}~{tag}")
+    } else {
+        format!("h{:016x}.{tag}", fnv1a(base))
+    }
+}
+
+/// `readable` when it is a valid event id, otherwise `h<FNV-1a of it>`:
+/// an id built from parts (a conversation id, a tool call id a model chose)
+/// that is always valid and always the same for the same parts.
+pub fn fit_event_id(readable: String) -> String {
+    if check_event_id(&readable).is_ok() { readable } else { format!("h{:016x}", fnv1a(&readable)) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,5 +123,22 @@ mod tests {
         assert!(check_event_id("01J0-abc").is_ok());
         assert_eq!(check_event_id(""), Err(IdError::Empty));
         assert_eq!(check_event_id("a b"), Err(IdError::BadChar { found: ' ' }));
+    }
+
+    #[test]
+    fn built_ids_are_always_valid_and_stable() {
+        assert_eq!(derived_id("m1", 3), "m1~3");
+        assert_eq!(derived_id("m1", usize::MAX), format!("m1~{}", usize::MAX));
+        for base in ["x".repeat(256), "with space".into(), String::new(), "é".into()] {
+            let id = derived_id(&base, 7);
+            assert!(check_event_id(&id).is_ok() && id.ends_with(".7"), "{id}");
+            assert_eq!(id, derived_id(&base, 7));
+        }
+        assert_eq!(fit_event_id("c1.tool.a".into()), "c1.tool.a");
+        for readable in ["a b".to_owned(), "y".repeat(300), String::new()] {
+            let id = fit_event_id(readable.clone());
+            assert!(check_event_id(&id).is_ok(), "{id}");
+            assert_eq!(id, fit_event_id(readable));
+        }
     }
 }

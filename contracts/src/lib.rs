@@ -16,6 +16,7 @@ pub mod binding;
 pub mod cloudevent;
 pub mod envelope;
 pub mod id;
+pub mod json;
 pub mod live;
 pub mod payload;
 pub mod records;

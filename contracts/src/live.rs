@@ -36,7 +36,7 @@ pub struct LiveCancel {
 impl LiveCancel {
     pub fn to_bytes(&self) -> Vec<u8> {
         // Strings, an enum and a timestamp: serialization cannot fail.
-        serde_json::to_vec(self).unwrap_or_default()
+        crate::json::bytes(self)
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
@@ -63,7 +63,7 @@ pub struct LiveDelta {
 impl LiveDelta {
     pub fn to_bytes(&self) -> Vec<u8> {
         // Strings, integers and a timestamp: serialization cannot fail.
-        serde_json::to_vec(self).unwrap_or_default()
+        crate::json::bytes(self)
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Option<Self> {

@@ -1,8 +1,6 @@
 //! Property tests of the contract: every encoding round-trips, and malformed
 //! input is refused with the right reason — never a panic.
 
-use std::collections::BTreeMap;
-
 use chrono::{DateTime, Utc};
 use conv_contracts::binding::{decode_binary, decode_nats, decode_structured, encode_binary, encode_structured};
 use conv_contracts::cloudevent::{from_event, to_event};
@@ -127,12 +125,14 @@ fn envelope() -> impl Strategy<Value = Envelope> {
         prop::collection::btree_map("[a-z][a-z0-9]{0,10}", "\\PC{0,20}", 0..3),
     )
         .prop_map(|(id, source, conv, data, secs, causation, correlation, ext)| {
-            let mut env = Envelope::new(id, source, conv, data);
-            env.time = secs.and_then(|s| DateTime::<Utc>::from_timestamp(s, (s % 1000) as u32 * 1_000_000));
-            env.causation_id = causation;
-            env.correlation_id = correlation;
-            env.extensions =
-                ext.into_iter().filter(|(k, _)| !RESERVED.contains(&k.as_str())).collect::<BTreeMap<_, _>>();
+            let mut env = Envelope::new(id, source, conv, data)
+                .expect("valid event")
+                .with_time(secs.and_then(|s| DateTime::<Utc>::from_timestamp(s, (s % 1000) as u32 * 1_000_000)))
+                .with_causation(causation, correlation)
+                .expect("valid ids");
+            for (k, v) in ext.into_iter().filter(|(k, _)| !RESERVED.contains(&k.as_str())) {
+                env = env.with_extension(k, v).expect("valid extension");
+            }
             env
         })
 }
@@ -233,12 +233,12 @@ proptest! {
     fn subject_type_mismatch(env in envelope(), other in 0usize..EventType::ALL.len()) {
         let other = EventType::ALL[other];
         prop_assume!(other.kind() != env.event_type().kind() || other.family() != env.event_type().family());
-        let wrong = conv_contracts::subject::for_event(other, &env.conversation_id);
+        let wrong = conv_contracts::subject::for_event(other, env.conversation_id());
         let (headers, body) = encode_binary(&env);
         let err = decode_nats(&wrong, headers_ref(&headers), &body, Limits::default()).expect_err("refused");
         prop_assert_eq!(err.code(), "subject_type_mismatch");
         // ...and a subject naming another conversation.
-        let elsewhere = format!("conv.{}.{}.someone-else-{}", env.event_type().kind().token(), env.event_type().family(), env.conversation_id.as_str().len());
+        let elsewhere = format!("conv.{}.{}.someone-else-{}", env.event_type().kind().token(), env.event_type().family(), env.conversation_id().as_str().len());
         let err = decode_nats(&elsewhere, headers_ref(&headers), &body, Limits::default()).expect_err("refused");
         prop_assert_eq!(err.code(), "subject_type_mismatch");
     }
@@ -283,7 +283,8 @@ fn payload_schema_errors_name_the_problem() {
         "/t",
         ConversationId::parse("c1").expect("valid"),
         MessageReceived { text: "hi".into(), role: None, channel: None, sender: None },
-    );
+    )
+    .expect("valid event");
     let mut map = structured_value(&env);
     map.insert("data".into(), json!({"text": ""}));
     let err = decode_value(map.clone()).expect_err("refused");
@@ -296,7 +297,7 @@ fn payload_schema_errors_name_the_problem() {
 #[test]
 fn every_rejection_kind_has_a_distinct_code() {
     let conv = ConversationId::parse("c1").expect("valid");
-    let good = Envelope::new("e1", "/t", conv, TimerFired { timer_id: "t".into() });
+    let good = Envelope::new("e1", "/t", conv, TimerFired { timer_id: "t".into() }).expect("valid event");
     let base = structured_value(&good);
     let with = |k: &str, v: Value| {
         let mut m = base.clone();
@@ -317,12 +318,15 @@ fn every_rejection_kind_has_a_distinct_code() {
         decode_structured(&encode_structured(&good), Limits { max_event_bytes: 10 }),
         with("datacontenttype", json!("text/plain")),
         with("dataschema", json!("urn:conv:schema:conv.in.timer.fired:v9")),
-        conv_contracts::binding::require_input(Envelope::new(
-            "e2",
-            "/t",
-            ConversationId::parse("c1").expect("valid"),
-            conv_contracts::payload::OutRunStatus { run_id: "r".into(), status: RunStatus::Idle },
-        )),
+        conv_contracts::binding::require_input(
+            Envelope::new(
+                "e2",
+                "/t",
+                ConversationId::parse("c1").expect("valid"),
+                conv_contracts::payload::OutRunStatus { run_id: "r".into(), status: RunStatus::Idle },
+            )
+            .expect("valid event"),
+        ),
     ];
     let codes: Vec<&str> = cases.iter().map(|r| r.as_ref().expect_err("refused").code()).collect();
     assert_eq!(codes, Rejection::CODES.to_vec());
@@ -333,8 +337,10 @@ fn every_rejection_kind_has_a_distinct_code() {
 #[test]
 fn percent_encoding_of_headers() {
     let conv = ConversationId::parse("c1").expect("valid");
-    let mut env = Envelope::new("e1", "/a b\"%ü", conv, TimerFired { timer_id: "t".into() });
-    env.extensions.insert("note".into(), "line\nbreak".into());
+    let env = Envelope::new("e1", "/a b\"%ü", conv, TimerFired { timer_id: "t".into() })
+        .expect("valid event")
+        .with_extension("note", "line\nbreak")
+        .expect("valid extension");
     let (headers, body) = encode_binary(&env);
     let source = headers.iter().find(|(n, _)| n == "ce-source").map(|(_, v)| v.as_str());
     assert_eq!(source, Some("/a%20b%22%25%C3%BC"));

@@ -44,22 +44,7 @@ pub struct Applied {
     pub duplicate: bool,
 }
 
-/// Id of the `n`-th event derived from `input_id`. Short inputs give
-/// readable ids (`<input>~<n>`, which the scheduler reads to find a cause);
-/// very long ones are hashed to stay within the 256-character limit
-/// (`h<hash>.<n>`, not read back).
-pub fn derived_id(input_id: &str, n: usize) -> String {
-    if input_id.len() <= 200 {
-        format!("{input_id}~{n}")
-    } else {
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in input_id.bytes() {
-            hash ^= u64::from(b);
-            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        format!("h{hash:016x}.{n}")
-    }
-}
+pub use conv_contracts::id::derived_id;
 
 struct Ctx<'a> {
     input: &'a Envelope,
@@ -79,15 +64,12 @@ impl Ctx<'_> {
                 None
             }
         };
-        let mut event =
-            Envelope::new(derived_id(&self.input.id, self.out.len()), SOURCE, self.input.conversation_id.clone(), data)
-                .caused_by(self.input);
+        let mut event = Envelope::derived(self.input, self.out.len(), SOURCE, data);
         // Output carries its position in the conversation's output, so views
         // fold it in this order whatever order they receive it in.
         if let Some(p) = position {
             event = event.with_position(p);
         }
-        event.time = self.input.time;
         self.out.push(event);
     }
 }
@@ -95,14 +77,14 @@ impl Ctx<'_> {
 /// Applies one input event to the state, in place. A repeat (an input id
 /// among the recent ones) changes nothing.
 pub fn apply(state: &mut State, input: &Envelope) -> Applied {
-    if state.has_applied(&input.id) {
+    if state.has_applied(input.id()) {
         return Applied { emitted: Vec::new(), duplicate: true };
     }
     let s = state;
     s.version += 1;
-    s.remember(&input.id);
+    s.remember(input.id());
     let mut cx = Ctx { input, out: Vec::new() };
-    match &input.data {
+    match input.data() {
         Payload::MessageReceived(m) => message(s, &mut cx, m),
         Payload::AbortRequested(a) => end_run(s, &mut cx, CancelMode::Abort, a.reason.clone()),
         Payload::StopRequested(_) => end_run(s, &mut cx, CancelMode::Stop, None),
@@ -129,7 +111,7 @@ pub fn apply(state: &mut State, input: &Envelope) -> Applied {
         // Not inputs: ingress and validation keep these out of CONV_IN.
         _ => {}
     }
-    s.extend_chain(&input.id, input.event_type().as_str(), &cx.out);
+    s.extend_chain(input.id(), input.event_type().as_str(), &cx.out);
     Applied { emitted: cx.out, duplicate: false }
 }
 
@@ -411,7 +393,7 @@ fn in_flight_effects(s: &State) -> Vec<String> {
 /// The runtime sends this ahead as a cancel hint (`conv_contracts::live`).
 pub fn cancel_targets(s: &State, input: &Envelope) -> Option<(CancelMode, Vec<String>)> {
     let mode = cancel_mode(input)?;
-    if s.has_applied(&input.id) {
+    if s.has_applied(input.id()) {
         return None;
     }
     let ids = cancelable(s);
@@ -420,7 +402,7 @@ pub fn cancel_targets(s: &State, input: &Envelope) -> Option<(CancelMode, Vec<St
 
 /// The cancel mode of an abort or stop input; `None` for anything else.
 pub fn cancel_mode(input: &Envelope) -> Option<CancelMode> {
-    match input.data {
+    match input.data() {
         Payload::AbortRequested(_) => Some(CancelMode::Abort),
         Payload::StopRequested(_) => Some(CancelMode::Stop),
         _ => None,

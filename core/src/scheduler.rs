@@ -73,8 +73,8 @@ impl<T> Scheduler<T> {
 
     pub fn push(&mut self, pending: Pending<T>) {
         let class = usize::from(pending.event.priority().rank());
-        let conv = pending.event.conversation_id.clone();
-        self.index.insert(pending.event.id.clone(), (class, conv.clone()));
+        let conv = pending.event.conversation_id().clone();
+        self.index.insert(pending.event.id().to_owned(), (class, conv.clone()));
         let queue = self.queues[class].entry(conv.clone()).or_default();
         if queue.is_empty() {
             self.turns[class].push_back(conv);
@@ -92,7 +92,7 @@ impl<T> Scheduler<T> {
         let mut hops = 0;
         loop {
             let head = self.queues[target.0].get(&target.1).and_then(VecDeque::front);
-            let cause = head.and_then(|p| p.event.causation_id.as_deref()).and_then(|c| self.index.get(c));
+            let cause = head.and_then(|p| p.event.causation_id()).and_then(|c| self.index.get(c));
             match cause {
                 Some(next) if hops < 64 && *next != target => {
                     target = next.clone();
@@ -122,7 +122,7 @@ impl<T> Scheduler<T> {
         } else if !self.turns[class].contains(conv) {
             self.turns[class].push_back(conv.clone());
         }
-        self.index.remove(&pending.event.id);
+        self.index.remove(pending.event.id());
         self.len -= 1;
         Some(pending)
     }
@@ -153,7 +153,7 @@ mod tests {
     use conv_contracts::payload::*;
 
     fn ev(id: &str, conv: &str, data: impl Into<conv_contracts::Payload>) -> Envelope {
-        Envelope::new(id, "/t", ConversationId::parse(conv).unwrap(), data)
+        Envelope::new(id, "/t", ConversationId::parse(conv).unwrap(), data).expect("valid event")
     }
 
     fn delta(id: &str, conv: &str) -> Envelope {
@@ -165,7 +165,7 @@ mod tests {
     }
 
     fn order(s: &mut Scheduler<()>) -> Vec<String> {
-        std::iter::from_fn(|| s.pop()).map(|p| p.event.id).collect()
+        std::iter::from_fn(|| s.pop()).map(|p| p.event.id().to_owned()).collect()
     }
 
     #[test]
@@ -176,7 +176,7 @@ mod tests {
         }
         push(&mut s, 10_000, ev("abort", "c1", AbortRequested { reason: None }));
         assert_eq!(s.depths(), [1, 0, 0, 10_000]);
-        assert_eq!(s.pop().map(|p| p.event.id), Some("abort".into()));
+        assert_eq!(s.pop().map(|p| p.event.id().to_owned()), Some("abort".into()));
         let rest = order(&mut s);
         assert_eq!(rest.len(), 10_000);
         assert_eq!(rest[0], "d0", "journal order within a class");
@@ -197,8 +197,8 @@ mod tests {
     fn a_cause_is_applied_before_its_effect() {
         let mut s = Scheduler::new();
         push(&mut s, 1, delta("cause", "c1"));
-        let mut effect = ev("effect", "c1", StopRequested {});
-        effect.causation_id = Some("cause".into());
+        let effect =
+            ev("effect", "c1", StopRequested {}).with_causation(Some("cause".into()), None).expect("valid ids");
         push(&mut s, 2, effect);
         push(&mut s, 3, ev("other-stop", "c2", StopRequested {}));
         assert_eq!(order(&mut s), ["cause", "effect", "other-stop"]);
@@ -207,10 +207,8 @@ mod tests {
     #[test]
     fn causation_cycles_do_not_hang() {
         let mut s = Scheduler::new();
-        let mut a = delta("a", "c1");
-        a.causation_id = Some("b".into());
-        let mut b = delta("b", "c1");
-        b.causation_id = Some("a".into());
+        let a = delta("a", "c1").with_causation(Some("b".into()), None).expect("valid ids");
+        let b = delta("b", "c1").with_causation(Some("a".into()), None).expect("valid ids");
         push(&mut s, 1, a);
         push(&mut s, 2, b);
         assert_eq!(order(&mut s).len(), 2);

@@ -218,7 +218,7 @@ impl State {
     /// this state has applied it: its version, hash and rules.
     pub fn marker(&self, input: &conv_contracts::Envelope, seq: u64) -> conv_contracts::payload::Applied {
         conv_contracts::payload::Applied {
-            input_id: input.id.clone(),
+            input_id: input.id().to_owned(),
             input_type: input.event_type().as_str().to_owned(),
             input_seq: seq,
             applied_index: self.version,
@@ -288,8 +288,7 @@ impl State {
 
     /// The snapshot bytes (also what the hash covers).
     pub fn to_bytes(&self) -> Vec<u8> {
-        // Plain data with string keys: serialization cannot fail.
-        serde_json::to_vec(self).unwrap_or_default()
+        conv_contracts::json::bytes(self)
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
@@ -316,11 +315,11 @@ impl State {
         h.update(input_type.as_bytes());
         for e in emitted {
             h.update(b"\n");
-            h.update(e.id.as_bytes());
+            h.update(e.id().as_bytes());
             h.update(b" ");
             h.update(e.event_type().as_str().as_bytes());
             h.update(b" ");
-            h.update(e.data.to_json().to_string().as_bytes());
+            h.update(e.data().to_json().to_string().as_bytes());
         }
         self.chain = hex(&h.finalize());
     }

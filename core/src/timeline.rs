@@ -173,7 +173,7 @@ pub fn fold<'a>(conversation_id: &str, events: impl IntoIterator<Item = &'a Enve
         if upto.is_some_and(|u| p > u) {
             break;
         }
-        view.apply(p, &e.data);
+        view.apply(p, e.data());
     }
     view.timeline
 }
@@ -187,7 +187,7 @@ mod tests {
 
     fn out(position: u64, data: impl Into<Payload>) -> Envelope {
         let conv = ConversationId::parse("c").expect("id");
-        Envelope::new(format!("e{position}"), "/t", conv, data).with_position(position)
+        Envelope::new(format!("e{position}"), "/t", conv, data).expect("valid event").with_position(position)
     }
 
     fn reply() -> Vec<Envelope> {
@@ -288,7 +288,7 @@ mod tests {
     fn a_delta_after_the_end_of_its_entry_changes_nothing() {
         let mut v = Indexed::new("c");
         for e in reply() {
-            v.apply(e.position().expect("position"), &e.data);
+            v.apply(e.position().expect("position"), e.data());
         }
         let late = OutMessageDelta { entry_id: "a1".into(), seq: 9, text: "!".into(), offset: Some(5) };
         assert_eq!(v.apply(8, &late.into()), Touched::Nothing);

@@ -10,7 +10,7 @@ use proptest::prelude::*;
 use serde_json::json;
 
 fn ev(id: &str, data: impl Into<Payload>) -> Envelope {
-    Envelope::new(id, "/test", ConversationId::parse("c1").expect("id"), data)
+    Envelope::new(id, "/test", ConversationId::parse("c1").expect("id"), data).expect("valid event")
 }
 
 fn msg(id: &str, text: &str) -> Envelope {
@@ -48,7 +48,7 @@ fn a_message_starts_a_run_and_the_reply_streams_in() {
             "conv.out.message.appended"
         ]
     );
-    assert!(out.iter().all(|e| e.causation_id.as_deref() == Some("m1")));
+    assert!(out.iter().all(|e| e.causation_id() == Some("m1")));
     let (s, _) = run(&[
         msg("m1", "hi"),
         delta("d0", "r1.s1", 1, 0, "Hel"),
@@ -94,13 +94,13 @@ fn abort_cancels_everything_and_leaves_no_dangling_tool_call() {
     let tool = s.entries.iter().find(|e| e.tool_call_id.as_deref() == Some("t1")).expect("a tool result");
     assert_eq!(tool.status, EntryStatus::Aborted);
     let cancel = out.iter().find(|e| e.event_type() == conv_contracts::EventType::CancelRequested).expect("cancel");
-    match &cancel.data {
+    match cancel.data() {
         Payload::CancelRequested(c) => {
             assert_eq!((c.mode, c.effect_ids.clone()), (CancelMode::Abort, vec!["t1".to_owned()]))
         }
         other => panic!("{other:?}"),
     }
-    assert!(!out.iter().any(|e| e.causation_id.as_deref() == Some("late")), "nothing after the abort");
+    assert!(!out.iter().any(|e| e.causation_id() == Some("late")), "nothing after the abort");
 }
 
 #[test]
@@ -125,7 +125,7 @@ fn stop_then_retry_runs_the_step_again() {
     assert_eq!((stopped.text.as_str(), stopped.status), ("Par", EntryStatus::Stopped));
     let second = s.entries.iter().find(|e| e.id == "r1.s1.a2").expect("second attempt");
     assert_eq!(second.text, "New");
-    assert!(out.iter().any(|e| matches!(&e.data, Payload::LlmRequested(r) if r.attempt == 2)));
+    assert!(out.iter().any(|e| matches!(e.data(), Payload::LlmRequested(r) if r.attempt == 2)));
 }
 
 #[test]
@@ -145,8 +145,8 @@ fn a_tool_round_trip_starts_the_next_step() {
         ),
         ev("t", ToolCompleted { tool_call_id: "t1".into(), result: json!({"x": 1}) }),
     ]);
-    assert!(out.iter().any(|e| matches!(&e.data, Payload::ToolRequested(r) if r.name == "echo")));
-    assert!(out.iter().any(|e| matches!(&e.data, Payload::LlmRequested(r) if r.step_id == "r1.s2")));
+    assert!(out.iter().any(|e| matches!(e.data(), Payload::ToolRequested(r) if r.name == "echo")));
+    assert!(out.iter().any(|e| matches!(e.data(), Payload::LlmRequested(r) if r.step_id == "r1.s2")));
     assert_eq!(s.run_status, RunStatus::Running);
 }
 
@@ -267,7 +267,7 @@ proptest! {
         for (i, e) in events.iter().enumerate() {
             let applied = apply(&mut s, e);
             for out in &applied.emitted {
-                if let Payload::LlmRequested(r) = &out.data {
+                if let Payload::LlmRequested(r) = out.data() {
                     let reference = r.context_ref.expect("by reference");
                     prop_assert_eq!(reference.entries as usize + 1, s.entries.len());
                     prop_assert!(r.context.is_empty(), "nothing inline");
@@ -295,11 +295,11 @@ proptest! {
         for e in &events {
             let hint = conv_core::reducer::cancel_targets(&s, e);
             let applied = apply(&mut s, e);
-            let directive = applied.emitted.iter().find_map(|o| match &o.data {
+            let directive = applied.emitted.iter().find_map(|o| match o.data() {
                 Payload::CancelRequested(c) => Some((c.mode, c.effect_ids.clone())),
                 _ => None,
             });
-            if matches!(e.data, Payload::AbortRequested(_) | Payload::StopRequested(_)) {
+            if matches!(e.data(), Payload::AbortRequested(_) | Payload::StopRequested(_)) {
                 prop_assert_eq!(hint, directive);
             } else {
                 prop_assert!(hint.is_none());
@@ -325,7 +325,7 @@ proptest! {
         }
         let mut ids = HashSet::new();
         for e in &out {
-            prop_assert!(ids.insert(e.id.clone()), "emitted id {} twice", e.id);
+            prop_assert!(ids.insert(e.id().to_owned()), "emitted id {} twice", e.id());
             prop_assert!(binding::check(e, Limits::default()).is_ok(), "emitted event is valid: {e:?}");
         }
     }

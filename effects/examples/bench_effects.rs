@@ -46,8 +46,9 @@ fn message(conv: &str, id: &str) -> Envelope {
         "/bench",
         ConversationId::parse(conv).expect("id"),
         MessageReceived { text: "go".into(), role: None, channel: None, sender: None },
-    );
-    e.time = Some(chrono::Utc::now());
+    )
+    .expect("valid event");
+    e = e.with_time(Some(chrono::Utc::now()));
     e
 }
 
@@ -127,6 +128,7 @@ async fn main() {
                 ConversationId::parse(&format!("ab-{i}")).expect("id"),
                 AbortRequested { reason: None },
             )
+            .expect("valid event")
         })
         .collect();
     // When each conversation's cancel hint left the runtime (seen here).
@@ -147,8 +149,8 @@ async fn main() {
     let mut acks = Vec::new();
     for mut e in aborts {
         let now = chrono::Utc::now();
-        e.time = Some(now);
-        sent.insert(e.conversation_id.to_string(), now);
+        e = e.with_time(Some(now));
+        sent.insert(e.conversation_id().to_string(), now);
         acks.push(conv_nats::headers::publish(&js, &e).await.expect("publish"));
     }
     for a in acks {
@@ -170,8 +172,8 @@ async fn main() {
     let mut latencies: Vec<f64> = canceled
         .iter()
         .filter_map(|e| {
-            let at = e.time?;
-            let abort = sent.get(e.conversation_id.as_str())?;
+            let at = e.time()?;
+            let abort = sent.get(e.conversation_id().as_str())?;
             Some((at - *abort).num_microseconds()? as f64 / 1000.0)
         })
         .collect();

@@ -92,16 +92,16 @@ impl Executor {
     async fn emit(&self, directive: &Envelope, data: impl Into<Payload>) -> Result<(), RetryLater> {
         let data = data.into();
         let id = match data.natural_key() {
-            Some(key) => format!("{}.{key}", directive.conversation_id),
-            None => format!("{}~{}", directive.id, Utc::now().timestamp_nanos_opt().unwrap_or_default()),
+            Some(key) => format!("{}.{key}", directive.conversation_id()),
+            None => format!("{}~{}", directive.id(), Utc::now().timestamp_nanos_opt().unwrap_or_default()),
         };
-        let event = Envelope::new(id, SOURCE, directive.conversation_id.clone(), data)
+        let event = Envelope::service(id, SOURCE, directive.conversation_id().clone(), data)
             .caused_by(directive)
             .with_time(Utc::now());
-        let msg_id = conv_contracts::trust::derived_msg_id(&event.conversation_id, &event.id);
+        let msg_id = conv_contracts::trust::derived_msg_id(event.conversation_id(), event.id());
         let span = self.tracer.event(
             &event,
-            Some(conv_telemetry::work_span_id(directive.conversation_id.as_str(), &directive.id, WORKER)),
+            Some(conv_telemetry::work_span_id(directive.conversation_id().as_str(), directive.id(), WORKER)),
             std::time::SystemTime::now(),
         );
         let started = tokio::time::Instant::now();
@@ -111,8 +111,8 @@ impl Executor {
                 Err(journal::AppendError::Unavailable(detail)) if started.elapsed() + backoff < JOURNAL_PATIENCE => {
                     tracing::info!(
                         message = "Journal unavailable; retrying the event in place.",
-                        event_id = %event.id,
-                        conversation_id = %event.conversation_id,
+                        event_id = %event.id(),
+                        conversation_id = %event.conversation_id(),
                         %detail,
                         backoff_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX)
                     );
@@ -130,11 +130,11 @@ impl Executor {
                 }
                 Ok(())
             }
-            Err(journal::AppendError::TooLarge(detail)) => match too_large_outcome(&event.data, &detail) {
+            Err(journal::AppendError::TooLarge(detail)) => match too_large_outcome(event.data(), &detail) {
                 // An outcome the journal cannot take ends its effect visibly
                 // instead of being retried forever.
                 Some(instead) => {
-                    tracing::warn!(message = "Outcome too large for the journal; failing the effect.", event_id = %event.id, %detail);
+                    tracing::warn!(message = "Outcome too large for the journal; failing the effect.", event_id = %event.id(), %detail);
                     Box::pin(self.emit(directive, instead)).await
                 }
                 None => Err(RetryLater(format!(
@@ -150,7 +150,7 @@ impl Executor {
     /// `redelivered`: an earlier run of this directive may have journaled part
     /// of its output (its instance died); the run then resumes after it.
     pub async fn run(&self, directive: &Envelope, redelivered: bool) -> Result<(), RetryLater> {
-        let name = match &directive.data {
+        let name = match directive.data() {
             Payload::LlmRequested(_) => "effects.llm",
             Payload::ToolRequested(_) => "effects.tool",
             Payload::TimerScheduled(_) => "effects.timer.schedule",
@@ -175,7 +175,7 @@ impl Executor {
     }
 
     async fn run_inner(&self, directive: &Envelope, redelivered: bool) -> Result<(), RetryLater> {
-        match &directive.data {
+        match directive.data() {
             Payload::LlmRequested(r) => self.llm(directive, r, redelivered).await,
             Payload::ToolRequested(t) => self.tool(directive, t).await,
             Payload::CancelRequested(c) => {
@@ -183,20 +183,20 @@ impl Executor {
                 Ok(())
             }
             Payload::TimerScheduled(t) => {
-                let start = directive.time.unwrap_or_else(Utc::now);
+                let start = directive.time().unwrap_or_else(Utc::now);
                 let timer = crate::timers::Timer {
-                    conversation_id: directive.conversation_id.to_string(),
+                    conversation_id: directive.conversation_id().to_string(),
                     timer_id: t.timer_id.clone(),
                     fire_at_ms: start
                         .timestamp_millis()
                         .saturating_add(i64::try_from(t.delay_ms.min(MAX_DELAY_MS)).unwrap_or(i64::MAX)),
-                    directive_id: directive.id.clone(),
-                    correlation_id: directive.correlation_id.clone(),
+                    directive_id: directive.id().to_owned(),
+                    correlation_id: directive.correlation_id().map(str::to_owned),
                 };
                 crate::timers::schedule(&self.timers, &timer).await.map_err(|e| RetryLater(e.to_string()))
             }
             Payload::TimerCancelRequested(t) => {
-                crate::timers::cancel(&self.timers, directive.conversation_id.as_str(), &t.timer_id)
+                crate::timers::cancel(&self.timers, directive.conversation_id().as_str(), &t.timer_id)
                     .await
                     .map_err(|e| RetryLater(e.to_string()))
             }
@@ -219,7 +219,7 @@ impl Executor {
         let token = self.callback_secret.as_ref().map(|secret| {
             conv_contracts::trust::callback_token(
                 secret.expose().as_bytes(),
-                &directive.conversation_id,
+                directive.conversation_id(),
                 conv_contracts::trust::CallbackTarget::Tool { tool_call_id: &id },
             )
         });
@@ -283,9 +283,9 @@ impl Executor {
     pub fn cancel(&self, directive: &Envelope, c: &CancelRequested) {
         let mut stopped = 0usize;
         for id in &c.effect_ids {
-            if self.registry.cancel(directive.conversation_id.as_str(), id) {
+            if self.registry.cancel(directive.conversation_id().as_str(), id) {
                 stopped += 1;
-                if let Some(t) = directive.time {
+                if let Some(t) = directive.time() {
                     let latency = (Utc::now() - t).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
                     self.metrics.abort_latency.observe(latency);
                 }
@@ -294,7 +294,7 @@ impl Executor {
         // Once per instance: by the first of the cancel's copies that stops
         // something here (every instance sees a cancel; each has its share).
         if stopped > 0 {
-            let start = directive.time.map(std::time::SystemTime::from).unwrap_or_else(std::time::SystemTime::now);
+            let start = directive.time().map(std::time::SystemTime::from).unwrap_or_else(std::time::SystemTime::now);
             if let Some(span) = self.tracer.work("effects.cancel", WORKER, directive, start) {
                 self.tracer.finish(
                     span.with_id(conv_telemetry::SpanId::unique()).attr(conv_telemetry::attr::STOPPED, stopped),
@@ -304,7 +304,7 @@ impl Executor {
     }
 
     async fn llm(&self, directive: &Envelope, r: &LlmRequested, redelivered: bool) -> Result<(), RetryLater> {
-        let conv = directive.conversation_id.as_str();
+        let conv = directive.conversation_id().as_str();
         let (step_id, attempt) = (r.step_id.clone(), r.attempt);
         let effect = llm_effect_id(&step_id, attempt);
         let Some(cancel) = self.registry.start(conv, &effect) else {
@@ -329,7 +329,7 @@ impl Executor {
         directive: &Envelope,
         r: &LlmRequested,
     ) -> Result<Vec<ContextMessage>, conv_store::context::ContextError> {
-        let conv = directive.conversation_id.as_str();
+        let conv = directive.conversation_id().as_str();
         let read = match r.context_ref {
             Some(reference) => conv_store::context::read(&self.snapshots, conv, reference, self.context_window).await?,
             None => {
@@ -358,12 +358,12 @@ impl Executor {
 
     /// The text and count of deltas an earlier run of this step attempt journaled.
     async fn journaled_deltas(&self, directive: &Envelope, r: &LlmRequested) -> (String, u64) {
-        let filter = conv_contracts::subject::in_family_filter("llm", &directive.conversation_id);
+        let filter = conv_contracts::subject::in_family_filter("llm", directive.conversation_id());
         let in_stream = conv_contracts::subject::STREAM_IN;
         // The step's chunks were journaled after the input that asked for it
         // was accepted (the directive's time): read from there, with room for
         // clocks apart, not the conversation's whole history.
-        let stored = match directive.time {
+        let stored = match directive.time() {
             Some(at) => conv_nats::read::since(&self.js, in_stream, &filter, at - RESUME_CLOCK_SLACK, false).await,
             None => conv_nats::read::all(&self.js, in_stream, &filter, false).await,
         };
@@ -376,7 +376,7 @@ impl Executor {
                 conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, conv_contracts::Limits::default())
                     .ok()
             })
-            .filter_map(|e| match e.data {
+            .filter_map(|e| match e.into_data() {
                 Payload::LlmDelta(d) if d.step_id == r.step_id && d.attempt == r.attempt => Some(d),
                 _ => None,
             })
@@ -470,7 +470,7 @@ impl Executor {
             }
         };
         let entry_id = r.entry_id.clone().unwrap_or_else(|| llm_effect_id(&step_id, attempt));
-        let live_subject = conv_contracts::subject::live_subject(&directive.conversation_id);
+        let live_subject = conv_contracts::subject::live_subject(directive.conversation_id());
         let live = self.js.client();
         // Resuming: what an earlier run journaled stays; its bytes are not
         // sent again and the answer continues after them.
@@ -593,7 +593,7 @@ impl Executor {
     }
 
     async fn tool(&self, directive: &Envelope, t: &ToolRequested) -> Result<(), RetryLater> {
-        let conv = directive.conversation_id.as_str();
+        let conv = directive.conversation_id().as_str();
         let id = t.tool_call_id.clone();
         let Some(cancel) = self.registry.start(conv, &id) else {
             self.metrics.canceled.with_label_values(&["tool"]).inc();

@@ -358,13 +358,9 @@ fn hint_directive(subject: &str, payload: &[u8]) -> Option<(conv_contracts::Enve
     let hint = conv_contracts::live::LiveCancel::from_bytes(payload)?;
     let conversation = conv_contracts::ConversationId::parse(subject.rsplit('.').next()?).ok()?;
     let cancel = CancelRequested { mode: hint.mode, effect_ids: hint.effect_ids, reason: None };
-    let mut event = conv_contracts::Envelope::new(
-        format!("{}~hint", hint.input_id),
-        executor::SOURCE,
-        conversation,
-        cancel.clone(),
-    );
-    event.time = hint.time;
+    let id = conv_contracts::id::derived_id(&hint.input_id, "hint");
+    let event =
+        conv_contracts::Envelope::service(id, executor::SOURCE, conversation, cancel.clone()).with_time(hint.time);
     Some((event, cancel))
 }
 
@@ -461,11 +457,11 @@ fn spawn_effect(running: &mut JoinSet<Class>, executor: &Arc<executor::Executor>
         match outcome {
             Ok(()) => {
                 if let Err(error) = message.double_ack().await {
-                    tracing::warn!(message = "Failed to ack a directive.", event_id = %event.id, %error);
+                    tracing::warn!(message = "Failed to ack a directive.", event_id = %event.id(), %error);
                 }
             }
             Err(error) => {
-                tracing::warn!(message = "Effect will be retried.", event_id = %event.id, %error);
+                tracing::warn!(message = "Effect will be retried.", event_id = %event.id(), %error);
                 if let Err(error) = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await {
                     tracing::debug!(message = "Failed to nak a directive.", %error);
                 }
@@ -486,8 +482,8 @@ fn cancel_now(
 ) {
     executor.cancel(event, c);
     let named = |q: &Queued| {
-        q.event.conversation_id == event.conversation_id
-            && effect_id(&q.event.data).is_some_and(|id| c.effect_ids.contains(&id))
+        q.event.conversation_id() == event.conversation_id()
+            && effect_id(q.event.data()).is_some_and(|id| c.effect_ids.contains(&id))
     };
     let (hit, keep): (VecDeque<Queued>, VecDeque<Queued>) = std::mem::take(queue).into_iter().partition(named);
     *queue = keep;
@@ -531,7 +527,7 @@ async fn serve(executor: Arc<executor::Executor>, inbox: Inbox, limits: Admissio
             }
             Some(Ok(m)) = cancels.next() => {
                 if let Ok(event) = decode(&m)
-                    && let Payload::CancelRequested(c) = &event.data
+                    && let Payload::CancelRequested(c) = event.data()
                 {
                     cancel_now(&executor, &event, c, &mut queue, &mut running);
                 }
@@ -568,7 +564,7 @@ async fn serve(executor: Arc<executor::Executor>, inbox: Inbox, limits: Admissio
                         continue;
                     }
                 };
-                if let Payload::CancelRequested(c) = &event.data {
+                if let Payload::CancelRequested(c) = event.data() {
                     // Cancels never wait for a slot.
                     cancel_now(&executor, &event, c, &mut queue, &mut running);
                     if let Err(error) = message.double_ack().await {
@@ -576,7 +572,7 @@ async fn serve(executor: Arc<executor::Executor>, inbox: Inbox, limits: Admissio
                     }
                     continue;
                 }
-                let class = class(&event.data);
+                let class = class(event.data());
                 queue.push_back(Queued { event, message, class });
             }
         }

@@ -35,6 +35,8 @@ pub enum TimerError {
     Delete(#[from] kv::DeleteError),
     #[error("the timer names no valid conversation: {0}")]
     Conversation(#[from] conv_contracts::id::IdError),
+    #[error("the timer names an invalid cause: {0}")]
+    Cause(#[from] conv_contracts::Rejection),
     #[error("journaling timer.fired: {0}")]
     Journal(#[from] conv_nats::journal::AppendError),
 }
@@ -99,7 +101,7 @@ pub async fn run(
                             }
                             pending.remove(&key);
                         }
-                        Err(error @ TimerError::Conversation(_)) => {
+                        Err(error @ (TimerError::Conversation(_) | TimerError::Cause(_))) => {
                             tracing::error!(message = "A timer that can never fire is dropped.", %key, %error);
                             if let Err(error) = store.delete_expect_revision(&key, Some(p.revision)).await {
                                 tracing::warn!(message = "Dropped timer not deleted.", %key, %error);
@@ -149,20 +151,20 @@ async fn fire(
     timer: &Timer,
 ) -> Result<(), TimerError> {
     let conversation = ConversationId::parse(&timer.conversation_id)?;
-    let mut event = Envelope::new(
+    let correlation = timer.correlation_id.clone().unwrap_or_else(|| timer.directive_id.clone());
+    let event = Envelope::service(
         format!("{}.timer.{}.fired", timer.conversation_id, timer.timer_id),
         crate::executor::SOURCE,
         conversation,
         TimerFired { timer_id: timer.timer_id.clone() },
     )
-    .with_time(Utc::now());
-    event.causation_id = Some(timer.directive_id.clone());
-    event.correlation_id = timer.correlation_id.clone().or_else(|| Some(timer.directive_id.clone()));
+    .with_time(Utc::now())
+    .with_causation(Some(timer.directive_id.clone()), Some(correlation))?;
     let span = tracer.event(&event, None, std::time::SystemTime::now());
     let appended = conv_nats::journal::append(
         js,
         &event,
-        &conv_contracts::trust::derived_msg_id(&event.conversation_id, &event.id),
+        &conv_contracts::trust::derived_msg_id(event.conversation_id(), event.id()),
         &[],
         Duration::from_secs(5),
     )

@@ -101,14 +101,14 @@ pub async fn call(
     args: &Value,
     callback_token: Option<&str>,
 ) -> Result<Answer, CallError> {
-    let conversation = directive.conversation_id.as_str();
+    let conversation = directive.conversation_id().as_str();
     let mut body = json!({
         "conversation_id": conversation,
         "tool_call_id": tool_call_id,
         "name": tool.name,
         "args": args,
-        "causation_id": directive.id,
-        "correlation_id": directive.correlation_id.as_deref().unwrap_or(&directive.id),
+        "causation_id": directive.id(),
+        "correlation_id": directive.correlation_id().unwrap_or(directive.id()),
     });
     if let Some(token) = callback_token {
         body["callback_token"] = Value::String(token.to_owned());

@@ -31,7 +31,7 @@ async fn a_message_gets_a_streamed_coalesced_reply() {
     let completed = first!(inputs, LlmCompleted).map(|p| p.text).expect("completed");
     let chunks: String = inputs
         .iter()
-        .filter_map(|e| match &e.data {
+        .filter_map(|e| match e.data() {
             conv_contracts::Payload::LlmDelta(d) => Some(d.text.clone()),
             _ => None,
         })
@@ -68,7 +68,7 @@ async fn a_message_gets_a_streamed_coalesced_reply() {
         inputs
             .iter()
             .filter(|e| e.event_type() != EventType::MessageReceived)
-            .all(|e| e.causation_id.as_deref() == Some("m1~2"))
+            .all(|e| e.causation_id() == Some("m1~2"))
     );
     drop(s.nats);
 }
@@ -172,7 +172,7 @@ async fn aborts_never_wait_for_a_slot_and_queued_calls_never_run() {
                     Duration::from_secs(10),
                 )
                 .await;
-            let at = |ty: EventType| i.iter().find(|e| e.event_type() == ty).and_then(|e| e.time).expect("a time");
+            let at = |ty: EventType| i.iter().find(|e| e.event_type() == ty).and_then(|e| e.time()).expect("a time");
             let latency = at(EventType::ToolCanceled) - at(EventType::AbortRequested);
             assert!(
                 latency.num_milliseconds() < 1000,

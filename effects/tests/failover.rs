@@ -40,8 +40,9 @@ async fn a_killed_instance_is_replaced_and_the_reply_completes_once() {
         "/test",
         ConversationId::parse("fx").expect("id"),
         MessageReceived { text: "a long answer please".into(), role: None, channel: None, sender: None },
-    );
-    m.time = Some(chrono::Utc::now());
+    )
+    .expect("valid event");
+    m = m.with_time(chrono::Utc::now());
     conv_nats::headers::publish(&js, &m).await.expect("publish").await.expect("ack");
 
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -65,14 +66,14 @@ async fn a_killed_instance_is_replaced_and_the_reply_completes_once() {
     };
     assert_eq!(count(&journal, EventType::LlmStarted), 1, "started once (the re-run's repeat was deduped)");
     assert_eq!(count(&journal, EventType::LlmCompleted), 1);
-    let mut ids: Vec<&str> = journal.iter().map(|e| e.id.as_str()).collect();
+    let mut ids: Vec<&str> = journal.iter().map(|e| e.id()).collect();
     let n = ids.len();
     ids.sort_unstable();
     ids.dedup();
     assert_eq!(ids.len(), n, "no duplicate lifecycle event");
     let deltas: Vec<&LlmDelta> = journal
         .iter()
-        .filter_map(|e| match &e.data {
+        .filter_map(|e| match e.data() {
             Payload::LlmDelta(d) => Some(d),
             _ => None,
         })

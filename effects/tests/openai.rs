@@ -187,7 +187,7 @@ impl Stack {
 
 fn completed_text(i: &[Envelope]) -> Vec<String> {
     i.iter()
-        .filter_map(|e| match &e.data {
+        .filter_map(|e| match e.data() {
             Payload::LlmCompleted(c) => Some(c.text.clone()),
             _ => None,
         })
@@ -228,14 +228,14 @@ async fn server_errors_exhaust_the_retries_and_fail_the_step() {
 #[tokio::test]
 async fn client_errors_fail_at_once() {
     let (s, i) = ask("refused", "hi", EventType::LlmFailed, 1).await;
-    assert!(i.iter().any(|e| matches!(&e.data, Payload::LlmFailed(f) if !f.retryable)));
+    assert!(i.iter().any(|e| matches!(e.data(), Payload::LlmFailed(f) if !f.retryable)));
     assert_eq!(s.requests("refused"), 1);
 }
 
 #[tokio::test]
 async fn a_stalled_stream_times_out() {
     let (_s, i) = ask("stall", "hi", EventType::LlmFailed, 1).await;
-    assert!(i.iter().any(|e| matches!(&e.data, Payload::LlmFailed(f) if f.error.contains("stalled"))));
+    assert!(i.iter().any(|e| matches!(e.data(), Payload::LlmFailed(f) if f.error.contains("stalled"))));
 }
 
 #[tokio::test]
@@ -243,7 +243,7 @@ async fn text_is_journaled_when_due_while_the_provider_is_quiet() {
     let (_s, i) = ask("pause", "hi", EventType::LlmCompleted, 1).await;
     let deltas: Vec<&str> = i
         .iter()
-        .filter_map(|e| match &e.data {
+        .filter_map(|e| match e.data() {
             Payload::LlmDelta(d) => Some(d.text.as_str()),
             _ => None,
         })

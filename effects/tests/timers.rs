@@ -19,7 +19,7 @@ async fn timers_fire_are_canceled_by_abort_and_survive_restarts() {
     s.send("t1", "t1-m", message(r#"/tool timer {"ms": 400}"#)).await;
     let i = s.wait_for("t1", "the reaction to the timer", |i| count(i, EventType::LlmCompleted) == 3, within).await;
     assert_eq!(count(&i, EventType::TimerFired), 1);
-    let mut noted = i.iter().filter_map(|e| match &e.data {
+    let mut noted = i.iter().filter_map(|e| match e.data() {
         Payload::LlmCompleted(c) => Some(c.text.clone()),
         _ => None,
     });

@@ -116,7 +116,7 @@ impl Stack {
 fn tool_result(i: &[Envelope]) -> Option<Payload> {
     i.iter()
         .find(|e| matches!(e.event_type(), EventType::ToolCompleted | EventType::ToolFailed))
-        .map(|e| e.data.clone())
+        .map(|e| e.data().clone())
 }
 
 #[tokio::test]

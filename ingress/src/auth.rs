@@ -77,9 +77,9 @@ impl Auth {
     /// token, anything else a client key for the conversation. Returns which
     /// key it was (for its rate limit); `None` for callbacks and open ingress.
     pub fn check(&self, event: &Envelope, presented: Presented<'_>) -> Result<Option<usize>, IngestError> {
-        match callback_target(&event.data) {
-            Some(target) => self.check_callback(&event.conversation_id, target, presented).map(|()| None),
-            None => self.check_client(event.conversation_id.as_str(), presented.bearer),
+        match callback_target(event.data()) {
+            Some(target) => self.check_callback(event.conversation_id(), target, presented).map(|()| None),
+            None => self.check_client(event.conversation_id().as_str(), presented.bearer),
         }
     }
 
@@ -115,8 +115,8 @@ impl Auth {
     /// Checks only callbacks (for transports whose clients the NATS
     /// permissions already vouch for).
     pub fn check_if_callback(&self, event: &Envelope, presented: Presented<'_>) -> Result<(), IngestError> {
-        match callback_target(&event.data) {
-            Some(target) => self.check_callback(&event.conversation_id, target, presented),
+        match callback_target(event.data()) {
+            Some(target) => self.check_callback(event.conversation_id(), target, presented),
             None => Ok(()),
         }
     }
@@ -189,7 +189,7 @@ mod tests {
     }
 
     fn abort(c: &str) -> Envelope {
-        Envelope::new("a1", "/t", conv(c), AbortRequested { reason: None })
+        Envelope::new("a1", "/t", conv(c), AbortRequested { reason: None }).expect("valid event")
     }
 
     fn completed(c: &str) -> Envelope {
@@ -200,7 +200,7 @@ mod tests {
             tool_calls: vec![],
             finish_reason: None,
         };
-        Envelope::new("x", "/t", conv(c), data)
+        Envelope::new("x", "/t", conv(c), data).expect("valid event")
     }
 
     fn bearer(b: &str) -> Presented<'_> {

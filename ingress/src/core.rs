@@ -173,12 +173,12 @@ impl Ingress {
 
     async fn accept_inner(&self, event: Envelope) -> Result<Accepted, IngestError> {
         let event = binding::require_input(event)?;
-        self.shedding.check(&event.data)?;
+        self.shedding.check(event.data())?;
         let ty = event.event_type();
         // Checked as the bytes it is published as: encoded once.
         let encoded = binding::check(&event, self.limits())?;
         let started = Instant::now();
-        let msg_id = conv_contracts::trust::ingress_msg_id(&event.conversation_id, &event.source, &event.id);
+        let msg_id = conv_contracts::trust::ingress_msg_id(event.conversation_id(), event.source(), event.id());
         let timeout = self.options.publish_timeout();
         let appended = journal::append_encoded(&self.js, event.nats_subject(), encoded, &msg_id, &[], timeout).await;
         self.metrics.publish_seconds.observe(started.elapsed().as_secs_f64());
@@ -189,15 +189,15 @@ impl Ingress {
         })?;
         tracing::debug!(
             message = "Journaled.",
-            event_id = %event.id,
-            conversation_id = %event.conversation_id,
+            event_id = %event.id(),
+            conversation_id = %event.conversation_id(),
             event_type = %ty,
             stream_seq = appended.seq,
             duplicate = appended.duplicate,
         );
         Ok(Accepted {
-            event_id: event.id.clone(),
-            conversation_id: event.conversation_id.to_string(),
+            event_id: event.id().to_owned(),
+            conversation_id: event.conversation_id().to_string(),
             stream_seq: appended.seq,
             duplicate: appended.duplicate,
         })
@@ -206,7 +206,7 @@ impl Ingress {
     /// Validates an event whose id the client chose (a CloudEvent): the id
     /// must stay out of the namespaces conv derives ids in.
     pub fn check_client_event(&self, event: &Envelope) -> Result<(), IngestError> {
-        conv_contracts::trust::check_client_id(&event.conversation_id, &event.id)
+        conv_contracts::trust::check_client_id(event.conversation_id(), event.id())
             .map_err(|detail| Rejection::BadAttribute { name: "id".into(), detail: detail.to_string() }.into())
     }
 
@@ -258,9 +258,9 @@ pub fn build(
     let data = Payload::from_json(ty, Value::Object(object))
         .map_err(|detail| Rejection::PayloadSchema { event_type: ty, detail: detail.to_string() })?;
     let id = event_id(ty, &conversation_id, &data, meta.idempotency_key.as_deref())?;
-    let mut event = Envelope::new(id, meta.source, conversation_id, data).with_time(Utc::now());
-    event.causation_id = meta.causation_id.clone();
-    event.correlation_id = meta.correlation_id.clone();
+    let event = Envelope::new(id, meta.source, conversation_id, data)?
+        .with_time(Utc::now())
+        .with_causation(meta.causation_id.clone(), meta.correlation_id.clone())?;
     Ok(event)
 }
 
@@ -331,8 +331,8 @@ mod tests {
     fn builds_a_message() {
         let e = build(EventType::MessageReceived, "c1", &[], br#"{"text":"hi"}"#, &meta()).unwrap();
         assert_eq!(e.event_type(), EventType::MessageReceived);
-        assert_eq!(e.conversation_id.as_str(), "c1");
-        assert!(e.time.is_some());
+        assert_eq!(e.conversation_id().as_str(), "c1");
+        assert!(e.time().is_some());
         assert!(binding::check(&e, Limits::default()).is_ok());
     }
 
@@ -341,9 +341,9 @@ mod tests {
         let m = Meta { idempotency_key: Some("k-1".into()), ..meta() };
         let a = build(EventType::MessageReceived, "c1", &[], br#"{"text":"hi"}"#, &m).unwrap();
         let b = build(EventType::MessageReceived, "c1", &[], br#"{"text":"hi"}"#, &m).unwrap();
-        assert_eq!(a.id, b.id);
+        assert_eq!(a.id(), b.id());
         let other = build(EventType::AbortRequested, "c1", &[], b"", &m).unwrap();
-        assert_ne!(a.id, other.id, "keys are scoped by event type");
+        assert_ne!(a.id(), other.id(), "keys are scoped by event type");
         let bad = Meta { idempotency_key: Some("has space".into()), ..meta() };
         let err = build(EventType::MessageReceived, "c1", &[], br#"{"text":"hi"}"#, &bad).unwrap_err();
         assert_eq!(err.code(), "bad_attribute");
@@ -354,7 +354,7 @@ mod tests {
         let a =
             build(EventType::ToolCompleted, "c1", &[("tool_call_id", "call_1")], br#"{"result":{"ok":true}}"#, &meta())
                 .unwrap();
-        assert_eq!(a.id, "c1.tool.call_1.completed");
+        assert_eq!(a.id(), "c1.tool.call_1.completed");
         let err = build(
             EventType::ToolCompleted,
             "c1",

@@ -54,7 +54,7 @@ pub async fn serve(client: async_nats::Client, ingress: Ingress, shutdown: Cance
                 Err(e) => Err(ingress.refuse(e)),
             };
             let reply = match result {
-                Ok(accepted) => Ok(Bytes::from(serde_json::to_vec(&accepted).unwrap_or_default())),
+                Ok(accepted) => Ok(Bytes::from(conv_contracts::json::bytes(&accepted))),
                 Err(e) => Err(service::error::Error {
                     status: format!("{}: {e}", e.code()),
                     code: usize::from(e.http_status()),
@@ -145,7 +145,7 @@ async fn handle(
                 content_type: None,
                 source: SOURCE_NATS,
             };
-            let bytes = serde_json::to_vec(&Value::Object(body)).unwrap_or_default();
+            let bytes = conv_contracts::json::bytes(&Value::Object(body));
             Ok(build(ty, &conversation, &[], &bytes, &meta)?)
         }
     }

@@ -117,7 +117,7 @@ async fn a_message_is_journaled_with_the_right_headers() {
     // It decodes as a valid event on its stored subject.
     let event =
         conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Default::default()).expect("valid");
-    assert_eq!(event.id, event_id);
+    assert_eq!(event.id(), event_id);
 
     for (path, ty) in [
         ("abort", "conv.in.control.abort_requested"),

@@ -259,7 +259,7 @@ pub fn validate_original(dead: &DeadLetter, limits: Limits) -> Result<Envelope, 
         let rejection = Rejection::SubjectTypeMismatch {
             subject: original.subject.clone(),
             event_type: event.event_type().to_string(),
-            conversation: event.conversation_id.to_string(),
+            conversation: event.conversation_id().to_string(),
         };
         return Err(Error::Invalid { id, rejection });
     }
@@ -272,7 +272,7 @@ pub fn validate_original(dead: &DeadLetter, limits: Limits) -> Result<Envelope, 
 pub fn subject_mismatch(dead: &DeadLetter, event: &Envelope) -> Option<String> {
     let subject = &dead.original.as_ref()?.subject;
     let named = subject.rsplit('.').next()?;
-    (named != event.conversation_id.as_str()).then(|| subject.clone())
+    (named != event.conversation_id().as_str()).then(|| subject.clone())
 }
 
 /// Re-drives one dead letter (see the module docs). A dry run validates and
@@ -288,12 +288,12 @@ pub async fn redrive(
     let dead = get(js, id).await?;
     let event = validate_original(&dead, Limits::default())?;
     if let Some(subject) = subject_mismatch(&dead, &event).filter(|_| !force) {
-        return Err(Error::SubjectMismatch { id, subject, conversation: event.conversation_id.to_string() });
+        return Err(Error::SubjectMismatch { id, subject, conversation: event.conversation_id().to_string() });
     }
     let mut done = Redriven {
         id,
-        event_id: event.id.clone(),
-        conversation_id: event.conversation_id.to_string(),
+        event_id: event.id().to_owned(),
+        conversation_id: event.conversation_id().to_string(),
         subject: event.nats_subject(),
         stream_seq: None,
         duplicate: false,
@@ -304,7 +304,7 @@ pub async fn redrive(
     }
     let original = dead.original.as_ref().map(|o| format!("{}:{}", o.stream, o.seq)).unwrap_or_default();
     let redrive_of = format!("{STREAM_DLQ}:{id}");
-    let msg_id = format!("{}~redrive~{id}", event.id);
+    let msg_id = format!("{}~redrive~{id}", event.id());
     let appended = journal::append(js, &event, &msg_id, &[(REDRIVE_OF, &redrive_of), (ORIGINAL, &original)], timeout)
         .await
         .map_err(|source| Error::Append { id, source })?;
@@ -313,26 +313,26 @@ pub async fn redrive(
 
     let (original_stream, original_seq, original_subject) =
         dead.original.as_ref().map(|o| (o.stream.clone(), o.seq, o.subject.clone())).unwrap_or_default();
-    let audit = Envelope::new(
-        format!("{}.audit.dlq.{id}.redriven", event.conversation_id),
+    let audit = Envelope::service(
+        format!("{}.audit.dlq.{id}.redriven", event.conversation_id()),
         AUDIT_SOURCE,
-        event.conversation_id.clone(),
+        event.conversation_id().clone(),
         DlqRedriven {
             dlq_seq: id,
             original_stream,
             original_seq,
             original_subject,
-            original_event_id: Some(event.id.clone()),
+            original_event_id: Some(event.id().to_owned()),
             redrive_msg_id: msg_id,
         },
     )
     .caused_by(&event)
     .with_time(Utc::now());
-    let audit_msg_id = conv_contracts::trust::derived_msg_id(&audit.conversation_id, &audit.id);
+    let audit_msg_id = conv_contracts::trust::derived_msg_id(audit.conversation_id(), audit.id());
     journal::append(js, &audit, &audit_msg_id, &[], timeout).await.map_err(|source| Error::Append { id, source })?;
 
     let dlq = js.get_stream_no_info(STREAM_DLQ).await.map_err(failed("opening CONV_DLQ"))?;
     dlq.delete_message(id).await.map_err(failed("deleting the re-driven dead letter"))?;
-    tracing::info!(message = "Re-driven.", dlq_id = id, event_id = %event.id, conversation_id = %event.conversation_id);
+    tracing::info!(message = "Re-driven.", dlq_id = id, event_id = %event.id(), conversation_id = %event.conversation_id());
     Ok(done)
 }

@@ -15,7 +15,7 @@ pub const MSG_ID: &str = "Nats-Msg-Id";
 pub fn encode(event: &Envelope) -> (HeaderMap, Bytes) {
     let (pairs, body) = conv_contracts::encode_binary(event);
     let mut headers = header_map(&pairs);
-    headers.insert(MSG_ID, conv_contracts::trust::derived_msg_id(&event.conversation_id, &event.id).as_str());
+    headers.insert(MSG_ID, conv_contracts::trust::derived_msg_id(event.conversation_id(), event.id()).as_str());
     (headers, Bytes::from(body))
 }
 

@@ -436,9 +436,12 @@ impl TestCluster {
         Ok(())
     }
 
-    /// Waits until node `node` answers JetStream requests (a meta leader is elected).
+    /// Waits until node `node` answers JetStream requests (a meta leader is
+    /// elected); generous, as an election on a loaded 2-core machine has
+    /// taken over 30 s.
     async fn wait_node(&self, node: usize) -> Result<(), Error> {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        const PATIENCE_SECS: u64 = 90;
+        let deadline = Instant::now() + Duration::from_secs(PATIENCE_SECS);
         loop {
             if let Ok(client) = async_nats::connect(self.node_url(node)).await
                 && async_nats::jetstream::new(client).query_account().await.is_ok()
@@ -446,7 +449,7 @@ impl TestCluster {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(Error::NotReady { port: self.ports[node].client, secs: 30 });
+                return Err(Error::NotReady { port: self.ports[node].client, secs: PATIENCE_SECS });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -898,7 +901,7 @@ pub async fn run_statuses(
         let _keep = &client;
         let decoded =
             crate::headers::decode(&m.subject, m.headers.as_ref(), &m.payload, conv_contracts::Limits::default());
-        std::future::ready(match decoded.map(|e| e.data) {
+        std::future::ready(match decoded.map(conv_contracts::Envelope::into_data) {
             Ok(conv_contracts::Payload::OutRunStatus(s)) => Some((s.run_id, s.status)),
             _ => None,
         })

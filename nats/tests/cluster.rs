@@ -31,7 +31,8 @@ fn event(run: &str, i: usize) -> (Envelope, String) {
         "/cluster-test",
         conv,
         MessageReceived { text: format!("m{i}"), role: None, channel: None, sender: None },
-    );
+    )
+    .expect("valid event");
     (event, id)
 }
 

@@ -130,7 +130,8 @@ async fn partition_transform_matches_the_client_side_hash() {
             "/test",
             conv.clone(),
             MessageReceived { text: "hi".into(), role: None, channel: None, sender: None },
-        );
+        )
+        .expect("valid event");
         let ack = conv_nats::headers::publish(&js, &event).await.expect("publish").await.expect("ack");
         let stored = js
             .get_stream(subject::STREAM_IN)
@@ -157,7 +158,8 @@ async fn duplicate_event_ids_are_stored_once() {
         "/test",
         ConversationId::parse("c1").expect("id"),
         MessageReceived { text: "hi".into(), role: None, channel: None, sender: None },
-    );
+    )
+    .expect("valid event");
     let first = conv_nats::headers::publish(&js, &event).await.expect("publish").await.expect("ack");
     let second = conv_nats::headers::publish(&js, &event).await.expect("publish").await.expect("ack");
     assert!(!first.duplicate);
@@ -244,6 +246,7 @@ async fn a_write_expecting_another_last_message_is_refused_even_a_repeat() {
                 rules: Some(2),
             },
         )
+        .expect("valid event")
     };
     let first = conv_nats::headers::publish_expecting(&js, &marker("m1"), 0).await.expect("publish");
     let first = first.await.expect("the first write on the subject expects none").sequence;

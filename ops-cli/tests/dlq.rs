@@ -57,6 +57,7 @@ fn message(id: &str, conv: &ConversationId, text: &str) -> Envelope {
         conv.clone(),
         MessageReceived { text: text.into(), role: None, channel: None, sender: None },
     )
+    .expect("valid event")
 }
 
 #[tokio::test]
@@ -91,7 +92,7 @@ async fn dead_letters_are_listed_shown_and_redriven() {
                     return Err(HandlerError::Transient("dependency down".into()));
                 }
                 let redrive = message.headers.as_ref().and_then(|m| m.get("Conv-Redrive-Of")).map(|v| v.to_string());
-                p.lock().expect("lock").push((event.id, redrive));
+                p.lock().expect("lock").push((event.id().to_owned(), redrive));
                 Ok(())
             }
         },
@@ -175,7 +176,7 @@ async fn dead_letters_are_listed_shown_and_redriven() {
     let audit = js.get_stream(STREAM_AUDIT).await.expect("audit").get_raw_message(1).await.expect("audit record");
     let record = conv_nats::headers::decode(&audit.subject, Some(&audit.headers), &audit.payload, Limits::default())
         .expect("valid");
-    match record.data {
+    match record.data() {
         Payload::DlqRedriven(r) => {
             assert_eq!((r.dlq_seq, r.original_stream.as_str()), (max_id, STREAM_IN));
             assert_eq!(r.original_event_id.as_deref(), Some("evt-failing"));

@@ -30,25 +30,30 @@ async fn replay_matches_live_state_and_trace_walks_both_ways() {
     let rt = spawn_service("conv-runtime", |t| conv_runtime::run(config, t));
 
     let conv = ConversationId::parse("rp1").expect("id");
-    let mut events = vec![Envelope::new(
-        "msg-1",
-        "/t",
-        conv.clone(),
-        MessageReceived { text: "hi".into(), role: None, channel: None, sender: None },
-    )];
+    let mut events = vec![
+        Envelope::new(
+            "msg-1",
+            "/t",
+            conv.clone(),
+            MessageReceived { text: "hi".into(), role: None, channel: None, sender: None },
+        )
+        .expect("valid event"),
+    ];
     // The model's output, as the effects worker will send it: caused by the LLM directive.
     let directive = "msg-1~2";
     for i in 0..5 {
-        let mut d = Envelope::new(
+        let d = Envelope::new(
             format!("delta-{i}"),
             "/t",
             conv.clone(),
             LlmDelta { step_id: "r1.s1".into(), attempt: 1, seq: i, text: format!("w{i} ") },
-        );
-        d.causation_id = Some(directive.into());
+        )
+        .expect("valid event")
+        .with_causation(Some(directive.into()), None)
+        .expect("valid ids");
         events.push(d);
     }
-    let mut done = Envelope::new(
+    let done = Envelope::new(
         "done",
         "/t",
         conv.clone(),
@@ -59,8 +64,10 @@ async fn replay_matches_live_state_and_trace_walks_both_ways() {
             tool_calls: vec![],
             finish_reason: None,
         },
-    );
-    done.causation_id = Some(directive.into());
+    )
+    .expect("valid event")
+    .with_causation(Some(directive.into()), None)
+    .expect("valid ids");
     events.push(done);
     for e in &events {
         conv_nats::headers::publish(&js, e).await.expect("publish").await.expect("ack");
@@ -148,7 +155,8 @@ async fn projections_verify_reports_a_view_that_differs_from_the_journal() {
         "/t",
         conv.clone(),
         MessageReceived { text: "hi".into(), role: None, channel: None, sender: None },
-    );
+    )
+    .expect("valid event");
     conv_nats::headers::publish(&js, &m).await.expect("publish").await.expect("ack");
     let url = nats.url();
     // The view catches up with the journal: verify says so.

@@ -15,6 +15,9 @@
 //! prlimit --nofile=65536 cargo run --release -p conv-projections --example bench_projections -- \
 //!     [events=100000] [max_readers=10000] [--json]
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,6 +31,7 @@ use conv_contracts::{ConversationId, Envelope, EventType, Payload};
 use conv_nats::service::Settings;
 use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, publish_all, spawn_service, wait_http_ok};
 use serde_json::{Value, json};
+use support::post_message;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 fn rss_kib() -> u64 {
@@ -48,8 +52,10 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn out(conv: &ConversationId, position: u64, data: impl Into<Payload>) -> Envelope {
-    let mut e = Envelope::new(format!("bench.{conv}.{position}"), "/bench", conv.clone(), data).with_position(position);
-    e.time = Some(chrono::Utc::now());
+    let mut e = Envelope::new(format!("bench.{conv}.{position}"), "/bench", conv.clone(), data)
+        .expect("valid event")
+        .with_position(position);
+    e = e.with_time(Some(chrono::Utc::now()));
     e
 }
 
@@ -191,17 +197,6 @@ async fn readers_mode(args: &[String]) {
         println!("{} {}", connected.load(Ordering::SeqCst), frames.load(Ordering::SeqCst));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// Posts a user message through ingress; it must be accepted.
-async fn post_message(http: &reqwest::Client, ingress: std::net::SocketAddr, conversation: &str, text: &str) {
-    let r = http
-        .post(format!("http://{ingress}/v1/conversations/{conversation}/messages"))
-        .json(&json!({ "text": text }))
-        .send()
-        .await
-        .expect("post");
-    assert_eq!(r.status().as_u16(), 202, "message to {conversation} accepted");
 }
 
 #[tokio::main]

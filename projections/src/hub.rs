@@ -102,7 +102,7 @@ enum Item {
 
 fn text_frame(conv: &ConversationId, position: u64, entry: &str, offset: u64, text: &str) -> Frame {
     let end = offset + text.len() as u64;
-    let event = Envelope::new(
+    let event = Envelope::service(
         format!("{conv}.live.{entry}.{offset}"),
         SOURCE,
         conv.clone(),
@@ -113,7 +113,7 @@ fn text_frame(conv: &ConversationId, position: u64, entry: &str, offset: u64, te
 }
 
 fn reset_frame(conv: &ConversationId, position: u64, entry: &str, offset: u64) -> Frame {
-    let event = Envelope::new(
+    let event = Envelope::service(
         format!("{conv}.reset.{entry}.{offset}"),
         SOURCE,
         conv.clone(),
@@ -124,7 +124,7 @@ fn reset_frame(conv: &ConversationId, position: u64, entry: &str, offset: u64) -
 }
 
 fn durable_frame(position: u64, event: &Envelope) -> Option<Frame> {
-    if matches!(event.data, Payload::OutMessageDelta(_)) {
+    if matches!(event.data(), Payload::OutMessageDelta(_)) {
         return None;
     }
     let data = binding::to_structured_json(event).to_string();
@@ -157,7 +157,7 @@ impl TextState {
         let position = event.position().unwrap_or(self.position + 1);
         self.position = position;
         let mut items = Vec::new();
-        match &event.data {
+        match event.data() {
             Payload::OutMessageAppended(m) if m.role == EntryRole::Assistant && m.status == EntryStatus::Streaming => {
                 self.text.insert(m.entry_id.clone(), m.text.clone());
             }
@@ -264,7 +264,7 @@ impl Cursor {
                     return;
                 }
                 self.position = *position;
-                match &event.data {
+                match event.data() {
                     Payload::OutMessageAppended(m) if m.role == EntryRole::Assistant => {
                         self.entry = Some((m.entry_id.clone(), m.text.len() as u64));
                     }
@@ -409,10 +409,10 @@ impl Topic {
         loop {
             let next = st.text.position + 1;
             let Some(event) = st.early.remove(&next) else { break };
-            if let Payload::OutRunStatus(r) = &event.data {
+            if let Payload::OutRunStatus(r) = event.data() {
                 st.running = r.status == conv_contracts::payload::RunStatus::Running;
             }
-            let entry = match &event.data {
+            let entry = match event.data() {
                 Payload::OutMessageAppended(m) => Some(m.entry_id.clone()),
                 Payload::OutMessageDelta(d) => Some(d.entry_id.clone()),
                 Payload::OutMessageFinished(f) => {
@@ -820,7 +820,7 @@ mod tests {
     }
 
     fn out(position: u64, data: impl Into<Payload>) -> Envelope {
-        Envelope::new(format!("e{position}"), "/t", conv(), data).with_position(position)
+        Envelope::new(format!("e{position}"), "/t", conv(), data).expect("valid event").with_position(position)
     }
 
     fn appended(p: u64) -> Envelope {

@@ -40,11 +40,11 @@ impl Outbound {
     /// Delivers one finished message, retrying transient failures.
     pub async fn deliver(&self, event: &Envelope, f: &OutMessageFinished) {
         let body = json!({
-            "conversation_id": event.conversation_id.as_str(),
+            "conversation_id": event.conversation_id().as_str(),
             "entry_id": f.entry_id,
             "status": f.status,
             "text": f.text,
-            "event_id": event.id,
+            "event_id": event.id(),
         });
         let mut backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(100))
@@ -53,12 +53,11 @@ impl Outbound {
             .with_max_times(self.retries)
             .build();
         loop {
-            let sent =
-                self.client.post(&self.url).header("idempotency-key", event.id.as_str()).json(&body).send().await;
+            let sent = self.client.post(&self.url).header("idempotency-key", event.id()).json(&body).send().await;
             let error = match sent {
                 Ok(r) if r.status().is_success() => return,
                 Ok(r) if r.status().as_u16() != 429 && r.status().is_client_error() => {
-                    tracing::warn!(message = "Outbound webhook refused a message.", status = %r.status(), event_id = %event.id);
+                    tracing::warn!(message = "Outbound webhook refused a message.", status = %r.status(), event_id = %event.id());
                     self.failures.inc();
                     return;
                 }
@@ -68,7 +67,7 @@ impl Outbound {
             match backoff.next() {
                 Some(delay) => tokio::time::sleep(delay).await,
                 None => {
-                    tracing::error!(message = "Outbound webhook delivery given up.", %error, event_id = %event.id);
+                    tracing::error!(message = "Outbound webhook delivery given up.", %error, event_id = %event.id());
                     self.failures.inc();
                     return;
                 }

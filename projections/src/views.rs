@@ -237,7 +237,7 @@ impl Worker {
             }
         };
         let Some(position) = event.position() else {
-            tracing::warn!(message = "Output without a position terminated.", partition = self.partition, seq, event_id = %event.id);
+            tracing::warn!(message = "Output without a position terminated.", partition = self.partition, seq, event_id = %event.id());
             if let Err(error) =
                 conv_nats::consume::term_with_reason(&message, "missing_position: output carries no position").await
             {
@@ -245,7 +245,7 @@ impl Worker {
             }
             return;
         };
-        let conv = event.conversation_id.clone();
+        let conv = event.conversation_id().clone();
         if let Err(error) = self.load(&conv).await {
             tracing::warn!(message = "Cannot load a view; the output comes back.", conversation_id = %conv, %error);
             if let Err(error) = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await {
@@ -431,12 +431,12 @@ async fn fold(shared: &Shared, hot: &mut Hot, held: Held) {
     // The channel adapter: a finished assistant message goes out before the
     // view records it, so a crash means another delivery (deduped by the
     // receiver on `Idempotency-Key`), never none.
-    if let (Some(out), Payload::OutMessageFinished(f)) = (&shared.outbound, &event.data)
+    if let (Some(out), Payload::OutMessageFinished(f)) = (&shared.outbound, event.data())
         && hot.stored.view.get(&f.entry_id).is_some_and(|e| e.role == conv_contracts::payload::EntryRole::Assistant)
     {
         out.deliver(&event, f).await;
     }
-    match hot.stored.view.apply(position, &event.data) {
+    match hot.stored.view.apply(position, event.data()) {
         Touched::Entry(i) => {
             hot.dirty.insert(i);
         }
@@ -448,12 +448,12 @@ async fn fold(shared: &Shared, hot: &mut Hot, held: Held) {
         hot.unacked.push(m);
     }
     shared.metrics.folded.inc();
-    if let Some(t) = event.time {
+    if let Some(t) = event.time() {
         let lag = (Utc::now() - t).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
         shared.metrics.view_lag.observe(lag);
     }
     // From the event's time: the span is the view lag of this event.
-    let since = event.time.map(std::time::SystemTime::from).unwrap_or_else(std::time::SystemTime::now);
+    let since = event.time().map(std::time::SystemTime::from).unwrap_or_else(std::time::SystemTime::now);
     if let Some(span) = shared.tracer.work("projections.fold", "projections", &event, since) {
         shared
             .tracer

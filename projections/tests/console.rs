@@ -353,7 +353,8 @@ async fn signed_in_as_admin_the_console_traces_redrives_and_reports_readiness() 
             channel: None,
             sender: None,
         },
-    );
+    )
+    .expect("valid event");
     let (h, body) = conv_nats::headers::encode(&stray);
     let ack = js.publish_with_headers("conv.in.0.message.adm-1", h, body).await.expect("publish").await.expect("ack");
     assert_eq!(ack.stream, conv_contracts::subject::STREAM_DLQ);

@@ -4,6 +4,8 @@
 //! instance killed mid-stream has its stream resumed by the other one
 //! within seconds, and the reply completes once with the same text.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -14,7 +16,7 @@ use conv_nats::test_util::{
     IsolatedService, ServiceHandle, TestNats, free_addr, spawn_isolated, spawn_service, wait_http_ok,
 };
 use futures::StreamExt;
-use serde_json::json;
+use support::post_message;
 
 fn runtime(nats: &TestNats, instance: &str) -> IsolatedService {
     let mut rc: conv_runtime::Config = Settings::for_test(nats.config(), free_addr());
@@ -27,16 +29,6 @@ fn effects(nats: &TestNats, addr: SocketAddr, tokens: usize, delay_ms: u64) -> I
     ec.options.scripted_tokens = tokens;
     ec.options.scripted_token_delay_ms = delay_ms;
     spawn_isolated(&format!("effects-{addr}"), |t| conv_effects::run(ec, t))
-}
-
-async fn post(http: &reqwest::Client, ingress: SocketAddr, conv: &str, text: &str) {
-    let r = http
-        .post(format!("http://{ingress}/v1/conversations/{conv}/messages"))
-        .json(&json!({ "text": text }))
-        .send()
-        .await
-        .expect("post");
-    assert_eq!(r.status().as_u16(), 202);
 }
 
 async fn until_idle(runs: &mut futures::stream::BoxStream<'static, (String, RunStatus)>, run: &str, within: Duration) {
@@ -95,12 +87,12 @@ async fn a_killed_runtime_is_replaced_and_the_next_reply_comes_within_seconds() 
         .expect("a conversation of a");
     let http = reqwest::Client::new();
     let mut runs = conv_nats::test_util::run_statuses(&nats, &conv).await;
-    post(&http, ingress, &conv, "hello").await;
+    post_message(&http, ingress, &conv, "hello").await;
     until_idle(&mut runs, "r1", Duration::from_secs(20)).await;
 
     a.crash();
     let killed = Instant::now();
-    post(&http, ingress, &conv, "are you still there?").await;
+    post_message(&http, ingress, &conv, "are you still there?").await;
     until_idle(&mut runs, "r2", Duration::from_secs(30)).await;
     let took = killed.elapsed();
     eprintln!("runtime killed: the next reply ended {took:?} later");
@@ -135,8 +127,9 @@ async fn a_killed_effects_instance_mid_stream_is_resumed_by_the_other_within_sec
             channel: None,
             sender: None,
         },
-    );
-    m.time = Some(chrono::Utc::now());
+    )
+    .expect("valid event");
+    m = m.with_time(chrono::Utc::now());
     conv_nats::headers::publish(&js, &m).await.expect("publish").await.expect("ack");
     // Streaming: a few pieces have arrived.
     for _ in 0..10 {
@@ -170,7 +163,7 @@ async fn a_killed_effects_instance_mid_stream_is_resumed_by_the_other_within_sec
     let deadline = Instant::now() + Duration::from_secs(30);
     let journal = loop {
         let inputs = conv_nats::test_util::inputs(&js, "fx-resume").await;
-        if inputs.iter().any(|e| matches!(e.data, Payload::LlmCompleted(_))) {
+        if inputs.iter().any(|e| matches!(e.data(), Payload::LlmCompleted(_))) {
             break inputs;
         }
         assert!(Instant::now() < deadline, "the reply never completed");
@@ -178,7 +171,7 @@ async fn a_killed_effects_instance_mid_stream_is_resumed_by_the_other_within_sec
     };
     let completed: Vec<&conv_contracts::payload::LlmCompleted> = journal
         .iter()
-        .filter_map(|e| match &e.data {
+        .filter_map(|e| match e.data() {
             Payload::LlmCompleted(c) => Some(c),
             _ => None,
         })
@@ -186,7 +179,7 @@ async fn a_killed_effects_instance_mid_stream_is_resumed_by_the_other_within_sec
     assert_eq!(completed.len(), 1);
     let streamed: String = journal
         .iter()
-        .filter_map(|e| match &e.data {
+        .filter_map(|e| match e.data() {
             Payload::LlmDelta(d) => Some(d.text.as_str()),
             _ => None,
         })

@@ -54,7 +54,8 @@ async fn finished_assistant_messages_are_delivered_with_retries() {
             "/test",
             ConversationId::parse(c).expect("id"),
             MessageReceived { text: format!("hi from {c}"), role: None, channel: None, sender: None },
-        );
+        )
+        .expect("valid event");
         conv_nats::headers::publish(&js, &e).await.expect("publish").await.expect("ack");
     }
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -386,6 +386,7 @@ async fn a_reader_too_slow_to_keep_up_is_closed_with_a_final_event() {
                     status: EntryStatus::Completed,
                 },
             )
+            .expect("valid event")
             .with_position(*p);
             acks.push(conv_nats::headers::publish(&js, &e).await.expect("publish"));
         }

@@ -24,32 +24,41 @@ use conv_nats::test_util::{TestNats, free_addr, spawn_service};
 
 fn conversation(c: usize, deltas: u64) -> Vec<Envelope> {
     let conv = ConversationId::parse(&format!("bench-{c}")).expect("id");
-    let mut out = vec![Envelope::new(
-        format!("c{c}-m"),
-        "/bench",
-        conv.clone(),
-        MessageReceived { text: "tell me something".into(), role: None, channel: None, sender: None },
-    )];
-    for i in 0..deltas {
-        out.push(Envelope::new(
-            format!("c{c}-d{i}"),
+    let mut out = vec![
+        Envelope::new(
+            format!("c{c}-m"),
             "/bench",
             conv.clone(),
-            LlmDelta { step_id: "r1.s1".into(), attempt: 1, seq: i, text: "some tokens ".into() },
-        ));
+            MessageReceived { text: "tell me something".into(), role: None, channel: None, sender: None },
+        )
+        .expect("valid event"),
+    ];
+    for i in 0..deltas {
+        out.push(
+            Envelope::new(
+                format!("c{c}-d{i}"),
+                "/bench",
+                conv.clone(),
+                LlmDelta { step_id: "r1.s1".into(), attempt: 1, seq: i, text: "some tokens ".into() },
+            )
+            .expect("valid event"),
+        );
     }
-    out.push(Envelope::new(
-        format!("c{c}-done"),
-        "/bench",
-        conv,
-        LlmCompleted {
-            step_id: "r1.s1".into(),
-            attempt: 1,
-            text: "the answer".into(),
-            tool_calls: vec![],
-            finish_reason: None,
-        },
-    ));
+    out.push(
+        Envelope::new(
+            format!("c{c}-done"),
+            "/bench",
+            conv,
+            LlmCompleted {
+                step_id: "r1.s1".into(),
+                attempt: 1,
+                text: "the answer".into(),
+                tool_calls: vec![],
+                finish_reason: None,
+            },
+        )
+        .expect("valid event"),
+    );
     out
 }
 
@@ -69,26 +78,35 @@ async fn applied_count(js: &async_nats::jetstream::Context) -> u64 {
 /// deltas of ~30 bytes, the completion.
 fn turn(conv: &ConversationId, t: usize, deltas: u64, message_bytes: usize) -> Vec<Envelope> {
     let step = format!("r{t}.s1");
-    let mut out = vec![Envelope::new(
-        format!("t{t}-m"),
-        "/bench",
-        conv.clone(),
-        MessageReceived { text: "x".repeat(message_bytes.max(1)), role: None, channel: None, sender: None },
-    )];
-    for i in 0..deltas {
-        out.push(Envelope::new(
-            format!("t{t}-d{i}"),
+    let mut out = vec![
+        Envelope::new(
+            format!("t{t}-m"),
             "/bench",
             conv.clone(),
-            LlmDelta { step_id: step.clone(), attempt: 1, seq: i, text: "some tokens of the answer ".into() },
-        ));
+            MessageReceived { text: "x".repeat(message_bytes.max(1)), role: None, channel: None, sender: None },
+        )
+        .expect("valid event"),
+    ];
+    for i in 0..deltas {
+        out.push(
+            Envelope::new(
+                format!("t{t}-d{i}"),
+                "/bench",
+                conv.clone(),
+                LlmDelta { step_id: step.clone(), attempt: 1, seq: i, text: "some tokens of the answer ".into() },
+            )
+            .expect("valid event"),
+        );
     }
-    out.push(Envelope::new(
-        format!("t{t}-done"),
-        "/bench",
-        conv.clone(),
-        LlmCompleted { step_id: step, attempt: 1, text: String::new(), tool_calls: vec![], finish_reason: None },
-    ));
+    out.push(
+        Envelope::new(
+            format!("t{t}-done"),
+            "/bench",
+            conv.clone(),
+            LlmCompleted { step_id: step, attempt: 1, text: String::new(), tool_calls: vec![], finish_reason: None },
+        )
+        .expect("valid event"),
+    );
     out
 }
 
@@ -152,7 +170,8 @@ async fn main() {
     for _ in 0..5 {
         states.clear();
         for e in &events {
-            let s = states.entry(e.conversation_id.clone()).or_insert_with(|| State::new(e.conversation_id.as_str()));
+            let s =
+                states.entry(e.conversation_id().clone()).or_insert_with(|| State::new(e.conversation_id().as_str()));
             apply(s, e);
             applied += 1;
         }

@@ -65,7 +65,7 @@ impl Board {
         if reducer::cancel_mode(input).is_none() {
             return;
         }
-        let input_id = input.id.as_str();
+        let input_id = input.id();
         let mut inner = self.lock();
         if inner.applied.insert(input_id.to_owned()) {
             inner.order.push_back(input_id.to_owned());
@@ -93,10 +93,10 @@ impl Board {
     pub fn targets(&self, input: &Envelope) -> Option<(CancelMode, Vec<String>)> {
         let mode = reducer::cancel_mode(input)?;
         let inner = self.lock();
-        if inner.applied.contains(&input.id) {
+        if inner.applied.contains(input.id()) {
             return None;
         }
-        let ids = inner.running.get(&input.conversation_id)?;
+        let ids = inner.running.get(input.conversation_id())?;
         Some((mode, ids.clone()))
     }
 }
@@ -111,7 +111,7 @@ mod tests {
     }
 
     fn abort(id: &str, c: &str) -> Envelope {
-        Envelope::new(id, "test", conv(c), AbortRequested { reason: None })
+        Envelope::new(id, "test", conv(c), AbortRequested { reason: None }).expect("valid event")
     }
 
     #[test]
@@ -122,7 +122,7 @@ mod tests {
             board.targets(&abort("x1", "c1")),
             Some((CancelMode::Abort, vec!["r1.s1.a1".into(), "call1".into()]))
         );
-        let stop = Envelope::new("x2", "test", conv("c1"), StopRequested {});
+        let stop = Envelope::new("x2", "test", conv("c1"), StopRequested {}).expect("valid event");
         assert_eq!(board.targets(&stop).map(|(m, _)| m), Some(CancelMode::Stop));
     }
 
@@ -137,7 +137,7 @@ mod tests {
         board.forget(&conv("c2"));
         assert_eq!(board.targets(&abort("x1", "c2")), None);
         board.record(&conv("c3"), vec!["r1.s1.a1".into()]);
-        let retry = Envelope::new("m1", "test", conv("c3"), RetryRequested {});
+        let retry = Envelope::new("m1", "test", conv("c3"), RetryRequested {}).expect("valid event");
         assert_eq!(board.targets(&retry), None);
         board.clear();
         assert_eq!(board.targets(&abort("x1", "c3")), None);
@@ -149,7 +149,7 @@ mod tests {
         let board = Board::default();
         board.applied(&abort("x1", "c1"));
         // Other inputs are not remembered.
-        board.applied(&Envelope::new("m1", "test", conv("c1"), RetryRequested {}));
+        board.applied(&Envelope::new("m1", "test", conv("c1"), RetryRequested {}).expect("valid event"));
         assert!(board.lock().applied.contains("x1") && !board.lock().applied.contains("m1"));
         board.record(&conv("c1"), vec!["r2.s1.a1".into()]);
         assert_eq!(board.targets(&abort("x1", "c1")), None);

@@ -153,7 +153,7 @@ async fn publish_all(
         match conv_nats::headers::publish(js, event).await {
             Ok(ack) => acks.push((i, Some(ack))),
             Err(error) => {
-                tracing::warn!(message = "Publish failed.", event_id = %event.id, %error);
+                tracing::warn!(message = "Publish failed.", event_id = %event.id(), %error);
                 acks.push((i, None));
             }
         }
@@ -181,14 +181,6 @@ async fn stored_at(ack: async_nats::jetstream::context::PublishAckFuture) -> Res
         Some(acked) => Ok(acked?.sequence),
         None => Err(StoreFailed::AckCutOff),
     }
-}
-
-/// `event`, emitted for the input stored at `seq` in `CONV_IN`, naming it
-/// ([`conv_contracts::envelope::INPUT_SEQ`]): how a new owner finds the
-/// inputs of output stored without markers.
-fn with_input_seq(mut event: Envelope, seq: u64) -> Envelope {
-    event.extensions.insert(conv_contracts::envelope::INPUT_SEQ.to_owned(), seq.to_string());
-    event
 }
 
 /// How long a worker waits for a late lease renewal before it gives up
@@ -224,11 +216,7 @@ pub fn marker_id(input_id: &str) -> String {
 /// The applied marker of `input` (stored at `seq` in `CONV_IN`), after which
 /// the conversation is at `state` (its version, hash and rules).
 fn marker(input: &Envelope, seq: u64, state: &State) -> Envelope {
-    let mut marker =
-        Envelope::new(marker_id(&input.id), reducer::SOURCE, input.conversation_id.clone(), state.marker(input, seq))
-            .caused_by(input);
-    marker.time = input.time;
-    marker
+    Envelope::derived(input, usize::MAX, reducer::SOURCE, state.marker(input, seq))
 }
 
 struct Worker {
@@ -416,11 +404,15 @@ async fn read_control(
         if let (true, Ok(event)) = (first, &delivered.event)
             && let Some((mode, effect_ids)) = board.targets(event)
         {
-            let hint =
-                conv_contracts::live::LiveCancel { input_id: event.id.clone(), mode, effect_ids, time: event.time };
-            let subject = conv_contracts::subject::live_cancel_subject(&event.conversation_id);
+            let hint = conv_contracts::live::LiveCancel {
+                input_id: event.id().to_owned(),
+                mode,
+                effect_ids,
+                time: event.time(),
+            };
+            let subject = conv_contracts::subject::live_cancel_subject(event.conversation_id());
             if let Err(error) = client.publish(subject, hint.to_bytes().into()).await {
-                tracing::debug!(message = "Cancel hint not sent.", conversation_id = %event.conversation_id, %error);
+                tracing::debug!(message = "Cancel hint not sent.", conversation_id = %event.conversation_id(), %error);
             }
         }
         if worker.send(delivered).await.is_err() {
@@ -539,7 +531,7 @@ impl Worker {
                 let reason = format!("{}: {rejection}", rejection.code());
                 conv_nats::consume::term_or_log(&message, &reason).await;
             }
-            Ok(event) if self.scheduler.contains(&event.id) => {
+            Ok(event) if self.scheduler.contains(event.id()) => {
                 // The same control event through the control and the main consumer.
                 if let Err(error) = message.ack().await {
                     tracing::debug!(message = "Failed to ack a second copy.", partition = self.partition, %error);
@@ -560,7 +552,7 @@ impl Worker {
     /// conversation's dedupe window can vouch for are checked; ids from other
     /// systems are recorded but not waited for.
     fn missing_cause(&self, state: &State, event: &Envelope) -> Option<String> {
-        let cause = event.causation_id.as_deref()?;
+        let cause = event.causation_id()?;
         let (input, _) = cause.rsplit_once('~')?;
         let window_complete = state.version < conv_core::state::RECENT_IDS as u64;
         (window_complete && !state.has_applied(input) && !self.scheduler.contains(input)).then(|| input.to_owned())
@@ -574,19 +566,19 @@ impl Worker {
         }
         let wait = self.shared.config.causality_wait;
         for (since, pending) in std::mem::take(&mut self.parked) {
-            let conv = pending.event.conversation_id.clone();
+            let conv = pending.event.conversation_id().clone();
             // An evicted conversation is restored only by applying; until the
             // cause comes, keep waiting (and keep the clock running).
             let missing = match self.states.get(&conv) {
                 Some(l) => self.missing_cause(&l.snap.state, &pending.event),
-                None => pending.event.causation_id.clone(),
+                None => pending.event.causation_id().map(str::to_owned),
             };
             match missing {
                 None => self.scheduler.push(pending),
                 Some(cause) if since.elapsed() >= wait => {
                     let reason = format!(
                         "causality_timeout: cause {cause} of {} was not applied within {}ms",
-                        pending.event.id,
+                        pending.event.id(),
                         wait.as_millis()
                     );
                     tracing::warn!(message = "Input dead-lettered: its cause never came.", conversation_id = %conv, %reason);
@@ -652,8 +644,8 @@ impl Worker {
         let mut adopted = 0;
         for (seq, id) in &orphans.inputs {
             let input = journal::input(js, *seq).await?;
-            if input.id != *id {
-                return Err(StoreFailed::WrongInput { seq: *seq, found: input.id, expected: id.clone() });
+            if input.id() != *id {
+                return Err(StoreFailed::WrongInput { seq: *seq, found: input.id().to_owned(), expected: id.clone() });
             }
             let applied = reducer::apply(&mut snapshot.state, &input);
             if applied.duplicate {
@@ -662,7 +654,7 @@ impl Worker {
             tracing::warn!(
                 message = "Adopting output stored without its marker: applying its input first.",
                 conversation_id = %conv,
-                event_id = %input.id,
+                event_id = %input.id(),
                 seq
             );
             if !lease_holds(&self.lease).await {
@@ -671,8 +663,8 @@ impl Worker {
             let events: Vec<Envelope> = applied
                 .emitted
                 .into_iter()
-                .filter(|e| !orphans.stored.contains(&e.id))
-                .map(|e| with_input_seq(e, *seq))
+                .filter(|e| !orphans.stored.contains(e.id()))
+                .map(|e| e.with_input_seq(*seq))
                 .collect();
             for (_, result) in publish_all(js, events.iter().enumerate().collect()).await {
                 result.map_err(|e| StoreFailed::Republish { input: id.clone(), source: Box::new(e) })?;
@@ -712,7 +704,7 @@ impl Worker {
         // went first, or a redelivery): acked with the group, not one by one.
         let mut duplicates: Vec<Pending<Message>> = Vec::new();
         for pending in batch {
-            let conv = pending.event.conversation_id.clone();
+            let conv = pending.event.conversation_id().clone();
             if failed.contains(&conv) {
                 conv_nats::consume::settle(&pending.token, AckKind::Nak(Some(Duration::from_millis(500))), "retry")
                     .await;
@@ -731,7 +723,7 @@ impl Worker {
                 None => return Err(vanished(self.partition)),
             };
             if let Some(cause) = missing {
-                tracing::debug!(message = "Input waits for its cause.", conversation_id = %conv, event_id = %pending.event.id, %cause);
+                tracing::debug!(message = "Input waits for its cause.", conversation_id = %conv, event_id = %pending.event.id(), %cause);
                 self.parked.push((Instant::now(), pending));
                 continue;
             }
@@ -741,7 +733,7 @@ impl Worker {
                 "apply",
                 partition = self.partition,
                 conversation_id = %conv,
-                event_id = %pending.event.id,
+                event_id = %pending.event.id(),
                 seq = pending.seq,
             )
             .in_scope(|| reducer::apply(&mut loaded.snap.state, &pending.event));
@@ -752,7 +744,7 @@ impl Worker {
             }
             let state = &loaded.snap.state;
             let mut events: Vec<Envelope> =
-                applied.emitted.into_iter().map(|e| with_input_seq(e, pending.seq)).collect();
+                applied.emitted.into_iter().map(|e| e.with_input_seq(pending.seq)).collect();
             events.push(marker(&pending.event, pending.seq, state));
             staged.push((pending, events));
         }
@@ -768,7 +760,7 @@ impl Worker {
         // renewal that is merely late is waited for a moment).
         if !lease_holds(&self.lease).await {
             for (pending, _) in staged {
-                self.forget(&pending.event.conversation_id);
+                self.forget(pending.event.conversation_id());
                 conv_nats::consume::settle(&pending.token, AckKind::Nak(None), "hand back").await;
             }
             return Err(Stopped::Lapsed { partition: self.partition });
@@ -777,8 +769,8 @@ impl Worker {
         // before its directive is published.
         let steps: HashSet<ConversationId> = staged
             .iter()
-            .filter(|(_, events)| events.iter().any(|e| matches!(e.data, conv_contracts::Payload::LlmRequested(_))))
-            .map(|(p, _)| p.event.conversation_id.clone())
+            .filter(|(_, events)| events.iter().any(|e| matches!(e.data(), conv_contracts::Payload::LlmRequested(_))))
+            .map(|(p, _)| p.event.conversation_id().clone())
             .collect();
         for conv in steps {
             let Some(loaded) = self.states.get_mut(&conv) else { return Err(vanished(self.partition)) };
@@ -794,8 +786,8 @@ impl Worker {
         if !failed.is_empty() {
             let mut kept = Vec::with_capacity(staged.len());
             for (pending, events) in staged {
-                if failed.contains(&pending.event.conversation_id) {
-                    self.forget(&pending.event.conversation_id);
+                if failed.contains(pending.event.conversation_id()) {
+                    self.forget(pending.event.conversation_id());
                     conv_nats::consume::settle(&pending.token, AckKind::Nak(Some(Duration::from_millis(500))), "retry")
                         .await;
                 } else {
@@ -811,7 +803,7 @@ impl Worker {
         let last_markers: HashMap<ConversationId, u64> = staged
             .iter()
             .filter_map(|(p, _)| {
-                let conv = &p.event.conversation_id;
+                let conv = p.event.conversation_id();
                 self.states.get(conv).map(|l| (conv.clone(), l.last_marker))
             })
             .collect();
@@ -832,7 +824,7 @@ impl Worker {
             for (i, result) in publish_all(&js, effects).await {
                 if let Err(error) = result {
                     tracing::warn!(message = "Publishing a result failed; will retry.", %error);
-                    broken.insert(&staged[i].0.event.conversation_id);
+                    broken.insert(staged[i].0.event.conversation_id());
                 }
             }
             // A conversation's later inputs build on its earlier ones: none
@@ -843,7 +835,7 @@ impl Worker {
             // is sent after the reconnect); conversations side by side.
             let mut chains: HashMap<&ConversationId, Vec<(usize, &Envelope)>> = HashMap::new();
             for (i, (p, events)) in staged.iter().enumerate() {
-                let conv = &p.event.conversation_id;
+                let conv = p.event.conversation_id();
                 if let Some(marker) = events.last()
                     && !broken.contains(conv)
                 {
@@ -887,7 +879,7 @@ impl Worker {
         let stale = if lapsed { Some(Stopped::Lapsed { partition: self.partition }) } else { None };
         for ((pending, _), marker_seq) in staged.iter().zip(&marker_seqs) {
             if marker_seq.is_none() {
-                failed.insert(pending.event.conversation_id.clone());
+                failed.insert(pending.event.conversation_id().clone());
             }
         }
 
@@ -895,7 +887,7 @@ impl Worker {
         let mut to_ack = Vec::with_capacity(staged.len());
         let mut stale = stale;
         for ((pending, events), marker_seq) in staged.into_iter().zip(marker_seqs) {
-            let conv = pending.event.conversation_id.clone();
+            let conv = pending.event.conversation_id().clone();
             let Some(marker_seq) = marker_seq.filter(|_| !failed.contains(&conv)) else {
                 // Whether or not some of it was stored, a retry republishes
                 // the same ids (deduped) after restoring from the journal.
@@ -929,7 +921,7 @@ impl Worker {
         for pending in &to_ack {
             self.board.applied(&pending.event);
         }
-        let committed: HashSet<&ConversationId> = to_ack.iter().map(|p| &p.event.conversation_id).collect();
+        let committed: HashSet<&ConversationId> = to_ack.iter().map(|p| p.event.conversation_id()).collect();
         for conv in committed {
             if let Some(loaded) = self.states.get(conv) {
                 self.board.record(conv, reducer::cancelable(&loaded.snap.state));

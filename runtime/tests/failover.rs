@@ -40,7 +40,7 @@ async fn markers(js: &async_nats::jetstream::Context) -> Vec<Applied> {
     while let Some(Ok(m)) = tokio::time::timeout(Duration::from_secs(5), messages.next()).await.ok().flatten() {
         let seq = m.info().expect("info").stream_sequence;
         if let Ok(e) = conv_nats::headers::decode(&m.subject, m.headers.as_ref(), &m.payload, Limits::default())
-            && let Payload::Applied(a) = e.data
+            && let Payload::Applied(a) = e.into_data()
         {
             out.push(a);
         }
@@ -80,6 +80,7 @@ async fn sigkill_of_one_instance_loses_nothing_and_applies_nothing_twice() {
                 conv,
                 MessageReceived { text: format!("m{i}"), role: None, channel: None, sender: None },
             )
+            .expect("valid event")
         })
         .collect();
     let publisher = {
@@ -115,7 +116,7 @@ async fn sigkill_of_one_instance_loses_nothing_and_applies_nothing_twice() {
     for m in &got {
         *counts.entry(m.input_id.as_str()).or_default() += 1;
     }
-    let missing: Vec<&str> = events.iter().map(|e| e.id.as_str()).filter(|id| !counts.contains_key(id)).collect();
+    let missing: Vec<&str> = events.iter().map(|e| e.id()).filter(|id| !counts.contains_key(id)).collect();
     assert!(missing.is_empty(), "{} inputs never applied, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
     let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "applied twice: {twice:?}");

@@ -54,10 +54,12 @@ fn conv(id: &str) -> ConversationId {
 
 fn message(id: &str, c: &str, text: &str) -> Envelope {
     Envelope::new(id, "/test", conv(c), MessageReceived { text: text.into(), role: None, channel: None, sender: None })
+        .expect("valid event")
 }
 
 fn delta(id: &str, c: &str, seq: u64) -> Envelope {
     Envelope::new(id, "/test", conv(c), LlmDelta { step_id: "r1.s1".into(), attempt: 1, seq, text: format!("t{seq} ") })
+        .expect("valid event")
 }
 
 /// Every applied marker in the journal, in applied order.
@@ -77,7 +79,7 @@ async fn all_markers(js: &async_nats::jetstream::Context) -> Vec<Applied> {
         let seq = m.info().expect("info").stream_sequence;
         let e =
             conv_nats::headers::decode(&m.subject, m.headers.as_ref(), &m.payload, Limits::default()).expect("valid");
-        if let Payload::Applied(a) = e.data {
+        if let Payload::Applied(a) = e.into_data() {
             out.push(a);
         }
         if seq >= last {
@@ -156,7 +158,10 @@ async fn an_abort_behind_ten_thousand_deltas_is_applied_first() {
 
     // While no runtime runs: 10,000 token deltas, then an abort.
     let mut backlog: Vec<Envelope> = (0..10_000).map(|i| delta(&format!("d{i}"), "busy", i)).collect();
-    backlog.push(Envelope::new("abort", "/test", conv("busy"), AbortRequested { reason: Some("enough".into()) }));
+    backlog.push(
+        Envelope::new("abort", "/test", conv("busy"), AbortRequested { reason: Some("enough".into()) })
+            .expect("valid event"),
+    );
     publish_all(&js, &backlog).await;
 
     let rt = runtime(&nats, "a");
@@ -241,7 +246,7 @@ async fn an_input_waits_for_its_cause_and_a_missing_cause_is_dead_lettered() {
     let rt = spawn_service("a", |token| conv_runtime::run(config, token));
 
     // The reply's completion arrives before the message that caused its step.
-    let mut early = Envelope::new(
+    let early = Envelope::new(
         "early",
         "/test",
         conv("cause-1"),
@@ -252,15 +257,19 @@ async fn an_input_waits_for_its_cause_and_a_missing_cause_is_dead_lettered() {
             tool_calls: vec![],
             finish_reason: None,
         },
-    );
-    early.causation_id = Some("late-msg~2".into());
-    let mut ghost = Envelope::new(
+    )
+    .expect("valid event")
+    .with_causation(Some("late-msg~2".into()), None)
+    .expect("valid ids");
+    let ghost = Envelope::new(
         "ghost-effect",
         "/test",
         conv("cause-1"),
         ToolCompleted { tool_call_id: "x".into(), result: json!(1) },
-    );
-    ghost.causation_id = Some("never-sent~1".into());
+    )
+    .expect("valid event")
+    .with_causation(Some("never-sent~1".into()), None)
+    .expect("valid ids");
     publish_all(&js, &[early, ghost]).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     publish_all(&js, &[message("late-msg", "cause-1", "question")]).await;
@@ -291,7 +300,7 @@ async fn outputs(js: &async_nats::jetstream::Context, c: &str) -> Vec<(u64, Stri
         .map(|m| {
             let e =
                 conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Limits::default()).expect("valid");
-            (e.position().expect("positioned"), e.id)
+            (e.position().expect("positioned"), e.id().to_owned())
         })
         .collect()
 }
@@ -308,20 +317,17 @@ async fn output_stored_without_its_marker_is_adopted_in_its_order() {
     let m2 = conv_store::journal::input(&js, m2_seq).await.expect("stored input");
     let mut state = conv_store::journal::rebuild(&js, &conv("orphan"), None).await.expect("rebuild").snapshot.state;
     let applied = conv_core::reducer::apply(&mut state, &m2);
-    let orphaned: Vec<Envelope> = applied
-        .emitted
-        .into_iter()
-        .map(|mut e| {
-            e.extensions.insert(conv_contracts::envelope::INPUT_SEQ.into(), m2_seq.to_string());
-            e
-        })
-        .collect();
+    let orphaned: Vec<Envelope> = applied.emitted.into_iter().map(|e| e.with_input_seq(m2_seq)).collect();
     assert!(orphaned.iter().any(|e| e.position().is_some()), "the message emits output");
     publish_all(&js, &orphaned).await;
     // An abort arrives next: it outranks the message, so a new owner that
     // did not know the orphaned output would apply the abort first and emit
     // different output at the same positions.
-    publish_all(&js, &[Envelope::new("or-abort", "/test", conv("orphan"), AbortRequested { reason: None })]).await;
+    publish_all(
+        &js,
+        &[Envelope::new("or-abort", "/test", conv("orphan"), AbortRequested { reason: None }).expect("valid event")],
+    )
+    .await;
 
     let _r2 = runtime(&nats, "new-owner");
     let markers = wait_markers(&js, 3, Duration::from_secs(30)).await;

@@ -89,7 +89,7 @@ async fn markers_and_last(
         let event =
             conv_nats::headers::decode(&message.subject, message.headers.as_ref(), &message.payload, Limits::default())
                 .map_err(|e| Error::BadMarker { seq, detail: e.to_string() })?;
-        match event.data {
+        match event.into_data() {
             Payload::Applied(m) => out.push((seq, m)),
             other => return Err(Error::BadMarker { seq, detail: format!("not a marker: {:?}", other.event_type()) }),
         }
@@ -214,12 +214,12 @@ pub async fn orphans(
     }
     let mut orphans = Orphans::default();
     for (p, event) in found {
-        let input_seq = event.extensions.get(conv_contracts::envelope::INPUT_SEQ).and_then(|s| s.parse::<u64>().ok());
-        let (Some(input_id), Some(input_seq)) = (event.causation_id.clone(), input_seq) else {
+        let input_seq = event.input_seq();
+        let (Some(input_id), Some(input_seq)) = (event.causation_id().map(str::to_owned), input_seq) else {
             tracing::warn!(
                 message = "Output without a marker does not name its input; it cannot be adopted.",
                 conversation_id = %conversation,
-                event_id = %event.id,
+                event_id = %event.id(),
                 position = p
             );
             continue;
@@ -227,7 +227,7 @@ pub async fn orphans(
         if orphans.inputs.last().is_none_or(|(_, id)| *id != input_id) {
             orphans.inputs.push((input_seq, input_id));
         }
-        orphans.stored.insert(event.id);
+        orphans.stored.insert(event.id().to_owned());
     }
     if orphans.inputs.is_empty() {
         return Ok(None);

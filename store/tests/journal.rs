@@ -15,9 +15,9 @@ fn inputs(conv: &ConversationId) -> Vec<Envelope> {
     let mut all = Vec::new();
     for n in 1..=3 {
         let text = MessageReceived { text: format!("message {n}"), role: None, channel: None, sender: None };
-        all.push(Envelope::new(format!("m{n}"), "/test", conv.clone(), text));
+        all.push(Envelope::new(format!("m{n}"), "/test", conv.clone(), text).expect("valid event"));
         let started = LlmStarted { step_id: format!("r{n}.s1"), attempt: 1 };
-        all.push(Envelope::new(format!("s{n}"), "/test", conv.clone(), started));
+        all.push(Envelope::new(format!("s{n}"), "/test", conv.clone(), started).expect("valid event"));
     }
     all
 }
@@ -30,7 +30,9 @@ async fn journal(js: &async_nats::jetstream::Context, conv: &ConversationId, rul
         let seq = conv_nats::headers::publish(js, &input).await.expect("publish").await.expect("ack").sequence;
         reducer::apply(&mut state, &input);
         let marker = Applied { rules: named.then_some(rules), ..state.marker(&input, seq) };
-        let marker = Envelope::new(format!("{}~marker", input.id), "/test", conv.clone(), marker).caused_by(&input);
+        let marker = Envelope::new(format!("{}~marker", input.id()), "/test", conv.clone(), marker)
+            .expect("valid event")
+            .caused_by(&input);
         conv_nats::headers::publish(js, &marker).await.expect("publish").await.expect("ack");
     }
     state

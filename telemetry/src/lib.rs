@@ -82,8 +82,8 @@ impl TraceId {
     /// (the root's id), or its own id when it is a root — within its
     /// conversation (ids clients choose repeat across conversations).
     pub fn of(event: &Envelope) -> TraceId {
-        let root = event.correlation_id.as_deref().unwrap_or(&event.id);
-        let d = digest(&["conv-trace", event.conversation_id.as_str(), root]);
+        let root = event.correlation_id().unwrap_or(event.id());
+        let d = digest(&["conv-trace", event.conversation_id().as_str(), root]);
         let mut id = [0u8; 16];
         id.copy_from_slice(&d[..16]);
         TraceId(nonzero(id))
@@ -214,11 +214,11 @@ impl Span {
     /// type, a child of `parent` (the work that emitted it; `None`: the
     /// span of its cause, if any).
     pub fn event(event: &Envelope, parent: Option<SpanId>, start: SystemTime) -> Span {
-        let conversation = event.conversation_id.as_str();
-        let parent = parent.or_else(|| event.causation_id.as_deref().map(|c| event_span_id(conversation, c)));
+        let conversation = event.conversation_id().as_str();
+        let parent = parent.or_else(|| event.causation_id().map(|c| event_span_id(conversation, c)));
         Span {
             trace_id: TraceId::of(event),
-            span_id: event_span_id(conversation, &event.id),
+            span_id: event_span_id(conversation, event.id()),
             parent,
             name: Cow::Borrowed(event.event_type().as_str()),
             kind: Kind::Producer,
@@ -232,11 +232,11 @@ impl Span {
 
     /// The span of `worker`'s work on `event`, a child of the event's span.
     pub fn work(name: &'static str, worker: &str, event: &Envelope, start: SystemTime) -> Span {
-        let conversation = event.conversation_id.as_str();
+        let conversation = event.conversation_id().as_str();
         Span {
             trace_id: TraceId::of(event),
-            span_id: work_span_id(conversation, &event.id, worker),
-            parent: Some(event_span_id(conversation, &event.id)),
+            span_id: work_span_id(conversation, event.id(), worker),
+            parent: Some(event_span_id(conversation, event.id())),
             name: Cow::Borrowed(name),
             kind: Kind::Consumer,
             start,
@@ -248,8 +248,8 @@ impl Span {
     }
 
     fn with_event(self, event: &Envelope) -> Span {
-        self.attr(attr::CONVERSATION_ID, event.conversation_id.as_str())
-            .attr(attr::EVENT_ID, event.id.as_str())
+        self.attr(attr::CONVERSATION_ID, event.conversation_id().as_str())
+            .attr(attr::EVENT_ID, event.id())
             .attr(attr::EVENT_TYPE, event.event_type().as_str())
     }
 
@@ -394,8 +394,13 @@ mod tests {
     use conv_contracts::{ConversationId, payload::MessageReceived};
 
     fn message(id: &str) -> Envelope {
-        let conv = ConversationId::parse("c1").expect("id");
+        message_in("c1", id)
+    }
+
+    fn message_in(conversation: &str, id: &str) -> Envelope {
+        let conv = ConversationId::parse(conversation).expect("id");
         Envelope::new(id, "/test", conv, MessageReceived { text: "hi".into(), role: None, channel: None, sender: None })
+            .expect("valid event")
     }
 
     #[test]
@@ -418,8 +423,7 @@ mod tests {
         assert_ne!(work_span_id("c1", "u1", "runtime"), work_span_id("c1", "u1", "projections"));
         assert_eq!(event_span_id("c1", "u1").hex().len(), 16);
         // The same client-chosen id in another conversation is another trace.
-        let mut elsewhere = message("u1");
-        elsewhere.conversation_id = ConversationId::parse("c2").expect("id");
+        let elsewhere = message_in("c2", "u1");
         assert_ne!(TraceId::of(&user), TraceId::of(&elsewhere));
         assert_ne!(event_span_id("c1", "u1"), event_span_id("c2", "u1"));
         assert_eq!(TraceId::of(&user).hex().len(), 32);

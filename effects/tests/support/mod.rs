@@ -115,7 +115,7 @@ pub fn count(inputs: &[Envelope], ty: EventType) -> usize {
 #[allow(unused_macros)] // not every suite uses it
 macro_rules! first {
     ($inputs:expr, $variant:ident) => {
-        $inputs.iter().find_map(|e| match &e.data {
+        $inputs.iter().find_map(|e| match e.data() {
             conv_contracts::Payload::$variant(p) => Some(p.clone()),
             _ => None,
         })
@@ -126,7 +126,7 @@ pub(crate) use first;
 
 /// The error of the first failed tool call or model step in `inputs`.
 pub fn failure(inputs: &[Envelope]) -> Option<String> {
-    inputs.iter().find_map(|e| match &e.data {
+    inputs.iter().find_map(|e| match e.data() {
         Payload::ToolFailed(f) => Some(f.error.clone()),
         Payload::LlmFailed(f) => Some(f.error.clone()),
         _ => None,
@@ -154,7 +154,7 @@ pub fn effects(nats: &TestNats, options: EffectsOptions) -> ServiceHandle<Servic
 
 /// Journals an input of conversation `conv` with id `id`, stamped now.
 pub async fn send(js: &async_nats::jetstream::Context, conv: &str, id: &str, data: impl Into<Payload>) {
-    let mut e = Envelope::new(id, "/test", self::conv(conv), data);
-    e.time = Some(chrono::Utc::now());
+    let mut e = Envelope::new(id, "/test", self::conv(conv), data).expect("valid event");
+    e = e.with_time(Some(chrono::Utc::now()));
     conv_nats::headers::publish(js, &e).await.expect("publish").await.expect("ack");
 }

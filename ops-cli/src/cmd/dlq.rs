@@ -115,7 +115,7 @@ async fn show(g: &Global, js: &async_nats::jetstream::Context, id: u64) -> Resul
         )),
     }
     match verdict {
-        Ok(e) => text.push_str(&format!("  redrive:     would republish {} to {}", e.id, e.nats_subject())),
+        Ok(e) => text.push_str(&format!("  redrive:     would republish {} to {}", e.id(), e.nats_subject())),
         Err(e) => text.push_str(&format!("  redrive:     not possible: {e}")),
     }
     Ok(Outcome::ok(text))

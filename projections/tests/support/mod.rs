@@ -10,6 +10,17 @@ use conv_nats::service::{ServiceError, Settings};
 use conv_nats::test_util::{ServiceHandle, TestNats, free_addr, spawn_service, wait_http_ok};
 use serde_json::Value;
 
+/// Posts a user message through ingress at `ingress`; it must be accepted.
+pub async fn post_message(http: &reqwest::Client, ingress: SocketAddr, conversation: &str, text: &str) {
+    let r = http
+        .post(format!("http://{ingress}/v1/conversations/{conversation}/messages"))
+        .json(&serde_json::json!({ "text": text }))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 202, "message to {conversation} accepted");
+}
+
 /// The four services' settings before they start.
 #[derive(Debug)]
 pub struct Configs {

@@ -152,8 +152,8 @@ pub async fn check(
                 v.other.push(format!("{conv}: CONV_OUT #{} is not a readable event", m.seq));
                 continue;
             };
-            if !ids_seen.insert(event.id.clone()) {
-                v.duplicate_outputs.push(format!("{conv}: output {} stored twice", event.id));
+            if !ids_seen.insert(event.id().to_owned()) {
+                v.duplicate_outputs.push(format!("{conv}: output {} stored twice", event.id()));
             }
             if let Some(p) = event.position()
                 && !positions.insert(p)
