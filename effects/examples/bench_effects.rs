@@ -104,7 +104,10 @@ async fn main() {
     let client = s.nats.client().await;
     let mut live = client.subscribe(format!("{}.*", conv_contracts::subject::LIVE_PREFIX)).await.expect("subscribe");
     let mut llm_inputs = client.subscribe("conv.in.llm.*").await.expect("subscribe");
-    let mut hint_sub = client.subscribe(conv_contracts::subject::live_cancel_filter()).await.expect("subscribe");
+    // Hints on a connection of their own: `client` also carries every LLM
+    // input, and a hint queued behind those would be seen late.
+    let hint_client = s.nats.client().await;
+    let mut hint_sub = hint_client.subscribe(conv_contracts::subject::live_cancel_filter()).await.expect("subscribe");
     let messages: Vec<Envelope> = (0..n).map(|i| message(&format!("ab-{i}"), &format!("m{i}"))).collect();
     publish(&js, &messages).await;
     // Wait until every conversation streams.
@@ -151,10 +154,11 @@ async fn main() {
         let now = chrono::Utc::now();
         e = e.with_time(Some(now));
         sent.insert(e.conversation_id().to_string(), now);
-        acks.push(conv_nats::headers::publish(&js, &e).await.expect("publish"));
+        acks.push((e.conversation_id().to_string(), conv_nats::headers::publish(&js, &e).await.expect("publish")));
     }
-    for a in acks {
-        a.await.expect("ack");
+    let mut stored_seq = Vec::new();
+    for (conv, a) in acks {
+        stored_seq.push((conv, a.await.expect("ack").sequence));
     }
     println!("  (publishing the {n} aborts took {:.0} ms)", publishing.elapsed().as_secs_f64() * 1000.0);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
@@ -179,6 +183,24 @@ async fn main() {
         .collect();
     latencies.sort_by(|a, b| a.total_cmp(b));
     let seen = hints_seen.await.unwrap_or_default();
+    // When JetStream stored each abort (the server's clock: same machine).
+    let journal = js.get_stream_no_info("CONV_IN").await.expect("CONV_IN");
+    let mut stored: HashMap<String, chrono::DateTime<chrono::Utc>> = HashMap::new();
+    for (conv, seq) in &stored_seq {
+        if let Ok(m) = journal.get_raw_message(*seq).await {
+            let nanos = m.time.unix_timestamp_nanos() as i64;
+            stored.insert(conv.clone(), chrono::DateTime::from_timestamp_nanos(nanos));
+        }
+    }
+    let gap = |from: &HashMap<String, chrono::DateTime<chrono::Utc>>,
+               to: &HashMap<String, chrono::DateTime<chrono::Utc>>| {
+        let mut v: Vec<f64> =
+            to.iter().filter_map(|(c, at)| Some((*at - *from.get(c)?).num_microseconds()? as f64 / 1000.0)).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v
+    };
+    let to_store = gap(&sent, &stored);
+    let store_to_hint = gap(&stored, &seen);
     let mut to_hint: Vec<f64> =
         seen.iter().filter_map(|(c, at)| Some((*at - *sent.get(c)?).num_microseconds()? as f64 / 1000.0)).collect();
     to_hint.sort_by(|a, b| a.total_cmp(b));
@@ -200,5 +222,12 @@ async fn main() {
         to_hint.len(),
         pct(&to_hint, 0.5),
         pct(&to_hint, 0.99)
+    );
+    println!(
+        "  abort sent → stored by JetStream: p50 {:.0} ms, p99 {:.0} ms; stored → hint seen: p50 {:.0} ms, p99 {:.0} ms",
+        pct(&to_store, 0.5),
+        pct(&to_store, 0.99),
+        pct(&store_to_hint, 0.5),
+        pct(&store_to_hint, 0.99)
     );
 }

@@ -567,9 +567,13 @@ async fn serve(executor: Arc<executor::Executor>, inbox: Inbox, limits: Admissio
                 if let Payload::CancelRequested(c) = event.data() {
                     // Cancels never wait for a slot.
                     cancel_now(&executor, &event, c, &mut queue, &mut running);
-                    if let Err(error) = message.double_ack().await {
-                        tracing::warn!(message = "Failed to ack a cancel.", %error);
-                    }
+                    // Acked off the loop: a round trip per cancel would hold
+                    // every other cancel and hint behind it in an abort storm.
+                    tokio::spawn(async move {
+                        if let Err(error) = message.double_ack().await {
+                            tracing::warn!(message = "Failed to ack a cancel.", %error);
+                        }
+                    });
                     continue;
                 }
                 let class = class(event.data());
