@@ -62,7 +62,8 @@ fn checked_id(name: &str, id: String) -> Result<String, Rejection> {
 
 impl Envelope {
     /// An event of `conversation_id`. Refused: an id that is not a valid
-    /// CloudEvents id ([`check_event_id`]) or a blank source.
+    /// CloudEvents id ([`check_event_id`]), a blank source, or data that
+    /// breaks its type's rules ([`Payload::check`]).
     pub fn new(
         id: impl Into<String>,
         source: impl Into<String>,
@@ -73,7 +74,10 @@ impl Envelope {
         if source.trim().is_empty() {
             return Err(bad("source", "must not be empty"));
         }
-        Ok(Self::bare(checked_id("id", id.into())?, source, conversation_id, data.into()))
+        let data = data.into();
+        data.check()
+            .map_err(|detail| Rejection::PayloadSchema { event_type: data.event_type(), detail: detail.to_string() })?;
+        Ok(Self::bare(checked_id("id", id.into())?, source, conversation_id, data))
     }
 
     /// The event with no optional attribute set; `id` and `source` checked.
@@ -92,15 +96,15 @@ impl Envelope {
     }
 
     /// An event a service makes from ids it trusts: `readable_id` when that
-    /// is a valid id, otherwise its hash ([`fit_event_id`]): the same
-    /// arguments always give the same id.
+    /// is a valid id, otherwise `<conversation>.h<hash>` ([`fit_event_id`]):
+    /// the same arguments always give the same id.
     pub fn service(
         readable_id: String,
         source: &'static str,
         conversation_id: ConversationId,
         data: impl Into<Payload>,
     ) -> Self {
-        Self::bare(fit_event_id(readable_id), source.to_owned(), conversation_id, data.into())
+        Self::bare(fit_event_id(&conversation_id, readable_id), source.to_owned(), conversation_id, data.into())
     }
 
     /// An event `cause` leads to: its id is [`derived_id`] of the cause's
@@ -133,11 +137,18 @@ impl Envelope {
     }
 
     /// Adds a CloudEvents extension. Refused: a name that is not 1-20
-    /// characters of `[a-z0-9]` or is a context attribute's.
+    /// characters of `[a-z0-9]`, or one an attribute of the envelope already
+    /// has (context attributes, `data`, `causationid`, `correlationid`).
     pub fn with_extension(mut self, name: impl Into<String>, value: impl Into<String>) -> Result<Self, Rejection> {
         let name = name.into();
-        if !crate::binding::is_extension_name(&name) || crate::binding::CONTEXT_ATTRIBUTES.contains(&name.as_str()) {
-            return Err(bad(&name, "extension names are 1-20 characters of [a-z0-9], not a context attribute's"));
+        let taken = crate::binding::CONTEXT_ATTRIBUTES.contains(&name.as_str())
+            || [CAUSATION_ID, CORRELATION_ID, "data"].contains(&name.as_str());
+        if !crate::binding::is_extension_name(&name) || taken {
+            return Err(bad(
+                &name,
+                "extension names are 1-20 characters of [a-z0-9], not a context attribute's, `data`, \
+                 `causationid` or `correlationid`",
+            ));
         }
         self.extensions.insert(name, value.into());
         Ok(self)

@@ -16,6 +16,9 @@ pub enum IdError {
     TooLong { len: usize, max: usize },
     #[error("contains {found:?}; only [A-Za-z0-9_-] is allowed")]
     BadChar { found: char },
+    /// An event id holds only printable ASCII, no spaces.
+    #[error("contains {found:?}; only printable ASCII without spaces is allowed")]
+    NotPrintable { found: char },
 }
 
 /// A conversation id: 1–128 characters of `[A-Za-z0-9_-]`.
@@ -68,7 +71,7 @@ pub fn check_event_id(raw: &str) -> Result<(), IdError> {
         return Err(IdError::TooLong { len: raw.len(), max: MAX_EVENT_ID_LEN });
     }
     if let Some(found) = raw.chars().find(|c| !c.is_ascii_graphic()) {
-        return Err(IdError::BadChar { found });
+        return Err(IdError::NotPrintable { found });
     }
     Ok(())
 }
@@ -96,11 +99,22 @@ pub fn derived_id(base: &str, tag: impl std::fmt::Display) -> String {
     }
 }
 
-/// `readable` when it is a valid event id, otherwise `h<FNV-1a of it>`:
-/// an id built from parts (a conversation id, a tool call id a model chose)
-/// that is always valid and always the same for the same parts.
-pub fn fit_event_id(readable: String) -> String {
-    if check_event_id(&readable).is_ok() { readable } else { format!("h{:016x}", fnv1a(&readable)) }
+/// `readable` when it is a valid event id, otherwise
+/// `<conversation>.h<FNV-1a of it>`: an id built from parts (a tool call id
+/// a model chose, say) that is always valid, always the same for the same
+/// parts, and stays in the conversation's namespace, which clients may not
+/// use (`trust::check_client_id`).
+pub fn fit_event_id(conversation: &ConversationId, readable: String) -> String {
+    if check_event_id(&readable).is_ok() { readable } else { format!("{conversation}.h{:016x}", fnv1a(&readable)) }
+}
+
+/// True for the form [`derived_id`] gives a long base: `h<16 hex digits>`
+/// then `.` or the end.
+pub fn is_hashed_derived_id(id: &str) -> bool {
+    let hex = id.strip_prefix('h').and_then(|rest| rest.get(..16));
+    let after = id.get(17..);
+    hex.is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+        && after.is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
 }
 
 #[cfg(test)]
@@ -122,7 +136,7 @@ mod tests {
     fn event_ids() {
         assert!(check_event_id("01J0-abc").is_ok());
         assert_eq!(check_event_id(""), Err(IdError::Empty));
-        assert_eq!(check_event_id("a b"), Err(IdError::BadChar { found: ' ' }));
+        assert_eq!(check_event_id("a b"), Err(IdError::NotPrintable { found: ' ' }));
     }
 
     #[test]
@@ -134,11 +148,16 @@ mod tests {
             assert!(check_event_id(&id).is_ok() && id.ends_with(".7"), "{id}");
             assert_eq!(id, derived_id(&base, 7));
         }
-        assert_eq!(fit_event_id("c1.tool.a".into()), "c1.tool.a");
+        let c1 = ConversationId::parse("c1").expect("id");
+        assert_eq!(fit_event_id(&c1, "c1.tool.a".into()), "c1.tool.a");
         for readable in ["a b".to_owned(), "y".repeat(300), String::new()] {
-            let id = fit_event_id(readable.clone());
-            assert!(check_event_id(&id).is_ok(), "{id}");
-            assert_eq!(id, fit_event_id(readable));
+            let id = fit_event_id(&c1, readable.clone());
+            assert!(check_event_id(&id).is_ok() && id.starts_with("c1.h"), "{id}");
+            assert_eq!(id, fit_event_id(&c1, readable));
         }
+        assert!(is_hashed_derived_id(&derived_id(&"x".repeat(256), 3)));
+        assert!(is_hashed_derived_id("h0123456789abcdef"));
+        assert!(!is_hashed_derived_id("h0123456789abcdefg"));
+        assert!(!is_hashed_derived_id("hello"));
     }
 }

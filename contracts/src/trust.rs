@@ -51,10 +51,14 @@ pub fn derived_msg_id(conversation: &ConversationId, id: &str) -> String {
 /// Refuses ids a client may not choose: those conv derives itself — ids
 /// ingress derives from keys (idempotency, natural keys) and every effect
 /// outcome id start with `<conversation>.`, runtime-derived ids contain `~`
-/// (ingress's other ids are fresh UUIDv7s).
+/// or, from a long input id, are `h<16 hex digits>.<n>` (ingress's other ids
+/// are fresh UUIDv7s).
 pub fn check_client_id(conversation: &ConversationId, id: &str) -> Result<(), crate::Invalid> {
     if id.contains('~') {
         return Err("`~` is reserved for ids conv derives".into());
+    }
+    if crate::id::is_hashed_derived_id(id) {
+        return Err("ids of the form h<16 hex digits>[.…] are reserved for ids conv derives".into());
     }
     if id.strip_prefix(conversation.as_str()).is_some_and(|rest| rest.starts_with('.')) {
         return Err(format!(
@@ -142,6 +146,8 @@ mod tests {
         let c = conv("victim");
         assert!(check_client_id(&c, "victim.llm.r1.s1.1.completed").is_err());
         assert!(check_client_id(&c, "m1~0").is_err());
+        assert!(check_client_id(&c, "h0123456789abcdef.2").is_err());
+        assert!(check_client_id(&c, "hello").is_ok());
         assert!(check_client_id(&c, "0190b6c4-7d1e-7000-8000-000000000000").is_ok());
         assert!(check_client_id(&c, "victimized").is_ok());
         assert!(check_client_id(&c, "other.llm.r1.s1.1.completed").is_ok());

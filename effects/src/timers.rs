@@ -35,8 +35,6 @@ pub enum TimerError {
     Delete(#[from] kv::DeleteError),
     #[error("the timer names no valid conversation: {0}")]
     Conversation(#[from] conv_contracts::id::IdError),
-    #[error("the timer names an invalid cause: {0}")]
-    Cause(#[from] conv_contracts::Rejection),
     #[error("journaling timer.fired: {0}")]
     Journal(#[from] conv_nats::journal::AppendError),
 }
@@ -101,7 +99,7 @@ pub async fn run(
                             }
                             pending.remove(&key);
                         }
-                        Err(error @ (TimerError::Conversation(_) | TimerError::Cause(_))) => {
+                        Err(error @ TimerError::Conversation(_)) => {
                             tracing::error!(message = "A timer that can never fire is dropped.", %key, %error);
                             if let Err(error) = store.delete_expect_revision(&key, Some(p.revision)).await {
                                 tracing::warn!(message = "Dropped timer not deleted.", %key, %error);
@@ -158,8 +156,16 @@ async fn fire(
         conversation,
         TimerFired { timer_id: timer.timer_id.clone() },
     )
-    .with_time(Utc::now())
-    .with_causation(Some(timer.directive_id.clone()), Some(correlation))?;
+    .with_time(Utc::now());
+    // The ids come from a decoded directive, so they are valid; if a stored
+    // timer says otherwise, a fire without its trace link beats no fire.
+    let event = match event.clone().with_causation(Some(timer.directive_id.clone()), Some(correlation)) {
+        Ok(linked) => linked,
+        Err(error) => {
+            tracing::warn!(message = "Timer fires without its cause: the stored ids are invalid.", %error);
+            event
+        }
+    };
     let span = tracer.event(&event, None, std::time::SystemTime::now());
     let appended = conv_nats::journal::append(
         js,

@@ -290,6 +290,16 @@ async fn binary_mode_events_and_callbacks_are_accepted() {
     assert_eq!(header(&m, "ce-source"), Some("/ext%20producer"), "percent-encoding kept on the wire");
     assert_eq!(header(&m, "ce-causationid"), Some("tool-req-1"));
 
+    // A causation id that is not a valid event id is refused, not journaled.
+    let bad_cause = s
+        .http
+        .post(s.url("/v1/conversations/c2/tools/call_8/completed"))
+        .header("conv-callback-token", tool_token("c2", "call_8"))
+        .header("causation-id", "has a space")
+        .json(&json!({"result": 1}));
+    let (status, body, _) = s.send(bad_cause).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (422, Some("bad_attribute")), "{body}");
+
     // A webhook answering later: natural id, so its retries dedupe.
     let cb = || {
         s.http

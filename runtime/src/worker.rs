@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::hints::Board;
 use crate::metrics::Metrics;
-use conv_core::reducer::{self, derived_id};
+use conv_core::reducer;
 use conv_core::scheduler::{Pending, Scheduler};
 use conv_core::snapshot::Snapshot;
 use conv_core::state::State;
@@ -213,15 +213,14 @@ async fn publish_marker(js: &async_nats::jetstream::Context, marker: &Envelope, 
     stored_at(conv_nats::headers::publish_expecting(js, marker, last).await?).await
 }
 
-/// Id of the applied marker of an input.
-pub fn marker_id(input_id: &str) -> String {
-    derived_id(input_id, usize::MAX)
-}
+/// The derived-id tag of an input's applied marker: its id is
+/// `derived_id(input, MARKER_TAG)`, past any output position.
+const MARKER_TAG: usize = usize::MAX;
 
 /// The applied marker of `input` (stored at `seq` in `CONV_IN`), after which
 /// the conversation is at `state` (its version, hash and rules).
 fn marker(input: &Envelope, seq: u64, state: &State) -> Envelope {
-    Envelope::derived(input, usize::MAX, reducer::SOURCE, state.marker(input, seq))
+    Envelope::derived(input, MARKER_TAG, reducer::SOURCE, state.marker(input, seq))
 }
 
 struct Worker {
