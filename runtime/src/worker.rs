@@ -241,12 +241,6 @@ struct Worker {
 /// Aborts and stops handed from the control reader to the worker.
 const CONTROL_QUEUE: usize = 1024;
 
-/// How many control messages one pull asks for: more than a partition gets
-/// in an abort storm, so the storm is not split by pull round trips (with
-/// 50, the last aborts of a partition waited for a second pull; the
-/// consumer's `max_ack_pending` still bounds what is outstanding).
-const CONTROL_BATCH: usize = 1000;
-
 /// Runs partition `partition` until `stop` fires (then hands its held inputs
 /// back and snapshots what is dirty) or it finds it is a stale owner.
 pub async fn run(
@@ -274,7 +268,7 @@ pub async fn run(
             control.cached_info().num_pending
         }
     };
-    let control_msgs = pull(&control, CONTROL_BATCH).await.map_err(|e| failed(e.to_string()))?;
+    let control_msgs = pull(&control, 50).await.map_err(|e| failed(e.to_string()))?;
     let board = Arc::new(Board::default());
     // The control plane has its own reader: it hints effects the moment an
     // abort or stop arrives, whatever the worker is busy with.
@@ -404,7 +398,7 @@ async fn read_control(
             // The pull ends when the consumer's leader goes away (a cluster
             // electing one): pull again rather than stop the partition.
             tracing::warn!(message = "Control consumer stream ended; pulling again.", partition);
-            match repull(&consumer, CONTROL_BATCH, &stop).await {
+            match repull(&consumer, 50, &stop).await {
                 Some(m) => messages = m,
                 None => return,
             }
