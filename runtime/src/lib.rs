@@ -106,12 +106,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         tracing::info!(message = "Runtime instance up.", instance = %instance, partitions = config.topology.partitions);
         let ownership =
             conv_nats::ownership::OwnershipConfig::of(&config.topology, o.heartbeat_ms, "", metrics.ownership.clone());
-        let control = conv_nats::connect::connect_lazy(&config.nats, "conv-runtime-control")
-            .await
-            .map_err(service::ServiceError::part("the control plane's NATS connection"))?;
         let shared = Arc::new(worker::Shared {
             js: booted.js.clone(),
-            control: conv_nats::connect::jetstream(control, &config.nats),
             snapshots,
             metrics,
             tracer: booted.tracer.clone(),

@@ -65,11 +65,6 @@ impl Default for WorkerConfig {
 #[derive(Debug, Clone)]
 pub struct Shared {
     pub js: jetstream::Context,
-    /// The control plane's own connection: the control consumers are read
-    /// and cancel hints sent on it, so that an abort is not queued behind
-    /// the bulk traffic of the main one (deliveries, and the publish acks of
-    /// group commits: thousands in an abort storm).
-    pub control: jetstream::Context,
     pub snapshots: Snapshots,
     pub metrics: Metrics,
     pub config: WorkerConfig,
@@ -253,9 +248,8 @@ pub async fn run(
     let stream = shared.js.get_stream_no_info(STREAM_IN).await.map_err(|e| failed(e.to_string()))?;
     let main: PullConsumer =
         stream.get_consumer(&runtime_consumer(partition)).await.map_err(|e| failed(e.to_string()))?;
-    let control_stream = shared.control.get_stream_no_info(STREAM_IN).await.map_err(|e| failed(e.to_string()))?;
     let control: PullConsumer =
-        control_stream.get_consumer(&runtime_control_consumer(partition)).await.map_err(|e| failed(e.to_string()))?;
+        stream.get_consumer(&runtime_control_consumer(partition)).await.map_err(|e| failed(e.to_string()))?;
     // A new owner takes the pin at once and gets what the old one held now.
     conv_nats::ownership::take_consumer(&stream, &runtime_consumer(partition), RUNTIME_GROUP).await;
     conv_nats::ownership::take_consumer(&stream, &runtime_control_consumer(partition), RUNTIME_GROUP).await;
@@ -279,7 +273,7 @@ pub async fn run(
         control.clone(),
         control_msgs,
         board.clone(),
-        shared.control.client(),
+        shared.js.client(),
         control_tx,
         reader_stop.clone(),
     ));
