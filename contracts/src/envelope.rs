@@ -28,9 +28,10 @@ pub const JSON: &str = "application/json";
 pub const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
 
 /// A validated event: every instance satisfies the contract. Outside this
-/// crate one is made only by [`Envelope::new`] (which checks the id and
-/// source), [`Envelope::derived`] (an id derived from a valid cause), or by
-/// decoding ([`crate::binding`]); the `with_*` methods keep it valid.
+/// crate one is made only by [`Envelope::new`] (which checks the id, source
+/// and data), [`Envelope::service`] (an id fitted from trusted parts),
+/// [`Envelope::derived`] (an id derived from a valid cause), or by decoding
+/// ([`crate::binding`]); the `with_*` methods keep it valid.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Envelope {
     /// CloudEvents `id`; also the `Nats-Msg-Id` used for dedupe.
@@ -80,7 +81,8 @@ impl Envelope {
         Ok(Self::bare(checked_id("id", id.into())?, source, conversation_id, data))
     }
 
-    /// The event with no optional attribute set; `id` and `source` checked.
+    /// The event with no optional attribute set; the caller vouches for `id`
+    /// and `source`.
     fn bare(id: String, source: String, conversation_id: ConversationId, data: Payload) -> Self {
         Self {
             id,
@@ -116,7 +118,8 @@ impl Envelope {
         source: &'static str,
         data: impl Into<Payload>,
     ) -> Self {
-        Self::service(derived_id(&cause.id, tag), source, cause.conversation_id.clone(), data)
+        // `derived_id` always gives a valid id: no fitting needed.
+        Self::bare(derived_id(&cause.id, tag), source.to_owned(), cause.conversation_id.clone(), data.into())
             .with_time(cause.time)
             .caused_by(cause)
     }

@@ -3,7 +3,7 @@
 //!
 //! No clock, no randomness, no I/O. Every id it makes comes from its input:
 //! run ids from a counter in the state, emitted event ids from the input id
-//! and the position in the output ([`derived_id`]), emitted `time` is the
+//! and the position in the output ([`conv_contracts::id::derived_id`]), emitted `time` is the
 //! input's. The same journal in the same applied order therefore always
 //! gives the same states, the same hashes and the same emitted events.
 //!
@@ -43,8 +43,6 @@ pub struct Applied {
     /// The input was applied before (same id): nothing changed.
     pub duplicate: bool,
 }
-
-pub use conv_contracts::id::derived_id;
 
 struct Ctx<'a> {
     input: &'a Envelope,

@@ -187,14 +187,28 @@ impl Callback {
         }
     }
 
-    /// The outcomes and their event types.
+    /// The family's name in error messages.
+    fn name(self) -> &'static str {
+        match self {
+            Callback::Tool => "tool",
+            Callback::Llm => "llm",
+        }
+    }
+
+    /// The outcomes (the last URL segment) and their event types.
     fn outcomes(self) -> [(&'static str, EventType); 5] {
         use EventType::*;
-        let (started, last, completed, failed, canceled) = match self {
-            Callback::Tool => (ToolStarted, ("progress", ToolProgress), ToolCompleted, ToolFailed, ToolCanceled),
-            Callback::Llm => (LlmStarted, ("delta", LlmDelta), LlmCompleted, LlmFailed, LlmCanceled),
+        let (names, types) = match self {
+            Callback::Tool => (
+                ["started", "progress", "completed", "failed", "canceled"],
+                [ToolStarted, ToolProgress, ToolCompleted, ToolFailed, ToolCanceled],
+            ),
+            Callback::Llm => (
+                ["started", "delta", "completed", "failed", "canceled"],
+                [LlmStarted, LlmDelta, LlmCompleted, LlmFailed, LlmCanceled],
+            ),
         };
-        [("started", started), last, ("completed", completed), ("failed", failed), ("canceled", canceled)]
+        std::array::from_fn(|i| (names[i], types[i]))
     }
 
     /// `POST /v1/conversations/{id}/<family>/{key}/{outcome}`.
@@ -210,10 +224,7 @@ impl Callback {
             Some((_, ty)) => ingest(ing, *ty, &id, &[(self.key(), &key)], headers, body).await,
             None => {
                 let allowed = outcomes.map(|(name, _)| name).join(", ");
-                let family = match self {
-                    Callback::Tool => "tool",
-                    Callback::Llm => "llm",
-                };
+                let family = self.name();
                 let error = IngestError::NotFound(format!("unknown {family} outcome {outcome:?}; one of: {allowed}"));
                 respond(Err(ing.refuse(error)))
             }

@@ -23,14 +23,6 @@ async fn bare() -> (TestNats, async_nats::jetstream::Context, Topology) {
     (nats, js, Topology::declare(&TopologyConfig::default()))
 }
 
-/// A server set up, and its JetStream context.
-async fn set_up() -> (TestNats, async_nats::jetstream::Context) {
-    let nats = nats().await;
-    nats.setup().await.expect("setup");
-    let js = nats.jetstream().await;
-    (nats, js)
-}
-
 #[tokio::test]
 async fn apply_creates_everything_then_reports_no_changes() {
     let (_nats, js, topo) = bare().await;
@@ -122,7 +114,7 @@ async fn a_leases_bucket_of_an_older_version_is_upgraded() {
 
 #[tokio::test]
 async fn partition_transform_matches_the_client_side_hash() {
-    let (_nats, js) = set_up().await;
+    let (_nats, js) = TestNats::set_up().await;
     for i in 0..40 {
         let conv = ConversationId::parse(&format!("conv-{i}")).expect("id");
         let event = Envelope::new(
@@ -152,7 +144,7 @@ async fn partition_transform_matches_the_client_side_hash() {
 
 #[tokio::test]
 async fn duplicate_event_ids_are_stored_once() {
-    let (_nats, js) = set_up().await;
+    let (_nats, js) = TestNats::set_up().await;
     let event = Envelope::new(
         "same-id",
         "/test",
@@ -172,7 +164,7 @@ async fn duplicate_event_ids_are_stored_once() {
 
 #[tokio::test]
 async fn stray_input_subjects_land_in_the_dlq() {
-    let (_nats, js) = set_up().await;
+    let (_nats, js) = TestNats::set_up().await;
     // Every shape under conv.in.> other than conv.in.<family>.<id> is
     // journaled in CONV_DLQ: never lost, never read by a partition worker.
     for stray in ["conv.in.nofamily", "conv.in.3.message.c1", "conv.in.message.c1.extra.tokens"] {
@@ -185,7 +177,7 @@ async fn stray_input_subjects_land_in_the_dlq() {
 
 #[tokio::test]
 async fn changed_retention_and_limits_show_as_drift_and_apply_in_place() {
-    let (_nats, js) = set_up().await;
+    let (_nats, js) = TestNats::set_up().await;
     let changed = TopologyConfig {
         journal_max_bytes: 8 << 30,
         dlq_max_age_hours: 48,
@@ -229,7 +221,7 @@ async fn changed_retention_and_limits_show_as_drift_and_apply_in_place() {
 
 #[tokio::test]
 async fn a_write_expecting_another_last_message_is_refused_even_a_repeat() {
-    let (_nats, js) = set_up().await;
+    let (_nats, js) = TestNats::set_up().await;
     let conv = ConversationId::parse("fence").expect("id");
     let marker = |id: &str| {
         Envelope::new(

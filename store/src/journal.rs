@@ -17,8 +17,7 @@ use conv_core::reducer;
 use conv_core::snapshot::Snapshot;
 use conv_core::state::State;
 
-/// A source error of any kind (what async-nats returns differs per call).
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+use conv_nats::service::BoxError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -8,12 +8,6 @@ use conv_core::state::{Entry, State};
 use conv_nats::test_util::TestNats;
 use conv_store::snapshot::{self, Snapshots};
 
-async fn nats() -> TestNats {
-    let nats = TestNats::start().await.expect("test NATS");
-    nats.setup().await.expect("topology");
-    nats
-}
-
 fn entry(id: &str, role: EntryRole, text: &str) -> Entry {
     Entry {
         id: id.into(),
@@ -36,8 +30,7 @@ fn snap(conv: &str, version: u64, texts: &[&str]) -> Snapshot {
 
 #[tokio::test]
 async fn a_stale_owner_cannot_overwrite_the_snapshot() {
-    let nats = nats().await;
-    let js = nats.jetstream().await;
+    let (_nats, js) = TestNats::set_up().await;
     let snapshots = Snapshots::open(&js).await.expect("bucket");
     let mut revs = Vec::new();
     let r1 = snapshots.save("s1", &mut snap("s1", 1, &[]), &mut revs, None).await.expect("first write");
@@ -61,8 +54,7 @@ async fn a_stale_owner_cannot_overwrite_the_snapshot() {
 
 #[tokio::test]
 async fn entries_of_any_size_round_trip_and_only_changed_ones_are_written() {
-    let nats = nats().await;
-    let js = nats.jetstream().await;
+    let (_nats, js) = TestNats::set_up().await;
     let snapshots = Snapshots::open(&js).await.expect("bucket");
     // 3 MiB in one entry: over the server's payload limit, so it is split.
     let big = "x".repeat(3 << 20);
@@ -89,8 +81,7 @@ async fn entries_of_any_size_round_trip_and_only_changed_ones_are_written() {
 
 #[tokio::test]
 async fn a_head_reads_the_entry_copies_it_names_not_later_writes() {
-    let nats = nats().await;
-    let js = nats.jetstream().await;
+    let (_nats, js) = TestNats::set_up().await;
     let snapshots = Snapshots::open(&js).await.expect("bucket");
     let mut s = snap("h", 2, &["one", "two"]);
     let mut revs = Vec::new();
@@ -113,8 +104,7 @@ async fn a_head_reads_the_entry_copies_it_names_not_later_writes() {
 
 #[tokio::test]
 async fn a_context_is_read_by_reference_newest_first_within_the_window() {
-    let nats = nats().await;
-    let js = nats.jetstream().await;
+    let (_nats, js) = TestNats::set_up().await;
     let snapshots = Snapshots::open(&js).await.expect("bucket");
     // 200 turns of 1 KiB questions and answers.
     let mut state = State::new("w");
