@@ -99,6 +99,19 @@ async fn main() {
     })
     .await;
     let js = s.nats.jetstream().await;
+    // The raw floor of the storm, measured on the same server: idle now,
+    // and again below with the n streams running.
+    let raw_client = s.nats.client().await;
+    let raw_observer = s.nats.client().await;
+    let raw_storm = |name: &'static str| {
+        let (c, o) = (raw_client.clone(), raw_observer.clone());
+        async move {
+            conv_nats::baseline::storm(&c, &o, name, "raw.storm", n, conv_contracts::subject::DEFAULT_PARTITIONS, 50)
+                .await
+                .expect("raw storm")
+        }
+    };
+    let raw_idle = raw_storm("RAW_STORM_IDLE").await;
     // Observed as published (core subscriptions), not by re-reading the
     // journal: a poll of the whole stream would load the machine it measures.
     let client = s.nats.client().await;
@@ -123,6 +136,7 @@ async fn main() {
     }
     println!("{} of {n} conversations streaming", streaming.len());
     drop(live);
+    let raw_loaded = raw_storm("RAW_STORM_LOADED").await;
     let aborts: Vec<Envelope> = (0..n)
         .map(|i| {
             Envelope::new(
@@ -229,5 +243,22 @@ async fn main() {
         pct(&to_store, 0.99),
         pct(&store_to_hint, 0.5),
         pct(&store_to_hint, 0.99)
+    );
+    println!(
+        "raw JetStream storm on the same server ({n} messages published together, {} pull consumers, each answered \
+         on core NATS): idle p50 {:.0} ms, p99 {:.0} ms; with the {n} streams running p50 {:.0} ms, p99 {:.0} ms",
+        conv_contracts::subject::DEFAULT_PARTITIONS,
+        pct(&raw_idle, 0.5),
+        pct(&raw_idle, 0.99),
+        pct(&raw_loaded, 0.5),
+        pct(&raw_loaded, 0.99)
+    );
+    println!(
+        "ratios to the raw storm with the streams running (p50 / p99): abort sent → hint seen {:.2} / {:.2}; \
+         abort → canceled {:.2} / {:.2}",
+        pct(&to_hint, 0.5) / pct(&raw_loaded, 0.5),
+        pct(&to_hint, 0.99) / pct(&raw_loaded, 0.99),
+        pct(&latencies, 0.5) / pct(&raw_loaded, 0.5),
+        pct(&latencies, 0.99) / pct(&raw_loaded, 0.99)
     );
 }

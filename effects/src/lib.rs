@@ -29,7 +29,7 @@ pub mod webhook;
 /// keeps the timer).
 pub use conv_contracts::payload::TIMER_TOOL;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -446,10 +446,19 @@ struct Queued {
     class: Class,
 }
 
+/// The effects running on this instance: each task's directive (event id)
+/// and the class of slot it holds.
+#[derive(Default)]
+struct Running {
+    tasks: JoinSet<Class>,
+    ids: HashMap<tokio::task::Id, (String, Class)>,
+}
+
 /// Runs one directive to its end and acks (or naks) it; returns its class.
-fn spawn_effect(running: &mut JoinSet<Class>, executor: &Arc<executor::Executor>, q: Queued, class: Class) {
+fn spawn_effect(running: &mut Running, executor: &Arc<executor::Executor>, q: Queued, class: Class) {
     let executor = executor.clone();
-    running.spawn(async move {
+    let id = q.event.id().to_owned();
+    let task = running.tasks.spawn(async move {
         let Queued { event, message, .. } = q;
         executor.metrics.in_flight.inc();
         let outcome = run_with_progress(&executor, &event, &message).await;
@@ -469,6 +478,7 @@ fn spawn_effect(running: &mut JoinSet<Class>, executor: &Arc<executor::Executor>
         }
         class
     });
+    running.ids.insert(task.id(), (id, class));
 }
 
 /// Handles a cancel at once: running effects are told to stop, queued ones
@@ -478,7 +488,7 @@ fn cancel_now(
     event: &conv_contracts::Envelope,
     c: &CancelRequested,
     queue: &mut VecDeque<Queued>,
-    running: &mut JoinSet<Class>,
+    running: &mut Running,
 ) {
     executor.cancel(event, c);
     let named = |q: &Queued| {
@@ -497,7 +507,12 @@ async fn serve(executor: Arc<executor::Executor>, inbox: Inbox, limits: Admissio
     let Inbox { mut work, mut cancels, mut hints } = inbox;
     let mut queue: VecDeque<Queued> = VecDeque::new();
     let mut slots = Slots::default();
-    let mut running: JoinSet<Class> = JoinSet::new();
+    let mut running = Running::default();
+    // The directives queued or running here (event ids): a directive
+    // delivered again while its effect runs here (its progress acks came
+    // late) is left to that run instead of taking a second slot — under
+    // load such copies filled every slot and new directives waited forever.
+    let mut held: HashSet<String> = HashSet::new();
     let mut progress = tokio::time::interval(executor.progress_every);
     // Read ahead at most this far: the queue is what keeps acks alive.
     let max_queue = limits.total.max(64) * 2;
@@ -532,10 +547,17 @@ async fn serve(executor: Arc<executor::Executor>, inbox: Inbox, limits: Admissio
                     cancel_now(&executor, &event, c, &mut queue, &mut running);
                 }
             }
-            Some(done) = running.join_next(), if !running.is_empty() => {
-                match done {
-                    Ok(class) => slots.give(class),
-                    Err(join) => tracing::error!(message = "An effect task failed.", error = %join),
+            Some(done) = running.tasks.join_next_with_id(), if !running.tasks.is_empty() => {
+                let task = match done {
+                    Ok((task, _)) => task,
+                    Err(join) => {
+                        tracing::error!(message = "An effect task failed.", error = %join);
+                        join.id()
+                    }
+                };
+                if let Some((id, class)) = running.ids.remove(&task) {
+                    slots.give(class);
+                    held.remove(&id);
                 }
             }
             _ = progress.tick() => {
@@ -576,6 +598,10 @@ async fn serve(executor: Arc<executor::Executor>, inbox: Inbox, limits: Admissio
                     });
                     continue;
                 }
+                if !held.insert(event.id().to_owned()) {
+                    tracing::debug!(message = "Delivered again while held here; the run in progress keeps it.", event_id = %event.id());
+                    continue;
+                }
                 let class = class(event.data());
                 queue.push_back(Queued { event, message, class });
             }
@@ -588,8 +614,9 @@ async fn serve(executor: Arc<executor::Executor>, inbox: Inbox, limits: Admissio
             tracing::debug!(message = "Failed to hand a queued directive back.", %error);
         }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(5), async { while running.join_next().await.is_some() {} }).await;
-    running.abort_all();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async { while running.tasks.join_next().await.is_some() {} })
+        .await;
+    running.tasks.abort_all();
 }
 
 /// Runs an effect, sending progress so a long one is not redelivered under it.

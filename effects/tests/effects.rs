@@ -50,15 +50,7 @@ async fn a_message_gets_a_streamed_coalesced_reply() {
     let live_text: String = pieces.iter().map(|p| p.text.as_str()).collect();
     assert_eq!(live_text, completed, "the live pieces joined are the final text, byte for byte");
     // Applied: the assistant entry is complete and the run idle.
-    let mut state = s.state("e1").await;
-    for _ in 0..50 {
-        if state.run_status == RunStatus::Idle {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        state = s.state("e1").await;
-    }
-    assert_eq!(state.run_status, RunStatus::Idle);
+    let state = s.state_when("e1", "an idle run", |st| st.run_status == RunStatus::Idle, Duration::from_secs(10)).await;
     let answer = state.entries.last().expect("entry");
     assert_eq!(answer.status, EntryStatus::Completed);
     assert!(answer.text.starts_with("You said: hi there."), "{}", answer.text);
@@ -81,8 +73,7 @@ async fn a_tool_round_trip() {
         .await;
     let inputs = s.inputs("e2").await;
     assert_eq!(count(&inputs, EventType::ToolCompleted), 1);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let state = s.state("e2").await;
+    let state = s.state_when("e2", "an idle run", |st| st.run_status == RunStatus::Idle, Duration::from_secs(10)).await;
     let tool = state.entries.iter().find(|e| e.role == EntryRole::Tool).expect("tool entry");
     assert_eq!(tool.text, r#"{"x":1}"#);
     assert!(state.entries.last().is_some_and(|e| e.text.starts_with("echo returned")), "{:?}", state.entries.last());
@@ -101,8 +92,8 @@ async fn abort_stops_a_thirty_second_sleep_promptly() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let inputs = s.inputs("e3").await;
     assert_eq!(count(&inputs, EventType::ToolCompleted), 0, "nothing after the cancel: {:?}", types(&inputs));
-    let state = s.state("e3").await;
-    assert_eq!(state.run_status, RunStatus::Aborted);
+    let state =
+        s.state_when("e3", "an aborted run", |st| st.run_status == RunStatus::Aborted, Duration::from_secs(10)).await;
     assert!(state.tools.is_empty());
 }
 
@@ -122,8 +113,8 @@ async fn abort_stops_a_ten_second_stream_promptly() {
     let later = s.inputs("e4").await;
     assert_eq!(count(&later, EventType::LlmDelta), deltas, "no delta after canceled");
     assert_eq!(count(&later, EventType::LlmCompleted), 0);
-    let state = s.state("e4").await;
-    assert_eq!(state.run_status, RunStatus::Aborted);
+    let state =
+        s.state_when("e4", "an aborted run", |st| st.run_status == RunStatus::Aborted, Duration::from_secs(10)).await;
     let entry = state.entries.last().expect("entry");
     assert_eq!(entry.status, EntryStatus::Aborted);
     assert!(!entry.text.is_empty(), "the partial answer is kept");
@@ -226,16 +217,13 @@ async fn an_answer_too_long_for_the_journal_ends_the_step_with_a_clear_failure()
     let failed = first!(i, LlmFailed).expect("failed");
     assert!(!failed.retryable && failed.error.contains("passed 150000 bytes"), "{failed:?}");
     // The user sees it: the run ends failed, the answer entry too.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let state = s.state("huge").await;
-        let last = state.entries.last().map(|e| e.status);
-        if state.run_status == RunStatus::Failed && last == Some(EntryStatus::Failed) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "run {:?}, last entry {last:?}", state.run_status);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    s.state_when(
+        "huge",
+        "a failed run and answer",
+        |st| st.run_status == RunStatus::Failed && st.entries.last().map(|e| e.status) == Some(EntryStatus::Failed),
+        Duration::from_secs(20),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -259,8 +247,7 @@ async fn a_stopped_step_can_be_retried_and_the_retry_runs() {
         .wait_for("sr", "the retried answer", |i| count(i, EventType::LlmCompleted) == 1, Duration::from_secs(30))
         .await;
     assert_eq!(count(&i, EventType::LlmCanceled), 1, "only the first attempt was canceled");
-    let state = s.state("sr").await;
-    assert_eq!(state.run_status, RunStatus::Idle);
+    let state = s.state_when("sr", "an idle run", |st| st.run_status == RunStatus::Idle, Duration::from_secs(10)).await;
     assert_eq!(state.entries.last().map(|e| e.status), Some(EntryStatus::Completed));
 }
 
@@ -329,4 +316,32 @@ async fn a_journal_outage_of_seconds_is_retried_in_place_not_dead_lettered() {
     assert_eq!(count(&inputs, EventType::ToolCompleted), 1, "{:?}", types(&inputs));
     let dlq = s.js.get_stream("CONV_DLQ").await.expect("dlq").get_info().await.expect("info").state.messages;
     assert_eq!(dlq, 0, "nothing dead-lettered");
+}
+
+#[tokio::test]
+async fn a_directive_delivered_again_while_it_runs_here_is_not_run_twice() {
+    // Progress far slower than the 3 s ack wait: the directive is delivered
+    // again (at 3 s, 6 s) while its 8 s stream runs here. A second run would
+    // stream the answer again on the live lane and hold a second slot.
+    let s = Stack::start(EffectsOptions {
+        scripted_tokens: 400,
+        scripted_token_delay_ms: 20,
+        progress_ms: 20_000,
+        ..EffectsOptions::default()
+    })
+    .await;
+    let mut live =
+        s.nats.client().await.subscribe(conv_contracts::subject::live_subject(&conv("rd"))).await.expect("sub");
+    s.send("rd", "m1", message("a long one")).await;
+    let inputs =
+        s.wait_for("rd", "the completion", |i| count(i, EventType::LlmCompleted) == 1, Duration::from_secs(40)).await;
+    let completed = first!(inputs, LlmCompleted).map(|p| p.text).expect("completed");
+    // Everything the live lane carried, until it is quiet for 2 s.
+    let mut offset = 0;
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), live.next()).await {
+        let p = conv_contracts::live::LiveDelta::from_bytes(&m.payload).expect("a live delta");
+        assert_eq!(p.offset, offset, "one run: the live pieces follow each other, none is sent twice");
+        offset += p.text.len() as u64;
+    }
+    assert_eq!(offset, completed.len() as u64, "the live lane carried the answer once");
 }

@@ -101,3 +101,105 @@ pub async fn consume(
     stream.delete_consumer(durable).await.map_err(failed("delete the consumer"))?;
     Ok(rate)
 }
+
+/// The shortest path an abort can take to effects, measured raw: `n`
+/// messages published together to a fresh stream (`<name>`, subjects
+/// `<subject>.<p>.<i>`), read by `partitions` pull consumers (as many as the
+/// runtime has control readers, `batch` messages per pull), each message
+/// answered by a core-NATS publish on `<subject>-hint.<i>` the moment its
+/// consumer gets it, and that answer seen by a subscriber on `observer`.
+///
+/// Returns each message's latency in ms, sorted: from just before its
+/// publish to its answer seen. No conv code is on this path, so it is the
+/// floor for "abort sent → cancel hint seen" on the same server under the
+/// same load.
+pub async fn storm(
+    client: &async_nats::Client,
+    observer: &async_nats::Client,
+    name: &str,
+    subject: &str,
+    n: usize,
+    partitions: u16,
+    batch: usize,
+) -> Result<Vec<f64>, BaselineError> {
+    let js = async_nats::jetstream::new(client.clone());
+    let _ = js.delete_stream(name).await;
+    let stream = js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: name.to_owned(),
+            subjects: vec![format!("{subject}.>")],
+            ..Default::default()
+        })
+        .await
+        .map_err(failed("create the stream"))?;
+    let mut hints = observer.subscribe(format!("{subject}-hint.*")).await.map_err(failed("subscribe"))?;
+    observer.flush().await.map_err(failed("subscribe"))?;
+    let partitions = partitions.max(1);
+    let mut readers = tokio::task::JoinSet::new();
+    for p in 0..partitions {
+        let consumer = stream
+            .create_consumer(pull::Config {
+                durable_name: Some(format!("storm-{p}")),
+                filter_subject: format!("{subject}.{p}.*"),
+                ack_policy: AckPolicy::Explicit,
+                ..Default::default()
+            })
+            .await
+            .map_err(failed("create a consumer"))?;
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(batch.max(1))
+            .expires(std::time::Duration::from_secs(2))
+            .messages()
+            .await
+            .map_err(failed("consume"))?;
+        let client = client.clone();
+        let hint = format!("{subject}-hint");
+        readers.spawn(async move {
+            while let Some(Ok(m)) = messages.next().await {
+                let i = m.subject.rsplit('.').next().unwrap_or_default().to_owned();
+                let _ = client.publish(format!("{hint}.{i}"), Bytes::new()).await;
+                let _ = m.ack().await;
+            }
+        });
+    }
+    // Let every reader's first pull reach the server.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut sent = Vec::with_capacity(n);
+    let mut acks = Vec::with_capacity(n);
+    for i in 0..n {
+        sent.push(Instant::now());
+        let p = i % usize::from(partitions);
+        acks.push(
+            js.publish(format!("{subject}.{p}.{i}"), Bytes::from_static(b"{}")).await.map_err(failed("publish"))?,
+        );
+    }
+    for a in acks {
+        a.await.map_err(failed("publish ack"))?;
+    }
+    let mut latencies = Vec::with_capacity(n);
+    let mut seen = vec![false; n];
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while latencies.len() < n {
+        let Ok(Some(m)) = tokio::time::timeout_at(deadline, hints.next()).await else {
+            break;
+        };
+        if let Some(i) = m.subject.rsplit('.').next().and_then(|i| i.parse::<usize>().ok())
+            && i < n
+            && !seen[i]
+        {
+            seen[i] = true;
+            latencies.push(sent[i].elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    readers.abort_all();
+    let _ = js.delete_stream(name).await;
+    if latencies.len() < n {
+        return Err(failed("storm")(std::io::Error::other(format!(
+            "{} of {n} answers seen within 30 s",
+            latencies.len()
+        ))));
+    }
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    Ok(latencies)
+}

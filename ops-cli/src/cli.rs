@@ -161,6 +161,10 @@ pub enum Command {
         /// Conversations aborted during a tool call (abort latency).
         #[arg(long, default_value_t = 20)]
         aborts: usize,
+        /// Abort storm: conversations streaming long replies, all aborted at once (abort → canceled read from the
+        /// journal, next to a raw JetStream storm on the same server); 0 skips it.
+        #[arg(long, default_value_t = 1000)]
+        storm: usize,
     },
     /// Fault-injection run: start a stack of its own (nats-server and every service as processes), talk while
     /// killing, pausing and restarting them on a seeded schedule, then check the journal and the views; exit 1 on any

@@ -107,7 +107,9 @@ pub async fn run(cli: Cli) -> Result<Outcome, Error> {
         Command::Checkpoints(topology) => cmd::checkpoints::run(g, &topology).await,
         Command::Readiness(args) => Ok(cmd::readiness::run(g, &args).await),
         Command::Up(topology) => cmd::up::run(g, &topology).await,
-        Command::Bench { conversations, turns, aborts } => cmd::bench::run(g, conversations, turns, aborts).await,
+        Command::Bench { conversations, turns, aborts, storm } => {
+            cmd::bench::run(g, conversations, turns, aborts, storm).await
+        }
         Command::Send { conversation, text, timeout_secs } => {
             cmd::send::run(g, &conversation, &text, std::time::Duration::from_secs(timeout_secs)).await
         }

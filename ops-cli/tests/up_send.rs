@@ -185,7 +185,7 @@ async fn up_then_send_prints_a_streamed_answer_and_ctrl_c_stops_everything() {
 #[tokio::test]
 async fn bench_runs_and_reports_its_ratios() {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_convctl"))
-        .args(["bench", "--conversations", "3", "--turns", "2", "--aborts", "2", "--json"])
+        .args(["bench", "--conversations", "3", "--turns", "2", "--aborts", "2", "--storm", "20", "--json"])
         .output()
         .await
         .expect("bench runs");
@@ -193,7 +193,13 @@ async fn bench_runs_and_reports_its_ratios() {
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json report");
     assert_eq!(r["turns"], 6);
     assert_eq!(r["aborts"], 2);
+    // Every streaming conversation of the storm was canceled, each timed
+    // from its abort to its `llm.canceled` in the journal.
+    assert_eq!(r["storm"], 20);
+    assert_eq!(r["storm_canceled"], 20, "{r}");
     for field in [
+        "storm_abort_ms_p99",
+        "raw_storm_ms_p99",
         "turns_per_sec",
         "journal_writes_per_turn",
         "first_delta_ms_p50",

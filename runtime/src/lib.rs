@@ -106,8 +106,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         tracing::info!(message = "Runtime instance up.", instance = %instance, partitions = config.topology.partitions);
         let ownership =
             conv_nats::ownership::OwnershipConfig::of(&config.topology, o.heartbeat_ms, "", metrics.ownership.clone());
+        // The control plane's own connection (see `worker::Shared::control`).
+        let control = conv_nats::connect::connect_lazy(&config.nats, "conv-runtime-control")
+            .await
+            .map_err(service::ServiceError::part("the control plane's NATS connection"))?;
+        booted.health.watch_connection("nats-control", control.clone());
         let shared = Arc::new(worker::Shared {
             js: booted.js.clone(),
+            control: conv_nats::connect::jetstream(control.clone(), &config.nats),
             snapshots,
             metrics,
             tracer: booted.tracer.clone(),
@@ -121,6 +127,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         });
         let workers = move |partition, stop, lease| worker::start(&shared, partition, stop, lease);
         conv_nats::ownership::run(instance, owners, Arc::new(workers), ownership, shutdown.clone()).await;
+        // The acks and hand-backs of control inputs went on this connection.
+        service::flush(&control).await;
     }
     running.stop().await
 }

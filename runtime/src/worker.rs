@@ -65,6 +65,12 @@ impl Default for WorkerConfig {
 #[derive(Debug, Clone)]
 pub struct Shared {
     pub js: jetstream::Context,
+    /// The control plane's own connection: the control consumers are read
+    /// (and their inputs acked) and cancel hints sent on it, so that an
+    /// abort is not queued behind the main connection's bulk traffic —
+    /// deliveries and the publishes and acks of group commits, thousands in
+    /// an abort storm. (In tests it may be the main connection.)
+    pub control: jetstream::Context,
     pub snapshots: Snapshots,
     pub metrics: Metrics,
     pub config: WorkerConfig,
@@ -245,24 +251,14 @@ pub async fn run(
     lease: conv_nats::ownership::Lease,
 ) -> Result<(), Stopped> {
     let failed = |detail: String| Stopped::Failed { partition, detail };
-    let stream = shared.js.get_stream_no_info(STREAM_IN).await.map_err(|e| failed(e.to_string()))?;
-    let main: PullConsumer =
-        stream.get_consumer(&runtime_consumer(partition)).await.map_err(|e| failed(e.to_string()))?;
-    let control: PullConsumer =
-        stream.get_consumer(&runtime_control_consumer(partition)).await.map_err(|e| failed(e.to_string()))?;
-    // A new owner takes the pin at once and gets what the old one held now.
-    conv_nats::ownership::take_consumer(&stream, &runtime_consumer(partition), RUNTIME_GROUP).await;
-    conv_nats::ownership::take_consumer(&stream, &runtime_control_consumer(partition), RUNTIME_GROUP).await;
-    // Read after the reset: what the old owner held counts too.
-    let mut control = control;
-    let control_backlog = match control.info().await {
-        Ok(info) => info.num_pending,
-        Err(error) => {
-            tracing::warn!(message = "Cannot read the control backlog.", partition, %error);
-            control.cached_info().num_pending
-        }
-    };
-    let control_msgs = pull(&control, 50).await.map_err(|e| failed(e.to_string()))?;
+    // Nothing in the start may hang the partition (a connection that is
+    // reconnecting, a server that does not answer): a start that takes too
+    // long fails, and ownership releases the lease and starts it again.
+    let Opened { main, control, control_backlog, control_msgs } =
+        match tokio::time::timeout(START_WITHIN, open(partition, &shared)).await {
+            Ok(opened) => opened.map_err(failed)?,
+            Err(_) => return Err(failed(format!("did not start within {} s", START_WITHIN.as_secs()))),
+        };
     let board = Arc::new(Board::default());
     // The control plane has its own reader: it hints effects the moment an
     // abort or stop arrives, whatever the worker is busy with.
@@ -273,7 +269,7 @@ pub async fn run(
         control.clone(),
         control_msgs,
         board.clone(),
-        shared.js.client(),
+        shared.control.client(),
         control_tx,
         reader_stop.clone(),
     ));
@@ -296,56 +292,62 @@ pub async fn run(
             w.admit(delivered).await;
         }
     }
-    let mut main_msgs = pull(&main, 500).await.map_err(|e| failed(e.to_string()))?;
-    tracing::info!(message = "Partition started.", partition, control_backlog);
+    let result = 'serve: {
+        let mut main_msgs = match tokio::time::timeout(START_WITHIN, pull(&main, 500)).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => break 'serve Err(failed(e.to_string())),
+            Err(_) => break 'serve Err(failed(format!("did not start within {} s", START_WITHIN.as_secs()))),
+        };
+        tracing::info!(message = "Partition started.", partition, control_backlog);
 
-    let mut housekeeping = tokio::time::interval(Duration::from_millis(500));
-    let mut last_progress = Instant::now();
-    let result = loop {
-        if stop.is_cancelled() {
-            break Ok(());
-        }
-        // Take what has already arrived, control plane first, without waiting.
-        while let Ok(delivered) = control_rx.try_recv() {
-            w.admit(delivered).await;
-        }
-        w.drain(&mut main_msgs, 1000).await;
-        if last_progress.elapsed() >= shared.config.progress_every {
-            w.progress().await;
-            last_progress = Instant::now();
-        }
-        w.unpark().await;
-        let batch = w.next_batch();
-        if !batch.is_empty() {
-            if let Err(stopped) = w.apply_batch(batch).await {
-                break Err(stopped);
+        let mut housekeeping = tokio::time::interval(Duration::from_millis(500));
+        let mut last_progress = Instant::now();
+        loop {
+            if stop.is_cancelled() {
+                break Ok(());
+            }
+            // Take what has already arrived, control plane first, without waiting.
+            while let Ok(delivered) = control_rx.try_recv() {
+                w.admit(delivered).await;
+            }
+            w.drain(&mut main_msgs, 1000).await;
+            if last_progress.elapsed() >= shared.config.progress_every {
+                w.progress().await;
+                last_progress = Instant::now();
+            }
+            w.unpark().await;
+            let batch = w.next_batch();
+            if !batch.is_empty() {
+                if let Err(stopped) = w.apply_batch(batch).await {
+                    break Err(stopped);
+                }
+                w.update_depths();
+                continue;
             }
             w.update_depths();
-            continue;
-        }
-        w.update_depths();
-        tokio::select! {
-            biased;
-            _ = stop.cancelled() => break Ok(()),
-            delivered = control_rx.recv() => match delivered {
-                Some(delivered) => w.admit(delivered).await,
-                // The reader stops with the worker's own stop too.
-                None if stop.is_cancelled() => break Ok(()),
-                None => break Err(failed("the control reader stopped".to_owned())),
-            },
-            m = main_msgs.next() => match m {
-                Some(m) => w.accept(Some(m)).await,
-                None => {
-                    tracing::warn!(message = "Consumer stream ended; pulling again.", partition);
-                    match repull(&main, 500, &stop).await {
-                        Some(m) => main_msgs = m,
-                        None => break Ok(()),
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => break Ok(()),
+                delivered = control_rx.recv() => match delivered {
+                    Some(delivered) => w.admit(delivered).await,
+                    // The reader stops with the worker's own stop too.
+                    None if stop.is_cancelled() => break Ok(()),
+                    None => break Err(failed("the control reader stopped".to_owned())),
+                },
+                m = main_msgs.next() => match m {
+                    Some(m) => w.accept(Some(m)).await,
+                    None => {
+                        tracing::warn!(message = "Consumer stream ended; pulling again.", partition);
+                        match repull(&main, 500, &stop).await {
+                            Some(m) => main_msgs = m,
+                            None => break Ok(()),
+                        }
                     }
-                }
-            },
-            _ = housekeeping.tick() => {
-                if let Err(stopped) = w.housekeeping(false).await {
-                    break Err(stopped);
+                },
+                _ = housekeeping.tick() => {
+                    if let Err(stopped) = w.housekeeping(false).await {
+                        break Err(stopped);
+                    }
                 }
             }
         }
@@ -367,6 +369,42 @@ pub async fn run(
     }
     tracing::info!(message = "Partition stopped.", partition, ok = result.is_ok());
     result
+}
+
+/// How long a partition's start (consumers, pins, first pulls) may take.
+const START_WITHIN: Duration = Duration::from_secs(15);
+
+/// A partition's consumers, opened.
+struct Opened {
+    main: PullConsumer,
+    control: PullConsumer,
+    /// Control inputs waiting when the partition started.
+    control_backlog: u64,
+    control_msgs: PullStream,
+}
+
+/// Opens the partition's two consumers (the control one on the control
+/// connection), takes their pins and starts pulling the control one (the
+/// main one is pulled once the control backlog is held).
+async fn open(partition: u16, shared: &Shared) -> Result<Opened, String> {
+    let stream = shared.js.get_stream_no_info(STREAM_IN).await.map_err(|e| e.to_string())?;
+    let control_stream = shared.control.get_stream_no_info(STREAM_IN).await.map_err(|e| e.to_string())?;
+    let main: PullConsumer = stream.get_consumer(&runtime_consumer(partition)).await.map_err(|e| e.to_string())?;
+    let mut control: PullConsumer =
+        control_stream.get_consumer(&runtime_control_consumer(partition)).await.map_err(|e| e.to_string())?;
+    // A new owner takes the pin at once and gets what the old one held now.
+    conv_nats::ownership::take_consumer(&stream, &runtime_consumer(partition), RUNTIME_GROUP).await;
+    conv_nats::ownership::take_consumer(&stream, &runtime_control_consumer(partition), RUNTIME_GROUP).await;
+    // Read after the reset: what the old owner held counts too.
+    let control_backlog = match control.info().await {
+        Ok(info) => info.num_pending,
+        Err(error) => {
+            tracing::warn!(message = "Cannot read the control backlog.", partition, %error);
+            control.cached_info().num_pending
+        }
+    };
+    let control_msgs = pull(&control, 50).await.map_err(|e| e.to_string())?;
+    Ok(Opened { main, control, control_backlog, control_msgs })
 }
 
 /// Reads a partition's control consumer: hints each abort or stop to

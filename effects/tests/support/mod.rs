@@ -99,6 +99,32 @@ impl Stack {
     pub async fn state(&self, c: &str) -> conv_core::state::State {
         conv_store::journal::rebuild(&self.js, &conv(c), None).await.expect("rebuild").snapshot.state
     }
+
+    /// The conversation's state once `pred` holds for it (the runtime
+    /// applies what effects journaled a moment later); panics after `within`
+    /// with what `what` waited for and the last state's run status.
+    pub async fn state_when(
+        &self,
+        c: &str,
+        what: &str,
+        pred: impl Fn(&conv_core::state::State) -> bool,
+        within: Duration,
+    ) -> conv_core::state::State {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let state = self.state(c).await;
+            if pred(&state) {
+                return state;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{c}: {what} not seen within {within:?} (run {:?}, last entry {:?})",
+                state.run_status,
+                state.entries.last().map(|e| e.status)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 /// A conversation id.

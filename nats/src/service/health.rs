@@ -28,6 +28,9 @@ struct HealthInner {
     registry: Registry,
     nats_connected: IntGauge,
     ready: IntGauge,
+    /// A service's further connections (the runtime's control plane), each
+    /// a readiness check of its own.
+    more: std::sync::Mutex<Vec<(&'static str, async_nats::Client)>>,
 }
 
 /// Result of a readiness probe.
@@ -74,12 +77,21 @@ impl Health {
                 registry,
                 nats_connected,
                 ready,
+                more: std::sync::Mutex::new(Vec::new()),
             }),
         })
     }
 
     pub fn registry(&self) -> &Registry {
         &self.inner.registry
+    }
+
+    /// Makes a further connection of the service a readiness check named
+    /// `name`: the service is ready only while it is connected too.
+    pub fn watch_connection(&self, name: &'static str, client: async_nats::Client) {
+        if let Ok(mut more) = self.inner.more.lock() {
+            more.push((name, client));
+        }
     }
 
     /// Runs the readiness checks.
@@ -108,6 +120,13 @@ impl Health {
             checks.push(check);
         } else {
             checks.push(Check { name: "topology", ok: false, detail: "unknown while NATS is disconnected".into() });
+        }
+        if let Ok(more) = inner.more.lock() {
+            for (name, client) in more.iter() {
+                let state = client.connection_state();
+                let ok = state == async_nats::connection::State::Connected;
+                checks.push(Check { name, ok, detail: format!("{state:?}").to_lowercase() });
+            }
         }
         let ready = checks.iter().all(|c| c.ok);
         inner.ready.set(i64::from(ready));

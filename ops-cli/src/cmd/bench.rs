@@ -9,7 +9,12 @@
 //!    delta on the stream), journal writes per turn;
 //! 2. abort latency: K conversations start a 30 s `sleep` tool, then all are
 //!    aborted; latency = abort accepted → the canceled tool result on the stream;
-//! 3. raw JetStream async publish and consume+ack of the same number of
+//! 3. the abort storm: effects restarted with a slow scripted provider, S
+//!    conversations streaming, all aborted at once; latency = abort `time`
+//!    → `llm.canceled` `time`, read from the journal, next to the raw
+//!    JetStream floor of such a storm on the same server
+//!    ([`baseline::storm`]);
+//! 4. raw JetStream async publish and consume+ack of the same number of
 //!    messages as the pipeline journaled, on the same server.
 
 use std::net::SocketAddr;
@@ -40,6 +45,20 @@ pub struct Report {
     pub raw_async_publish_per_sec: f64,
     pub raw_consume_ack_per_sec: f64,
     pub ratio_writes_vs_raw_publish: f64,
+    /// The abort storm: conversations streaming long replies, all aborted
+    /// at once (0: not run).
+    pub storm: usize,
+    /// Of those, how many journaled `llm.canceled`.
+    pub storm_canceled: usize,
+    /// Abort `time` (set by ingress on acceptance) → `llm.canceled` `time`
+    /// (set by effects once the stream stopped), read from the journal.
+    pub storm_abort_ms_p50: f64,
+    pub storm_abort_ms_p99: f64,
+    /// The raw floor of such a storm on the same server while the streams
+    /// run ([`baseline::storm`]): published together, read by one pull
+    /// consumer per partition, answered on core NATS.
+    pub raw_storm_ms_p50: f64,
+    pub raw_storm_ms_p99: f64,
     pub seconds: f64,
 }
 
@@ -113,7 +132,13 @@ async fn stream_messages(js: &async_nats::jetstream::Context) -> Result<u64, Err
     Ok(total)
 }
 
-pub async fn run(g: &Global, conversations: usize, turns: usize, aborts: usize) -> Result<Outcome, Error> {
+pub async fn run(
+    g: &Global,
+    conversations: usize,
+    turns: usize,
+    aborts: usize,
+    storm: usize,
+) -> Result<Outcome, Error> {
     let started = Instant::now();
     let dir = std::env::temp_dir().join(format!("conv-bench-{}", std::process::id()));
     let port = free_addr()?.port();
@@ -122,7 +147,7 @@ pub async fn run(g: &Global, conversations: usize, turns: usize, aborts: usize) 
     // On SIGINT/SIGTERM the bench is dropped, and with it the services
     // (killed on drop); the server is stopped here either way.
     let result = tokio::select! {
-        r = bench(&url, conversations, turns, aborts) => r,
+        r = bench(&url, conversations, turns, aborts, storm) => r,
         () = super::up::signalled() => Err(Error::Failed("interrupted".into())),
     };
     super::up::stop("nats-server", &mut nats).await;
@@ -143,6 +168,8 @@ pub async fn run(g: &Global, conversations: usize, turns: usize, aborts: usize) 
              raw JetStream async publish/s    {:>10.0}\n\
              raw JetStream consume+ack/s      {:>10.0}\n\
              ratio writes / raw publish       {:>10.3}\n\
+             abort storm: {} streaming, {} canceled; abort → canceled (journal) p50 {:.1} ms, p99 {:.1} ms\n\
+             raw JetStream storm (same server) p50 {:.1} ms, p99 {:.1} ms\n\
              took {:.1} s",
             r.conversations,
             r.turns_per_conversation,
@@ -157,36 +184,70 @@ pub async fn run(g: &Global, conversations: usize, turns: usize, aborts: usize) 
             r.raw_async_publish_per_sec,
             r.raw_consume_ack_per_sec,
             r.ratio_writes_vs_raw_publish,
+            r.storm,
+            r.storm_canceled,
+            r.storm_abort_ms_p50,
+            r.storm_abort_ms_p99,
+            r.raw_storm_ms_p50,
+            r.raw_storm_ms_p99,
             r.seconds,
         )
     };
     Ok(Outcome::ok(output))
 }
 
-async fn bench(url: &str, conversations: usize, turns: usize, aborts: usize) -> Result<Report, Error> {
+async fn bench(url: &str, conversations: usize, turns: usize, aborts: usize, storm: usize) -> Result<Report, Error> {
     let nats = conv_nats::NatsConfig { url: url.to_owned(), ..Default::default() };
     let client = conv_nats::connect(&nats, "convctl-bench").await?;
     let js = conv_nats::jetstream(client, &nats);
     conv_nats::topology::apply(&js, &conv_nats::Topology::declare(&conv_nats::TopologyConfig::default())).await?;
 
     let (ingress, projections, runtime) = (free_addr()?, free_addr()?, free_addr()?);
+    let launcher =
+        Launcher { dir: super::up::bin_dir()?, url: url.to_owned(), callback_secret: super::up::random_secret()? };
     let mut services = Vec::new();
-    let dir = super::up::bin_dir()?;
-    let callback_secret = super::up::random_secret()?;
     for (name, var, addr) in [
         ("conv-ingress", "CONV_INGRESS_ADDR", ingress),
         ("conv-runtime", "CONV_RUNTIME_ADDR", runtime),
-        ("conv-effects", "CONV_EFFECTS_ADDR", free_addr()?),
+        ("conv-effects", EFFECTS_ADDR, free_addr()?),
         ("conv-projections", "CONV_PROJECTIONS_ADDR", projections),
     ] {
-        let bin = dir.join(name);
+        services.push((name, addr, launcher.spawn(name, var, addr, &[])?));
+    }
+    // From here on, children left on an early return are killed when dropped.
+    ready(&mut services, runtime, conv_nats::TopologyConfig::default().partitions).await?;
+    let stack = Stack { services, ingress, projections, runtime, launcher };
+    measure(&js, stack, conversations, turns, aborts, storm).await
+}
+
+const EFFECTS_ADDR: &str = "CONV_EFFECTS_ADDR";
+
+/// Starts the services' binaries (next to `convctl`) for the bench.
+struct Launcher {
+    dir: std::path::PathBuf,
+    url: String,
+    callback_secret: String,
+}
+
+impl Launcher {
+    /// Starts service `name` listening on `addr` (its address variable
+    /// `var`), with [`BENCH_ENV`] and then `extra`.
+    fn spawn(
+        &self,
+        name: &str,
+        var: &str,
+        addr: SocketAddr,
+        extra: &[(&str, &str)],
+    ) -> Result<tokio::process::Child, Error> {
+        let bin = self.dir.join(name);
         // Nothing of the operator's environment (a real provider, API keys,
         // partitions, trace export) reaches the services: only what the
         // bench sets, with every other option at its default.
         let mut command = tokio::process::Command::new(&bin);
-        command.env_clear().envs(BENCH_ENV).env("NATS_URL", url).env(var, addr.to_string());
-        command.env("CONV_CALLBACK_SECRET", &callback_secret);
-        let child = command
+        command.env_clear().envs(BENCH_ENV).envs(extra.iter().copied());
+        command.env("NATS_URL", &self.url).env(var, addr.to_string());
+        command.env("CONV_CALLBACK_SECRET", &self.callback_secret);
+        command
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::inherit())
@@ -195,12 +256,17 @@ async fn bench(url: &str, conversations: usize, turns: usize, aborts: usize) -> 
             .map_err(Error::io(format!(
                 "cannot start {} (build the services with `cargo build --release --workspace --bins`)",
                 bin.display()
-            )))?;
-        services.push((name, addr, child));
+            )))
     }
-    // From here on, children left on an early return are killed when dropped.
-    ready(&mut services, runtime, conv_nats::TopologyConfig::default().partitions).await?;
-    measure(&js, services, ingress, projections, conversations, turns, aborts).await
+}
+
+/// The bench's services and where they listen.
+struct Stack {
+    services: Services,
+    ingress: SocketAddr,
+    projections: SocketAddr,
+    runtime: SocketAddr,
+    launcher: Launcher,
 }
 
 /// What the services run with in a bench: the scripted provider answering
@@ -259,13 +325,13 @@ async fn owned_partitions(http: &reqwest::Client, runtime: SocketAddr) -> Option
 
 async fn measure(
     js: &async_nats::jetstream::Context,
-    services: Services,
-    ingress: SocketAddr,
-    projections: SocketAddr,
+    mut stack: Stack,
     conversations: usize,
     turns: usize,
     aborts: usize,
+    storm: usize,
 ) -> Result<Report, Error> {
+    let (ingress, projections) = (stack.ingress, stack.projections);
     let http = reqwest::Client::new();
     // 1. Turns.
     let writes_before = stream_messages(js).await?;
@@ -320,8 +386,10 @@ async fn measure(
         }
     })
     .await?;
+    // 3. The abort storm.
+    let storm = if storm > 0 { abort_storm(js, &mut stack, storm).await? } else { Storm::default() };
     // The raw baseline runs on a server the services have left.
-    for (name, _, mut child) in services {
+    for (name, _, mut child) in stack.services {
         super::up::stop(name, &mut child).await;
     }
 
@@ -349,6 +417,173 @@ async fn measure(
         raw_async_publish_per_sec: publish_rate,
         raw_consume_ack_per_sec: consume_rate,
         ratio_writes_vs_raw_publish: write_rate / publish_rate,
+        storm: storm.conversations,
+        storm_canceled: storm.abort_ms.len(),
+        storm_abort_ms_p50: pct(&mut storm.abort_ms.clone(), 0.5),
+        storm_abort_ms_p99: pct(&mut storm.abort_ms.clone(), 0.99),
+        raw_storm_ms_p50: pct(&mut storm.raw_ms.clone(), 0.5),
+        raw_storm_ms_p99: pct(&mut storm.raw_ms.clone(), 0.99),
         seconds: 0.0,
     })
+}
+
+/// What the abort storm measured.
+#[derive(Default)]
+struct Storm {
+    conversations: usize,
+    /// Abort → `llm.canceled`, per canceled conversation.
+    abort_ms: Vec<f64>,
+    /// The raw floor ([`baseline::storm`]).
+    raw_ms: Vec<f64>,
+}
+
+/// `n` conversations stream long replies (effects restarted with a slow
+/// scripted provider: 200 ms per token), then all are aborted at once
+/// through ingress; latency = each abort's `time` → its conversation's
+/// `llm.canceled` `time`, read from the journal. Before the aborts, the raw
+/// floor of such a storm is measured on the same server, under the same
+/// load.
+async fn abort_storm(js: &async_nats::jetstream::Context, stack: &mut Stack, n: usize) -> Result<Storm, Error> {
+    use futures::{StreamExt, TryStreamExt};
+    let partitions = conv_nats::TopologyConfig::default().partitions;
+    let at = stack.services.iter().position(|(name, ..)| *name == "conv-effects");
+    let (name, addr, mut child) =
+        stack.services.remove(at.ok_or_else(|| Error::Failed("the bench has no effects service".into()))?);
+    super::up::stop(name, &mut child).await;
+    let slow = [("CONV_SCRIPTED_TOKENS", "100000"), ("CONV_SCRIPTED_TOKEN_DELAY_MS", "200")];
+    stack.services.push((name, addr, stack.launcher.spawn(name, EFFECTS_ADDR, addr, &slow)?));
+    ready(&mut stack.services, stack.runtime, partitions).await?;
+
+    let client = js.client();
+    let mut live = client
+        .subscribe(format!("{}.*", conv_contracts::subject::LIVE_PREFIX))
+        .await
+        .map_err(|e| Error::Failed(format!("cannot watch the live lane: {e}")))?;
+    let http = reqwest::Client::new();
+    let ingress = stack.ingress;
+    let conv = |i: usize| format!("storm-{i}");
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let http = http.clone();
+            async move { post(&http, ingress, &conv(i), "messages", json!({"text": "a long answer, please"})).await }
+        })
+        .buffer_unordered(64)
+        .try_collect::<Vec<()>>()
+        .await?;
+    let mut streaming = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while streaming.len() < n {
+        match tokio::time::timeout_at(deadline, live.next()).await {
+            Ok(Some(m)) => {
+                streaming.insert(m.subject.to_string());
+            }
+            _ => {
+                let missing = (0..n).map(conv).find(|c| !streaming.contains(&format!("conv.live.{c}")));
+                let mut story = match &missing {
+                    Some(c) => story(js, c).await,
+                    None => String::new(),
+                };
+                if let Some((_, fx, _)) = stack.services.iter().find(|(name, ..)| *name == "conv-effects")
+                    && let Ok(r) = http.get(format!("http://{fx}/metrics")).send().await
+                    && let Ok(text) = r.text().await
+                {
+                    for l in text.lines().filter(|l| {
+                        l.starts_with("conv_effects_in_flight")
+                            || l.starts_with("conv_effects_queued")
+                            || l.starts_with("conv_effects_retries")
+                            || l.starts_with("conv_effects_failed")
+                    }) {
+                        story.push_str("; ");
+                        story.push_str(l);
+                    }
+                }
+                return Err(Error::Failed(format!(
+                    "abort storm: {} of {n} conversations streamed within 120 s; {} has: {story}",
+                    streaming.len(),
+                    missing.unwrap_or_default()
+                )));
+            }
+        }
+    }
+    drop(live);
+
+    // The raw floor, now: same server, the streams running.
+    let observer = async_nats::connect(stack.launcher.url.as_str())
+        .await
+        .map_err(|e| Error::Failed(format!("raw storm: cannot connect: {e}")))?;
+    let raw_ms = baseline::storm(&client, &observer, "BENCH_STORM", "bench.storm", n, partitions, 50)
+        .await
+        .map_err(Error::js("raw storm"))?;
+
+    // Canceled steps, as published (the journal is read once they are all in).
+    let mut inputs = client
+        .subscribe(conv_contracts::subject::kind_wildcard(conv_contracts::Kind::In))
+        .await
+        .map_err(|e| Error::Failed(format!("cannot watch the inputs: {e}")))?;
+    let aborts: Vec<_> = (0..n)
+        .map(|i| {
+            let http = http.clone();
+            tokio::spawn(async move { post(&http, ingress, &conv(i), "abort", json!({})).await })
+        })
+        .collect();
+    for a in aborts {
+        a.await.map_err(|e| Error::Failed(format!("an abort task failed: {e}")))??;
+    }
+    let mut canceled = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while canceled < n {
+        let Ok(Some(m)) = tokio::time::timeout_at(deadline, inputs.next()).await else { break };
+        if m.subject.starts_with("conv.in.llm.storm-")
+            && conv_nats::headers::decode(&m.subject, m.headers.as_ref(), &m.payload, Default::default())
+                .is_ok_and(|e| e.event_type() == EventType::LlmCanceled)
+        {
+            canceled += 1;
+        }
+    }
+    drop(inputs);
+
+    let journal = conv_nats::read::all(js, conv_contracts::subject::STREAM_IN, "", false)
+        .await
+        .map_err(|e| Error::Failed(format!("cannot read the journal: {e}")))?;
+    let mut aborted_at = std::collections::HashMap::new();
+    let mut canceled_at = std::collections::HashMap::new();
+    for m in &journal {
+        let Ok(e) = conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Default::default()) else {
+            continue;
+        };
+        let (Some(time), true) = (e.time(), e.conversation_id().as_str().starts_with("storm-")) else { continue };
+        let at = match e.event_type() {
+            EventType::AbortRequested => &mut aborted_at,
+            EventType::LlmCanceled => &mut canceled_at,
+            _ => continue,
+        };
+        at.entry(e.conversation_id().to_string()).or_insert(time);
+    }
+    let abort_ms = canceled_at
+        .iter()
+        .filter_map(|(c, at)| Some((*at - *aborted_at.get(c)?).num_microseconds()? as f64 / 1000.0))
+        .collect();
+    Ok(Storm { conversations: n, abort_ms, raw_ms })
+}
+
+/// What the journal holds of conversation `c`: its inputs' types and how
+/// many effect directives name it.
+async fn story(js: &async_nats::jetstream::Context, c: &str) -> String {
+    let Ok(conv) = conv_contracts::ConversationId::parse(c) else { return String::new() };
+    let filter = conv_contracts::subject::in_conversation_filter(&conv);
+    let inputs = conv_nats::read::all(js, conv_contracts::subject::STREAM_IN, &filter, false).await;
+    let types: Vec<String> = inputs
+        .iter()
+        .flatten()
+        .filter_map(|m| conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Default::default()).ok())
+        .map(|e| e.event_type().as_str().to_owned())
+        .collect();
+    let suffix = format!(".{c}");
+    let directives = conv_nats::read::all(js, conv_contracts::subject::STREAM_EFFECT, "", true)
+        .await
+        .map(|all| {
+            all.iter().filter(|m| m.subject.ends_with(&suffix)).map(|m| m.subject.to_string()).collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    format!("inputs {types:?}; directives {directives:?}")
 }
