@@ -37,6 +37,8 @@ pub struct Stored {
     pub headers: HeaderMap,
     /// Empty when read with `headers_only`.
     pub payload: Bytes,
+    /// When the server stored it.
+    pub stored_at: time::OffsetDateTime,
 }
 
 impl Stored {
@@ -135,6 +137,7 @@ async fn read(
             subject: m.subject.to_string(),
             headers: m.headers.clone().unwrap_or_default(),
             payload: m.payload.clone(),
+            stored_at: info.published,
         });
     }
     Ok(out)

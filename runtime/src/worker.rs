@@ -256,7 +256,7 @@ pub async fn run(
     // long fails, and ownership releases the lease and starts it again.
     let Opened { main, control, control_backlog, control_msgs } =
         match tokio::time::timeout(START_WITHIN, open(partition, &shared)).await {
-            Ok(opened) => opened.map_err(failed)?,
+            Ok(opened) => opened?,
             Err(_) => return Err(failed(format!("did not start within {} s", START_WITHIN.as_secs()))),
         };
     let board = Arc::new(Board::default());
@@ -371,6 +371,9 @@ pub async fn run(
     result
 }
 
+/// How long the control reader waits to hand a cancel hint to its connection.
+const HINT_WITHIN: Duration = Duration::from_millis(500);
+
 /// How long a partition's start (consumers, pins, first pulls) may take.
 const START_WITHIN: Duration = Duration::from_secs(15);
 
@@ -386,12 +389,13 @@ struct Opened {
 /// Opens the partition's two consumers (the control one on the control
 /// connection), takes their pins and starts pulling the control one (the
 /// main one is pulled once the control backlog is held).
-async fn open(partition: u16, shared: &Shared) -> Result<Opened, String> {
-    let stream = shared.js.get_stream_no_info(STREAM_IN).await.map_err(|e| e.to_string())?;
-    let control_stream = shared.control.get_stream_no_info(STREAM_IN).await.map_err(|e| e.to_string())?;
-    let main: PullConsumer = stream.get_consumer(&runtime_consumer(partition)).await.map_err(|e| e.to_string())?;
+async fn open(partition: u16, shared: &Shared) -> Result<Opened, Stopped> {
+    let failed = |e: &dyn std::fmt::Display| Stopped::Failed { partition, detail: e.to_string() };
+    let stream = shared.js.get_stream_no_info(STREAM_IN).await.map_err(|e| failed(&e))?;
+    let control_stream = shared.control.get_stream_no_info(STREAM_IN).await.map_err(|e| failed(&e))?;
+    let main: PullConsumer = stream.get_consumer(&runtime_consumer(partition)).await.map_err(|e| failed(&e))?;
     let mut control: PullConsumer =
-        control_stream.get_consumer(&runtime_control_consumer(partition)).await.map_err(|e| e.to_string())?;
+        control_stream.get_consumer(&runtime_control_consumer(partition)).await.map_err(|e| failed(&e))?;
     // A new owner takes the pin at once and gets what the old one held now.
     conv_nats::ownership::take_consumer(&stream, &runtime_consumer(partition), RUNTIME_GROUP).await;
     conv_nats::ownership::take_consumer(&stream, &runtime_control_consumer(partition), RUNTIME_GROUP).await;
@@ -403,7 +407,7 @@ async fn open(partition: u16, shared: &Shared) -> Result<Opened, String> {
             control.cached_info().num_pending
         }
     };
-    let control_msgs = pull(&control, 50).await.map_err(|e| e.to_string())?;
+    let control_msgs = pull(&control, 50).await.map_err(|e| failed(&e))?;
     Ok(Opened { main, control, control_backlog, control_msgs })
 }
 
@@ -448,13 +452,30 @@ async fn read_control(
                 time: event.time(),
             };
             let subject = conv_contracts::subject::live_cancel_subject(event.conversation_id());
-            if let Err(error) = client.publish(subject, hint.to_bytes().into()).await {
-                tracing::debug!(message = "Cancel hint not sent.", conversation_id = %event.conversation_id(), %error);
+            // Best effort, and never a wait (a reconnecting client's buffer
+            // may be full): the cancel directive follows anyway.
+            match tokio::time::timeout(HINT_WITHIN, client.publish(subject, hint.to_bytes().into())).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::debug!(message = "Cancel hint not sent.", conversation_id = %event.conversation_id(), %error)
+                }
+                Err(_) => {
+                    tracing::debug!(message = "Cancel hint not sent in time.", conversation_id = %event.conversation_id())
+                }
             }
         }
-        if worker.send(delivered).await.is_err() {
+        // A full channel must not hold the reader past its stop (the worker
+        // awaits the reader before it drains the channel): what it holds
+        // then goes back at once.
+        let permit = tokio::select! {
+            _ = stop.cancelled() => None,
+            permit = worker.reserve() => permit.ok(),
+        };
+        let Some(permit) = permit else {
+            conv_nats::consume::settle(&delivered.message, AckKind::Nak(None), "hand back").await;
             return;
-        }
+        };
+        permit.send(delivered);
     }
 }
 

@@ -59,6 +59,14 @@ pub struct Report {
     /// consumer per partition, answered on core NATS.
     pub raw_storm_ms_p50: f64,
     pub raw_storm_ms_p99: f64,
+    /// Where the storm's time goes: abort `time` → stored by JetStream
+    /// (the server's clock), and → the runtime's cancel hint seen by the
+    /// bench (a process of its own).
+    pub storm_stored_ms_p50: f64,
+    pub storm_stored_ms_p99: f64,
+    pub storm_hints: usize,
+    pub storm_hint_ms_p50: f64,
+    pub storm_hint_ms_p99: f64,
     pub seconds: f64,
 }
 
@@ -169,6 +177,7 @@ pub async fn run(
              raw JetStream consume+ack/s      {:>10.0}\n\
              ratio writes / raw publish       {:>10.3}\n\
              abort storm: {} streaming, {} canceled; abort → canceled (journal) p50 {:.1} ms, p99 {:.1} ms\n\
+               of which abort → stored p50 {:.1} ms, p99 {:.1} ms; abort → cancel hint seen p50 {:.1} ms, p99 {:.1} ms ({} hints)\n\
              raw JetStream storm (same server) p50 {:.1} ms, p99 {:.1} ms\n\
              took {:.1} s",
             r.conversations,
@@ -188,6 +197,11 @@ pub async fn run(
             r.storm_canceled,
             r.storm_abort_ms_p50,
             r.storm_abort_ms_p99,
+            r.storm_stored_ms_p50,
+            r.storm_stored_ms_p99,
+            r.storm_hint_ms_p50,
+            r.storm_hint_ms_p99,
+            r.storm_hints,
             r.raw_storm_ms_p50,
             r.raw_storm_ms_p99,
             r.seconds,
@@ -423,6 +437,11 @@ async fn measure(
         storm_abort_ms_p99: pct(&mut storm.abort_ms.clone(), 0.99),
         raw_storm_ms_p50: pct(&mut storm.raw_ms.clone(), 0.5),
         raw_storm_ms_p99: pct(&mut storm.raw_ms.clone(), 0.99),
+        storm_stored_ms_p50: pct(&mut storm.stored_ms.clone(), 0.5),
+        storm_stored_ms_p99: pct(&mut storm.stored_ms.clone(), 0.99),
+        storm_hints: storm.hint_ms.len(),
+        storm_hint_ms_p50: pct(&mut storm.hint_ms.clone(), 0.5),
+        storm_hint_ms_p99: pct(&mut storm.hint_ms.clone(), 0.99),
         seconds: 0.0,
     })
 }
@@ -435,6 +454,10 @@ struct Storm {
     abort_ms: Vec<f64>,
     /// The raw floor ([`baseline::storm`]).
     raw_ms: Vec<f64>,
+    /// Abort → stored, per abort.
+    stored_ms: Vec<f64>,
+    /// Abort → cancel hint seen, per hinted conversation.
+    hint_ms: Vec<f64>,
 }
 
 /// `n` conversations stream long replies (effects restarted with a slow
@@ -478,7 +501,10 @@ async fn abort_storm(js: &async_nats::jetstream::Context, stack: &mut Stack, n: 
                 streaming.insert(m.subject.to_string());
             }
             _ => {
-                let missing = (0..n).map(conv).find(|c| !streaming.contains(&format!("conv.live.{c}")));
+                let missing = (0..n).map(conv).find(|c| {
+                    conv_contracts::ConversationId::parse(c)
+                        .is_ok_and(|id| !streaming.contains(&conv_contracts::subject::live_subject(&id)))
+                });
                 let mut story = match &missing {
                     Some(c) => story(js, c).await,
                     None => String::new(),
@@ -520,6 +546,20 @@ async fn abort_storm(js: &async_nats::jetstream::Context, stack: &mut Stack, n: 
         .subscribe(conv_contracts::subject::kind_wildcard(conv_contracts::Kind::In))
         .await
         .map_err(|e| Error::Failed(format!("cannot watch the inputs: {e}")))?;
+    // The runtime's cancel hints, seen on a connection of their own.
+    let mut hint_sub = observer
+        .subscribe(conv_contracts::subject::live_cancel_filter())
+        .await
+        .map_err(|e| Error::Failed(format!("cannot watch the cancel hints: {e}")))?;
+    let hints_seen = tokio::spawn(async move {
+        let mut seen = std::collections::HashMap::new();
+        while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), hint_sub.next()).await {
+            if let Some(c) = m.subject.as_str().rsplit('.').next() {
+                seen.entry(c.to_owned()).or_insert_with(chrono::Utc::now);
+            }
+        }
+        seen
+    });
     let aborts: Vec<_> = (0..n)
         .map(|i| {
             let http = http.clone();
@@ -529,15 +569,16 @@ async fn abort_storm(js: &async_nats::jetstream::Context, stack: &mut Stack, n: 
     for a in aborts {
         a.await.map_err(|e| Error::Failed(format!("an abort task failed: {e}")))??;
     }
-    let mut canceled = 0;
+    // Distinct conversations: a publish that effects retried is seen twice here.
+    let mut canceled = std::collections::HashSet::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while canceled < n {
+    while canceled.len() < n {
         let Ok(Some(m)) = tokio::time::timeout_at(deadline, inputs.next()).await else { break };
-        if m.subject.starts_with("conv.in.llm.storm-")
-            && conv_nats::headers::decode(&m.subject, m.headers.as_ref(), &m.payload, Default::default())
-                .is_ok_and(|e| e.event_type() == EventType::LlmCanceled)
+        if let Ok(e) = conv_nats::headers::decode(&m.subject, m.headers.as_ref(), &m.payload, Default::default())
+            && e.event_type() == EventType::LlmCanceled
+            && e.conversation_id().as_str().starts_with("storm-")
         {
-            canceled += 1;
+            canceled.insert(e.conversation_id().to_string());
         }
     }
     drop(inputs);
@@ -547,23 +588,34 @@ async fn abort_storm(js: &async_nats::jetstream::Context, stack: &mut Stack, n: 
         .map_err(|e| Error::Failed(format!("cannot read the journal: {e}")))?;
     let mut aborted_at = std::collections::HashMap::new();
     let mut canceled_at = std::collections::HashMap::new();
+    let mut stored_ms = Vec::new();
     for m in &journal {
         let Ok(e) = conv_nats::headers::decode(&m.subject, Some(&m.headers), &m.payload, Default::default()) else {
             continue;
         };
         let (Some(time), true) = (e.time(), e.conversation_id().as_str().starts_with("storm-")) else { continue };
         let at = match e.event_type() {
-            EventType::AbortRequested => &mut aborted_at,
+            EventType::AbortRequested => {
+                let stored = chrono::DateTime::from_timestamp_nanos(m.stored_at.unix_timestamp_nanos() as i64);
+                stored_ms.extend(ms(time, stored));
+                &mut aborted_at
+            }
             EventType::LlmCanceled => &mut canceled_at,
             _ => continue,
         };
         at.entry(e.conversation_id().to_string()).or_insert(time);
     }
-    let abort_ms = canceled_at
-        .iter()
-        .filter_map(|(c, at)| Some((*at - *aborted_at.get(c)?).num_microseconds()? as f64 / 1000.0))
-        .collect();
-    Ok(Storm { conversations: n, abort_ms, raw_ms })
+    let since_abort = |to: &std::collections::HashMap<String, chrono::DateTime<chrono::Utc>>| -> Vec<f64> {
+        to.iter().filter_map(|(c, at)| ms(*aborted_at.get(c)?, *at)).collect()
+    };
+    let abort_ms = since_abort(&canceled_at);
+    let hint_ms = since_abort(&hints_seen.await.unwrap_or_default());
+    Ok(Storm { conversations: n, abort_ms, raw_ms, stored_ms, hint_ms })
+}
+
+/// Milliseconds from `from` to `to`.
+fn ms(from: chrono::DateTime<chrono::Utc>, to: chrono::DateTime<chrono::Utc>) -> Option<f64> {
+    Some((to - from).num_microseconds()? as f64 / 1000.0)
 }
 
 /// What the journal holds of conversation `c`: its inputs' types and how
