@@ -18,6 +18,7 @@
 pub mod cancel;
 pub mod coalesce;
 pub mod executor;
+pub mod hints;
 pub mod llm;
 pub mod metrics;
 pub mod openai;
@@ -305,9 +306,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             max_answer_bytes: o.max_answer_bytes(conv_nats::connect::max_payload(&booted.client)),
             tracer: booted.tracer.clone(),
         });
+        // Cancel hints on a thread and a connection of their own.
+        let (hint_tx, hint_rx) = tokio::sync::mpsc::unbounded_channel();
+        let listener = match hints::spawn(&config.nats, executor.clone(), hint_tx, shutdown.clone()).await {
+            Ok(l) => l,
+            Err(error) => {
+                shutdown.cancel();
+                let _ = running.stop().await;
+                return Err(Error::part("the cancel hint listener")(error));
+            }
+        };
+        booted.health.watch_connection("nats-hints", listener.client.clone());
         let timer_task = tokio::spawn(timers::run(timers, booted.js.clone(), booted.tracer.clone(), shutdown.clone()));
-        serve(executor, inbox, o.admission(), shutdown.clone()).await;
+        serve(executor, inbox, hint_rx, o.admission(), shutdown.clone()).await;
         shutdown.cancel();
+        listener.join().await;
         service::joined("timers", timer_task).await;
     }
     running.stop().await
@@ -324,11 +337,10 @@ struct Attached {
 }
 
 /// What the serve loop reads: the shared work queue, and this instance's
-/// own view of cancel directives and of cancel hints.
+/// own view of cancel directives (hints come from [`hints`]).
 struct Inbox {
     work: Messages,
     cancels: Ordered,
-    hints: async_nats::Subscriber,
 }
 
 async fn attach(js: &async_nats::jetstream::Context) -> Option<Attached> {
@@ -348,8 +360,7 @@ async fn attach(js: &async_nats::jetstream::Context) -> Option<Attached> {
         .messages()
         .await
         .ok()?;
-    let hints = js.client().subscribe(conv_contracts::subject::live_cancel_filter()).await.ok()?;
-    Some(Attached { inbox: Inbox { work, cancels, hints }, timers, snapshots })
+    Some(Attached { inbox: Inbox { work, cancels }, timers, snapshots })
 }
 
 /// A cancel hint as the cancel directive it anticipates (same effect ids,
@@ -503,8 +514,14 @@ fn cancel_now(
     }
 }
 
-async fn serve(executor: Arc<executor::Executor>, inbox: Inbox, limits: Admission, shutdown: CancellationToken) {
-    let Inbox { mut work, mut cancels, mut hints } = inbox;
+async fn serve(
+    executor: Arc<executor::Executor>,
+    inbox: Inbox,
+    mut hints: tokio::sync::mpsc::UnboundedReceiver<hints::Hint>,
+    limits: Admission,
+    shutdown: CancellationToken,
+) {
+    let Inbox { mut work, mut cancels } = inbox;
     let mut queue: VecDeque<Queued> = VecDeque::new();
     let mut slots = Slots::default();
     let mut running = Running::default();
@@ -535,11 +552,9 @@ async fn serve(executor: Arc<executor::Executor>, inbox: Inbox, limits: Admissio
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            Some(m) = hints.next() => {
-                if let Some((event, c)) = hint_directive(&m.subject, &m.payload) {
-                    cancel_now(&executor, &event, &c, &mut queue, &mut running);
-                }
-            }
+            // Already stopped through the registry by the listener; here
+            // what still waits for a slot leaves the queue.
+            Some((event, c)) = hints.recv() => cancel_now(&executor, &event, &c, &mut queue, &mut running),
             Some(Ok(m)) = cancels.next() => {
                 if let Ok(event) = decode(&m)
                     && let Payload::CancelRequested(c) = event.data()
