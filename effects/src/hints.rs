@@ -85,6 +85,9 @@ pub async fn spawn(
                     return;
                 }
             };
+            // Subscribed once the server has the subscription (a hint sent
+            // before is lost; its directive still cancels, later).
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), client.flush()).await;
             let _ = ready.send(Ok(client.clone()));
             loop {
                 let m = tokio::select! {
@@ -99,7 +102,12 @@ pub async fn spawn(
                     }
                 }
             }
+            if !shutdown.is_cancelled() {
+                tracing::error!(message = "The cancel hint listener stopped; cancels now wait for their directives.");
+            }
         });
+        // A DNS lookup of a reconnect in progress must not hold the stop.
+        runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     })?;
     let client = started.await.map_err(|_| ListenError::Gone)??;
     Ok(Listener { client, thread })
