@@ -42,12 +42,17 @@ impl Listener {
 /// Why the listener could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
+    /// No thread (the process is out of threads or memory).
     #[error("cannot start the hint listener's thread: {0}")]
     Thread(#[from] std::io::Error),
-    #[error("the hint listener's connection: {0}")]
-    Connect(#[from] conv_nats::connect::ConnectError),
+    #[error("the hint listener's connection: {source}")]
+    Connect {
+        #[from]
+        source: conv_nats::connect::ConnectError,
+    },
     #[error("cannot subscribe to the cancel hints: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
+    /// The thread ended before it said whether it started.
     #[error("the hint listener stopped before it was ready")]
     Gone,
 }

@@ -323,13 +323,8 @@ async fn a_directive_delivered_again_while_it_runs_here_is_not_run_twice() {
     // Progress far slower than the 3 s ack wait: the directive is delivered
     // again (at 3 s, 6 s) while its 8 s stream runs here. A second run would
     // stream the answer again on the live lane and hold a second slot.
-    let s = Stack::start(EffectsOptions {
-        scripted_tokens: 400,
-        scripted_token_delay_ms: 20,
-        progress_ms: 20_000,
-        ..EffectsOptions::default()
-    })
-    .await;
+    let slow_progress = EffectsOptions { progress_ms: 20_000, ..EffectsOptions::default() };
+    let s = Stack::start(EffectsOptions { scripted_tokens: 400, scripted_token_delay_ms: 20, ..slow_progress }).await;
     let mut live =
         s.nats.client().await.subscribe(conv_contracts::subject::live_subject(&conv("rd"))).await.expect("sub");
     s.send("rd", "m1", message("a long one")).await;
