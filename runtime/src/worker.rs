@@ -69,7 +69,7 @@ pub struct Shared {
     /// (and their inputs acked) and cancel hints sent on it, so that an
     /// abort is not queued behind the main connection's bulk traffic —
     /// deliveries and the publishes and acks of group commits, thousands in
-    /// an abort storm. (In tests it may be the main connection.)
+    /// an abort storm.
     pub control: jetstream::Context,
     pub snapshots: Snapshots,
     pub metrics: Metrics,
