@@ -76,24 +76,14 @@ pub async fn spawn(
             }
         };
         runtime.block_on(async move {
-            let client = match conv_nats::connect::connect_lazy(&nats, "conv-effects-hints").await {
-                Ok(c) => c,
+            let (client, mut hints) = match subscribe(&nats).await {
+                Ok(subscribed) => subscribed,
                 Err(e) => {
-                    let _ = ready.send(Err(e.into()));
+                    let _ = ready.send(Err(e));
                     return;
                 }
             };
-            let mut hints = match client.subscribe(conv_contracts::subject::live_cancel_filter()).await {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = ready.send(Err(e.into()));
-                    return;
-                }
-            };
-            // Subscribed once the server has the subscription (a hint sent
-            // before is lost; its directive still cancels, later).
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), client.flush()).await;
-            let _ = ready.send(Ok(client.clone()));
+            let _ = ready.send(Ok(client));
             loop {
                 let m = tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -116,4 +106,14 @@ pub async fn spawn(
     })?;
     let client = started.await.map_err(|_| ListenError::Gone)??;
     Ok(Listener { client, thread })
+}
+
+/// The listener's connection, subscribed to the hints once the server has
+/// the subscription (2 s at most: a hint sent before is lost, and its
+/// directive still cancels, later).
+async fn subscribe(nats: &NatsConfig) -> Result<(async_nats::Client, async_nats::Subscriber), ListenError> {
+    let client = conv_nats::connect::connect_lazy(nats, "conv-effects-hints").await?;
+    let hints = client.subscribe(conv_contracts::subject::live_cancel_filter()).await?;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), client.flush()).await;
+    Ok((client, hints))
 }

@@ -310,11 +310,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         let (hint_tx, hint_rx) = tokio::sync::mpsc::unbounded_channel();
         let listener = match hints::spawn(&config.nats, executor.clone(), hint_tx, shutdown.clone()).await {
             Ok(l) => l,
-            Err(error) => {
-                shutdown.cancel();
-                let _ = running.stop().await;
-                return Err(Error::part("the cancel hint listener")(error));
-            }
+            Err(error) => return Err(running.fail("the cancel hint listener", error).await),
         };
         booted.health.watch_connection("nats-hints", listener.client.clone());
         let timer_task = tokio::spawn(timers::run(timers, booted.js.clone(), booted.tracer.clone(), shutdown.clone()));
@@ -461,11 +457,11 @@ struct Queued {
 /// and the class of slot it holds.
 #[derive(Default)]
 struct Running {
-    tasks: JoinSet<Class>,
+    tasks: JoinSet<()>,
     ids: HashMap<tokio::task::Id, (String, Class)>,
 }
 
-/// Runs one directive to its end and acks (or naks) it; returns its class.
+/// Runs one directive to its end and acks (or naks) it.
 fn spawn_effect(running: &mut Running, executor: &Arc<executor::Executor>, q: Queued, class: Class) {
     let executor = executor.clone();
     let id = q.event.id().to_owned();
@@ -487,7 +483,6 @@ fn spawn_effect(running: &mut Running, executor: &Arc<executor::Executor>, q: Qu
                 }
             }
         }
-        class
     });
     running.ids.insert(task.id(), (id, class));
 }
@@ -564,7 +559,7 @@ async fn serve(
             }
             Some(done) = running.tasks.join_next_with_id(), if !running.tasks.is_empty() => {
                 let task = match done {
-                    Ok((task, _)) => task,
+                    Ok((task, ())) => task,
                     Err(join) => {
                         tracing::error!(message = "An effect task failed.", error = %join);
                         join.id()

@@ -107,9 +107,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         let ownership =
             conv_nats::ownership::OwnershipConfig::of(&config.topology, o.heartbeat_ms, "", metrics.ownership.clone());
         // The control plane's own connection (see `worker::Shared::control`).
-        let control = conv_nats::connect::connect_lazy(&config.nats, "conv-runtime-control")
-            .await
-            .map_err(service::ServiceError::part("the control plane's NATS connection"))?;
+        let control = match conv_nats::connect::connect_lazy(&config.nats, "conv-runtime-control").await {
+            Ok(c) => c,
+            Err(error) => return Err(running.fail("the control plane's NATS connection", error).await),
+        };
         booted.health.watch_connection("nats-control", control.clone());
         let shared = Arc::new(worker::Shared {
             js: booted.js.clone(),

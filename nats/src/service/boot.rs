@@ -145,6 +145,13 @@ impl Running {
         Ok((Running { booted, server, shutdown: shutdown.clone(), name: id.name }, made))
     }
 
+    /// Stops ([`stop`](Self::stop)) because part `what` of the service
+    /// could not start; returns the error the service ends with.
+    pub async fn fail<E: Into<BoxError>>(self, what: &'static str, error: E) -> ServiceError {
+        let _ = self.stop().await;
+        ServiceError::part(what)(error)
+    }
+
     /// Stops: cancels `shutdown` (every task of the service ends), waits
     /// for the HTTP server to drain, flushes NATS and traces.
     pub async fn stop(self) -> Result<(), ServiceError> {

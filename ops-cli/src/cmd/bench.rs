@@ -78,6 +78,11 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     v[(((v.len() - 1) as f64) * p).round() as usize]
 }
 
+/// The median and the 99th percentile of `v`.
+fn p50_p99(mut v: Vec<f64>) -> (f64, f64) {
+    (pct(&mut v, 0.5), pct(&mut v, 0.99))
+}
+
 async fn sse(http: &reqwest::Client, projections: SocketAddr, conv: &str) -> Result<Events, Error> {
     let stream = conv_client::EventStream::open(http, &format!("http://{projections}"), conv, None, None)
         .await
@@ -380,13 +385,13 @@ async fn measure(
         Ok(first)
     })
     .await?;
-    let mut first_delta: Vec<f64> = per_conversation.into_iter().flatten().collect();
+    let first_delta: Vec<f64> = per_conversation.into_iter().flatten().collect();
     let turn_secs = phase.elapsed().as_secs_f64();
     let writes = stream_messages(js).await? - writes_before;
     let total_turns = conversations * turns;
 
     // 2. Aborts during a long tool call.
-    let mut abort_ms = each(aborts, "abort", &http, move |http, conv| async move {
+    let abort_ms = each(aborts, "abort", &http, move |http, conv| async move {
         let mut events = sse(&http, projections, &conv).await?;
         post(&http, ingress, &conv, "messages", json!({"text": "/tool sleep {\"ms\": 30000}"})).await?;
         while !events.next(&conv).await?.is(EventType::OutToolCalled) {}
@@ -416,32 +421,39 @@ async fn measure(
         baseline::consume(js, "BENCH_RAW", "bench", n, baseline::Ack::Sent).await.map_err(Error::js("baseline"))?;
 
     let write_rate = writes as f64 / turn_secs;
+    let (first_delta_ms_p50, first_delta_ms_p99) = p50_p99(first_delta);
+    let (abort_ms_p50, abort_ms_p99) = p50_p99(abort_ms);
+    let (storm_canceled, storm_hints) = (storm.abort_ms.len(), storm.hint_ms.len());
+    let (storm_abort_ms_p50, storm_abort_ms_p99) = p50_p99(storm.abort_ms);
+    let (raw_storm_ms_p50, raw_storm_ms_p99) = p50_p99(storm.raw_ms);
+    let (storm_stored_ms_p50, storm_stored_ms_p99) = p50_p99(storm.stored_ms);
+    let (storm_hint_ms_p50, storm_hint_ms_p99) = p50_p99(storm.hint_ms);
     Ok(Report {
         conversations,
         turns_per_conversation: turns,
         turns: total_turns,
         turns_per_sec: total_turns as f64 / turn_secs,
         journal_writes_per_turn: writes as f64 / total_turns.max(1) as f64,
-        first_delta_ms_p50: pct(&mut first_delta.clone(), 0.5),
-        first_delta_ms_p99: pct(&mut first_delta, 0.99),
+        first_delta_ms_p50,
+        first_delta_ms_p99,
         aborts,
-        abort_ms_p50: pct(&mut abort_ms.clone(), 0.5),
-        abort_ms_p99: pct(&mut abort_ms, 0.99),
+        abort_ms_p50,
+        abort_ms_p99,
         pipeline_journal_writes_per_sec: write_rate,
         raw_async_publish_per_sec: publish_rate,
         raw_consume_ack_per_sec: consume_rate,
         ratio_writes_vs_raw_publish: write_rate / publish_rate,
         storm: storm.conversations,
-        storm_canceled: storm.abort_ms.len(),
-        storm_abort_ms_p50: pct(&mut storm.abort_ms.clone(), 0.5),
-        storm_abort_ms_p99: pct(&mut storm.abort_ms.clone(), 0.99),
-        raw_storm_ms_p50: pct(&mut storm.raw_ms.clone(), 0.5),
-        raw_storm_ms_p99: pct(&mut storm.raw_ms.clone(), 0.99),
-        storm_stored_ms_p50: pct(&mut storm.stored_ms.clone(), 0.5),
-        storm_stored_ms_p99: pct(&mut storm.stored_ms.clone(), 0.99),
-        storm_hints: storm.hint_ms.len(),
-        storm_hint_ms_p50: pct(&mut storm.hint_ms.clone(), 0.5),
-        storm_hint_ms_p99: pct(&mut storm.hint_ms.clone(), 0.99),
+        storm_canceled,
+        storm_abort_ms_p50,
+        storm_abort_ms_p99,
+        raw_storm_ms_p50,
+        raw_storm_ms_p99,
+        storm_stored_ms_p50,
+        storm_stored_ms_p99,
+        storm_hints,
+        storm_hint_ms_p50,
+        storm_hint_ms_p99,
         seconds: 0.0,
     })
 }
