@@ -312,7 +312,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             Ok(l) => l,
             Err(error) => return Err(running.fail("the cancel hint listener", error).await),
         };
-        booted.health.watch_connection("nats-hints", listener.client.clone());
+        booted.health.watch_connection("nats-hints", listener.client().clone());
         let timer_task = tokio::spawn(timers::run(timers, booted.js.clone(), booted.tracer.clone(), shutdown.clone()));
         serve(executor, inbox, hint_rx, o.admission(), shutdown.clone()).await;
         shutdown.cancel();

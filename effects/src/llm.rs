@@ -61,7 +61,7 @@ impl Provider {
             Provider::Scripted(s) => {
                 let plan = crate::scripted::plan(context, step_id, s.tokens);
                 let delay = s.delay;
-                Ok(Box::pin(futures::stream::unfold(plan.into_iter(), move |mut chunks| async move {
+                Ok(Box::pin(futures::stream::unfold(plan, move |mut chunks| async move {
                     let next = chunks.next()?;
                     tokio::time::sleep(delay).await;
                     Some((Ok(next), chunks))

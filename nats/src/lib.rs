@@ -18,6 +18,7 @@ pub mod headers;
 pub mod http;
 pub mod journal;
 pub mod keys;
+pub mod lane;
 pub mod metrics;
 pub mod ownership;
 pub mod presence;
