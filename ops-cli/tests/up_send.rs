@@ -200,6 +200,7 @@ async fn bench_runs_and_reports_its_ratios() {
     for field in [
         "storm_abort_ms_p99",
         "raw_storm_ms_p99",
+        "ratio_storm_vs_raw_p99",
         "turns_per_sec",
         "journal_writes_per_turn",
         "first_delta_ms_p50",

@@ -59,6 +59,9 @@ pub struct Report {
     /// consumer per partition, answered on core NATS.
     pub raw_storm_ms_p50: f64,
     pub raw_storm_ms_p99: f64,
+    /// `storm_abort_ms_p99 / raw_storm_ms_p99`: conv's storm against its
+    /// floor in the same run (ADR 0013).
+    pub ratio_storm_vs_raw_p99: f64,
     /// Where the storm's time goes: abort `time` → stored by JetStream
     /// (the server's clock), and → the runtime's cancel hint seen by the
     /// bench (a process of its own).
@@ -183,7 +186,7 @@ pub async fn run(
              ratio writes / raw publish       {:>10.3}\n\
              abort storm: {} streaming, {} canceled; abort → canceled (journal) p50 {:.1} ms, p99 {:.1} ms\n\
                of which abort → stored p50 {:.1} ms, p99 {:.1} ms; abort → cancel hint seen p50 {:.1} ms, p99 {:.1} ms ({} hints)\n\
-             raw JetStream storm (same server) p50 {:.1} ms, p99 {:.1} ms\n\
+             raw JetStream storm (same server) p50 {:.1} ms, p99 {:.1} ms; storm p99 / raw p99 {:.1}\n\
              took {:.1} s",
             r.conversations,
             r.turns_per_conversation,
@@ -209,6 +212,7 @@ pub async fn run(
             r.storm_hints,
             r.raw_storm_ms_p50,
             r.raw_storm_ms_p99,
+            r.ratio_storm_vs_raw_p99,
             r.seconds,
         )
     };
@@ -449,6 +453,7 @@ async fn measure(
         storm_abort_ms_p99,
         raw_storm_ms_p50,
         raw_storm_ms_p99,
+        ratio_storm_vs_raw_p99: storm_abort_ms_p99 / raw_storm_ms_p99,
         storm_stored_ms_p50,
         storm_stored_ms_p99,
         storm_hints,
