@@ -25,7 +25,17 @@ pub struct Lane {
     pub client: async_nats::Client,
     handle: Handle,
     stop: CancellationToken,
-    thread: std::thread::JoinHandle<()>,
+    /// Taken by [`Lane::stop`].
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A lane dropped without [`Lane::stop`] (a service future dropped, a start
+/// that failed later) still ends: its tasks are dropped and its connection
+/// closes, without the flush.
+impl Drop for Lane {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 /// Why a lane could not start.
@@ -63,8 +73,10 @@ impl Lane {
             runtime.block_on(async move {
                 match crate::connect::connect_lazy(&nats, &connection).await {
                     Ok(client) => {
-                        let _ = ready.send(Ok((client, Handle::current())));
-                        until.cancelled().await;
+                        // Nobody waits any more (the start was dropped): end.
+                        if ready.send(Ok((client, Handle::current()))).is_ok() {
+                            until.cancelled().await;
+                        }
                     }
                     Err(e) => {
                         let _ = ready.send(Err(e.into()));
@@ -75,7 +87,7 @@ impl Lane {
             runtime.shutdown_timeout(Duration::from_secs(1));
         })?;
         let (client, handle) = started.await.map_err(|_| LaneError::Gone)??;
-        Ok(Self { client, handle, stop, thread })
+        Ok(Self { client, handle, stop, thread: Some(thread) })
     }
 
     /// Runs `task` on the lane's thread.
@@ -95,11 +107,12 @@ impl Lane {
 
     /// Flushes the connection (2 s at most), then stops the lane: its tasks
     /// are dropped and its thread ends.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         crate::service::flush(&self.client).await;
         self.stop.cancel();
-        let thread = self.thread;
-        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
     }
 }
 
@@ -117,5 +130,15 @@ mod tests {
         let pending = lane.spawn(std::future::pending::<()>());
         tokio::time::timeout(Duration::from_secs(5), lane.stop()).await.expect("stops");
         assert!(pending.await.expect_err("dropped at the stop").is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn a_lane_dropped_without_a_stop_ends_too() {
+        let nats = NatsConfig { url: "nats://127.0.0.1:1".into(), ..NatsConfig::default() };
+        let lane = Lane::start(&nats, "conv-test-lane-dropped").await.expect("starts");
+        let pending = lane.spawn(std::future::pending::<()>());
+        drop(lane);
+        let ended = tokio::time::timeout(Duration::from_secs(5), pending).await.expect("the lane's tasks end");
+        assert!(ended.expect_err("dropped with the lane").is_cancelled());
     }
 }

@@ -60,7 +60,8 @@ pub struct Report {
     pub raw_storm_ms_p50: f64,
     pub raw_storm_ms_p99: f64,
     /// `storm_abort_ms_p99 / raw_storm_ms_p99`: conv's storm against its
-    /// floor in the same run (ADR 0013).
+    /// floor in the same run (ADR 0013); like the storm's other figures,
+    /// NaN (`null` in JSON) with `--storm 0`.
     pub ratio_storm_vs_raw_p99: f64,
     /// Where the storm's time goes: abort `time` → stored by JetStream
     /// (the server's clock), and → the runtime's cancel hint seen by the
