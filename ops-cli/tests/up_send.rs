@@ -197,6 +197,8 @@ async fn bench_runs_and_reports_its_ratios() {
     // from its abort to its `llm.canceled` in the journal.
     assert_eq!(r["storm"], 20);
     assert_eq!(r["storm_canceled"], 20, "{r}");
+    // The aborts' wait in the runtime's scheduler was measured.
+    assert!(r["p0_queued"].as_u64().is_some_and(|n| n >= 22), "{r}");
     for field in [
         "storm_abort_ms_p99",
         "raw_storm_ms_p99",
@@ -208,6 +210,7 @@ async fn bench_runs_and_reports_its_ratios() {
         "raw_async_publish_per_sec",
         "raw_consume_ack_per_sec",
         "ratio_writes_vs_raw_publish",
+        "p0_queue_wait_ms_p99",
     ] {
         assert!(r[field].as_f64().is_some_and(|v| v > 0.0), "{field}: {r}");
     }

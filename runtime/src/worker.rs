@@ -236,6 +236,9 @@ struct Worker {
     depths: [usize; 4],
     /// Inputs waiting for their cause, with the time they started waiting.
     parked: Vec<(Instant, Pending<Message>)>,
+    /// When each input in the scheduler was queued (by event id), for the
+    /// queue-wait metric; the scheduler itself has no clock.
+    queued_at: HashMap<String, Instant>,
     /// What the control reader hints from: committed cancelable effects.
     board: Arc<Board>,
     /// Until when the partition's lease is surely this instance's: checked
@@ -291,6 +294,7 @@ pub async fn run(
         states: HashMap::new(),
         depths: [0; 4],
         parked: Vec::new(),
+        queued_at: HashMap::new(),
         board,
         lease,
     };
@@ -563,6 +567,10 @@ impl Worker {
         let mut batch = Vec::new();
         while batch.len() < BATCH {
             let Some(p) = self.scheduler.pop() else { break };
+            if let Some(at) = self.queued_at.remove(p.event.id()) {
+                let priority = p.event.priority().as_str();
+                self.shared.metrics.queue_wait.with_label_values(&[priority]).observe(at.elapsed().as_secs_f64());
+            }
             batch.push(p);
         }
         batch
@@ -606,8 +614,14 @@ impl Worker {
                     tracing::debug!(message = "Failed to ack a second copy.", partition = self.partition, %error);
                 }
             }
-            Ok(event) => self.scheduler.push(Pending { seq, event, token: message }),
+            Ok(event) => self.queue(Pending { seq, event, token: message }),
         }
+    }
+
+    /// Hands an input to the scheduler, noting when (`queued_at`).
+    fn queue(&mut self, pending: Pending<Message>) {
+        self.queued_at.insert(pending.event.id().to_owned(), Instant::now());
+        self.scheduler.push(pending);
     }
 
     async fn progress(&self) {
@@ -643,7 +657,7 @@ impl Worker {
                 None => pending.event.causation_id().map(str::to_owned),
             };
             match missing {
-                None => self.scheduler.push(pending),
+                None => self.queue(pending),
                 Some(cause) if since.elapsed() >= wait => {
                     let reason = format!(
                         "causality_timeout: cause {cause} of {} was not applied within {}ms",

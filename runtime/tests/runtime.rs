@@ -26,7 +26,12 @@ async fn nats() -> TestNats {
 }
 
 fn runtime(nats: &TestNats, instance: &str) -> ServiceHandle<conv_runtime::Error> {
-    let mut config: Config = conv_nats::service::Settings::for_test(nats.config(), free_addr());
+    runtime_at(nats, instance, free_addr())
+}
+
+/// A runtime `instance` whose HTTP endpoints (`/metrics`) are at `addr`.
+fn runtime_at(nats: &TestNats, instance: &str, addr: std::net::SocketAddr) -> ServiceHandle<conv_runtime::Error> {
+    let mut config: Config = conv_nats::service::Settings::for_test(nats.config(), addr);
     config.topology = fast_topology();
     config.options =
         RuntimeOptions { instance: instance.into(), heartbeat_ms: 250, snapshot_every: 4, ..Default::default() };
@@ -164,7 +169,8 @@ async fn an_abort_behind_ten_thousand_deltas_is_applied_first() {
     );
     publish_all(&js, &backlog).await;
 
-    let rt = runtime(&nats, "a");
+    let addr = free_addr();
+    let rt = runtime_at(&nats, "a", addr);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let markers = loop {
         let markers = all_markers(&js).await;
@@ -176,6 +182,23 @@ async fn an_abort_behind_ten_thousand_deltas_is_applied_first() {
     let abort = markers.iter().find(|m| m.input_id == "abort").expect("the abort was applied");
     assert_eq!(abort.applied_index, 2, "right after the message, before any of the 10,000 deltas");
     assert!(markers.iter().filter(|m| m.input_id.starts_with('d')).all(|m| m.applied_index > 2));
+    // The waits in the scheduler are measured by priority (the P0 SLO):
+    // the abort's before its marker, the deltas' as they are taken.
+    let count = |metrics: &str, priority: &str| {
+        let prefix = format!("conv_runtime_queue_wait_seconds_count{{priority=\"{priority}\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(prefix.as_str())).and_then(|v| v.parse::<u64>().ok())
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let metrics = loop {
+        let metrics =
+            reqwest::get(format!("http://{addr}/metrics")).await.expect("metrics").text().await.expect("text");
+        if count(&metrics, "P3").is_some_and(|n| n >= 1) || tokio::time::Instant::now() > deadline {
+            break metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(count(&metrics, "P0").is_some_and(|n| n >= 1), "the abort's wait: {metrics}");
+    assert!(count(&metrics, "P3").is_some_and(|n| n >= 1), "the deltas' waits: {metrics}");
     rt.shutdown().await.expect("stop");
 }
 

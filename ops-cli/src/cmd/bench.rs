@@ -71,6 +71,13 @@ pub struct Report {
     pub storm_hints: usize,
     pub storm_hint_ms_p50: f64,
     pub storm_hint_ms_p99: f64,
+    /// P0 inputs (aborts, stops; both consumers' copies) over the whole
+    /// run, and their wait in the runtime's scheduler: the upper bounds of
+    /// the `conv_runtime_queue_wait_seconds{priority="P0"}` buckets that
+    /// hold the p50 and the p99 (the SLO: p99 ≤ 20 ms).
+    pub p0_queued: u64,
+    pub p0_queue_wait_ms_p50: f64,
+    pub p0_queue_wait_ms_p99: f64,
     pub seconds: f64,
 }
 
@@ -188,6 +195,7 @@ pub async fn run(
              abort storm: {} streaming, {} canceled; abort → canceled (journal) p50 {:.1} ms, p99 {:.1} ms\n\
                of which abort → stored p50 {:.1} ms, p99 {:.1} ms; abort → cancel hint seen p50 {:.1} ms, p99 {:.1} ms ({} hints)\n\
              raw JetStream storm (same server) p50 {:.1} ms, p99 {:.1} ms; storm p99 / raw p99 {:.1}\n\
+             P0 wait in the runtime's scheduler  p50 ≤ {} ms, p99 ≤ {} ms ({} P0 inputs; bucket bounds)\n\
              took {:.1} s",
             r.conversations,
             r.turns_per_conversation,
@@ -214,6 +222,9 @@ pub async fn run(
             r.raw_storm_ms_p50,
             r.raw_storm_ms_p99,
             r.ratio_storm_vs_raw_p99,
+            r.p0_queue_wait_ms_p50,
+            r.p0_queue_wait_ms_p99,
+            r.p0_queued,
             r.seconds,
         )
     };
@@ -245,6 +256,40 @@ async fn bench(url: &str, conversations: usize, turns: usize, aborts: usize, sto
 }
 
 const EFFECTS_ADDR: &str = "CONV_EFFECTS_ADDR";
+
+/// A histogram's count and where its p50 and p99 fall (bucket upper bounds, ms).
+struct Waits {
+    count: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// The runtime's `conv_runtime_queue_wait_seconds{priority="P0"}`.
+async fn p0_queue_wait(http: &reqwest::Client, runtime: SocketAddr) -> Result<Waits, Error> {
+    let scrape = async { http.get(format!("http://{runtime}/metrics")).send().await?.error_for_status()?.text().await };
+    let text = scrape.await.map_err(|e| Error::Failed(format!("the runtime's metrics: {e}")))?;
+    Ok(waits(&text, "conv_runtime_queue_wait_seconds", r#"priority="P0""#))
+}
+
+/// Histogram `metric`'s buckets with label `label` in a `/metrics` text.
+fn waits(text: &str, metric: &str, label: &str) -> Waits {
+    let prefix = format!("{metric}_bucket{{");
+    let mut buckets: Vec<(f64, u64)> = text
+        .lines()
+        .filter(|l| l.starts_with(&prefix) && l.contains(label))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, l.rsplit(' ').next()?.parse::<u64>().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let count = buckets.last().map_or(0, |b| b.1);
+    let at = |q: f64| {
+        buckets.iter().find(|(_, n)| count > 0 && *n as f64 >= q * count as f64).map_or(f64::NAN, |(le, _)| le * 1000.0)
+    };
+    Waits { count, p50_ms: at(0.5), p99_ms: at(0.99) }
+}
 
 /// Starts the services' binaries (next to `convctl`) for the bench.
 struct Launcher {
@@ -412,6 +457,8 @@ async fn measure(
     .await?;
     // 3. The abort storm.
     let storm = if storm > 0 { abort_storm(js, &mut stack, storm).await? } else { Storm::default() };
+    // The aborts' wait in the runtime's scheduler, over the whole run.
+    let p0_wait = p0_queue_wait(&http, stack.runtime).await?;
     // The raw baseline runs on a server the services have left.
     for (name, _, mut child) in stack.services {
         super::up::stop(name, &mut child).await;
@@ -460,6 +507,9 @@ async fn measure(
         storm_hints,
         storm_hint_ms_p50,
         storm_hint_ms_p99,
+        p0_queued: p0_wait.count,
+        p0_queue_wait_ms_p50: p0_wait.p50_ms,
+        p0_queue_wait_ms_p99: p0_wait.p99_ms,
         seconds: 0.0,
     })
 }
@@ -656,4 +706,28 @@ async fn story(js: &async_nats::jetstream::Context, c: &str) -> String {
         })
         .unwrap_or_default();
     format!("inputs {types:?}; directives {directives:?}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_read_one_label_of_a_histogram() {
+        let text = "\
+# TYPE conv_runtime_queue_wait_seconds histogram
+conv_runtime_queue_wait_seconds_bucket{priority=\"P0\",le=\"0.001\"} 50
+conv_runtime_queue_wait_seconds_bucket{priority=\"P0\",le=\"0.005\"} 98
+conv_runtime_queue_wait_seconds_bucket{priority=\"P0\",le=\"0.02\"} 99
+conv_runtime_queue_wait_seconds_bucket{priority=\"P0\",le=\"+Inf\"} 100
+conv_runtime_queue_wait_seconds_bucket{priority=\"P3\",le=\"0.001\"} 0
+conv_runtime_queue_wait_seconds_bucket{priority=\"P3\",le=\"+Inf\"} 7
+conv_runtime_queue_wait_seconds_count{priority=\"P0\"} 100
+";
+        let w = waits(text, "conv_runtime_queue_wait_seconds", r#"priority="P0""#);
+        assert_eq!((w.count, w.p50_ms, w.p99_ms), (100, 1.0, 20.0));
+        let none = waits(text, "conv_runtime_queue_wait_seconds", r#"priority="P1""#);
+        assert_eq!(none.count, 0);
+        assert!(none.p50_ms.is_nan() && none.p99_ms.is_nan());
+    }
 }
