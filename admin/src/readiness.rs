@@ -277,7 +277,7 @@ async fn service_checks(js: Option<&async_nats::jetstream::Context>, checks: &mu
                 Ok(()) => {
                     if let Some(text) = scrape(&client, &a.addr).await {
                         for (key, metric) in JUDGED {
-                            add(histograms.entry(key.to_owned()).or_default(), &buckets(&text, metric));
+                            add(histograms.entry(key.to_owned()).or_default(), &buckets(&text, metric, ""));
                         }
                     }
                     check(
@@ -313,11 +313,12 @@ async fn scrape(client: &reqwest::Client, addr: &str) -> Option<String> {
     r.text().await.ok()
 }
 
-/// The buckets of histogram `metric` in a `/metrics` text.
-fn buckets(text: &str, metric: &str) -> Buckets {
+/// The buckets of histogram `metric` in a `/metrics` text, summed over its
+/// series whose labels hold `label` (e.g. `priority="P0"`; `""`: all).
+pub fn buckets(text: &str, metric: &str, label: &str) -> Buckets {
     let prefix = format!("{metric}_bucket{{");
     let mut out: Buckets = Vec::new();
-    for line in text.lines().filter(|l| l.starts_with(&prefix)) {
+    for line in text.lines().filter(|l| l.starts_with(&prefix) && l.contains(label)) {
         let Some(le) = line.split("le=\"").nth(1).and_then(|r| r.split('"').next()) else { continue };
         let Some(count) = line.rsplit(' ').next().and_then(|c| c.parse::<f64>().ok()) else { continue };
         add(&mut out, &[(le.to_owned(), count as u64)]);
@@ -351,7 +352,7 @@ fn since(now: &Buckets, before: &Buckets) -> Option<Buckets> {
 
 /// The bucket bound under which `q` of the observations fall, and how many
 /// observations there are (`None`: none).
-fn quantile(b: &Buckets, q: f64) -> Option<(f64, u64)> {
+pub fn quantile(b: &Buckets, q: f64) -> Option<(f64, u64)> {
     let total = b.last()?.1;
     if total == 0 {
         return None;
@@ -505,8 +506,8 @@ mod tests {
                     conv_projections_view_lag_seconds_bucket{le=\"10\"} 100\n\
                     conv_projections_view_lag_seconds_bucket{le=\"+Inf\"} 100\n\
                     conv_projections_view_lag_seconds_sum 12\n";
-        let mut two = buckets(text, "conv_projections_view_lag_seconds");
-        add(&mut two, &buckets(text, "conv_projections_view_lag_seconds"));
+        let mut two = buckets(text, "conv_projections_view_lag_seconds", "");
+        add(&mut two, &buckets(text, "conv_projections_view_lag_seconds", ""));
         assert_eq!(two[0], ("0.1".to_owned(), 180));
         assert_eq!(two.last(), Some(&("+Inf".to_owned(), 200)));
         assert_eq!(quantile(&two, 0.99), Some((1.0, 200)));

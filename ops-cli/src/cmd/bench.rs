@@ -271,24 +271,13 @@ async fn p0_queue_wait(http: &reqwest::Client, runtime: SocketAddr) -> Result<Wa
     Ok(waits(&text, "conv_runtime_queue_wait_seconds", r#"priority="P0""#))
 }
 
-/// Histogram `metric`'s buckets with label `label` in a `/metrics` text.
+/// Histogram `metric`'s series with label `label` in a `/metrics` text
+/// (read as `convctl readiness` reads the services' histograms).
 fn waits(text: &str, metric: &str, label: &str) -> Waits {
-    let prefix = format!("{metric}_bucket{{");
-    let mut buckets: Vec<(f64, u64)> = text
-        .lines()
-        .filter(|l| l.starts_with(&prefix) && l.contains(label))
-        .filter_map(|l| {
-            let le = l.split("le=\"").nth(1)?.split('"').next()?;
-            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
-            Some((le, l.rsplit(' ').next()?.parse::<u64>().ok()?))
-        })
-        .collect();
-    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let count = buckets.last().map_or(0, |b| b.1);
-    let at = |q: f64| {
-        buckets.iter().find(|(_, n)| count > 0 && *n as f64 >= q * count as f64).map_or(f64::NAN, |(le, _)| le * 1000.0)
-    };
-    Waits { count, p50_ms: at(0.5), p99_ms: at(0.99) }
+    use conv_admin::readiness::{buckets, quantile};
+    let b = buckets(text, metric, label);
+    let at = |q: f64| quantile(&b, q).map_or(f64::NAN, |(le, _)| le * 1000.0);
+    Waits { count: b.last().map_or(0, |(_, n)| *n), p50_ms: at(0.5), p99_ms: at(0.99) }
 }
 
 /// Starts the services' binaries (next to `convctl`) for the bench.
