@@ -236,9 +236,10 @@ struct Worker {
     depths: [usize; 4],
     /// Inputs waiting for their cause, with the time they started waiting.
     parked: Vec<(Instant, Pending<Message>)>,
-    /// When each input in the scheduler was queued (by event id), for the
+    /// When each input in the scheduler was queued (by `CONV_IN` sequence:
+    /// the scheduler holds one copy of an input at a time), for the
     /// queue-wait metric; the scheduler itself has no clock.
-    queued_at: HashMap<String, Instant>,
+    queued_at: HashMap<u64, Instant>,
     /// What the control reader hints from: committed cancelable effects.
     board: Arc<Board>,
     /// Until when the partition's lease is surely this instance's: checked
@@ -567,7 +568,7 @@ impl Worker {
         let mut batch = Vec::new();
         while batch.len() < BATCH {
             let Some(p) = self.scheduler.pop() else { break };
-            if let Some(at) = self.queued_at.remove(p.event.id()) {
+            if let Some(at) = self.queued_at.remove(&p.seq) {
                 let priority = p.event.priority().as_str();
                 self.shared.metrics.queue_wait.with_label_values(&[priority]).observe(at.elapsed().as_secs_f64());
             }
@@ -620,7 +621,7 @@ impl Worker {
 
     /// Hands an input to the scheduler, noting when (`queued_at`).
     fn queue(&mut self, pending: Pending<Message>) {
-        self.queued_at.insert(pending.event.id().to_owned(), Instant::now());
+        self.queued_at.insert(pending.seq, Instant::now());
         self.scheduler.push(pending);
     }
 
