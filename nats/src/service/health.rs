@@ -28,9 +28,15 @@ struct HealthInner {
     registry: Registry,
     nats_connected: IntGauge,
     ready: IntGauge,
-    /// A service's further connections (the runtime's control plane), each
-    /// a readiness check of its own.
+    /// A service's further connections (the lanes of the runtime's control
+    /// plane and of effects' cancel hints), each a readiness check of its own.
     more: std::sync::Mutex<Vec<(&'static str, async_nats::Client)>>,
+}
+
+/// Check `name`: `client` is connected.
+fn connection_check(name: &'static str, client: &async_nats::Client) -> Check {
+    let state = client.connection_state();
+    Check { name, ok: state == async_nats::connection::State::Connected, detail: format!("{state:?}").to_lowercase() }
 }
 
 /// Result of a readiness probe.
@@ -97,10 +103,10 @@ impl Health {
     /// Runs the readiness checks.
     pub async fn readiness(&self) -> Readiness {
         let inner = &self.inner;
-        let state = inner.client.connection_state();
-        let connected = state == async_nats::connection::State::Connected;
+        let nats = connection_check("nats", &inner.client);
+        let connected = nats.ok;
         inner.nats_connected.set(i64::from(connected));
-        let mut checks = vec![Check { name: "nats", ok: connected, detail: format!("{state:?}").to_lowercase() }];
+        let mut checks = vec![nats];
         if connected {
             let probe =
                 tokio::time::timeout(Duration::from_secs(3), topology::missing_streams(&inner.js, &inner.topology))
@@ -122,11 +128,7 @@ impl Health {
             checks.push(Check { name: "topology", ok: false, detail: "unknown while NATS is disconnected".into() });
         }
         if let Ok(more) = inner.more.lock() {
-            for (name, client) in more.iter() {
-                let state = client.connection_state();
-                let ok = state == async_nats::connection::State::Connected;
-                checks.push(Check { name, ok, detail: format!("{state:?}").to_lowercase() });
-            }
+            checks.extend(more.iter().map(|(name, client)| connection_check(name, client)));
         }
         let ready = checks.iter().all(|c| c.ok);
         inner.ready.set(i64::from(ready));
