@@ -106,16 +106,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         tracing::info!(message = "Runtime instance up.", instance = %instance, partitions = config.topology.partitions);
         let ownership =
             conv_nats::ownership::OwnershipConfig::of(&config.topology, o.heartbeat_ms, "", metrics.ownership.clone());
-        // The control plane's own thread and connection (see `worker::Shared::control`).
-        let lane = match conv_nats::lane::Lane::start(&config.nats, "conv-runtime-control").await {
-            Ok(lane) => lane,
-            Err(error) => return Err(running.fail("the control plane's lane", error).await),
-        };
-        booted.health.watch_connection("nats-control", lane.client.clone());
         let shared = Arc::new(worker::Shared {
             js: booted.js.clone(),
-            control: conv_nats::connect::jetstream(lane.client.clone(), &config.nats),
-            control_lane: lane.handle(),
             snapshots,
             metrics,
             tracer: booted.tracer.clone(),
@@ -129,8 +121,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         });
         let workers = move |partition, stop, lease| worker::start(&shared, partition, stop, lease);
         conv_nats::ownership::run(instance, owners, Arc::new(workers), ownership, shutdown.clone()).await;
-        // The acks and hand-backs of control inputs went on its connection.
-        lane.stop().await;
     }
     running.stop().await
 }

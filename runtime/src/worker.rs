@@ -64,17 +64,10 @@ impl Default for WorkerConfig {
 /// What a worker shares with its siblings.
 #[derive(Debug, Clone)]
 pub struct Shared {
+    /// The service's connection, the control consumers' too: read on a
+    /// connection of their own (2026-11-28, twice), a `retry_requested`
+    /// was lost after a NATS restart in the compose chaos (docs/perf.md).
     pub js: jetstream::Context,
-    /// The control plane's own connection: the control consumers are read
-    /// (and their inputs acked) and cancel hints sent on it, so that an
-    /// abort is not queued behind the main connection's bulk traffic —
-    /// deliveries and the publishes and acks of group commits, thousands in
-    /// an abort storm.
-    pub control: jetstream::Context,
-    /// The lane (`conv_nats::lane`) that drives `control` and runs the
-    /// control readers: a thread of its own, so that an abort is not
-    /// queued behind the tasks of the service's runtime either.
-    pub control_lane: tokio::runtime::Handle,
     pub snapshots: Snapshots,
     pub metrics: Metrics,
     pub config: WorkerConfig,
@@ -262,29 +255,22 @@ pub async fn run(
     // Nothing in the start may hang the partition (a connection that is
     // reconnecting, a server that does not answer): a start that takes too
     // long fails, and ownership releases the lease and starts it again.
-    // Opened on the control lane: the control consumer's pull task runs
-    // where it is started.
-    let mut opening = shared.control_lane.spawn(open(partition, shared.clone()));
     let Opened { main, control, control_backlog, control_msgs } =
-        match tokio::time::timeout(START_WITHIN, &mut opening).await {
-            Ok(Ok(opened)) => opened?,
-            Ok(Err(join)) => return Err(failed(format!("the start on the control lane ended: {join}"))),
-            Err(_) => {
-                opening.abort();
-                return Err(failed(format!("did not start within {} s", START_WITHIN.as_secs())));
-            }
+        match tokio::time::timeout(START_WITHIN, open(partition, &shared)).await {
+            Ok(opened) => opened?,
+            Err(_) => return Err(failed(format!("did not start within {} s", START_WITHIN.as_secs()))),
         };
     let board = Arc::new(Board::default());
     // The control plane has its own reader: it hints effects the moment an
     // abort or stop arrives, whatever the worker is busy with.
     let (control_tx, mut control_rx) = tokio::sync::mpsc::channel(CONTROL_QUEUE);
     let reader_stop = stop.child_token();
-    let reader = shared.control_lane.spawn(read_control(
+    let reader = tokio::spawn(read_control(
         partition,
         control.clone(),
         control_msgs,
         board.clone(),
-        shared.control.client(),
+        shared.js.client(),
         control_tx,
         reader_stop.clone(),
     ));
@@ -402,16 +388,14 @@ struct Opened {
     control_msgs: PullStream,
 }
 
-/// Opens the partition's two consumers (the control one on the control
-/// connection), takes their pins and starts pulling the control one (the
-/// main one is pulled once the control backlog is held).
-async fn open(partition: u16, shared: Arc<Shared>) -> Result<Opened, Stopped> {
+/// Opens the partition's two consumers, takes their pins and starts pulling
+/// the control one (the main one is pulled once the control backlog is held).
+async fn open(partition: u16, shared: &Shared) -> Result<Opened, Stopped> {
     let failed = |e: &dyn std::fmt::Display| Stopped::Failed { partition, detail: e.to_string() };
     let stream = shared.js.get_stream_no_info(STREAM_IN).await.map_err(|e| failed(&e))?;
-    let control_stream = shared.control.get_stream_no_info(STREAM_IN).await.map_err(|e| failed(&e))?;
     let main: PullConsumer = stream.get_consumer(&runtime_consumer(partition)).await.map_err(|e| failed(&e))?;
     let mut control: PullConsumer =
-        control_stream.get_consumer(&runtime_control_consumer(partition)).await.map_err(|e| failed(&e))?;
+        stream.get_consumer(&runtime_control_consumer(partition)).await.map_err(|e| failed(&e))?;
     // A new owner takes the pin at once and gets what the old one held now.
     conv_nats::ownership::take_consumer(&stream, &runtime_consumer(partition), RUNTIME_GROUP).await;
     conv_nats::ownership::take_consumer(&stream, &runtime_control_consumer(partition), RUNTIME_GROUP).await;

@@ -28,8 +28,8 @@ struct HealthInner {
     registry: Registry,
     nats_connected: IntGauge,
     ready: IntGauge,
-    /// A service's further connections (the lanes of the runtime's control
-    /// plane and of effects' cancel hints), each a readiness check of its own.
+    /// A service's further connections (effects' cancel-hint lane), each a
+    /// readiness check of its own.
     more: std::sync::Mutex<Vec<(&'static str, async_nats::Client)>>,
 }
 
